@@ -1,0 +1,1 @@
+//! Plugin API (filled in by the plugins issue).

@@ -1,0 +1,11 @@
+//! lavit-runtime: the frame every LaVIT stage plugs into. It knows no concrete stage:
+//! errors, the official hyper-parameters (`manifest`), checkpoint I/O (`checkpoint`),
+//! parity comparison, and (added by later issues) config, devices, messages and the
+//! stage/actor machinery.
+
+pub mod checkpoint;
+pub mod error;
+pub mod manifest;
+pub mod parity;
+
+pub use error::{Error, Result, TchContext};

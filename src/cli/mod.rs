@@ -1,0 +1,2 @@
+//! The `lavit` command line: one module per subcommand.
+pub mod inspect;

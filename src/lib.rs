@@ -1,0 +1,1 @@
+//! lavit: LaVIT in Rust.
