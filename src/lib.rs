@@ -1,1 +1,8 @@
-//! lavit: LaVIT in Rust.
+//! lavit: LaVIT (ICLR 2024) in Rust on libtorch — a library facade over the stages
+//! (`lavit-encoder`, `lavit-selector`, `lavit-quantizer`, `lavit-llm`, `lavit-decoder`),
+//! the runtime (`lavit-runtime`) and the plugin API, plus parity and training loops.
+
+pub mod parity;
+pub mod train;
+
+pub use lavit_runtime as runtime;

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 mod cli;
 
 #[derive(Parser)]
-#[command(name = "lavit", version, about = "LaVIT in Rust: dynamic discrete visual tokens in one LLM")]
+#[command(
+    name = "lavit",
+    version,
+    about = "LaVIT in Rust: dynamic discrete visual tokens in one LLM"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -19,17 +23,44 @@ enum Command {
     Inspect { path: PathBuf },
     /// Write a checkpoint (file, folder or shard index) as one safetensors file, keys unchanged.
     Convert { src: PathBuf, dst: PathBuf },
+    /// Recompute the reference tensors of a checkpoint folder and compare.
+    Parity(cli::parity::Args),
+    /// Image(s) → dynamic visual token ids (JSON lines).
+    Tokenize(cli::tokenize::Args),
+    /// Image (+ question) → text.
+    Caption(cli::caption::Args),
+    /// Text → image tokens → pixels (PNG).
+    Generate(cli::generate::Args),
+    /// Image → tokens → pixels (PNG).
+    Reconstruct(cli::reconstruct::Args),
+    /// Train a stage.
+    #[command(subcommand)]
+    Train(cli::train::Command),
+    /// HTTP server.
+    Serve(cli::serve::Args),
+    /// Train the whole pipeline on real images on the CPU, then caption and draw.
+    Demo(cli::demo::Args),
 }
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let result = match args.command {
         Command::Inspect { path } => cli::inspect::inspect(&path),
         Command::Convert { src, dst } => cli::inspect::convert(&src, &dst),
+        Command::Parity(a) => cli::parity::run(a),
+        Command::Tokenize(a) => cli::tokenize::run(a),
+        Command::Caption(a) => cli::caption::run(a),
+        Command::Generate(a) => cli::generate::run(a),
+        Command::Reconstruct(a) => cli::reconstruct::run(a),
+        Command::Train(c) => cli::train::run(c),
+        Command::Serve(a) => cli::serve::run(a),
+        Command::Demo(a) => cli::demo::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,1 +1,11 @@
-fn main() {}
+//! The one integration-test binary (each libtorch link is slow): one module per area.
+
+mod common;
+
+mod checkpoint;
+mod demo;
+mod llm;
+mod pixel;
+mod plugins;
+mod serving;
+mod tokenizer;

@@ -59,7 +59,11 @@ impl Error {
             msg: msg.into(),
         }
     }
-    pub fn config(origin: impl Into<String>, key: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub fn config(
+        origin: impl Into<String>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
         Error::Config {
             origin: origin.into(),
             key: key.into(),

@@ -204,8 +204,8 @@ impl LavitManifest {
 
     pub fn from_json_file(p: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::config(p.display().to_string(), "-", e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(p.display().to_string(), "-", e.to_string()))?;
         let mut m = Self::official();
         let origin = p.display().to_string();
         macro_rules! section {
@@ -227,7 +227,11 @@ impl LavitManifest {
     pub fn validate(&self, origin: &str) -> Result<()> {
         let pos = |key: &str, v: i64| -> Result<()> {
             if v <= 0 {
-                Err(Error::config(origin, key, format!("must be positive, got {v}")))
+                Err(Error::config(
+                    origin,
+                    key,
+                    format!("must be positive, got {v}"),
+                ))
             } else {
                 Ok(())
             }
@@ -247,14 +251,20 @@ impl LavitManifest {
             return Err(Error::config(
                 origin,
                 "tokenizer.img_size",
-                format!("{} is not a multiple of patch_size {}", t.img_size, t.patch_size),
+                format!(
+                    "{} is not a multiple of patch_size {}",
+                    t.img_size, t.patch_size
+                ),
             ));
         }
         if t.encoder_width % t.encoder_heads != 0 {
             return Err(Error::config(
                 origin,
                 "tokenizer.encoder_heads",
-                format!("width {} is not divisible by {} heads", t.encoder_width, t.encoder_heads),
+                format!(
+                    "width {} is not divisible by {} heads",
+                    t.encoder_width, t.encoder_heads
+                ),
             ));
         }
         let f = &self.feature_decoder;

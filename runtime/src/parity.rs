@@ -28,12 +28,21 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor) -> ParityRow {
         note,
     };
     if ours.size() != reference.size() {
-        return fail(format!("shape {:?} ≠ reference {:?}", ours.size(), reference.size()));
+        return fail(format!(
+            "shape {:?} ≠ reference {:?}",
+            ours.size(),
+            reference.size()
+        ));
     }
     let a = ours.to_device(tch::Device::Cpu).to_kind(Kind::Double);
     let b = reference.to_device(tch::Device::Cpu).to_kind(Kind::Double);
     if a.numel() == 0 {
-        return ParityRow { name: name.into(), max_abs_err: 0.0, pass: true, note: String::new() };
+        return ParityRow {
+            name: name.into(),
+            max_abs_err: 0.0,
+            pass: true,
+            note: String::new(),
+        };
     }
     let diff = (&a - &b).abs();
     let max_abs_err = diff.max().double_value(&[]);
@@ -48,6 +57,12 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor) -> ParityRow {
         name: name.to_string(),
         max_abs_err,
         pass,
-        note: if pass { String::new() } else if is_int { "ids differ".into() } else { "over tolerance".into() },
+        note: if pass {
+            String::new()
+        } else if is_int {
+            "ids differ".into()
+        } else {
+            "over tolerance".into()
+        },
     }
 }

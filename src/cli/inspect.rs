@@ -20,17 +20,30 @@ fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     entries.sort();
-    let has_index = entries.iter().any(|p| p.to_string_lossy().ends_with(".index.json"));
+    let has_index = entries
+        .iter()
+        .any(|p| p.to_string_lossy().ends_with(".index.json"));
     for p in entries {
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name.ends_with(".index.json") {
             out.push(p);
-        } else if !has_index && (name.ends_with(".safetensors") || name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth")) {
+        } else if !has_index
+            && (name.ends_with(".safetensors")
+                || name.ends_with(".bin")
+                || name.ends_with(".pt")
+                || name.ends_with(".pth"))
+        {
             out.push(p);
         }
     }
     if out.is_empty() {
-        anyhow::bail!("{}: no checkpoint files (*.safetensors, *.bin, *.pt, *.index.json)", path.display());
+        anyhow::bail!(
+            "{}: no checkpoint files (*.safetensors, *.bin, *.pt, *.index.json)",
+            path.display()
+        );
     }
     Ok(out)
 }

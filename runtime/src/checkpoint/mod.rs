@@ -65,7 +65,9 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict> {
         if n > MAX_SAFETENSORS_HEADER {
             return Err(Error::ckpt(
                 path,
-                format!("safetensors header of {n} bytes is over the {MAX_SAFETENSORS_HEADER}-byte cap"),
+                format!(
+                    "safetensors header of {n} bytes is over the {MAX_SAFETENSORS_HEADER}-byte cap"
+                ),
             ));
         }
     }
@@ -74,7 +76,10 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict> {
     let mut out = StateDict::new();
     for (name, view) in st.tensors() {
         let kind = st_kind(view.dtype()).ok_or_else(|| {
-            Error::ckpt(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
+            Error::ckpt(
+                path,
+                format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
+            )
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)
@@ -136,7 +141,12 @@ pub fn load_torch_zip(path: &Path) -> Result<StateDict> {
     Ok(out)
 }
 
-fn flatten(v: &pickle::Value, prefix: String, out: &mut Vec<(String, pickle::TensorRef)>, path: &Path) -> Result<()> {
+fn flatten(
+    v: &pickle::Value,
+    prefix: String,
+    out: &mut Vec<(String, pickle::TensorRef)>,
+    path: &Path,
+) -> Result<()> {
     use pickle::Value;
     match v {
         Value::Tensor(t) => out.push((prefix, t.clone())),
@@ -147,7 +157,11 @@ fn flatten(v: &pickle::Value, prefix: String, out: &mut Vec<(String, pickle::Ten
                     Value::Int(i) => i.to_string(),
                     _ => return Err(Error::ckpt(path, "state dict key is not a string")),
                 };
-                let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(v, key, out, path)?;
             }
         }
@@ -167,7 +181,8 @@ struct ShardIndex {
 /// absolute path, no symlink that leaves the folder, and the file must exist.
 pub fn safe_shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
     let p = Path::new(name);
-    let plain = p.components().count() == 1 && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
+    let plain = p.components().count() == 1
+        && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
     if !plain {
         return Err(Error::ckpt(
             index,
@@ -176,17 +191,26 @@ pub fn safe_shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> 
     }
     let full = dir.join(p);
     let canon_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
-    let canon = full
-        .canonicalize()
-        .map_err(|_| Error::ckpt(index, format!("shard `{name}` is missing from {}", dir.display())))?;
+    let canon = full.canonicalize().map_err(|_| {
+        Error::ckpt(
+            index,
+            format!("shard `{name}` is missing from {}", dir.display()),
+        )
+    })?;
     if canon.parent() != Some(canon_dir.as_path()) {
         return Err(Error::ckpt(
             index,
-            format!("shard `{name}` resolves outside the model folder (to {})", canon.display()),
+            format!(
+                "shard `{name}` resolves outside the model folder (to {})",
+                canon.display()
+            ),
         ));
     }
     if !canon.is_file() {
-        return Err(Error::ckpt(index, format!("shard `{name}` is not a regular file")));
+        return Err(Error::ckpt(
+            index,
+            format!("shard `{name}` is not a regular file"),
+        ));
     }
     Ok(full)
 }
@@ -208,7 +232,10 @@ pub fn load_sharded(index_path: &Path) -> Result<StateDict> {
         let mut sd = load_file(&path)?;
         for n in names {
             let t = sd.remove(n).ok_or_else(|| {
-                Error::ckpt(&path, format!("tensor `{n}` listed in {} is absent", index_path.display()))
+                Error::ckpt(
+                    &path,
+                    format!("tensor `{n}` listed in {} is absent", index_path.display()),
+                )
             })?;
             out.insert(n.clone(), t);
         }
@@ -311,14 +338,25 @@ impl LoadReport {
 /// all). Checkpoint key `k` goes to variable `vs_prefix + k`. Strict in both directions:
 /// any missing or unexpected key (outside `opts`) or shape mismatch is an error naming the
 /// source. Values are converted to each variable's dtype and device.
-pub fn load_into(vs: &nn::VarStore, vs_prefix: &str, sd: &StateDict, source: &str, opts: &LoadOptions) -> Result<LoadReport> {
+pub fn load_into(
+    vs: &nn::VarStore,
+    vs_prefix: &str,
+    sd: &StateDict,
+    source: &str,
+    opts: &LoadOptions,
+) -> Result<LoadReport> {
     let vars = vs.variables();
     let mut report = LoadReport::default();
-    let ends = |list: &[String], k: &str| list.iter().any(|s| k == s || k.ends_with(&format!(".{s}")) || k.ends_with(s.as_str()));
+    let ends = |list: &[String], k: &str| {
+        list.iter()
+            .any(|s| k == s || k.ends_with(&format!(".{s}")) || k.ends_with(s.as_str()))
+    };
     let mut seen = BTreeSet::new();
     let _guard = tch::no_grad_guard();
     for (name, var) in vars.iter() {
-        let Some(key) = name.strip_prefix(vs_prefix) else { continue };
+        let Some(key) = name.strip_prefix(vs_prefix) else {
+            continue;
+        };
         match sd.get(key) {
             None => {
                 if !ends(&opts.allow_missing, key) {
@@ -328,9 +366,12 @@ pub fn load_into(vs: &nn::VarStore, vs_prefix: &str, sd: &StateDict, source: &st
             Some(t) => {
                 seen.insert(key.to_string());
                 if t.size() != var.size() {
-                    report
-                        .mismatched
-                        .push(format!("{key}: checkpoint {:?} {:?}, model {:?}", t.size(), t.kind(), var.size()));
+                    report.mismatched.push(format!(
+                        "{key}: checkpoint {:?} {:?}, model {:?}",
+                        t.size(),
+                        t.kind(),
+                        var.size()
+                    ));
                     continue;
                 }
                 let mut v = var.shallow_clone();
@@ -338,20 +379,27 @@ pub fn load_into(vs: &nn::VarStore, vs_prefix: &str, sd: &StateDict, source: &st
                     .f_to_kind(var.kind())
                     .and_then(|x| x.f_to_device(var.device()))
                     .map_err(|e| Error::ckpt(source, format!("`{key}`: {e}")))?;
-                v.f_copy_(&src).map_err(|e| Error::ckpt(source, format!("`{key}`: {e}")))?;
+                v.f_copy_(&src)
+                    .map_err(|e| Error::ckpt(source, format!("`{key}`: {e}")))?;
                 report.loaded += 1;
             }
         }
     }
     for (k, t) in sd {
         if !seen.contains(k) && !ends(&opts.allow_unexpected, k) {
-            report.unexpected.push(format!("{k} {:?} {:?}", t.size(), t.kind()));
+            report
+                .unexpected
+                .push(format!("{k} {:?} {:?}", t.size(), t.kind()));
         }
     }
     if !report.is_clean() {
         return Err(Error::KeyMismatch {
             source_name: source.to_string(),
-            target: if vs_prefix.is_empty() { "model".into() } else { format!("`{vs_prefix}*`") },
+            target: if vs_prefix.is_empty() {
+                "model".into()
+            } else {
+                format!("`{vs_prefix}*`")
+            },
             report: report.render(),
         });
     }
@@ -363,20 +411,30 @@ pub fn load_into(vs: &nn::VarStore, vs_prefix: &str, sd: &StateDict, source: &st
 pub fn sub_dict(sd: &StateDict, prefix: &str) -> StateDict {
     let p = format!("{prefix}.");
     sd.iter()
-        .filter_map(|(k, v)| k.strip_prefix(&p).map(|s| (s.to_string(), v.shallow_clone())))
+        .filter_map(|(k, v)| {
+            k.strip_prefix(&p)
+                .map(|s| (s.to_string(), v.shallow_clone()))
+        })
         .collect()
 }
 
 /// Write tensors as safetensors atomically: temp file in the same folder → fsync →
 /// rename → fsync the folder. A crash leaves either the old file or the new one.
-pub fn save_safetensors(path: &Path, tensors: &StateDict, metadata: Option<BTreeMap<String, String>>) -> Result<()> {
-    let mut bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &StateDict,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
+    let mut bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
         let t = t
             .f_to_device(Device::Cpu)
             .and_then(|t| t.f_contiguous())
             .map_err(|e| Error::ckpt(path, format!("`{k}`: {e}")))?;
-        let dt = kind_st(t.kind()).ok_or_else(|| Error::ckpt(path, format!("`{k}`: dtype {:?} not storable", t.kind())))?;
+        let dt = kind_st(t.kind()).ok_or_else(|| {
+            Error::ckpt(path, format!("`{k}`: dtype {:?} not storable", t.kind()))
+        })?;
         let numel = t.numel();
         let nbytes = numel * pickle::kind_size(t.kind()) as usize;
         let mut bytes = vec![0u8; nbytes];
@@ -395,8 +453,10 @@ pub fn save_safetensors(path: &Path, tensors: &StateDict, metadata: Option<BTree
                 .map_err(|e| Error::ckpt(path, format!("`{k}`: {e}")))
         })
         .collect::<Result<_>>()?;
-    let meta: Option<std::collections::HashMap<String, String>> = metadata.map(|m| m.into_iter().collect());
-    let data = safetensors::serialize(views, meta).map_err(|e| Error::ckpt(path, format!("serialize: {e}")))?;
+    let meta: Option<std::collections::HashMap<String, String>> =
+        metadata.map(|m| m.into_iter().collect());
+    let data = safetensors::serialize(views, meta)
+        .map_err(|e| Error::ckpt(path, format!("serialize: {e}")))?;
     atomic_write(path, &data)
 }
 
@@ -407,7 +467,10 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let fname = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let fname = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{fname}.tmp-{}", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;

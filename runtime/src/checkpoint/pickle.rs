@@ -84,7 +84,9 @@ fn global_from_name(module: &str, name: &str) -> Option<Global> {
         ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
         ("torch._utils", "_rebuild_tensor") => Some(Global::RebuildTensor),
         ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
-        ("torch._utils", "_rebuild_parameter_with_state") => Some(Global::RebuildParameterWithState),
+        ("torch._utils", "_rebuild_parameter_with_state") => {
+            Some(Global::RebuildParameterWithState)
+        }
         ("collections", "OrderedDict") => Some(Global::OrderedDict),
         ("torch", "FloatStorage") => storage(Kind::Float),
         ("torch", "DoubleStorage") => storage(Kind::Double),
@@ -579,11 +581,10 @@ impl TorchArchive {
     pub fn tensor(&mut self, t: &TensorRef) -> Result<Tensor> {
         let name = format!("{}data/{}", self.prefix, t.storage.key);
         let elem = kind_size(t.storage.kind);
-        let want = t
-            .storage
-            .numel
-            .checked_mul(elem)
-            .ok_or_else(|| Error::ckpt(&self.path, format!("storage `{name}`: size overflows")))?;
+        let want =
+            t.storage.numel.checked_mul(elem).ok_or_else(|| {
+                Error::ckpt(&self.path, format!("storage `{name}`: size overflows"))
+            })?;
         let bytes = read_record(&mut self.zip, &name, want, &self.path)?;
         if (bytes.len() as u64) < want {
             return Err(Error::ckpt(
@@ -605,7 +606,9 @@ impl TorchArchive {
                 let reach = (s as u64 - 1)
                     .checked_mul(st as u64)
                     .and_then(|r| last.checked_add(r))
-                    .ok_or_else(|| Error::ckpt(&self.path, format!("`{name}`: shape × stride overflows")))?;
+                    .ok_or_else(|| {
+                        Error::ckpt(&self.path, format!("`{name}`: shape × stride overflows"))
+                    })?;
                 last = reach;
             }
         }
@@ -623,8 +626,12 @@ impl TorchArchive {
                 ),
             ));
         }
-        let storage = Tensor::f_from_data_size(&bytes[..want as usize], &[t.storage.numel as i64], t.storage.kind)
-            .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")))?;
+        let storage = Tensor::f_from_data_size(
+            &bytes[..want as usize],
+            &[t.storage.numel as i64],
+            t.storage.kind,
+        )
+        .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")))?;
         if empty || numel_view == 0 {
             return Tensor::f_zeros(&t.size, (t.storage.kind, tch::Device::Cpu))
                 .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")));
@@ -640,16 +647,26 @@ impl TorchArchive {
     }
 }
 
-fn read_record(zip: &mut zip::ZipArchive<std::fs::File>, name: &str, cap: u64, path: &Path) -> Result<Vec<u8>> {
+fn read_record(
+    zip: &mut zip::ZipArchive<std::fs::File>,
+    name: &str,
+    cap: u64,
+    path: &Path,
+) -> Result<Vec<u8>> {
     let mut f = zip
         .by_name(name)
         .map_err(|e| Error::ckpt(path, format!("record `{name}`: {e}")))?;
     let size = f.size();
     let csize = f.compressed_size();
     if size > cap.max(1) && name.ends_with("data.pkl") {
-        return Err(Error::ckpt(path, format!("record `{name}` is {size} bytes, over the {cap}-byte cap")));
+        return Err(Error::ckpt(
+            path,
+            format!("record `{name}` is {size} bytes, over the {cap}-byte cap"),
+        ));
     }
-    if f.compression() != zip::CompressionMethod::Stored && size > csize.saturating_mul(MAX_DEFLATE_RATIO) {
+    if f.compression() != zip::CompressionMethod::Stored
+        && size > csize.saturating_mul(MAX_DEFLATE_RATIO)
+    {
         return Err(Error::ckpt(
             path,
             format!("record `{name}` expands {csize} → {size} bytes: refused as a zip bomb"),
