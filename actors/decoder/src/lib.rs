@@ -1,1 +1,4 @@
-//! placeholder crate root; filled in by the decoder stage
+//! lavit-decoder: tokens back to pixels — the feature decoders, the diffusion U-Net, the VAE
+//! and the schedulers.
+
+pub mod feature_decoder;

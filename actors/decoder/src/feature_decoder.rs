@@ -1,0 +1,1 @@
+//! Feature decoders (`VQDecoder`, `HighresVQDecoder`): owned by the tokenizer work.
