@@ -7,5 +7,6 @@ pub mod checkpoint;
 pub mod error;
 pub mod manifest;
 pub mod parity;
+pub mod plugin_host;
 
 pub use error::{Error, Result, TchContext};
