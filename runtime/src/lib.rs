@@ -8,5 +8,6 @@ pub mod error;
 pub mod manifest;
 pub mod parity;
 pub mod train;
+pub mod plugin_host;
 
 pub use error::{Error, Result, TchContext};
