@@ -42,8 +42,15 @@ impl EulerDiscreteScheduler {
             sigmas: Vec::new(),
             timesteps: Vec::new(),
         };
-        let n = s.config.num_train_timesteps as usize;
-        s.set_timesteps(n)?;
+        // Before set_timesteps: every training timestep, descending (as diffusers' __init__).
+        let n = s.config.num_train_timesteps;
+        s.timesteps = (0..n).rev().map(|t| t as f64).collect();
+        s.sigmas = s
+            .timesteps
+            .iter()
+            .map(|&t| s.train_sigma(t))
+            .chain([0.0])
+            .collect();
         Ok(s)
     }
 
