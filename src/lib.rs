@@ -3,6 +3,7 @@
 //! the runtime (`lavit-runtime`) and the plugin API, plus parity and training loops.
 
 pub mod generate;
+pub mod demo;
 pub mod parity;
 pub mod train;
 
