@@ -9,6 +9,7 @@ pub mod device;
 pub mod error;
 pub mod manifest;
 pub mod parity;
+pub mod plugin_host;
 pub mod train;
 
 pub use error::{Error, Result, TchContext};
