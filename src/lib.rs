@@ -3,6 +3,7 @@
 //! the runtime (`lavit-runtime`) and the plugin API, plus parity and training loops.
 
 pub mod parity;
+pub mod tokenizer;
 pub mod train;
 
 pub use lavit_runtime as runtime;
