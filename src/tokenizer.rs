@@ -105,6 +105,30 @@ pub struct UnderstandingHead {
     pub vit_proj: nn::Linear,
 }
 
+impl UnderstandingHead {
+    /// Random weights at the sizes of `manifest` (names as in `visual_weight.bin`).
+    pub fn new(manifest: &LavitManifest, device: Device) -> Self {
+        let t = &manifest.tokenizer;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let causal_encoder = TokenMerger::new(
+            &root / "causal_encoder",
+            &TokenMergerConfig::from_manifest(t),
+        );
+        let vit_proj = nn::linear(
+            &root / "vit_proj",
+            t.encoder_width,
+            t.llm_hidden,
+            Default::default(),
+        );
+        Self {
+            vs,
+            causal_encoder,
+            vit_proj,
+        }
+    }
+}
+
 /// Intermediate results of one tokenizer forward (for parity, training and debugging).
 pub struct TokenizerTrace {
     /// Patch features [B, N, C] (no cls token).
@@ -264,34 +288,17 @@ impl VisualTokenizer {
 
     /// Load `visual_weight.bin` (`causal_encoder.*`, `vit_proj.*`) as the understanding head.
     pub fn load_understanding(&mut self, path: &Path) -> Result<()> {
-        let t = &self.manifest.tokenizer;
-        let vs = nn::VarStore::new(self.device);
-        let root = vs.root();
-        let causal_encoder = TokenMerger::new(
-            &root / "causal_encoder",
-            &TokenMergerConfig::from_manifest(t),
-        );
-        let vit_proj = nn::linear(
-            &root / "vit_proj",
-            t.encoder_width,
-            t.llm_hidden,
-            Default::default(),
-        );
+        let mut head = UnderstandingHead::new(&self.manifest, self.device);
         let sd = checkpoint::load_path(path)?;
         checkpoint::load_into(
-            &vs,
+            &head.vs,
             "",
             &sd,
             &path.display().to_string(),
             &Default::default(),
         )?;
-        let mut vs = vs;
-        vs.freeze();
-        self.understanding = Some(UnderstandingHead {
-            vs,
-            causal_encoder,
-            vit_proj,
-        });
+        head.vs.freeze();
+        self.understanding = Some(head);
         Ok(())
     }
 

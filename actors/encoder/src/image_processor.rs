@@ -71,7 +71,7 @@ impl LaVITImageProcessor {
             )));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        self.from_bytes(&bytes)
+        self.load_bytes(&bytes)
             .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
     }
 
@@ -115,7 +115,7 @@ impl LaVITImageProcessor {
     }
 
     /// Encoded bytes → [3, S, S] float32, CLIP-normalised.
-    pub fn from_bytes(&self, bytes: &[u8]) -> Result<Tensor> {
+    pub fn load_bytes(&self, bytes: &[u8]) -> Result<Tensor> {
         let rgb = self.decode(bytes)?;
         Ok(self.preprocess(&rgb))
     }
