@@ -5,6 +5,7 @@
 pub mod demo;
 pub mod generate;
 pub mod parity;
+pub mod tokenizer;
 pub mod train;
 
 pub use lavit_runtime as runtime;
