@@ -456,3 +456,165 @@ fn fixture_model_loads_strictly_and_bad_ids_are_errors() {
         .to_kind(Kind::Float);
     assert!(max_diff(&a, &b) < 0.1 * a.abs().max().double_value(&[]).max(1.0));
 }
+
+mod stage2 {
+    use super::*;
+    use lavit::train::llm::{pack, packed_embeds, packed_mask, train_llm, LlmTrainConfig, Sample};
+    use lavit_llm::vocab::IGNORE;
+    use lavit_runtime::train::{hash_state_dict, var_store_state_dict};
+
+    fn packed_logits(
+        m: &LlamaForCausalLM,
+        samples: &[&Sample],
+    ) -> (Tensor, lavit::train::llm::Packed) {
+        let (p, used) = pack(samples, &tiny_vocab(), 64, 1);
+        assert_eq!(used, samples.len());
+        let e = packed_embeds(m, None, &p);
+        let mask = packed_mask(&p.segments);
+        let args = ForwardArgs {
+            position_ids: Some(&p.position_ids),
+            mask_4d: Some(&mask),
+            ..Default::default()
+        };
+        (m.forward_embeds(&e, &args, None), p)
+    }
+
+    #[test]
+    fn packing_does_not_leak_attention_and_masks_image_side() {
+        let (_vs, m) = tiny_model(6);
+        let _g = tch::no_grad_guard();
+        let a = Sample::Text(vec![3, 4, 5, 6]);
+        let feats = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+        let b = Sample::ImageText {
+            features: feats,
+            text: vec![7, 8],
+        };
+        let c = Sample::TextImage {
+            text: vec![9, 10],
+            visual: vec![25, 26, 27],
+        };
+        let (all, p) = packed_logits(&m, &[&a, &b, &c]);
+        let mut start = 0;
+        for s in [&a, &b, &c] {
+            let (alone, q) = packed_logits(&m, &[s]);
+            let n = alone.size()[1];
+            let d = max_diff(&all.narrow(1, start, n), &alone);
+            assert!(d < 1e-4, "sample at {start} sees other samples: {d}");
+            assert_eq!(p.labels.narrow(1, start, n), q.labels);
+            start += n;
+        }
+        // [image, text]: [BOS] [IMG] f f f [/IMG] 7 8 [EOS] → only 7, 8, EOS are targets.
+        let (_, q) = packed_logits(&m, &[&b]);
+        let labels: Vec<i64> = Vec::try_from(&q.labels.view([-1])).unwrap();
+        let v = tiny_vocab();
+        assert_eq!(
+            labels,
+            vec![IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 7, 8, v.eos_id, IGNORE]
+        );
+    }
+
+    /// A small structured caption set: each word has a fixed 2-code visual pattern.
+    fn caption_set() -> Vec<Sample> {
+        let mut out = Vec::new();
+        let mut z = 12345u64;
+        for _ in 0..48 {
+            let mut words = Vec::new();
+            for _ in 0..3 {
+                z = lavit_runtime::train::splitmix64(z);
+                words.push(3 + (z % 8) as i64);
+            }
+            let visual: Vec<i64> = words
+                .iter()
+                .flat_map(|&w| [22 + (w % 16), 22 + ((w * 5) % 16)])
+                .collect();
+            out.push(Sample::TextImage {
+                text: words.clone(),
+                visual,
+            });
+            out.push(Sample::Text(words));
+        }
+        out
+    }
+
+    fn cfg(steps: i64, run_steps: i64) -> LlmTrainConfig {
+        LlmTrainConfig {
+            steps,
+            batch_size: 4,
+            grad_accum: 2,
+            max_len: 48,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 5,
+            weight_decay: 0.01,
+            clip_grad: 1.0,
+            text_ratio: 0.0,
+            save_every: 1000,
+            keep: 2,
+            log_every: 1000,
+            run_steps,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn training_lowers_text_and_visual_loss() {
+        let (vs, m) = tiny_model(7);
+        let data = caption_set();
+        let dir = tempfile::tempdir().unwrap();
+        let s = train_llm(
+            &m,
+            &vs,
+            None,
+            &tiny_vocab(),
+            &data,
+            &[],
+            &cfg(120, 0),
+            dir.path(),
+        )
+        .unwrap();
+        eprintln!("stage-2 tiny run: first {:?} last {:?}", s.first, s.last);
+        assert_eq!(s.final_step, 120);
+        assert!(
+            s.last.1 < 0.8 * s.first.1,
+            "text loss {:?} → {:?}",
+            s.first,
+            s.last
+        );
+        assert!(
+            s.last.2 < 0.8 * s.first.2,
+            "visual loss {:?} → {:?}",
+            s.first,
+            s.last
+        );
+        assert!(
+            dir.path().join("metrics.jsonl").exists()
+                || std::fs::read_dir(dir.path()).unwrap().count() > 1
+        );
+    }
+
+    #[test]
+    fn resume_is_exact() {
+        let (vs_a, m_a) = tiny_model(8);
+        let mut vs_b = nn::VarStore::new(Device::Cpu);
+        let m_b = LlamaForCausalLM::new(vs_b.root(), &m_a.config);
+        vs_b.copy(&vs_a).unwrap();
+        let data = caption_set();
+        let v = tiny_vocab();
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        train_llm(&m_a, &vs_a, None, &v, &data, &[], &cfg(16, 0), da.path()).unwrap();
+        let first = train_llm(&m_b, &vs_b, None, &v, &data, &[], &cfg(16, 8), db.path()).unwrap();
+        assert_eq!(first.final_step, 8);
+        // A fresh process would rebuild the model: scramble the weights, then resume.
+        tch::no_grad(|| {
+            for (_, mut t) in vs_b.variables() {
+                let _ = t.fill_(0.5);
+            }
+        });
+        let second = train_llm(&m_b, &vs_b, None, &v, &data, &[], &cfg(16, 0), db.path()).unwrap();
+        assert_eq!((second.final_step, second.steps_run), (16, 8));
+        assert_eq!(
+            hash_state_dict(&var_store_state_dict(&vs_a)).unwrap(),
+            hash_state_dict(&var_store_state_dict(&vs_b)).unwrap()
+        );
+    }
+}
