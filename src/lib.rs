@@ -2,6 +2,7 @@
 //! (`lavit-encoder`, `lavit-selector`, `lavit-quantizer`, `lavit-llm`, `lavit-decoder`),
 //! the runtime (`lavit-runtime`) and the plugin API, plus parity and training loops.
 
+pub mod demo;
 pub mod generate;
 pub mod parity;
 pub mod train;

@@ -7,5 +7,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod manifest;
 pub mod parity;
+pub mod plugin_host;
+pub mod train;
 
 pub use error::{Error, Result, TchContext};
