@@ -7,20 +7,23 @@
 //!
 //! Library entry points: [`train`] (what `lavit train decoder --config FILE` runs, and what
 //! the demo calls with its own images and conditioner) and [`load_image_folder`].
-//! Checkpoints (`checkpoint.safetensors`: weights, EMA, AdamW moments, step) are written
-//! atomically and a run resumes exactly; the EMA U-Net is exported as a diffusers folder
+//! The loop is the shared one of `lavit_runtime::train`: AdamW, warm-up + cosine, per-step
+//! seeding, the NaN policy, atomic checkpoints in `out_dir/checkpoints/step-N/` (parts
+//! `model`, `optimizer`, `ema`) with exact resume, `metrics.jsonl` + `metrics.html` +
+//! `loss.png`, a progress bar. The EMA U-Net is exported as a diffusers folder
 //! (`unet/config.json` + `unet/diffusion_pytorch_model.safetensors`, `scheduler/`).
 
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use lavit_decoder::schedulers::{DDIMScheduler, Scheduler, SchedulerConfig};
 use lavit_decoder::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use lavit_decoder::AutoencoderKL;
 use lavit_runtime::checkpoint::{self, StateDict};
+use lavit_runtime::train::{
+    is_no_decay, var_store_state_dict, AdamW, AdamWConfig, Checkpointer, LrSchedule, MetricsLog,
+    NanGuard, StepRng, StepVerdict, TrainProgress, TrainState,
+};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -101,11 +104,13 @@ pub struct TrainConfig {
     /// Probability of replacing a sample's condition by zeros (so guidance works).
     pub cond_dropout: f64,
     /// Seed of everything random in the run.
-    pub seed: i64,
+    pub seed: u64,
     /// Log a metrics line every this many steps.
     pub log_every: usize,
     /// Save the checkpoint every this many steps (and at the end).
     pub save_every: usize,
+    /// Committed checkpoints kept.
+    pub keep_checkpoints: usize,
     /// Write a sample grid every this many steps (0 = only at the end).
     pub sample_every: usize,
     /// DDIM steps of the sample grids.
@@ -116,7 +121,7 @@ pub struct TrainConfig {
     pub sample_count: i64,
     /// `cpu`, `cuda`, `cuda:N`.
     pub device: String,
-    /// Continue from `out_dir/checkpoint.safetensors` when it exists.
+    /// Continue from the newest committed checkpoint of `out_dir/checkpoints/` when there is one.
     pub resume: bool,
     /// Stop after this many steps in total, as if interrupted, with the checkpoint saved
     /// (0 = run to `steps`). Resuming later continues the same schedule.
@@ -143,6 +148,7 @@ impl Default for TrainConfig {
             seed: 0,
             log_every: 10,
             save_every: 200,
+            keep_checkpoints: 2,
             sample_every: 0,
             sample_steps: 20,
             sample_guidance: 3.0,
@@ -409,15 +415,10 @@ pub struct TrainSummary {
     /// Mean training loss over the first and the last `log_every` steps of this run.
     pub train_loss_first: f64,
     pub train_loss_last: f64,
-    /// Files written.
+    /// Files written: the last checkpoint folder, the exported U-Net, the grids.
     pub checkpoint: PathBuf,
     pub exported_unet: PathBuf,
     pub sample_grids: Vec<PathBuf>,
-}
-
-struct AdamW {
-    m: BTreeMap<String, Tensor>,
-    v: BTreeMap<String, Tensor>,
 }
 
 /// Train the pixel decoder on `images` (N, C, H, W) in [-1, 1] (C = 3 with a VAE, else the
@@ -451,7 +452,7 @@ pub fn train(
             conditioner.dim()
         );
     }
-    tch::manual_seed(t.seed);
+    tch::manual_seed(t.seed as i64);
     let vs = nn::VarStore::new(device);
     let unet = UNet2DConditionModel::new(vs.root(), unet_cfg.clone())?;
     if let Some(dir) = &cfg.unet_from {
@@ -469,22 +470,24 @@ pub fn train(
     ema_vs.copy(&vs)?;
     ema_vs.freeze();
 
-    let names: Vec<String> = {
-        let mut n: Vec<String> = vs.variables().into_keys().collect();
-        n.sort();
-        n
-    };
-    let vars = vs.variables();
-    let mut opt = AdamW {
-        m: names
-            .iter()
-            .map(|n| (n.clone(), vars[n].zeros_like()))
-            .collect(),
-        v: names
-            .iter()
-            .map(|n| (n.clone(), vars[n].zeros_like()))
-            .collect(),
-    };
+    let mut opt = AdamW::from_var_store(
+        &vs,
+        |_| true,
+        AdamWConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+    )?
+    .no_decay(is_no_decay);
+    let schedule = LrSchedule::warmup_cosine(
+        t.lr,
+        t.warmup_steps as i64,
+        t.steps as i64,
+        t.lr * t.min_lr_ratio,
+    );
+    schedule.validate("decoder training config", "train")?;
     let scheduler = DDIMScheduler::new(cfg.scheduler.clone())?;
     let sf = vae
         .as_ref()
@@ -511,17 +514,28 @@ pub fn train(
         }
     };
 
-    // Resume.
-    let ckpt_path = cfg.out_dir.join("checkpoint.safetensors");
-    let mut start = 0usize;
-    if t.resume && ckpt_path.is_file() {
-        start = load_checkpoint(&ckpt_path, &vs, &ema_vs, &mut opt)?;
-        tracing::info!("resumed {} at step {start}", ckpt_path.display());
+    // Resume from the newest committed checkpoint (model, optimizer, EMA, state).
+    let ck = Checkpointer::new(cfg.out_dir.join("checkpoints"), t.keep_checkpoints.max(1))?;
+    let mut state = TrainState {
+        seed: t.seed,
+        ..Default::default()
+    };
+    if t.resume {
+        if let Some(path) = ck.latest()? {
+            let mut loaded = lavit_runtime::train::load(&path)?;
+            let src = path.display().to_string();
+            checkpoint::load_into(&vs, "", &loaded.take("model")?, &src, &Default::default())?;
+            opt.load_state_dict(&loaded.take("optimizer")?, &src)?;
+            checkpoint::load_into(&ema_vs, "", &loaded.take("ema")?, &src, &Default::default())?;
+            state = loaded.state;
+            tracing::info!("resumed {} at step {}", path.display(), state.step);
+        }
     }
+    let start = state.step.max(0) as usize;
 
     // A fixed evaluation batch: same images, noise, timesteps every time.
     let eval = {
-        tch::manual_seed(t.seed ^ 0x5eed);
+        tch::manual_seed((t.seed ^ 0x5eed) as i64);
         let b = n_img.min(16);
         let img = images.narrow(0, 0, b);
         let x0 = to_x0(&img);
@@ -546,35 +560,40 @@ pub fn train(
     };
     let eval_loss_start = eval_loss(&unet)?;
 
-    let metrics_path = cfg.out_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut log = MetricsLog::open(&cfg.out_dir, state.step)?;
+    let log_every = t.log_every.max(1);
     let bar = if t.progress {
-        let b = ProgressBar::new(t.steps as u64);
-        b.set_style(
-            ProgressStyle::with_template("decoder {bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b.set_position(start as u64);
-        b
+        Some(TrainProgress::new(
+            "decoder",
+            t.steps as u64,
+            start as u64,
+            log_every as u64,
+        ))
     } else {
-        ProgressBar::hidden()
+        None
+    };
+    let rng = StepRng::new(state.seed);
+    let mut guard = NanGuard::new(5).with_counts(state.consecutive_skips, state.skipped_total);
+    let save = |state: &TrainState, opt: &AdamW| -> Result<PathBuf> {
+        let model = var_store_state_dict(&vs);
+        let ema = var_store_state_dict(&ema_vs);
+        let optim = opt.state_dict()?;
+        Ok(ck.save(
+            state,
+            &[("model", &model), ("optimizer", &optim), ("ema", &ema)],
+        )?)
     };
 
     let mut losses = Vec::new();
     let mut grids = Vec::new();
-    let log_every = t.log_every.max(1);
     let end = if t.stop_after > 0 {
         t.stop_after.min(t.steps)
     } else {
         t.steps
     };
-    for step in start..end {
-        // Everything random in a step derives from (seed, step): resume is exact.
-        tch::manual_seed(t.seed.wrapping_mul(1_000_003).wrapping_add(step as i64));
+    while (state.step as usize) < end {
+        let step = state.step;
+        rng.begin_step(step); // everything random in this step derives from (seed, step)
         let idx = Tensor::randint(n_img, [t.batch_size], (Kind::Int64, device));
         let img = images.index_select(0, &idx);
         let x0 = to_x0(&img);
@@ -593,47 +612,59 @@ pub fn train(
         let target = target_for(&scheduler, &x0, &noise, &ts);
         let pred = unet.forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)?;
         let loss = pred.mse_loss(&target, tch::Reduction::Mean);
-        for v in vars.values() {
-            let mut g = v.grad();
-            if g.defined() {
-                let _ = g.zero_();
+        let loss_v = loss.double_value(&[]);
+        let lr = schedule.lr_at(step);
+        let mut grad_norm = f64::NAN;
+        match guard.observe(step, loss_v) {
+            StepVerdict::Apply => {
+                opt.zero_grad();
+                loss.backward();
+                grad_norm = if t.grad_clip > 0.0 {
+                    opt.clip_grad_norm(t.grad_clip)?
+                } else {
+                    opt.grad_norm()?
+                };
+                opt.step(lr)?;
+                ema_update(&ema_vs, &vs, ema_decay_at(t.ema_decay, step as usize));
+            }
+            StepVerdict::Skip => {}
+            StepVerdict::Stop => {
+                let p = save(&state, &opt)?;
+                return Err(guard.stop_error(step, Some(p)).into());
             }
         }
-        loss.backward();
-        let loss_v = loss.double_value(&[]);
-        if !loss_v.is_finite() {
-            bail!("loss became {loss_v} at step {step}");
-        }
-        let lr = lr_at(t, step);
-        let grad_norm = adamw_step(t, &names, &vars, &mut opt, step + 1, lr);
-        ema_update(&ema_vs, &vs, ema_decay_at(t.ema_decay, step));
+        state.step += 1;
+        (state.consecutive_skips, state.skipped_total) =
+            (guard.consecutive(), guard.skipped_total());
         losses.push(loss_v);
-        bar.set_position(step as u64 + 1);
-        bar.set_message(format!("loss {loss_v:.4}"));
-        if (step + 1) % log_every == 0 || step + 1 == t.steps {
-            let line = serde_json::json!({"step": step + 1, "loss": loss_v, "lr": lr, "grad_norm": grad_norm});
-            writeln!(metrics, "{line}").context("writing metrics")?;
-            tracing::debug!(
-                "step {} loss {loss_v:.5} lr {lr:.2e} |g| {grad_norm:.3}",
-                step + 1
-            );
+        log.log(
+            step,
+            &[("loss", loss_v), ("lr", lr), ("grad_norm", grad_norm)],
+        )?;
+        if let Some(b) = &bar {
+            b.step(step as u64, &[("loss", loss_v)]);
         }
-        if (step + 1) % t.save_every.max(1) == 0 && step + 1 != t.steps {
-            save_checkpoint(&ckpt_path, &vs, &ema_vs, &opt, step + 1)?;
+        let done = state.step as usize;
+        if done.is_multiple_of(t.save_every.max(1)) && done != end {
+            save(&state, &opt)?;
         }
-        if t.sample_every > 0 && (step + 1) % t.sample_every == 0 && step + 1 != t.steps {
+        if t.sample_every > 0 && done.is_multiple_of(t.sample_every) && done != end {
             grids.push(sample_grid(
                 cfg,
                 &ema_unet,
                 vae.as_ref().map(|(_, v)| v),
                 &images,
                 conditioner,
-                step + 1,
+                done,
             )?);
         }
     }
-    bar.finish_and_clear();
-    save_checkpoint(&ckpt_path, &vs, &ema_vs, &opt, end.max(start))?;
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    let done = state.step.max(0) as usize;
+    let checkpoint = save(&state, &opt)?;
+    log.write_report("pixel decoder")?;
     let exported_unet = export_diffusers(cfg, &ema_vs, &unet_cfg)?;
     grids.push(sample_grid(
         cfg,
@@ -641,7 +672,7 @@ pub fn train(
         vae.as_ref().map(|(_, v)| v),
         &images,
         conditioner,
-        end.max(start),
+        done,
     )?);
     let eval_loss_end = eval_loss(&unet)?;
     let k = log_every.min(losses.len().max(1));
@@ -653,12 +684,12 @@ pub fn train(
         }
     };
     let summary = TrainSummary {
-        steps: end.max(start),
+        steps: done,
         eval_loss_start,
         eval_loss_end,
         train_loss_first: mean(&losses[..k.min(losses.len())]),
         train_loss_last: mean(&losses[losses.len().saturating_sub(k)..]),
-        checkpoint: ckpt_path,
+        checkpoint,
         exported_unet,
         sample_grids: grids,
     };
@@ -680,71 +711,8 @@ fn target_for(s: &DDIMScheduler, x0: &Tensor, noise: &Tensor, ts: &Tensor) -> Te
     }
 }
 
-/// Linear warm-up, then cosine decay to `min_lr_ratio · lr`.
-pub fn lr_at(t: &TrainConfig, step: usize) -> f64 {
-    if step < t.warmup_steps {
-        return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
-    }
-    let span = (t.steps - t.warmup_steps.min(t.steps)).max(1) as f64;
-    let p = ((step - t.warmup_steps) as f64 / span).min(1.0);
-    let min = t.lr * t.min_lr_ratio;
-    min + (t.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-}
-
 fn ema_decay_at(decay: f64, step: usize) -> f64 {
     decay.min((1.0 + step as f64) / (10.0 + step as f64))
-}
-
-/// AdamW with decoupled weight decay and global-norm clipping; returns the gradient norm.
-fn adamw_step(
-    t: &TrainConfig,
-    names: &[String],
-    vars: &std::collections::HashMap<String, Tensor>,
-    opt: &mut AdamW,
-    step: usize,
-    lr: f64,
-) -> f64 {
-    let _g = tch::no_grad_guard();
-    let grads: Vec<Option<Tensor>> = names
-        .iter()
-        .map(|n| {
-            let g = vars[n].grad();
-            g.defined().then_some(g)
-        })
-        .collect();
-    let sq: Vec<Tensor> = grads
-        .iter()
-        .flatten()
-        .map(|g| g.square().sum(Kind::Float))
-        .collect();
-    let norm = if sq.is_empty() {
-        0.0
-    } else {
-        Tensor::stack(&sq, 0)
-            .sum(Kind::Float)
-            .sqrt()
-            .double_value(&[])
-    };
-    let scale = if t.grad_clip > 0.0 && norm > t.grad_clip {
-        t.grad_clip / (norm + 1e-6)
-    } else {
-        1.0
-    };
-    let bc1 = 1.0 - t.beta1.powi(step as i32);
-    let bc2 = 1.0 - t.beta2.powi(step as i32);
-    for (n, g) in names.iter().zip(grads) {
-        let Some(g) = g else { continue };
-        let g = g * scale;
-        let mut p = vars[n].shallow_clone();
-        let m = opt.m.get_mut(n).expect("moment");
-        *m = &*m * t.beta1 + &g * (1.0 - t.beta1);
-        let v = opt.v.get_mut(n).expect("moment");
-        *v = &*v * t.beta2 + g.square() * (1.0 - t.beta2);
-        let update = (&opt.m[n] / bc1) / ((&opt.v[n] / bc2).sqrt() + t.eps);
-        let _ = p.g_mul_scalar_(1.0 - lr * t.weight_decay);
-        let _ = p.g_sub_(&(update * lr));
-    }
-    norm
 }
 
 fn ema_update(ema: &nn::VarStore, vs: &nn::VarStore, decay: f64) {
@@ -756,88 +724,6 @@ fn ema_update(ema: &nn::VarStore, vs: &nn::VarStore, decay: f64) {
             e.copy_(&new);
         }
     }
-}
-
-fn save_checkpoint(
-    path: &Path,
-    vs: &nn::VarStore,
-    ema: &nn::VarStore,
-    opt: &AdamW,
-    step: usize,
-) -> Result<()> {
-    let mut sd: StateDict = BTreeMap::new();
-    for (n, t) in vs.variables() {
-        sd.insert(format!("unet.{n}"), t.detach());
-    }
-    for (n, t) in ema.variables() {
-        sd.insert(format!("ema.{n}"), t.detach());
-    }
-    for (n, t) in &opt.m {
-        sd.insert(format!("adam_m.{n}"), t.shallow_clone());
-    }
-    for (n, t) in &opt.v {
-        sd.insert(format!("adam_v.{n}"), t.shallow_clone());
-    }
-    let meta = BTreeMap::from([("step".to_string(), step.to_string())]);
-    checkpoint::save_safetensors(path, &sd, Some(meta))?;
-    Ok(())
-}
-
-fn load_checkpoint(
-    path: &Path,
-    vs: &nn::VarStore,
-    ema: &nn::VarStore,
-    opt: &mut AdamW,
-) -> Result<usize> {
-    let sd = checkpoint::load_file(path)?;
-    let src = path.display().to_string();
-    checkpoint::load_into(
-        vs,
-        "",
-        &checkpoint::sub_dict(&sd, "unet"),
-        &src,
-        &Default::default(),
-    )?;
-    checkpoint::load_into(
-        ema,
-        "",
-        &checkpoint::sub_dict(&sd, "ema"),
-        &src,
-        &Default::default(),
-    )?;
-    let _g = tch::no_grad_guard();
-    for (prefix, table) in [("adam_m", &mut opt.m), ("adam_v", &mut opt.v)] {
-        for (n, t) in table.iter_mut() {
-            let k = format!("{prefix}.{n}");
-            let v = sd
-                .get(&k)
-                .with_context(|| format!("{src}: missing `{k}`"))?;
-            if v.size() != t.size() {
-                bail!(
-                    "{src}: `{k}` has shape {:?}, expected {:?}",
-                    v.size(),
-                    t.size()
-                );
-            }
-            t.copy_(&v.to_device(t.device()).to_kind(t.kind()));
-        }
-    }
-    let step = read_step(path)?;
-    Ok(step)
-}
-
-/// The `step` metadata of a training checkpoint.
-pub fn read_step(path: &Path) -> Result<usize> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{}: header", path.display()))?;
-    let step = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("step"))
-        .with_context(|| format!("{}: no `step` metadata", path.display()))?;
-    step.parse()
-        .with_context(|| format!("{}: bad step `{step}`", path.display()))
 }
 
 /// Export the EMA weights as diffusers folders `out_dir/unet` and `out_dir/scheduler`.
@@ -893,7 +779,7 @@ fn sample_grid(
     let cond = conditioner.condition(&img)?;
     let mut s = DDIMScheduler::new(cfg.scheduler.clone())?;
     s.set_timesteps(t.sample_steps.max(1))?;
-    tch::manual_seed(t.seed.wrapping_add(77));
+    tch::manual_seed(t.seed.wrapping_add(77) as i64);
     let (c, h, w) = match vae {
         Some(v) => {
             let k = v.config.downscale();
