@@ -485,3 +485,101 @@ pub fn save_pngs(images: &Tensor, path: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
+
+/// The feature-decoder half of the visual tokenizer, as the pixel decoders need it
+/// (the official `generate_image_embeds`): visual ids (with the LLM offset) of each image →
+/// the U-Net condition. The assembled `VisualTokenizer` implements it.
+pub trait FeatureDecoders {
+    /// `VQDecoder`: → (B, N, lowres_unet_proj).
+    fn decode_lowres(&self, ids: &[Vec<i64>]) -> Result<Tensor>;
+    /// `HighresVQDecoder`: → (prompt embeds (B, N, C), pooled embeds (B, P)).
+    fn decode_highres(&self, ids: &[Vec<i64>]) -> Result<(Tensor, Tensor)>;
+}
+
+/// Keep the visual ids of a generated sequence, as the official code does
+/// (`image_token - 32002`, kept where ≥ 0): [IMG], [/IMG] and text ids are dropped.
+pub fn visual_ids_only(generated: &[i64], visual_token_offset: i64) -> Vec<i64> {
+    generated
+        .iter()
+        .copied()
+        .filter(|&i| i >= visual_token_offset)
+        .collect()
+}
+
+impl PixelDecoder {
+    /// The condition of this decoder for the visual ids of each image.
+    pub fn condition_for(&self, fd: &dyn FeatureDecoders, ids: &[Vec<i64>]) -> Result<Condition> {
+        if ids.is_empty() {
+            return Err(Error::invalid("no images to decode"));
+        }
+        if let Some(i) = ids.iter().position(|v| v.is_empty()) {
+            return Err(Error::invalid(format!("image {i} has no visual tokens")));
+        }
+        Ok(match self.resolution {
+            Resolution::Highres => {
+                let (prompt_embeds, pooled_embeds) = fd.decode_highres(ids)?;
+                Condition::Highres {
+                    prompt_embeds,
+                    pooled_embeds,
+                }
+            }
+            Resolution::Lowres => Condition::Lowres {
+                hidden: fd.decode_lowres(ids)?,
+            },
+        })
+    }
+
+    /// Visual ids → images (B, 3, H, W) in [0, 1]: feature decoder, U-Net with decoder
+    /// guidance, VAE.
+    pub fn decode_ids(
+        &self,
+        fd: &dyn FeatureDecoders,
+        ids: &[Vec<i64>],
+        opts: &DecodeOptions,
+    ) -> Result<Tensor> {
+        let cond = self.condition_for(fd, ids)?;
+        self.decode(&cond, opts)
+    }
+}
+
+/// Settings of text → image (`lavit generate`).
+#[derive(Debug, Clone)]
+pub struct TextToImageOptions {
+    /// LLM image-token generation (guidance = `--llm-guidance`, samples = `--num-images`).
+    pub tokens: lavit_llm::generate::ImageTokenConfig,
+    /// Pixel decoding (steps, decoder guidance, size, seed).
+    pub decode: DecodeOptions,
+}
+
+/// What [`text_to_image`] returns.
+#[derive(Debug)]
+pub struct GeneratedImages {
+    /// The LLM's output per image (visual ids, then [/IMG] if it closed the image).
+    pub token_ids: Vec<Vec<i64>>,
+    /// (B, 3, H, W) in [0, 1], prompt-major: `tokens.num_return_sequences` per prompt.
+    pub images: Tensor,
+}
+
+/// The official `LaVITforGeneration.generate_image`: prompts (SentencePiece, no BOS) → LLM
+/// image tokens with classifier-free guidance → feature decoder → U-Net → VAE.
+pub fn text_to_image(
+    llm: &lavit_llm::LlamaForCausalLM,
+    sp: &lavit_llm::sentencepiece::SentencePiece,
+    vocab: &lavit_llm::vocab::UnifiedVocab,
+    fd: &dyn FeatureDecoders,
+    pixels: &PixelDecoder,
+    prompts: &[String],
+    opts: &TextToImageOptions,
+) -> Result<GeneratedImages> {
+    if prompts.is_empty() {
+        return Err(Error::invalid("no prompt given"));
+    }
+    let ids: Vec<Vec<i64>> = prompts.iter().map(|p| sp.encode(p)).collect();
+    let token_ids = lavit_llm::generate::generate_image_tokens(llm, vocab, &ids, &opts.tokens)?;
+    let visual: Vec<Vec<i64>> = token_ids
+        .iter()
+        .map(|g| visual_ids_only(g, vocab.visual_token_offset))
+        .collect();
+    let images = pixels.decode_ids(fd, &visual, &opts.decode)?;
+    Ok(GeneratedImages { token_ids, images })
+}

@@ -546,3 +546,86 @@ mod training {
         assert!(err.contains("cross_attention_dim"), "{err}");
     }
 }
+
+/// A stand-in for the tokenizer's feature decoders that records what it was asked.
+struct RecordingDecoders {
+    seen: std::cell::RefCell<Vec<Vec<i64>>>,
+}
+
+impl lavit::generate::FeatureDecoders for RecordingDecoders {
+    fn decode_lowres(&self, ids: &[Vec<i64>]) -> lavit_runtime::Result<Tensor> {
+        self.seen.borrow_mut().extend(ids.iter().cloned());
+        Ok(Tensor::ones(
+            [ids.len() as i64, 6, 32],
+            (Kind::Float, Device::Cpu),
+        ))
+    }
+    fn decode_highres(&self, ids: &[Vec<i64>]) -> lavit_runtime::Result<(Tensor, Tensor)> {
+        self.seen.borrow_mut().extend(ids.iter().cloned());
+        let b = ids.len() as i64;
+        Ok((
+            Tensor::ones([b, 6, 80], (Kind::Float, Device::Cpu)) * 0.1,
+            Tensor::ones([b, 48], (Kind::Float, Device::Cpu)) * 0.1,
+        ))
+    }
+}
+
+/// Prompt → LLM image tokens (CFG) → feature decoder → U-Net → VAE on the fixture: the
+/// feature decoder receives exactly the visual ids the LLM produced (greedy = the reference).
+#[test]
+fn text_to_image_runs_llm_tokens_through_the_pixel_decoder() {
+    use lavit::generate::{text_to_image, visual_ids_only, TextToImageOptions};
+    use lavit_llm::generate::{ImageTokenConfig, Sampling};
+    let dir = fixture_dir();
+    let manifest = lavit_runtime::manifest::LavitManifest::for_checkpoint(&dir).unwrap();
+    let lm = dir.join("language_model");
+    let (_vs, llm) =
+        lavit_llm::LlamaForCausalLM::from_pretrained(&lm, Device::Cpu, Kind::Float).unwrap();
+    let sp =
+        lavit_llm::sentencepiece::SentencePiece::from_file(&lm.join("tokenizer.model")).unwrap();
+    let vocab = lavit_llm::vocab::UnifiedVocab::from(&manifest.llm);
+    let g = &manifest.generation;
+    let fd = RecordingDecoders {
+        seen: Default::default(),
+    };
+    for res in [Resolution::Highres, Resolution::Lowres] {
+        fd.seen.borrow_mut().clear();
+        let pixels = PixelDecoder::load(&dir, res, Device::Cpu).unwrap();
+        let opts = TextToImageOptions {
+            tokens: ImageTokenConfig {
+                cfg_scale: 2.0,
+                max_new_tokens: g.t2i_max_new_tokens,
+                min_new_tokens: g.t2i_min_new_tokens,
+                sampling: Sampling::greedy(),
+                num_return_sequences: 1,
+                seed: None,
+            },
+            decode: DecodeOptions {
+                steps: 2,
+                seed: Some(3),
+                ..Default::default()
+            },
+        };
+        let out = text_to_image(
+            &llm,
+            &sp,
+            &vocab,
+            &fd,
+            &pixels,
+            std::slice::from_ref(&g.t2i_prompt),
+            &opts,
+        )
+        .unwrap();
+        let reference =
+            lavit_runtime::checkpoint::load_file(&dir.join("reference/expected.safetensors"))
+                .unwrap();
+        let want: Vec<i64> = Vec::try_from(&reference["t2i_greedy_cfg_2"]).unwrap();
+        assert_eq!(out.token_ids, vec![want.clone()]);
+        assert_eq!(
+            *fd.seen.borrow(),
+            vec![visual_ids_only(&want, vocab.visual_token_offset)]
+        );
+        assert!(fd.seen.borrow()[0].iter().all(|&i| vocab.is_visual(i)));
+        assert_eq!(out.images.size(), vec![1, 3, 16, 16]);
+    }
+}
