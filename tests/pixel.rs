@@ -437,6 +437,8 @@ mod training {
     use lavit::train::decoder::{load_image_folder, train, DecoderTrainConfig, PatchConditioner};
     use lavit_decoder::unet_2d_condition::PerBlock;
     use lavit_runtime::train::{hash_state_dict, latest, load};
+
+    use super::{Condition, DecodeOptions, PixelDecoder, Resolution};
     use tch::Device;
 
     /// Real photos: the Debian tuxpaint-stamps-default package (`scripts/setup.sh --data`).
@@ -493,6 +495,23 @@ mod training {
             lavit_decoder::UNet2DConditionModel::from_pretrained(&s.exported_unet, Device::Cpu)
                 .unwrap();
         assert_eq!(unet.config.cross_attention_dim, 16);
+        // the run folder is a pixel-space decoder that `PixelDecoder` loads and samples from
+        let dec = PixelDecoder::load_folder(dir.path(), Resolution::Lowres, Device::Cpu).unwrap();
+        assert!(dec.vae.is_none() && dec.uncond_embeddings.is_none());
+        assert_eq!(dec.native_size(), (32, 32));
+        let cond = Condition::Lowres {
+            hidden: lavit::train::decoder::Conditioner::condition(&cond, &images.narrow(0, 0, 2))
+                .unwrap(),
+        };
+        let opts = DecodeOptions {
+            steps: 3,
+            guidance: 2.0,
+            height: Some(16),
+            width: Some(16),
+            seed: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(dec.decode(&cond, &opts).unwrap().size(), vec![2, 3, 16, 16]);
         let grid = image::open(s.sample_grids.last().unwrap()).unwrap();
         assert_eq!((grid.width(), grid.height()), (4 * 16, 2 * 16));
         assert!(std::fs::read_to_string(dir.path().join("metrics.jsonl"))
