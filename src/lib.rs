@@ -3,6 +3,8 @@
 //! the runtime (`lavit-runtime`) and the plugin API, plus parity and training loops.
 
 pub mod parity;
+pub mod pipeline;
+pub mod serve;
 pub mod train;
 
 pub use lavit_runtime as runtime;

@@ -9,3 +9,8 @@ pub mod manifest;
 pub mod parity;
 
 pub use error::{Error, Result, TchContext};
+pub mod actors;
+pub mod inflight;
+pub mod messages;
+pub mod mock;
+pub mod stage;
