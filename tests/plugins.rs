@@ -1,1 +1,341 @@
-//! Integration tests: plugins.
+//! Integration tests: plugins. The example plugins (plugins/residual-vq, plugins/convnet) and
+//! the test plugins (plugins/testing/*) are loaded as dylibs through the host, as a user's
+//! config would load them. The root crate dev-depends on them so cargo builds their cdylibs
+//! (target/<profile>/deps/lib<crate>.so) before this binary runs; they are never linked in.
+
+use std::path::PathBuf;
+
+use lavit_plugin_api::{Backbone, Codebook, API_VERSION};
+use lavit_runtime::plugin_host::{PluginComponent, PluginHost, PluginHostError, PluginsConfig};
+use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
+
+/// The dylib of workspace crate `krate` (its lib name: dashes → underscores), next to this
+/// test binary; built with `cargo build -p` if it is missing (e.g. a filtered build).
+fn dylib(krate: &str) -> PathBuf {
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        krate.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let exe = std::env::current_exe().expect("test binary path");
+    let deps = exe.parent().expect("target/<profile>/deps");
+    let candidates = [deps.join(&file), deps.join("..").join(&file)];
+    if let Some(found) = candidates.iter().find(|p| p.exists()) {
+        return found.clone();
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "-p", krate])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build -p {krate} failed");
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{file} not found next to {}", exe.display()))
+}
+
+fn component(plugin: &str, config: serde_json::Value) -> PluginComponent {
+    PluginComponent {
+        plugin: plugin.into(),
+        weights: None,
+        config,
+    }
+}
+
+fn example_host() -> PluginHost {
+    let cfg: PluginsConfig = serde_json::from_value(serde_json::json!({
+        "load": [dylib("lavit-plugin-rvq"), dylib("lavit-plugin-convnet")]
+    }))
+    .unwrap();
+    let host = PluginHost::from_config(&cfg).expect("load the example plugins");
+    let names: Vec<_> = host.plugins().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["lavit-plugin-rvq", "lavit-plugin-convnet"]);
+    host
+}
+
+/// Residual quantisation written out independently of the plugin: per level, the nearest
+/// code of the residual; id = Σ id_l·K^l.
+fn reference_rvq(z: &Tensor, books: &[Tensor]) -> (Tensor, Tensor) {
+    let k = books[0].size()[0];
+    let mut residual = z.copy();
+    let mut ids = Tensor::zeros([z.size()[0]], (Kind::Int64, Device::Cpu));
+    let mut recon = z.zeros_like();
+    let mut radix = 1;
+    for c in books {
+        // (T, 1, D) − (1, K, D) → (T, K)
+        let d = (residual.unsqueeze(1) - c.unsqueeze(0))
+            .square()
+            .sum_dim_intlist(2, false, Kind::Float);
+        let id = d.argmin(1, false);
+        let code = c.index_select(0, &id);
+        residual -= &code;
+        recon += &code;
+        ids += id * radix;
+        radix *= k;
+    }
+    (ids, recon)
+}
+
+#[test]
+fn residual_vq_dylib_quantizes_with_weights_from_the_config() {
+    let host = example_host();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("rvq.safetensors");
+    let books: Vec<Tensor> = (0..3)
+        .map(|l| Tensor::randn([16, 8], (Kind::Float, Device::Cpu)) / (1 << l) as f64)
+        .collect();
+    let named: Vec<(String, &Tensor)> = books
+        .iter()
+        .enumerate()
+        .map(|(l, t)| (format!("codebooks.{l}"), t))
+        .collect();
+    Tensor::write_safetensors(&named, &weights).unwrap();
+
+    let mut spec = component(
+        "residual-vq",
+        serde_json::json!({"levels": 3, "codes_per_level": 16, "code_dim": 8}),
+    );
+    spec.weights = Some(weights.clone());
+    let cb = host.codebook(&spec, Device::Cpu).unwrap();
+    assert_eq!((cb.num_codes(), cb.code_dim()), (4096, 8));
+
+    let z = Tensor::randn([40, 8], (Kind::Float, Device::Cpu));
+    let ids = cb.quantize(&z).unwrap();
+    let (want_ids, want_recon) = reference_rvq(&z, &books);
+    assert!(ids.equal(&want_ids), "plugin ids differ from the reference");
+    assert!(cb
+        .embed(&ids)
+        .unwrap()
+        .allclose(&want_recon, 1e-5, 1e-5, false));
+    // Bad input and bad config come back as errors naming the plugin.
+    assert!(cb
+        .quantize(&Tensor::zeros([4, 7], (Kind::Float, Device::Cpu)))
+        .is_err());
+    let e = host
+        .codebook(
+            &component("residual-vq", serde_json::json!({"levls": 2})),
+            Device::Cpu,
+        )
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("lavit-plugin-rvq") && e.to_string().contains("levls"),
+        "{e}"
+    );
+    spec.config = serde_json::json!({"levels": 2, "codes_per_level": 16, "code_dim": 8});
+    let e = host.codebook(&spec, Device::Cpu).err().unwrap();
+    assert!(e.to_string().contains("codebooks.2"), "{e}"); // strict load names the extra key
+}
+
+#[test]
+fn convnet_dylib_gives_patch_features_and_reloads_its_weights() {
+    let host = example_host();
+    let cfg = serde_json::json!({"image_size": 32, "patch_size": 8, "depth": 2, "dim": 24});
+    let a = host
+        .backbone(&component("convnext", cfg.clone()), Device::Cpu)
+        .unwrap();
+    assert_eq!(
+        (a.image_size(), a.patch_size(), a.width(), a.num_patches()),
+        (32, 8, 24, 16)
+    );
+    let images = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let fa = a.forward(&images).unwrap();
+    assert_eq!(fa.size(), [3, 16, 24]); // (B, N, C)
+
+    // state_dict → safetensors → a second instance built from the config's weights path.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("convnext.safetensors");
+    lavit_plugin_api::weights::save_safetensors(&a.state_dict().unwrap(), &path).unwrap();
+    let mut spec = component("convnext", cfg);
+    spec.weights = Some(path);
+    let b = host.backbone(&spec, Device::Cpu).unwrap();
+    assert!(b.forward(&images).unwrap().allclose(&fa, 1e-5, 1e-5, false));
+    assert!(a
+        .forward(&Tensor::zeros([1, 3, 16, 16], (Kind::Float, Device::Cpu)))
+        .is_err());
+    let e = host
+        .backbone(&component("eva", serde_json::json!({})), Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(matches!(e, PluginHostError::Unknown { .. }) && e.to_string().contains("convnext"));
+}
+
+#[test]
+fn wrong_api_version_is_refused_before_any_call() {
+    let mut host = PluginHost::new();
+    // The bad plugin's register function aborts the process: reaching it fails this test.
+    let err = host
+        .load(&dylib("lavit-plugin-test-bad-version"))
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(matches!(err, PluginHostError::Version { .. }), "{msg}");
+    assert!(msg.contains("plugin API version"), "{msg}");
+    assert!(
+        msg.contains(&format!("`{API_VERSION}`")),
+        "host side missing: {msg}"
+    );
+    assert!(
+        msg.contains(&format!("`{}`", API_VERSION + 1000)),
+        "plugin side missing: {msg}"
+    );
+    assert!(host.plugins().is_empty());
+    // The host goes on loading good plugins.
+    host.load(&dylib("lavit-plugin-rvq")).unwrap();
+    // Not a plugin at all: a clear error, no crash.
+    let e = host
+        .load(std::path::Path::new("/nonexistent/libnothing.so"))
+        .err()
+        .unwrap();
+    assert!(matches!(e, PluginHostError::Open { .. }), "{e}");
+}
+
+#[test]
+fn a_panicking_plugin_returns_errors_and_the_host_keeps_working() {
+    let mut host = example_host();
+    host.load(&dylib("lavit-plugin-test-panicky")).unwrap();
+    let e = host
+        .codebook(
+            &component("panicky", serde_json::json!({"panic_in_factory": true})),
+            Device::Cpu,
+        )
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("factory exploded"), "{e}");
+
+    let mut cb = host
+        .codebook(&component("panicky", serde_json::json!({})), Device::Cpu)
+        .unwrap();
+    let z = Tensor::zeros([3, 2], (Kind::Float, Device::Cpu));
+    let e = cb.quantize(&z).unwrap_err();
+    assert!(
+        e.0.contains("quantize") && e.0.contains("exploded on purpose"),
+        "{e}"
+    );
+    assert!(cb
+        .quantize_train(&z)
+        .err()
+        .unwrap()
+        .0
+        .contains("out of bounds"));
+    // The same object still answers calls that do not panic.
+    assert_eq!(
+        cb.embed(&Tensor::from_slice(&[0i64, 1])).unwrap().size(),
+        [2, 2]
+    );
+    let bb = host
+        .backbone(&component("panicky", serde_json::json!({})), Device::Cpu)
+        .unwrap();
+    assert!(bb
+        .forward(&Tensor::zeros([1, 3, 8, 8], (Kind::Float, Device::Cpu)))
+        .is_err());
+    // And the other plugins keep serving.
+    let rvq = host
+        .codebook(
+            &component("residual-vq", serde_json::json!({})),
+            Device::Cpu,
+        )
+        .unwrap();
+    let ids = rvq
+        .quantize(&Tensor::randn([5, 32], (Kind::Float, Device::Cpu)))
+        .unwrap();
+    assert_eq!(ids.size(), [5]);
+}
+
+/// A stage-1-shaped training run with both example plugins from their dylibs: images →
+/// convnext (frozen) → patch features x [B·N, C] → encoder → residual VQ (straight-through,
+/// commitment loss) → decoder → x_rec; loss = mean(1 − cos(x, x_rec)) + VQ loss, trained with
+/// Adam over the encoder, decoder and the plugin codebook's own parameters.
+#[test]
+fn training_with_the_plugin_codebook_lowers_the_loss() {
+    tch::manual_seed(0);
+    let host = example_host();
+    let backbone = host
+        .backbone(
+            &component(
+                "convnext",
+                serde_json::json!({"image_size": 32, "patch_size": 8, "depth": 1, "dim": 32}),
+            ),
+            Device::Cpu,
+        )
+        .unwrap();
+    let mut codebook = host
+        .codebook(
+            &component(
+                "residual-vq",
+                serde_json::json!({"levels": 2, "codes_per_level": 16, "code_dim": 8}),
+            ),
+            Device::Cpu,
+        )
+        .unwrap();
+    let params = codebook.trainable_parameters();
+    assert_eq!(params.len(), 2, "one [K, D] table per level");
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    let enc = nn::seq()
+        .add(nn::linear(
+            &vs.root() / "enc" / 0,
+            32,
+            32,
+            Default::default(),
+        ))
+        .add_fn(|x| x.tanh())
+        .add(nn::linear(
+            &vs.root() / "enc" / 2,
+            32,
+            8,
+            Default::default(),
+        ));
+    let dec = nn::seq()
+        .add(nn::linear(
+            &vs.root() / "dec" / 0,
+            8,
+            64,
+            Default::default(),
+        ))
+        .add_fn(|x| x.gelu("none"))
+        .add(nn::linear(
+            &vs.root() / "dec" / 2,
+            64,
+            32,
+            Default::default(),
+        ));
+    for (i, p) in params.iter().enumerate() {
+        let _ = (vs.root() / "codebook").add(&i.to_string(), p.shallow_clone(), true);
+    }
+    let mut opt = nn::Adam::default().build(&vs, 3e-3).unwrap();
+
+    let images = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let x = tch::no_grad(|| backbone.forward(&images).unwrap()).reshape([-1, 32]); // (B·N, C)
+    let before = params[0].copy();
+    let mut losses = Vec::new();
+    for _ in 0..150 {
+        let out = codebook.quantize_train(&enc.forward(&x)).unwrap();
+        let rec = dec.forward(&out.quantized);
+        let cos = Tensor::cosine_similarity(&x, &rec, 1, 1e-8);
+        let loss = cos.neg().mean(Kind::Float) + 1.0 + &out.loss;
+        opt.backward_step(&loss);
+        codebook.update(&x, &out.ids).unwrap();
+        losses.push(loss.double_value(&[]));
+    }
+    let first = losses[..10].iter().sum::<f64>() / 10.0;
+    let last = losses[losses.len() - 10..].iter().sum::<f64>() / 10.0;
+    eprintln!("plugin codebook training: loss {first:.4} → {last:.4}");
+    assert!(last < 0.5 * first, "loss {first:.4} → {last:.4}");
+    assert!(
+        !params[0].allclose(&before, 0.0, 0.0, false),
+        "the codebook was not trained"
+    );
+    // Inference with the trained codebook: ids in range, embed = the quantised vectors.
+    let z = enc.forward(&x);
+    let ids = codebook.quantize(&z).unwrap();
+    assert!(ids.max().int64_value(&[]) < codebook.num_codes());
+    let q = codebook.quantize_train(&z).unwrap();
+    assert!(codebook
+        .embed(&ids)
+        .unwrap()
+        .allclose(&q.quantized, 1e-4, 1e-4, false));
+}

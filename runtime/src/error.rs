@@ -42,6 +42,15 @@ pub enum Error {
     /// Invalid input (an image, a request field, a tensor shape) with what was expected.
     #[error("{0}")]
     Invalid(String),
+    /// Training stopped: the loss (or gradient norm) was NaN/Inf for `consecutive` steps in
+    /// a row, ending at `step`; `checkpoint` is where the run was saved before stopping.
+    #[error("training stopped at step {step}: {consecutive} consecutive non-finite losses ({skipped_total} skipped in all){}", checkpoint.as_ref().map(|p| format!("; last state saved in {}", p.display())).unwrap_or_default())]
+    NonFiniteLoss {
+        step: i64,
+        consecutive: usize,
+        skipped_total: u64,
+        checkpoint: Option<PathBuf>,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

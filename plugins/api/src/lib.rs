@@ -3,8 +3,33 @@
 //! [`Backbone`], the l2-normalised VQ codebook a [`Codebook`]), so a plugin replaces a
 //! built-in part without the host knowing the difference.
 //!
-//! Versioning, the declaration symbol and the `declare_plugin!` macro are added by the
-//! plugins work (issue 7).
+//! A plugin dylib exports exactly one symbol, [`DECLARATION_SYMBOL`], a `#[repr(C)]`
+//! [`PluginDeclaration`] written by [`declare_plugin!`]. It carries the plugin API version,
+//! the rustc version and the tch/libtorch versions the plugin was built with; the host
+//! (`lavit_runtime::plugin_host`) reads and checks them before it touches anything else.
+//! Only then does it call the declaration's `register` function, which hands the host
+//! factories for codebooks and backbones ([`Registrar`]).
+//!
+//! Trait objects (`Box<dyn Codebook>`) cross the dylib boundary with the Rust ABI. That is
+//! sound only because the host and every plugin are compiled by the same pinned toolchain
+//! (`rust-toolchain.toml`) against the same version of this crate and of tch: the three
+//! version checks enforce exactly that. A plugin dylib carries its own copy of the Rust
+//! standard library, so a panic must never unwind out of plugin code into the host:
+//! everything the host can call (the register function, the factories and every trait
+//! method) runs inside `catch_unwind` *in the plugin* ([`guard`]) and returns a
+//! [`PluginError`] instead.
+
+mod declaration;
+pub mod guard;
+mod registrar;
+pub mod weights;
+
+pub use declaration::{
+    PluginDeclaration, StaticStr, VersionMismatch, API_VERSION, DECLARATION_SYMBOL, MAGIC,
+    RUSTC_VERSION, TCH_VERSION, TORCH_VERSION,
+};
+pub use guard::catch_panic;
+pub use registrar::{BackboneFactory, CodebookFactory, PluginArgs, Registrar};
 
 use tch::Tensor;
 
@@ -18,6 +43,12 @@ pub type PluginResult<T> = std::result::Result<T, PluginError>;
 impl From<tch::TchError> for PluginError {
     fn from(e: tch::TchError) -> Self {
         PluginError(e.to_string())
+    }
+}
+
+impl PluginError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        PluginError(msg.into())
     }
 }
 
@@ -40,6 +71,12 @@ pub trait Backbone: Send {
     /// Trainable parameters (empty for a frozen backbone).
     fn trainable_parameters(&self) -> Vec<Tensor> {
         Vec::new()
+    }
+    /// The backbone's weights by name, in the layout its loader reads back (so a trained
+    /// plugin can be saved as safetensors and loaded from the config's `weights` path).
+    /// The default (no weights to save) is empty.
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
     }
 }
 
@@ -74,5 +111,70 @@ pub trait Codebook: Send {
     /// Parameters trained by the optimiser (empty for EMA codebooks).
     fn trainable_parameters(&self) -> Vec<Tensor> {
         Vec::new()
+    }
+    /// The codebook's weights by name, in the layout its loader reads back (see
+    /// [`Backbone::state_dict`]). The default is empty.
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+}
+
+/// A boxed codebook is a codebook (so wrappers such as [`guard::GuardedCodebook`] and
+/// generic stage code take `Box<dyn Codebook>` from a plugin as is).
+impl<C: Codebook + ?Sized> Codebook for Box<C> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn num_codes(&self) -> i64 {
+        (**self).num_codes()
+    }
+    fn code_dim(&self) -> i64 {
+        (**self).code_dim()
+    }
+    fn quantize(&self, z: &Tensor) -> PluginResult<Tensor> {
+        (**self).quantize(z)
+    }
+    fn embed(&self, ids: &Tensor) -> PluginResult<Tensor> {
+        (**self).embed(ids)
+    }
+    fn quantize_train(&mut self, z: &Tensor) -> PluginResult<QuantizeOut> {
+        (**self).quantize_train(z)
+    }
+    fn update(&mut self, z: &Tensor, ids: &Tensor) -> PluginResult<()> {
+        (**self).update(z, ids)
+    }
+    fn trainable_parameters(&self) -> Vec<Tensor> {
+        (**self).trainable_parameters()
+    }
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        (**self).state_dict()
+    }
+}
+
+/// A boxed backbone is a backbone.
+impl<B: Backbone + ?Sized> Backbone for Box<B> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn image_size(&self) -> i64 {
+        (**self).image_size()
+    }
+    fn patch_size(&self) -> i64 {
+        (**self).patch_size()
+    }
+    fn width(&self) -> i64 {
+        (**self).width()
+    }
+    fn num_patches(&self) -> i64 {
+        (**self).num_patches()
+    }
+    fn forward(&self, images: &Tensor) -> PluginResult<Tensor> {
+        (**self).forward(images)
+    }
+    fn trainable_parameters(&self) -> Vec<Tensor> {
+        (**self).trainable_parameters()
+    }
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        (**self).state_dict()
     }
 }

@@ -1,0 +1,517 @@
+//! LLaMA (Touvron et al. 2023) as Hugging Face builds it: `LlamaForCausalLM`, with the same
+//! attribute names so the published LaVIT `language_model/` shards load unchanged.
+//! Reference: transformers `models/llama/modeling_llama.py`.
+//!
+//! Attention goes through libtorch's `scaled_dot_product_attention` (flash / memory-efficient
+//! kernels on GPU). A [`KvCache`] holds per-layer keys/values for a batch of streams; each
+//! stream has its own key mask (left padding) and its own position ids.
+
+use std::path::Path;
+
+use lavit_runtime::checkpoint::{self, LoadOptions};
+use lavit_runtime::{Error, Result, TchContext};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::LlamaConfig;
+
+/// `LlamaRMSNorm`: x / sqrt(mean(x²) + eps) · weight, computed in float32.
+#[derive(Debug)]
+pub struct LlamaRMSNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl LlamaRMSNorm {
+    pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: vs.ones("weight", &[dim]),
+            eps,
+        }
+    }
+}
+
+impl Module for LlamaRMSNorm {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let kind = xs.kind();
+        let x = xs.to_kind(Kind::Float);
+        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let x = x * (var + self.eps).rsqrt();
+        &self.weight * x.to_kind(kind)
+    }
+}
+
+/// `LlamaRotaryEmbedding` (rope_type "default"): cos/sin tables for given position ids.
+#[derive(Debug)]
+pub struct LlamaRotaryEmbedding {
+    /// 1 / theta^(2i/d), float32, shape (d/2,).
+    inv_freq: Tensor,
+}
+
+impl LlamaRotaryEmbedding {
+    pub fn new(cfg: &LlamaConfig, device: Device) -> Self {
+        let dim = cfg.head_dim();
+        // inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / dim as f64;
+        let base = Tensor::from(cfg.rope_theta() as f32).to_device(device);
+        let inv_freq = base.pow(&exponent).reciprocal();
+        Self { inv_freq }
+    }
+
+    /// (cos, sin), each (B, T, head_dim) in `kind`, for `position_ids` (B, T).
+    pub fn forward(&self, position_ids: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let pos = position_ids.to_kind(Kind::Float).unsqueeze(-1); // (B, T, 1)
+        let freqs = pos * self.inv_freq.view([1, 1, -1]); // (B, T, d/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1); // (B, T, d)
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+}
+
+/// cat(−x₂, x₁) of the two halves of the last dimension.
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], -1)
+}
+
+/// x·cos + rotate_half(x)·sin with cos/sin (B, T, d) broadcast over heads.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let cos = cos.unsqueeze(1); // (B, 1, T, d)
+    let sin = sin.unsqueeze(1);
+    x * &cos + rotate_half(x) * &sin
+}
+
+fn linear(vs: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
+    nn::linear(
+        vs,
+        i,
+        o,
+        nn::LinearConfig {
+            bias,
+            ..Default::default()
+        },
+    )
+}
+
+/// `LlamaAttention`: grouped-query attention with RoPE.
+#[derive(Debug)]
+pub struct LlamaAttention {
+    pub q_proj: nn::Linear,
+    pub k_proj: nn::Linear,
+    pub v_proj: nn::Linear,
+    pub o_proj: nn::Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl LlamaAttention {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        let (h, hd, nh, nkv) = (
+            cfg.hidden_size,
+            cfg.head_dim(),
+            cfg.num_attention_heads,
+            cfg.kv_heads(),
+        );
+        let b = cfg.attention_bias;
+        Self {
+            q_proj: linear(&vs / "q_proj", h, nh * hd, b),
+            k_proj: linear(&vs / "k_proj", h, nkv * hd, b),
+            v_proj: linear(&vs / "v_proj", h, nkv * hd, b),
+            o_proj: linear(&vs / "o_proj", nh * hd, h, b),
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        }
+    }
+
+    /// `xs` (B, T, H); `past` the cached (k, v) of this layer, each (B, nkv, Tp, hd);
+    /// `mask` a bool (B, 1, T, Tp+T) "may attend" mask, or None for plain causal.
+    /// Returns the output and the new (k, v) including the past.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+        mask: Option<&Tensor>,
+    ) -> (Tensor, (Tensor, Tensor)) {
+        let (b, t, _) = xs.size3().expect("hidden states are (B, T, H)");
+        let q = self
+            .q_proj
+            .forward(xs)
+            .view([b, t, self.num_heads, self.head_dim])
+            .transpose(1, 2); // (B, nh, T, hd)
+        let k = self
+            .k_proj
+            .forward(xs)
+            .view([b, t, self.num_kv_heads, self.head_dim])
+            .transpose(1, 2); // (B, nkv, T, hd)
+        let v = self
+            .v_proj
+            .forward(xs)
+            .view([b, t, self.num_kv_heads, self.head_dim])
+            .transpose(1, 2); // (B, nkv, T, hd)
+        let q = apply_rotary(&q, cos, sin);
+        let k = apply_rotary(&k, cos, sin);
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)), // (B, nkv, Tp+T, hd)
+            None => (k, v),
+        };
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let (kr, vr) = if n_rep > 1 {
+            (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep)) // (B, nh, Tk, hd)
+        } else {
+            (k.shallow_clone(), v.shallow_clone())
+        };
+        let causal = mask.is_none() && t > 1;
+        let y = Tensor::scaled_dot_product_attention(&q, &kr, &vr, mask, 0.0, causal, None, false); // (B, nh, T, hd)
+        let y = y
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, self.num_heads * self.head_dim]); // (B, T, nh·hd)
+        (self.o_proj.forward(&y), (k, v))
+    }
+}
+
+/// HF `repeat_kv`: (B, nkv, T, hd) → (B, nkv·n_rep, T, hd), each kv head repeated n_rep times.
+fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+    let (b, nkv, t, hd) = x.size4().expect("(B, nkv, T, hd)");
+    x.unsqueeze(2)
+        .expand([b, nkv, n_rep, t, hd], false)
+        .reshape([b, nkv * n_rep, t, hd])
+}
+
+/// `LlamaMLP`: down(silu(gate(x)) · up(x)).
+#[derive(Debug)]
+pub struct LlamaMLP {
+    pub gate_proj: nn::Linear,
+    pub up_proj: nn::Linear,
+    pub down_proj: nn::Linear,
+}
+
+impl LlamaMLP {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Self {
+            gate_proj: linear(&vs / "gate_proj", h, i, b),
+            up_proj: linear(&vs / "up_proj", h, i, b),
+            down_proj: linear(&vs / "down_proj", i, h, b),
+        }
+    }
+}
+
+impl Module for LlamaMLP {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(xs).silu() * self.up_proj.forward(xs)))
+    }
+}
+
+/// `LlamaDecoderLayer`: pre-norm attention and MLP with residuals.
+#[derive(Debug)]
+pub struct LlamaDecoderLayer {
+    pub self_attn: LlamaAttention,
+    pub mlp: LlamaMLP,
+    pub input_layernorm: LlamaRMSNorm,
+    pub post_attention_layernorm: LlamaRMSNorm,
+}
+
+impl LlamaDecoderLayer {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        Self {
+            self_attn: LlamaAttention::new(&vs / "self_attn", cfg),
+            mlp: LlamaMLP::new(&vs / "mlp", cfg),
+            input_layernorm: LlamaRMSNorm::new(
+                &vs / "input_layernorm",
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            ),
+            post_attention_layernorm: LlamaRMSNorm::new(
+                &vs / "post_attention_layernorm",
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            ),
+        }
+    }
+}
+
+/// Keys/values of every layer for a batch of streams, plus each stream's key mask.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    /// Per layer (k, v), each (B, nkv, Tk, hd).
+    pub layers: Vec<(Tensor, Tensor)>,
+    /// (B, Tk) bool: which cached positions are real tokens (false = left padding).
+    pub key_mask: Option<Tensor>,
+    /// Whether any stream was given padding (decided on the host once, at prefill).
+    pub padded: bool,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Cached length Tk (0 when empty).
+    pub fn len(&self) -> i64 {
+        self.key_mask.as_ref().map_or(0, |m| m.size()[1])
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Keep only the streams `index` (B',) of the batch (beam search reordering).
+    pub fn select(&mut self, index: &Tensor) {
+        for (k, v) in self.layers.iter_mut() {
+            *k = k.index_select(0, index);
+            *v = v.index_select(0, index);
+        }
+        if let Some(m) = self.key_mask.as_mut() {
+            *m = m.index_select(0, index);
+        }
+    }
+}
+
+/// Position ids = number of real tokens before each position (HF: cumsum(mask) − 1,
+/// padding clamped to 0), for the last `t` of the `key_mask` (B, Tk) columns.
+pub fn positions_from_mask(key_mask: &Tensor, t: i64) -> Tensor {
+    let tk = key_mask.size()[1];
+    let pos = key_mask.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1;
+    pos.clamp_min(0).narrow(1, tk - t, t)
+}
+
+/// The "may attend" mask (B, 1, T, Tk) for `t` new queries against `key_mask` (B, Tk):
+/// causal by cache index, real keys only; each query may always see itself (so rows of
+/// padding never become all-masked, which would make NaNs).
+pub fn causal_padding_mask(key_mask: &Tensor, t: i64) -> Tensor {
+    let (b, tk) = key_mask.size2().expect("key mask is (B, Tk)");
+    let dev = key_mask.device();
+    let past = tk - t;
+    let qi = Tensor::arange(t, (Kind::Int64, dev)).view([t, 1]) + past; // (T, 1)
+    let kj = Tensor::arange(tk, (Kind::Int64, dev)).view([1, tk]); // (1, Tk)
+    let causal = kj.le_tensor(&qi); // (T, Tk)
+    let diag = kj.eq_tensor(&qi);
+    let m = causal
+        .unsqueeze(0)
+        .logical_and(&key_mask.to_kind(Kind::Bool).view([b, 1, tk])); // (B, T, Tk)
+    m.logical_or(&diag.unsqueeze(0)).unsqueeze(1) // (B, 1, T, Tk)
+}
+
+/// `LlamaModel`: embeddings, decoder layers, final norm.
+#[derive(Debug)]
+pub struct LlamaModel {
+    pub embed_tokens: nn::Embedding,
+    pub layers: Vec<LlamaDecoderLayer>,
+    pub norm: LlamaRMSNorm,
+    pub rotary_emb: LlamaRotaryEmbedding,
+}
+
+impl LlamaModel {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        let layers_vs = &vs / "layers";
+        Self {
+            embed_tokens: nn::embedding(
+                &vs / "embed_tokens",
+                cfg.vocab_size,
+                cfg.hidden_size,
+                Default::default(),
+            ),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| LlamaDecoderLayer::new(&layers_vs / i, cfg))
+                .collect(),
+            norm: LlamaRMSNorm::new(&vs / "norm", cfg.hidden_size, cfg.rms_norm_eps),
+            rotary_emb: LlamaRotaryEmbedding::new(cfg, vs.device()),
+        }
+    }
+}
+
+/// How the new positions of a forward attend and where they sit.
+#[derive(Default)]
+pub struct ForwardArgs<'a> {
+    /// (B, T) position ids; None = from the key mask (left padding aware).
+    pub position_ids: Option<&'a Tensor>,
+    /// (B, T) bool/int: real new tokens (false = padding); None = all real. Pass it only
+    /// when there is padding (it switches attention to the masked path).
+    pub attention_mask: Option<&'a Tensor>,
+    /// Explicit (B, 1, T, Tk) bool mask (e.g. block-diagonal for packed training); overrides
+    /// the causal/padding mask. Only without a cache.
+    pub mask_4d: Option<&'a Tensor>,
+}
+
+/// `LlamaForCausalLM`: the decoder and the vocabulary head (shared with the embedding when
+/// `tie_word_embeddings`).
+#[derive(Debug)]
+pub struct LlamaForCausalLM {
+    pub model: LlamaModel,
+    /// None when tied to `model.embed_tokens`.
+    pub lm_head: Option<nn::Linear>,
+    pub config: LlamaConfig,
+}
+
+impl LlamaForCausalLM {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        let model = LlamaModel::new(&vs / "model", cfg);
+        let lm_head = (!cfg.tie_word_embeddings)
+            .then(|| linear(&vs / "lm_head", cfg.hidden_size, cfg.vocab_size, false));
+        Self {
+            model,
+            lm_head,
+            config: cfg.clone(),
+        }
+    }
+
+    /// Load a HF folder (`config.json` + sharded safetensors or .bin) strictly into a new
+    /// VarStore on `device` in `kind` (Float, BFloat16 or Half).
+    pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<(nn::VarStore, Self)> {
+        let cfg = LlamaConfig::from_json_file(&dir.join("config.json"))?;
+        let mut vs = nn::VarStore::new(device);
+        let model = Self::new(vs.root(), &cfg);
+        vs.set_kind(kind);
+        let sd = checkpoint::load_path(dir)?;
+        let opts = LoadOptions {
+            allow_unexpected: if cfg.tie_word_embeddings {
+                vec!["lm_head.weight".into()]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        let report = checkpoint::load_into(&vs, "", &sd, &dir.display().to_string(), &opts)?;
+        tracing::info!(tensors = report.loaded, dir = %dir.display(), "loaded LLaMA");
+        Ok((vs, model))
+    }
+
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.ws.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.model.embed_tokens.ws.kind()
+    }
+
+    /// Embeddings of ids (B, T) → (B, T, H).
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        self.model.embed_tokens.forward(ids)
+    }
+
+    /// Checked embedding: ids outside the vocabulary are an error, not a crash.
+    pub fn f_embed(&self, ids: &Tensor) -> Result<Tensor> {
+        if ids.numel() > 0 {
+            let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+            if lo < 0 || hi >= self.config.vocab_size {
+                return Err(Error::invalid(format!(
+                    "token id out of range [0, {}): min {lo}, max {hi}",
+                    self.config.vocab_size
+                )));
+            }
+        }
+        Tensor::f_embedding(&self.model.embed_tokens.ws, ids, -1, false, false)
+            .ctx("embedding lookup")
+    }
+
+    /// Vocabulary logits of hidden states (…, H) → (…, V).
+    pub fn head(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(l) => l.forward(hidden),
+            None => hidden.matmul(&self.model.embed_tokens.ws.tr()),
+        }
+    }
+
+    /// Final hidden states (B, T, H) of `inputs_embeds` (B, T, H). With a cache, the new
+    /// positions follow the cached ones and the cache is extended.
+    pub fn forward_hidden(
+        &self,
+        inputs_embeds: &Tensor,
+        args: &ForwardArgs,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let (b, t, _) = inputs_embeds.size3().expect("inputs_embeds are (B, T, H)");
+        let dev = inputs_embeds.device();
+        let new_mask = match args.attention_mask {
+            Some(m) => m.to_kind(Kind::Bool),
+            None => Tensor::ones([b, t], (Kind::Bool, dev)),
+        };
+        let past_mask = cache.as_ref().and_then(|c| c.key_mask.as_ref());
+        let key_mask = match past_mask {
+            Some(p) => Tensor::cat(&[p, &new_mask], 1), // (B, Tk)
+            None => new_mask.shallow_clone(),
+        };
+        let position_ids = match args.position_ids {
+            Some(p) => p.shallow_clone(),
+            None => positions_from_mask(&key_mask, t),
+        };
+        // No device→host sync here: padding is known from the arguments and the cache.
+        let has_padding = args.attention_mask.is_some() || cache.as_ref().is_some_and(|c| c.padded);
+        let past_len = key_mask.size()[1] - t;
+        let mask = if let Some(m) = args.mask_4d {
+            Some(m.shallow_clone())
+        } else if has_padding || (past_len > 0 && t > 1) {
+            Some(causal_padding_mask(&key_mask, t))
+        } else {
+            None
+        };
+        let (cos, sin) = self
+            .model
+            .rotary_emb
+            .forward(&position_ids, inputs_embeds.kind());
+        let mut h = inputs_embeds.shallow_clone();
+        let mut new_layers = Vec::with_capacity(self.model.layers.len());
+        let past_layers = cache.as_ref().map(|c| &c.layers);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let past = past_layers.and_then(|l| l.get(i));
+            let (a, kv) = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&h),
+                &cos,
+                &sin,
+                past,
+                mask.as_ref(),
+            );
+            h = &h + a;
+            h = &h
+                + layer
+                    .mlp
+                    .forward(&layer.post_attention_layernorm.forward(&h));
+            new_layers.push(kv);
+        }
+        if let Some(c) = cache {
+            c.layers = new_layers;
+            c.key_mask = Some(key_mask);
+            c.padded = has_padding;
+        }
+        self.model.norm.forward(&h)
+    }
+
+    /// Logits (B, T, V) of `inputs_embeds` (B, T, H).
+    pub fn forward_embeds(
+        &self,
+        inputs_embeds: &Tensor,
+        args: &ForwardArgs,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        self.head(&self.forward_hidden(inputs_embeds, args, cache))
+    }
+
+    /// Logits (B, T, V) of token ids (B, T).
+    pub fn forward_ids(
+        &self,
+        ids: &Tensor,
+        args: &ForwardArgs,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        self.forward_embeds(&self.embed(ids), args, cache)
+    }
+
+    /// Logits (B, V) of the last position only (what decoding needs; with left padding the
+    /// last position is real for every stream).
+    pub fn forward_last(
+        &self,
+        inputs_embeds: &Tensor,
+        args: &ForwardArgs,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let h = self.forward_hidden(inputs_embeds, args, cache);
+        let t = h.size()[1];
+        self.head(&h.select(1, t - 1))
+    }
+}

@@ -1,0 +1,342 @@
+//! The plugin host: loads plugin dylibs named in the config at start-up and builds the
+//! codebooks and backbones they register.
+//!
+//! Loading a plugin (see docs/plugins.md and `lavit_plugin_api`):
+//! 1. `dlopen` the file (libloading);
+//! 2. read the one symbol `LAVIT_PLUGIN_DECLARATION` and check, before touching anything
+//!    else, its magic, plugin API version, rustc version, tch version and libtorch version
+//!    against the host's; a mismatch is refused with both sides named;
+//! 3. call its register function, which hands back named factories;
+//! 4. leak the library: a plugin is never unloaded (its code backs every object it made).
+//!
+//! Every call into a plugin is guarded twice: the plugin catches its own panics (the
+//! `declare_plugin!` and `Registrar` wrappers run `catch_unwind` with the plugin's std), and
+//! the host wraps every object and call in its own `catch_unwind` (which covers plugins
+//! linked statically through [`PluginHost::register_static`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use lavit_plugin_api::guard::{catch_panic, GuardedBackbone, GuardedCodebook};
+use lavit_plugin_api::{
+    Backbone, BackboneFactory, Codebook, CodebookFactory, PluginArgs, PluginDeclaration,
+    PluginError, PluginResult, Registrar, VersionMismatch, DECLARATION_SYMBOL,
+};
+use serde::Deserialize;
+
+/// The config's `[plugins]` section.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Plugin dylibs to load at start-up, in order (`lib<crate>.so` on Linux).
+    #[serde(default)]
+    pub load: Vec<PathBuf>,
+}
+
+/// A part of a stage taken from a plugin, e.g. the config's `[tokenizer.codebook]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginComponent {
+    /// The name the plugin registered the factory under (`residual-vq`, `convnext`).
+    pub plugin: String,
+    /// Weights (safetensors) the plugin loads on the stage's device; none: its own init.
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
+    /// Plugin-specific settings, handed to the factory as JSON.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+/// Why a plugin could not be loaded or used. Every variant names the plugin (file or name).
+#[derive(Debug, thiserror::Error)]
+pub enum PluginHostError {
+    #[error("plugin {path}: cannot load: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: libloading::Error,
+    },
+    #[error("plugin {path}: no `LAVIT_PLUGIN_DECLARATION` symbol (not built with declare_plugin!?): {source}")]
+    NoDeclaration {
+        path: PathBuf,
+        #[source]
+        source: libloading::Error,
+    },
+    #[error("plugin {path} refused: {mismatch}; rebuild the plugin with this host's lavit-plugin-api and toolchain")]
+    Version {
+        path: PathBuf,
+        mismatch: VersionMismatch,
+    },
+    #[error("plugin {plugin}: register failed: {error}")]
+    Register { plugin: String, error: PluginError },
+    #[error("{kind} `{name}` is registered by both plugin {first} and plugin {second}")]
+    Duplicate {
+        kind: &'static str,
+        name: String,
+        first: String,
+        second: String,
+    },
+    #[error("no plugin registers a {kind} named `{name}` (loaded: {available})")]
+    Unknown {
+        kind: &'static str,
+        name: String,
+        available: String,
+    },
+    #[error("plugin {plugin}, {kind} `{name}`: {error}")]
+    Build {
+        plugin: String,
+        kind: &'static str,
+        name: String,
+        error: PluginError,
+    },
+}
+
+impl From<PluginHostError> for crate::Error {
+    fn from(e: PluginHostError) -> Self {
+        crate::Error::Invalid(e.to_string())
+    }
+}
+
+/// What the host knows about one loaded plugin.
+#[derive(Debug, Clone)]
+pub struct LoadedPlugin {
+    /// The declaration's name and version.
+    pub name: String,
+    pub version: String,
+    /// The dylib (None for a statically linked plugin).
+    pub path: Option<PathBuf>,
+    /// Names of the codebooks and backbones it registered.
+    pub codebooks: Vec<String>,
+    pub backbones: Vec<String>,
+}
+
+struct Registered<F> {
+    plugin: String,
+    factory: F,
+}
+
+/// Loaded plugins and the factories they registered, by name.
+#[derive(Default)]
+pub struct PluginHost {
+    plugins: Vec<LoadedPlugin>,
+    codebooks: BTreeMap<String, Registered<CodebookFactory>>,
+    backbones: BTreeMap<String, Registered<BackboneFactory>>,
+}
+
+impl PluginHost {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loads every plugin the config names (start-up); the first failure stops.
+    pub fn from_config(cfg: &PluginsConfig) -> Result<Self, PluginHostError> {
+        let mut host = Self::new();
+        for path in &cfg.load {
+            host.load(path)?;
+        }
+        Ok(host)
+    }
+
+    /// Loads one plugin dylib (see the module doc for the order of checks). Loading a file
+    /// that is already loaded returns the earlier entry.
+    pub fn load(&mut self, path: &Path) -> Result<&LoadedPlugin, PluginHostError> {
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        if let Some(i) = self
+            .plugins
+            .iter()
+            .position(|p| p.path.as_deref() == Some(canonical.as_path()))
+        {
+            tracing::debug!(path = %canonical.display(), "plugin already loaded");
+            return Ok(&self.plugins[i]);
+        }
+        // SAFETY: loading a library runs its initialisers; plugins are trusted code named
+        // by the operator's config (the same trust as the host binary).
+        let lib = unsafe { libloading::Library::new(&canonical) }.map_err(|source| {
+            PluginHostError::Open {
+                path: canonical.clone(),
+                source,
+            }
+        })?;
+        // SAFETY: the symbol is a `static PluginDeclaration`; `check` reads only its frozen
+        // C prefix until every version matched.
+        let decl: &'static PluginDeclaration = unsafe {
+            let sym = lib
+                .get::<*const PluginDeclaration>(DECLARATION_SYMBOL)
+                .map_err(|source| PluginHostError::NoDeclaration {
+                    path: canonical.clone(),
+                    source,
+                })?;
+            let ptr: *const PluginDeclaration = *sym;
+            (*ptr).check().map_err(|mismatch| {
+                tracing::warn!(path = %canonical.display(), %mismatch, "plugin refused");
+                PluginHostError::Version {
+                    path: canonical.clone(),
+                    mismatch,
+                }
+            })?;
+            // Never unloaded: the declaration, factories and every object they build point
+            // into the library's code.
+            std::mem::forget(lib);
+            &*ptr
+        };
+        self.register(decl, Some(canonical))
+    }
+
+    /// Registers a plugin linked into the host (its crate used as an rlib): the same path
+    /// as a dylib after the version checks, which a static plugin passes by construction.
+    pub fn register_static(
+        &mut self,
+        name: &str,
+        version: &str,
+        register: fn(&mut Registrar) -> PluginResult<()>,
+    ) -> Result<&LoadedPlugin, PluginHostError> {
+        let name: &'static str = Box::leak(name.to_string().into_boxed_str());
+        let version: &'static str = Box::leak(version.to_string().into_boxed_str());
+        let decl: &'static PluginDeclaration =
+            Box::leak(Box::new(PluginDeclaration::new(name, version, register)));
+        self.register(decl, None)
+    }
+
+    fn register(
+        &mut self,
+        decl: &'static PluginDeclaration,
+        path: Option<PathBuf>,
+    ) -> Result<&LoadedPlugin, PluginHostError> {
+        // SAFETY: the declaration passed `check` (or was built by this host).
+        let (name, version) = unsafe { (decl.name.read(), decl.version.read()) };
+        let mut registrar = Registrar::new();
+        catch_panic("register", || (decl.register)(&mut registrar)).map_err(|error| {
+            PluginHostError::Register {
+                plugin: name.clone(),
+                error,
+            }
+        })?;
+        let (codebooks, backbones) = registrar.into_parts();
+        // Check every name before inserting any, so a refused plugin leaves no trace.
+        let duplicate = |kind, n: &String, first: &String| PluginHostError::Duplicate {
+            kind,
+            name: n.clone(),
+            first: first.clone(),
+            second: name.clone(),
+        };
+        for (n, _) in &codebooks {
+            if let Some(r) = self.codebooks.get(n) {
+                return Err(duplicate("codebook", n, &r.plugin));
+            }
+        }
+        for (n, _) in &backbones {
+            if let Some(r) = self.backbones.get(n) {
+                return Err(duplicate("backbone", n, &r.plugin));
+            }
+        }
+        let info = LoadedPlugin {
+            name: name.clone(),
+            version,
+            path,
+            codebooks: codebooks.iter().map(|c| c.0.clone()).collect(),
+            backbones: backbones.iter().map(|b| b.0.clone()).collect(),
+        };
+        for (n, factory) in codebooks {
+            let plugin = name.clone();
+            self.codebooks.insert(n, Registered { plugin, factory });
+        }
+        for (n, factory) in backbones {
+            let plugin = name.clone();
+            self.backbones.insert(n, Registered { plugin, factory });
+        }
+        tracing::info!(
+            plugin = %info.name,
+            version = %info.version,
+            path = %info.path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "(static)".into()),
+            codebooks = ?info.codebooks,
+            backbones = ?info.backbones,
+            "loaded plugin"
+        );
+        self.plugins.push(info);
+        Ok(self.plugins.last().expect("just pushed"))
+    }
+
+    /// The plugins loaded so far, in load order.
+    pub fn plugins(&self) -> &[LoadedPlugin] {
+        &self.plugins
+    }
+
+    /// Builds the codebook `component.plugin` on `device` (weights loaded by the plugin).
+    pub fn codebook(
+        &self,
+        component: &PluginComponent,
+        device: tch::Device,
+    ) -> Result<Box<dyn Codebook>, PluginHostError> {
+        let entry =
+            self.codebooks
+                .get(&component.plugin)
+                .ok_or_else(|| PluginHostError::Unknown {
+                    kind: "codebook",
+                    name: component.plugin.clone(),
+                    available: names(self.codebooks.keys()),
+                })?;
+        let built = build(&entry.factory, component, device)
+            .and_then(GuardedCodebook::new)
+            .map_err(|error| PluginHostError::Build {
+                plugin: entry.plugin.clone(),
+                kind: "codebook",
+                name: component.plugin.clone(),
+                error,
+            })?;
+        tracing::info!(plugin = %entry.plugin, codebook = %built.name(), num_codes = built.num_codes(), code_dim = built.code_dim(), ?device, "built plugin codebook");
+        Ok(Box::new(built))
+    }
+
+    /// Builds the backbone `component.plugin` on `device` (weights loaded by the plugin).
+    pub fn backbone(
+        &self,
+        component: &PluginComponent,
+        device: tch::Device,
+    ) -> Result<Box<dyn Backbone>, PluginHostError> {
+        let entry =
+            self.backbones
+                .get(&component.plugin)
+                .ok_or_else(|| PluginHostError::Unknown {
+                    kind: "backbone",
+                    name: component.plugin.clone(),
+                    available: names(self.backbones.keys()),
+                })?;
+        let built = build(&entry.factory, component, device)
+            .and_then(GuardedBackbone::new)
+            .map_err(|error| PluginHostError::Build {
+                plugin: entry.plugin.clone(),
+                kind: "backbone",
+                name: component.plugin.clone(),
+                error,
+            })?;
+        tracing::info!(plugin = %entry.plugin, backbone = %built.name(), image_size = built.image_size(), patch_size = built.patch_size(), width = built.width(), ?device, "built plugin backbone");
+        Ok(Box::new(built))
+    }
+}
+
+/// Calls a factory (host-side `catch_unwind` around the plugin's own).
+fn build<T>(
+    factory: &(dyn Fn(&PluginArgs) -> PluginResult<T> + Send + Sync),
+    component: &PluginComponent,
+    device: tch::Device,
+) -> PluginResult<T> {
+    let args = PluginArgs {
+        config: component.config.to_string(),
+        device,
+        weights: component.weights.clone(),
+    };
+    catch_panic("factory", || factory(&args))
+}
+
+fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = keys.map(|s| s.as_str()).collect();
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(", ")
+    }
+}

@@ -1,0 +1,185 @@
+//! The independent judge: a small CNN (two conv–ReLU–max-pool blocks, two linear layers, in the
+//! spirit of LeNet-5, LeCun et al. 1998) trained only on the real training images of the split,
+//! never on anything a LaVIT stage produced. It labels held-out images (its own accuracy goes
+//! into the report) and generated images (text→image accuracy).
+
+use std::path::Path;
+
+use tch::{nn, nn::ModuleT, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use super::data::Split;
+use super::progress::Progress;
+
+/// Judge sizes and training budget.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeConfig {
+    /// Channels of the two conv blocks.
+    pub channels: (i64, i64),
+    /// Width of the hidden linear layer.
+    pub hidden: i64,
+    /// Optimiser steps.
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+}
+
+impl Default for JudgeConfig {
+    fn default() -> Self {
+        Self {
+            channels: (16, 32),
+            hidden: 128,
+            steps: 1200,
+            batch_size: 64,
+            lr: 2e-3,
+        }
+    }
+}
+
+/// The CNN; input [B, 1, 28, 28] in [0, 1].
+pub struct Judge {
+    pub vs: nn::VarStore,
+    net: nn::SequentialT,
+}
+
+impl Judge {
+    pub fn new(cfg: &JudgeConfig) -> Self {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let p = vs.root();
+        let (c1, c2) = cfg.channels;
+        let conv = |()| nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let net = nn::seq_t()
+            .add(nn::conv2d(&p / "conv1", 1, c1, 3, conv(())))
+            .add_fn(|x| x.relu().max_pool2d_default(2)) // (B, c1, 14, 14)
+            .add(nn::conv2d(&p / "conv2", c1, c2, 3, conv(())))
+            .add_fn(|x| x.relu().max_pool2d_default(2)) // (B, c2, 7, 7)
+            .add_fn(|x| x.flatten(1, -1))
+            .add(nn::linear(
+                &p / "fc1",
+                c2 * 49,
+                cfg.hidden,
+                Default::default(),
+            ))
+            .add_fn(|x| x.relu())
+            .add_fn_t(|x, train| x.dropout(0.25, train))
+            .add(nn::linear(&p / "fc2", cfg.hidden, 10, Default::default()));
+        Self { vs, net }
+    }
+
+    /// Logits [B, 10].
+    pub fn logits(&self, x: &Tensor, train: bool) -> Tensor {
+        self.net.forward_t(x, train)
+    }
+
+    /// Trains on `train` (real images only) and returns the loss per step.
+    pub fn train(&mut self, cfg: &JudgeConfig, train: &Split, seed: u64) -> Vec<f64> {
+        tch::manual_seed(seed as i64);
+        let mut opt = nn::Adam::default().build(&self.vs, cfg.lr).expect("adam");
+        let mut order = Order::new(train.len(), seed);
+        let mut losses = Vec::with_capacity(cfg.steps);
+        let bar = Progress::new("judge", cfg.steps as u64);
+        for step in 0..cfg.steps {
+            let lr = cosine_lr(cfg.lr, step, cfg.steps, cfg.steps / 20);
+            opt.set_lr(lr);
+            let idx = order.next_batch(cfg.batch_size);
+            let x = train.batch_unit(&idx);
+            // light augmentation: a random 1-px shift keeps the judge from memorising
+            let (dx, dy) = ((step % 3) as i64 - 1, ((step / 3) % 3) as i64 - 1);
+            let x = x.roll([dx, dy], [2, 3]);
+            let loss = self
+                .logits(&x, true)
+                .cross_entropy_for_logits(&train.batch_labels(&idx));
+            opt.backward_step(&loss);
+            let l = loss.double_value(&[]);
+            losses.push(l);
+            bar.tick(format!("loss {l:.3}"));
+        }
+        bar.finish();
+        losses
+    }
+
+    /// Predicted classes of [B, 1, 28, 28] images in [0, 1].
+    pub fn predict(&self, x: &Tensor) -> Vec<usize> {
+        tch::no_grad(|| {
+            let mut out = Vec::with_capacity(x.size()[0] as usize);
+            for chunk in x.split(512, 0) {
+                let p = self.logits(&chunk, false).argmax(-1, false);
+                out.extend(
+                    Vec::<i64>::try_from(&p)
+                        .unwrap()
+                        .into_iter()
+                        .map(|v| v as usize),
+                );
+            }
+            out
+        })
+    }
+
+    /// Accuracy on a split.
+    pub fn accuracy(&self, split: &Split) -> f64 {
+        let idx: Vec<usize> = (0..split.len()).collect();
+        let pred = self.predict(&split.batch_unit(&idx));
+        let ok = pred
+            .iter()
+            .zip(&split.labels)
+            .filter(|(p, l)| **p == **l as usize)
+            .count();
+        ok as f64 / split.len().max(1) as f64
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        super::save_vs(&self.vs, path)
+    }
+
+    pub fn load(cfg: &JudgeConfig, path: &Path) -> anyhow::Result<Self> {
+        let mut j = Self::new(cfg);
+        super::load_vs(&mut j.vs, path)?;
+        Ok(j)
+    }
+}
+
+/// Epoch-wise shuffled batches over `n` items.
+pub struct Order {
+    perm: Vec<usize>,
+    pos: usize,
+    seed: u64,
+}
+
+impl Order {
+    pub fn new(n: usize, seed: u64) -> Self {
+        let mut perm: Vec<usize> = (0..n).collect();
+        super::data::shuffle(&mut perm, seed);
+        Self { perm, pos: 0, seed }
+    }
+
+    pub fn next_batch(&mut self, b: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(b);
+        while out.len() < b {
+            if self.pos == self.perm.len() {
+                self.seed = self.seed.wrapping_add(1);
+                super::data::shuffle(&mut self.perm, self.seed);
+                self.pos = 0;
+            }
+            out.push(self.perm[self.pos]);
+            self.pos += 1;
+        }
+        out
+    }
+}
+
+/// Linear warm-up then cosine decay to 10 % of `base`.
+pub fn cosine_lr(base: f64, step: usize, total: usize, warmup: usize) -> f64 {
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    let t = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+    base * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+}
+
+/// Mean of a float tensor as f64.
+pub fn mean_f64(t: &Tensor) -> f64 {
+    t.to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}

@@ -1,0 +1,171 @@
+//! Stage 0: give the vision backbone meaningful features, because no pretrained EVA-CLIP can be
+//! downloaded here. The backbone (any [`Backbone`]; the demo uses the built-in EVA ViT at a tiny
+//! size) is trained on the real training images with two heads that are thrown away afterwards:
+//!
+//! - a class head on the mean-pooled, layer-normalised patch features (cross-entropy against the
+//!   Fashion-MNIST label — the role CLIP's image–text alignment plays for EVA-CLIP: features that
+//!   name what is in the image), and
+//! - a per-patch pixel head (a linear map from each patch feature to that patch's pixels, MSE), so
+//!   the features also say what the image looks like, which the pixel decoder needs.
+//!
+//! Then the backbone is frozen, as EVA-CLIP is in the paper.
+
+use lavit_plugin_api::Backbone;
+use tch::{nn, nn::Module, COptimizer, Device, Kind, Tensor};
+
+use super::data::{to_model_input, to_pixel_space, Split};
+use super::judge::{cosine_lr, Order};
+use super::progress::Progress;
+
+/// Budget and loss weights of stage 0.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Stage0Config {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Weight of the per-patch pixel loss next to the class loss.
+    pub pixel_weight: f64,
+}
+
+impl Default for Stage0Config {
+    fn default() -> Self {
+        Self {
+            steps: 600,
+            batch_size: 64,
+            lr: 2e-3,
+            weight_decay: 0.05,
+            pixel_weight: 4.0,
+        }
+    }
+}
+
+/// One logged step.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Stage0Row {
+    pub step: usize,
+    pub loss: f64,
+    pub class_loss: f64,
+    pub pixel_loss: f64,
+    pub accuracy: f64,
+}
+
+/// The throw-away heads.
+pub struct Heads {
+    pub vs: nn::VarStore,
+    norm: nn::LayerNorm,
+    class: nn::Linear,
+    pixel: nn::Linear,
+}
+
+impl Heads {
+    pub fn new(width: i64, patch: i64) -> Self {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let p = vs.root();
+        Self {
+            norm: nn::layer_norm(&p / "norm", vec![width], Default::default()),
+            class: nn::linear(&p / "class", width, 10, Default::default()),
+            pixel: nn::linear(&p / "pixel", width, patch * patch, Default::default()),
+            vs,
+        }
+    }
+
+    /// Class logits [B, 10] from patch features [B, N, C].
+    pub fn class_logits(&self, feats: &Tensor) -> Tensor {
+        self.class
+            .forward(&self.norm.forward(&feats.mean_dim(1, false, Kind::Float)))
+    }
+}
+
+/// Patch pixels of padded images [B, 1, S, S] → [B, N, p*p] in raster order.
+fn patch_pixels(x: &Tensor, patch: i64) -> Tensor {
+    let (b, s) = (x.size()[0], x.size()[2]);
+    let g = s / patch;
+    x.view([b, g, patch, g, patch]) // (B, gy, py, gx, px)
+        .permute([0, 1, 3, 2, 4]) // (B, gy, gx, py, px)
+        .reshape([b, g * g, patch * patch])
+}
+
+/// Trains `backbone` (its [`Backbone::trainable_parameters`]) with the two heads on `train`.
+pub fn pretrain(
+    backbone: &dyn Backbone,
+    cfg: &Stage0Config,
+    train: &Split,
+    seed: u64,
+) -> anyhow::Result<(Heads, Vec<Stage0Row>)> {
+    tch::manual_seed(seed as i64);
+    let size = backbone.image_size();
+    let patch = backbone.patch_size();
+    let heads = Heads::new(backbone.width(), patch);
+    let mut opt = COptimizer::adamw(cfg.lr, 0.9, 0.98, cfg.weight_decay, 1e-8, false)?;
+    let params = backbone.trainable_parameters();
+    anyhow::ensure!(
+        !params.is_empty(),
+        "backbone {} has no trainable parameters",
+        backbone.name()
+    );
+    for t in params.iter().chain(heads.vs.trainable_variables().iter()) {
+        opt.add_parameters(t, 0)?;
+    }
+    let mut order = Order::new(train.len(), seed);
+    let mut rows = Vec::with_capacity(cfg.steps);
+    let bar = Progress::new("stage0 ViT", cfg.steps as u64);
+    for step in 0..cfg.steps {
+        opt.set_learning_rate(cosine_lr(cfg.lr, step, cfg.steps, cfg.steps / 10))?;
+        let idx = order.next_batch(cfg.batch_size);
+        let unit = train.batch_unit(&idx);
+        let feats = backbone.forward(&to_model_input(&unit, size))?; // (B, N, C)
+        let labels = train.batch_labels(&idx);
+        let logits = heads.class_logits(&feats);
+        let class_loss = logits.cross_entropy_for_logits(&labels);
+        let target = patch_pixels(&to_pixel_space(&unit, size), patch);
+        let pixel_loss = heads
+            .pixel
+            .forward(&feats)
+            .mse_loss(&target, tch::Reduction::Mean);
+        let loss = &class_loss + &pixel_loss * cfg.pixel_weight;
+        opt.zero_grad()?;
+        loss.backward();
+        for t in &params {
+            let _ = t.grad().clamp_(-1.0, 1.0);
+        }
+        opt.step()?;
+        let acc = logits
+            .argmax(-1, false)
+            .eq_tensor(&labels)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let row = Stage0Row {
+            step,
+            loss: loss.double_value(&[]),
+            class_loss: class_loss.double_value(&[]),
+            pixel_loss: pixel_loss.double_value(&[]),
+            accuracy: acc,
+        };
+        bar.tick(format!("loss {:.3} acc {:.2}", row.loss, row.accuracy));
+        rows.push(row);
+    }
+    bar.finish();
+    Ok((heads, rows))
+}
+
+/// Linear-probe style check of the frozen features: accuracy of the stage-0 class head on `split`.
+pub fn head_accuracy(backbone: &dyn Backbone, heads: &Heads, split: &Split) -> anyhow::Result<f64> {
+    let size = backbone.image_size();
+    let mut ok = 0usize;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        let all: Vec<usize> = (0..split.len()).collect();
+        for chunk in all.chunks(256) {
+            let feats = backbone.forward(&to_model_input(&split.batch_unit(chunk), size))?;
+            let pred = heads.class_logits(&feats).argmax(-1, false);
+            ok += pred
+                .eq_tensor(&split.batch_labels(chunk))
+                .sum(Kind::Int64)
+                .int64_value(&[]) as usize;
+        }
+        Ok(())
+    })?;
+    Ok(ok as f64 / split.len().max(1) as f64)
+}
