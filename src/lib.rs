@@ -2,8 +2,8 @@
 //! (`lavit-encoder`, `lavit-selector`, `lavit-quantizer`, `lavit-llm`, `lavit-decoder`),
 //! the runtime (`lavit-runtime`) and the plugin API, plus parity and training loops.
 
-pub mod generate;
 pub mod demo;
+pub mod generate;
 pub mod parity;
 pub mod pipeline;
 pub mod serve;

@@ -7,8 +7,8 @@ pub mod checkpoint;
 pub mod error;
 pub mod manifest;
 pub mod parity;
-pub mod train;
 pub mod plugin_host;
+pub mod train;
 
 pub use error::{Error, Result, TchContext};
 pub mod actors;
