@@ -979,3 +979,103 @@ fn api_key_is_required_when_configured() {
     assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 200);
     s.stop();
 }
+
+// ------------------------------------------------------------------------------------------
+// Real stages (the fixture's models) through the actors == direct calls.
+
+/// A decoder stage that returns the visual ids it received as a (n, 1, 1, L) float tensor, so
+/// the LLM stage's output can be compared exactly through the actor graph.
+struct IdsOut;
+impl Trainable for IdsOut {}
+impl DecoderStage for IdsOut {
+    fn decode(
+        &mut self,
+        ids: &[Vec<i64>],
+        _: &GenerateOptions,
+        _: ShouldStop,
+    ) -> StageResult<Tensor> {
+        let l = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let flat: Vec<f32> = ids
+            .iter()
+            .flat_map(|s| (0..l).map(move |j| s.get(j).map_or(-1.0, |&v| v as f32)))
+            .collect();
+        Ok(Tensor::from_slice(&flat).reshape([ids.len() as i64, 1, 1, l as i64]))
+    }
+}
+
+#[test]
+fn real_llm_stage_through_actors_equals_direct_calls() {
+    use lavit_llm::actor::LlmStageModel;
+    let dir = crate::common::fixture_dir();
+    let m = MockConfig {
+        llm_hidden: 96,
+        ..Default::default()
+    };
+    let mut b = mock::builders(&m, None);
+    let d2 = dir.clone();
+    b.llm = Box::new(move |dev| Ok(Box::new(LlmStageModel::load(&d2, dev)?) as Box<dyn LlmStage>));
+    b.decoder = Box::new(|_| Ok(Box::new(IdsOut) as Box<dyn DecoderStage>));
+    let info = lavit::pipeline::ModelInfo {
+        image_size: 28,
+        default_size: (16, 16),
+    };
+    let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
+    let mut direct = LlmStageModel::load(&dir, Device::Cpu).unwrap();
+    let rt = rt();
+    // Text → image tokens (greedy, CFG 2).
+    let opts = GenerateOptions {
+        n: 2,
+        top_k: 0,
+        llm_guidance: 2.0,
+        ..Default::default()
+    };
+    let want = direct
+        .image_tokens("a photo of a cat sitting on a chair", &opts, &|| false)
+        .unwrap();
+    let out = rt
+        .block_on(pipe.graph().run(
+            Task::Generate { opts },
+            Input::Prompt("a photo of a cat sitting on a chair".into()),
+        ))
+        .unwrap();
+    let Output::Pixels(t) = out else { panic!() };
+    let got: Vec<Vec<i64>> = Vec::<Vec<f32>>::try_from(t.reshape([2, -1]))
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .filter(|&v| v >= 0.0)
+                .map(|v| v as i64)
+                .collect()
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert!(want[0].iter().all(|&i| direct.vocab.is_visual(i)) && !want[0].is_empty());
+    // Image → text: the mock tokenizer's continuous embeds into the real LLM.
+    let x = images(1, 3);
+    let mut enc = mock::MockEncoder::new(&m, Device::Cpu);
+    let mut sm = mock::MockSelectorMerger::new(&m, Device::Cpu);
+    let prefix = sm
+        .understanding(&enc.encode(&x).unwrap())
+        .unwrap()
+        .remove(0);
+    let copts = CaptionOptions {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let want = direct
+        .caption(&prefix, "describe", &copts, &mut |_, _| true)
+        .unwrap();
+    let task = Task::Caption {
+        prompt: "describe".into(),
+        opts: copts,
+    };
+    let Output::Text { ids, text } = rt
+        .block_on(pipe.graph().run(task, Input::Images(x)))
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(ids, want);
+    assert_eq!(text, direct.sp.decode(&want));
+}
