@@ -13,3 +13,8 @@ pub mod plugin_host;
 pub mod train;
 
 pub use error::{Error, Result, TchContext};
+pub mod actors;
+pub mod inflight;
+pub mod messages;
+pub mod mock;
+pub mod stage;
