@@ -1,21 +1,50 @@
 #!/usr/bin/env bash
 # Installs what building and running lavit needs, only where missing:
 #   - libtorch 2.11.0 from the PyPI `torch==2.11.0` wheel, into the project-local .venv
-#     (.cargo/config.toml points LIBTORCH and the rpath there; nothing at run time needs Python)
+#     (.cargo/config.toml points LIBTORCH and the rpath at .venv/lib/python3.11/site-packages;
+#     nothing at run time needs Python). With Python 3.11 this is a real venv; with another
+#     Python the cp311 wheel is unpacked into the same folder with `pip --target`.
 #   - with --data: the real images the demo and tests train on (Debian packages).
+# Reaches only the package registries (PyPI, Debian). Idempotent: a second run does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
-PY=${PYTHON:-python3}
-if [ ! -f .venv/lib/python3.11/site-packages/torch/lib/libtorch.so ]; then
+SITE=.venv/lib/python3.11/site-packages
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+
+apt_install() {
+  echo "setup: installing $* (Debian)" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+if [ ! -f "$SITE/torch/lib/libtorch.so" ]; then
   echo "setup: installing libtorch (PyPI torch==$TORCH_VERSION) into .venv (once, ~4.6 GB)" >&2
-  if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-    echo "setup: python3.11 is required (the venv path in .cargo/config.toml names it)" >&2
-    exit 1
+  PY=${PYTHON:-}
+  if [ -z "$PY" ]; then
+    if command -v python3.11 >/dev/null; then PY=python3.11
+    elif command -v python3 >/dev/null; then PY=python3
+    else apt_install python3 python3-pip python3-venv; PY=python3
+    fi
   fi
-  "$PY" -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+  if "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    # A venv (also usable for the development references in scripts/dev/).
+    if ! "$PY" -m venv .venv 2>/dev/null; then
+      rm -rf .venv
+      apt_install python3.11-venv
+      "$PY" -m venv .venv
+    fi
+    .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+  else
+    # Another Python: fetch the cp311 wheels for this platform and unpack them where the
+    # build looks. libtorch itself does not depend on the Python version.
+    "$PY" -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+    mkdir -p "$SITE"
+    "$PY" -m pip install --quiet --disable-pip-version-check \
+      --target "$SITE" --python-version 3.11 --only-binary=:all: "torch==$TORCH_VERSION"
+  fi
+  [ -f "$SITE/torch/lib/libtorch.so" ] || { echo "setup: libtorch.so missing after install" >&2; exit 1; }
 fi
 
 if [ "${1:-}" = "--data" ]; then
@@ -23,9 +52,6 @@ if [ "${1:-}" = "--data" ]; then
   [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
   [ -d /usr/share/tuxpaint/stamps ] || need+=(tuxpaint-stamps-default)
   if [ ${#need[@]} -gt 0 ]; then
-    echo "setup: installing ${need[*]} (Debian)" >&2
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+    apt_install "${need[@]}"
   fi
 fi

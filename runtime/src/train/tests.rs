@@ -41,6 +41,51 @@ fn adamw_two_steps_match_closed_form() {
     assert_eq!(opt.steps(), 2);
 }
 
+/// torch.optim.AdamW's update written out on scalars (amsgrad off).
+fn scalar_adamw(p: &mut [f64], grads: &[Vec<f64>], lrs: &[f64], cfg: &AdamWConfig) {
+    let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
+    for (t, (g, lr)) in grads.iter().zip(lrs).enumerate() {
+        let t = (t + 1) as f64;
+        for i in 0..p.len() {
+            p[i] *= 1.0 - lr * cfg.weight_decay;
+            m[i] = cfg.beta1 * m[i] + (1.0 - cfg.beta1) * g[i];
+            v[i] = cfg.beta2 * v[i] + (1.0 - cfg.beta2) * g[i] * g[i];
+            let denom = (v[i] / (1.0 - cfg.beta2.powf(t))).sqrt() + cfg.eps;
+            p[i] -= lr / (1.0 - cfg.beta1.powf(t)) * m[i] / denom;
+        }
+    }
+}
+
+#[test]
+fn adamw_matches_the_scalar_reference_with_varying_gradients() {
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let init = [0.5f64, -1.0, 2.0];
+    let p = Tensor::from_slice(&init).set_requires_grad(true);
+    let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], cfg.clone()).unwrap();
+    let (mut grads, mut lrs) = (Vec::new(), Vec::new());
+    for t in 0..5 {
+        let tf = t as f64;
+        let c = vec![(tf + 1.0).sin(), (2.0 * tf).cos(), tf - 2.0];
+        let lr = 0.05 * (tf + 1.0) / 5.0;
+        opt.zero_grad();
+        (&p * Tensor::from_slice(&c)).sum(Kind::Double).backward();
+        opt.step(lr).unwrap();
+        grads.push(c);
+        lrs.push(lr);
+    }
+    let mut want = init.to_vec();
+    scalar_adamw(&mut want, &grads, &lrs, &cfg);
+    let got = vec_of(&p);
+    for i in 0..3 {
+        assert!((got[i] - want[i]).abs() < 1e-12, "{got:?} vs {want:?}");
+    }
+}
+
 #[test]
 fn adamw_skips_params_without_grad_and_respects_no_decay() {
     let a = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
