@@ -352,3 +352,173 @@ fn preprocessing_resizes_like_pil_on_simple_cases() {
     let r: Vec<u8> = up.chunks(3).map(|c| c[0]).collect();
     assert!(r.windows(2).all(|w| w[0] <= w[1]), "{r:?}");
 }
+
+// ---- stage-1 training -------------------------------------------------------------
+
+const PHOTOS: &str = "/usr/share/tuxpaint/stamps";
+
+/// The fixture's sizes with `decoder_out_dim` = encoder width (needed to reconstruct the
+/// encoder features), written as a manifest.json in `dir`.
+fn tiny_training_manifest(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut m = LavitManifest::for_checkpoint(&fixture_dir()).unwrap();
+    m.feature_decoder.decoder_out_dim = m.tokenizer.encoder_width;
+    let p = dir.join("manifest.json");
+    std::fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
+    p
+}
+
+fn photos_available() -> bool {
+    let ok = std::path::Path::new(PHOTOS).is_dir();
+    if !ok {
+        eprintln!("skipped: {PHOTOS} is missing (scripts/setup.sh --data installs it)");
+    }
+    ok
+}
+
+fn tiny_config(tmp: &std::path::Path, run: &str) -> lavit::train::tokenizer::TokenizerTrainConfig {
+    lavit::train::tokenizer::TokenizerTrainConfig {
+        data_dir: PHOTOS.into(),
+        max_images: 32,
+        manifest: Some(tiny_training_manifest(tmp)),
+        out_dir: tmp.join(run),
+        seed: 3,
+        batch_size: 8,
+        steps: 60,
+        steps_no_quant: 30,
+        lr: 2e-3,
+        warmup_steps: 5,
+        save_every: 30,
+        ..Default::default()
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn stage1_training_on_real_photos_lowers_the_loss_and_uses_the_codebook() {
+    if !photos_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(tmp.path(), "run");
+    let r = lavit::train::tokenizer::train(&cfg).unwrap();
+    assert_eq!(r.steps, 60);
+    let rec = r.series("rec_loss");
+    let first = mean(&rec[..5]);
+    let last = mean(&rec[rec.len() - 5..]);
+    eprintln!("stage-1: rec loss {first:.4} -> {last:.4}, loss {:?} -> {:?}, kept {:?}, usage {:?}, ppl {:?}",
+        r.series("loss").first(), r.series("loss").last(), r.series("kept").last(),
+        r.series("usage").last(), r.series("perplexity").last());
+    assert!(
+        last < 0.8 * first,
+        "reconstruction loss did not fall: {first} -> {last}"
+    );
+    let usage = r.series("usage");
+    let ppl = r.series("perplexity");
+    assert!(*usage.last().unwrap() >= 0.03, "codebook usage {usage:?}");
+    assert!(*ppl.last().unwrap() >= 4.0, "codebook perplexity {ppl:?}");
+    // The exported folder loads with the normal loader and tokenizes.
+    let dir = r.export_dir.as_ref().unwrap();
+    let parts = LoadParts {
+        understanding: false,
+        lowres_decoder: true,
+        highres_decoder: false,
+    };
+    let tok = VisualTokenizer::from_checkpoint(dir, Device::Cpu, parts).unwrap();
+    let imgs = tok
+        .load_images(&[std::path::PathBuf::from(PHOTOS)
+            .join("animals")
+            .read_dir()
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir())
+            .and_then(|d| {
+                d.read_dir()
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path())
+                    .find(|p| p.extension().is_some_and(|e| e == "png"))
+            })
+            .unwrap()])
+        .unwrap();
+    let out = tok.tokenize(&imgs).unwrap();
+    assert_eq!(out.counts[0] as usize, out.ids[0].len());
+    assert_eq!(tok.decode_lowres(&out.ids).unwrap().size()[0], 1);
+    let sampled = tok
+        .tokenize_with(&imgs, SelectionMode::Gumbel { seed: 0, tau: 1.0 })
+        .unwrap();
+    assert!(sampled.counts[0] > 0);
+    eprintln!(
+        "exported tokenizer: {} tokens (arg-max), {} (Gumbel)",
+        out.counts[0], sampled.counts[0]
+    );
+}
+
+#[test]
+fn stage1_kept_ratio_follows_rho() {
+    if !photos_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let kept = |rho: f64, run: &str| {
+        let mut cfg = tiny_config(tmp.path(), run);
+        cfg.rho = rho;
+        cfg.steps = 30;
+        cfg.steps_no_quant = 30;
+        cfg.lambda = 10.0;
+        cfg.lr = 2e-2;
+        cfg.warmup_steps = 0;
+        mean(&lavit::train::tokenizer::train(&cfg).unwrap().series("kept")[25..])
+    };
+    let lo = kept(0.15, "lo");
+    let hi = kept(0.85, "hi");
+    assert!(
+        lo < 0.4 && hi > 0.6,
+        "kept ratio {lo} for rho 0.15, {hi} for rho 0.85"
+    );
+}
+
+#[test]
+fn stage1_resume_equals_a_straight_run() {
+    if !photos_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let small = |run: &str| {
+        let mut c = tiny_config(tmp.path(), run);
+        c.max_images = 12;
+        c.batch_size = 4;
+        c.steps = 8;
+        c.steps_no_quant = 4;
+        c.save_every = 2;
+        c
+    };
+    let straight = lavit::train::tokenizer::train(&small("straight")).unwrap();
+    let mut first = small("resumed");
+    first.stop_after = Some(3);
+    let part = lavit::train::tokenizer::train(&first).unwrap();
+    assert_eq!(part.steps, 3);
+    assert!(part.export_dir.is_none());
+    let resumed = lavit::train::tokenizer::train(&small("resumed")).unwrap();
+    assert_eq!(resumed.steps, 8);
+    let (a, b) = (straight.series("loss"), resumed.series("loss"));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        // Earlier steps' values come back from the metrics log as text.
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "{a:?} vs {b:?}");
+    }
+    let h = |r: &lavit::train::tokenizer::TrainReport| {
+        let mut sd = lavit_runtime::train::var_store_state_dict(&r.tokenizer.vs);
+        let cb = r
+            .tokenizer
+            .quantize
+            .embed(&Tensor::arange(256, (Kind::Int64, Device::Cpu)))
+            .unwrap();
+        sd.insert("codebook".into(), cb);
+        lavit_runtime::train::hash_state_dict(&sd).unwrap()
+    };
+    assert_eq!(h(&straight), h(&resumed));
+}
