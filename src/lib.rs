@@ -2,9 +2,12 @@
 //! (`lavit-encoder`, `lavit-selector`, `lavit-quantizer`, `lavit-llm`, `lavit-decoder`),
 //! the runtime (`lavit-runtime`) and the plugin API, plus parity and training loops.
 
-pub mod generate;
 pub mod demo;
+pub mod generate;
 pub mod parity;
+pub mod pipeline;
+pub mod serve;
+pub mod tokenizer;
 pub mod train;
 
 pub use lavit_runtime as runtime;

@@ -28,14 +28,10 @@ fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if name.ends_with(".index.json") {
-            out.push(p);
-        } else if !has_index
-            && (name.ends_with(".safetensors")
-                || name.ends_with(".bin")
-                || name.ends_with(".pt")
-                || name.ends_with(".pth"))
-        {
+        let weights = [".safetensors", ".bin", ".pt", ".pth"]
+            .iter()
+            .any(|e| name.ends_with(e));
+        if name.ends_with(".index.json") || (!has_index && weights) {
             out.push(p);
         }
     }

@@ -8,6 +8,7 @@
 //! - [`generate`]: image→text and text→image-token generation (CFG, eq. 7).
 //! - [`lavit`]: [`LavitLlm`], the loaded `language_model/` with both tasks.
 
+pub mod actor;
 pub mod config;
 pub mod generate;
 pub mod lavit;
