@@ -1,12 +1,14 @@
 //! `lavit caption`: image (+ question) → text with the LaVIT LLM (owned by the llm work).
 //!
-//! The image enters the LLM as continuous embeddings (the understanding merger + `vit_proj`
-//! of `language_model/visual_weight.bin`) between [IMG] and [/IMG]; the question follows.
-//! Embeddings computed elsewhere can be given with `--embeds`.
+//! Each image goes through the visual tokenizer's understanding path (EVA ViT, token
+//! selector, the merger + `vit_proj` of `language_model/visual_weight.bin`) and enters the
+//! LLM as continuous embeddings between [IMG] and [/IMG]; the question follows. Embeddings
+//! computed elsewhere can be given with `--embeds` instead of images.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use lavit::tokenizer::{LoadParts, VisualTokenizer};
 use lavit_llm::generate::{Sampling, TextConfig};
 use lavit_llm::LavitLlm;
 use lavit_runtime::checkpoint;
@@ -18,10 +20,13 @@ pub struct Args {
     /// LaVIT checkpoint folder (official layout: language_model/, visual_tokenizer/, …).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Continuous image embeddings: a safetensors file with `embeds` (T, hidden) and
-    /// optionally `counts` (B,) splitting the rows into B images.
+    /// Image files (PNG, JPEG, …), one answer line each.
+    #[arg(required_unless_present = "embeds", conflicts_with = "embeds")]
+    pub images: Vec<PathBuf>,
+    /// Continuous image embeddings instead of images: a safetensors file with `embeds`
+    /// (T, hidden) and optionally `counts` (B,) splitting the rows into B images.
     #[arg(long)]
-    pub embeds: PathBuf,
+    pub embeds: Option<PathBuf>,
     /// A question (VQA); without it the model captions.
     #[arg(long)]
     pub prompt: Option<String>,
@@ -112,34 +117,54 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
         ..Default::default()
     };
-    let sd = checkpoint::load_path(&args.embeds)?;
-    let e = sd
-        .get("embeds")
-        .with_context(|| format!("{}: no `embeds` tensor", args.embeds.display()))?;
-    if e.dim() != 2 {
-        bail!(
-            "{}: `embeds` must be (T, hidden), got {:?}",
-            args.embeds.display(),
-            e.size()
-        );
-    }
-    let images =
-        split(e, sd.get("counts")).with_context(|| format!("{}", args.embeds.display()))?;
+    let images = match &args.embeds {
+        Some(path) => {
+            let sd = checkpoint::load_path(path)?;
+            let e = sd
+                .get("embeds")
+                .with_context(|| format!("{}: no `embeds` tensor", path.display()))?;
+            if e.dim() != 2 {
+                bail!(
+                    "{}: `embeds` must be (T, hidden), got {:?}",
+                    path.display(),
+                    e.size()
+                );
+            }
+            split(e, sd.get("counts")).with_context(|| format!("{}", path.display()))?
+        }
+        None => {
+            let parts = LoadParts {
+                understanding: true,
+                lowres_decoder: false,
+                highres_decoder: false,
+            };
+            let vt = VisualTokenizer::from_checkpoint(&args.checkpoint, device, parts)?;
+            let pixels = vt.load_images(&args.images)?;
+            let (kept, counts) = vt.encode_features(&pixels, vt.selection)?;
+            split(&kept, Some(&Tensor::from_slice(&counts)))?
+        }
+    };
     let llm = LavitLlm::load(&args.checkpoint, device, kind)?;
     let hidden = llm.model.config.hidden_size;
-    if e.size()[1] != hidden {
+    if let Some(bad) = images.iter().find(|e| e.size()[1] != hidden) {
         bail!(
-            "{}: embeddings are {} wide, the LLM is {hidden}",
-            args.embeds.display(),
-            e.size()[1]
+            "image embeddings are {} wide, the LLM is {hidden}",
+            bad.size()[1]
         );
     }
-    for (i, text) in llm
-        .caption(&images, args.prompt.as_deref(), &cfg)?
-        .into_iter()
-        .enumerate()
+    let names: Vec<String> = if args.images.is_empty() {
+        (0..images.len()).map(|i| i.to_string()).collect()
+    } else {
+        args.images
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect()
+    };
+    for (name, text) in names
+        .iter()
+        .zip(llm.caption(&images, args.prompt.as_deref(), &cfg)?)
     {
-        println!("{}", serde_json::json!({ "image": i, "text": text }));
+        println!("{}", serde_json::json!({ "image": name, "text": text }));
     }
     Ok(())
 }
