@@ -618,3 +618,42 @@ mod stage2 {
         );
     }
 }
+
+#[test]
+fn lavit_llm_api_reproduces_the_fixture_references() {
+    let dir = fixture_dir();
+    let expected =
+        lavit_runtime::checkpoint::load_file(&dir.join("reference/expected.safetensors")).unwrap();
+    let llm = lavit_llm::LavitLlm::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let manifest = lavit_runtime::manifest::LavitManifest::for_checkpoint(&dir).unwrap();
+    let g = &manifest.generation;
+    // text → image codes (greedy, CFG 2) equal the reference ids minus the offset.
+    let cfg = ImageTokenConfig {
+        cfg_scale: 2.0,
+        max_new_tokens: g.t2i_max_new_tokens,
+        min_new_tokens: g.t2i_min_new_tokens,
+        sampling: Sampling::greedy(),
+        num_return_sequences: 1,
+        seed: None,
+    };
+    let codes = llm
+        .text_to_image_codes(&[g.t2i_prompt.as_str()], &cfg)
+        .unwrap();
+    let want: Vec<i64> = Vec::try_from(&expected["t2i_greedy_cfg_2"]).unwrap();
+    let off = manifest.llm.visual_token_offset;
+    assert_eq!(codes[0], want.iter().map(|&i| i - off).collect::<Vec<_>>());
+    // image → text: the caption of image 0 decodes the reference ids.
+    let n0 = expected["understanding_counts"].int64_value(&[0]);
+    let e0 = expected["understanding_embeddings"].narrow(0, 0, n0);
+    let tcfg = TextConfig {
+        max_new_tokens: g.caption_max_new_tokens,
+        ..Default::default()
+    };
+    let text = llm.caption(&[e0], None, &tcfg).unwrap();
+    let ids: Vec<i64> = Vec::try_from(&expected["caption_greedy_ids"]).unwrap();
+    let ids: Vec<i64> = ids
+        .into_iter()
+        .take_while(|&i| i != manifest.llm.eos_id)
+        .collect();
+    assert_eq!(text[0], llm.tokenizer.decode(&ids));
+}

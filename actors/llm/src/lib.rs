@@ -6,13 +6,16 @@
 //! - [`sentencepiece`]: `tokenizer.model` read in Rust; LLaMA's BPE encode/decode.
 //! - [`vocab`]: the unified vocabulary ([IMG], [/IMG], visual ids) and sequence batching.
 //! - [`generate`]: image→text and text→image-token generation (CFG, eq. 7).
+//! - [`lavit`]: [`LavitLlm`], the loaded `language_model/` with both tasks.
 
 pub mod actor;
 pub mod config;
 pub mod generate;
+pub mod lavit;
 pub mod modeling_llama;
 pub mod sentencepiece;
 pub mod vocab;
 
 pub use config::LlamaConfig;
+pub use lavit::LavitLlm;
 pub use modeling_llama::{ForwardArgs, KvCache, LlamaForCausalLM};
