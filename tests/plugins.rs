@@ -5,8 +5,12 @@
 
 use std::path::PathBuf;
 
+use lavit::tokenizer::{LoadParts, VisualTokenizer};
+use lavit_decoder::feature_decoder::{FeatureDecoderConfig, VQDecoder};
 use lavit_plugin_api::{Backbone, Codebook, API_VERSION};
+use lavit_runtime::manifest::LavitManifest;
 use lavit_runtime::plugin_host::{PluginComponent, PluginHost, PluginHostError, PluginsConfig};
+use lavit_selector::SelectionMode;
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
 /// The dylib of workspace crate `krate` (its lib name: dashes → underscores), next to this
@@ -365,4 +369,141 @@ fn training_with_the_plugin_codebook_lowers_the_loss() {
         .embed(&ids)
         .unwrap()
         .allclose(&q.quantized, 1e-4, 1e-4, false));
+}
+
+/// The tiny fixture's tokenizer geometry (112 px, patch 14, width 64, code_dim 16,
+/// n_code 256) with the plugins in place of EVA and the built-in codebook.
+fn fixture_plugins(host: &PluginHost) -> (LavitManifest, Box<dyn Backbone>, Box<dyn Codebook>) {
+    let manifest = LavitManifest::for_checkpoint(&crate::common::fixture_dir()).unwrap();
+    let t = &manifest.tokenizer;
+    let backbone = host
+        .backbone(
+            &component(
+                "convnext",
+                serde_json::json!({"image_size": t.img_size, "patch_size": t.patch_size, "depth": 1, "dim": t.encoder_width}),
+            ),
+            Device::Cpu,
+        )
+        .unwrap();
+    // 2 levels × 16 codes = 256 ids: the fixture LLM's visual vocabulary is unchanged.
+    let codebook = host
+        .codebook(
+            &component(
+                "residual-vq",
+                serde_json::json!({"levels": 2, "codes_per_level": 16, "code_dim": t.code_dim}),
+            ),
+            Device::Cpu,
+        )
+        .unwrap();
+    assert_eq!(codebook.num_codes(), t.n_code);
+    (manifest, backbone, codebook)
+}
+
+/// The official-layout fixture tokenizer (selector, merger, task layer, lowres decoder)
+/// around the plugin backbone and codebook: image → ids → U-Net condition.
+#[test]
+fn the_fixture_tokenizer_runs_with_both_plugins() {
+    let host = example_host();
+    let (manifest, backbone, codebook) = fixture_plugins(&host);
+    let parts = LoadParts {
+        lowres_decoder: true,
+        ..LoadParts::tokenize_only()
+    };
+    let mut tok = VisualTokenizer::from_checkpoint_with_encoder(
+        &crate::common::fixture_dir(),
+        Device::Cpu,
+        parts,
+        backbone,
+    )
+    .unwrap();
+    tok.quantize = codebook;
+    assert!(
+        tok.encoder.name().starts_with("convnext"),
+        "{}",
+        tok.encoder.name()
+    );
+    assert!(
+        tok.quantize.name().starts_with("residual-vq"),
+        "{}",
+        tok.quantize.name()
+    );
+
+    let images = Tensor::randn([2, 3, 112, 112], (Kind::Float, Device::Cpu));
+    let out = tok.tokenize(&images).unwrap();
+    let off = manifest.llm.visual_token_offset;
+    assert_eq!(out.ids.len(), 2);
+    assert!(out.counts.iter().all(|&n| n > 0), "counts {:?}", out.counts);
+    for (ids, &n) in out.ids.iter().zip(&out.counts) {
+        assert_eq!(ids.len() as i64, n);
+        assert!(
+            ids.iter().all(|&id| (off..off + 256).contains(&id)),
+            "{ids:?}"
+        );
+    }
+    let cond = tok.decode_lowres(&out.ids).unwrap();
+    let f = &manifest.feature_decoder;
+    assert_eq!(cond.size(), [2, f.num_patches, f.lowres_unet_proj]);
+    // Ids the plugin codebook does not have are refused, not looked up.
+    assert!(tok.embed_ids(&[vec![off + 256]]).is_err());
+}
+
+/// Stage 1 through the tokenizer's own stages with both plugins: plugin backbone (frozen)
+/// → token_predictor (Gumbel keep decisions) → causal_encoder → encode_task_layer → plugin
+/// codebook `quantize_train` → feature decoder trunk → features; loss = mean(1 − cos(x,
+/// x_rec)) + codebook loss, AdamW over the tokenizer, the decoder and the codebook.
+#[test]
+fn stage1_training_through_the_tokenizer_with_plugins_lowers_the_loss() {
+    tch::manual_seed(1);
+    let host = example_host();
+    let (manifest, backbone, codebook) = fixture_plugins(&host);
+    let mut tok = VisualTokenizer::with_parts(&manifest, Device::Cpu, backbone, codebook);
+    let dcfg = FeatureDecoderConfig::from_manifest(&manifest.feature_decoder);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let dec = VQDecoder::new(&vs.root() / "decoder", &dcfg);
+    let c = manifest.tokenizer.encoder_width;
+    let head = nn::linear(
+        &vs.root() / "head",
+        dcfg.decoder_out_dim,
+        c,
+        Default::default(),
+    );
+    for (i, p) in tok.vs.trainable_variables().into_iter().enumerate() {
+        let _ = (vs.root() / "tokenizer").add(&i.to_string(), p, true);
+    }
+    for (i, p) in tok.quantize.trainable_parameters().into_iter().enumerate() {
+        let _ = (vs.root() / "codebook").add(&i.to_string(), p, true);
+    }
+    let mut opt = nn::AdamW::default().build(&vs, 3e-3).unwrap();
+
+    let images = Tensor::randn([2, 3, 112, 112], (Kind::Float, Device::Cpu));
+    let (mut losses, mut rec_losses) = (Vec::new(), Vec::new());
+    for step in 0..16 {
+        let mode = SelectionMode::Gumbel {
+            seed: step,
+            tau: 1.0,
+        };
+        let tr = tok.trace(&images, mode).unwrap();
+        let (kept, counts) = VisualTokenizer::gather_kept(&tr.merged, &tr.decisions);
+        let z = tok.encode_task_layer.forward(&kept);
+        let q = tok.quantize.quantize_train(&z).unwrap();
+        let rec = head.forward(&dec.trunk.decode(&q.quantized, &counts).unwrap()); // (B, N, C)
+        let cos = Tensor::cosine_similarity(&tr.features, &rec, -1, 1e-8);
+        let rec_loss = cos.neg().mean(Kind::Float) + 1.0;
+        let loss = &rec_loss + &q.loss;
+        opt.backward_step(&loss);
+        tok.quantize.update(&z.detach(), &q.ids).unwrap();
+        losses.push(loss.double_value(&[]));
+        rec_losses.push(rec_loss.double_value(&[]));
+    }
+    let first = losses[..3].iter().sum::<f64>() / 3.0;
+    let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+    let (rec_first, rec_last) = (rec_losses[0], rec_losses[rec_losses.len() - 1]);
+    eprintln!(
+        "stage-1 with plugins: loss {first:.4} → {last:.4}, 1 − cos {rec_first:.4} → {rec_last:.4}"
+    );
+    assert!(last < 0.7 * first, "loss {first:.4} → {last:.4}");
+    assert!(
+        rec_last < rec_first,
+        "reconstruction {rec_first:.4} → {rec_last:.4}"
+    );
 }

@@ -47,6 +47,25 @@ pub struct PluginComponent {
     pub config: serde_json::Value,
 }
 
+impl PluginsConfig {
+    /// Relative plugin paths resolved against `base` (the config file's folder).
+    pub fn resolved(&self, base: &Path) -> Self {
+        PluginsConfig {
+            load: self.load.iter().map(|p| base.join(p)).collect(),
+        }
+    }
+}
+
+impl PluginComponent {
+    /// A relative `weights` path resolved against `base` (the config file's folder).
+    pub fn resolved(&self, base: &Path) -> Self {
+        PluginComponent {
+            weights: self.weights.as_ref().map(|w| base.join(w)),
+            ..self.clone()
+        }
+    }
+}
+
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }
@@ -470,5 +489,17 @@ mod tests {
         let bare: PluginComponent = toml::from_str("plugin = \"convnext\"").unwrap();
         assert_eq!(bare.config.to_string(), "{}");
         assert!(toml::from_str::<PluginComponent>("plugin = \"x\"\nweight = \"w\"").is_err());
+        let base = Path::new("/etc/lavit");
+        assert_eq!(
+            c.resolved(base).weights.unwrap(),
+            base.join("w.safetensors")
+        );
+        let abs = PluginsConfig {
+            load: vec![PathBuf::from("/opt/libp.so"), PathBuf::from("libq.so")],
+        };
+        assert_eq!(
+            abs.resolved(base).load,
+            [PathBuf::from("/opt/libp.so"), base.join("libq.so")]
+        );
     }
 }
