@@ -608,3 +608,13 @@ pub fn text_to_image(
     let images = pixels.decode_ids(fd, &visual, &opts.decode)?;
     Ok(GeneratedImages { token_ids, images })
 }
+
+/// The assembled tokenizer's feature decoders drive the pixel decoders.
+impl FeatureDecoders for crate::tokenizer::VisualTokenizer {
+    fn decode_lowres(&self, ids: &[Vec<i64>]) -> Result<Tensor> {
+        crate::tokenizer::VisualTokenizer::decode_lowres(self, ids)
+    }
+    fn decode_highres(&self, ids: &[Vec<i64>]) -> Result<(Tensor, Tensor)> {
+        crate::tokenizer::VisualTokenizer::decode_highres(self, ids)
+    }
+}
