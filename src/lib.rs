@@ -7,6 +7,7 @@ pub mod generate;
 pub mod parity;
 pub mod pipeline;
 pub mod serve;
+pub mod tokenizer;
 pub mod train;
 
 pub use lavit_runtime as runtime;

@@ -4,6 +4,8 @@
 //! stage/actor machinery.
 
 pub mod checkpoint;
+pub mod config;
+pub mod device;
 pub mod error;
 pub mod manifest;
 pub mod parity;

@@ -11,6 +11,7 @@ pub mod judge;
 pub mod progress;
 pub mod report;
 pub mod stage0;
+pub mod vocab;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -11,7 +11,8 @@
 //! Then the backbone is frozen, as EVA-CLIP is in the paper.
 
 use lavit_plugin_api::Backbone;
-use tch::{nn, nn::Module, COptimizer, Device, Kind, Tensor};
+use lavit_runtime::train::{AdamW, AdamWConfig, MetricsLog};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use super::data::{to_model_input, to_pixel_space, Split};
 use super::judge::{cosine_lr, Order};
@@ -87,32 +88,53 @@ fn patch_pixels(x: &Tensor, patch: i64) -> Tensor {
         .reshape([b, g * g, patch * patch])
 }
 
-/// Trains `backbone` (its [`Backbone::trainable_parameters`]) with the two heads on `train`.
+/// Trains `backbone` (its [`Backbone::trainable_parameters`]) with the two heads on `train`;
+/// with `metrics_dir`, logs `metrics.jsonl` and writes `metrics.html` / `loss.png` there.
 pub fn pretrain(
     backbone: &dyn Backbone,
     cfg: &Stage0Config,
     train: &Split,
     seed: u64,
+    metrics_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<(Heads, Vec<Stage0Row>)> {
     tch::manual_seed(seed as i64);
     let size = backbone.image_size();
     let patch = backbone.patch_size();
     let heads = Heads::new(backbone.width(), patch);
-    let mut opt = COptimizer::adamw(cfg.lr, 0.9, 0.98, cfg.weight_decay, 1e-8, false)?;
     let params = backbone.trainable_parameters();
     anyhow::ensure!(
         !params.is_empty(),
         "backbone {} has no trainable parameters",
         backbone.name()
     );
-    for t in params.iter().chain(heads.vs.trainable_variables().iter()) {
-        opt.add_parameters(t, 0)?;
-    }
+    let named: Vec<(String, Tensor)> = params
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("backbone.{i}"), t.shallow_clone()))
+        .chain(
+            heads
+                .vs
+                .variables()
+                .into_iter()
+                .map(|(k, t)| (format!("heads.{k}"), t)),
+        )
+        .collect();
+    let mut opt = AdamW::new(
+        named,
+        AdamWConfig {
+            beta2: 0.98,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let mut log = match metrics_dir {
+        Some(d) => Some(MetricsLog::open(d, 0)?),
+        None => None,
+    };
     let mut order = Order::new(train.len(), seed);
     let mut rows = Vec::with_capacity(cfg.steps);
     let bar = Progress::new("stage0 ViT", cfg.steps as u64);
     for step in 0..cfg.steps {
-        opt.set_learning_rate(cosine_lr(cfg.lr, step, cfg.steps, cfg.steps / 10))?;
         let idx = order.next_batch(cfg.batch_size);
         let unit = train.batch_unit(&idx);
         let feats = backbone.forward(&to_model_input(&unit, size))?; // (B, N, C)
@@ -125,12 +147,10 @@ pub fn pretrain(
             .forward(&feats)
             .mse_loss(&target, tch::Reduction::Mean);
         let loss = &class_loss + &pixel_loss * cfg.pixel_weight;
-        opt.zero_grad()?;
+        opt.zero_grad();
         loss.backward();
-        for t in &params {
-            let _ = t.grad().clamp_(-1.0, 1.0);
-        }
-        opt.step()?;
+        opt.clip_grad_norm(1.0)?;
+        opt.step(cosine_lr(cfg.lr, step, cfg.steps, cfg.steps / 10))?;
         let acc = logits
             .argmax(-1, false)
             .eq_tensor(&labels)
@@ -145,9 +165,23 @@ pub fn pretrain(
             accuracy: acc,
         };
         bar.tick(format!("loss {:.3} acc {:.2}", row.loss, row.accuracy));
+        if let Some(log) = log.as_mut() {
+            log.log(
+                step as i64,
+                &[
+                    ("loss", row.loss),
+                    ("class_loss", row.class_loss),
+                    ("pixel_loss", row.pixel_loss),
+                    ("accuracy", row.accuracy),
+                ],
+            )?;
+        }
         rows.push(row);
     }
     bar.finish();
+    if let Some(log) = log.as_ref() {
+        log.write_report("stage 0: backbone pretraining")?;
+    }
     Ok((heads, rows))
 }
 
