@@ -481,7 +481,13 @@ fn request(
     body: &[u8],
     headers: &[(&str, &str)],
 ) -> Resp {
-    let mut s = TcpStream::connect(addr).unwrap();
+    // Status 0 = no HTTP answer (connection refused or closed).
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return Resp {
+            status: 0,
+            body: String::new(),
+        };
+    };
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -491,7 +497,7 @@ fn request(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(head.as_bytes());
     let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
@@ -1078,4 +1084,108 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
     };
     assert_eq!(ids, want);
     assert_eq!(text, direct.sp.decode(&want));
+}
+
+/// Kills the child process if the test ends early (a failing assertion), so no server is
+/// left running.
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn lavit_serve_binary_drains_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/serve-mock.toml");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_lavit"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .args(["--bind", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .env_remove("LAVIT_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The server prints `listening on http://127.0.0.1:PORT` on stdout.
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.strip_prefix("listening on http://") {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("no listening line")
+        .parse()
+        .unwrap();
+    assert!(wait_until(60, || request(addr, "GET", "/ready", b"", &[])
+        .status
+        == 200));
+    // A long request in flight.
+    let long = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/images/generations",
+            &serde_json::json!({"prompt": "long", "steps": 400_000}),
+        )
+        .status
+    });
+    assert!(wait_until(30, || request(
+        addr,
+        "GET",
+        "/metrics",
+        b"",
+        &[]
+    )
+    .body
+    .contains("lavit_in_flight 1")));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // Draining: new work is refused (503 while the listener is open, or the connection is refused).
+    assert!(wait_until(10, || request(addr, "GET", "/ready", b"", &[])
+        .status
+        != 200));
+    let late = post(
+        addr,
+        "/v1/images/generations",
+        &serde_json::json!({"prompt": "late", "steps": 2}),
+    );
+    assert!(
+        late.status == 503 || late.status == 0,
+        "late request got {}",
+        late.status
+    );
+    // The in-flight request finishes, then the process exits cleanly.
+    assert_eq!(long.join().unwrap(), 200);
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < end,
+            "lavit serve did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let _ = reader.join();
 }

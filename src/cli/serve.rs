@@ -40,6 +40,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let drain_timeout = Duration::from_secs(cfg.server.drain_timeout_s);
     let server = serve::spawn(pipe.clone(), cfg.server.clone())?;
     tracing::info!(addr = %server.addr, "listening");
+    // One plain line on stdout for scripts (the port when binding port 0).
+    println!("listening on http://{}", server.addr);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
