@@ -11,6 +11,11 @@
 //!   output; the negative condition is zeros with `uncond_embeddings.bin` written into its
 //!   first positions; encoder attention masks mark the real positions.
 //!
+//! A pixel-decoding folder without `vae/` is a pixel-space decoder (what `lavit train decoder`
+//! trains for tiny configs): the U-Net denoises pixels directly. Without
+//! `uncond_embeddings.bin` the lowres negative condition is all zeros (unmasked), the
+//! condition-dropout value of that trainer.
+//!
 //! Classifier-free guidance runs as one batched U-Net forward ([negative; positive]), the whole
 //! diffusion loop stays on the device (no host round-trips), then the VAE decodes.
 
@@ -132,10 +137,10 @@ pub struct PixelDecoder {
     pub resolution: Resolution,
     pub unet: UNet2DConditionModel,
     pub unet_vs: nn::VarStore,
-    pub vae: AutoencoderKL,
-    pub vae_vs: nn::VarStore,
+    /// `None`: a pixel-space decoder (no `vae/` folder).
+    pub vae: Option<(nn::VarStore, AutoencoderKL)>,
     pub scheduler_config: SchedulerConfig,
-    /// Lowres only: (L_u, C) from `uncond_embeddings.bin`.
+    /// Lowres only: (L_u, C) from `uncond_embeddings.bin` (`None`: zeros negative).
     pub uncond_embeddings: Option<Tensor>,
     pub device: Device,
 }
@@ -151,16 +156,23 @@ impl PixelDecoder {
     /// Load from the pixel-decoding folder itself.
     pub fn load_folder(dir: &Path, resolution: Resolution, device: Device) -> Result<Self> {
         let (unet_vs, unet) = UNet2DConditionModel::from_pretrained(&dir.join("unet"), device)?;
-        let (vae_vs, vae) = AutoencoderKL::from_pretrained(&dir.join("vae"), device)?;
+        let vae = if dir.join("vae").is_dir() {
+            Some(AutoencoderKL::from_pretrained(&dir.join("vae"), device)?)
+        } else {
+            None
+        };
         let scheduler_config =
             SchedulerConfig::from_json_file(&dir.join("scheduler/scheduler_config.json"))?;
         let uncond_embeddings = match resolution {
             Resolution::Highres => None,
-            Resolution::Lowres => Some(load_uncond(
-                &dir.join("uncond_embeddings.bin"),
-                &unet,
-                device,
-            )?),
+            Resolution::Lowres => {
+                let p = dir.join("uncond_embeddings.bin");
+                if p.is_file() {
+                    Some(load_uncond(&p, &unet, device)?)
+                } else {
+                    None
+                }
+            }
         };
         if resolution == Resolution::Highres && unet.config.addition_embed_type.is_none() {
             return Err(Error::invalid(format!(
@@ -173,7 +185,6 @@ impl PixelDecoder {
             unet,
             unet_vs,
             vae,
-            vae_vs,
             scheduler_config,
             uncond_embeddings,
             device,
@@ -197,7 +208,7 @@ impl PixelDecoder {
 
     /// Pixels per latent cell (8 for SD).
     pub fn vae_scale(&self) -> i64 {
-        self.vae.config.downscale()
+        self.vae.as_ref().map_or(1, |(_, v)| v.config.downscale())
     }
 
     /// Output sizes must be multiples of this (VAE scale × U-Net downsampling).
@@ -323,29 +334,32 @@ impl PixelDecoder {
             (Condition::Lowres { hidden }, Resolution::Lowres) => {
                 let x = hidden.to_device(dev).to_kind(kind);
                 let (bn, n, c) = x.size3().ctx("lowres condition (B, N, C)")?;
-                let uncond = self
-                    .uncond_embeddings
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid("lowres decoder without uncond_embeddings"))?
-                    .to_kind(kind);
-                let (lu, cu) = uncond.size2().ctx("uncond embeddings (L, C)")?;
-                if cu != c {
-                    return Err(Error::invalid(format!(
-                        "uncond embeddings have width {cu}, the condition {c}"
-                    )));
-                }
-                let lu = lu.min(n);
-                // negative condition: zeros with the unconditional embeddings in front
                 let neg = Tensor::zeros([bn, n, c], (kind, dev));
-                neg.narrow(1, 0, lu).copy_(
-                    &uncond
-                        .narrow(0, 0, lu)
-                        .unsqueeze(0)
-                        .expand([bn, lu, c], false),
-                );
                 let pos_mask = Tensor::ones([bn, n], (Kind::Bool, dev));
-                let neg_mask = Tensor::zeros([bn, n], (Kind::Bool, dev));
-                let _ = neg_mask.narrow(1, 0, lu).fill_(1);
+                let neg_mask = match &self.uncond_embeddings {
+                    Some(uncond) => {
+                        let uncond = uncond.to_kind(kind);
+                        let (lu, cu) = uncond.size2().ctx("uncond embeddings (L, C)")?;
+                        if cu != c {
+                            return Err(Error::invalid(format!(
+                                "uncond embeddings have width {cu}, the condition {c}"
+                            )));
+                        }
+                        let lu = lu.min(n);
+                        // negative condition: zeros with the unconditional embeddings in front
+                        neg.narrow(1, 0, lu).copy_(
+                            &uncond
+                                .narrow(0, 0, lu)
+                                .unsqueeze(0)
+                                .expand([bn, lu, c], false),
+                        );
+                        let m = Tensor::zeros([bn, n], (Kind::Bool, dev));
+                        let _ = m.narrow(1, 0, lu).fill_(1);
+                        m
+                    }
+                    // no uncond_embeddings.bin: an all-zero, unmasked negative
+                    None => pos_mask.shallow_clone(),
+                };
                 let ehs = Tensor::cat(&[neg, x], 0); // (2B, N, C)
                 let mask = Tensor::cat(&[neg_mask, pos_mask], 0); // (2B, N)
                 (ehs, Some(mask), None, None)
@@ -395,13 +409,24 @@ impl PixelDecoder {
         Ok(self.vae_decode(&latents))
     }
 
-    /// VAE decode of scaled latents to images in [0, 1]: `decode(z / scaling_factor)`,
-    /// then `(x / 2 + 0.5).clamp(0, 1)`.
+    /// VAE decode of scaled latents to RGB images in [0, 1]: `decode(z / scaling_factor)`,
+    /// then `(x / 2 + 0.5).clamp(0, 1)`. A pixel-space decoder skips the VAE; one-channel
+    /// images are repeated to RGB.
     pub fn vae_decode(&self, latents: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
-        let sf = self.vae.config.scaling_factor;
-        let img = self.vae.decode(&(latents.to_kind(Kind::Float) / sf));
-        (img / 2.0 + 0.5).clamp(0.0, 1.0)
+        let img = match &self.vae {
+            Some((_, vae)) => {
+                let sf = vae.config.scaling_factor;
+                vae.decode(&(latents.to_kind(Kind::Float) / sf))
+            }
+            None => latents.to_kind(Kind::Float),
+        };
+        let img = (img / 2.0 + 0.5).clamp(0.0, 1.0);
+        if img.size()[1] == 1 {
+            img.repeat([1, 3, 1, 1])
+        } else {
+            img
+        }
     }
 }
 
@@ -484,4 +509,102 @@ pub fn save_pngs(images: &Tensor, path: &Path) -> Result<Vec<PathBuf>> {
         out.push(p);
     }
     Ok(out)
+}
+
+/// The feature-decoder half of the visual tokenizer, as the pixel decoders need it
+/// (the official `generate_image_embeds`): visual ids (with the LLM offset) of each image →
+/// the U-Net condition. The assembled `VisualTokenizer` implements it.
+pub trait FeatureDecoders {
+    /// `VQDecoder`: → (B, N, lowres_unet_proj).
+    fn decode_lowres(&self, ids: &[Vec<i64>]) -> Result<Tensor>;
+    /// `HighresVQDecoder`: → (prompt embeds (B, N, C), pooled embeds (B, P)).
+    fn decode_highres(&self, ids: &[Vec<i64>]) -> Result<(Tensor, Tensor)>;
+}
+
+/// Keep the visual ids of a generated sequence, as the official code does
+/// (`image_token - 32002`, kept where ≥ 0): [IMG], [/IMG] and text ids are dropped.
+pub fn visual_ids_only(generated: &[i64], visual_token_offset: i64) -> Vec<i64> {
+    generated
+        .iter()
+        .copied()
+        .filter(|&i| i >= visual_token_offset)
+        .collect()
+}
+
+impl PixelDecoder {
+    /// The condition of this decoder for the visual ids of each image.
+    pub fn condition_for(&self, fd: &dyn FeatureDecoders, ids: &[Vec<i64>]) -> Result<Condition> {
+        if ids.is_empty() {
+            return Err(Error::invalid("no images to decode"));
+        }
+        if let Some(i) = ids.iter().position(|v| v.is_empty()) {
+            return Err(Error::invalid(format!("image {i} has no visual tokens")));
+        }
+        Ok(match self.resolution {
+            Resolution::Highres => {
+                let (prompt_embeds, pooled_embeds) = fd.decode_highres(ids)?;
+                Condition::Highres {
+                    prompt_embeds,
+                    pooled_embeds,
+                }
+            }
+            Resolution::Lowres => Condition::Lowres {
+                hidden: fd.decode_lowres(ids)?,
+            },
+        })
+    }
+
+    /// Visual ids → images (B, 3, H, W) in [0, 1]: feature decoder, U-Net with decoder
+    /// guidance, VAE.
+    pub fn decode_ids(
+        &self,
+        fd: &dyn FeatureDecoders,
+        ids: &[Vec<i64>],
+        opts: &DecodeOptions,
+    ) -> Result<Tensor> {
+        let cond = self.condition_for(fd, ids)?;
+        self.decode(&cond, opts)
+    }
+}
+
+/// Settings of text → image (`lavit generate`).
+#[derive(Debug, Clone)]
+pub struct TextToImageOptions {
+    /// LLM image-token generation (guidance = `--llm-guidance`, samples = `--num-images`).
+    pub tokens: lavit_llm::generate::ImageTokenConfig,
+    /// Pixel decoding (steps, decoder guidance, size, seed).
+    pub decode: DecodeOptions,
+}
+
+/// What [`text_to_image`] returns.
+#[derive(Debug)]
+pub struct GeneratedImages {
+    /// The LLM's output per image (visual ids, then [/IMG] if it closed the image).
+    pub token_ids: Vec<Vec<i64>>,
+    /// (B, 3, H, W) in [0, 1], prompt-major: `tokens.num_return_sequences` per prompt.
+    pub images: Tensor,
+}
+
+/// The official `LaVITforGeneration.generate_image`: prompts (SentencePiece, no BOS) → LLM
+/// image tokens with classifier-free guidance → feature decoder → U-Net → VAE.
+pub fn text_to_image(
+    llm: &lavit_llm::LlamaForCausalLM,
+    sp: &lavit_llm::sentencepiece::SentencePiece,
+    vocab: &lavit_llm::vocab::UnifiedVocab,
+    fd: &dyn FeatureDecoders,
+    pixels: &PixelDecoder,
+    prompts: &[String],
+    opts: &TextToImageOptions,
+) -> Result<GeneratedImages> {
+    if prompts.is_empty() {
+        return Err(Error::invalid("no prompt given"));
+    }
+    let ids: Vec<Vec<i64>> = prompts.iter().map(|p| sp.encode(p)).collect();
+    let token_ids = lavit_llm::generate::generate_image_tokens(llm, vocab, &ids, &opts.tokens)?;
+    let visual: Vec<Vec<i64>> = token_ids
+        .iter()
+        .map(|g| visual_ids_only(g, vocab.visual_token_offset))
+        .collect();
+    let images = pixels.decode_ids(fd, &visual, &opts.decode)?;
+    Ok(GeneratedImages { token_ids, images })
 }

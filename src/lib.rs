@@ -5,6 +5,9 @@
 pub mod demo;
 pub mod generate;
 pub mod parity;
+pub mod pipeline;
+pub mod serve;
+pub mod tokenizer;
 pub mod train;
 
 pub use lavit_runtime as runtime;

@@ -1,1 +1,620 @@
-//! Integration tests: llm.
+//! Integration tests: llm (LLaMA, SentencePiece, unified vocabulary, generation, parity).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use lavit_llm::generate::{
+    generate_image_tokens, generate_text, pick, top_k_filter, top_p_filter, ImageTokenConfig,
+    SampleRng, Sampling, TextConfig,
+};
+use lavit_llm::sentencepiece::SentencePiece;
+use lavit_llm::vocab::{left_pad_embeds, left_pad_ids, UnifiedVocab};
+use lavit_llm::{ForwardArgs, KvCache, LlamaConfig, LlamaForCausalLM};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::common::fixture_dir;
+
+fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A tiny unified vocabulary: 20 text ids, [IMG] 20, [/IMG] 21, 16 visual ids.
+fn tiny_vocab() -> UnifiedVocab {
+    UnifiedVocab {
+        text_vocab_size: 20,
+        image_start_id: 20,
+        image_end_id: 21,
+        visual_token_offset: 22,
+        vocab_size: 38,
+        bos_id: 1,
+        eos_id: 2,
+    }
+}
+
+fn tiny_model(seed: i64) -> (nn::VarStore, LlamaForCausalLM) {
+    tch::manual_seed(seed);
+    let cfg = LlamaConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        ..LlamaConfig::tiny(tiny_vocab().vocab_size)
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = LlamaForCausalLM::new(vs.root(), &cfg);
+    (vs, m)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn parity_rows_pass_on_fixture() {
+    let dir = fixture_dir();
+    let expected =
+        lavit_runtime::checkpoint::load_file(&dir.join("reference/expected.safetensors")).unwrap();
+    let rows = lavit::parity::llm::rows(&dir, &expected).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    for want in [
+        "prompt_ids",
+        "prompt_text_ids_check",
+        "mixed_logits",
+        "understanding_logits",
+        "t2i_greedy_cfg_2",
+        "t2i_greedy_cfg_4",
+        "caption_greedy_ids",
+    ] {
+        assert!(names.contains(&want), "row {want} missing from {names:?}");
+    }
+    for r in &rows {
+        assert!(r.pass, "{}: max err {} {}", r.name, r.max_abs_err, r.note);
+    }
+}
+
+#[test]
+fn sentencepiece_matches_reference_cases() {
+    let text = std::fs::read_to_string(repo_path("tests/data/sp_cases.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut n = 0;
+    for (name, m) in v["models"].as_object().unwrap() {
+        let sp = SentencePiece::from_file(&repo_path(m["file"].as_str().unwrap())).unwrap();
+        for c in m["cases"].as_array().unwrap() {
+            let s = c["text"].as_str().unwrap();
+            let want: Vec<i64> = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect();
+            assert_eq!(sp.encode(s), want, "{name}: encode {s:?}");
+            assert_eq!(
+                sp.decode(&want),
+                c["decoded"].as_str().unwrap(),
+                "{name}: decode {want:?}"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 50, "only {n} cases");
+}
+
+#[test]
+fn sentencepiece_rejects_garbage() {
+    assert!(SentencePiece::from_bytes(b"").is_err());
+    assert!(SentencePiece::from_bytes(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tokenizer.model");
+    std::fs::write(&p, b"\x0a\x05abc").unwrap();
+    let e = SentencePiece::from_file(&p).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.model"), "{e}");
+}
+
+#[test]
+fn official_preset_names_and_shapes() {
+    let text = std::fs::read_to_string(crate::common::fixtures_root().join("official-shapes.json"))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let files = v["files"].as_object().unwrap();
+    let (_, lm) = files
+        .iter()
+        .find(|(k, _)| k.starts_with("language_model/ "))
+        .unwrap();
+    let official: BTreeMap<String, Vec<i64>> = lm
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| {
+            let s = s
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_i64().unwrap())
+                .collect();
+            (k.clone(), s)
+        })
+        .collect();
+    let vocab = lavit_runtime::manifest::LlmManifest::default().vocab_size;
+    let ours = LlamaForCausalLM::param_shapes(&LlamaConfig::llama2_7b(vocab));
+    assert_eq!(ours, official);
+    // The formula equals what the builder really creates (GQA, tied and untied).
+    for cfg in [
+        LlamaConfig::tiny(50),
+        LlamaConfig {
+            tie_word_embeddings: true,
+            num_key_value_heads: Some(1),
+            head_dim: Some(24),
+            ..LlamaConfig::tiny(50)
+        },
+    ] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = LlamaForCausalLM::new(vs.root(), &cfg);
+        let built: BTreeMap<String, Vec<i64>> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.size()))
+            .collect();
+        assert_eq!(built, LlamaForCausalLM::param_shapes(&cfg));
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_recomputation() {
+    let (_vs, m) = tiny_model(1);
+    let _g = tch::no_grad_guard();
+    let ids = Tensor::from_slice(&[3i64, 7, 20, 25, 30, 21, 5, 9, 11, 4]).view([1, 10]);
+    let full = m.forward_ids(&ids, &ForwardArgs::default(), None);
+    let mut cache = KvCache::new();
+    let mut parts = vec![m.forward_ids(
+        &ids.narrow(1, 0, 6),
+        &ForwardArgs::default(),
+        Some(&mut cache),
+    )];
+    parts.push(m.forward_ids(
+        &ids.narrow(1, 6, 2),
+        &ForwardArgs::default(),
+        Some(&mut cache),
+    ));
+    for t in 8..10 {
+        parts.push(m.forward_ids(
+            &ids.narrow(1, t, 1),
+            &ForwardArgs::default(),
+            Some(&mut cache),
+        ));
+    }
+    let inc = Tensor::cat(&parts, 1);
+    assert!(max_diff(&full, &inc) < 1e-4, "{}", max_diff(&full, &inc));
+    assert_eq!(cache.len(), 10);
+}
+
+#[test]
+fn left_padded_batch_equals_single_streams() {
+    let (_vs, m) = tiny_model(2);
+    let _g = tch::no_grad_guard();
+    let seqs = vec![vec![3i64, 7, 20, 25, 30], vec![9i64, 4]];
+    let (ids, mask) = left_pad_ids(&seqs, 0);
+    let mut cache = KvCache::new();
+    let args = ForwardArgs {
+        attention_mask: Some(&mask),
+        ..Default::default()
+    };
+    let batched = m.forward_ids(&ids, &args, Some(&mut cache));
+    let step = m.forward_ids(
+        &Tensor::from_slice(&[6i64, 8]).view([2, 1]),
+        &ForwardArgs::default(),
+        Some(&mut cache),
+    );
+    for (b, s) in seqs.iter().enumerate() {
+        let mut s2 = s.clone();
+        s2.push([6, 8][b]);
+        let single = m.forward_ids(
+            &Tensor::from_slice(&s2).view([1, -1]),
+            &ForwardArgs::default(),
+            None,
+        );
+        let n = s.len() as i64;
+        let real = batched.get(b as i64).narrow(0, 5 - n, n);
+        assert!(max_diff(&real, &single.get(0).narrow(0, 0, n)) < 1e-4);
+        assert!(max_diff(&step.get(b as i64).get(0), &single.get(0).get(n)) < 1e-4);
+    }
+    // Embedding-level padding helper agrees with the id one.
+    let (e, me) = left_pad_embeds(&[
+        m.embed(&Tensor::from_slice(&seqs[0])),
+        m.embed(&Tensor::from_slice(&seqs[1])),
+    ]);
+    assert_eq!(e.size(), vec![2, 5, 32]);
+    assert!(me.equal(&mask));
+}
+
+/// Reference CFG loop: cond and uncond as separate, uncached, unpadded forwards (eq. 7).
+fn cfg_reference(
+    m: &LlamaForCausalLM,
+    v: &UnifiedVocab,
+    prompt: &[i64],
+    a: f64,
+    min: i64,
+    max: i64,
+) -> Vec<i64> {
+    let mut cond: Vec<i64> = prompt.to_vec();
+    cond.push(v.image_start_id);
+    let mut unc = vec![v.image_start_id];
+    let mut out = Vec::new();
+    for step in 0..max {
+        let last = |s: &[i64]| {
+            let l = m.forward_ids(
+                &Tensor::from_slice(s).view([1, -1]),
+                &ForwardArgs::default(),
+                None,
+            );
+            l.get(0)
+                .get(s.len() as i64 - 1)
+                .log_softmax(-1, Kind::Float)
+        };
+        let (c, u) = (last(&cond), last(&unc));
+        let g = &u + (&c - &u) * a;
+        let scores: Vec<f32> = Vec::try_from(&g).unwrap();
+        let mut best = (f32::NEG_INFINITY, -1);
+        for (i, &s) in scores.iter().enumerate() {
+            let i = i as i64;
+            let ok = v.is_visual(i) || (i == v.image_end_id && step >= min);
+            if ok && s > best.0 {
+                best = (s, i);
+            }
+        }
+        out.push(best.1);
+        if best.1 == v.image_end_id {
+            break;
+        }
+        cond.push(best.1);
+        unc.push(best.1);
+    }
+    out
+}
+
+#[test]
+fn batched_cfg_equals_separate_forwards() {
+    let (_vs, m) = tiny_model(3);
+    let _g = tch::no_grad_guard();
+    let v = tiny_vocab();
+    let prompts = vec![vec![3i64, 7, 9, 4, 5], vec![11i64, 12]];
+    for a in [1.0, 3.0] {
+        let cfg = ImageTokenConfig {
+            cfg_scale: a,
+            max_new_tokens: 8,
+            min_new_tokens: 2,
+            sampling: Sampling::greedy(),
+            num_return_sequences: 1,
+            seed: None,
+        };
+        let got = generate_image_tokens(&m, &v, &prompts, &cfg).unwrap();
+        for (p, g) in prompts.iter().zip(&got) {
+            assert_eq!(g, &cfg_reference(&m, &v, p, a, 2, 8), "cfg {a}");
+        }
+    }
+}
+
+#[test]
+fn suppression_never_emits_forbidden_ids() {
+    let (_vs, m) = tiny_model(4);
+    let v = tiny_vocab();
+    let cfg = ImageTokenConfig {
+        cfg_scale: 2.0,
+        max_new_tokens: 12,
+        min_new_tokens: 5,
+        sampling: Sampling {
+            do_sample: true,
+            temperature: 5.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        num_return_sequences: 4,
+        seed: Some(7),
+    };
+    let out = generate_image_tokens(&m, &v, &[vec![3, 4], vec![5]], &cfg).unwrap();
+    assert_eq!(out.len(), 8);
+    for s in &out {
+        for (i, &t) in s.iter().enumerate() {
+            let last = i + 1 == s.len();
+            assert!(
+                v.is_visual(t) || (last && t == v.image_end_id && i >= 5),
+                "{s:?}"
+            );
+        }
+    }
+    // Same seed, same samples.
+    assert_eq!(
+        out,
+        generate_image_tokens(&m, &v, &[vec![3, 4], vec![5]], &cfg).unwrap()
+    );
+    let prefix = m.embed(&Tensor::from_slice(&[20i64, 25, 26, 21]));
+    for num_beams in [1, 3] {
+        let tcfg = TextConfig {
+            max_new_tokens: 10,
+            min_new_tokens: 3,
+            sampling: Sampling {
+                do_sample: num_beams == 1,
+                temperature: 5.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            num_beams,
+            repetition_penalty: 1.3,
+            seed: Some(1),
+            ..Default::default()
+        };
+        let out = generate_text(
+            &m,
+            &v,
+            &[prefix.shallow_clone(), prefix.narrow(0, 0, 2)],
+            &tcfg,
+        )
+        .unwrap();
+        for s in out {
+            assert!(s.len() >= 3, "{s:?}");
+            assert!(s.iter().all(|&t| v.is_text(t) && t != v.eos_id), "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn batched_captions_equal_single_and_beam_one_is_greedy() {
+    let (_vs, m) = tiny_model(5);
+    let v = tiny_vocab();
+    let a = m.embed(&Tensor::from_slice(&[20i64, 25, 26, 27, 21]));
+    let b = m.embed(&Tensor::from_slice(&[20i64, 30, 21]));
+    let cfg = TextConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let both = generate_text(&m, &v, &[a.shallow_clone(), b.shallow_clone()], &cfg).unwrap();
+    assert_eq!(
+        both[0],
+        generate_text(&m, &v, &[a.shallow_clone()], &cfg).unwrap()[0]
+    );
+    assert_eq!(both[1], generate_text(&m, &v, &[b], &cfg).unwrap()[0]);
+    let beam1 = TextConfig {
+        num_beams: 1,
+        ..cfg.clone()
+    };
+    assert_eq!(
+        generate_text(&m, &v, &[a.shallow_clone()], &beam1).unwrap(),
+        vec![both[0].clone()]
+    );
+    let beam3 = TextConfig {
+        num_beams: 3,
+        ..cfg
+    };
+    let r1 = generate_text(&m, &v, &[a.shallow_clone()], &beam3).unwrap();
+    assert_eq!(r1, generate_text(&m, &v, &[a], &beam3).unwrap());
+}
+
+#[test]
+fn top_k_and_top_p_keep_the_right_support() {
+    let probs = Tensor::from_slice(&[0.05f32, 0.5, 0.15, 0.3]).view([1, 4]);
+    let logits = probs.log();
+    let finite =
+        |t: &Tensor| -> Vec<bool> { Vec::<bool>::try_from(&t.isfinite().view([-1])).unwrap() };
+    assert_eq!(
+        finite(&top_k_filter(&logits, 2)),
+        vec![false, true, false, true]
+    );
+    assert_eq!(finite(&top_k_filter(&logits, 0)), vec![true; 4]);
+    assert_eq!(
+        finite(&top_p_filter(&logits, 0.75)),
+        vec![false, true, false, true]
+    );
+    assert_eq!(
+        finite(&top_p_filter(&logits, 0.9)),
+        vec![false, true, true, true]
+    );
+    assert_eq!(
+        finite(&top_p_filter(&logits, 0.3)),
+        vec![false, true, false, false]
+    );
+    // Sampling never leaves the support.
+    let mut rng = SampleRng::new(Some(0));
+    let s = Sampling {
+        do_sample: true,
+        temperature: 1.0,
+        top_k: 3,
+        top_p: 0.75,
+    };
+    let many = logits.repeat([500, 1]);
+    let picks: Vec<i64> = Vec::try_from(&pick(&many, &s, &mut rng)).unwrap();
+    assert!(picks.iter().all(|&i| i == 1 || i == 3));
+    assert!(picks.contains(&1) && picks.contains(&3));
+    // …and follows the renormalised probabilities (0.5 / 0.8 for id 1), loosely.
+    let many = logits.repeat([4000, 1]);
+    let picks: Vec<i64> = Vec::try_from(&pick(&many, &s, &mut rng)).unwrap();
+    let f1 = picks.iter().filter(|&&i| i == 1).count() as f64 / 4000.0;
+    assert!((f1 - 0.625).abs() < 0.04, "frequency of id 1: {f1}");
+    // Bad settings are refused.
+    assert!(Sampling {
+        temperature: f64::NAN,
+        ..s.clone()
+    }
+    .validate()
+    .is_err());
+    assert!(Sampling { top_p: 0.0, ..s }.validate().is_err());
+}
+
+#[test]
+fn fixture_model_loads_strictly_and_bad_ids_are_errors() {
+    let dir = fixture_dir().join("language_model");
+    let (_vs, m) = LlamaForCausalLM::from_pretrained(&dir, Device::Cpu, Kind::Float).unwrap();
+    assert!(m
+        .f_embed(&Tensor::from_slice(&[m.config.vocab_size]))
+        .is_err());
+    assert!(m.f_embed(&Tensor::from_slice(&[-1i64])).is_err());
+    // bf16 runs and stays close to f32 on the fixture.
+    let (_vs16, m16) =
+        LlamaForCausalLM::from_pretrained(&dir, Device::Cpu, Kind::BFloat16).unwrap();
+    let ids = Tensor::from_slice(&[3i64, 174, 29, 3, 133]).view([1, 5]);
+    let a = m.forward_ids(&ids, &ForwardArgs::default(), None);
+    let b = m16
+        .forward_ids(&ids, &ForwardArgs::default(), None)
+        .to_kind(Kind::Float);
+    assert!(max_diff(&a, &b) < 0.1 * a.abs().max().double_value(&[]).max(1.0));
+}
+
+mod stage2 {
+    use super::*;
+    use lavit::train::llm::{pack, packed_embeds, packed_mask, train_llm, LlmTrainConfig, Sample};
+    use lavit_llm::vocab::IGNORE;
+    use lavit_runtime::train::{hash_state_dict, var_store_state_dict};
+
+    fn packed_logits(
+        m: &LlamaForCausalLM,
+        samples: &[&Sample],
+    ) -> (Tensor, lavit::train::llm::Packed) {
+        let (p, used) = pack(samples, &tiny_vocab(), 64, 1);
+        assert_eq!(used, samples.len());
+        let e = packed_embeds(m, None, &p);
+        let mask = packed_mask(&p.segments);
+        let args = ForwardArgs {
+            position_ids: Some(&p.position_ids),
+            mask_4d: Some(&mask),
+            ..Default::default()
+        };
+        (m.forward_embeds(&e, &args, None), p)
+    }
+
+    #[test]
+    fn packing_does_not_leak_attention_and_masks_image_side() {
+        let (_vs, m) = tiny_model(6);
+        let _g = tch::no_grad_guard();
+        let a = Sample::Text(vec![3, 4, 5, 6]);
+        let feats = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+        let b = Sample::ImageText {
+            features: feats,
+            text: vec![7, 8],
+        };
+        let c = Sample::TextImage {
+            text: vec![9, 10],
+            visual: vec![25, 26, 27],
+        };
+        let (all, p) = packed_logits(&m, &[&a, &b, &c]);
+        let mut start = 0;
+        for s in [&a, &b, &c] {
+            let (alone, q) = packed_logits(&m, &[s]);
+            let n = alone.size()[1];
+            let d = max_diff(&all.narrow(1, start, n), &alone);
+            assert!(d < 1e-4, "sample at {start} sees other samples: {d}");
+            assert_eq!(p.labels.narrow(1, start, n), q.labels);
+            start += n;
+        }
+        // [image, text]: [BOS] [IMG] f f f [/IMG] 7 8 [EOS] → only 7, 8, EOS are targets.
+        let (_, q) = packed_logits(&m, &[&b]);
+        let labels: Vec<i64> = Vec::try_from(&q.labels.view([-1])).unwrap();
+        let v = tiny_vocab();
+        assert_eq!(
+            labels,
+            vec![IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 7, 8, v.eos_id, IGNORE]
+        );
+    }
+
+    /// A small structured caption set: each word has a fixed 2-code visual pattern.
+    fn caption_set() -> Vec<Sample> {
+        let mut out = Vec::new();
+        let mut z = 12345u64;
+        for _ in 0..48 {
+            let mut words = Vec::new();
+            for _ in 0..3 {
+                z = lavit_runtime::train::splitmix64(z);
+                words.push(3 + (z % 8) as i64);
+            }
+            let visual: Vec<i64> = words
+                .iter()
+                .flat_map(|&w| [22 + (w % 16), 22 + ((w * 5) % 16)])
+                .collect();
+            out.push(Sample::TextImage {
+                text: words.clone(),
+                visual,
+            });
+            out.push(Sample::Text(words));
+        }
+        out
+    }
+
+    fn cfg(steps: i64, run_steps: i64) -> LlmTrainConfig {
+        LlmTrainConfig {
+            steps,
+            batch_size: 4,
+            grad_accum: 2,
+            max_len: 48,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 5,
+            weight_decay: 0.01,
+            clip_grad: 1.0,
+            text_ratio: 0.0,
+            save_every: 1000,
+            keep: 2,
+            log_every: 1000,
+            run_steps,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn training_lowers_text_and_visual_loss() {
+        let (vs, m) = tiny_model(7);
+        let data = caption_set();
+        let dir = tempfile::tempdir().unwrap();
+        let s = train_llm(
+            &m,
+            &vs,
+            None,
+            &tiny_vocab(),
+            &data,
+            &[],
+            &cfg(120, 0),
+            dir.path(),
+        )
+        .unwrap();
+        eprintln!("stage-2 tiny run: first {:?} last {:?}", s.first, s.last);
+        assert_eq!(s.final_step, 120);
+        assert!(
+            s.last.1 < 0.8 * s.first.1,
+            "text loss {:?} → {:?}",
+            s.first,
+            s.last
+        );
+        assert!(
+            s.last.2 < 0.8 * s.first.2,
+            "visual loss {:?} → {:?}",
+            s.first,
+            s.last
+        );
+        assert!(
+            dir.path().join("metrics.jsonl").exists()
+                || std::fs::read_dir(dir.path()).unwrap().count() > 1
+        );
+    }
+
+    #[test]
+    fn resume_is_exact() {
+        let (vs_a, m_a) = tiny_model(8);
+        let mut vs_b = nn::VarStore::new(Device::Cpu);
+        let m_b = LlamaForCausalLM::new(vs_b.root(), &m_a.config);
+        vs_b.copy(&vs_a).unwrap();
+        let data = caption_set();
+        let v = tiny_vocab();
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        train_llm(&m_a, &vs_a, None, &v, &data, &[], &cfg(16, 0), da.path()).unwrap();
+        let first = train_llm(&m_b, &vs_b, None, &v, &data, &[], &cfg(16, 8), db.path()).unwrap();
+        assert_eq!(first.final_step, 8);
+        // A fresh process would rebuild the model: scramble the weights, then resume.
+        tch::no_grad(|| {
+            for (_, mut t) in vs_b.variables() {
+                let _ = t.fill_(0.5);
+            }
+        });
+        let second = train_llm(&m_b, &vs_b, None, &v, &data, &[], &cfg(16, 0), db.path()).unwrap();
+        assert_eq!((second.final_step, second.steps_run), (16, 8));
+        assert_eq!(
+            hash_state_dict(&var_store_state_dict(&vs_a)).unwrap(),
+            hash_state_dict(&var_store_state_dict(&vs_b)).unwrap()
+        );
+    }
+}

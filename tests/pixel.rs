@@ -430,3 +430,221 @@ fn parity_rows_pass_on_fixture() {
         assert!(r.pass, "{}: {} {}", r.name, r.max_abs_err, r.note);
     }
 }
+
+mod training {
+    use std::path::PathBuf;
+
+    use lavit::train::decoder::{load_image_folder, train, DecoderTrainConfig, PatchConditioner};
+    use lavit_decoder::unet_2d_condition::PerBlock;
+    use lavit_runtime::train::{hash_state_dict, latest, load};
+
+    use super::{Condition, DecodeOptions, PixelDecoder, Resolution};
+    use tch::Device;
+
+    /// Real photos: the Debian tuxpaint-stamps-default package (`scripts/setup.sh --data`).
+    fn stamps() -> PathBuf {
+        let p = std::env::var_os("LAVIT_STAMPS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/share/tuxpaint/stamps"));
+        assert!(
+            p.is_dir(),
+            "{} missing: run scripts/setup.sh --data (or set LAVIT_STAMPS)",
+            p.display()
+        );
+        p
+    }
+
+    fn config(out: &std::path::Path, steps: usize) -> DecoderTrainConfig {
+        let mut cfg = DecoderTrainConfig {
+            out_dir: out.to_path_buf(),
+            ..Default::default()
+        };
+        cfg.unet.block_out_channels = vec![16, 32];
+        cfg.unet.attention_head_dim = PerBlock::One(2);
+        cfg.unet.cross_attention_dim = 16;
+        cfg.condition.dim = 16;
+        cfg.train.steps = steps;
+        cfg.train.batch_size = 8;
+        cfg.train.lr = 2e-3;
+        cfg.train.warmup_steps = 5;
+        cfg.train.log_every = 5;
+        cfg.train.save_every = 1000;
+        cfg.train.sample_steps = 4;
+        cfg.train.sample_count = 4;
+        cfg.train.progress = false;
+        cfg
+    }
+
+    #[test]
+    fn decoder_training_lowers_denoising_loss_on_real_photos() {
+        let (images, _) = load_image_folder(&stamps(), 16, 32).unwrap();
+        assert_eq!(images.size()[1..], [3, 16, 16]);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 30);
+        let cond = PatchConditioner::new(3, 16, 4, 16, 1, Device::Cpu).unwrap();
+        let s = train(&cfg, &images, &cond).unwrap();
+        assert!(
+            s.eval_loss_end < 0.8 * s.eval_loss_start,
+            "eval loss {} → {}",
+            s.eval_loss_start,
+            s.eval_loss_end
+        );
+        assert!(s.train_loss_last < s.train_loss_first);
+        // the exported EMA U-Net loads as a diffusers folder, and a grid was written
+        let (_vs, unet) =
+            lavit_decoder::UNet2DConditionModel::from_pretrained(&s.exported_unet, Device::Cpu)
+                .unwrap();
+        assert_eq!(unet.config.cross_attention_dim, 16);
+        // the run folder is a pixel-space decoder that `PixelDecoder` loads and samples from
+        let dec = PixelDecoder::load_folder(dir.path(), Resolution::Lowres, Device::Cpu).unwrap();
+        assert!(dec.vae.is_none() && dec.uncond_embeddings.is_none());
+        assert_eq!(dec.native_size(), (32, 32));
+        let cond = Condition::Lowres {
+            hidden: lavit::train::decoder::Conditioner::condition(&cond, &images.narrow(0, 0, 2))
+                .unwrap(),
+        };
+        let opts = DecodeOptions {
+            steps: 3,
+            guidance: 2.0,
+            height: Some(16),
+            width: Some(16),
+            seed: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(dec.decode(&cond, &opts).unwrap().size(), vec![2, 3, 16, 16]);
+        let grid = image::open(s.sample_grids.last().unwrap()).unwrap();
+        assert_eq!((grid.width(), grid.height()), (4 * 16, 2 * 16));
+        assert!(std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .contains("\"loss\""));
+    }
+
+    #[test]
+    fn decoder_training_resumes_exactly() {
+        let (images, _) = load_image_folder(&stamps(), 16, 12).unwrap();
+        let cond = PatchConditioner::new(3, 16, 4, 16, 1, Device::Cpu).unwrap();
+        let straight = tempfile::tempdir().unwrap();
+        train(&config(straight.path(), 4), &images, &cond).unwrap();
+
+        let resumed = tempfile::tempdir().unwrap();
+        let mut first = config(resumed.path(), 4);
+        first.train.stop_after = 2;
+        train(&first, &images, &cond).unwrap();
+        let ck =
+            |d: &std::path::Path| load(&latest(&d.join("checkpoints")).unwrap().unwrap()).unwrap();
+        assert_eq!(ck(resumed.path()).state.step, 2);
+        train(&config(resumed.path(), 4), &images, &cond).unwrap();
+
+        let (mut a, mut b) = (ck(straight.path()), ck(resumed.path()));
+        assert_eq!((a.state.step, b.state.step), (4, 4));
+        for part in ["model", "optimizer", "ema"] {
+            let (pa, pb) = (a.take(part).unwrap(), b.take(part).unwrap());
+            assert_eq!(
+                hash_state_dict(&pa).unwrap(),
+                hash_state_dict(&pb).unwrap(),
+                "{part} differs after resume"
+            );
+        }
+        // the metrics log continues exactly: one line per step
+        let lines = std::fs::read_to_string(resumed.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 4);
+    }
+
+    #[test]
+    fn bad_training_configs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, "[train]\nsteps = \"many\"\n").unwrap();
+        let err = format!("{:#}", DecoderTrainConfig::from_toml_file(&p).unwrap_err());
+        assert!(err.contains("bad.toml") && err.contains("steps"), "{err}");
+        std::fs::write(&p, "[train]\nstepz = 3\n").unwrap();
+        let err = format!("{:#}", DecoderTrainConfig::from_toml_file(&p).unwrap_err());
+        assert!(err.contains("stepz"), "{err}");
+        std::fs::write(&p, "[condition]\ndim = 7\n").unwrap();
+        let err = format!("{:#}", DecoderTrainConfig::from_toml_file(&p).unwrap_err());
+        assert!(err.contains("cross_attention_dim"), "{err}");
+    }
+}
+
+/// A stand-in for the tokenizer's feature decoders that records what it was asked.
+struct RecordingDecoders {
+    seen: std::cell::RefCell<Vec<Vec<i64>>>,
+}
+
+impl lavit::generate::FeatureDecoders for RecordingDecoders {
+    fn decode_lowres(&self, ids: &[Vec<i64>]) -> lavit_runtime::Result<Tensor> {
+        self.seen.borrow_mut().extend(ids.iter().cloned());
+        Ok(Tensor::ones(
+            [ids.len() as i64, 6, 32],
+            (Kind::Float, Device::Cpu),
+        ))
+    }
+    fn decode_highres(&self, ids: &[Vec<i64>]) -> lavit_runtime::Result<(Tensor, Tensor)> {
+        self.seen.borrow_mut().extend(ids.iter().cloned());
+        let b = ids.len() as i64;
+        Ok((
+            Tensor::ones([b, 6, 80], (Kind::Float, Device::Cpu)) * 0.1,
+            Tensor::ones([b, 48], (Kind::Float, Device::Cpu)) * 0.1,
+        ))
+    }
+}
+
+/// Prompt → LLM image tokens (CFG) → feature decoder → U-Net → VAE on the fixture: the
+/// feature decoder receives exactly the visual ids the LLM produced (greedy = the reference).
+#[test]
+fn text_to_image_runs_llm_tokens_through_the_pixel_decoder() {
+    use lavit::generate::{text_to_image, visual_ids_only, TextToImageOptions};
+    use lavit_llm::generate::{ImageTokenConfig, Sampling};
+    let dir = fixture_dir();
+    let manifest = lavit_runtime::manifest::LavitManifest::for_checkpoint(&dir).unwrap();
+    let lm = dir.join("language_model");
+    let (_vs, llm) =
+        lavit_llm::LlamaForCausalLM::from_pretrained(&lm, Device::Cpu, Kind::Float).unwrap();
+    let sp =
+        lavit_llm::sentencepiece::SentencePiece::from_file(&lm.join("tokenizer.model")).unwrap();
+    let vocab = lavit_llm::vocab::UnifiedVocab::from(&manifest.llm);
+    let g = &manifest.generation;
+    let fd = RecordingDecoders {
+        seen: Default::default(),
+    };
+    for res in [Resolution::Highres, Resolution::Lowres] {
+        fd.seen.borrow_mut().clear();
+        let pixels = PixelDecoder::load(&dir, res, Device::Cpu).unwrap();
+        let opts = TextToImageOptions {
+            tokens: ImageTokenConfig {
+                cfg_scale: 2.0,
+                max_new_tokens: g.t2i_max_new_tokens,
+                min_new_tokens: g.t2i_min_new_tokens,
+                sampling: Sampling::greedy(),
+                num_return_sequences: 1,
+                seed: None,
+            },
+            decode: DecodeOptions {
+                steps: 2,
+                seed: Some(3),
+                ..Default::default()
+            },
+        };
+        let out = text_to_image(
+            &llm,
+            &sp,
+            &vocab,
+            &fd,
+            &pixels,
+            std::slice::from_ref(&g.t2i_prompt),
+            &opts,
+        )
+        .unwrap();
+        let reference =
+            lavit_runtime::checkpoint::load_file(&dir.join("reference/expected.safetensors"))
+                .unwrap();
+        let want: Vec<i64> = Vec::try_from(&reference["t2i_greedy_cfg_2"]).unwrap();
+        assert_eq!(out.token_ids, vec![want.clone()]);
+        assert_eq!(
+            *fd.seen.borrow(),
+            vec![visual_ids_only(&want, vocab.visual_token_offset)]
+        );
+        assert!(fd.seen.borrow()[0].iter().all(|&i| vocab.is_visual(i)));
+        assert_eq!(out.images.size(), vec![1, 3, 16, 16]);
+    }
+}

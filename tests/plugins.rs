@@ -10,7 +10,8 @@ use lavit_runtime::plugin_host::{PluginComponent, PluginHost, PluginHostError, P
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
 /// The dylib of workspace crate `krate` (its lib name: dashes → underscores), next to this
-/// test binary; built with `cargo build -p` if it is missing (e.g. a filtered build).
+/// test binary: cargo builds it in target/<profile>/deps because the root crate dev-depends
+/// on the plugin crates (`cargo build -p <crate>` also puts it in target/<profile>/).
 fn dylib(krate: &str) -> PathBuf {
     let file = format!(
         "{}{}{}",
@@ -21,20 +22,13 @@ fn dylib(krate: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let deps = exe.parent().expect("target/<profile>/deps");
     let candidates = [deps.join(&file), deps.join("..").join(&file)];
-    if let Some(found) = candidates.iter().find(|p| p.exists()) {
-        return found.clone();
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "-p", krate])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build -p {krate} failed");
-    candidates
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{file} not found next to {}", exe.display()))
+    candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{file} not found in {} or its parent: run `cargo build -p {krate}` (cargo test builds it \
+             as a dev-dependency of the root crate)",
+            deps.display()
+        )
+    })
 }
 
 fn component(plugin: &str, config: serde_json::Value) -> PluginComponent {
@@ -161,6 +155,39 @@ fn convnet_dylib_gives_patch_features_and_reloads_its_weights() {
         .err()
         .unwrap();
     assert!(matches!(e, PluginHostError::Unknown { .. }) && e.to_string().contains("convnext"));
+}
+
+/// Both example plugins put their weights and outputs on the device the stage asks for.
+#[test]
+fn plugins_run_on_the_stage_device() {
+    let host = example_host();
+    let device = Device::cuda_if_available();
+    let bb = host
+        .backbone(
+            &component(
+                "convnext",
+                serde_json::json!({"image_size": 16, "patch_size": 4, "depth": 1, "dim": 8}),
+            ),
+            device,
+        )
+        .unwrap();
+    let feats = bb
+        .forward(&Tensor::randn([1, 3, 16, 16], (Kind::Float, device)))
+        .unwrap();
+    assert_eq!((feats.device(), feats.size()), (device, vec![1, 16, 8]));
+    let cb = host
+        .codebook(
+            &component("residual-vq", serde_json::json!({"code_dim": 8})),
+            device,
+        )
+        .unwrap();
+    let ids = cb.quantize(&feats.view([16, 8])).unwrap();
+    assert_eq!(ids.device(), device);
+    assert_eq!(cb.embed(&ids).unwrap().device(), device);
+    assert!(cb
+        .trainable_parameters()
+        .iter()
+        .all(|p| p.device() == device));
 }
 
 #[test]

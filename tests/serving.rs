@@ -1,1 +1,1081 @@
-//! Integration tests: serving.
+//! Integration tests: the stage actors, the pipeline API and the HTTP server (loopback only,
+//! bounded loops, every test stops what it started). Stages are the mock stages of
+//! `lavit_runtime::mock` until the real models are wired (see `real_*` tests).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use lavit::pipeline::{Fault, Pipeline, PipelineConfig, StageKind};
+use lavit::serve::{self, Limits, RunningServer};
+use lavit_runtime::actors::Input;
+use lavit_runtime::messages::{CaptionOptions, GenerateOptions, Output, Task, TrainBatch};
+use lavit_runtime::mock::{self, Gate, MockConfig};
+use lavit_runtime::stage::*;
+use tch::{Device, Kind, Tensor};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn pcfg(in_flight: usize, queue: usize) -> PipelineConfig {
+    PipelineConfig {
+        max_in_flight: in_flight,
+        max_queue: queue,
+        ..PipelineConfig::default()
+    }
+}
+
+fn images(b: i64, seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::randn([b, 3, 28, 28], (Kind::Float, Device::Cpu))
+}
+
+/// Poll `cond` every 5 ms for at most `secs` seconds.
+fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+// ------------------------------------------------------------------------------------------
+// Actors == direct calls, overlap, cancellation, faults (no HTTP).
+
+#[test]
+fn placement_files_parse_and_bad_devices_are_refused() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    for f in [
+        "placement-cpu.toml",
+        "placement-1gpu.toml",
+        "placement-3gpu.toml",
+    ] {
+        let p = Placement::from_file(&root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(p.mailbox >= 1);
+    }
+    let three = Placement::from_file(&root.join("placement-3gpu.toml")).unwrap();
+    assert_eq!(three.device(StageKind::Llm), Device::Cuda(1));
+    assert_eq!(three.device(StageKind::Decoder), Device::Cuda(2));
+    let err = Placement::from_toml("[placement]\nllm = \"gpu7\"\n", "t.toml").unwrap_err();
+    assert!(err.to_string().contains("placement.llm"), "{err}");
+    let err = Placement::from_toml("[placement]\nmailbox = 0\n", "t.toml").unwrap_err();
+    assert!(err.to_string().contains("mailbox"), "{err}");
+    assert!(Placement::from_toml("[placement]\nbogus = 1\n", "t.toml").is_err());
+    let cfg = serve::ServeConfig::from_file(&root.join("serve.toml")).unwrap();
+    assert!(cfg.server.max_n >= 1);
+}
+
+#[test]
+fn actors_equal_direct_calls_bit_for_bit() {
+    let m = MockConfig::default();
+    let pipe = Pipeline::mock(&m, None, &pcfg(4, 8)).unwrap();
+    let rt = rt();
+    let x = images(3, 1);
+    // Direct calls of the same stages.
+    let dev = Device::Cpu;
+    let mut enc = mock::MockEncoder::new(&m, dev);
+    let mut sm = mock::MockSelectorMerger::new(&m, dev);
+    let mut q = mock::MockQuantizer::new(&m, dev);
+    let mut llm = mock::MockLlm::new(&m, dev, None);
+    let mut dec = mock::MockDecoder::new(&m, dev, None);
+    let feats = enc.encode(&x).unwrap();
+    let (keep, merged) = sm.select_merge(&feats).unwrap();
+    let direct_ids = q.quantize(&merged, &keep).unwrap();
+
+    let out = rt
+        .block_on(
+            pipe.graph()
+                .run(Task::Tokenize, Input::Images(x.shallow_clone())),
+        )
+        .unwrap();
+    let Output::VisualIds(ids) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(ids, direct_ids);
+    assert!(
+        ids.iter().any(|s| s.len() != ids[0].len()) || ids[0].len() < 16,
+        "dynamic lengths"
+    );
+
+    let copts = CaptionOptions {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let x0 = x.narrow(0, 0, 1);
+    let und = sm.understanding(&enc.encode(&x0).unwrap()).unwrap();
+    let direct_caption = llm
+        .caption(&und[0], "what?", &copts, &mut |_, _| true)
+        .unwrap();
+    let task = Task::Caption {
+        prompt: "what?".into(),
+        opts: copts,
+    };
+    let Output::Text { ids, .. } = rt
+        .block_on(pipe.graph().run(task, Input::Images(x0)))
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(ids, direct_caption);
+
+    let gopts = GenerateOptions {
+        n: 2,
+        steps: 4,
+        seed: 3,
+        ..Default::default()
+    };
+    let toks = llm.image_tokens("a cat", &gopts, &|| false).unwrap();
+    let px_direct = dec.decode(&toks, &gopts, &|| false).unwrap();
+    let out = rt
+        .block_on(pipe.graph().run(
+            Task::Generate {
+                opts: gopts.clone(),
+            },
+            Input::Prompt("a cat".into()),
+        ))
+        .unwrap();
+    let Output::Pixels(px) = out else { panic!() };
+    assert_eq!(px.size(), [2, 3, 16, 16]);
+    assert!(
+        px.equal(&px_direct),
+        "pixels through the actors differ from the direct calls"
+    );
+
+    // Reconstruct: quantizer ids straight into the decoder.
+    let rec_direct = dec.decode(&direct_ids[..1], &gopts, &|| false).unwrap();
+    let out = rt
+        .block_on(pipe.graph().run(
+            Task::Reconstruct { opts: gopts },
+            Input::Images(x.narrow(0, 0, 1)),
+        ))
+        .unwrap();
+    let Output::Pixels(px) = out else { panic!() };
+    assert!(px.equal(&rec_direct));
+    assert_eq!(pipe.graph().admission().admitted(), 0);
+}
+
+#[test]
+fn requests_overlap_across_stages() {
+    let m = MockConfig {
+        work: 30,
+        ..Default::default()
+    };
+    let pipe = Arc::new(Pipeline::mock(&m, None, &pcfg(6, 0)).unwrap());
+    let rt = rt();
+    let n = 6;
+    let results = rt.block_on(async {
+        let futs = (0..n).map(|i| {
+            let p = pipe.clone();
+            async move {
+                p.graph()
+                    .run(Task::Tokenize, Input::Images(images(2, 100 + i)))
+                    .await
+            }
+        });
+        futures::future::join_all(futs).await
+    });
+    // Every result equals the direct computation.
+    let mut enc = mock::MockEncoder::new(&m, Device::Cpu);
+    let mut sm = mock::MockSelectorMerger::new(&m, Device::Cpu);
+    let mut q = mock::MockQuantizer::new(&m, Device::Cpu);
+    for (i, r) in results.into_iter().enumerate() {
+        let Output::VisualIds(ids) = r.unwrap() else {
+            panic!()
+        };
+        let (k, mm) = sm
+            .select_merge(&enc.encode(&images(2, 100 + i as i64)).unwrap())
+            .unwrap();
+        assert_eq!(ids, q.quantize(&mm, &k).unwrap());
+    }
+    // Overlap: from the stages' own start/end records, some stage worked on one request while
+    // another stage worked on a different request.
+    let recs = pipe.graph().records();
+    assert_eq!(recs.len(), 3 * n as usize);
+    let mut overlaps = 0;
+    for a in &recs {
+        for b in &recs {
+            if a.stage != b.stage && a.request != b.request && a.start < b.end && b.start < a.end {
+                overlaps += 1;
+            }
+        }
+    }
+    assert!(
+        overlaps > 0,
+        "no two stages ever worked at the same time: {recs:?}"
+    );
+    // Each stage handles one request at a time (its own thread).
+    for k in [
+        StageKind::Encoder,
+        StageKind::SelectorMerger,
+        StageKind::Quantizer,
+    ] {
+        let mut rs: Vec<_> = recs.iter().filter(|r| r.stage == k).collect();
+        rs.sort_by_key(|r| r.start);
+        assert!(
+            rs.windows(2).all(|w| w[0].end <= w[1].start),
+            "{k} ran two requests at once"
+        );
+    }
+}
+
+#[test]
+fn cancellation_stops_the_diffusion_loop_within_one_step() {
+    let m = MockConfig::default();
+    let pipe = Pipeline::mock(&m, None, &pcfg(2, 0)).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let g = pipe.graph();
+        let ticket = g.admit().unwrap();
+        let opts = GenerateOptions {
+            steps: 10_000_000,
+            ..Default::default()
+        };
+        let mut h = g
+            .start(ticket, Task::Generate { opts }, Input::Prompt("x".into()))
+            .await
+            .unwrap();
+        let entry = loop {
+            if let Some(e) = g.in_flight().into_iter().find(|e| e.id == h.id) {
+                if e.progress.load(std::sync::atomic::Ordering::SeqCst) > 20 {
+                    break e;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        assert!(g.cancel(h.id));
+        let p0 = entry.progress.load(std::sync::atomic::Ordering::SeqCst);
+        let r = tokio::time::timeout(Duration::from_secs(10), h.wait())
+            .await
+            .expect("cancel hung");
+        assert_eq!(r.unwrap_err(), StageError::Cancelled);
+        let p1 = entry.progress.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(p1 <= p0 + 1, "ran {} steps after the cancel", p1 - p0);
+        assert_eq!(g.admission().admitted(), 0, "the slot was not freed");
+    });
+}
+
+#[test]
+fn stage_errors_and_panics_fail_one_request_and_the_stage_recovers() {
+    let m = MockConfig::default();
+    let pipe = Pipeline::mock(&m, None, &pcfg(2, 2)).unwrap();
+    let rt = rt();
+    let g = pipe.graph();
+    let gen = || Task::Generate {
+        opts: GenerateOptions {
+            steps: 2,
+            ..Default::default()
+        },
+    };
+    g.inject_fault(StageKind::Llm, Fault::Error);
+    let e = rt
+        .block_on(g.run(gen(), Input::Prompt("a".into())))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StageError::Failed {
+                stage: StageKind::Llm,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    g.inject_fault(StageKind::Decoder, Fault::Panic);
+    let e = rt
+        .block_on(g.run(gen(), Input::Prompt("a".into())))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StageError::Panicked {
+                stage: StageKind::Decoder,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Recovered: the next requests succeed, and the graph is healthy.
+    assert!(rt.block_on(g.run(gen(), Input::Prompt("a".into()))).is_ok());
+    assert!(rt
+        .block_on(g.run(Task::Tokenize, Input::Images(images(1, 5))))
+        .is_ok());
+    assert!(g.healthy());
+    // Three panics in a row: the stage exits, the graph is unhealthy, requests fail as closed.
+    for _ in 0..3 {
+        g.inject_fault(StageKind::Quantizer, Fault::Panic);
+        let e = rt
+            .block_on(g.run(Task::Tokenize, Input::Images(images(1, 5))))
+            .unwrap_err();
+        assert!(matches!(e, StageError::Panicked { .. }), "{e}");
+    }
+    assert!(!g.healthy());
+    assert_eq!(
+        g.exit_status(StageKind::Quantizer),
+        Some(ExitStatus::Panicked)
+    );
+    let e = rt
+        .block_on(g.run(Task::Tokenize, Input::Images(images(1, 5))))
+        .unwrap_err();
+    assert_eq!(
+        e,
+        StageError::Closed {
+            stage: StageKind::Quantizer
+        }
+    );
+    assert_eq!(g.admission().admitted(), 0);
+}
+
+/// A trainable mock stage pair for the training path through the actors: a linear
+/// "selector/merger" and a "decoder" head that reconstructs the patch features.
+struct TrainSm {
+    w: Tensor,
+    lr: f64,
+}
+impl Trainable for TrainSm {
+    fn train_forward(&mut self, mut b: TrainBatch) -> StageResult<TrainBatch> {
+        let x = b.tensors["patch_features"].shallow_clone();
+        b.tensors.insert("merged".into(), x.matmul(&self.w));
+        Ok(b)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        tch::no_grad(|| {
+            let g = self.w.grad();
+            let _ = self.w.f_sub_(&(g * self.lr)).unwrap();
+        });
+        self.w.zero_grad();
+        Ok(())
+    }
+}
+impl SelectorMergerStage for TrainSm {
+    fn select_merge(&mut self, _: &Tensor) -> StageResult<(Tensor, Tensor)> {
+        Err(StageError::Invalid("training-only stage".into()))
+    }
+    fn understanding(&mut self, _: &Tensor) -> StageResult<Vec<Tensor>> {
+        Err(StageError::Invalid("training-only stage".into()))
+    }
+}
+struct TrainDec {
+    w: Tensor,
+    lr: f64,
+}
+impl Trainable for TrainDec {
+    fn train_forward(&mut self, mut b: TrainBatch) -> StageResult<TrainBatch> {
+        let rec = b.tensors["merged"].matmul(&self.w);
+        let target = &b.tensors["patch_features"];
+        let loss = (-Tensor::cosine_similarity(&rec, target, -1, 1e-8) + 1.0).mean(Kind::Float);
+        b.losses.push(("reconstruction".into(), loss));
+        Ok(b)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        tch::no_grad(|| {
+            let g = self.w.grad();
+            let _ = self.w.f_sub_(&(g * self.lr)).unwrap();
+        });
+        self.w.zero_grad();
+        Ok(())
+    }
+}
+impl DecoderStage for TrainDec {
+    fn decode(
+        &mut self,
+        _: &[Vec<i64>],
+        _: &GenerateOptions,
+        _: ShouldStop,
+    ) -> StageResult<Tensor> {
+        Err(StageError::Invalid("training-only stage".into()))
+    }
+}
+
+#[test]
+fn training_steps_through_the_actor_graph_lower_the_loss() {
+    let m = MockConfig::default();
+    let mut b = mock::builders(&m, None);
+    b.selector_merger = Box::new(|d| {
+        tch::manual_seed(11);
+        let w = (Tensor::randn([32, 8], (Kind::Float, d)) * 0.3).set_requires_grad(true);
+        Ok(Box::new(TrainSm { w, lr: 0.5 }) as Box<dyn SelectorMergerStage>)
+    });
+    b.decoder = Box::new(|d| {
+        tch::manual_seed(12);
+        let w = (Tensor::randn([8, 32], (Kind::Float, d)) * 0.3).set_requires_grad(true);
+        Ok(Box::new(TrainDec { w, lr: 0.5 }) as Box<dyn DecoderStage>)
+    });
+    let info = lavit::pipeline::ModelInfo {
+        image_size: 28,
+        default_size: (16, 16),
+    };
+    let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
+    let g = pipe.graph();
+    let rt = rt();
+    let mut enc = mock::MockEncoder::new(&m, Device::Cpu);
+    let feats = enc.encode(&images(4, 9)).unwrap(); // frozen encoder features, (4, 17, 32)
+    let mut losses = Vec::new();
+    rt.block_on(async {
+        g.set_train(true);
+        for _ in 0..30 {
+            let mut batch = TrainBatch::new(vec![
+                StageKind::SelectorMerger,
+                StageKind::Quantizer,
+                StageKind::Decoder,
+            ]);
+            batch
+                .tensors
+                .insert("patch_features".into(), feats.shallow_clone());
+            let out = g.train_forward(batch).await.unwrap();
+            let loss = out.total_loss(Device::Cpu).unwrap();
+            losses.push(g.backward(StageKind::Decoder, loss).await.unwrap());
+            g.optimizer_step(&[StageKind::SelectorMerger, StageKind::Decoder])
+                .await
+                .unwrap();
+        }
+    });
+    assert!(losses.iter().all(|l| l.is_finite()));
+    assert!(
+        losses[29] < 0.7 * losses[0],
+        "loss did not fall: {losses:?}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// HTTP.
+
+fn limits() -> Limits {
+    Limits {
+        bind: "127.0.0.1:0".into(),
+        warmup: true,
+        max_steps: 100_000_000,
+        drain_timeout_s: 10,
+        ..Limits::default()
+    }
+}
+
+fn server(in_flight: usize, queue: usize, gate: Option<Gate>, lim: Limits) -> RunningServer {
+    let pipe =
+        Arc::new(Pipeline::mock(&MockConfig::default(), gate, &pcfg(in_flight, queue)).unwrap());
+    serve::spawn(pipe, lim).unwrap()
+}
+
+fn ready(s: &RunningServer) {
+    rt().block_on(serve::mark_ready(s)).unwrap();
+}
+
+struct Resp {
+    status: u16,
+    body: String,
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (h, b) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if h
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(b)
+    } else {
+        b.to_string()
+    };
+    Resp { status, body }
+}
+
+fn dechunk(mut b: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = b.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        b = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn post(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp {
+    request(addr, "POST", path, body.to_string().as_bytes(), &[])
+}
+
+fn png_b64(w: u32, h: u32) -> String {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(buf.into_inner())
+}
+
+fn chat_body(img: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": "lavit", "stream": stream, "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in the image?"},
+        {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{img}")}}]}]})
+}
+
+#[test]
+fn http_endpoints_work_and_streaming_matches() {
+    let s = server(2, 4, None, limits());
+    assert_eq!(
+        request(s.addr, "GET", "/ready", b"", &[]).status,
+        503,
+        "ready before warm-up"
+    );
+    ready(&s);
+    assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 200);
+    assert_eq!(request(s.addr, "GET", "/ready", b"", &[]).status, 200);
+    let r = post(
+        s.addr,
+        "/v1/images/generations",
+        &serde_json::json!({"prompt": "a red cat", "n": 2, "steps": 3, "seed": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(data[0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    let img = image::load_from_memory(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 16));
+
+    let img = png_b64(40, 30);
+    let r = post(
+        s.addr,
+        "/v1/tokenize",
+        &serde_json::json!({"images": [img.clone(), png_b64(28, 28)]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 2);
+
+    let r = post(s.addr, "/v1/chat/completions", &chat_body(&img, false));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let full = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = post(s.addr, "/v1/chat/completions", &chat_body(&img, true));
+    assert_eq!(r.status, 200);
+    let events: Vec<&str> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{}", r.body);
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(streamed.trim(), full);
+    let m = request(s.addr, "GET", "/metrics", b"", &[]).body;
+    assert!(
+        m.contains("lavit_stage_latency_seconds_bucket{stage=\"llm\",le=\"+Inf\"}"),
+        "{m}"
+    );
+    assert!(m.contains("lavit_http_responses_total{class=\"2xx\"}"));
+    assert!(m.contains("lavit_queue_depth 0"));
+    s.stop();
+}
+
+#[test]
+fn admission_refuses_exactly_the_overflow_with_429() {
+    let (n, q, extra) = (2, 3, 4);
+    let gate = Gate::closed();
+    let lim = Limits {
+        warmup: false,
+        ..limits()
+    };
+    let s = server(n, q, Some(gate.clone()), lim);
+    ready(&s);
+    let addr = s.addr;
+    let threads: Vec<_> = (0..n + q + extra)
+        .map(|i| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/images/generations",
+                    &serde_json::json!({"prompt": format!("p{i}"), "steps": 2}),
+                )
+                .status
+            })
+        })
+        .collect();
+    let adm = s.state.pipe.graph().admission().clone();
+    assert!(wait_until(20, || adm.rejected() == extra as u64
+        && adm.admitted() == n + q));
+    // While held: the queue and in-flight gauges say so.
+    let m = request(addr, "GET", "/metrics", b"", &[]).body;
+    assert!(m.contains(&format!("lavit_queue_depth {q}")), "{m}");
+    assert!(m.contains(&format!("lavit_in_flight {n}")), "{m}");
+    gate.open();
+    let codes: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        codes.iter().filter(|&&c| c == 429).count(),
+        extra,
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|&&c| c == 200).count(),
+        n + q,
+        "{codes:?}"
+    );
+    let m = request(addr, "GET", "/metrics", b"", &[]).body;
+    assert!(
+        m.contains(&format!(
+            "lavit_http_responses_total{{class=\"429\"}} {extra}"
+        )),
+        "{m}"
+    );
+    assert!(m.contains(&format!("lavit_rejected_total {extra}")));
+    s.stop();
+}
+
+#[test]
+fn client_disconnect_cancels_and_frees_the_slot() {
+    let s = server(
+        1,
+        0,
+        None,
+        Limits {
+            warmup: false,
+            ..limits()
+        },
+    );
+    ready(&s);
+    let g = s.state.pipe.graph();
+    let body = serde_json::json!({"prompt": "long", "steps": 50_000_000}).to_string();
+    let mut sock = TcpStream::connect(s.addr).unwrap();
+    write!(
+        sock,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(wait_until(20, || g
+        .in_flight()
+        .iter()
+        .any(
+            |e| e.progress.load(std::sync::atomic::Ordering::SeqCst) > 10
+        )));
+    let entry = g.in_flight().pop().unwrap();
+    drop(sock); // the client goes away
+    assert!(
+        wait_until(10, || g.admission().admitted() == 0),
+        "slot not freed after disconnect"
+    );
+    assert!(entry.cancel.is_cancelled());
+    let done = entry.progress.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(done < 50_000_000);
+    assert_eq!(
+        g.shared().metrics[StageKind::Decoder.index()]
+            .cancelled
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    // The freed slot serves the next request.
+    let r = post(
+        s.addr,
+        "/v1/images/generations",
+        &serde_json::json!({"prompt": "short", "steps": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    s.stop();
+}
+
+#[test]
+fn forced_stage_error_and_panic_give_500_then_recovery_or_unhealthy() {
+    let s = server(
+        2,
+        2,
+        None,
+        Limits {
+            warmup: false,
+            ..limits()
+        },
+    );
+    ready(&s);
+    let g = s.state.pipe.graph();
+    let gen = || {
+        post(
+            s.addr,
+            "/v1/images/generations",
+            &serde_json::json!({"prompt": "x", "steps": 2}),
+        )
+    };
+    g.inject_fault(StageKind::Decoder, Fault::Error);
+    let r = gen();
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("injected error"), "{}", r.body);
+    g.inject_fault(StageKind::Llm, Fault::Panic);
+    let r = gen();
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("panicked"), "{}", r.body);
+    // Recovery: the stage keeps serving.
+    assert_eq!(gen().status, 200);
+    assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 200);
+    // Policy limit: 3 panics in a row → the stage exits, health and readiness fail.
+    for _ in 0..3 {
+        g.inject_fault(StageKind::Llm, Fault::Panic);
+        assert_eq!(gen().status, 500);
+    }
+    assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 503);
+    assert_eq!(request(s.addr, "GET", "/ready", b"", &[]).status, 503);
+    assert_eq!(gen().status, 503);
+    let m = request(s.addr, "GET", "/metrics", b"", &[]).body;
+    assert!(
+        m.contains("lavit_stage_panics_total{stage=\"llm\"} 4"),
+        "{m}"
+    );
+    // 5 × 500 (1 error, 4 panics) + 3 × 503 (the request after the death, /health, /ready).
+    assert!(
+        m.contains("lavit_http_responses_total{class=\"5xx\"} 8"),
+        "{m}"
+    );
+    s.stop();
+}
+
+#[test]
+fn drain_finishes_in_flight_and_refuses_new() {
+    let gate = Gate::closed();
+    let s = server(
+        2,
+        2,
+        Some(gate.clone()),
+        Limits {
+            warmup: false,
+            ..limits()
+        },
+    );
+    ready(&s);
+    let addr = s.addr;
+    let inflight: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/images/generations",
+                    &serde_json::json!({"prompt": "x", "steps": 3}),
+                )
+                .status
+            })
+        })
+        .collect();
+    let adm = s.state.pipe.graph().admission().clone();
+    assert!(wait_until(20, || adm.admitted() == 2));
+    let rt = rt();
+    let s = Arc::new(s);
+    let s2 = s.clone();
+    let drain = std::thread::spawn(move || rt.block_on(s2.drain(Duration::from_secs(20))));
+    assert!(wait_until(10, || adm.is_draining()));
+    let r = post(
+        addr,
+        "/v1/images/generations",
+        &serde_json::json!({"prompt": "late", "steps": 3}),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    gate.open();
+    for t in inflight {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    assert!(
+        drain.join().unwrap(),
+        "drain did not finish the admitted requests"
+    );
+    if let Ok(s) = Arc::try_unwrap(s) {
+        s.join();
+    }
+}
+
+#[test]
+fn malformed_requests_get_4xx_never_5xx() {
+    let lim = Limits {
+        warmup: false,
+        body_limit_bytes: 200_000,
+        max_image_pixels: 64 * 64,
+        max_image_side: 512,
+        max_prompt_chars: 100,
+        ..limits()
+    };
+    let s = server(2, 2, None, lim);
+    ready(&s);
+    let png = png_b64(32, 32);
+    let raw_png = base64::engine::general_purpose::STANDARD
+        .decode(&png)
+        .unwrap();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    // A PNG whose header claims 100000 x 100000 pixels (a decompression bomb's header).
+    let mut bomb = raw_png.clone();
+    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let big_png = png_b64(100, 100); // 10000 pixels > 64*64
+    let img = |s: String| serde_json::json!({ "image": s });
+    let chat_img = |s: &str| chat_body(s, false);
+    let gen = "/v1/images/generations";
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("empty body", gen, b"".to_vec()),
+        ("not JSON", gen, b"{prompt:".to_vec()),
+        ("NaN literal", gen, br#"{"prompt":"a","guidance":NaN}"#.to_vec()),
+        ("huge number", gen, br#"{"prompt":"a","guidance":1e999}"#.to_vec()),
+        ("negative n", gen, br#"{"prompt":"a","n":-1}"#.to_vec()),
+        ("zero n", gen, br#"{"prompt":"a","n":0}"#.to_vec()),
+        ("huge n", gen, br#"{"prompt":"a","n":100000}"#.to_vec()),
+        ("zero steps", gen, br#"{"prompt":"a","steps":0}"#.to_vec()),
+        ("negative guidance", gen, br#"{"prompt":"a","guidance":-1}"#.to_vec()),
+        ("huge guidance", gen, br#"{"prompt":"a","guidance":1e300}"#.to_vec()),
+        ("string guidance", gen, br#"{"prompt":"a","guidance":"NaN"}"#.to_vec()),
+        ("missing prompt", gen, br#"{"n":1}"#.to_vec()),
+        ("empty prompt", gen, br#"{"prompt":"   "}"#.to_vec()),
+        ("long prompt", gen, format!(r#"{{"prompt":"{}"}}"#, "a".repeat(101)).into_bytes()),
+        ("bad size", gen, br#"{"prompt":"a","size":"big"}"#.to_vec()),
+        ("odd size", gen, br#"{"prompt":"a","size":"7x7"}"#.to_vec()),
+        ("huge size", gen, br#"{"prompt":"a","size":"99999x99999"}"#.to_vec()),
+        ("url format", gen, br#"{"prompt":"a","response_format":"url"}"#.to_vec()),
+        ("body over the cap", gen, format!(r#"{{"prompt":"{}"}}"#, "a".repeat(300_000)).into_bytes()),
+        ("bad base64", "/v1/tokenize", img("!!!not base64!!!".into()).to_string().into_bytes()),
+        ("wrong magic", "/v1/tokenize", img(b64(b"GIF00000000000000000000")).to_string().into_bytes()),
+        ("text as image", "/v1/tokenize", img(b64(b"hello, world, this is not an image")).to_string().into_bytes()),
+        ("truncated PNG", "/v1/tokenize", img(b64(&raw_png[..raw_png.len() / 2])).to_string().into_bytes()),
+        ("header only PNG", "/v1/tokenize", img(b64(&raw_png[..20])).to_string().into_bytes()),
+        ("bomb header", "/v1/tokenize", img(b64(&bomb)).to_string().into_bytes()),
+        ("too many pixels", "/v1/tokenize", img(big_png).to_string().into_bytes()),
+        ("empty image", "/v1/tokenize", img(String::new()).to_string().into_bytes()),
+        ("no image", "/v1/tokenize", b"{}".to_vec()),
+        ("empty list", "/v1/tokenize", br#"{"images":[]}"#.to_vec()),
+        ("remote url", "/v1/tokenize", img("https://example.com/a.png".into()).to_string().into_bytes()),
+        ("chat no messages", "/v1/chat/completions", br#"{"messages":[]}"#.to_vec()),
+        ("chat no image", "/v1/chat/completions", br#"{"messages":[{"role":"user","content":"hi"}]}"#.to_vec()),
+        ("chat bad part", "/v1/chat/completions", br#"{"messages":[{"role":"user","content":[{"type":"audio"}]}]}"#.to_vec()),
+        ("chat zero tokens", "/v1/chat/completions", {
+            let mut v = chat_img(&png);
+            v["max_tokens"] = 0.into();
+            v.to_string().into_bytes()
+        }),
+        ("chat huge tokens", "/v1/chat/completions", {
+            let mut v = chat_img(&png);
+            v["max_tokens"] = 10_000_000.into();
+            v.to_string().into_bytes()
+        }),
+        ("chat top_p 2", "/v1/chat/completions", {
+            let mut v = chat_img(&png);
+            v["top_p"] = 2.0.into();
+            v.to_string().into_bytes()
+        }),
+        ("chat negative temperature", "/v1/chat/completions", {
+            let mut v = chat_img(&png);
+            v["temperature"] = (-0.5).into();
+            v.to_string().into_bytes()
+        }),
+        ("chat truncated image", "/v1/chat/completions", chat_img(&b64(&raw_png[..40])).to_string().into_bytes()),
+        ("chat data url not base64", "/v1/chat/completions", br#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png,abc"}}]}]}"#.to_vec()),
+        ("unknown route", "/v1/nothing", b"{}".to_vec()),
+    ];
+    for (name, path, body) in &cases {
+        let r = request(s.addr, "POST", path, body, &[]);
+        assert!(
+            (400..500).contains(&r.status),
+            "{name}: got {} {}",
+            r.status,
+            r.body
+        );
+        if r.status != 413 && r.status != 404 {
+            assert!(
+                r.body.contains("message"),
+                "{name}: no message in {}",
+                r.body
+            );
+        }
+    }
+    // The server is still fine and nothing leaked.
+    assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 200);
+    assert_eq!(s.state.pipe.graph().admission().admitted(), 0);
+    let m = request(s.addr, "GET", "/metrics", b"", &[]).body;
+    assert!(
+        m.contains("lavit_http_responses_total{class=\"5xx\"} 0"),
+        "{m}"
+    );
+    s.stop();
+}
+
+#[test]
+fn api_key_is_required_when_configured() {
+    let var = "LAVIT_TEST_SERVING_API_KEY";
+    std::env::set_var(var, "sekrit");
+    let s = server(
+        1,
+        1,
+        None,
+        Limits {
+            warmup: false,
+            api_key_env: Some(var.into()),
+            ..limits()
+        },
+    );
+    ready(&s);
+    let body = serde_json::json!({"prompt": "x", "steps": 1}).to_string();
+    let gen = "/v1/images/generations";
+    assert_eq!(
+        request(s.addr, "POST", gen, body.as_bytes(), &[]).status,
+        401
+    );
+    assert_eq!(
+        request(
+            s.addr,
+            "POST",
+            gen,
+            body.as_bytes(),
+            &[("Authorization", "Bearer wrong!")]
+        )
+        .status,
+        401
+    );
+    assert_eq!(
+        request(
+            s.addr,
+            "POST",
+            gen,
+            body.as_bytes(),
+            &[("Authorization", "Bearer sekrit")]
+        )
+        .status,
+        200
+    );
+    assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 200);
+    s.stop();
+}
+
+// ------------------------------------------------------------------------------------------
+// Real stages (the fixture's models) through the actors == direct calls.
+
+/// A decoder stage that returns the visual ids it received as a (n, 1, 1, L) float tensor, so
+/// the LLM stage's output can be compared exactly through the actor graph.
+struct IdsOut;
+impl Trainable for IdsOut {}
+impl DecoderStage for IdsOut {
+    fn decode(
+        &mut self,
+        ids: &[Vec<i64>],
+        _: &GenerateOptions,
+        _: ShouldStop,
+    ) -> StageResult<Tensor> {
+        let l = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let flat: Vec<f32> = ids
+            .iter()
+            .flat_map(|s| (0..l).map(move |j| s.get(j).map_or(-1.0, |&v| v as f32)))
+            .collect();
+        Ok(Tensor::from_slice(&flat).reshape([ids.len() as i64, 1, 1, l as i64]))
+    }
+}
+
+#[test]
+fn real_llm_stage_through_actors_equals_direct_calls() {
+    use lavit_llm::actor::LlmStageModel;
+    let dir = crate::common::fixture_dir();
+    let m = MockConfig {
+        llm_hidden: 96,
+        ..Default::default()
+    };
+    let mut b = mock::builders(&m, None);
+    let d2 = dir.clone();
+    b.llm = Box::new(move |dev| Ok(Box::new(LlmStageModel::load(&d2, dev)?) as Box<dyn LlmStage>));
+    b.decoder = Box::new(|_| Ok(Box::new(IdsOut) as Box<dyn DecoderStage>));
+    let info = lavit::pipeline::ModelInfo {
+        image_size: 28,
+        default_size: (16, 16),
+    };
+    let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
+    let mut direct = LlmStageModel::load(&dir, Device::Cpu).unwrap();
+    let rt = rt();
+    // Text → image tokens (greedy, CFG 2).
+    let opts = GenerateOptions {
+        n: 2,
+        top_k: 0,
+        llm_guidance: 2.0,
+        ..Default::default()
+    };
+    let want = direct
+        .image_tokens("a photo of a cat sitting on a chair", &opts, &|| false)
+        .unwrap();
+    let out = rt
+        .block_on(pipe.graph().run(
+            Task::Generate { opts },
+            Input::Prompt("a photo of a cat sitting on a chair".into()),
+        ))
+        .unwrap();
+    let Output::Pixels(t) = out else { panic!() };
+    let got: Vec<Vec<i64>> = Vec::<Vec<f32>>::try_from(t.reshape([2, -1]))
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .filter(|&v| v >= 0.0)
+                .map(|v| v as i64)
+                .collect()
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert!(want[0].iter().all(|&i| direct.vocab.is_visual(i)) && !want[0].is_empty());
+    // Image → text: the mock tokenizer's continuous embeds into the real LLM.
+    let x = images(1, 3);
+    let mut enc = mock::MockEncoder::new(&m, Device::Cpu);
+    let mut sm = mock::MockSelectorMerger::new(&m, Device::Cpu);
+    let prefix = sm
+        .understanding(&enc.encode(&x).unwrap())
+        .unwrap()
+        .remove(0);
+    let copts = CaptionOptions {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let want = direct
+        .caption(&prefix, "describe", &copts, &mut |_, _| true)
+        .unwrap();
+    let task = Task::Caption {
+        prompt: "describe".into(),
+        opts: copts,
+    };
+    let Output::Text { ids, text } = rt
+        .block_on(pipe.graph().run(task, Input::Images(x)))
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(ids, want);
+    assert_eq!(text, direct.sp.decode(&want));
+}

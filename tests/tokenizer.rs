@@ -1,1 +1,354 @@
-//! Integration tests: tokenizer.
+//! Integration tests: the dynamic visual tokenizer (issue 3).
+
+use std::collections::BTreeMap;
+
+use lavit::tokenizer::{LoadParts, UnderstandingHead, VisualTokenizer};
+use lavit_decoder::feature_decoder::{FeatureDecoderConfig, HighresVQDecoder, VQDecoder};
+use lavit_encoder::eva_vit::{EvaBackbone, EvaVitConfig};
+use lavit_encoder::LaVITImageProcessor;
+use lavit_quantizer::VectorQuantizer;
+use lavit_runtime::checkpoint;
+use lavit_runtime::manifest::LavitManifest;
+use lavit_selector::SelectionMode;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::common::{fixture_dir, fixtures_root};
+
+fn fixture_tokenizer(parts: LoadParts) -> VisualTokenizer {
+    VisualTokenizer::from_checkpoint(&fixture_dir(), Device::Cpu, parts).expect("load fixture")
+}
+
+fn reference_images() -> Tensor {
+    let sd = checkpoint::load_file(&fixture_dir().join("reference/expected.safetensors")).unwrap();
+    sd["images"].shallow_clone()
+}
+
+#[test]
+fn parity_rows_pass_on_fixture() {
+    let dir = fixture_dir();
+    let expected = checkpoint::load_file(&dir.join("reference/expected.safetensors")).unwrap();
+    let rows = lavit::parity::tokenizer::rows(&dir, &expected).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, lavit::parity::tokenizer::ROWS);
+    for r in &rows {
+        assert!(
+            r.pass,
+            "{}: max abs err {} ({})",
+            r.name, r.max_abs_err, r.note
+        );
+    }
+}
+
+type Shapes = BTreeMap<String, Vec<i64>>;
+
+fn var_shapes(vs: &nn::VarStore, prefix: &str) -> Shapes {
+    vs.variables()
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v.size()))
+        .collect()
+}
+
+/// Names/shapes of the official file must equal ours for every non-block name and block 0,
+/// and the official blocks must be exactly 0..depth-1, each with block 0's shapes.
+fn check_against_official(file: &str, ours: &Shapes, block_prefix: &str, depth: i64) {
+    let text = std::fs::read_to_string(fixtures_root().join("official-shapes.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let files = v["files"].as_object().unwrap();
+    let (_, entry) = files
+        .iter()
+        .find(|(k, _)| k.starts_with(file))
+        .unwrap_or_else(|| panic!("{file} not in official-shapes.json"));
+    let official: Shapes = serde_json::from_value(entry.clone()).unwrap();
+    let bp = format!("{block_prefix}blocks.");
+    let mut seen_blocks = std::collections::BTreeSet::new();
+    let mut official_rest = Shapes::new();
+    for (k, shape) in &official {
+        if let Some(rest) = k.strip_prefix(&bp) {
+            let (idx, tail) = rest.split_once('.').unwrap();
+            let idx: i64 = idx.parse().unwrap();
+            seen_blocks.insert(idx);
+            let ours_key = format!("{bp}0.{tail}");
+            assert_eq!(
+                ours.get(&ours_key),
+                Some(shape),
+                "{file}: {k} has shape {shape:?}, our block 0 {ours_key} differs"
+            );
+        } else {
+            official_rest.insert(k.clone(), shape.clone());
+        }
+    }
+    assert_eq!(
+        seen_blocks.into_iter().collect::<Vec<_>>(),
+        (0..depth).collect::<Vec<_>>(),
+        "{file}: block indices"
+    );
+    let ours_rest: Shapes = ours
+        .iter()
+        .filter(|(k, _)| !k.starts_with(&bp))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(
+        ours_rest, official_rest,
+        "{file}: non-block names and shapes"
+    );
+    let ours_block0 = ours
+        .keys()
+        .filter(|k| k.starts_with(&format!("{bp}0.")))
+        .count();
+    let official_block0 = official
+        .keys()
+        .filter(|k| k.starts_with(&format!("{bp}0.")))
+        .count();
+    assert_eq!(ours_block0, official_block0, "{file}: names in block 0");
+}
+
+#[test]
+fn official_preset_builds_the_official_names_and_shapes() {
+    let official = LavitManifest::official();
+    let mut m = official.clone();
+    // Full width, one block each (the full model does not fit a CI machine's memory).
+    m.tokenizer.encoder_depth = 1;
+    m.tokenizer.merger_depth = 1;
+    m.feature_decoder.depth = 1;
+    let dev = Device::Cpu;
+    let t = &m.tokenizer;
+
+    let eva = EvaBackbone::new(&EvaVitConfig::from_manifest(t), dev);
+    check_against_official(
+        "visual_tokenizer/eva_vitg_psz14.bin",
+        &var_shapes(&eva.vs, ""),
+        "",
+        official.tokenizer.encoder_depth,
+    );
+
+    let cb = VectorQuantizer::new(t.n_code, t.code_dim, dev);
+    let tok = VisualTokenizer::with_parts(&m, dev, Box::new(eva), Box::new(cb));
+    let mut enc = var_shapes(&tok.vs, "");
+    enc.insert(
+        "quantize.embedding.weight".into(),
+        vec![t.n_code, t.code_dim],
+    );
+    check_against_official(
+        "visual_tokenizer/tokenizer_encoder.bin",
+        &enc,
+        "causal_encoder.",
+        official.tokenizer.merger_depth,
+    );
+
+    let und = UnderstandingHead::new(&m, dev);
+    check_against_official(
+        "language_model/visual_weight.bin",
+        &var_shapes(&und.vs, ""),
+        "causal_encoder.",
+        official.tokenizer.merger_depth,
+    );
+
+    let dcfg = FeatureDecoderConfig::from_manifest(&m.feature_decoder);
+    let vs = nn::VarStore::new(dev);
+    let _d = VQDecoder::new(vs.root(), &dcfg);
+    check_against_official(
+        "visual_tokenizer/tokenizer_decoder.bin",
+        &var_shapes(&vs, ""),
+        "",
+        official.feature_decoder.depth,
+    );
+    let vs = nn::VarStore::new(dev);
+    let _d = HighresVQDecoder::new(vs.root(), &dcfg);
+    check_against_official(
+        "visual_tokenizer/highres_tokenizer_decoder.bin",
+        &var_shapes(&vs, ""),
+        "",
+        official.feature_decoder.depth,
+    );
+}
+
+#[test]
+fn shapes_and_offsets_of_tokenize() {
+    let tok = fixture_tokenizer(LoadParts::all());
+    let images = reference_images();
+    let out = tok.tokenize(&images).unwrap();
+    let m = &tok.manifest;
+    assert_eq!(out.counts.len(), 3);
+    for (n, ids) in out.counts.iter().zip(&out.ids) {
+        assert_eq!(*n as usize, ids.len());
+        assert!(*n <= m.tokenizer.num_patches());
+        let off = m.llm.visual_token_offset;
+        assert!(ids
+            .iter()
+            .all(|&i| i >= off && i < off + m.tokenizer.n_code));
+    }
+    let lowres = tok.decode_lowres(&out.ids).unwrap();
+    assert_eq!(
+        lowres.size(),
+        [
+            3,
+            m.feature_decoder.num_patches,
+            m.feature_decoder.lowres_unet_proj
+        ]
+    );
+    // A text id is refused, not looked up.
+    assert!(tok.decode_lowres(&[vec![5]]).is_err());
+}
+
+#[test]
+fn decoder_batching_with_different_counts_equals_one_by_one() {
+    let tok = fixture_tokenizer(LoadParts::all());
+    let out = tok.tokenize(&reference_images()).unwrap();
+    let mut ids = out.ids.clone();
+    let half = ids[1].len() / 2;
+    ids[1].truncate(half); // make the counts differ for sure
+    let (p_all, pooled_all) = tok.decode_highres(&ids).unwrap();
+    let low_all = tok.decode_lowres(&ids).unwrap();
+    for (i, one) in ids.iter().enumerate() {
+        let (p, pooled) = tok.decode_highres(std::slice::from_ref(one)).unwrap();
+        let low = tok.decode_lowres(std::slice::from_ref(one)).unwrap();
+        let i = i as i64;
+        assert!(p_all.get(i).allclose(&p.get(0), 1e-4, 1e-5, false));
+        assert!(pooled_all
+            .get(i)
+            .allclose(&pooled.get(0), 1e-4, 1e-5, false));
+        assert!(low_all.get(i).allclose(&low.get(0), 1e-4, 1e-5, false));
+    }
+}
+
+#[test]
+fn kept_ratio_responds_to_the_selector() {
+    let tok = fixture_tokenizer(LoadParts::tokenize_only());
+    let images = reference_images();
+    let base: i64 = tok.tokenize(&images).unwrap().counts.iter().sum();
+    let bias = tok.token_predictor.out_conv[2]
+        .bs
+        .as_ref()
+        .unwrap()
+        .shallow_clone();
+    let orig = bias.copy();
+    let n = 3 * tok.manifest.tokenizer.num_patches();
+    tch::no_grad(|| {
+        bias.shallow_clone()
+            .copy_(&Tensor::from_slice(&[30.0f32, -30.0]))
+    });
+    let all: i64 = tok.tokenize(&images).unwrap().counts.iter().sum();
+    tch::no_grad(|| {
+        bias.shallow_clone()
+            .copy_(&Tensor::from_slice(&[-30.0f32, 30.0]))
+    });
+    let none: i64 = tok.tokenize(&images).unwrap().counts.iter().sum();
+    tch::no_grad(|| bias.shallow_clone().copy_(&orig));
+    assert_eq!(all, n);
+    assert_eq!(none, 0);
+    assert!(base > 0 && base < n, "fixture keeps {base} of {n}");
+}
+
+#[test]
+fn argmax_is_deterministic_and_gumbel_is_seeded() {
+    let tok = fixture_tokenizer(LoadParts::tokenize_only());
+    let images = reference_images();
+    let a = tok.tokenize_with(&images, SelectionMode::Argmax).unwrap();
+    let b = tok.tokenize_with(&images, SelectionMode::Argmax).unwrap();
+    assert_eq!(a, b);
+    let g = |seed| {
+        tok.tokenize_with(&images, SelectionMode::Gumbel { seed, tau: 1.0 })
+            .unwrap()
+    };
+    assert_eq!(g(7), g(7));
+    let distinct: std::collections::BTreeSet<Vec<i64>> = (0..4).map(|s| g(s).counts).collect();
+    assert!(distinct.len() > 1, "Gumbel sampling ignores its seed");
+}
+
+#[test]
+fn gradients_reach_the_selector_through_straight_through_decisions() {
+    let m = LavitManifest::for_checkpoint(&fixture_dir()).unwrap();
+    let tok = VisualTokenizer::new_random(&m, Device::Cpu);
+    let images = reference_images();
+    let feats = tok.encoder_features(&images).unwrap().detach();
+    let (lp, dec) = tok.select(&feats, SelectionMode::Gumbel { seed: 1, tau: 1.0 });
+    assert!(dec.requires_grad());
+    let vals: Vec<f32> = Vec::try_from(dec.detach().flatten(0, -1)).unwrap();
+    assert!(vals
+        .iter()
+        .all(|v| (*v - 0.0).abs() < 1e-6 || (*v - 1.0).abs() < 1e-6));
+    let merged = tok.causal_encoder.forward(&feats, &dec);
+    let loss = merged.square().mean(Kind::Float) + (dec.mean(Kind::Float) - 0.3).square();
+    let _ = lp;
+    loss.backward();
+    for lin in &tok.token_predictor.out_conv {
+        let g = lin.ws.grad();
+        assert!(g.defined());
+        assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+}
+
+#[test]
+fn image_input_refuses_bombs_and_garbage() {
+    let p = LaVITImageProcessor::new(112);
+    // A PNG header that claims 100000 x 100000 pixels (no data): refused from the header.
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(b"IHDR");
+    png.extend_from_slice(&ihdr);
+    let crc = crc32(&[b"IHDR".as_slice(), &ihdr].concat());
+    png.extend_from_slice(&crc.to_be_bytes());
+    // One tiny IDAT chunk, so the header parse reaches the image data.
+    let idat = [0x78u8, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01];
+    png.extend_from_slice(&(idat.len() as u32).to_be_bytes());
+    png.extend_from_slice(b"IDAT");
+    png.extend_from_slice(&idat);
+    png.extend_from_slice(&crc32(&[b"IDAT".as_slice(), &idat].concat()).to_be_bytes());
+    let e = p.load_bytes(&png).unwrap_err().to_string();
+    assert!(e.contains("over the limit"), "{e}");
+    assert!(p.load_bytes(b"not an image").is_err());
+    assert!(p.load_bytes(&png[..12]).is_err());
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+#[test]
+fn preprocessing_resizes_like_pil_on_simple_cases() {
+    // The fixture's source photos (scikit-image's astronaut/coffee/chelsea) are not on this
+    // machine, so the reference `images` cannot be recomputed from files; these cases pin
+    // the properties of Pillow's bicubic resampler instead.
+    let p = LaVITImageProcessor::new(4);
+    // A constant image stays constant under any resize (normalised weights).
+    let img = image::RgbImage::from_pixel(13, 9, image::Rgb([200, 100, 50]));
+    let t = p.preprocess(&img);
+    assert_eq!(t.size(), [3, 4, 4]);
+    let want = [(200.0 / 255.0 - 0.48145466) / 0.26862954];
+    let got = t.get(0).flatten(0, -1);
+    assert!(got.allclose(
+        &Tensor::from_slice(&want)
+            .to_kind(Kind::Float)
+            .expand([16], false),
+        1e-5,
+        1e-6,
+        false
+    ));
+    // Same size: identity.
+    let mut px = Vec::new();
+    for i in 0..4 * 4 * 3 {
+        px.push((i * 5) as u8);
+    }
+    let same = lavit_encoder::image_processor::pil_resize_bicubic(&px, 4, 4, 4, 4);
+    assert_eq!(same, px);
+    // Upscaling 1-D ramp keeps it monotone.
+    let ramp: Vec<u8> = (0..8u8).flat_map(|i| [i * 30; 3]).collect();
+    let up = lavit_encoder::image_processor::pil_resize_bicubic(&ramp, 8, 1, 16, 1);
+    let r: Vec<u8> = up.chunks(3).map(|c| c[0]).collect();
+    assert!(r.windows(2).all(|w| w[0] <= w[1]), "{r:?}");
+}

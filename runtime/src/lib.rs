@@ -4,6 +4,8 @@
 //! stage/actor machinery.
 
 pub mod checkpoint;
+pub mod config;
+pub mod device;
 pub mod error;
 pub mod manifest;
 pub mod parity;
@@ -11,3 +13,8 @@ pub mod plugin_host;
 pub mod train;
 
 pub use error::{Error, Result, TchContext};
+pub mod actors;
+pub mod inflight;
+pub mod messages;
+pub mod mock;
+pub mod stage;

@@ -113,17 +113,67 @@ pub fn repetition_penalty(logits: &Tensor, seen: &Tensor, penalty: f64) -> Tenso
     logits.scatter(1, seen, &s)
 }
 
-/// Pick next tokens (B,) from logits (B, V) that already carry the suppression (−inf).
-pub fn pick(logits: &Tensor, s: &Sampling) -> Tensor {
+/// A counter-based random stream for sampling: the noise of step `t` is a hash of
+/// (seed, t, row, column), computed on the device. Results depend only on the seed (not on
+/// other threads using libtorch's global generator) and are the same on CPU and GPU.
+#[derive(Debug, Clone)]
+pub struct SampleRng {
+    seed: u64,
+    step: u64,
+}
+
+impl SampleRng {
+    /// `None` draws a seed from libtorch's global generator.
+    pub fn new(seed: Option<u64>) -> Self {
+        let seed = seed.unwrap_or_else(|| {
+            Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
+        });
+        Self { seed, step: 0 }
+    }
+
+    /// Mix (seed, step, salt) into 32 bits on the host (splitmix64).
+    fn key(&self, salt: u64) -> i64 {
+        let mut z = self
+            .seed
+            .wrapping_add(self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .wrapping_add(salt.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) & 0xffff_ffff) as i64
+    }
+
+    /// Standard Gumbel noise shaped like `like` (B, V), then advance the stream.
+    pub fn gumbel(&mut self, like: &Tensor) -> Tensor {
+        // 32-bit integer hash (x ^ x>>16)·0x45d9f3b, twice, in int64 without overflow.
+        let hash = |x: Tensor| {
+            let mask = 0xffff_ffffi64;
+            let x = (x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16)) * 0x45d_9f3b)
+                .bitwise_and(mask);
+            let x = (x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16)) * 0x45d_9f3b)
+                .bitwise_and(mask);
+            x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16))
+        };
+        let (k1, k2) = (self.key(1), self.key(2));
+        self.step += 1;
+        let n = like.numel() as i64;
+        let idx = Tensor::arange(n, (Kind::Int64, like.device())).view(like.size().as_slice());
+        let x = hash(hash(idx.bitwise_xor(k1)).bitwise_xor(k2));
+        // u in (0, 1) with 32 bits; gumbel = −log(−log u)
+        let u = (x.to_kind(Kind::Double) + 0.5) / 4_294_967_296.0;
+        u.log().neg().log().neg().to_kind(Kind::Float)
+    }
+}
+
+/// Pick next tokens (B,) from logits (B, V) that already carry the suppression (−inf):
+/// arg-max, or a sample from softmax(filtered logits / T) by the Gumbel-max trick.
+pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut SampleRng) -> Tensor {
     if !s.do_sample {
         return logits.argmax(-1, false);
     }
     let l = logits.to_kind(Kind::Float) / s.temperature;
     let l = top_k_filter(&l, s.top_k);
     let l = top_p_filter(&l, s.top_p);
-    l.softmax(-1, Kind::Float)
-        .multinomial(1, false)
-        .squeeze_dim(-1)
+    (&l + rng.gumbel(&l)).argmax(-1, false)
 }
 
 /// Additive (V,) bias: 0 where `allowed`, −inf elsewhere.
@@ -146,7 +196,7 @@ pub struct ImageTokenConfig {
     pub sampling: Sampling,
     /// Samples per prompt.
     pub num_return_sequences: i64,
-    /// Seed of libtorch's generator (None = leave it alone).
+    /// Seed of the sampling noise (None = a random seed).
     pub seed: Option<u64>,
 }
 
@@ -200,9 +250,7 @@ pub fn generate_image_tokens(
             )));
         }
     }
-    if let Some(s) = cfg.seed {
-        tch::manual_seed(s as i64);
-    }
+    let mut rng = SampleRng::new(cfg.seed);
     let _g = tch::no_grad_guard();
     let dev = model.device();
     let guided = cfg.cfg_scale != 1.0;
@@ -252,8 +300,8 @@ pub fn generate_image_tokens(
         } else {
             &bias_close
         };
-        let next = pick(&(scores + bias), &cfg.sampling); // (n,)
-                                                          // Finished streams keep emitting [/IMG] (dropped below).
+        let next = pick(&(scores + bias), &cfg.sampling, &mut rng); // (n,)
+                                                                    // Finished streams keep emitting [/IMG] (dropped below).
         let next = end.where_self(&done, &next);
         out.push(next.shallow_clone());
         done = done.logical_or(&next.eq(vocab.image_end_id));
@@ -342,9 +390,7 @@ pub fn generate_text(
             cfg.max_new_tokens, cfg.num_beams, cfg.repetition_penalty
         )));
     }
-    if let Some(s) = cfg.seed {
-        tch::manual_seed(s as i64);
-    }
+    let mut rng = SampleRng::new(cfg.seed);
     let _g = tch::no_grad_guard();
     let dev = model.device();
     let k = cfg.num_beams;
@@ -395,7 +441,7 @@ pub fn generate_text(
             .where_self(&done.view([s, 1]), &bias.view([1, v]));
         let l = l + bias;
         let next = if k == 1 {
-            pick(&l, &cfg.sampling)
+            pick(&l, &cfg.sampling, &mut rng)
         } else {
             // Beam search on the device: finished beams extend with EOS at no cost.
             let lp = l.log_softmax(-1, Kind::Float);

@@ -7,6 +7,7 @@
 //! - [`vocab`]: the unified vocabulary ([IMG], [/IMG], visual ids) and sequence batching.
 //! - [`generate`]: image→text and text→image-token generation (CFG, eq. 7).
 
+pub mod actor;
 pub mod config;
 pub mod generate;
 pub mod modeling_llama;

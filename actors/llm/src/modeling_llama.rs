@@ -361,6 +361,48 @@ impl LlamaForCausalLM {
         }
     }
 
+    /// Every parameter name and shape of the model `cfg` describes, without allocating it
+    /// (what the checkpoint must hold; used to check presets against the official files).
+    pub fn param_shapes(cfg: &LlamaConfig) -> std::collections::BTreeMap<String, Vec<i64>> {
+        let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (q, kv) = (
+            cfg.num_attention_heads * cfg.head_dim(),
+            cfg.kv_heads() * cfg.head_dim(),
+        );
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+        m.insert("model.norm.weight".to_string(), vec![h]);
+        if !cfg.tie_word_embeddings {
+            m.insert("lm_head.weight".to_string(), vec![v, h]);
+        }
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut put = |name: &str, shape: Vec<i64>| {
+                m.insert(format!("{p}.{name}"), shape);
+            };
+            for (n, o, inp) in [
+                ("q_proj", q, h),
+                ("k_proj", kv, h),
+                ("v_proj", kv, h),
+                ("o_proj", h, q),
+            ] {
+                put(&format!("self_attn.{n}.weight"), vec![o, inp]);
+                if cfg.attention_bias {
+                    put(&format!("self_attn.{n}.bias"), vec![o]);
+                }
+            }
+            for (n, o, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+                put(&format!("mlp.{n}.weight"), vec![o, inp]);
+                if cfg.mlp_bias {
+                    put(&format!("mlp.{n}.bias"), vec![o]);
+                }
+            }
+            put("input_layernorm.weight", vec![h]);
+            put("post_attention_layernorm.weight", vec![h]);
+        }
+        m
+    }
+
     /// Load a HF folder (`config.json` + sharded safetensors or .bin) strictly into a new
     /// VarStore on `device` in `kind` (Float, BFloat16 or Half).
     pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<(nn::VarStore, Self)> {

@@ -1,1 +1,13 @@
-//! placeholder crate root; filled in by the quantizer stage
+//! lavit-quantizer: LaVIT's quantizer — `encode_task_layer` (features → code space) and the
+//! l2-normalised `VectorQuantizer` (reference `LaVIT/models/modeling_visual_tokenzier.py`),
+//! the built-in [`lavit_plugin_api::Codebook`], with the training additions the official
+//! repository does not ship: straight-through quantisation, EMA codebook updates with
+//! dead-code restarts, and k-means initialisation.
+
+pub mod encode_task_layer;
+pub mod kmeans;
+pub mod vector_quantizer;
+
+pub use encode_task_layer::EncodeTaskLayer;
+pub use kmeans::spherical_kmeans;
+pub use vector_quantizer::{l2norm, EmaConfig, VectorQuantizer};

@@ -1,1 +1,12 @@
-//! placeholder crate root; filled in by the selector stage
+//! lavit-selector: LaVIT's token selector (`TokenPredictor`) and token merger
+//! (`TokenMerger`, stored as `causal_encoder`), reference
+//! `LaVIT/models/modeling_visual_tokenzier.py`, plus the keep/drop decision rules
+//! (deterministic arg-max and seeded Gumbel-softmax with straight-through gradients).
+
+pub mod selection;
+pub mod token_merger;
+pub mod token_predictor;
+
+pub use selection::{gumbel_softmax_hard, keep_argmax, SelectionMode};
+pub use token_merger::{TokenMerger, TokenMergerConfig};
+pub use token_predictor::TokenPredictor;

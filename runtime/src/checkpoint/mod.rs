@@ -174,7 +174,40 @@ fn flatten(
 /// HF shard index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`).
 #[derive(Debug, serde::Deserialize)]
 struct ShardIndex {
-    weight_map: BTreeMap<String, String>,
+    weight_map: UniqueMap,
+}
+
+/// A JSON object read into a map, refusing a key that appears twice (serde_json would
+/// keep the last silently).
+#[derive(Debug)]
+struct UniqueMap(BTreeMap<String, String>);
+
+impl<'de> serde::Deserialize<'de> for UniqueMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UniqueMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object mapping tensor names to shard file names")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<UniqueMap, A::Error> {
+                let mut m = BTreeMap::new();
+                while let Some((k, v)) = a.next_entry::<String, String>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "tensor `{k}` is listed twice in weight_map"
+                        )));
+                    }
+                    m.insert(k, v);
+                }
+                Ok(UniqueMap(m))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Resolve a shard name from an index: a plain file name inside `dir`, no `..`, no
@@ -218,12 +251,18 @@ pub fn safe_shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> 
 /// Load a sharded checkpoint through its index: each tensor must be in the shard the index
 /// names, exactly once; shards may hold nothing the index does not list.
 pub fn load_sharded(index_path: &Path) -> Result<StateDict> {
-    let dir = index_path.parent().unwrap_or(Path::new("."));
+    let dir = match index_path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
     let index: ShardIndex = serde_json::from_str(&text)
         .map_err(|e| Error::ckpt(index_path, format!("invalid shard index: {e}")))?;
+    if index.weight_map.0.is_empty() {
+        return Err(Error::ckpt(index_path, "shard index lists no tensors"));
+    }
     let mut by_shard: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (t, shard) in &index.weight_map {
+    for (t, shard) in &index.weight_map.0 {
         by_shard.entry(shard.clone()).or_default().insert(t.clone());
     }
     let mut out = StateDict::new();

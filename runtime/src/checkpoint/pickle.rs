@@ -27,6 +27,13 @@ const MAX_STACK: usize = 1 << 22;
 const MAX_OPS: usize = 1 << 28;
 /// Cap on the decompression ratio of a deflated record (zip bombs).
 const MAX_DEFLATE_RATIO: u64 = 1000;
+/// Deepest nesting of containers accepted (a real state dict nests 2–4 deep); deeper
+/// values would overflow the stack when dropped.
+const MAX_DEPTH: usize = 100;
+/// Most values copied into and out of the memo (and by DUP) in all: a memo bomb
+/// re-reads a value that holds the previous one twice, doubling at each level. A real
+/// state dict copies a few dozen small values per tensor.
+const MAX_COPIED_VALUES: usize = 1 << 21;
 
 /// A value produced by the restricted unpickler.
 #[derive(Debug, Clone)]
@@ -127,6 +134,51 @@ struct Unpickler<'a> {
     stack: Vec<Slot>,
     memo: HashMap<u32, Value>,
     path: &'a Path,
+    /// Values copied into and out of the memo (and by DUP) so far.
+    copied: std::cell::Cell<usize>,
+}
+
+/// Number of values in `v`, counting at most `limit` (then returns `limit + 1`).
+fn count_values(v: &Value, limit: usize) -> usize {
+    let mut n = 1usize;
+    let mut stack: Vec<&Value> = vec![v];
+    while let Some(v) = stack.pop() {
+        let children: &[Value] = match v {
+            Value::Tuple(x) | Value::List(x) => x,
+            Value::Dict(kv) => {
+                for (k, v) in kv {
+                    n += 2;
+                    stack.push(k);
+                    stack.push(v);
+                }
+                if n > limit {
+                    return limit + 1;
+                }
+                continue;
+            }
+            _ => &[],
+        };
+        n += children.len();
+        if n > limit {
+            return limit + 1;
+        }
+        stack.extend(children);
+    }
+    n
+}
+
+/// Whether `v` nests containers deeper than `limit` levels.
+fn deeper_than(v: &Value, limit: usize) -> bool {
+    if limit == 0 {
+        return matches!(v, Value::Tuple(_) | Value::List(_) | Value::Dict(_));
+    }
+    match v {
+        Value::Tuple(x) | Value::List(x) => x.iter().any(|c| deeper_than(c, limit - 1)),
+        Value::Dict(kv) => kv
+            .iter()
+            .any(|(k, c)| deeper_than(k, limit - 1) || deeper_than(c, limit - 1)),
+        _ => false,
+    }
 }
 
 impl<'a> Unpickler<'a> {
@@ -160,9 +212,35 @@ impl<'a> Unpickler<'a> {
         self.pos += end + 1;
         Ok(s)
     }
+    /// Refuse a value about to be put into a container if it nests too deep.
+    fn check_child(&self, v: &Value) -> Result<()> {
+        if deeper_than(v, MAX_DEPTH) {
+            return Err(self.err(format!(
+                "containers nested more than {MAX_DEPTH} deep (not a state dict)"
+            )));
+        }
+        Ok(())
+    }
+    /// Clone `v` for the memo or DUP, counted against the memo-bomb budget first.
+    fn charged_clone(&self, v: &Value) -> Result<Value> {
+        let left = MAX_COPIED_VALUES.saturating_sub(self.copied.get());
+        let n = count_values(v, left);
+        if n > left {
+            return Err(self.err(format!(
+                "memo references expand past {MAX_COPIED_VALUES} values: refused as a pickle bomb"
+            )));
+        }
+        self.copied.set(self.copied.get() + n);
+        Ok(v.clone())
+    }
     fn push(&mut self, v: Value) -> Result<()> {
         if self.stack.len() >= MAX_STACK {
             return Err(self.err("pickle stack too deep"));
+        }
+        if let Value::Tuple(items) | Value::List(items) = &v {
+            for c in items {
+                self.check_child(c)?;
+            }
         }
         self.stack.push(Slot::V(v));
         Ok(())
@@ -197,9 +275,10 @@ impl<'a> Unpickler<'a> {
             return Err(self.err("pickle memo too large"));
         }
         let v = match self.stack.last() {
-            Some(Slot::V(v)) => v.clone(),
+            Some(Slot::V(v)) => v,
             _ => return Err(self.err("PUT with empty stack")),
         };
+        let v = self.charged_clone(v)?;
         self.memo.insert(idx, v);
         Ok(())
     }
@@ -207,8 +286,8 @@ impl<'a> Unpickler<'a> {
         let v = self
             .memo
             .get(&idx)
-            .cloned()
             .ok_or_else(|| self.err(format!("memo key {idx} missing")))?;
+        let v = self.charged_clone(v)?;
         self.push(v)
     }
 
@@ -353,6 +432,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'a' => {
                     let v = self.pop()?;
+                    self.check_child(&v)?;
                     match self.top()? {
                         Value::List(l) => l.push(v),
                         _ => return Err(self.err("APPEND to a non-list")),
@@ -360,6 +440,9 @@ impl<'a> Unpickler<'a> {
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
+                    for c in &items {
+                        self.check_child(c)?;
+                    }
                     match self.top()? {
                         Value::List(l) => l.extend(items),
                         _ => return Err(self.err("APPENDS to a non-list")),
@@ -368,6 +451,8 @@ impl<'a> Unpickler<'a> {
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
+                    self.check_child(&k)?;
+                    self.check_child(&v)?;
                     match self.top()? {
                         Value::Dict(d) => d.push((k, v)),
                         _ => return Err(self.err("SETITEM on a non-dict")),
@@ -377,6 +462,9 @@ impl<'a> Unpickler<'a> {
                     let items = self.pop_mark()?;
                     if items.len() % 2 != 0 {
                         return Err(self.err("SETITEMS with an odd number of items"));
+                    }
+                    for c in &items {
+                        self.check_child(c)?;
                     }
                     let mut it = items.into_iter();
                     let mut pairs = Vec::new();
@@ -418,7 +506,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'2' => {
                     let v = match self.stack.last() {
-                        Some(Slot::V(v)) => v.clone(),
+                        Some(Slot::V(v)) => self.charged_clone(v)?,
                         _ => return Err(self.err("DUP of a MARK")),
                     };
                     self.push(v)?
@@ -540,6 +628,7 @@ pub fn unpickle(data: &[u8], path: &Path) -> Result<Value> {
         stack: Vec::new(),
         memo: HashMap::new(),
         path,
+        copied: std::cell::Cell::new(0),
     };
     u.run()
 }
@@ -674,7 +763,8 @@ fn read_record(
     }
     // Never read more than the record claims, nor more than needed (+1 to see truncation).
     let limit = size.min(cap.saturating_add(1));
-    let mut buf = Vec::with_capacity(limit.min(1 << 30) as usize);
+    // The declared size is not trusted for the allocation: grow as bytes really arrive.
+    let mut buf = Vec::with_capacity(limit.min(64 << 20) as usize);
     f.by_ref()
         .take(limit)
         .read_to_end(&mut buf)

@@ -1,0 +1,149 @@
+//! The LLM as a pipeline stage: a thin adapter from [`LlamaForCausalLM`] and the generation
+//! functions of this crate to [`lavit_runtime::stage::LlmStage`] (the actor that runs it lives
+//! in `lavit_runtime::actors`; this file has no actix).
+//!
+//! Cancellation: [`generate_text`] and [`generate_image_tokens`] do not take a per-token
+//! callback yet, so a request is checked for cancellation before and after each call; once they
+//! take a `should_stop` callback it is passed straight through (one check per token).
+
+use std::path::Path;
+
+use lavit_runtime::manifest::LavitManifest;
+use lavit_runtime::messages::{CaptionOptions, GenerateOptions};
+use lavit_runtime::stage::{LlmStage, ShouldStop, StageError, StageKind, StageResult, Trainable};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::generate::{
+    generate_image_tokens, generate_text, ImageTokenConfig, Sampling, TextConfig,
+};
+use crate::sentencepiece::SentencePiece;
+use crate::vocab::{build_sequence, Segment, UnifiedVocab};
+use crate::LlamaForCausalLM;
+
+/// The LLM stage: weights, unified vocabulary, SentencePiece, generation limits.
+pub struct LlmStageModel {
+    _vs: nn::VarStore,
+    pub model: LlamaForCausalLM,
+    pub vocab: UnifiedVocab,
+    pub sp: SentencePiece,
+    /// Image-token length limits (manifest `generation.t2i_{min,max}_new_tokens`).
+    pub t2i_min_new_tokens: i64,
+    pub t2i_max_new_tokens: i64,
+}
+
+fn fail(e: impl std::fmt::Display) -> StageError {
+    StageError::failed(StageKind::Llm, e)
+}
+
+impl LlmStageModel {
+    /// Load `language_model/` of a LaVIT checkpoint folder on `device` (float32).
+    pub fn load(dir: &Path, device: Device) -> lavit_runtime::Result<Self> {
+        let manifest = LavitManifest::for_checkpoint(dir)?;
+        let lm = dir.join("language_model");
+        let (vs, model) = LlamaForCausalLM::from_pretrained(&lm, device, Kind::Float)?;
+        let sp = SentencePiece::from_file(&lm.join("tokenizer.model"))?;
+        Ok(LlmStageModel {
+            _vs: vs,
+            model,
+            vocab: UnifiedVocab::from(&manifest.llm),
+            sp,
+            t2i_min_new_tokens: manifest.generation.t2i_min_new_tokens,
+            t2i_max_new_tokens: manifest.generation.t2i_max_new_tokens,
+        })
+    }
+
+    fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
+        if temperature <= 0.0 || top_k == 1 {
+            Sampling::greedy()
+        } else {
+            Sampling {
+                do_sample: true,
+                temperature,
+                top_k: top_k as i64,
+                top_p,
+            }
+        }
+    }
+}
+
+impl Trainable for LlmStageModel {}
+
+impl LlmStage for LlmStageModel {
+    fn caption(
+        &mut self,
+        prefix: &Tensor,
+        prompt: &str,
+        opts: &CaptionOptions,
+        on_token: &mut dyn FnMut(i64, &str) -> bool,
+    ) -> StageResult<Vec<i64>> {
+        let mut segments = vec![Segment::ImageEmbeds(prefix.shallow_clone())];
+        if !prompt.is_empty() {
+            segments.push(Segment::Text(self.sp.encode(prompt)));
+        }
+        let built = build_sequence(&self.model, &self.vocab, &segments).map_err(fail)?;
+        let cfg = TextConfig {
+            max_new_tokens: opts.max_new_tokens as i64,
+            sampling: Self::sampling(opts.temperature, opts.top_k, opts.top_p),
+            seed: Some(opts.seed),
+            ..TextConfig::default()
+        };
+        let ids = generate_text(&self.model, &self.vocab, &[built.embeds], &cfg)
+            .map_err(|e| match e {
+                lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
+                e => fail(e),
+            })?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        // Streamed after the fact until generate_text takes a per-token callback.
+        let mut prev = String::new();
+        for i in 0..ids.len() {
+            let text = self.sp.decode(&ids[..=i]);
+            let piece = text.get(prev.len()..).unwrap_or("").to_string();
+            prev = text;
+            if !on_token(ids[i], &piece) {
+                return Err(StageError::Cancelled);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
+        Ok(self.sp.decode(ids))
+    }
+
+    fn image_tokens(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        if should_stop() {
+            return Err(StageError::Cancelled);
+        }
+        let cfg = ImageTokenConfig {
+            cfg_scale: opts.llm_guidance,
+            max_new_tokens: self.t2i_max_new_tokens,
+            min_new_tokens: self.t2i_min_new_tokens,
+            sampling: Self::sampling(opts.temperature, opts.top_k, 1.0),
+            num_return_sequences: opts.n as i64,
+            seed: Some(opts.seed),
+        };
+        let prompt_ids = self.sp.encode(prompt);
+        let out =
+            generate_image_tokens(&self.model, &self.vocab, &[prompt_ids], &cfg).map_err(|e| {
+                match e {
+                    lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
+                    e => fail(e),
+                }
+            })?;
+        if should_stop() {
+            return Err(StageError::Cancelled);
+        }
+        // Keep the visual ids ([/IMG] and anything else dropped).
+        Ok(out
+            .into_iter()
+            .map(|s| s.into_iter().filter(|&i| self.vocab.is_visual(i)).collect())
+            .collect())
+    }
+}

@@ -1,0 +1,264 @@
+//! Every message that travels between stage actors, in pipeline order.
+//!
+//! ```text
+//! Images ─► Encoder ─PatchFeatures─► SelectorMerger ─MergedFeatures─► Quantizer ─VisualIds─► reply / Decoder
+//!                                          └──────UnderstandingEmbeds──► Llm ─text─► reply
+//!                               GeneratePrompt ─► Llm ─GeneratedIds─► Decoder ─Pixels─► reply
+//! ```
+//!
+//! A message is an [`Envelope`]: the body, the request's [`RequestMeta`] (id, tracing span,
+//! cancellation, reply channel, admission slot) and the mailbox slot it occupies. Tensors move by
+//! ownership (`tch::Tensor` is `Send`, not `Sync`); the *receiving* actor moves them to its own
+//! device before use, so a sender never needs to know where the next stage runs.
+//!
+//! Training messages ([`TrainForward`], [`Backward`], [`OptimizerStep`]) go through the same
+//! actors, so the training loops and serving share one graph and one placement.
+
+use std::sync::Arc;
+
+use tch::Tensor;
+
+use crate::inflight::{RequestMeta, SlotPermit};
+use crate::stage::{StageError, StageKind};
+
+/// A body in flight with its request metadata and the mailbox slot it holds (released when the
+/// receiving stage has finished with it: that is the backpressure).
+pub struct Envelope<B> {
+    pub meta: RequestMeta,
+    pub body: B,
+    pub(crate) slot: Option<SlotPermit>,
+}
+
+impl<B: Send + 'static> actix::Message for Envelope<B> {
+    type Result = ();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inference, in pipeline order.
+
+/// Hop 0: Into the Encoder. `pixels`: (B, 3, H, W) float32, CLIP-normalised, any device (usually
+/// CPU, decoded from the request).
+pub struct Images {
+    pub pixels: Tensor,
+}
+
+/// Hop 1: Encoder → SelectorMerger. `features`: (B, 1 + N, C) float on the encoder's device, cls
+/// token first, no final norm (EVA `return_all_features`).
+pub struct PatchFeatures {
+    pub features: Tensor,
+}
+
+/// Hop 2a: SelectorMerger → Quantizer (tokenize / reconstruct). `decisions`: (B, N) float 0/1,
+/// 1 = keep; `merged`: (B, N, C) float, all positions; both on the selector's device.
+pub struct MergedFeatures {
+    pub decisions: Tensor,
+    pub merged: Tensor,
+}
+
+/// Hop 2b: SelectorMerger → Llm (caption / VQA). One (T_i, D_llm) float tensor per image: kept
+/// merged features through the understanding merger and `vit_proj`; selector's device.
+pub struct UnderstandingEmbeds {
+    pub embeds: Vec<Tensor>,
+}
+
+/// Hop 3: Quantizer → reply (tokenize) or Decoder (reconstruct). Per image, its visual ids (kept
+/// positions in raster order, offset into the LLM vocabulary). Plain data: no device.
+pub struct VisualIds {
+    pub ids: Vec<Vec<i64>>,
+}
+
+/// Into the Llm (text → image). The prompt text; options are in the request's task.
+pub struct GeneratePrompt {
+    pub prompt: String,
+}
+
+/// Hop 4: Llm → Decoder. `opts.n` sequences of generated visual ids. Plain data: no device.
+pub struct GeneratedIds {
+    pub ids: Vec<Vec<i64>>,
+}
+
+/// Hop 5: Decoder → reply. `images`: (n, 3, H, W) float32 in [0, 1] on the CPU.
+pub struct Pixels {
+    pub images: Tensor,
+}
+
+/// Options of a caption / VQA request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaptionOptions {
+    /// Most text tokens to generate.
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// 0 = no top-k filter.
+    pub top_k: usize,
+    /// 1 = no nucleus filter.
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for CaptionOptions {
+    fn default() -> Self {
+        CaptionOptions {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Options of an image-generation request (LLM sampling + pixel decoding).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    /// Images to generate (one batch through the LLM and the U-Net).
+    pub n: usize,
+    pub seed: u64,
+    /// LLM classifier-free guidance α.
+    pub llm_guidance: f64,
+    /// Decoder (U-Net) guidance.
+    pub guidance: f64,
+    /// Diffusion steps.
+    pub steps: usize,
+    pub width: usize,
+    pub height: usize,
+    /// LLM top-k for visual tokens (0 = greedy).
+    pub top_k: usize,
+    pub temperature: f64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            n: 1,
+            seed: 0,
+            llm_guidance: 4.0,
+            guidance: 7.0,
+            steps: 25,
+            width: 1024,
+            height: 1024,
+            top_k: 50,
+            temperature: 1.0,
+        }
+    }
+}
+
+/// What a request asks for; decides each stage's next hop and the final reply.
+#[derive(Clone, Debug)]
+pub enum Task {
+    /// Images → visual ids (Encoder → SelectorMerger → Quantizer).
+    Tokenize,
+    /// Image + question → text (Encoder → SelectorMerger → Llm).
+    Caption {
+        prompt: String,
+        opts: CaptionOptions,
+    },
+    /// Text → image tokens → pixels (Llm → Decoder).
+    Generate { opts: GenerateOptions },
+    /// Image → tokens → pixels (Encoder → SelectorMerger → Quantizer → Decoder).
+    Reconstruct { opts: GenerateOptions },
+}
+
+impl Task {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::Tokenize => "tokenize",
+            Task::Caption { .. } => "caption",
+            Task::Generate { .. } => "generate",
+            Task::Reconstruct { .. } => "reconstruct",
+        }
+    }
+}
+
+/// What a finished request returns.
+#[derive(Debug)]
+pub enum Output {
+    VisualIds(Vec<Vec<i64>>),
+    Text { ids: Vec<i64>, text: String },
+    Pixels(Tensor),
+}
+
+/// A streamed caption token (text piece and id), sent as it is generated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenEvent {
+    pub id: i64,
+    pub text: String,
+}
+
+pub type Reply = tokio::sync::oneshot::Sender<Result<Output, StageError>>;
+
+// ---------------------------------------------------------------------------------------------
+// Training, through the same actors.
+
+/// A training micro-batch as it flows through the stages with autograd on. Each stage adds its
+/// outputs under its own keys and may add loss terms; the last stage of the route computes the
+/// loss. Tensors carry their autograd graph across threads (libtorch's engine is thread-safe);
+/// backward runs once, then every stage gets an [`OptimizerStep`].
+pub struct TrainBatch {
+    /// Named tensors: `images` (B,3,H,W), `patch_features` (B,1+N,C, detached: the encoder is
+    /// frozen), `decisions` (B,N), `merged` (B,N,C), `quantized` (B,N,D), `reconstruction`
+    /// (B,N,C), … on the device of the stage that wrote them.
+    pub tensors: std::collections::BTreeMap<String, Tensor>,
+    /// Scalar loss terms added by stages (e.g. `ratio`, `commitment`, `reconstruction`).
+    pub losses: Vec<(String, Tensor)>,
+    /// The stages this batch still has to visit, in order.
+    pub route: Vec<StageKind>,
+}
+
+impl TrainBatch {
+    pub fn new(route: Vec<StageKind>) -> Self {
+        TrainBatch {
+            tensors: Default::default(),
+            losses: Vec::new(),
+            route,
+        }
+    }
+    /// The sum of all loss terms, on `device` (a scalar).
+    pub fn total_loss(&self, device: tch::Device) -> Option<Tensor> {
+        self.losses
+            .iter()
+            .map(|(_, l)| l.to_device(device))
+            .reduce(|a, b| a + b)
+    }
+}
+
+/// Training step 1: forward with grad along `batch.route`; the last stage answers with the
+/// batch (losses attached).
+pub struct TrainForward {
+    pub batch: TrainBatch,
+    pub reply: tokio::sync::oneshot::Sender<Result<TrainBatch, StageError>>,
+}
+
+/// Training step 2: run backward from `loss` on the stage that owns the loss's device (the
+/// autograd graph spans stages). Answered with the loss value.
+pub struct Backward {
+    pub loss: Tensor,
+}
+
+/// Training step 3: each trainable stage steps its optimiser and zeroes its gradients.
+pub struct OptimizerStep;
+
+/// Switch a stage between training and inference behaviour.
+pub struct SetTrain(pub bool);
+
+impl actix::Message for TrainForward {
+    type Result = ();
+}
+impl actix::Message for Backward {
+    type Result = Result<f64, StageError>;
+}
+impl actix::Message for OptimizerStep {
+    type Result = Result<(), StageError>;
+}
+impl actix::Message for SetTrain {
+    type Result = ();
+}
+
+/// Control: stop taking work (exit status `Quit`); anything still queued fails as closed.
+pub struct Quit;
+impl actix::Message for Quit {
+    type Result = ();
+}
+
+/// Shared, cheap clone of the stages' exit statuses (for health and tests).
+pub type ExitBoard = Arc<dashmap::DashMap<StageKind, crate::stage::ExitStatus>>;

@@ -1,0 +1,313 @@
+//! The stage abstraction: what a pipeline stage (Encoder, SelectorMerger, Quantizer, Llm,
+//! Decoder) must do, independent of actix. Model crates (or thin adapters in
+//! `actors/*/src/actor.rs`) implement these traits; [`crate::actors`] runs each one on its own
+//! named OS thread pinned to the device that [`Placement`] names.
+//!
+//! Every call receives tensors already moved to the stage's device (the receiving actor does the
+//! move) and returns tensors on that device; the next actor moves them again.
+//!
+//! Cancellation: long loops (LLM decoding, the diffusion loop) receive a [`ShouldStop`] callback
+//! and call it once per token or step; when it returns `true` they stop and return
+//! [`StageError::Cancelled`] (or any error: the actor reports the request as cancelled anyway).
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Device, Tensor};
+
+use crate::messages::{CaptionOptions, GenerateOptions, TrainBatch};
+
+/// The callback a model's decode loop or diffusion loop calls once per token / step. It returns
+/// `true` when the loop must stop now (the request was cancelled or its client went away).
+/// It also counts the call as one unit of progress for the request (`/metrics`, tests).
+pub type ShouldStop<'a> = &'a dyn Fn() -> bool;
+
+/// The five stages, in pipeline order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StageKind {
+    /// EVA ViT: images → patch features.
+    Encoder,
+    /// Token selector + token merger: patch features → decisions + merged features.
+    SelectorMerger,
+    /// `encode_task_layer` + codebook: merged features → visual ids.
+    Quantizer,
+    /// The LLM: text/visual prefix → text ids (captions) or visual ids (generation).
+    Llm,
+    /// Feature decoder + U-Net + VAE: visual ids → pixels.
+    Decoder,
+}
+
+impl StageKind {
+    pub const ALL: [StageKind; 5] = [
+        StageKind::Encoder,
+        StageKind::SelectorMerger,
+        StageKind::Quantizer,
+        StageKind::Llm,
+        StageKind::Decoder,
+    ];
+    /// The name used for threads, metrics labels and placement keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Encoder => "encoder",
+            StageKind::SelectorMerger => "selector_merger",
+            StageKind::Quantizer => "quantizer",
+            StageKind::Llm => "llm",
+            StageKind::Decoder => "decoder",
+        }
+    }
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for StageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a stage actor ended (quickwit-style).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Its upstream closed and it finished every message it had.
+    Success,
+    /// It was told to quit.
+    Quit,
+    /// Its downstream mailbox was closed, so it could not forward work.
+    DownstreamClosed,
+    /// It failed (its weights did not load, or the recovery policy gave up on it).
+    Failure,
+    /// It panicked more often in a row than the recovery policy allows.
+    Panicked,
+}
+
+/// Why a request failed inside the pipeline.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum StageError {
+    /// The request was cancelled (client gone, caller dropped the future, explicit cancel).
+    #[error("request cancelled")]
+    Cancelled,
+    /// The request is invalid for this stage (a shape, a length, an option); a 4xx.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A forward pass returned an error.
+    #[error("stage {stage} failed: {msg}")]
+    Failed { stage: StageKind, msg: String },
+    /// A forward pass panicked; the panic was caught.
+    #[error("stage {stage} panicked: {msg}")]
+    Panicked { stage: StageKind, msg: String },
+    /// A stage is gone (quit, failed to load, or exited after too many panics).
+    #[error("stage {stage} is not running")]
+    Closed { stage: StageKind },
+    /// The pipeline is full (bounded admission).
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The pipeline is draining (shutting down) and takes no new work.
+    #[error("draining: not accepting new requests")]
+    Draining,
+}
+
+impl StageError {
+    pub fn failed(stage: StageKind, e: impl fmt::Display) -> Self {
+        StageError::Failed {
+            stage,
+            msg: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::Error> for StageError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::Invalid(m) => StageError::Invalid(m),
+            other => StageError::Invalid(other.to_string()),
+        }
+    }
+}
+
+pub type StageResult<T> = std::result::Result<T, StageError>;
+
+/// Training hooks shared by every stage (stage-1/1b/2 run through the same actors).
+/// The default says the stage has nothing to train.
+pub trait Trainable {
+    /// Forward with autograd on this stage's trainable parts. `batch` arrives on the stage's
+    /// device; the stage adds its outputs (and auxiliary loss terms) and returns it.
+    fn train_forward(&mut self, batch: TrainBatch) -> StageResult<TrainBatch> {
+        Ok(batch)
+    }
+    /// One optimiser step on this stage's parameters (their gradients were filled by the
+    /// backward pass that crossed the stages), then zero the gradients.
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        Ok(())
+    }
+    /// Switch between training and inference behaviour (dropout, Gumbel sampling).
+    fn set_train(&mut self, _train: bool) {}
+}
+
+/// EVA ViT: images → patch features.
+pub trait EncoderStage: Trainable + Send {
+    /// `images` (B, 3, H, W) float, CLIP-normalised → (B, 1 + N, C), cls first, no final norm.
+    fn encode(&mut self, images: &Tensor) -> StageResult<Tensor>;
+}
+
+/// Token selector + merger.
+pub trait SelectorMergerStage: Trainable + Send {
+    /// (B, 1 + N, C) patch features → (decisions (B, N) float 0/1 with 1 = keep,
+    /// merged (B, N, C) at all positions).
+    fn select_merge(&mut self, patch_features: &Tensor) -> StageResult<(Tensor, Tensor)>;
+    /// (B, 1 + N, C) → one (T_i, D_llm) tensor per image: the kept merged features through the
+    /// understanding merger and `vit_proj` (continuous LLM input for captioning).
+    fn understanding(&mut self, patch_features: &Tensor) -> StageResult<Vec<Tensor>>;
+}
+
+/// `encode_task_layer` + codebook.
+pub trait QuantizerStage: Trainable + Send {
+    /// merged (B, N, C) and decisions (B, N) → per image the visual ids of its kept positions in
+    /// raster order, offset into the LLM vocabulary.
+    fn quantize(&mut self, merged: &Tensor, decisions: &Tensor) -> StageResult<Vec<Vec<i64>>>;
+}
+
+/// The LLM.
+pub trait LlmStage: Trainable + Send {
+    /// Caption / VQA: `prefix` (T, D) continuous visual embeddings, then the question `prompt`.
+    /// Calls `on_token(id, text_piece)` once per generated text id; a `false` answer stops the
+    /// loop (cancel).
+    fn caption(
+        &mut self,
+        prefix: &Tensor,
+        prompt: &str,
+        opts: &CaptionOptions,
+        on_token: &mut dyn FnMut(i64, &str) -> bool,
+    ) -> StageResult<Vec<i64>>;
+    /// Text ids → text.
+    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String>;
+    /// Text → `opts.n` sequences of visual ids (between [IMG] and [/IMG], offset removed or not
+    /// as the decoder expects), classifier-free guidance batched.
+    fn image_tokens(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>>;
+}
+
+/// Feature decoder + U-Net + VAE.
+pub trait DecoderStage: Trainable + Send {
+    /// Visual ids (one sequence per image) → pixels (n, 3, H, W) float in [0, 1].
+    fn decode(
+        &mut self,
+        ids: &[Vec<i64>],
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Tensor>;
+}
+
+/// Which device each stage runs on, and how deep each stage's mailbox is.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// `cpu`, `cuda:N` or `mps` for the EVA encoder.
+    #[serde(default = "cpu")]
+    pub encoder: String,
+    /// Device of the token selector and merger.
+    #[serde(default = "cpu")]
+    pub selector_merger: String,
+    /// Device of the quantizer.
+    #[serde(default = "cpu")]
+    pub quantizer: String,
+    /// Device of the LLM.
+    #[serde(default = "cpu")]
+    pub llm: String,
+    /// Device of the feature decoder, U-Net and VAE.
+    #[serde(default = "cpu")]
+    pub decoder: String,
+    /// Messages each stage's mailbox holds before upstream blocks (backpressure).
+    #[serde(default = "default_mailbox")]
+    pub mailbox: usize,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+fn default_mailbox() -> usize {
+    2
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            encoder: cpu(),
+            selector_merger: cpu(),
+            quantizer: cpu(),
+            llm: cpu(),
+            decoder: cpu(),
+            mailbox: default_mailbox(),
+        }
+    }
+}
+
+impl Placement {
+    /// Read a placement file: a TOML table `[placement]` (or the keys at top level).
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parse placement TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> crate::Result<Self> {
+        let value: toml::Value = toml::from_str(text)
+            .map_err(|e| crate::Error::config(origin, "placement", e.to_string()))?;
+        let table = value.get("placement").cloned().unwrap_or(value);
+        let p: Placement = table
+            .try_into()
+            .map_err(|e: toml::de::Error| crate::Error::config(origin, "placement", e.message()))?;
+        p.validate(origin)?;
+        Ok(p)
+    }
+
+    fn validate(&self, origin: &str) -> crate::Result<()> {
+        for kind in StageKind::ALL {
+            parse_device(self.device_name(kind))
+                .map_err(|m| crate::Error::config(origin, format!("placement.{kind}"), m))?;
+        }
+        if self.mailbox == 0 || self.mailbox > 1024 {
+            return Err(crate::Error::config(
+                origin,
+                "placement.mailbox",
+                format!("{} is out of range 1..=1024", self.mailbox),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn device_name(&self, kind: StageKind) -> &str {
+        match kind {
+            StageKind::Encoder => &self.encoder,
+            StageKind::SelectorMerger => &self.selector_merger,
+            StageKind::Quantizer => &self.quantizer,
+            StageKind::Llm => &self.llm,
+            StageKind::Decoder => &self.decoder,
+        }
+    }
+
+    /// The device of a stage (validated at load).
+    pub fn device(&self, kind: StageKind) -> Device {
+        parse_device(self.device_name(kind)).unwrap_or(Device::Cpu)
+    }
+}
+
+/// `cpu`, `cuda`, `cuda:N`, `mps` → a tch device.
+pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    match s.trim() {
+        "cpu" => Ok(Device::Cpu),
+        "mps" => Ok(Device::Mps),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => Err(format!(
+                "`{other}` is not a device (expected cpu, cuda, cuda:N or mps)"
+            )),
+        },
+    }
+}
