@@ -159,3 +159,29 @@ fn demo_stages_resume_and_report() {
     );
     assert_eq!(again.judge_accuracy, s.judge_accuracy);
 }
+
+#[test]
+fn demo_vocabulary_loads_as_sentencepiece_one_token_per_word() {
+    use lavit::demo::vocab;
+    use lavit_llm::sentencepiece::SentencePiece;
+    let sp = SentencePiece::from_bytes(&vocab::tokenizer_model()).expect("valid ModelProto");
+    assert_eq!(sp.vocab_size() as i64, vocab::text_vocab_size());
+    assert_eq!((sp.bos_id(), sp.eos_id()), (1, 2));
+    for c in 0..10 {
+        for t in 0..data::TEMPLATES.len() {
+            let text = data::caption(c, t);
+            let ids = sp.encode(&text);
+            assert_eq!(
+                ids.len(),
+                text.split_whitespace().count(),
+                "{text}: {ids:?}"
+            );
+            assert_eq!(sp.decode(&ids), text);
+        }
+    }
+    // text outside the captions still encodes (character pieces) and round-trips
+    let other = "Draw 2 red hats!";
+    let ids = sp.encode(other);
+    assert!(!ids.contains(&0), "{ids:?}");
+    assert_eq!(sp.decode(&ids), other);
+}
