@@ -106,7 +106,7 @@ impl Default for FeatureDecoderManifest {
             lowres_unet_proj: 768,
             highres_unet_proj_1: 768,
             highres_unet_proj_2: 1280,
-            highres_attnpool_heads: 8,
+            highres_attnpool_heads: 16,
             num_patches: 256,
         }
     }
