@@ -32,11 +32,6 @@ pub use lavit_runtime::actors::{Fault, RequestHandle};
 pub use lavit_runtime::messages;
 pub use lavit_runtime::stage::{ExitStatus, StageKind};
 
-/// CLIP image mean (LaVITImageProcessor).
-pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
-/// CLIP image std.
-pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
-
 /// Which stage implementations a pipeline runs.
 #[derive(Clone, Debug, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -324,21 +319,15 @@ fn unexpected(o: Output) -> StageError {
 /// Streamed caption tokens (re-exported for users of [`Pipeline::caption_stream`]).
 pub type Token = TokenEvent;
 
-/// Images → (B, 3, S, S) CLIP-normalised float tensor.
+/// Images → (B, 3, S, S) CLIP-normalised float tensor with the official processor
+/// (`LaVITImageProcessor`: PIL bicubic resize, /255, CLIP mean/std).
 pub fn preprocess(images: &[DynamicImage], size: i64) -> Tensor {
-    let s = size as u32;
-    let mut data = Vec::with_capacity(images.len() * 3 * (s * s) as usize);
-    for img in images {
-        let rgb = img
-            .resize_exact(s, s, image::imageops::FilterType::CatmullRom)
-            .to_rgb8();
-        for c in 0..3 {
-            for p in rgb.pixels() {
-                data.push(((p.0[c] as f64 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]) as f32);
-            }
-        }
-    }
-    Tensor::from_slice(&data).reshape([images.len() as i64, 3, size, size])
+    let p = lavit_encoder::LaVITImageProcessor::new(size as u32);
+    let v: Vec<Tensor> = images
+        .iter()
+        .map(|im| p.preprocess(&im.to_rgb8()))
+        .collect();
+    Tensor::stack(&v, 0) // (B, 3, S, S)
 }
 
 /// (n, 3, H, W) float in [0, 1] → RGB images.

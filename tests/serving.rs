@@ -32,9 +32,12 @@ fn pcfg(in_flight: usize, queue: usize) -> PipelineConfig {
     }
 }
 
+/// Deterministic test images (no global RNG: tests run in parallel threads).
 fn images(b: i64, seed: i64) -> Tensor {
-    tch::manual_seed(seed);
-    Tensor::randn([b, 3, 28, 28], (Kind::Float, Device::Cpu))
+    let n = b * 3 * 28 * 28;
+    (Tensor::arange(n, (Kind::Float, Device::Cpu)) * (0.37 + seed as f64 * 0.011))
+        .sin()
+        .reshape([b, 3, 28, 28])
 }
 
 /// Poll `cond` every 5 ms for at most `secs` seconds.
@@ -418,7 +421,7 @@ fn training_steps_through_the_actor_graph_lower_the_loss() {
     let g = pipe.graph();
     let rt = rt();
     let mut enc = mock::MockEncoder::new(&m, Device::Cpu);
-    let feats = enc.encode(&images(4, 9)).unwrap(); // frozen encoder features, (4, 17, 32)
+    let feats = enc.encode(&images(4, 9)).unwrap(); // frozen encoder features, (4, 16, 32)
     let mut losses = Vec::new();
     rt.block_on(async {
         g.set_train(true);
@@ -1188,4 +1191,111 @@ fn lavit_serve_binary_drains_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
     let _ = reader.join();
+}
+
+#[test]
+fn real_pipeline_from_the_fixture_equals_direct_calls() {
+    use lavit::generate::{Condition, DecodeOptions, PixelDecoder, Resolution};
+    use lavit::tokenizer::{LoadParts, VisualTokenizer};
+    use lavit_llm::actor::LlmStageModel;
+    let dir = crate::common::fixture_dir();
+    let cfg = PipelineConfig {
+        checkpoint: Some(dir.clone()),
+        ..pcfg(4, 4)
+    };
+    let pipe = Pipeline::build(&cfg).unwrap();
+    let rt = rt();
+    let sd =
+        lavit_runtime::checkpoint::load_path(&dir.join("reference/expected.safetensors")).unwrap();
+    let images = sd["images"].shallow_clone(); // (3, 3, 112, 112)
+
+    // Tokenize: actors == VisualTokenizer::tokenize.
+    let tok = VisualTokenizer::from_checkpoint(&dir, Device::Cpu, LoadParts::all()).unwrap();
+    let want = tok.tokenize(&images).unwrap().ids;
+    let Output::VisualIds(got) = rt
+        .block_on(
+            pipe.graph()
+                .run(Task::Tokenize, Input::Images(images.shallow_clone())),
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(got, want);
+    let flat: Vec<i64> = got.concat();
+    assert_eq!(
+        flat,
+        Vec::<i64>::try_from(&sd["token_ids"]).unwrap(),
+        "ids differ from the official reference"
+    );
+
+    // Caption: understanding embeds (visual_weight) → LLM, greedy.
+    let mut llm = LlmStageModel::load(&dir, Device::Cpu).unwrap();
+    let img0 = images.narrow(0, 0, 1);
+    let (prefix, _) = tok.encode_features(&img0, tok.selection).unwrap();
+    let copts = CaptionOptions {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let want = llm.caption(&prefix, "", &copts, &mut |_, _| true).unwrap();
+    let task = Task::Caption {
+        prompt: String::new(),
+        opts: copts,
+    };
+    let Output::Text { ids, .. } = rt
+        .block_on(pipe.graph().run(task, Input::Images(img0)))
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(ids, want);
+
+    // Generate: LLM image tokens → highres feature decoder → U-Net → VAE.
+    let (w, h) = pipe.info().default_size;
+    let gopts = GenerateOptions {
+        n: 2,
+        steps: 3,
+        width: w,
+        height: h,
+        top_k: 0,
+        llm_guidance: 2.0,
+        seed: 5,
+        ..Default::default()
+    };
+    let toks = llm
+        .image_tokens("a photo of a cat", &gopts, &|| false)
+        .unwrap();
+    let (pe, pooled) = tok.decode_highres(&toks).unwrap();
+    let px = PixelDecoder::load(&dir, Resolution::Highres, Device::Cpu).unwrap();
+    let dopts = DecodeOptions {
+        steps: 3,
+        guidance: gopts.guidance,
+        height: Some(h as i64),
+        width: Some(w as i64),
+        seed: Some(5),
+        ..Default::default()
+    };
+    let want = px
+        .decode(
+            &Condition::Highres {
+                prompt_embeds: pe,
+                pooled_embeds: pooled,
+            },
+            &dopts,
+        )
+        .unwrap();
+    let Output::Pixels(got) = rt
+        .block_on(pipe.graph().run(
+            Task::Generate { opts: gopts },
+            Input::Prompt("a photo of a cat".into()),
+        ))
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(got.size(), [2, 3, h as i64, w as i64]);
+    assert!(
+        got.equal(&want),
+        "pixels through the actors differ from the direct calls"
+    );
 }

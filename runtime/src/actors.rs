@@ -219,10 +219,11 @@ impl Core {
                 m.panics.fetch_add(1, Ordering::Relaxed);
                 self.panics_in_a_row += 1;
                 warn!(stage = %kind, panic = %msg, in_a_row = self.panics_in_a_row, "stage panicked");
-                meta.finish(Err(StageError::Panicked { stage: kind, msg }));
+                // Policy first, answer second: whoever sees the 500 also sees the health.
                 if self.panics_in_a_row >= self.shared.opts.max_consecutive_panics {
                     self.set_exit(ExitStatus::Panicked);
                 }
+                meta.finish(Err(StageError::Panicked { stage: kind, msg }));
                 None
             }
         }

@@ -42,8 +42,8 @@ pub struct Images {
     pub pixels: Tensor,
 }
 
-/// Hop 1: Encoder → SelectorMerger. `features`: (B, 1 + N, C) float on the encoder's device, cls
-/// token first, no final norm (EVA `return_all_features`).
+/// Hop 1: Encoder → SelectorMerger. `features`: (B, N, C) float on the encoder's device, patch
+/// features in raster order (EVA `return_all_features` without the cls token).
 pub struct PatchFeatures {
     pub features: Tensor,
 }
@@ -195,7 +195,7 @@ pub type Reply = tokio::sync::oneshot::Sender<Result<Output, StageError>>;
 /// loss. Tensors carry their autograd graph across threads (libtorch's engine is thread-safe);
 /// backward runs once, then every stage gets an [`OptimizerStep`].
 pub struct TrainBatch {
-    /// Named tensors: `images` (B,3,H,W), `patch_features` (B,1+N,C, detached: the encoder is
+    /// Named tensors: `images` (B,3,H,W), `patch_features` (B,N,C, detached: the encoder is
     /// frozen), `decisions` (B,N), `merged` (B,N,C), `quantized` (B,N,D), `reconstruction`
     /// (B,N,C), … on the device of the stage that wrote them.
     pub tensors: std::collections::BTreeMap<String, Tensor>,

@@ -87,9 +87,27 @@ impl Gate {
     }
 }
 
+/// Deterministic pseudo-random values (splitmix64 → uniform with unit variance), independent
+/// of libtorch's global generator so concurrently built stages never race on a seed.
+fn noise(seed: u64, shape: &[i64], device: Device) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+            ((u * 2.0 - 1.0) * 3f64.sqrt()) as f32
+        })
+        .collect();
+    Tensor::from_slice(&v).reshape(shape).to_device(device)
+}
+
 fn weights(cfg: &MockConfig, salt: i64, shape: &[i64], device: Device) -> Tensor {
-    tch::manual_seed(cfg.seed * 1000 + salt);
-    Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(device) / (shape[0] as f64).sqrt()
+    noise((cfg.seed * 1000 + salt) as u64, shape, device) / (shape[0] as f64).sqrt()
 }
 
 fn busy(cfg: &MockConfig, w: &Tensor) {
@@ -131,9 +149,7 @@ impl EncoderStage for MockEncoder {
             .reshape([b, 3, h / p, p, w / p, p])
             .permute([0, 2, 4, 1, 3, 5])
             .reshape([b, (h / p) * (w / p), 3 * p * p]); // (B, N, 3·p·p)
-        let f = x.matmul(&self.proj); // (B, N, C)
-        let cls = f.mean_dim(1, true, Kind::Float); // (B, 1, C)
-        Ok(Tensor::cat(&[cls, f], 1)) // (B, 1 + N, C)
+        Ok(x.matmul(&self.proj)) // (B, N, C)
     }
 }
 
@@ -157,7 +173,7 @@ impl Trainable for MockSelectorMerger {}
 impl SelectorMergerStage for MockSelectorMerger {
     fn select_merge(&mut self, pf: &Tensor) -> StageResult<(Tensor, Tensor)> {
         busy(&self.cfg, &self.mix);
-        let x = pf.narrow(1, 1, pf.size()[1] - 1); // (B, N, C)
+        let x = pf; // (B, N, C)
         let s = x.matmul(&self.score).squeeze_dim(-1); // (B, N)
         let keep = s.gt(0.0).to_kind(Kind::Float);
         let first = Tensor::zeros_like(&keep);
@@ -358,8 +374,7 @@ impl DecoderStage for MockDecoder {
             })
             .collect::<StageResult<Vec<_>>>()?;
         let cond = Tensor::cat(&conds, 0); // (n, D)
-        tch::manual_seed(opts.seed as i64);
-        let mut x = Tensor::randn(cond.size(), (Kind::Float, Device::Cpu)).to_device(dev);
+        let mut x = noise(opts.seed ^ 0xDEC0DE, &cond.size(), dev);
         for _ in 0..opts.steps {
             busy(&self.cfg, &self.w);
             x = (x.matmul(&self.w) + &cond).tanh();

@@ -147,16 +147,16 @@ pub trait Trainable {
 
 /// EVA ViT: images → patch features.
 pub trait EncoderStage: Trainable + Send {
-    /// `images` (B, 3, H, W) float, CLIP-normalised → (B, 1 + N, C), cls first, no final norm.
+    /// `images` (B, 3, H, W) float, CLIP-normalised → (B, N, C) patch features in raster order (no cls token).
     fn encode(&mut self, images: &Tensor) -> StageResult<Tensor>;
 }
 
 /// Token selector + merger.
 pub trait SelectorMergerStage: Trainable + Send {
-    /// (B, 1 + N, C) patch features → (decisions (B, N) float 0/1 with 1 = keep,
+    /// (B, N, C) patch features → (decisions (B, N) float 0/1 with 1 = keep,
     /// merged (B, N, C) at all positions).
     fn select_merge(&mut self, patch_features: &Tensor) -> StageResult<(Tensor, Tensor)>;
-    /// (B, 1 + N, C) → one (T_i, D_llm) tensor per image: the kept merged features through the
+    /// (B, N, C) → one (T_i, D_llm) tensor per image: the kept merged features through the
     /// understanding merger and `vit_proj` (continuous LLM input for captioning).
     fn understanding(&mut self, patch_features: &Tensor) -> StageResult<Vec<Tensor>>;
 }

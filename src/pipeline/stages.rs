@@ -1,17 +1,283 @@
-//! The real stages of a LaVIT checkpoint folder as [`lavit_runtime::stage`] implementations.
+//! The real stages of a LaVIT checkpoint folder as [`lavit_runtime::stage`] implementations:
+//! thin adapters over [`crate::tokenizer::VisualTokenizer`] (EVA encoder, selector + merger,
+//! quantizer, feature decoders), [`lavit_llm::actor::LlmStageModel`] and
+//! [`crate::generate::PixelDecoder`]. Each builder runs on its stage's own thread and loads
+//! only what that stage needs onto the stage's device.
+//!
+//! The SelectorMerger, Quantizer and Decoder stages each hold a `VisualTokenizer` without the
+//! EVA encoder (a [`NoBackbone`] stands in), so `tokenizer_encoder` is loaded once per stage
+//! that uses it (selector/merger weights and the task layer + codebook share that file).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use lavit_plugin_api::{Backbone, PluginResult};
 use lavit_runtime::actors::StageBuilders;
+use lavit_runtime::manifest::LavitManifest;
+use lavit_runtime::messages::GenerateOptions;
+use lavit_runtime::stage::*;
+use tch::{Device, Tensor};
 
 use super::ModelInfo;
+use crate::generate::{Condition, DecodeOptions, PixelDecoder, Resolution};
+use crate::tokenizer::{files, resolve_file, LoadParts, VisualTokenizer};
+
+/// Stands in for the encoder in stages that never run it.
+struct NoBackbone {
+    image_size: i64,
+    patch_size: i64,
+    width: i64,
+}
+
+impl Backbone for NoBackbone {
+    fn name(&self) -> String {
+        "none (this stage does not run the encoder)".into()
+    }
+    fn image_size(&self) -> i64 {
+        self.image_size
+    }
+    fn patch_size(&self) -> i64 {
+        self.patch_size
+    }
+    fn width(&self) -> i64 {
+        self.width
+    }
+    fn forward(&self, _images: &Tensor) -> PluginResult<Tensor> {
+        Err(lavit_plugin_api::PluginError::new(
+            "the encoder runs in the Encoder stage",
+        ))
+    }
+}
+
+fn tokenizer_without_encoder(
+    dir: &Path,
+    device: Device,
+    parts: LoadParts,
+) -> lavit_runtime::Result<VisualTokenizer> {
+    let m = LavitManifest::for_checkpoint(dir)?;
+    let none = NoBackbone {
+        image_size: m.tokenizer.img_size,
+        patch_size: m.tokenizer.patch_size,
+        width: m.tokenizer.encoder_width,
+    };
+    VisualTokenizer::from_checkpoint_with_encoder(dir, device, parts, Box::new(none))
+}
+
+fn err(kind: StageKind) -> impl Fn(lavit_runtime::Error) -> StageError {
+    move |e| match e {
+        lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
+        e => StageError::failed(kind, e),
+    }
+}
+
+/// Encoder stage: the EVA ViT (or a plugin backbone) → patch features (B, N, C).
+pub struct EncoderReal {
+    tok: VisualTokenizer,
+}
+impl Trainable for EncoderReal {}
+impl EncoderStage for EncoderReal {
+    fn encode(&mut self, images: &Tensor) -> StageResult<Tensor> {
+        let _g = tch::no_grad_guard();
+        self.tok
+            .encoder_features(images)
+            .map_err(err(StageKind::Encoder))
+    }
+}
+
+/// SelectorMerger stage: token selector + merger (+ the understanding merger and `vit_proj`
+/// from `language_model/visual_weight`).
+pub struct SelectorMergerReal {
+    tok: VisualTokenizer,
+}
+impl Trainable for SelectorMergerReal {}
+impl SelectorMergerStage for SelectorMergerReal {
+    fn select_merge(&mut self, features: &Tensor) -> StageResult<(Tensor, Tensor)> {
+        let _g = tch::no_grad_guard();
+        let (_, decisions) = self.tok.select(features, self.tok.selection);
+        let merged = self.tok.causal_encoder.forward(features, &decisions);
+        Ok((decisions, merged))
+    }
+    fn understanding(&mut self, features: &Tensor) -> StageResult<Vec<Tensor>> {
+        use tch::nn::Module;
+        let _g = tch::no_grad_guard();
+        let (_, decisions) = self.tok.select(features, self.tok.selection);
+        let (merger, proj) = match &self.tok.understanding {
+            Some(u) => (&u.causal_encoder, &u.vit_proj),
+            None => (&self.tok.causal_encoder, &self.tok.vit_proj),
+        };
+        let updated = proj.forward(&merger.forward(features, &decisions)); // (B, N, H)
+        let (kept, counts) = VisualTokenizer::gather_kept(&updated, &decisions); // (T, H)
+        let mut out = Vec::with_capacity(counts.len());
+        let mut pos = 0;
+        for n in counts {
+            out.push(kept.narrow(0, pos, n)); // (T_i, H)
+            pos += n;
+        }
+        Ok(out)
+    }
+}
+
+/// Quantizer stage: `encode_task_layer` + codebook (or a plugin codebook).
+pub struct QuantizerReal {
+    tok: VisualTokenizer,
+}
+impl Trainable for QuantizerReal {}
+impl QuantizerStage for QuantizerReal {
+    fn quantize(&mut self, merged: &Tensor, decisions: &Tensor) -> StageResult<Vec<Vec<i64>>> {
+        let _g = tch::no_grad_guard();
+        let (kept, counts) = VisualTokenizer::gather_kept(merged, decisions);
+        let z = tch::nn::Module::forward(&self.tok.encode_task_layer, &kept);
+        let ids = self
+            .tok
+            .quantize
+            .quantize(&z)
+            .map_err(|e| StageError::failed(StageKind::Quantizer, e))?;
+        let off = self.tok.manifest.llm.visual_token_offset;
+        let flat = Vec::<i64>::try_from(&ids.to_device(Device::Cpu))
+            .map_err(|e| StageError::failed(StageKind::Quantizer, e))?;
+        let mut out = Vec::with_capacity(counts.len());
+        let mut pos = 0usize;
+        for n in counts {
+            out.push(
+                flat[pos..pos + n as usize]
+                    .iter()
+                    .map(|i| i + off)
+                    .collect(),
+            );
+            pos += n as usize;
+        }
+        Ok(out)
+    }
+}
+
+/// Decoder stage: feature decoder (highres or lowres) + U-Net + VAE + scheduler.
+pub struct DecoderReal {
+    tok: VisualTokenizer,
+    pixels: PixelDecoder,
+    resolution: Resolution,
+}
+impl Trainable for DecoderReal {}
+impl DecoderStage for DecoderReal {
+    fn decode(
+        &mut self,
+        ids: &[Vec<i64>],
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Tensor> {
+        let e = err(StageKind::Decoder);
+        if ids.iter().any(Vec::is_empty) {
+            return Err(StageError::Invalid("an image without visual tokens".into()));
+        }
+        let cond = match self.resolution {
+            Resolution::Highres => {
+                let (prompt_embeds, pooled_embeds) = self.tok.decode_highres(ids).map_err(&e)?;
+                Condition::Highres {
+                    prompt_embeds,
+                    pooled_embeds,
+                }
+            }
+            Resolution::Lowres => Condition::Lowres {
+                hidden: self.tok.decode_lowres(ids).map_err(&e)?,
+            },
+        };
+        if should_stop() {
+            return Err(StageError::Cancelled);
+        }
+        let dopts = DecodeOptions {
+            steps: opts.steps,
+            guidance: opts.guidance,
+            height: Some(opts.height as i64),
+            width: Some(opts.width as i64),
+            seed: Some(opts.seed as i64),
+            ..DecodeOptions::default()
+        };
+        let px = self.pixels.decode(&cond, &dopts).map_err(&e)?;
+        if should_stop() {
+            return Err(StageError::Cancelled);
+        }
+        Ok(px)
+    }
+}
 
 /// Builders for the five real stages of the checkpoint in `dir` (each loads its weights on its
 /// own thread and device).
 pub fn builders(dir: &Path) -> anyhow::Result<(StageBuilders, ModelInfo)> {
-    anyhow::bail!(
-        "{}: the model stages (tokenizer, LLM, pixel decoder) are not wired into the pipeline yet; \
-         use `stages = \"mock\"` to run the serving machinery on mock stages",
-        dir.display()
-    )
+    let m = LavitManifest::for_checkpoint(dir)?;
+    resolve_file(dir, files::EVA)?;
+    resolve_file(dir, files::TOKENIZER_ENCODER)?;
+    let resolution = if dir.join(Resolution::Highres.folder()).is_dir() {
+        Resolution::Highres
+    } else {
+        Resolution::Lowres
+    };
+    let native = native_size(dir, resolution)?;
+    let info = ModelInfo {
+        image_size: m.tokenizer.img_size,
+        default_size: native,
+    };
+    let d: PathBuf = dir.to_path_buf();
+    let (d1, d2, d3, d4, d5) = (d.clone(), d.clone(), d.clone(), d.clone(), d);
+    let builders = StageBuilders {
+        encoder: Box::new(move |dev| {
+            let tok = VisualTokenizer::from_checkpoint(&d1, dev, LoadParts::tokenize_only())?;
+            Ok(Box::new(EncoderReal { tok }) as Box<dyn EncoderStage>)
+        }),
+        selector_merger: Box::new(move |dev| {
+            let parts = LoadParts {
+                understanding: resolve_file(&d2, files::VISUAL_WEIGHT).is_ok(),
+                ..LoadParts::tokenize_only()
+            };
+            let tok = tokenizer_without_encoder(&d2, dev, parts)?;
+            Ok(Box::new(SelectorMergerReal { tok }) as Box<dyn SelectorMergerStage>)
+        }),
+        quantizer: Box::new(move |dev| {
+            let tok = tokenizer_without_encoder(&d3, dev, LoadParts::tokenize_only())?;
+            Ok(Box::new(QuantizerReal { tok }) as Box<dyn QuantizerStage>)
+        }),
+        llm: Box::new(move |dev| {
+            Ok(Box::new(lavit_llm::actor::LlmStageModel::load(&d4, dev)?) as Box<dyn LlmStage>)
+        }),
+        decoder: Box::new(move |dev| {
+            let parts = LoadParts {
+                highres_decoder: resolution == Resolution::Highres,
+                lowres_decoder: resolution == Resolution::Lowres,
+                ..LoadParts::tokenize_only()
+            };
+            let tok = tokenizer_without_encoder(&d5, dev, parts)?;
+            let pixels = PixelDecoder::load(&d5, resolution, dev)?;
+            Ok(Box::new(DecoderReal {
+                tok,
+                pixels,
+                resolution,
+            }) as Box<dyn DecoderStage>)
+        }),
+    };
+    Ok((builders, info))
+}
+
+/// The decoder's native output size (width, height) from its configs (no weights loaded):
+/// U-Net `sample_size` × the VAE's downscale (2^(len(block_out_channels) − 1); 1 without a VAE).
+fn native_size(dir: &Path, resolution: Resolution) -> anyhow::Result<(usize, usize)> {
+    let folder = dir.join(resolution.folder());
+    let read = |p: PathBuf| -> anyhow::Result<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    };
+    let unet = read(folder.join("unet/config.json"))?;
+    let sample = match &unet["sample_size"] {
+        serde_json::Value::Array(a) => a.first().and_then(|v| v.as_u64()),
+        v => v.as_u64(),
+    }
+    .ok_or_else(|| anyhow::anyhow!("{}: unet/config.json has no sample_size", folder.display()))?;
+    let vae = folder.join("vae/config.json");
+    let scale = if vae.exists() {
+        let n = read(vae)?["block_out_channels"]
+            .as_array()
+            .map_or(1, Vec::len);
+        1u64 << n.saturating_sub(1)
+    } else {
+        1
+    };
+    let side = (sample * scale) as usize;
+    Ok((side, side))
 }
