@@ -519,23 +519,43 @@ mod training {
             .contains("\"loss\""));
     }
 
+    /// Each run is its own `lavit train decoder` process: libtorch's generator is global, so
+    /// runs in test threads of one process would draw from each other's stream.
     #[test]
     fn decoder_training_resumes_exactly() {
-        let (images, _) = load_image_folder(&stamps(), 16, 12).unwrap();
-        let cond = PatchConditioner::new(3, 16, 4, 16, 1, Device::Cpu).unwrap();
+        let toml = |out: &std::path::Path, stop_after: usize| {
+            format!(
+                "out_dir = {out:?}\n[data]\nimages = {:?}\nimage_size = 16\nmax_images = 12\n\
+                 [condition]\ndim = 16\n\
+                 [unet]\nin_channels = 3\nout_channels = 3\nlayers_per_block = 1\nblock_out_channels = [16, 32]\nattention_head_dim = 2\ncross_attention_dim = 16\n\
+                 down_block_types = [\"DownBlock2D\", \"CrossAttnDownBlock2D\"]\n\
+                 up_block_types = [\"CrossAttnUpBlock2D\", \"UpBlock2D\"]\nnorm_num_groups = 8\n\
+                 [train]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 2\nsave_every = 1000\n\
+                 sample_steps = 2\nsample_count = 2\nprogress = false\nstop_after = {stop_after}\n",
+                stamps()
+            )
+        };
+        let run = |cfg: String, dir: &std::path::Path| {
+            let p = dir.join("cfg.toml");
+            std::fs::write(&p, cfg).unwrap();
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_lavit"))
+                .args(["train", "decoder", "--config"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
         let straight = tempfile::tempdir().unwrap();
-        train(&config(straight.path(), 4), &images, &cond).unwrap();
-
         let resumed = tempfile::tempdir().unwrap();
-        let mut first = config(resumed.path(), 4);
-        first.train.stop_after = 2;
-        train(&first, &images, &cond).unwrap();
+        let (s_out, r_out) = (straight.path().join("run"), resumed.path().join("run"));
+        run(toml(&s_out, 0), straight.path());
+        run(toml(&r_out, 2), resumed.path());
         let ck =
             |d: &std::path::Path| load(&latest(&d.join("checkpoints")).unwrap().unwrap()).unwrap();
-        assert_eq!(ck(resumed.path()).state.step, 2);
-        train(&config(resumed.path(), 4), &images, &cond).unwrap();
+        assert_eq!(ck(&r_out).state.step, 2);
+        run(toml(&r_out, 0), resumed.path());
 
-        let (mut a, mut b) = (ck(straight.path()), ck(resumed.path()));
+        let (mut a, mut b) = (ck(&s_out), ck(&r_out));
         assert_eq!((a.state.step, b.state.step), (4, 4));
         for part in ["model", "optimizer", "ema"] {
             let (pa, pb) = (a.take(part).unwrap(), b.take(part).unwrap());
@@ -546,7 +566,7 @@ mod training {
             );
         }
         // the metrics log continues exactly: one line per step
-        let lines = std::fs::read_to_string(resumed.path().join("metrics.jsonl")).unwrap();
+        let lines = std::fs::read_to_string(r_out.join("metrics.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 4);
     }
 

@@ -187,9 +187,10 @@ impl Default for DecoderTrainConfig {
             unet_from: None,
             unet: tiny_pixel_unet(3, 32),
             vae: None,
+            // DDPM's pixel-space schedule: x₀ predictions clipped to [-1, 1] when sampling
             scheduler: SchedulerConfig {
                 beta_schedule: "linear".into(),
-                clip_sample: false,
+                clip_sample: true,
                 set_alpha_to_one: false,
                 steps_offset: 1,
                 ..Default::default()
