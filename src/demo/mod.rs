@@ -11,16 +11,19 @@ pub mod judge;
 pub mod progress;
 pub mod report;
 pub mod stage0;
+pub mod stages;
 pub mod vocab;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::Context;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tch::nn;
 
 use data::{FashionMnist, Split};
 use judge::{Judge, JudgeConfig};
+use lavit_runtime::manifest::{FeatureDecoderManifest, TokenizerManifest};
 use stage0::Stage0Config;
 
 /// The demo's data sizes.
@@ -31,8 +34,6 @@ pub struct DataConfig {
     pub train_per_class: usize,
     /// Held-out images per class (from the official test file; no stage trains on them).
     pub eval_per_class: usize,
-    /// Side of the tokenizer and pixel-decoder input (28 px images are zero-padded up to it).
-    pub image_size: i64,
 }
 
 impl Default for DataConfig {
@@ -40,7 +41,6 @@ impl Default for DataConfig {
         Self {
             train_per_class: 2000,
             eval_per_class: 100,
-            image_size: 32,
         }
     }
 }
@@ -52,7 +52,18 @@ pub struct DemoConfig {
     pub seed: u64,
     pub data: DataConfig,
     pub judge: JudgeConfig,
+    /// Sizes of the tokenizer (EVA ViT, selector, merger, codebook): the checkpoint's
+    /// `manifest.json` `tokenizer` section. 28 px images are zero-padded to `img_size`.
+    pub tokenizer: TokenizerManifest,
+    /// Sizes of the feature decoder (`manifest.json` `feature_decoder`).
+    pub feature_decoder: FeatureDecoderManifest,
     pub stage0: Stage0Config,
+    pub stage1: stages::Stage1Config,
+    pub stage1b: stages::Stage1bConfig,
+    /// Sizes of the LLaMA.
+    pub llm: stages::LlmSizes,
+    pub stage2: stages::Stage2Config,
+    pub eval: stages::EvalConfig,
 }
 
 impl DemoConfig {
@@ -100,7 +111,17 @@ pub struct DemoSummary {
     /// The judge's accuracy on real held-out images.
     pub judge_accuracy: f64,
     /// Stage 0's class head on frozen features of held-out images.
-    pub stage0_accuracy: Option<f64>,
+    pub stage0_accuracy: f64,
+    /// Held-out captions that name the right class.
+    pub caption_accuracy: f64,
+    /// Generated images the judge labels as the prompted class.
+    pub t2i_accuracy: f64,
+    /// Kept tokens / patches on held-out images.
+    pub mean_kept_ratio: f64,
+    /// Mean kept-token count per class.
+    pub mean_tokens_per_class: Vec<f64>,
+    /// The checkpoint folder `lavit caption/generate/serve` load.
+    pub checkpoint: PathBuf,
     /// Seconds per stage, in run order (0 for a stage skipped as already done).
     pub seconds: Vec<(String, f64)>,
 }
@@ -242,18 +263,36 @@ struct JudgeSummary {
     losses: Vec<f64>,
 }
 
+#[derive(Serialize, Deserialize)]
+struct Stage0Summary {
+    accuracy: f64,
+    losses: Vec<f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CurvesSummary {
+    /// The stage's exported folder, when it has one.
+    export: Option<PathBuf>,
+    curves: Vec<(String, Vec<f64>)>,
+}
+
 /// Runs the demo end to end.
 pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
     if opts.threads > 0 {
         tch::set_num_threads(opts.threads as i32);
     }
     let cfg = &opts.config;
+    let size = cfg.tokenizer.img_size;
+    anyhow::ensure!(
+        size >= data::SIDE as i64 && size % cfg.tokenizer.patch_size == 0,
+        "tokenizer.img_size {size} must be ≥ 28 and a multiple of patch_size"
+    );
     let data = DemoData::load(&opts.data_dir, &cfg.data, cfg.seed)?;
-    let mut stages = Stages::new(&opts.out);
+    let manifest = stages::demo_manifest(&cfg.tokenizer, &cfg.feature_decoder);
+    let mut st = Stages::new(&opts.out);
 
     // The independent judge: trained only on real training images.
-    let judge_cfg = (&cfg.judge, &cfg.data, cfg.seed);
-    let judged = stages.run("judge", &judge_cfg, |dir| {
+    let judged = st.run("judge", &(&cfg.judge, &cfg.data, cfg.seed), |dir| {
         let mut j = Judge::new(&cfg.judge);
         let losses = j.train(&cfg.judge, &data.train, cfg.seed);
         j.save(&dir.join("judge.safetensors"))?;
@@ -265,12 +304,121 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         Ok(JudgeSummary { accuracy, losses })
     })?;
 
-    let mut summary = DemoSummary {
+    // Stage 0: the EVA ViT learns features that name and draw the image, then is frozen.
+    let key0 = (&cfg.stage0, &cfg.tokenizer, &cfg.data, cfg.seed);
+    let s0 = st.run("stage0", &key0, |dir| {
+        let (accuracy, losses) = stages::run_stage0(
+            &manifest,
+            &cfg.stage0,
+            &data.train,
+            &data.eval,
+            cfg.seed,
+            dir,
+        )?;
+        tracing::info!(
+            "stage 0: class head on frozen features, held-out accuracy {:.1} %",
+            accuracy * 100.0
+        );
+        Ok(Stage0Summary { accuracy, losses })
+    })?;
+    let eva_file = stages::stage0_eva(&st.dir("stage0"));
+
+    // Stage 1: the dynamic tokenizer on the frozen encoder.
+    let key1 = (&key0, &cfg.stage1, &cfg.feature_decoder);
+    let s1 = st.run("stage1", &key1, |dir| {
+        let (export, curves) = stages::run_stage1(
+            &manifest,
+            &cfg.stage1,
+            &eva_file,
+            &data.train,
+            cfg.seed,
+            dir,
+        )?;
+        Ok(CurvesSummary {
+            export: Some(export),
+            curves,
+        })
+    })?;
+    let tok_dir = s1
+        .export
+        .clone()
+        .context("stage 1 left no tokenizer folder")?;
+
+    // Stage 1b: the pixel decoder on the tokenizer's reconstructions.
+    let key1b = (&key1, &cfg.stage1b);
+    let s1b = st.run("stage1b", &key1b, |dir| {
+        let loss = stages::run_stage1b(&tok_dir, &cfg.stage1b, &data.train, cfg.seed, dir)?;
+        Ok(CurvesSummary {
+            export: Some(dir.to_path_buf()),
+            curves: vec![("loss".into(), loss)],
+        })
+    })?;
+
+    // Stage 2: the LLM on [image, text], [text, image] and [text].
+    let key2 = (&key1, &cfg.llm, &cfg.stage2);
+    let s2 = st.run("stage2", &key2, |dir| {
+        let curves =
+            stages::run_stage2(&tok_dir, &cfg.llm, &cfg.stage2, &data.train, cfg.seed, dir)?;
+        Ok(CurvesSummary {
+            export: Some(dir.to_path_buf()),
+            curves,
+        })
+    })?;
+
+    // The checkpoint folder, official layout.
+    let ckpt = opts.out.join("checkpoint");
+    stages::assemble_checkpoint(
+        &manifest,
+        &tok_dir,
+        &st.dir("stage1b"),
+        &st.dir("stage2"),
+        &ckpt,
+    )?;
+    tracing::info!("checkpoint folder: {}", ckpt.display());
+
+    // Evaluation through the normal inference code.
+    let judge = Judge::load(&cfg.judge, &st.dir("judge").join("judge.safetensors"))?;
+    let key_eval = (&key1b, &key2, &cfg.eval);
+    let ev = st.run("eval", &key_eval, |dir| {
+        stages::evaluate(&ckpt, &cfg.eval, &data.eval, &judge, cfg.seed, dir)
+    })?;
+
+    let summary = DemoSummary {
         judge_accuracy: judged.accuracy,
-        ..Default::default()
+        stage0_accuracy: s0.accuracy,
+        caption_accuracy: ev.caption_accuracy,
+        t2i_accuracy: ev.t2i_accuracy,
+        mean_kept_ratio: ev.mean_kept_ratio,
+        mean_tokens_per_class: ev
+            .token_counts
+            .iter()
+            .map(|v| v.iter().sum::<i64>() as f64 / v.len().max(1) as f64)
+            .collect(),
+        checkpoint: ckpt.clone(),
+        seconds: st.seconds.clone(),
     };
-    summary.seconds = stages.seconds.clone();
-    write_report(opts, &data, &summary, &[("judge", &judged.losses)])?;
+    let curves: Vec<(String, Vec<f64>)> = [
+        ("judge".to_string(), judged.losses.clone()),
+        ("stage 0 (ViT)".to_string(), s0.losses.clone()),
+    ]
+    .into_iter()
+    .chain(
+        s1.curves
+            .iter()
+            .map(|(k, v)| (format!("stage 1 (tokenizer) {k}"), v.clone())),
+    )
+    .chain(
+        s1b.curves
+            .iter()
+            .map(|(k, v)| (format!("stage 1b (U-Net) {k}"), v.clone())),
+    )
+    .chain(
+        s2.curves
+            .iter()
+            .map(|(k, v)| (format!("stage 2 (LLM) {k}"), v.clone())),
+    )
+    .collect();
+    write_report(opts, &data, &summary, &ev, &st.dir("eval"), &curves)?;
     Ok(summary)
 }
 
@@ -279,24 +427,98 @@ fn write_report(
     opts: &DemoOptions,
     data: &DemoData,
     summary: &DemoSummary,
-    curves: &[(&str, &Vec<f64>)],
+    ev: &stages::EvalResult,
+    eval_dir: &Path,
+    curves: &[(String, Vec<f64>)],
 ) -> anyhow::Result<()> {
     let dir = opts.out.join("report");
     std::fs::create_dir_all(&dir)?;
+    for png in ["reconstructions.png", "generated.png"] {
+        std::fs::copy(eval_dir.join(png), dir.join(png))
+            .with_context(|| format!("copying {png}"))?;
+    }
+    let pct = |v: f64| format!("{:.1} %", v * 100.0);
     let mut html = report::Html::default();
     html.p(&format!(
-        "Fashion-MNIST: {} training images, {} held-out images (never trained on).",
+        "LaVIT trained from scratch on Fashion-MNIST: {} training images, {} held-out images (never trained on). Checkpoint folder: {}.",
         data.train.len(),
-        data.eval.len()
+        data.eval.len(),
+        summary.checkpoint.display()
     ));
     html.h2("Results");
     html.table(&[
-        vec!["measure".into(), "value".into()],
+        vec!["measure".into(), "value".into(), "target".into()],
+        vec![
+            "caption class accuracy (held-out)".into(),
+            pct(summary.caption_accuracy),
+            "≥ 85 %".into(),
+        ],
+        vec![
+            "text→image accuracy (judged)".into(),
+            pct(summary.t2i_accuracy),
+            "≥ 85 %".into(),
+        ],
         vec![
             "judge accuracy on real held-out images".into(),
-            format!("{:.1} %", summary.judge_accuracy * 100.0),
+            pct(summary.judge_accuracy),
+            String::new(),
+        ],
+        vec![
+            "stage-0 class head on frozen ViT features (held-out)".into(),
+            pct(summary.stage0_accuracy),
+            String::new(),
+        ],
+        vec![
+            "mean kept ratio (ρ target 1/3)".into(),
+            format!("{:.3}", summary.mean_kept_ratio),
+            String::new(),
         ],
     ]);
+    let mut rows = vec![vec![
+        "class".to_string(),
+        "mean tokens".into(),
+        "caption acc".into(),
+        "text→image acc".into(),
+    ]];
+    for c in 0..10 {
+        rows.push(vec![
+            data::CLASS_NAMES[c].into(),
+            format!(
+                "{:.1}",
+                summary.mean_tokens_per_class.get(c).copied().unwrap_or(0.0)
+            ),
+            pct(ev.per_class[c].0),
+            pct(ev.per_class[c].1),
+        ]);
+    }
+    html.table(&rows);
+    html.h2("Token count per class (held-out images, dynamic length)");
+    let groups: Vec<(String, Vec<i64>)> = (0..10)
+        .map(|c| (data::CLASS_NAMES[c].to_string(), ev.token_counts[c].clone()))
+        .collect();
+    html.raw(&report::svg_histograms(
+        "kept visual tokens per image",
+        &groups,
+        5,
+    ));
+    html.h2("Reconstructions (image → tokens → feature decoder → U-Net)");
+    html.p("Pairs: original, then its reconstruction.");
+    html.img("reconstructions.png", "reconstructions");
+    html.h2("Text → image");
+    html.p(&format!(
+        "One row per prompt \"{}\" … \"{}\"; the judge labels each image.",
+        data::caption(0, 0),
+        data::caption(9, 0)
+    ));
+    html.img("generated.png", "generated images");
+    html.h2("Captions (held-out examples)");
+    let mut rows = vec![vec!["true class".to_string(), "caption".into()]];
+    rows.extend(
+        ev.caption_examples
+            .iter()
+            .map(|(l, t)| vec![data::CLASS_NAMES[*l].to_string(), t.clone()]),
+    );
+    html.table(&rows);
     html.h2("Held-out images");
     let idx: Vec<usize> = (0..data.eval.len().min(40)).collect();
     report::write_grid(
@@ -307,26 +529,32 @@ fn write_report(
     )?;
     html.img("held_out.png", "held-out images");
     html.h2("Loss curves");
-    for (name, losses) in curves {
+    for (i, (name, losses)) in curves.iter().enumerate() {
         let pts: Vec<(f64, f64)> = losses
             .iter()
             .enumerate()
             .map(|(i, &l)| (i as f64, l))
             .collect();
         let w = (losses.len() / 30).max(1);
+        let smooth = report::smooth(&pts, w);
         html.raw(&report::svg_lines(
             name,
             "step",
             &[report::Series {
-                name: format!("loss (moving average of {w})"),
-                points: report::smooth(&pts, w),
+                name: format!("moving average of {w}"),
+                points: smooth.clone(),
             }],
             520.0,
             240.0,
         ));
+        let png = format!("curve_{i}.png");
+        lavit_runtime::train::write_line_plot_png(&dir.join(&png), &[smooth], 520, 240)?;
     }
     html.h2("Timings");
-    let mut rows = vec![vec!["stage".to_string(), "seconds".to_string()]];
+    let mut rows = vec![vec![
+        "stage".to_string(),
+        "seconds (0 = resumed)".to_string(),
+    ]];
     rows.extend(
         summary
             .seconds
