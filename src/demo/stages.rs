@@ -679,7 +679,17 @@ pub fn evaluate(
         })
         .collect();
     let x = to_model_input(&eval.batch_unit(&pick), size);
-    let ids = tok.tokenize(&x)?.ids;
+    let all_ids = tok.tokenize(&x)?.ids;
+    // an image whose selector kept no patch has nothing to decode: it is left out of the grid
+    let (pick, ids): (Vec<usize>, Vec<Vec<i64>>) = pick
+        .into_iter()
+        .zip(all_ids)
+        .filter(|(_, v)| !v.is_empty())
+        .unzip();
+    anyhow::ensure!(
+        !ids.is_empty(),
+        "the tokenizer kept no token of any held-out image"
+    );
     let dopts = DecodeOptions {
         steps: cfg.ddim_steps,
         guidance: cfg.decoder_guidance,
