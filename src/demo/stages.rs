@@ -21,7 +21,6 @@ use lavit_llm::vocab::UnifiedVocab;
 use lavit_llm::{LlamaConfig, LlamaForCausalLM};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::manifest::{LavitManifest, LlmManifest};
-use lavit_selector::SelectionMode;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -411,9 +410,9 @@ pub fn run_stage2(
     for (ci, chunk) in idx.chunks(256).enumerate() {
         let x = to_model_input(&train.batch_unit(chunk), size);
         let (kept, counts, ids) = tch::no_grad(|| -> anyhow::Result<_> {
-            let trace = tok.trace(&x, SelectionMode::Argmax)?;
+            let trace = tok.trace(&x, tok.selection)?;
             let (kept, counts) = VisualTokenizer::gather_kept(&trace.merged, &trace.decisions);
-            let t = tok.tokenize_with(&x, SelectionMode::Argmax)?;
+            let t = tok.tokenize_with(&x, tok.selection)?;
             Ok((kept, counts, t.ids))
         })?;
         let mut at = 0;
