@@ -65,6 +65,10 @@ pub struct Stage1bConfig {
     pub channels: Vec<i64>,
     /// Probability of dropping the condition (so decoder guidance works).
     pub cond_dropout: f64,
+    /// What the U-Net predicts: `sample` (x₀), `epsilon` or `v_prediction`. x₀ prediction learns
+    /// the data at high noise levels within a CPU budget; ε-prediction needs far more steps
+    /// before DDIM samples from pure noise look like clothes.
+    pub prediction_type: String,
 }
 
 impl Default for Stage1bConfig {
@@ -75,6 +79,7 @@ impl Default for Stage1bConfig {
             lr: 2e-3,
             channels: vec![32, 64],
             cond_dropout: 0.1,
+            prediction_type: "sample".into(),
         }
     }
 }
@@ -320,10 +325,15 @@ pub fn run_stage1b(
     let mut unet = tiny_pixel_unet(3, tok.manifest.feature_decoder.lowres_unet_proj);
     unet.block_out_channels = cfg.channels.clone();
     unet.sample_size = Some(size);
+    let defaults = DecoderTrainConfig::default();
     let dcfg = DecoderTrainConfig {
         out_dir: dir.to_path_buf(),
         unet,
         vae: None,
+        scheduler: lavit_decoder::schedulers::SchedulerConfig {
+            prediction_type: cfg.prediction_type.clone(),
+            ..defaults.scheduler.clone()
+        },
         train: TrainConfig {
             steps: cfg.steps,
             batch_size: cfg.batch_size,
