@@ -48,8 +48,9 @@ pub struct Args {
     /// Images to generate.
     #[arg(long, default_value_t = 1)]
     pub num_images: i64,
-    /// `highres` (SDXL-shaped decoder) or `lowres` (the original SD-1.5-shaped one).
-    #[arg(long, default_value = "highres")]
+    /// `highres` (SDXL-shaped decoder), `lowres` (the original SD-1.5-shaped one), or `auto`:
+    /// highres when the folder has `highres_pixel_decoding/`, else lowres.
+    #[arg(long, default_value = "auto")]
     pub pixel_decoding: String,
     /// Top-k of the image-token sampling (official v2: 50).
     #[arg(long, default_value_t = 50)]
@@ -71,9 +72,22 @@ pub struct Args {
     pub device: String,
 }
 
+/// `auto` picks highres when the checkpoint folder has `highres_pixel_decoding/` (the official
+/// release), else lowres (e.g. a folder written by `lavit demo`); other values are parsed.
+pub fn resolve_resolution(arg: &str, checkpoint: &std::path::Path) -> Result<Resolution> {
+    if arg == "auto" {
+        return Ok(if checkpoint.join("highres_pixel_decoding").is_dir() {
+            Resolution::Highres
+        } else {
+            Resolution::Lowres
+        });
+    }
+    Ok(arg.parse()?)
+}
+
 pub fn run(a: Args) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let res: Resolution = a.pixel_decoding.parse()?;
+    let res = resolve_resolution(&a.pixel_decoding, &a.checkpoint)?;
     let manifest = LavitManifest::for_checkpoint(&a.checkpoint)?;
     let lm = a.checkpoint.join("language_model");
     let kind = if device.is_cuda() {

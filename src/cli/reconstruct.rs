@@ -37,8 +37,8 @@ pub struct Args {
     /// Output height.
     #[arg(long)]
     pub height: Option<i64>,
-    /// `highres` or `lowres`.
-    #[arg(long, default_value = "highres")]
+    /// `highres`, `lowres` or `auto` (highres when the folder has `highres_pixel_decoding/`).
+    #[arg(long, default_value = "auto")]
     pub pixel_decoding: String,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
@@ -47,7 +47,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let res: Resolution = a.pixel_decoding.parse()?;
+    let res = super::generate::resolve_resolution(&a.pixel_decoding, &a.checkpoint)?;
     let parts = LoadParts {
         understanding: false,
         lowres_decoder: res == Resolution::Lowres,
