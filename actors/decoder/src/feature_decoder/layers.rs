@@ -1,67 +1,9 @@
-//! The small layers of `modeling_decoder.py` with their PyTorch names: the fp32
-//! `LayerNorm` subclass, `Mlp` (`fc1`, `fc2`), `SelfAttention`, `CrossAttention`, `Block`.
+//! The small layers of `modeling_decoder.py` with their PyTorch names: `SelfAttention`,
+//! `CrossAttention`, `Block`. The fp32 `LayerNorm`, `linear` and `Mlp` are the tokenizer's
+//! (`lavit_encoder::layers`), the same classes in the official code.
 
-use tch::{nn, nn::Module, Kind, Tensor};
-
-/// `LayerNorm(nn.LayerNorm)`: normalises in float32, casts back.
-#[derive(Debug)]
-pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    eps: f64,
-    dim: i64,
-}
-
-impl LayerNorm {
-    pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
-        Self {
-            weight: vs.ones("weight", &[dim]),
-            bias: vs.zeros("bias", &[dim]),
-            eps,
-            dim,
-        }
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let w = self.weight.to_kind(Kind::Float);
-        let b = self.bias.to_kind(Kind::Float);
-        x.to_kind(Kind::Float)
-            .layer_norm([self.dim], Some(&w), Some(&b), self.eps, true)
-            .to_kind(x.kind())
-    }
-}
-
-pub fn linear(vs: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
-    let cfg = nn::LinearConfig {
-        bias,
-        ..Default::default()
-    };
-    nn::linear(vs, i, o, cfg)
-}
-
-/// `Mlp`: fc1 → GELU (erf) → fc2.
-#[derive(Debug)]
-pub struct Mlp {
-    pub fc1: nn::Linear,
-    pub fc2: nn::Linear,
-}
-
-impl Mlp {
-    pub fn new(vs: nn::Path, dim: i64, hidden: i64) -> Self {
-        Self {
-            fc1: linear(&vs / "fc1", dim, hidden, true),
-            fc2: linear(&vs / "fc2", hidden, dim, true),
-        }
-    }
-}
-
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.fc1.forward(x).gelu("none"))
-    }
-}
+pub use lavit_encoder::layers::{linear, LayerNorm, Mlp};
+use tch::{nn, nn::Module, Tensor};
 
 /// `SelfAttention` over the learned queries.
 #[derive(Debug)]
