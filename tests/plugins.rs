@@ -456,7 +456,7 @@ fn stage1_training_through_the_tokenizer_with_plugins_lowers_the_loss() {
     tch::manual_seed(1);
     let host = example_host();
     let (manifest, backbone, codebook) = fixture_plugins(&host);
-    let mut tok = VisualTokenizer::with_parts(&manifest, Device::Cpu, backbone, codebook);
+    let mut tok = VisualTokenizer::with_parts(&manifest, Device::Cpu, backbone, codebook).unwrap();
     let dcfg = FeatureDecoderConfig::from_manifest(&manifest.feature_decoder);
     let vs = nn::VarStore::new(Device::Cpu);
     let dec = VQDecoder::new(&vs.root() / "decoder", &dcfg);

@@ -122,7 +122,7 @@ fn official_preset_builds_the_official_names_and_shapes() {
     );
 
     let cb = VectorQuantizer::new(t.n_code, t.code_dim, dev);
-    let tok = VisualTokenizer::with_parts(&m, dev, Box::new(eva), Box::new(cb));
+    let tok = VisualTokenizer::with_parts(&m, dev, Box::new(eva), Box::new(cb)).unwrap();
     let mut enc = var_shapes(&tok.vs, "");
     enc.insert(
         "quantize.embedding.weight".into(),
