@@ -175,6 +175,8 @@ pub struct ModelInfo {
 pub struct Pipeline {
     graph: StageGraph,
     info: ModelInfo,
+    /// Built with `stages = "tokenizer"`: the Llm and Decoder stages refuse requests.
+    tokenizer_only: bool,
 }
 
 /// Errors of the pipeline API: the pipeline's own ([`StageError`]).
@@ -198,7 +200,10 @@ impl Pipeline {
                 let plugins = crate::tokenizer::TokenizerPlugins::load(&cfg.plugins)?;
                 let tokenizer_only = cfg.stages == StageSet::Tokenizer;
                 let (builders, info) = stages::builders(dir, &plugins, tokenizer_only)?;
-                Self::from_builders(builders, info, &cfg.placement, cfg.graph_options())
+                let mut pipe =
+                    Self::from_builders(builders, info, &cfg.placement, cfg.graph_options())?;
+                pipe.tokenizer_only = tokenizer_only;
+                Ok(pipe)
             }
         }
     }
@@ -211,7 +216,11 @@ impl Pipeline {
         opts: GraphOptions,
     ) -> anyhow::Result<Self> {
         let graph = StageGraph::spawn(builders, placement, opts)?;
-        Ok(Pipeline { graph, info })
+        Ok(Pipeline {
+            graph,
+            info,
+            tokenizer_only: false,
+        })
     }
 
     /// The mock stages (optionally holding the LLM and decoder loops at a gate).
@@ -237,6 +246,11 @@ impl Pipeline {
     }
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    /// Only the tokenizer stages run (`stages = "tokenizer"`): tokenize works, caption and
+    /// generate are refused.
+    pub fn tokenizer_only(&self) -> bool {
+        self.tokenizer_only
     }
 
     /// Images → CLIP-normalised (B, 3, S, S) float tensor (bicubic resize to the encoder size).

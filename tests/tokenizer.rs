@@ -522,3 +522,45 @@ fn stage1_resume_equals_a_straight_run() {
     };
     assert_eq!(h(&straight), h(&resumed));
 }
+
+/// `lavit train tokenizer` configs take the serving placement keys and the `[plugins]`
+/// section; relative plugin paths resolve against the config's folder; unknown keys are
+/// refused with the file named.
+#[test]
+fn train_config_reads_placement_and_plugins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("train.toml");
+    std::fs::write(
+        &p,
+        "steps = 10\nsteps_no_quant = 2\n[placement]\nencoder = \"cuda:1\"\n\
+         [plugins]\nload = [\"libx.so\"]\n[plugins.codebook]\nplugin = \"residual-vq\"\n\
+         weights = \"cb.safetensors\"\nconfig = { levels = 3 }\n",
+    )
+    .unwrap();
+    let cfg = lavit::train::tokenizer::TokenizerTrainConfig::from_toml_file(&p).unwrap();
+    let placement = cfg.placement.as_ref().unwrap();
+    assert_eq!(placement.encoder, "cuda:1");
+    assert_eq!(placement.quantizer, "cpu");
+    assert_eq!(cfg.plugins.load, [tmp.path().join("libx.so")]);
+    let cb = cfg.plugins.codebook.as_ref().unwrap();
+    assert_eq!(
+        cb.weights.as_deref(),
+        Some(tmp.path().join("cb.safetensors").as_path())
+    );
+    assert_eq!(cb.config["levels"], 3);
+    assert!(cfg.plugins.backbone.is_none());
+    std::fs::write(&p, "[plugins]\nlod = []\n").unwrap();
+    let e = format!(
+        "{:#}",
+        lavit::train::tokenizer::TokenizerTrainConfig::from_toml_file(&p).unwrap_err()
+    );
+    assert!(e.contains("train.toml") && e.contains("lod"), "{e}");
+    // A part named without a library to take it from is refused clearly.
+    let mut no_lib = cfg.plugins.clone();
+    no_lib.load.clear();
+    let e = lavit::tokenizer::TokenizerPlugins::load(&no_lib).unwrap_err();
+    assert!(
+        e.to_string().contains("residual-vq") && e.to_string().contains("plugins.load"),
+        "{e}"
+    );
+}

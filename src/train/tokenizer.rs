@@ -566,7 +566,11 @@ impl Handles {
         for (_, p) in &params {
             let g = p.grad();
             if g.defined() {
+                // Contiguous first: a gradient autograd created (first backward) and one it
+                // accumulated into (after a resume) may differ in layout, and the sum's order
+                // must not depend on it, or a resumed run drifts by rounding.
                 sq += g
+                    .f_contiguous()?
                     .f_to_kind(Kind::Double)?
                     .f_square()?
                     .f_sum(Kind::Double)?
@@ -645,6 +649,11 @@ pub fn train(cfg: &TokenizerTrainConfig) -> Result<TrainReport> {
         (None, None) => LavitManifest::official(),
     };
     let enc_device = on(StageKind::Encoder);
+    // Plugin parts without `weights` initialise from libtorch's generator: seeded with the
+    // run seed, a run and its resume (a new process) build the same parts. (Within one
+    // process other work may draw from it too: give a plugin backbone `weights` for exact
+    // resume there.)
+    tch::manual_seed(cfg.seed as i64);
     let plugin_backbone = plugins.backbone(None, enc_device)?;
     let is_plugin = plugin_backbone.is_some();
     let backbone: Box<dyn Backbone> = match (plugin_backbone, &cfg.encoder_dir) {
