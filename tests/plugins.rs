@@ -510,33 +510,6 @@ fn stage1_training_through_the_tokenizer_with_plugins_lowers_the_loss() {
 
 // ---- `lavit train tokenizer`, export and the pipeline with plugin parts ----------------
 
-/// `n` synthetic photos (PNG): a coloured disc and a bar on a tinted background, each at its
-/// own place and size.
-fn write_images(dir: &std::path::Path, n: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    for i in 0..n {
-        let side = 64u32;
-        let (cx, cy) = (16 + (i as u32 * 7) % 32, 16 + (i as u32 * 13) % 32);
-        let r = 8 + (i as u32 * 5) % 12;
-        let img = image::RgbImage::from_fn(side, side, |x, y| {
-            let dx = x as i64 - cx as i64;
-            let dy = y as i64 - cy as i64;
-            if dx * dx + dy * dy < (r * r) as i64 {
-                image::Rgb([(40 * i % 256) as u8, 200, (90 + 30 * i % 160) as u8])
-            } else if (y + i as u32 * 3) % 32 < 5 {
-                image::Rgb([20, 20, (60 * i % 256) as u8])
-            } else {
-                image::Rgb([
-                    (120 + 9 * i % 100) as u8,
-                    (x * 3) as u8,
-                    (y * 2 + i as u32) as u8,
-                ])
-            }
-        });
-        img.save(dir.join(format!("img{i:02}.png"))).unwrap();
-    }
-}
-
 /// The fixture's sizes with `decoder_out_dim` = encoder width (stage 1 reconstructs the
 /// patch features) and seeded Gumbel selection (after a few steps arg-max may keep nothing),
 /// written as `dir/manifest.json`.
@@ -615,7 +588,7 @@ fn mean(v: &[f64]) -> f64 {
 fn train_tokenizer_with_plugin_dylibs_resumes_exactly_and_serves_the_export() {
     use lavit::train::tokenizer::{train, TokenizerTrainConfig};
     let tmp = tempfile::tempdir().unwrap();
-    write_images(&tmp.path().join("images"), 12);
+    crate::common::write_images(&tmp.path().join("images"), 12);
     let (m, _) = stage1_manifest(tmp.path());
     let t = &m.tokenizer;
     let weights = convnext_weights(&m, tmp.path());
@@ -772,7 +745,7 @@ fn mismatched_plugin_geometry_is_refused_naming_both_sides() {
         assert!(e.contains(want), "`{want}` missing from: {e}");
     }
 
-    write_images(&tmp.path().join("images"), 4);
+    crate::common::write_images(&tmp.path().join("images"), 4);
     let plugins = plugins_toml(&m, 32, t.code_dim, None);
     let cfg = lavit::train::tokenizer::TokenizerTrainConfig::from_toml_file(&train_toml(
         tmp.path(),

@@ -210,7 +210,8 @@ impl TokenizerTrainConfig {
         Ok(())
     }
 
-    fn tau_at(&self, step: i64) -> f64 {
+    /// The Gumbel temperature of `step`.
+    pub fn tau_at(&self, step: i64) -> f64 {
         let f = step as f64 / (self.steps.max(2) - 1) as f64;
         self.tau_start * (self.tau_end / self.tau_start).powf(f.min(1.0))
     }
@@ -296,7 +297,7 @@ fn parse_device(s: &str) -> Result<Device> {
 }
 
 /// Batch of `step`: a seeded permutation per epoch, a pure function of (seed, step).
-fn batch_indices(seed: u64, step: i64, n: usize, b: usize) -> Vec<i64> {
+pub fn batch_indices(seed: u64, step: i64, n: usize, b: usize) -> Vec<i64> {
     let start = step as usize * b;
     (start..start + b)
         .map(|g| {
@@ -371,6 +372,39 @@ impl Stage1Parts {
             plugin_backbone: false,
             codebook: None,
         }
+    }
+}
+
+/// What the stage-1 stages are built from for `cfg` (the trainer's settings of the stages'
+/// losses, optimisers and the built-in codebook).
+pub fn stage1_spec(
+    cfg: &TokenizerTrainConfig,
+    manifest: &LavitManifest,
+    backbone: Box<dyn Backbone>,
+    codebook: Option<Box<dyn Codebook>>,
+) -> Stage1Spec {
+    Stage1Spec {
+        manifest: manifest.clone(),
+        backbone,
+        codebook,
+        ema: EmaConfig {
+            decay: cfg.ema_decay,
+            eps: 1e-5,
+            dead_threshold: cfg.dead_threshold,
+            seed: cfg.seed,
+        },
+        beta: cfg.beta,
+        kmeans_iters: cfg.kmeans_iters,
+        seed: cfg.seed,
+        loss: Stage1Loss {
+            rho: cfg.rho,
+            lambda: cfg.lambda,
+            confidence_weight: cfg.confidence_weight,
+        },
+        adamw: AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
     }
 }
 
@@ -725,29 +759,7 @@ pub fn train_with_images(
         codebook,
     } = parts;
     let plugin_codebook = codebook.is_some();
-    let spec = Stage1Spec {
-        manifest: manifest.clone(),
-        backbone,
-        codebook,
-        ema: EmaConfig {
-            decay: cfg.ema_decay,
-            eps: 1e-5,
-            dead_threshold: cfg.dead_threshold,
-            seed: cfg.seed,
-        },
-        beta: cfg.beta,
-        kmeans_iters: cfg.kmeans_iters,
-        seed: cfg.seed,
-        loss: Stage1Loss {
-            rho: cfg.rho,
-            lambda: cfg.lambda,
-            confidence_weight: cfg.confidence_weight,
-        },
-        adamw: AdamWConfig {
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    };
+    let spec = stage1_spec(cfg, manifest, backbone, codebook);
     // The stage graph (Llm and Decoder absent); each stage builds its part on its device.
     let (builders, rx) = stage1_builders(spec);
     let mut graph = StageGraph::spawn(builders, &placement, GraphOptions::default())
