@@ -370,7 +370,7 @@ enum AddEmbedding {
         add_embedding: TimestepEmbedding,
     },
     /// An attention pool of the encoder hidden states.
-    Text(TextTimeEmbedding),
+    Text(Box<TextTimeEmbedding>),
 }
 
 /// The conditional diffusion U-Net.
@@ -442,12 +442,12 @@ impl UNet2DConditionModel {
                     add_embedding: TimestepEmbedding::new(&vs / "add_embedding", input, temb),
                 })
             }
-            Some(_) => Some(AddEmbedding::Text(TextTimeEmbedding::new(
+            Some(_) => Some(AddEmbedding::Text(Box::new(TextTimeEmbedding::new(
                 &vs / "add_embedding",
                 config.cross_attention_dim,
                 temb,
                 config.addition_embed_type_num_heads,
-            ))),
+            )))),
             None => None,
         };
 
