@@ -116,6 +116,9 @@ pub struct DemoSummary {
     pub caption_accuracy: f64,
     /// Generated images the judge labels as the prompted class.
     pub t2i_accuracy: f64,
+    /// Reconstructions of held-out images the judge labels as the original's class.
+    #[serde(default)]
+    pub reconstruction_accuracy: f64,
     /// Kept tokens / patches on held-out images.
     pub mean_kept_ratio: f64,
     /// Mean kept-token count per class.
@@ -388,6 +391,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         stage0_accuracy: s0.accuracy,
         caption_accuracy: ev.caption_accuracy,
         t2i_accuracy: ev.t2i_accuracy,
+        reconstruction_accuracy: ev.reconstruction_accuracy,
         mean_kept_ratio: ev.mean_kept_ratio,
         mean_tokens_per_class: ev
             .token_counts
@@ -457,6 +461,11 @@ fn write_report(
             "text→image accuracy (judged)".into(),
             pct(summary.t2i_accuracy),
             "≥ 85 %".into(),
+        ],
+        vec![
+            "reconstructions judged as the original's class (held-out)".into(),
+            pct(summary.reconstruction_accuracy),
+            String::new(),
         ],
         vec![
             "judge accuracy on real held-out images".into(),

@@ -69,6 +69,16 @@ pub struct Stage1bConfig {
     /// the data at high noise levels within a CPU budget; ε-prediction needs far more steps
     /// before DDIM samples from pure noise look like clothes.
     pub prediction_type: String,
+    /// diffusers `down_block_types` (one per entry of `channels`).
+    pub down_block_types: Vec<String>,
+    /// diffusers `up_block_types`.
+    pub up_block_types: Vec<String>,
+    /// diffusers `addition_embed_type`: `text` adds an attention pool of the condition tokens to
+    /// the time embedding, so every ResNet block sees what the tokens say globally (cross-
+    /// attention alone learns the token→pixel mapping far more slowly).
+    pub addition_embed_type: Option<String>,
+    /// Heads of that pool.
+    pub addition_embed_type_num_heads: i64,
 }
 
 impl Default for Stage1bConfig {
@@ -80,6 +90,10 @@ impl Default for Stage1bConfig {
             channels: vec![32, 64],
             cond_dropout: 0.1,
             prediction_type: "sample".into(),
+            down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into()],
+            up_block_types: vec!["CrossAttnUpBlock2D".into(), "UpBlock2D".into()],
+            addition_embed_type: None,
+            addition_embed_type_num_heads: 4,
         }
     }
 }
@@ -142,6 +156,8 @@ impl Default for Stage2Config {
 pub struct EvalConfig {
     /// Generated images per class prompt.
     pub images_per_class: i64,
+    /// Held-out images per class reconstructed (image → tokens → pixel decoder) and judged.
+    pub reconstructions_per_class: usize,
     /// LLM classifier-free guidance (paper eq. 7).
     pub llm_guidance: f64,
     pub top_k: i64,
@@ -155,6 +171,7 @@ impl Default for EvalConfig {
     fn default() -> Self {
         Self {
             images_per_class: 10,
+            reconstructions_per_class: 10,
             llm_guidance: 3.0,
             top_k: 20,
             temperature: 1.0,
@@ -325,6 +342,10 @@ pub fn run_stage1b(
     let cond = TokenizerConditioner { tok: &tok };
     let mut unet = tiny_pixel_unet(3, tok.manifest.feature_decoder.lowres_unet_proj);
     unet.block_out_channels = cfg.channels.clone();
+    unet.down_block_types = cfg.down_block_types.clone();
+    unet.up_block_types = cfg.up_block_types.clone();
+    unet.addition_embed_type = cfg.addition_embed_type.clone();
+    unet.addition_embed_type_num_heads = cfg.addition_embed_type_num_heads;
     unet.sample_size = Some(size);
     let defaults = DecoderTrainConfig::default();
     let dcfg = DecoderTrainConfig {
@@ -588,6 +609,9 @@ pub struct EvalResult {
     pub caption_examples: Vec<(usize, String)>,
     /// Generated images the judge labels as the prompted class.
     pub t2i_accuracy: f64,
+    /// Reconstructions of held-out images (image → tokens → pixel decoder) the judge labels as
+    /// the original's class: what the decoder can draw from the tokens at best.
+    pub reconstruction_accuracy: f64,
     /// Per class: (caption accuracy, t2i accuracy).
     pub per_class: Vec<(f64, f64)>,
     /// Held-out token counts per class.
@@ -677,22 +701,26 @@ pub fn evaluate(
         kept_total as f64 / (eval.len() as f64 * m.tokenizer.num_patches() as f64);
     res.caption_accuracy = ok.iter().sum::<usize>() as f64 / eval.len().max(1) as f64;
 
-    // Reconstructions: image → tokens → feature decoder → U-Net, next to the originals.
+    // Reconstructions: image → tokens → feature decoder → U-Net, judged; the first two of
+    // each class go into the grid next to their originals.
+    let per = cfg.reconstructions_per_class.max(2);
     let pick: Vec<usize> = (0..10)
         .flat_map(|c| {
             eval.labels
                 .iter()
                 .enumerate()
                 .filter(move |(_, l)| **l as usize == c)
-                .take(2)
+                .take(per)
                 .map(|(i, _)| i)
         })
         .collect();
     let x = to_model_input(&eval.batch_unit(&pick), size);
     let all_ids = tok.tokenize(&x)?.ids;
-    // an image whose selector kept no patch has nothing to decode: it is left out of the grid
-    let (pick, ids): (Vec<usize>, Vec<Vec<i64>>) = pick
-        .into_iter()
+    // an image whose selector kept no patch has nothing to decode: it counts as wrong and is
+    // left out of the grid
+    let (kept_pick, ids): (Vec<usize>, Vec<Vec<i64>>) = pick
+        .iter()
+        .copied()
         .zip(all_ids)
         .filter(|(_, v)| !v.is_empty())
         .unzip();
@@ -706,9 +734,48 @@ pub fn evaluate(
         seed: Some(seed as i64),
         ..Default::default()
     };
-    let rec = pixels.decode_ids(&TokenizerDecoders(&tok), &ids, &dopts)?; // (B, 3, S, S) in [0, 1]
-    let orig = to_pixel_space(&eval.batch_unit(&pick), size).repeat([1, 3, 1, 1]);
-    let both = Tensor::stack(&[orig, rec.to_kind(Kind::Float)], 1).flatten(0, 1); // (2B, 3, S, S)
+    let mut rec = Vec::new();
+    let bar = super::progress::Progress::new("eval reconstruct", ids.len().div_ceil(50) as u64);
+    for chunk in ids.chunks(50) {
+        // (b, 3, S, S) in [0, 1]
+        rec.push(
+            pixels
+                .decode_ids(&TokenizerDecoders(&tok), chunk, &dopts)?
+                .to_kind(Kind::Float),
+        );
+        bar.tick(String::new());
+    }
+    bar.finish();
+    let rec = Tensor::cat(&rec, 0);
+    let gray = rec.mean_dim(1, true, Kind::Float);
+    let pred = judge.predict(&data::from_pixel_space(&gray, size));
+    let hits = kept_pick
+        .iter()
+        .zip(&pred)
+        .filter(|(&i, &p)| eval.labels[i] as usize == p)
+        .count();
+    res.reconstruction_accuracy = hits as f64 / pick.len().max(1) as f64;
+    tracing::info!(
+        "reconstructions judged as the original's class: {:.1} %",
+        res.reconstruction_accuracy * 100.0
+    );
+    let grid_rows: Vec<i64> = kept_pick
+        .iter()
+        .enumerate()
+        .filter(|(j, &i)| {
+            let c = eval.labels[i];
+            kept_pick[..*j]
+                .iter()
+                .filter(|&&k| eval.labels[k] == c)
+                .count()
+                < 2
+        })
+        .map(|(j, _)| j as i64)
+        .collect();
+    let shown: Vec<usize> = grid_rows.iter().map(|&j| kept_pick[j as usize]).collect();
+    let orig = to_pixel_space(&eval.batch_unit(&shown), size).repeat([1, 3, 1, 1]);
+    let rec_shown = rec.index_select(0, &Tensor::from_slice(&grid_rows));
+    let both = Tensor::stack(&[orig, rec_shown], 1).flatten(0, 1); // (2B, 3, S, S)
     super::report::write_grid(&report_dir.join("reconstructions.png"), &both, 8, 3)?;
 
     // Text → image: per class prompt, LLM tokens with CFG → feature decoder → U-Net; judged.

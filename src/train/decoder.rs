@@ -243,9 +243,9 @@ impl DecoderTrainConfig {
                     self.condition.dim
                 );
             }
-            if self.unet.addition_embed_type.is_some() {
+            if self.unet.addition_embed_type.as_deref() == Some("text_time") {
                 bail!(
-                    "unet.addition_embed_type: training supports cross-attention conditioning only"
+                    "unet.addition_embed_type: training supports conditioning by the feature tokens only (cross-attention, optionally with `text` pooling), not text_time"
                 );
             }
         }

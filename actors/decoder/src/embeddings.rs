@@ -81,3 +81,98 @@ impl Module for TimestepEmbedding {
         self.linear_2.forward(&self.linear_1.forward(xs).silu())
     }
 }
+
+/// `AttentionPooling` (diffusers, from DeepFloyd IF): a class token (the mean of the sequence
+/// plus a learned `positional_embedding`) attends over itself and the sequence; its output is
+/// the pooled vector.
+#[derive(Debug)]
+pub struct AttentionPooling {
+    positional_embedding: Tensor,
+    k_proj: nn::Linear,
+    q_proj: nn::Linear,
+    v_proj: nn::Linear,
+    num_heads: i64,
+}
+
+impl AttentionPooling {
+    pub fn new(vs: nn::Path, num_heads: i64, embed_dim: i64) -> Self {
+        let positional_embedding = vs.var(
+            "positional_embedding",
+            &[1, embed_dim],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0 / (embed_dim as f64).sqrt(),
+            },
+        );
+        let lin = |name: &str| nn::linear(&vs / name, embed_dim, embed_dim, Default::default());
+        Self {
+            positional_embedding,
+            k_proj: lin("k_proj"),
+            q_proj: lin("q_proj"),
+            v_proj: lin("v_proj"),
+            num_heads,
+        }
+    }
+
+    /// (B, L, W) → (B, W).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, w) = (x.size()[0], x.size()[2]);
+        let (nh, hd) = (self.num_heads, w / self.num_heads);
+        let kind = x.kind();
+        let class_token = x.mean_dim(1, true, kind) + self.positional_embedding.to_kind(kind); // (B, 1, W)
+        let x = Tensor::cat(&[&class_token, x], 1); // (B, L+1, W)
+        let heads = |t: Tensor| {
+            t.view([b, -1, nh, hd]) // (B, T, nh, hd)
+                .transpose(1, 2) // (B, nh, T, hd)
+        };
+        let q = heads(self.q_proj.forward(&class_token)); // (B, nh, 1, hd)
+        let k = heads(self.k_proj.forward(&x)); // (B, nh, L+1, hd)
+        let v = heads(self.v_proj.forward(&x));
+        // scale both sides by hd^(-1/4), as diffusers does
+        let scale = 1.0 / (hd as f64).sqrt().sqrt();
+        let weight = (q * scale).matmul(&(k * scale).transpose(-1, -2)); // (B, nh, 1, L+1)
+        let weight = weight
+            .to_kind(Kind::Float)
+            .softmax(-1, Kind::Float)
+            .to_kind(kind);
+        weight
+            .matmul(&v) // (B, nh, 1, hd)
+            .transpose(1, 2) // (B, 1, nh, hd)
+            .reshape([b, w])
+    }
+}
+
+/// `TextTimeEmbedding`: the `addition_embed_type = "text"` conditioning of diffusers'
+/// `UNet2DConditionModel` — `norm1` → attention pooling of the encoder hidden states → `proj`
+/// to the time-embedding width → `norm2`; added to the timestep embedding.
+#[derive(Debug)]
+pub struct TextTimeEmbedding {
+    norm1: nn::LayerNorm,
+    pool: AttentionPooling,
+    proj: nn::Linear,
+    norm2: nn::LayerNorm,
+}
+
+impl TextTimeEmbedding {
+    pub fn new(vs: nn::Path, encoder_dim: i64, time_embed_dim: i64, num_heads: i64) -> Self {
+        Self {
+            norm1: nn::layer_norm(&vs / "norm1", vec![encoder_dim], Default::default()),
+            pool: AttentionPooling::new(&vs / "pool", num_heads, encoder_dim),
+            proj: nn::linear(
+                &vs / "proj",
+                encoder_dim,
+                time_embed_dim,
+                Default::default(),
+            ),
+            norm2: nn::layer_norm(&vs / "norm2", vec![time_embed_dim], Default::default()),
+        }
+    }
+}
+
+impl Module for TextTimeEmbedding {
+    /// (B, L, encoder_dim) → (B, time_embed_dim).
+    fn forward(&self, hidden_states: &Tensor) -> Tensor {
+        let h = self.pool.forward(&self.norm1.forward(hidden_states));
+        self.norm2.forward(&self.proj.forward(&h))
+    }
+}

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use crate::attention::mask_to_bias;
-use crate::embeddings::{TimestepEmbedding, Timesteps};
+use crate::embeddings::{TextTimeEmbedding, TimestepEmbedding, Timesteps};
 use crate::resnet::group_norm;
 use crate::transformer_2d::Transformer2DModelConfig;
 use crate::unet_2d_blocks::{BlockConfig, Context, DownBlock, MidBlock, UpBlock};
@@ -90,8 +90,11 @@ pub struct UNet2DConditionModelConfig {
     pub num_attention_heads: Option<PerBlock<i64>>,
     /// Linear instead of 1×1 conv projections around the transformers.
     pub use_linear_projection: bool,
-    /// `null` or `text_time` (SDXL: pooled embeds + time ids).
+    /// `null`, `text_time` (SDXL: pooled embeds + time ids) or `text` (an attention pool of
+    /// the encoder hidden states added to the time embedding).
     pub addition_embed_type: Option<String>,
+    /// Heads of the `text` attention pool.
+    pub addition_embed_type_num_heads: i64,
     /// Channels of each sinusoidal time-id embedding (`add_time_proj`).
     pub addition_time_embed_dim: Option<i64>,
     /// Input width of `add_embedding` (pooled width + 6 · addition_time_embed_dim).
@@ -160,6 +163,7 @@ impl Default for UNet2DConditionModelConfig {
             num_attention_heads: None,
             use_linear_projection: false,
             addition_embed_type: None,
+            addition_embed_type_num_heads: 64,
             addition_time_embed_dim: None,
             projection_class_embeddings_input_dim: None,
             conv_in_kernel: 3,
@@ -250,10 +254,23 @@ impl UNet2DConditionModelConfig {
                 );
             }
             Some("text_time") => {}
+            Some("text")
+                if self.addition_embed_type_num_heads <= 0
+                    || self.cross_attention_dim % self.addition_embed_type_num_heads != 0 =>
+            {
+                return bad(
+                    "addition_embed_type_num_heads",
+                    format!(
+                        "{} must divide cross_attention_dim {}",
+                        self.addition_embed_type_num_heads, self.cross_attention_dim
+                    ),
+                );
+            }
+            Some("text") => {}
             Some(v) => {
                 return bad(
                     "addition_embed_type",
-                    format!("`{v}`: only null or text_time"),
+                    format!("`{v}`: only null, text or text_time"),
                 )
             }
         }
@@ -344,6 +361,18 @@ pub struct AddedCond<'a> {
     pub time_ids: &'a Tensor,
 }
 
+/// The added conditioning of the time embedding (`add_embedding`).
+#[derive(Debug)]
+enum AddEmbedding {
+    /// SDXL: sinusoidal time ids (`add_time_proj`) next to the pooled embeds → MLP.
+    TextTime {
+        add_time_proj: Timesteps,
+        add_embedding: TimestepEmbedding,
+    },
+    /// An attention pool of the encoder hidden states.
+    Text(Box<TextTimeEmbedding>),
+}
+
 /// The conditional diffusion U-Net.
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
@@ -351,8 +380,7 @@ pub struct UNet2DConditionModel {
     conv_in: nn::Conv2D,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
-    add_time_proj: Option<Timesteps>,
-    add_embedding: Option<TimestepEmbedding>,
+    add_embedding: Option<AddEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -399,21 +427,28 @@ impl UNet2DConditionModel {
             downscale_freq_shift: config.freq_shift,
         };
         let time_embedding = TimestepEmbedding::new(&vs / "time_embedding", boc[0], temb);
-        let (add_time_proj, add_embedding) = if config.addition_embed_type.is_some() {
-            let dim = config.addition_time_embed_dim.unwrap_or_default();
-            let input = config
-                .projection_class_embeddings_input_dim
-                .unwrap_or_default();
-            (
-                Some(Timesteps {
-                    num_channels: dim,
-                    flip_sin_to_cos: config.flip_sin_to_cos,
-                    downscale_freq_shift: config.freq_shift,
-                }),
-                Some(TimestepEmbedding::new(&vs / "add_embedding", input, temb)),
-            )
-        } else {
-            (None, None)
+        let add_embedding = match config.addition_embed_type.as_deref() {
+            Some("text_time") => {
+                let dim = config.addition_time_embed_dim.unwrap_or_default();
+                let input = config
+                    .projection_class_embeddings_input_dim
+                    .unwrap_or_default();
+                Some(AddEmbedding::TextTime {
+                    add_time_proj: Timesteps {
+                        num_channels: dim,
+                        flip_sin_to_cos: config.flip_sin_to_cos,
+                        downscale_freq_shift: config.freq_shift,
+                    },
+                    add_embedding: TimestepEmbedding::new(&vs / "add_embedding", input, temb),
+                })
+            }
+            Some(_) => Some(AddEmbedding::Text(Box::new(TextTimeEmbedding::new(
+                &vs / "add_embedding",
+                config.cross_attention_dim,
+                temb,
+                config.addition_embed_type_num_heads,
+            )))),
+            None => None,
         };
 
         let transformer = |cross: bool, i: usize, layers: i64| {
@@ -504,7 +539,6 @@ impl UNet2DConditionModel {
             conv_in,
             time_proj,
             time_embedding,
-            add_time_proj,
             add_embedding,
             down_blocks,
             mid_block,
@@ -588,35 +622,42 @@ impl UNet2DConditionModel {
         };
         let t_emb = self.time_proj.forward(&t).to_kind(kind);
         let mut emb = self.time_embedding.forward(&t_emb);
-        if let (Some(proj), Some(embedding)) = (&self.add_time_proj, &self.add_embedding) {
-            let Some(added) = added else {
-                return Err(Error::invalid(
+        match &self.add_embedding {
+            None => {}
+            Some(AddEmbedding::Text(text)) => emb += text.forward(encoder_hidden_states),
+            Some(AddEmbedding::TextTime {
+                add_time_proj: proj,
+                add_embedding: embedding,
+            }) => {
+                let Some(added) = added else {
+                    return Err(Error::invalid(
                     "this U-Net has text_time added conditioning: text_embeds and time_ids are required",
                 ));
-            };
-            let tid = added.time_ids.size();
-            if tid.len() != 2 || tid[0] != b {
-                return Err(Error::invalid(format!(
-                    "time_ids must be ({b}, k), got {tid:?}"
-                )));
-            }
-            let time_embeds = proj
-                .forward(&added.time_ids.flatten(0, -1))
-                .reshape([b, -1]); // (B, k·dim)
-            let add = Tensor::cat(
-                &[added.text_embeds.to_kind(kind), time_embeds.to_kind(kind)],
-                -1,
-            );
-            let want = cfg
-                .projection_class_embeddings_input_dim
-                .unwrap_or_default();
-            if add.size() != [b, want] {
-                return Err(Error::invalid(format!(
+                };
+                let tid = added.time_ids.size();
+                if tid.len() != 2 || tid[0] != b {
+                    return Err(Error::invalid(format!(
+                        "time_ids must be ({b}, k), got {tid:?}"
+                    )));
+                }
+                let time_embeds = proj
+                    .forward(&added.time_ids.flatten(0, -1))
+                    .reshape([b, -1]); // (B, k·dim)
+                let add = Tensor::cat(
+                    &[added.text_embeds.to_kind(kind), time_embeds.to_kind(kind)],
+                    -1,
+                );
+                let want = cfg
+                    .projection_class_embeddings_input_dim
+                    .unwrap_or_default();
+                if add.size() != [b, want] {
+                    return Err(Error::invalid(format!(
                     "text_embeds + time-id embeddings give {:?}, add_embedding expects ({b}, {want})",
                     add.size()
                 )));
+                }
+                emb += embedding.forward(&add);
             }
-            emb += embedding.forward(&add);
         }
 
         let bias = encoder_attention_mask.map(|m| mask_to_bias(m, kind));
@@ -661,4 +702,87 @@ pub fn var_kind(vs: &nn::VarStore) -> Kind {
         .or(vs.variables().values().next())
         .map(|t| t.kind())
         .unwrap_or(Kind::Float)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A U-Net with no cross-attention block at all, conditioned only through the `text`
+    /// attention pool added to the time embedding.
+    fn pooled_only(heads: i64) -> UNet2DConditionModelConfig {
+        UNet2DConditionModelConfig {
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: vec![8, 16],
+            down_block_types: vec!["DownBlock2D".into(), "DownBlock2D".into()],
+            up_block_types: vec!["UpBlock2D".into(), "UpBlock2D".into()],
+            mid_block_type: None,
+            layers_per_block: PerBlock::One(1),
+            norm_num_groups: 4,
+            cross_attention_dim: 12,
+            addition_embed_type: Some("text".into()),
+            addition_embed_type_num_heads: heads,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn text_addition_embedding_has_diffusers_names_and_conditions_the_output() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let unet = UNet2DConditionModel::new(vs.root(), pooled_only(3)).unwrap();
+        let mut names: Vec<String> = vs
+            .variables()
+            .into_keys()
+            .filter(|k| k.starts_with("add_embedding."))
+            .collect();
+        names.sort();
+        // diffusers' TextTimeEmbedding(norm1, pool = AttentionPooling, proj, norm2)
+        let want = [
+            "add_embedding.norm1.bias",
+            "add_embedding.norm1.weight",
+            "add_embedding.norm2.bias",
+            "add_embedding.norm2.weight",
+            "add_embedding.pool.k_proj.bias",
+            "add_embedding.pool.k_proj.weight",
+            "add_embedding.pool.positional_embedding",
+            "add_embedding.pool.q_proj.bias",
+            "add_embedding.pool.q_proj.weight",
+            "add_embedding.pool.v_proj.bias",
+            "add_embedding.pool.v_proj.weight",
+            "add_embedding.proj.bias",
+            "add_embedding.proj.weight",
+        ];
+        assert_eq!(names, want);
+        assert_eq!(
+            vs.variables()["add_embedding.proj.weight"].size(),
+            [32, 12] // time_embed_dim = 4 · 8
+        );
+        let x = Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[5.0f32, 500.0]);
+        let c1 = Tensor::randn([2, 5, 12], (Kind::Float, Device::Cpu));
+        let c2 = Tensor::randn([2, 5, 12], (Kind::Float, Device::Cpu));
+        let y1 = unet.forward(&x, &t, &c1, None, None).unwrap();
+        let y1b = unet.forward(&x, &t, &c1, None, None).unwrap();
+        let y2 = unet.forward(&x, &t, &c2, None, None).unwrap();
+        assert_eq!(y1.size(), [2, 3, 8, 8]);
+        assert!(y1.equal(&y1b));
+        // without any cross-attention, only the pool can carry the condition
+        let d = (&y1 - &y2).abs().max().double_value(&[]);
+        assert!(d > 1e-4, "the condition did not reach the output ({d})");
+        // permuting the condition tokens does not change a mean + attention pool
+        let perm = Tensor::from_slice(&[4i64, 2, 0, 3, 1]);
+        let y1p = unet
+            .forward(&x, &t, &c1.index_select(1, &perm), None, None)
+            .unwrap();
+        let d = (&y1 - &y1p).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "pooling depends on token order ({d})");
+    }
+
+    #[test]
+    fn text_addition_embedding_heads_must_divide_the_width() {
+        let e = pooled_only(5).validate("cfg").unwrap_err().to_string();
+        assert!(e.contains("addition_embed_type_num_heads"), "{e}");
+    }
 }
