@@ -547,7 +547,9 @@ impl VisualTokenizer {
             .encoder
             .forward(&images.to_device(self.device))
             .map_err(|e| Error::invalid(format!("encoder {}: {e}", self.encoder.name())))?;
-        Ok(f.to_kind(Kind::Float))
+        // A backbone built elsewhere (a plugin, another stage's device) may answer on its own
+        // device: the selector runs on the tokenizer's.
+        Ok(f.to_kind(Kind::Float).to_device(self.device))
     }
 
     /// Selector on patch features: (log-probs [B, N, 2], decisions [B, N]).
