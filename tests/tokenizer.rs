@@ -549,6 +549,18 @@ fn train_config_reads_placement_and_plugins() {
     );
     assert_eq!(cb.config["levels"], 3);
     assert!(cfg.plugins.backbone.is_none());
+    // The serving placement files work as they are.
+    let placement = tmp.path().join("placement.toml");
+    std::fs::write(&placement, "[placement]\nquantizer = \"cuda:2\"\n").unwrap();
+    std::fs::write(&p, "placement_file = \"placement.toml\"\n").unwrap();
+    let placed = lavit::train::tokenizer::TokenizerTrainConfig::from_toml_file(&p).unwrap();
+    assert_eq!(placed.placement.unwrap().quantizer, "cuda:2");
+    std::fs::write(&p, "placement_file = \"nothing.toml\"\n").unwrap();
+    let e = format!(
+        "{:#}",
+        lavit::train::tokenizer::TokenizerTrainConfig::from_toml_file(&p).unwrap_err()
+    );
+    assert!(e.contains("nothing.toml"), "{e}");
     std::fs::write(&p, "[plugins]\nlod = []\n").unwrap();
     let e = format!(
         "{:#}",

@@ -124,6 +124,9 @@ pub struct TokenizerTrainConfig {
     /// `selector_merger`, `quantizer`, …). None: every stage on `device`.
     #[serde(skip_serializing)]
     pub placement: Option<Placement>,
+    /// A placement file shared with serving (`configs/placement-*.toml`, relative to this
+    /// config file); read into `placement` (giving both is an error).
+    pub placement_file: Option<PathBuf>,
     /// Plugin libraries and the backbone / codebook taken from them instead of EVA-CLIP and
     /// the built-in VQ (the same `[plugins]` section `lavit serve` and `lavit tokenize`
     /// read). A plugin backbone replaces `encoder_dir`'s EVA.
@@ -163,6 +166,7 @@ impl Default for TokenizerTrainConfig {
             max_nan_steps: 5,
             device: "cpu".into(),
             placement: None,
+            placement_file: None,
             plugins: PluginsConfig::default(),
         }
     }
@@ -175,9 +179,22 @@ impl TokenizerTrainConfig {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut cfg: Self =
             toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
-        cfg.plugins = cfg
-            .plugins
-            .resolved(path.parent().unwrap_or(Path::new(".")));
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.plugins = cfg.plugins.resolved(base);
+        if let Some(file) = &cfg.placement_file {
+            if cfg.placement.is_some() {
+                bail!(
+                    "config {}: give either [placement] or `placement_file`, not both",
+                    path.display()
+                );
+            }
+            let file = base.join(file);
+            cfg.placement = Some(
+                Placement::from_file(&file)
+                    .with_context(|| format!("config {}: placement_file", path.display()))?,
+            );
+            cfg.placement_file = Some(file);
+        }
         cfg.validate()
             .with_context(|| format!("config {}", path.display()))?;
         Ok(cfg)
