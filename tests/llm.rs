@@ -657,3 +657,90 @@ fn lavit_llm_api_reproduces_the_fixture_references() {
         .collect();
     assert_eq!(text[0], llm.tokenizer.decode(&ids));
 }
+
+#[test]
+fn decode_loops_stop_within_one_token_and_stream_what_they_return() {
+    use lavit_llm::generate::{generate_image_tokens_with, generate_text_with};
+    use std::cell::Cell;
+    let (_vs, m) = tiny_model(6);
+    let v = tiny_vocab();
+    let a = m.embed(&Tensor::from_slice(&[20i64, 25, 26, 27, 21]));
+    let b = m.embed(&Tensor::from_slice(&[20i64, 30, 21]));
+    let cfg = TextConfig {
+        max_new_tokens: 8,
+        min_new_tokens: 8,
+        ..Default::default()
+    };
+    // Streaming sees every returned id, step by step, per stream.
+    let want = generate_text(&m, &v, &[a.shallow_clone(), b.shallow_clone()], &cfg).unwrap();
+    let mut seen: Vec<Vec<i64>> = vec![Vec::new(); 2];
+    let got = generate_text_with(
+        &m,
+        &v,
+        &[a.shallow_clone(), b.shallow_clone()],
+        &cfg,
+        &|| false,
+        Some(&mut |ids: &[i64]| {
+            for (s, &i) in seen.iter_mut().zip(ids) {
+                s.push(i);
+            }
+            true
+        }),
+    )
+    .unwrap();
+    assert_eq!(got, want);
+    for (s, w) in seen.iter().zip(&want) {
+        assert_eq!(&s[..w.len()], &w[..]);
+    }
+    // should_stop answering true at call 3 stops there: exactly 3 calls, Cancelled.
+    let calls = Cell::new(0);
+    let stop = || {
+        calls.set(calls.get() + 1);
+        calls.get() >= 3
+    };
+    let e = generate_text_with(&m, &v, &[a.shallow_clone()], &cfg, &stop, None).unwrap_err();
+    assert!(matches!(e, lavit_runtime::Error::Cancelled), "{e}");
+    assert_eq!(calls.get(), 3);
+    // a streaming callback answering false stops at once too
+    let mut n = 0;
+    let e = generate_text_with(
+        &m,
+        &v,
+        &[a],
+        &cfg,
+        &|| false,
+        Some(&mut |_: &[i64]| {
+            n += 1;
+            n < 2
+        }),
+    )
+    .unwrap_err();
+    assert!(matches!(e, lavit_runtime::Error::Cancelled));
+    assert_eq!(n, 2);
+    // streaming with beams is refused (beams reorder)
+    let beams = TextConfig {
+        num_beams: 2,
+        ..cfg.clone()
+    };
+    assert!(
+        generate_text_with(&m, &v, &[b], &beams, &|| false, Some(&mut |_: &[i64]| true)).is_err()
+    );
+    // image tokens: the same, once per token
+    calls.set(0);
+    let icfg = ImageTokenConfig {
+        max_new_tokens: 10,
+        min_new_tokens: 10,
+        seed: Some(1),
+        ..Default::default()
+    };
+    let e = generate_image_tokens_with(&m, &v, &[vec![3, 4]], &icfg, &stop).unwrap_err();
+    assert!(matches!(e, lavit_runtime::Error::Cancelled));
+    assert_eq!(calls.get(), 3);
+    calls.set(-100);
+    let full = generate_image_tokens_with(&m, &v, &[vec![3, 4]], &icfg, &stop).unwrap();
+    assert_eq!(
+        full,
+        generate_image_tokens(&m, &v, &[vec![3, 4]], &icfg).unwrap()
+    );
+    assert_eq!(calls.get(), -100 + 10);
+}

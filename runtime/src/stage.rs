@@ -121,6 +121,7 @@ impl From<crate::Error> for StageError {
     fn from(e: crate::Error) -> Self {
         match e {
             crate::Error::Invalid(m) => StageError::Invalid(m),
+            crate::Error::Cancelled => StageError::Cancelled,
             other => StageError::Invalid(other.to_string()),
         }
     }
