@@ -12,11 +12,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use lavit_llm::actor::LlmStageModel;
 use lavit_plugin_api::{Backbone, PluginResult};
 use lavit_runtime::actors::StageBuilders;
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::manifest::LavitManifest;
-use lavit_runtime::messages::GenerateOptions;
+use lavit_runtime::messages::{
+    CaptionOptions, GenerateOptions, StepControl, StepReport, TrainBatch, TrainParts,
+};
 use lavit_runtime::stage::*;
 use tch::{Device, Tensor};
 
@@ -190,6 +193,79 @@ impl QuantizerStage for QuantizerReal {
     }
 }
 
+/// Llm stage: serving through [`LlmStageModel`] (captions, image tokens) and, when built by
+/// the stage-2 trainer, training the same model on the same thread and device
+/// ([`crate::train::llm::LlmTrainer`]).
+pub struct LlmReal {
+    pub llm: LlmStageModel,
+    pub train: Option<crate::train::llm::LlmTrainer>,
+}
+
+impl LlmReal {
+    fn trainer(&mut self) -> StageResult<&mut crate::train::llm::LlmTrainer> {
+        self.train
+            .as_mut()
+            .ok_or_else(|| StageError::Invalid("this Llm stage was not built for training".into()))
+    }
+}
+
+impl Trainable for LlmReal {
+    fn train_forward(&mut self, batch: TrainBatch) -> StageResult<TrainBatch> {
+        let t = self.train.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Llm stage was not built for training".into())
+        })?;
+        t.forward(&self.llm, batch)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        Err(StageError::Invalid(
+            "the Llm stage steps under the trainer's control (OptimizerStepWith)".into(),
+        ))
+    }
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        self.trainer()?.step(ctl)
+    }
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        let t = self.train.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Llm stage was not built for training".into())
+        })?;
+        t.state(&self.llm)
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let llm = &self.llm;
+        match self.train.as_mut() {
+            Some(t) => t.load(llm, parts),
+            None => Err(StageError::Invalid(
+                "this Llm stage was not built for training".into(),
+            )),
+        }
+    }
+}
+
+impl LlmStage for LlmReal {
+    fn caption(
+        &mut self,
+        prefix: &Tensor,
+        prompt: &str,
+        opts: &CaptionOptions,
+        on_token: &mut dyn FnMut(i64, &str) -> bool,
+    ) -> StageResult<Vec<i64>> {
+        let _g = tch::no_grad_guard();
+        self.llm.caption(prefix, prompt, opts, on_token)
+    }
+    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
+        self.llm.decode_text(ids)
+    }
+    fn image_tokens(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        let _g = tch::no_grad_guard();
+        self.llm.image_tokens(prompt, opts, should_stop)
+    }
+}
+
 /// Decoder stage: feature decoder (highres or lowres) + U-Net + VAE + scheduler.
 pub struct DecoderReal {
     tok: VisualTokenizer,
@@ -292,7 +368,10 @@ pub fn builders(dir: &Path) -> anyhow::Result<(StageBuilders, ModelInfo)> {
             Ok(Box::new(QuantizerReal { tok }) as Box<dyn QuantizerStage>)
         }),
         llm: Box::new(move |dev| {
-            Ok(Box::new(lavit_llm::actor::LlmStageModel::load(&d4, dev)?) as Box<dyn LlmStage>)
+            Ok(Box::new(LlmReal {
+                llm: LlmStageModel::load(&d4, dev)?,
+                train: None,
+            }) as Box<dyn LlmStage>)
         }),
         decoder: Box::new(move |dev| {
             let parts = LoadParts {

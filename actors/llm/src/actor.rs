@@ -22,7 +22,8 @@ use crate::LlamaForCausalLM;
 
 /// The LLM stage: weights, unified vocabulary, SentencePiece, generation limits.
 pub struct LlmStageModel {
-    _vs: nn::VarStore,
+    /// The model's variables (stage-2 training steps them; checkpoints save them).
+    pub vs: nn::VarStore,
     pub model: LlamaForCausalLM,
     pub vocab: UnifiedVocab,
     pub sp: SentencePiece,
@@ -52,13 +53,32 @@ impl LlmStageModel {
         let (vs, model) = LlamaForCausalLM::from_pretrained(&lm, device, Kind::Float)?;
         let sp = SentencePiece::from_file(&lm.join("tokenizer.model"))?;
         Ok(LlmStageModel {
-            _vs: vs,
+            vs,
             model,
             vocab: UnifiedVocab::from(&manifest.llm),
             sp,
             t2i_min_new_tokens: manifest.generation.t2i_min_new_tokens,
             t2i_max_new_tokens: manifest.generation.t2i_max_new_tokens,
         })
+    }
+
+    /// A stage over a model built elsewhere (e.g. a fresh model to train), with the
+    /// manifest's image-token limits.
+    pub fn from_parts(
+        vs: nn::VarStore,
+        model: LlamaForCausalLM,
+        vocab: UnifiedVocab,
+        sp: SentencePiece,
+        generation: &lavit_runtime::manifest::GenerationManifest,
+    ) -> Self {
+        LlmStageModel {
+            vs,
+            model,
+            vocab,
+            sp,
+            t2i_min_new_tokens: generation.t2i_min_new_tokens,
+            t2i_max_new_tokens: generation.t2i_max_new_tokens,
+        }
     }
 
     fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
