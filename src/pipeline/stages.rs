@@ -266,13 +266,68 @@ impl LlmStage for LlmReal {
     }
 }
 
-/// Decoder stage: feature decoder (highres or lowres) + U-Net + VAE + scheduler.
+/// Decoder stage: feature decoder (highres or lowres) + U-Net + VAE + scheduler; when built
+/// by the stage-1b trainer, the same [`PixelDecoder`] trains on this thread and device
+/// ([`crate::train::decoder::DecoderTrainer`]).
 pub struct DecoderReal {
-    tok: VisualTokenizer,
-    pixels: PixelDecoder,
+    /// The feature decoders (serving; a training-only stage has none).
+    tok: Option<VisualTokenizer>,
+    pub pixels: PixelDecoder,
     resolution: Resolution,
+    pub train: Option<crate::train::decoder::DecoderTrainer>,
 }
-impl Trainable for DecoderReal {}
+
+impl DecoderReal {
+    /// A Decoder stage that trains `pixels` (its U-Net) with `train`.
+    pub fn for_training(
+        pixels: PixelDecoder,
+        train: crate::train::decoder::DecoderTrainer,
+    ) -> Self {
+        DecoderReal {
+            tok: None,
+            resolution: pixels.resolution,
+            pixels,
+            train: Some(train),
+        }
+    }
+}
+
+fn not_training() -> StageError {
+    StageError::Invalid("this Decoder stage was not built for training".into())
+}
+
+impl Trainable for DecoderReal {
+    fn train_forward(&mut self, batch: TrainBatch) -> StageResult<TrainBatch> {
+        let t = self.train.as_ref().ok_or_else(not_training)?;
+        t.forward(&self.pixels, batch)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        Err(StageError::Invalid(
+            "the Decoder stage steps under the trainer's control (OptimizerStepWith)".into(),
+        ))
+    }
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        let pixels = &self.pixels;
+        self.train
+            .as_mut()
+            .ok_or_else(not_training)?
+            .step(pixels, ctl)
+    }
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        self.train
+            .as_ref()
+            .ok_or_else(not_training)?
+            .state(&self.pixels)
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let pixels = &self.pixels;
+        self.train
+            .as_mut()
+            .ok_or_else(not_training)?
+            .load(pixels, parts)
+    }
+}
+
 impl DecoderStage for DecoderReal {
     fn decode(
         &mut self,
@@ -284,16 +339,19 @@ impl DecoderStage for DecoderReal {
         if ids.iter().any(Vec::is_empty) {
             return Err(StageError::Invalid("an image without visual tokens".into()));
         }
+        let tok = self.tok.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Decoder stage has no feature decoder".into())
+        })?;
         let cond = match self.resolution {
             Resolution::Highres => {
-                let (prompt_embeds, pooled_embeds) = self.tok.decode_highres(ids).map_err(&e)?;
+                let (prompt_embeds, pooled_embeds) = tok.decode_highres(ids).map_err(&e)?;
                 Condition::Highres {
                     prompt_embeds,
                     pooled_embeds,
                 }
             }
             Resolution::Lowres => Condition::Lowres {
-                hidden: self.tok.decode_lowres(ids).map_err(&e)?,
+                hidden: tok.decode_lowres(ids).map_err(&e)?,
             },
         };
         if should_stop() {
@@ -382,9 +440,10 @@ pub fn builders(dir: &Path) -> anyhow::Result<(StageBuilders, ModelInfo)> {
             let tok = tokenizer_without_encoder(&d5, dev, parts, &s5)?;
             let pixels = PixelDecoder::load(&d5, resolution, dev)?;
             Ok(Box::new(DecoderReal {
-                tok,
+                tok: Some(tok),
                 pixels,
                 resolution,
+                train: None,
             }) as Box<dyn DecoderStage>)
         }),
     };
