@@ -26,7 +26,7 @@ use lavit_runtime::stage::{Placement, StageError};
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-mod stages;
+pub mod stages;
 
 pub use lavit_runtime::actors::{Fault, RequestHandle};
 pub use lavit_runtime::messages;

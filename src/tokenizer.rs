@@ -244,12 +244,27 @@ impl VisualTokenizer {
         parts: LoadParts,
         encoder: Box<dyn Backbone>,
     ) -> Result<Self> {
-        let manifest = LavitManifest::for_checkpoint(dir)?;
-        let t = &manifest.tokenizer;
-        let mut codebook = VectorQuantizer::new(t.n_code, t.code_dim, device);
         let enc_path = resolve_file(dir, files::TOKENIZER_ENCODER)?;
         let sd = checkpoint::load_path(&enc_path)?;
         let src = enc_path.display().to_string();
+        Self::from_checkpoint_with_state(dir, device, parts, encoder, sd, &src)
+    }
+
+    /// As [`from_checkpoint_with_encoder`](Self::from_checkpoint_with_encoder) with the
+    /// `tokenizer_encoder` state dict already read (`source` names it in errors), so several
+    /// stages of one pipeline share one read of the file; its tensors are copied onto `device`.
+    pub fn from_checkpoint_with_state(
+        dir: &Path,
+        device: Device,
+        parts: LoadParts,
+        encoder: Box<dyn Backbone>,
+        sd: StateDict,
+        source: &str,
+    ) -> Result<Self> {
+        let manifest = LavitManifest::for_checkpoint(dir)?;
+        let t = &manifest.tokenizer;
+        let mut codebook = VectorQuantizer::new(t.n_code, t.code_dim, device);
+        let src = source.to_string();
         let (q, rest): (StateDict, StateDict) = sd
             .into_iter()
             .partition(|(k, _)| k.starts_with("quantize."));

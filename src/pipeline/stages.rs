@@ -5,15 +5,21 @@
 //! only what that stage needs onto the stage's device.
 //!
 //! The SelectorMerger, Quantizer and Decoder stages each hold a `VisualTokenizer` without the
-//! EVA encoder (a [`NoBackbone`] stands in), so `tokenizer_encoder` is loaded once per stage
-//! that uses it (selector/merger weights and the task layer + codebook share that file).
+//! EVA encoder (a [`NoBackbone`] stands in). `tokenizer_encoder` (selector/merger weights, task
+//! layer + codebook) is read from disk once per pipeline ([`SharedState`]); each stage copies
+//! the tensors onto its own device.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use lavit_llm::actor::LlmStageModel;
 use lavit_plugin_api::{Backbone, PluginResult};
 use lavit_runtime::actors::StageBuilders;
+use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::manifest::LavitManifest;
-use lavit_runtime::messages::GenerateOptions;
+use lavit_runtime::messages::{
+    CaptionOptions, GenerateOptions, StepControl, StepReport, TrainBatch, TrainParts,
+};
 use lavit_runtime::stage::*;
 use tch::{Device, Tensor};
 
@@ -48,10 +54,40 @@ impl Backbone for NoBackbone {
     }
 }
 
+/// One read of a checkpoint file (CPU tensors) shared by the stage builders of a pipeline.
+/// (`tch::Tensor` is `Send` but not `Sync`, hence the mutex; a stage holds it only to take
+/// shallow copies, then copies the tensors onto its device.)
+#[derive(Clone)]
+pub struct SharedState {
+    sd: Arc<Mutex<StateDict>>,
+    source: Arc<str>,
+}
+
+impl SharedState {
+    /// Read `path` once.
+    pub fn load(path: &Path) -> lavit_runtime::Result<Self> {
+        Ok(Self {
+            sd: Arc::new(Mutex::new(checkpoint::load_path(path)?)),
+            source: path.display().to_string().into(),
+        })
+    }
+    /// Shallow copies of the tensors (no data copied).
+    pub fn get(&self) -> StateDict {
+        let sd = self.sd.lock().unwrap_or_else(|e| e.into_inner());
+        sd.iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect()
+    }
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
 fn tokenizer_without_encoder(
     dir: &Path,
     device: Device,
     parts: LoadParts,
+    enc: &SharedState,
 ) -> lavit_runtime::Result<VisualTokenizer> {
     let m = LavitManifest::for_checkpoint(dir)?;
     let none = NoBackbone {
@@ -59,12 +95,20 @@ fn tokenizer_without_encoder(
         patch_size: m.tokenizer.patch_size,
         width: m.tokenizer.encoder_width,
     };
-    VisualTokenizer::from_checkpoint_with_encoder(dir, device, parts, Box::new(none))
+    VisualTokenizer::from_checkpoint_with_state(
+        dir,
+        device,
+        parts,
+        Box::new(none),
+        enc.get(),
+        enc.source(),
+    )
 }
 
 fn err(kind: StageKind) -> impl Fn(lavit_runtime::Error) -> StageError {
     move |e| match e {
         lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
+        lavit_runtime::Error::Cancelled => StageError::Cancelled,
         e => StageError::failed(kind, e),
     }
 }
@@ -149,13 +193,141 @@ impl QuantizerStage for QuantizerReal {
     }
 }
 
-/// Decoder stage: feature decoder (highres or lowres) + U-Net + VAE + scheduler.
-pub struct DecoderReal {
-    tok: VisualTokenizer,
-    pixels: PixelDecoder,
-    resolution: Resolution,
+/// Llm stage: serving through [`LlmStageModel`] (captions, image tokens) and, when built by
+/// the stage-2 trainer, training the same model on the same thread and device
+/// ([`crate::train::llm::LlmTrainer`]).
+pub struct LlmReal {
+    pub llm: LlmStageModel,
+    pub train: Option<crate::train::llm::LlmTrainer>,
 }
-impl Trainable for DecoderReal {}
+
+impl LlmReal {
+    fn trainer(&mut self) -> StageResult<&mut crate::train::llm::LlmTrainer> {
+        self.train
+            .as_mut()
+            .ok_or_else(|| StageError::Invalid("this Llm stage was not built for training".into()))
+    }
+}
+
+impl Trainable for LlmReal {
+    fn train_forward(&mut self, batch: TrainBatch) -> StageResult<TrainBatch> {
+        let t = self.train.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Llm stage was not built for training".into())
+        })?;
+        t.forward(&self.llm, batch)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        Err(StageError::Invalid(
+            "the Llm stage steps under the trainer's control (OptimizerStepWith)".into(),
+        ))
+    }
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        self.trainer()?.step(ctl)
+    }
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        let t = self.train.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Llm stage was not built for training".into())
+        })?;
+        t.state(&self.llm)
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let llm = &self.llm;
+        match self.train.as_mut() {
+            Some(t) => t.load(llm, parts),
+            None => Err(StageError::Invalid(
+                "this Llm stage was not built for training".into(),
+            )),
+        }
+    }
+}
+
+impl LlmStage for LlmReal {
+    fn caption(
+        &mut self,
+        prefix: &Tensor,
+        prompt: &str,
+        opts: &CaptionOptions,
+        on_token: &mut dyn FnMut(i64, &str) -> bool,
+    ) -> StageResult<Vec<i64>> {
+        let _g = tch::no_grad_guard();
+        self.llm.caption(prefix, prompt, opts, on_token)
+    }
+    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
+        self.llm.decode_text(ids)
+    }
+    fn image_tokens(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        let _g = tch::no_grad_guard();
+        self.llm.image_tokens(prompt, opts, should_stop)
+    }
+}
+
+/// Decoder stage: feature decoder (highres or lowres) + U-Net + VAE + scheduler; when built
+/// by the stage-1b trainer, the same [`PixelDecoder`] trains on this thread and device
+/// ([`crate::train::decoder::DecoderTrainer`]).
+pub struct DecoderReal {
+    /// The feature decoders (serving; a training-only stage has none).
+    tok: Option<VisualTokenizer>,
+    pub pixels: PixelDecoder,
+    resolution: Resolution,
+    pub train: Option<crate::train::decoder::DecoderTrainer>,
+}
+
+impl DecoderReal {
+    /// A Decoder stage that trains `pixels` (its U-Net) with `train`.
+    pub fn for_training(
+        pixels: PixelDecoder,
+        train: crate::train::decoder::DecoderTrainer,
+    ) -> Self {
+        DecoderReal {
+            tok: None,
+            resolution: pixels.resolution,
+            pixels,
+            train: Some(train),
+        }
+    }
+}
+
+fn not_training() -> StageError {
+    StageError::Invalid("this Decoder stage was not built for training".into())
+}
+
+impl Trainable for DecoderReal {
+    fn train_forward(&mut self, batch: TrainBatch) -> StageResult<TrainBatch> {
+        let t = self.train.as_ref().ok_or_else(not_training)?;
+        t.forward(&self.pixels, batch)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        Err(StageError::Invalid(
+            "the Decoder stage steps under the trainer's control (OptimizerStepWith)".into(),
+        ))
+    }
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        let pixels = &self.pixels;
+        self.train
+            .as_mut()
+            .ok_or_else(not_training)?
+            .step(pixels, ctl)
+    }
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        self.train
+            .as_ref()
+            .ok_or_else(not_training)?
+            .state(&self.pixels)
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let pixels = &self.pixels;
+        self.train
+            .as_mut()
+            .ok_or_else(not_training)?
+            .load(pixels, parts)
+    }
+}
+
 impl DecoderStage for DecoderReal {
     fn decode(
         &mut self,
@@ -167,16 +339,19 @@ impl DecoderStage for DecoderReal {
         if ids.iter().any(Vec::is_empty) {
             return Err(StageError::Invalid("an image without visual tokens".into()));
         }
+        let tok = self.tok.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Decoder stage has no feature decoder".into())
+        })?;
         let cond = match self.resolution {
             Resolution::Highres => {
-                let (prompt_embeds, pooled_embeds) = self.tok.decode_highres(ids).map_err(&e)?;
+                let (prompt_embeds, pooled_embeds) = tok.decode_highres(ids).map_err(&e)?;
                 Condition::Highres {
                     prompt_embeds,
                     pooled_embeds,
                 }
             }
             Resolution::Lowres => Condition::Lowres {
-                hidden: self.tok.decode_lowres(ids).map_err(&e)?,
+                hidden: tok.decode_lowres(ids).map_err(&e)?,
             },
         };
         if should_stop() {
@@ -190,11 +365,10 @@ impl DecoderStage for DecoderReal {
             seed: Some(opts.seed as i64),
             ..DecodeOptions::default()
         };
-        let px = self.pixels.decode(&cond, &dopts).map_err(&e)?;
-        if should_stop() {
-            return Err(StageError::Cancelled);
-        }
-        Ok(px)
+        // One `should_stop` call per diffusion step.
+        self.pixels
+            .decode_with(&cond, &dopts, should_stop)
+            .map_err(&e)
     }
 }
 
@@ -202,8 +376,9 @@ impl DecoderStage for DecoderReal {
 /// own thread and device).
 pub fn builders(dir: &Path) -> anyhow::Result<(StageBuilders, ModelInfo)> {
     let m = LavitManifest::for_checkpoint(dir)?;
-    resolve_file(dir, files::EVA)?;
-    resolve_file(dir, files::TOKENIZER_ENCODER)?;
+    let eva_path = resolve_file(dir, files::EVA)?;
+    // Read once, shared by the Encoder, SelectorMerger, Quantizer and Decoder builders.
+    let enc_state = SharedState::load(&resolve_file(dir, files::TOKENIZER_ENCODER)?)?;
     let resolution = if dir.join(Resolution::Highres.folder()).is_dir() {
         Resolution::Highres
     } else {
@@ -216,9 +391,26 @@ pub fn builders(dir: &Path) -> anyhow::Result<(StageBuilders, ModelInfo)> {
     };
     let d: PathBuf = dir.to_path_buf();
     let (d1, d2, d3, d4, d5) = (d.clone(), d.clone(), d.clone(), d.clone(), d);
+    let (s1, s2, s3, s5) = (
+        enc_state.clone(),
+        enc_state.clone(),
+        enc_state.clone(),
+        enc_state,
+    );
     let builders = StageBuilders {
         encoder: Box::new(move |dev| {
-            let tok = VisualTokenizer::from_checkpoint(&d1, dev, LoadParts::tokenize_only())?;
+            let eva_cfg = lavit_encoder::eva_vit::EvaVitConfig::from_manifest(
+                &LavitManifest::for_checkpoint(&d1)?.tokenizer,
+            );
+            let eva = lavit_encoder::eva_vit::EvaBackbone::load(&eva_path, &eva_cfg, dev)?;
+            let tok = VisualTokenizer::from_checkpoint_with_state(
+                &d1,
+                dev,
+                LoadParts::tokenize_only(),
+                Box::new(eva),
+                s1.get(),
+                s1.source(),
+            )?;
             Ok(Box::new(EncoderReal { tok }) as Box<dyn EncoderStage>)
         }),
         selector_merger: Box::new(move |dev| {
@@ -226,15 +418,18 @@ pub fn builders(dir: &Path) -> anyhow::Result<(StageBuilders, ModelInfo)> {
                 understanding: resolve_file(&d2, files::VISUAL_WEIGHT).is_ok(),
                 ..LoadParts::tokenize_only()
             };
-            let tok = tokenizer_without_encoder(&d2, dev, parts)?;
+            let tok = tokenizer_without_encoder(&d2, dev, parts, &s2)?;
             Ok(Box::new(SelectorMergerReal { tok }) as Box<dyn SelectorMergerStage>)
         }),
         quantizer: Box::new(move |dev| {
-            let tok = tokenizer_without_encoder(&d3, dev, LoadParts::tokenize_only())?;
+            let tok = tokenizer_without_encoder(&d3, dev, LoadParts::tokenize_only(), &s3)?;
             Ok(Box::new(QuantizerReal { tok }) as Box<dyn QuantizerStage>)
         }),
         llm: Box::new(move |dev| {
-            Ok(Box::new(lavit_llm::actor::LlmStageModel::load(&d4, dev)?) as Box<dyn LlmStage>)
+            Ok(Box::new(LlmReal {
+                llm: LlmStageModel::load(&d4, dev)?,
+                train: None,
+            }) as Box<dyn LlmStage>)
         }),
         decoder: Box::new(move |dev| {
             let parts = LoadParts {
@@ -242,12 +437,13 @@ pub fn builders(dir: &Path) -> anyhow::Result<(StageBuilders, ModelInfo)> {
                 lowres_decoder: resolution == Resolution::Lowres,
                 ..LoadParts::tokenize_only()
             };
-            let tok = tokenizer_without_encoder(&d5, dev, parts)?;
+            let tok = tokenizer_without_encoder(&d5, dev, parts, &s5)?;
             let pixels = PixelDecoder::load(&d5, resolution, dev)?;
             Ok(Box::new(DecoderReal {
-                tok,
+                tok: Some(tok),
                 pixels,
                 resolution,
+                train: None,
             }) as Box<dyn DecoderStage>)
         }),
     };
