@@ -39,6 +39,9 @@ pub enum StageSet {
     /// The real models loaded from `checkpoint`.
     #[default]
     Checkpoint,
+    /// Only the tokenizer stages (Encoder, SelectorMerger, Quantizer) from `checkpoint`, e.g.
+    /// a stage-1 export; the Llm and Decoder stages refuse requests.
+    Tokenizer,
     /// The deterministic mock stages of `lavit_runtime::mock` (tests, wiring checks).
     Mock,
 }
@@ -71,6 +74,11 @@ pub struct PipelineConfig {
     /// Mock stages only: extra matmuls per call (makes them measurably slow).
     #[serde(default)]
     pub mock_work: usize,
+    /// Plugin libraries and the backbone / codebook the tokenizer stages take from them
+    /// (the same section as `lavit train tokenizer`'s `[plugins]`; the file's top-level
+    /// `[plugins]` table is read into it).
+    #[serde(default)]
+    pub plugins: lavit_runtime::plugin_host::PluginsConfig,
 }
 
 fn d_in_flight() -> usize {
@@ -94,13 +102,15 @@ impl Default for PipelineConfig {
             max_queue: d_queue(),
             max_consecutive_panics: d_panics(),
             mock_work: 0,
+            plugins: Default::default(),
         }
     }
 }
 
 impl PipelineConfig {
-    /// Read the `[pipeline]` table of a TOML file (see configs/serve.toml); a relative
-    /// `placement_file` or `checkpoint` is resolved against the file's folder.
+    /// Read the `[pipeline]` table of a TOML file (see configs/serve.toml) and its top-level
+    /// `[plugins]` table; a relative `placement_file`, `checkpoint` or plugin path is resolved
+    /// against the file's folder.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -114,6 +124,18 @@ impl PipelineConfig {
             anyhow::anyhow!("{}: [pipeline]: {}", path.display(), e.message())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(p) = value.get("plugins") {
+            if !cfg.plugins.is_empty() {
+                anyhow::bail!(
+                    "{}: give the plugins either as [plugins] or as [pipeline.plugins], not both",
+                    path.display()
+                );
+            }
+            cfg.plugins = p.clone().try_into().map_err(|e: toml::de::Error| {
+                anyhow::anyhow!("{}: [plugins]: {}", path.display(), e.message())
+            })?;
+        }
+        cfg.plugins = cfg.plugins.resolved(base);
         if let Some(p) = &cfg.placement_file {
             let p = if p.is_relative() {
                 base.join(p)
@@ -153,6 +175,8 @@ pub struct ModelInfo {
 pub struct Pipeline {
     graph: StageGraph,
     info: ModelInfo,
+    /// Built with `stages = "tokenizer"`: the Llm and Decoder stages refuse requests.
+    tokenizer_only: bool,
 }
 
 /// Errors of the pipeline API: the pipeline's own ([`StageError`]).
@@ -169,12 +193,17 @@ impl Pipeline {
                 };
                 Self::mock(&m, None, cfg)
             }
-            StageSet::Checkpoint => {
+            StageSet::Checkpoint | StageSet::Tokenizer => {
                 let dir = cfg.checkpoint.as_deref().ok_or_else(|| {
                     anyhow::anyhow!("the pipeline config names no checkpoint folder (pipeline.checkpoint or --checkpoint)")
                 })?;
-                let (builders, info) = stages::builders(dir)?;
-                Self::from_builders(builders, info, &cfg.placement, cfg.graph_options())
+                let plugins = crate::tokenizer::TokenizerPlugins::load(&cfg.plugins)?;
+                let tokenizer_only = cfg.stages == StageSet::Tokenizer;
+                let (builders, info) = stages::builders(dir, &plugins, tokenizer_only)?;
+                let mut pipe =
+                    Self::from_builders(builders, info, &cfg.placement, cfg.graph_options())?;
+                pipe.tokenizer_only = tokenizer_only;
+                Ok(pipe)
             }
         }
     }
@@ -187,7 +216,11 @@ impl Pipeline {
         opts: GraphOptions,
     ) -> anyhow::Result<Self> {
         let graph = StageGraph::spawn(builders, placement, opts)?;
-        Ok(Pipeline { graph, info })
+        Ok(Pipeline {
+            graph,
+            info,
+            tokenizer_only: false,
+        })
     }
 
     /// The mock stages (optionally holding the LLM and decoder loops at a gate).
@@ -213,6 +246,11 @@ impl Pipeline {
     }
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    /// Only the tokenizer stages run (`stages = "tokenizer"`): tokenize works, caption and
+    /// generate are refused.
+    pub fn tokenizer_only(&self) -> bool {
+        self.tokenizer_only
     }
 
     /// Images → CLIP-normalised (B, 3, S, S) float tensor (bicubic resize to the encoder size).

@@ -19,6 +19,7 @@
 //! [`decode_highres`](VisualTokenizer::decode_highres) (ids → U-Net conditions).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use lavit_decoder::feature_decoder::{FeatureDecoderConfig, HighresVQDecoder, VQDecoder};
 use lavit_encoder::eva_vit::{EvaBackbone, EvaVitConfig};
@@ -27,6 +28,7 @@ use lavit_plugin_api::{Backbone, Codebook};
 use lavit_quantizer::{EncodeTaskLayer, VectorQuantizer};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::manifest::{LavitManifest, Selection};
+use lavit_runtime::plugin_host::{PluginComponent, PluginHost, PluginsConfig};
 use lavit_runtime::{Error, Result};
 use lavit_selector::{SelectionMode, TokenMerger, TokenMergerConfig, TokenPredictor};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -39,6 +41,180 @@ pub mod files {
     pub const LOWRES_DECODER: &str = "visual_tokenizer/tokenizer_decoder";
     pub const HIGHRES_DECODER: &str = "visual_tokenizer/highres_tokenizer_decoder";
     pub const VISUAL_WEIGHT: &str = "language_model/visual_weight";
+    /// A plugin backbone's weights (`Backbone::state_dict`, safetensors), written by
+    /// `lavit train tokenizer` in place of the EVA file.
+    pub const PLUGIN_BACKBONE: &str = "visual_tokenizer/backbone";
+    /// A plugin codebook's weights (`Codebook::state_dict`, safetensors), written in place
+    /// of `quantize.*` in `tokenizer_encoder`.
+    pub const PLUGIN_CODEBOOK: &str = "visual_tokenizer/codebook";
+}
+
+/// Where the tokenizer's backbone and codebook come from: the built-in EVA-CLIP and l2 VQ,
+/// or the components of a config's `[plugins]` section. Cheap to clone (the loaded plugin
+/// host is shared), so each stage thread builds its part on its own device.
+///
+/// A plugin component without `weights` loads the checkpoint folder's
+/// `visual_tokenizer/{backbone,codebook}.safetensors` when the folder has it (what
+/// `lavit train tokenizer` exports), so one config serves for training and inference.
+#[derive(Clone, Default)]
+pub struct TokenizerPlugins {
+    host: Option<Arc<PluginHost>>,
+    cfg: PluginsConfig,
+}
+
+impl std::fmt::Debug for TokenizerPlugins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenizerPlugins")
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl TokenizerPlugins {
+    /// The built-in parts only.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Loads the plugins `cfg` names (start-up) and remembers which parts they replace.
+    pub fn load(cfg: &PluginsConfig) -> Result<Self> {
+        if cfg.load.is_empty() {
+            if let Some(c) = cfg.backbone.as_ref().or(cfg.codebook.as_ref()) {
+                return Err(Error::invalid(format!(
+                    "[plugins] takes part `{}` from a plugin but `plugins.load` names no plugin library",
+                    c.plugin
+                )));
+            }
+            return Ok(Self::none());
+        }
+        let host = PluginHost::from_config(cfg)?;
+        Ok(Self {
+            host: Some(Arc::new(host)),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &PluginsConfig {
+        &self.cfg
+    }
+
+    /// `c` with `weights` defaulting to `checkpoint/<file>.safetensors` when that exists.
+    fn component(c: &PluginComponent, checkpoint: Option<&Path>, file: &str) -> PluginComponent {
+        let mut c = c.clone();
+        if c.weights.is_none() {
+            c.weights = checkpoint
+                .map(|d| d.join(format!("{file}.safetensors")))
+                .filter(|p| p.is_file());
+        }
+        c
+    }
+
+    fn host(&self) -> Result<&PluginHost> {
+        self.host
+            .as_deref()
+            .ok_or_else(|| Error::invalid("no plugins are loaded"))
+    }
+
+    /// The plugin backbone on `device` (None: the config keeps EVA-CLIP).
+    pub fn backbone(
+        &self,
+        checkpoint: Option<&Path>,
+        device: Device,
+    ) -> Result<Option<Box<dyn Backbone>>> {
+        let Some(c) = &self.cfg.backbone else {
+            return Ok(None);
+        };
+        let c = Self::component(c, checkpoint, files::PLUGIN_BACKBONE);
+        Ok(Some(self.host()?.backbone(&c, device)?))
+    }
+
+    /// The plugin codebook on `device` (None: the config keeps the built-in VQ).
+    pub fn codebook(
+        &self,
+        checkpoint: Option<&Path>,
+        device: Device,
+    ) -> Result<Option<Box<dyn Codebook>>> {
+        let Some(c) = &self.cfg.codebook else {
+            return Ok(None);
+        };
+        let c = Self::component(c, checkpoint, files::PLUGIN_CODEBOOK);
+        Ok(Some(self.host()?.codebook(&c, device)?))
+    }
+}
+
+/// The top-level `[plugins]` table of a TOML config file (serving, training or a file of
+/// its own), paths resolved against the file's folder; empty when the file has none.
+pub fn plugins_section(path: &Path) -> Result<PluginsConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: toml::Value = toml::from_str(&text)
+        .map_err(|e| Error::config(path.display().to_string(), "plugins", e.to_string()))?;
+    let cfg: PluginsConfig = match value.get("plugins") {
+        Some(p) => p.clone().try_into().map_err(|e: toml::de::Error| {
+            Error::config(path.display().to_string(), "plugins", e.message())
+        })?,
+        None => PluginsConfig::default(),
+    };
+    Ok(cfg.resolved(path.parent().unwrap_or(Path::new("."))))
+}
+
+/// Checks that a backbone and a codebook fit the tokenizer sizes of `manifest`: the
+/// backbone's image size, patch size and width against what the selector, merger and image
+/// processor are built for, the codebook's width against `encode_task_layer`'s output and
+/// its size against the LLM's visual vocabulary. The error names both sides of every
+/// mismatch.
+pub fn check_geometry(
+    manifest: &LavitManifest,
+    encoder: &dyn Backbone,
+    codebook: &dyn Codebook,
+) -> Result<()> {
+    let t = &manifest.tokenizer;
+    let (b, c) = (encoder.name(), codebook.name());
+    let mut problems = Vec::new();
+    let checks = [
+        (
+            format!("backbone `{b}` image_size"),
+            encoder.image_size(),
+            "tokenizer.img_size (the image processor's size)",
+            t.img_size,
+        ),
+        (
+            format!("backbone `{b}` patch_size"),
+            encoder.patch_size(),
+            "tokenizer.patch_size (the selector's patch grid)",
+            t.patch_size,
+        ),
+        (
+            format!("backbone `{b}` width"),
+            encoder.width(),
+            "tokenizer.encoder_width (the token selector's and merger's input width)",
+            t.encoder_width,
+        ),
+        (
+            format!("codebook `{c}` code_dim"),
+            codebook.code_dim(),
+            "tokenizer.code_dim (encode_task_layer's output width)",
+            t.code_dim,
+        ),
+        (
+            format!("codebook `{c}` num_codes"),
+            codebook.num_codes(),
+            "tokenizer.n_code (the LLM's visual vocabulary)",
+            t.n_code,
+        ),
+    ];
+    for (part, got, side, want) in checks {
+        if got != want {
+            problems.push(format!("{part} is {got}, but {side} is {want}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "the tokenizer's parts do not fit together: {}",
+            problems.join("; ")
+        )))
+    }
 }
 
 /// `dir/<name>.bin`, else `dir/<name>.safetensors`; an error naming both if neither exists.
@@ -180,7 +356,8 @@ impl VisualTokenizer {
         let t = &manifest.tokenizer;
         let encoder = EvaBackbone::new(&EvaVitConfig::from_manifest(t), device);
         let codebook = VectorQuantizer::new(t.n_code, t.code_dim, device);
-        let mut me = Self::with_parts(manifest, device, Box::new(encoder), Box::new(codebook));
+        let mut me = Self::with_parts(manifest, device, Box::new(encoder), Box::new(codebook))
+            .expect("the built-in parts are built from the manifest's sizes");
         let dcfg = FeatureDecoderConfig::from_manifest(&manifest.feature_decoder);
         let vs = nn::VarStore::new(device);
         let m = VQDecoder::new(vs.root(), &dcfg);
@@ -189,13 +366,15 @@ impl VisualTokenizer {
     }
 
     /// Selector, merger, task layer and projector with random weights around a given
-    /// encoder and codebook (no decoders, no understanding head).
+    /// encoder and codebook (no decoders, no understanding head). Refuses parts whose
+    /// geometry does not fit the manifest ([`check_geometry`]).
     pub fn with_parts(
         manifest: &LavitManifest,
         device: Device,
         encoder: Box<dyn Backbone>,
         quantize: Box<dyn Codebook>,
-    ) -> Self {
+    ) -> Result<Self> {
+        check_geometry(manifest, encoder.as_ref(), quantize.as_ref())?;
         let t = &manifest.tokenizer;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
@@ -207,7 +386,7 @@ impl VisualTokenizer {
         );
         let encode_task_layer = EncodeTaskLayer::new(&root / "encode_task_layer", c, t.code_dim);
         let vit_proj = nn::linear(&root / "vit_proj", c, t.llm_hidden, Default::default());
-        Self {
+        Ok(Self {
             manifest: manifest.clone(),
             device,
             processor: LaVITImageProcessor::new(t.img_size as u32),
@@ -222,18 +401,38 @@ impl VisualTokenizer {
             lowres_decoder: None,
             highres_decoder: None,
             selection: selection_mode(t.selection),
-        }
+        })
     }
 
     /// Load a LaVIT checkpoint folder (official layout; `manifest.json` optional) with the
     /// strict loader: `visual_tokenizer/{eva_vitg_psz14, tokenizer_encoder}` always, the
     /// parts in `parts` when asked. Every file may be `.bin` or `.safetensors`.
     pub fn from_checkpoint(dir: &Path, device: Device, parts: LoadParts) -> Result<Self> {
+        Self::load(dir, device, parts, &TokenizerPlugins::none())
+    }
+
+    /// As [`from_checkpoint`](Self::from_checkpoint) with the backbone and codebook the
+    /// config's `[plugins]` section names (each part not named is the built-in one).
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        parts: LoadParts,
+        plugins: &TokenizerPlugins,
+    ) -> Result<Self> {
+        let encoder = match plugins.backbone(Some(dir), device)? {
+            Some(b) => b,
+            None => Box::new(Self::load_eva(dir, device)?),
+        };
+        let codebook = plugins.codebook(Some(dir), device)?;
+        Self::from_checkpoint_with(dir, device, parts, encoder, codebook)
+    }
+
+    /// The checkpoint's EVA encoder (`visual_tokenizer/eva_vitg_psz14.*`).
+    pub fn load_eva(dir: &Path, device: Device) -> Result<EvaBackbone> {
         let manifest = LavitManifest::for_checkpoint(dir)?;
         let eva_path = resolve_file(dir, files::EVA)?;
         let eva_cfg = EvaVitConfig::from_manifest(&manifest.tokenizer);
-        let encoder = EvaBackbone::load(&eva_path, &eva_cfg, device)?;
-        Self::from_checkpoint_with_encoder(dir, device, parts, Box::new(encoder))
+        EvaBackbone::load(&eva_path, &eva_cfg, device)
     }
 
     /// As [`from_checkpoint`](Self::from_checkpoint) around an encoder the caller built
@@ -244,10 +443,41 @@ impl VisualTokenizer {
         parts: LoadParts,
         encoder: Box<dyn Backbone>,
     ) -> Result<Self> {
+        Self::from_checkpoint_with(dir, device, parts, encoder, None)
+    }
+
+    /// As [`from_checkpoint_with_encoder`](Self::from_checkpoint_with_encoder) with a
+    /// codebook the caller built (`None`: the built-in VQ from `tokenizer_encoder`'s
+    /// `quantize.*`; a given codebook ignores those keys).
+    pub fn from_checkpoint_with(
+        dir: &Path,
+        device: Device,
+        parts: LoadParts,
+        encoder: Box<dyn Backbone>,
+        codebook: Option<Box<dyn Codebook>>,
+    ) -> Result<Self> {
         let enc_path = resolve_file(dir, files::TOKENIZER_ENCODER)?;
         let sd = checkpoint::load_path(&enc_path)?;
         let src = enc_path.display().to_string();
-        Self::from_checkpoint_with_state(dir, device, parts, encoder, sd, &src)
+        Self::from_checkpoint_with_state(dir, device, parts, encoder, codebook, sd, &src)
+    }
+
+    /// As [`load`](Self::load) with the `tokenizer_encoder` state dict already read (see
+    /// [`from_checkpoint_with_state`](Self::from_checkpoint_with_state)).
+    pub fn load_with_state(
+        dir: &Path,
+        device: Device,
+        parts: LoadParts,
+        plugins: &TokenizerPlugins,
+        sd: StateDict,
+        source: &str,
+    ) -> Result<Self> {
+        let encoder = match plugins.backbone(Some(dir), device)? {
+            Some(b) => b,
+            None => Box::new(Self::load_eva(dir, device)?),
+        };
+        let codebook = plugins.codebook(Some(dir), device)?;
+        Self::from_checkpoint_with_state(dir, device, parts, encoder, codebook, sd, source)
     }
 
     /// As [`from_checkpoint_with_encoder`](Self::from_checkpoint_with_encoder) with the
@@ -258,22 +488,29 @@ impl VisualTokenizer {
         device: Device,
         parts: LoadParts,
         encoder: Box<dyn Backbone>,
+        codebook: Option<Box<dyn Codebook>>,
         sd: StateDict,
         source: &str,
     ) -> Result<Self> {
         let manifest = LavitManifest::for_checkpoint(dir)?;
         let t = &manifest.tokenizer;
-        let mut codebook = VectorQuantizer::new(t.n_code, t.code_dim, device);
         let src = source.to_string();
         let (q, rest): (StateDict, StateDict) = sd
             .into_iter()
             .partition(|(k, _)| k.starts_with("quantize."));
-        let q: StateDict = q
-            .into_iter()
-            .map(|(k, v)| (k["quantize.".len()..].to_string(), v))
-            .collect();
-        codebook.load_state_dict(&q, &src)?;
-        let mut me = Self::with_parts(&manifest, device, encoder, Box::new(codebook));
+        let codebook = match codebook {
+            Some(c) => c,
+            None => {
+                let q: StateDict = q
+                    .into_iter()
+                    .map(|(k, v)| (k["quantize.".len()..].to_string(), v))
+                    .collect();
+                let mut vq = VectorQuantizer::new(t.n_code, t.code_dim, device);
+                vq.load_state_dict(&q, &src)?;
+                Box::new(vq)
+            }
+        };
+        let mut me = Self::with_parts(&manifest, device, encoder, codebook)?;
         checkpoint::load_into(&me.vs, "", &rest, &src, &Default::default())?;
         me.vs.freeze();
         if parts.understanding {

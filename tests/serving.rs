@@ -1397,7 +1397,9 @@ impl DecoderStage for HeldDecoder {
 /// The fixture's real stages, with the LLM and decoder loops holdable.
 fn held_fixture_pipeline(in_flight: usize) -> (Pipeline, HoldAt, HoldAt) {
     let dir = crate::common::fixture_dir();
-    let (mut b, info) = lavit::pipeline::stages::builders(&dir).unwrap();
+    let (mut b, info) =
+        lavit::pipeline::stages::builders(&dir, &lavit::tokenizer::TokenizerPlugins::none(), false)
+            .unwrap();
     let (hl, hd) = (HoldAt::new(), HoldAt::new());
     let (llm, dec) = (b.llm, b.decoder);
     let h = hl.clone();

@@ -122,7 +122,7 @@ fn official_preset_builds_the_official_names_and_shapes() {
     );
 
     let cb = VectorQuantizer::new(t.n_code, t.code_dim, dev);
-    let tok = VisualTokenizer::with_parts(&m, dev, Box::new(eva), Box::new(cb));
+    let tok = VisualTokenizer::with_parts(&m, dev, Box::new(eva), Box::new(cb)).unwrap();
     let mut enc = var_shapes(&tok.vs, "");
     enc.insert(
         "quantize.embedding.weight".into(),
@@ -521,4 +521,205 @@ fn stage1_resume_equals_a_straight_run() {
         lavit_runtime::train::hash_state_dict(&sd).unwrap()
     };
     assert_eq!(h(&straight), h(&resumed));
+}
+
+/// `lavit train tokenizer` configs take the serving placement keys and the `[plugins]`
+/// section; relative plugin paths resolve against the config's folder; unknown keys are
+/// refused with the file named.
+#[test]
+fn train_config_reads_placement_and_plugins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("train.toml");
+    std::fs::write(
+        &p,
+        "steps = 10\nsteps_no_quant = 2\n[placement]\nencoder = \"cuda:1\"\n\
+         [plugins]\nload = [\"libx.so\"]\n[plugins.codebook]\nplugin = \"residual-vq\"\n\
+         weights = \"cb.safetensors\"\nconfig = { levels = 3 }\n",
+    )
+    .unwrap();
+    let cfg = lavit::train::tokenizer::TokenizerTrainConfig::from_toml_file(&p).unwrap();
+    let placement = cfg.placement.as_ref().unwrap();
+    assert_eq!(placement.encoder, "cuda:1");
+    assert_eq!(placement.quantizer, "cpu");
+    assert_eq!(cfg.plugins.load, [tmp.path().join("libx.so")]);
+    let cb = cfg.plugins.codebook.as_ref().unwrap();
+    assert_eq!(
+        cb.weights.as_deref(),
+        Some(tmp.path().join("cb.safetensors").as_path())
+    );
+    assert_eq!(cb.config["levels"], 3);
+    assert!(cfg.plugins.backbone.is_none());
+    std::fs::write(&p, "[plugins]\nlod = []\n").unwrap();
+    let e = format!(
+        "{:#}",
+        lavit::train::tokenizer::TokenizerTrainConfig::from_toml_file(&p).unwrap_err()
+    );
+    assert!(e.contains("train.toml") && e.contains("lod"), "{e}");
+    // A part named without a library to take it from is refused clearly.
+    let mut no_lib = cfg.plugins.clone();
+    no_lib.load.clear();
+    let e = lavit::tokenizer::TokenizerPlugins::load(&no_lib).unwrap_err();
+    assert!(
+        e.to_string().contains("residual-vq") && e.to_string().contains("plugins.load"),
+        "{e}"
+    );
+}
+
+/// Stage 1 through the stage actors equals the same stage adapters called directly on this
+/// thread (no actors, no messages): the loss sequence is bit for bit the same, so the
+/// actor transport (threads, mailboxes, device moves) changes nothing. Both use the built-in
+/// EVA and codebook, with the k-means initialisation and EMA updates inside the run.
+#[test]
+fn stage1_through_the_actors_equals_direct_stage_calls() {
+    use lavit::pipeline::stages::{stage1_builders, train_keys as k, Stage1Handle};
+    use lavit::train::tokenizer::{
+        batch_indices, init_weights, load_image_folder, stage1_spec, train,
+    };
+    use lavit_plugin_api::Codebook;
+    use lavit_runtime::messages::TrainBatch;
+    use lavit_runtime::train::{LrSchedule, StepRng};
+
+    let tmp = tempfile::tempdir().unwrap();
+    crate::common::write_images(&tmp.path().join("images"), 8);
+    let mut cfg = tiny_config(tmp.path(), "actors");
+    cfg.data_dir = tmp.path().join("images");
+    cfg.batch_size = 4;
+    cfg.steps = 7;
+    cfg.steps_no_quant = 3;
+    cfg.kmeans_batches = 2;
+    cfg.grad_clip = 0.5;
+    let through_actors = train(&cfg).unwrap().series("loss");
+
+    // The same run, the stages called directly.
+    let m = LavitManifest::from_json_file(cfg.manifest.as_ref().unwrap()).unwrap();
+    let mut eva = EvaBackbone::new(&EvaVitConfig::from_manifest(&m.tokenizer), Device::Cpu);
+    init_weights(&eva.vs, cfg.seed ^ 0xe7a);
+    eva.vs.freeze();
+    let (builders, rx) = stage1_builders(stage1_spec(&cfg, &m, Box::new(eva), None));
+    let mut enc = (builders.encoder)(Device::Cpu).unwrap();
+    let mut sm = (builders.selector_merger)(Device::Cpu).unwrap();
+    let mut q = (builders.quantizer)(Device::Cpu).unwrap();
+    let (mut codebook, mut params) = (None, Vec::new());
+    for h in rx.try_iter() {
+        match h {
+            Stage1Handle::SelectorMerger { optimizer, .. } => {
+                params.extend(optimizer.lock().unwrap().params())
+            }
+            Stage1Handle::Quantizer {
+                optimizer,
+                codebook: c,
+                ..
+            } => {
+                params.extend(optimizer.lock().unwrap().params());
+                codebook = Some(c);
+            }
+            Stage1Handle::Encoder { .. } => {}
+        }
+    }
+    let mut codebook = codebook.unwrap();
+    enc.set_train(true);
+    sm.set_train(true);
+    q.set_train(true);
+    let (images, _) = load_image_folder(&cfg.data_dir, m.tokenizer.img_size, 0).unwrap();
+    let mut b = TrainBatch::new(vec![]);
+    b.tensors.insert(k::IMAGES.into(), images);
+    let feats = enc.train_forward(b).unwrap().tensors[k::PATCH_FEATURES].shallow_clone();
+    let n = feats.size()[0] as usize;
+    let forward = |sm: &mut Box<dyn lavit_runtime::stage::SelectorMergerStage>,
+                   q: &mut Box<dyn lavit_runtime::stage::QuantizerStage>,
+                   idx: Vec<i64>,
+                   seed: u64,
+                   tau: f64,
+                   quantize: bool,
+                   lr: f64| {
+        let mut b = TrainBatch::new(vec![]);
+        let x = feats.index_select(0, &Tensor::from_slice(&idx));
+        b.tensors.insert(k::PATCH_FEATURES.into(), x);
+        b.tensors
+            .insert(k::GUMBEL_SEED.into(), Tensor::from(seed as i64));
+        b.tensors.insert(k::TAU.into(), Tensor::from(tau));
+        b.tensors
+            .insert(k::QUANTIZE.into(), Tensor::from(quantize as i64));
+        b.tensors.insert(k::LR.into(), Tensor::from(lr));
+        q.train_forward(sm.train_forward(b).unwrap()).unwrap()
+    };
+    let schedule = LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr);
+    let rng = StepRng::new(cfg.seed);
+    let mut direct = Vec::new();
+    for step in 0..cfg.steps {
+        let seed = rng.begin_step(step);
+        let (tau, lr) = (cfg.tau_at(step), schedule.lr_at(step));
+        if step == cfg.steps_no_quant {
+            let z: Vec<Tensor> = (0..cfg.kmeans_batches as i64)
+                .map(|j| {
+                    let idx = batch_indices(cfg.seed ^ 0xc0de, j, n, cfg.batch_size);
+                    forward(&mut sm, &mut q, idx, seed, tau, false, lr).tensors[k::CODES_Z]
+                        .shallow_clone()
+                })
+                .collect();
+            codebook
+                .init_from_samples(&Tensor::cat(&z, 0), cfg.seed)
+                .unwrap();
+        }
+        let idx = batch_indices(cfg.seed, step, n, cfg.batch_size);
+        let out = forward(
+            &mut sm,
+            &mut q,
+            idx,
+            seed,
+            tau,
+            step >= cfg.steps_no_quant,
+            lr,
+        );
+        let term = |name: &str| {
+            out.losses
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap()
+                .1
+                .shallow_clone()
+        };
+        let loss = term(k::LOSS_RECONSTRUCTION)
+            + term(k::LOSS_RATIO)
+            + term(k::LOSS_COMMITMENT)
+            + term(k::LOSS_CONFIDENCE);
+        direct.push(loss.double_value(&[]));
+        loss.backward();
+        // Global clipping over both stages' parameters, in the trainer's order.
+        params.sort_by(|a, b| {
+            let g = |n: &str| if n.starts_with("tokenizer.") { 0 } else { 1 };
+            (g(&a.0), &a.0).cmp(&(g(&b.0), &b.0))
+        });
+        let sq: f64 = params
+            .iter()
+            .filter(|(_, p)| p.grad().defined())
+            .map(|(_, p)| {
+                p.grad()
+                    .contiguous()
+                    .to_kind(Kind::Double)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum();
+        let coef = cfg.grad_clip / (sq.sqrt() + 1e-6);
+        if coef < 1.0 {
+            tch::no_grad(|| {
+                for (_, p) in &params {
+                    let _ = p.grad().f_mul_scalar_(coef).unwrap();
+                }
+            });
+        }
+        sm.optimizer_step().unwrap();
+        q.optimizer_step().unwrap();
+    }
+    assert_eq!(through_actors.len(), direct.len());
+    for (s, (a, d)) in through_actors.iter().zip(&direct).enumerate() {
+        // The trainer's values come straight from the run (not the metrics file).
+        assert_eq!(
+            a.to_bits(),
+            d.to_bits(),
+            "step {s}: {through_actors:?} vs {direct:?}"
+        );
+    }
 }

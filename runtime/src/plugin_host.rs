@@ -22,19 +22,36 @@ use lavit_plugin_api::{
     Backbone, BackboneFactory, Codebook, CodebookFactory, PluginArgs, PluginDeclaration,
     PluginError, PluginResult, Registrar, VersionMismatch, DECLARATION_SYMBOL,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// The config's `[plugins]` section.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// The config's `[plugins]` section (the same in `lavit train tokenizer`, `lavit serve` and
+/// `lavit tokenize` configs):
+///
+/// ```toml
+/// [plugins]
+/// load = ["target/release/liblavit_plugin_rvq.so"]
+/// [plugins.codebook]          # the Quantizer stage's codebook (none: the built-in VQ)
+/// plugin = "residual-vq"
+/// config = { levels = 2, codes_per_level = 16, code_dim = 16 }
+/// [plugins.backbone]          # the Encoder stage's backbone (none: EVA-CLIP)
+/// plugin = "convnext"
+/// ```
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
     /// Plugin dylibs to load at start-up, in order (`lib<crate>.so` on Linux).
     #[serde(default)]
     pub load: Vec<PathBuf>,
+    /// The vision backbone to take from a plugin instead of EVA-CLIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<PluginComponent>,
+    /// The codebook to take from a plugin instead of the built-in l2 VQ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codebook: Option<PluginComponent>,
 }
 
-/// A part of a stage taken from a plugin, e.g. the config's `[tokenizer.codebook]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// A part of a stage taken from a plugin, e.g. the config's `[plugins.codebook]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginComponent {
     /// The name the plugin registered the factory under (`residual-vq`, `convnext`).
@@ -48,11 +65,19 @@ pub struct PluginComponent {
 }
 
 impl PluginsConfig {
-    /// Relative plugin paths resolved against `base` (the config file's folder).
+    /// Relative plugin and weights paths resolved against `base` (the config file's
+    /// folder).
     pub fn resolved(&self, base: &Path) -> Self {
         PluginsConfig {
             load: self.load.iter().map(|p| base.join(p)).collect(),
+            backbone: self.backbone.as_ref().map(|c| c.resolved(base)),
+            codebook: self.codebook.as_ref().map(|c| c.resolved(base)),
         }
+    }
+
+    /// No plugin to load and no part taken from one.
+    pub fn is_empty(&self) -> bool {
+        self.load.is_empty() && self.backbone.is_none() && self.codebook.is_none()
     }
 }
 
@@ -481,6 +506,16 @@ mod tests {
     fn config_sections_parse() {
         let cfg: PluginsConfig = toml::from_str("load = [\"a/libx.so\"]").unwrap();
         assert_eq!(cfg.load, [PathBuf::from("a/libx.so")]);
+        let full: PluginsConfig = toml::from_str(
+            "load = [\"l.so\"]\n[codebook]\nplugin = \"residual-vq\"\nweights = \"c.safetensors\"\n[backbone]\nplugin = \"convnext\"",
+        )
+        .unwrap();
+        assert_eq!(full.codebook.as_ref().unwrap().plugin, "residual-vq");
+        assert_eq!(
+            full.resolved(Path::new("/r")).codebook.unwrap().weights,
+            Some(PathBuf::from("/r/c.safetensors"))
+        );
+        assert!(!full.is_empty() && PluginsConfig::default().is_empty());
         let c: PluginComponent = toml::from_str(
             "plugin = \"residual-vq\"\nweights = \"w.safetensors\"\nconfig = { levels = 3 }",
         )
@@ -496,6 +531,7 @@ mod tests {
         );
         let abs = PluginsConfig {
             load: vec![PathBuf::from("/opt/libp.so"), PathBuf::from("libq.so")],
+            ..Default::default()
         };
         assert_eq!(
             abs.resolved(base).load,

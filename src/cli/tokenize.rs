@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use lavit::tokenizer::{LoadParts, VisualTokenizer};
+use lavit::tokenizer::{LoadParts, TokenizerPlugins, VisualTokenizer};
 use lavit_selector::SelectionMode;
 
 /// Arguments of `lavit tokenize`.
@@ -14,6 +14,10 @@ pub struct Args {
     /// LaVIT checkpoint folder (official layout).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// A config file whose `[plugins]` section names the plugin backbone / codebook (the
+    /// serving or training config); without it, the built-in parts.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Sample keep/drop decisions with Gumbel-softmax (the official behaviour) instead of
     /// the deterministic arg-max.
     #[arg(long)]
@@ -43,9 +47,17 @@ fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
-    let tok =
-        VisualTokenizer::from_checkpoint(&args.checkpoint, device, LoadParts::tokenize_only())
-            .with_context(|| format!("loading {}", args.checkpoint.display()))?;
+    let plugins = match &args.config {
+        Some(path) => TokenizerPlugins::load(&lavit::tokenizer::plugins_section(path)?)?,
+        None => TokenizerPlugins::none(),
+    };
+    let tok = VisualTokenizer::load(
+        &args.checkpoint,
+        device,
+        LoadParts::tokenize_only(),
+        &plugins,
+    )
+    .with_context(|| format!("loading {}", args.checkpoint.display()))?;
     let mode = if args.sample {
         SelectionMode::Gumbel {
             seed: args.seed,

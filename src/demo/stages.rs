@@ -253,7 +253,7 @@ pub fn run_stage1(
     seed: u64,
     dir: &Path,
 ) -> anyhow::Result<(PathBuf, Curves)> {
-    use crate::train::tokenizer::{train_with_images, TokenizerTrainConfig};
+    use crate::train::tokenizer::{train_with_images, Stage1Parts, TokenizerTrainConfig};
     let eva = EvaBackbone::load(
         eva_file,
         &EvaVitConfig::from_manifest(&manifest.tokenizer),
@@ -271,7 +271,8 @@ pub fn run_stage1(
         ..Default::default()
     };
     let images = model_inputs(train, manifest.tokenizer.img_size);
-    let report = train_with_images(&tcfg, manifest, eva, &images, 0)?;
+    let parts = Stage1Parts::builtin(Box::new(eva));
+    let report = train_with_images(&tcfg, manifest, parts, &images, 0)?;
     let export = report
         .export_dir
         .clone()

@@ -635,6 +635,9 @@ pub async fn warm_up(pipe: &Pipeline) -> Result<(), StageError> {
     let s = pipe.info().image_size as u32;
     let img = image::DynamicImage::new_rgb8(s, s);
     pipe.tokenize(std::slice::from_ref(&img)).await?;
+    if pipe.tokenizer_only() {
+        return Ok(()); // no LLM or pixel decoder to warm up
+    }
     let copts = CaptionOptions {
         max_new_tokens: 1,
         ..CaptionOptions::default()

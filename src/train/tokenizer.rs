@@ -19,25 +19,42 @@
 //! Every step's randomness (batch, Gumbel noise) is a function of `(seed, step)`, and the
 //! checkpoint holds model, optimiser and codebook state, so resuming after N steps and
 //! running N more equals 2N straight steps.
+//!
+//! The model runs in the stage graph that serves it (`lavit_runtime::actors::StageGraph`,
+//! placed by the same placement config): features come from the Encoder stage, and every
+//! step is a `TrainForward` message through the SelectorMerger and Quantizer stages (each
+//! adds its outputs and loss terms, see `crate::pipeline::stages::train_keys`), a `Backward`
+//! on the Quantizer stage, and an `OptimizerStep` to each trainable stage. The backbone and
+//! the codebook are the built-in EVA-CLIP and l2 VQ or plugins (`[plugins]`). The trainer
+//! itself keeps the data loop, the loss sum, the global gradient clipping, the NaN guard,
+//! metrics, progress and checkpoints (through handles on the stages' state).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use lavit_encoder::eva_vit::{EvaBackbone, EvaVitConfig};
 use lavit_encoder::LaVITImageProcessor;
 use lavit_plugin_api::{Backbone, Codebook};
-use lavit_quantizer::{l2norm, spherical_kmeans, EmaConfig, VectorQuantizer};
+use lavit_quantizer::{EmaConfig, VectorQuantizer};
+use lavit_runtime::actors::{GraphOptions, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::manifest::LavitManifest;
+use lavit_runtime::messages::TrainBatch;
+use lavit_runtime::plugin_host::PluginsConfig;
+use lavit_runtime::stage::{Placement, StageKind};
 use lavit_runtime::train::{
-    splitmix64, var_store_state_dict, AdamW, AdamWConfig, Checkpointer, LrSchedule, MetricsLog,
-    NanGuard, StepRng, StepVerdict, TrainProgress, TrainState,
+    splitmix64, AdamW, AdamWConfig, Checkpointer, LrSchedule, MetricsLog, NanGuard, StepRng,
+    StepVerdict, TrainProgress, TrainState,
 };
-use lavit_selector::SelectionMode;
 use serde::{Deserialize, Serialize};
-use tch::{nn, nn::Module, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
-use crate::tokenizer::{files, resolve_file, VisualTokenizer};
+use crate::pipeline::stages::{
+    stage1_builders, train_keys as keys, SharedBackbone, SharedCodebook, Stage1Handle, Stage1Loss,
+    Stage1Spec, SELECTOR_PREFIXES,
+};
+use crate::tokenizer::{files, resolve_file, TokenizerPlugins, VisualTokenizer};
 use lavit_decoder::feature_decoder::{FeatureDecoderConfig, VQDecoder};
 
 /// Stage-1 configuration (`lavit train tokenizer --config FILE`, TOML). Defaults are a
@@ -100,8 +117,17 @@ pub struct TokenizerTrainConfig {
     pub keep_checkpoints: usize,
     /// Non-finite losses in a row before the run stops.
     pub max_nan_steps: usize,
-    /// `cpu` or `cuda:N`.
+    /// `cpu` or `cuda:N`: where the parts the trainer builds live, and every stage's device
+    /// unless `placement` says otherwise.
     pub device: String,
+    /// Where each stage runs: the `[placement]` table of a serving config (`encoder`,
+    /// `selector_merger`, `quantizer`, …). None: every stage on `device`.
+    #[serde(skip_serializing)]
+    pub placement: Option<Placement>,
+    /// Plugin libraries and the backbone / codebook taken from them instead of EVA-CLIP and
+    /// the built-in VQ (the same `[plugins]` section `lavit serve` and `lavit tokenize`
+    /// read). A plugin backbone replaces `encoder_dir`'s EVA.
+    pub plugins: PluginsConfig,
 }
 
 impl Default for TokenizerTrainConfig {
@@ -136,6 +162,8 @@ impl Default for TokenizerTrainConfig {
             keep_checkpoints: 2,
             max_nan_steps: 5,
             device: "cpu".into(),
+            placement: None,
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -145,8 +173,11 @@ impl TokenizerTrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Self =
+        let mut cfg: Self =
             toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+        cfg.plugins = cfg
+            .plugins
+            .resolved(path.parent().unwrap_or(Path::new(".")));
         cfg.validate()
             .with_context(|| format!("config {}", path.display()))?;
         Ok(cfg)
@@ -179,7 +210,8 @@ impl TokenizerTrainConfig {
         Ok(())
     }
 
-    fn tau_at(&self, step: i64) -> f64 {
+    /// The Gumbel temperature of `step`.
+    pub fn tau_at(&self, step: i64) -> f64 {
         let f = step as f64 / (self.steps.max(2) - 1) as f64;
         self.tau_start * (self.tau_end / self.tau_start).powf(f.min(1.0))
     }
@@ -265,7 +297,7 @@ fn parse_device(s: &str) -> Result<Device> {
 }
 
 /// Batch of `step`: a seeded permutation per epoch, a pure function of (seed, step).
-fn batch_indices(seed: u64, step: i64, n: usize, b: usize) -> Vec<i64> {
+pub fn batch_indices(seed: u64, step: i64, n: usize, b: usize) -> Vec<i64> {
     let start = step as usize * b;
     (start..start + b)
         .map(|g| {
@@ -279,38 +311,6 @@ fn batch_indices(seed: u64, step: i64, n: usize, b: usize) -> Vec<i64> {
             perm[g % n] as i64
         })
         .collect()
-}
-
-/// Kept positions of decisions [B, N] → (gather index [B, L], mask [B, L]), L ≥ 1.
-fn kept_index(dec: &Tensor) -> (Tensor, Tensor) {
-    let keep: Vec<Vec<i64>> = (0..dec.size()[0])
-        .map(|b| {
-            let row: Vec<f32> = Vec::try_from(dec.get(b).detach()).expect("decisions");
-            row.iter()
-                .enumerate()
-                .filter(|(_, v)| **v > 0.5)
-                .map(|(i, _)| i as i64)
-                .collect()
-        })
-        .collect();
-    let l = keep.iter().map(|v| v.len()).max().unwrap_or(0).max(1);
-    let mut idx = Vec::new();
-    let mut mask = Vec::new();
-    for v in &keep {
-        for j in 0..l {
-            idx.push(*v.get(j).unwrap_or(&0));
-            mask.push(if j < v.len() { 1f32 } else { 0. });
-        }
-    }
-    let b = keep.len() as i64;
-    (
-        Tensor::from_slice(&idx)
-            .reshape([b, l as i64])
-            .to_device(dec.device()),
-        Tensor::from_slice(&mask)
-            .reshape([b, l as i64])
-            .to_device(dec.device()),
-    )
 }
 
 /// Deterministic initialisation of every variable of `vs` from `seed` (independent of
@@ -351,117 +351,379 @@ pub fn init_weights(vs: &nn::VarStore, seed: u64) {
     }
 }
 
-/// The trainable stage-1 model.
-struct Stage1 {
-    tok: VisualTokenizer,
-    codebook: VectorQuantizer,
-    dec_vs: nn::VarStore,
-    decoder: VQDecoder,
+/// The backbone and codebook stage 1 trains with.
+pub struct Stage1Parts {
+    /// The frozen vision backbone (EVA-CLIP or a plugin); it runs on the device it was
+    /// built on.
+    pub backbone: Box<dyn Backbone>,
+    /// Whether `backbone` came from a plugin: its weights are exported as
+    /// `visual_tokenizer/backbone.safetensors` (the EVA file otherwise).
+    pub plugin_backbone: bool,
+    /// A plugin codebook (exported as `visual_tokenizer/codebook.safetensors`); `None`: the
+    /// built-in l2 VQ (EMA updates, k-means initialisation), exported as `quantize.*`.
+    pub codebook: Option<Box<dyn Codebook>>,
 }
 
-impl Stage1 {
-    fn is_trained(name: &str) -> bool {
-        !name.starts_with("vit_proj") && !name.starts_with("unet_proj")
-    }
-
-    /// One forward: returns (loss, rec_loss, cos, kept, z_flat, ids).
-    fn forward(
-        &mut self,
-        feats: &Tensor,
-        cfg: &TokenizerTrainConfig,
-        step: i64,
-        seed: u64,
-        quantize: bool,
-    ) -> Result<(Tensor, f64, f64, f64, Tensor, Option<Tensor>)> {
-        let mode = SelectionMode::Gumbel {
-            seed,
-            tau: cfg.tau_at(step),
-        };
-        let (log_probs, dec) = self.tok.select(feats, mode); // (B, N, 2), (B, N)
-        let merged = self.tok.causal_encoder.forward(feats, &dec); // (B, N, C)
-        let z = self.tok.encode_task_layer.forward(&merged); // (B, N, D)
-        let (idx, mask) = kept_index(&dec);
-        let d = z.size()[2];
-        let z_sel = z.gather(1, &idx.unsqueeze(-1).expand([-1, -1, d], false), false); // (B, L, D)
-        let dec_sel = dec.gather(1, &idx, false) * &mask; // (B, L)
-        let keep = mask.gt(0.5);
-        let z_flat = z_sel.masked_select(&keep.unsqueeze(-1)).reshape([-1, d]); // (T, D)
-        let (codes_flat, qloss, ids) = if quantize {
-            let q = self
-                .codebook
-                .quantize_train(&z_flat)
-                .map_err(|e| anyhow::anyhow!("codebook: {e}"))?;
-            (q.quantized, q.loss, Some(q.ids))
-        } else {
-            (
-                l2norm(&z_flat),
-                Tensor::zeros([], (Kind::Float, z.device())),
-                None,
-            )
-        };
-        let codes = z_sel
-            .zeros_like()
-            .masked_scatter(&keep.unsqueeze(-1), &codes_flat)
-            * dec_sel.unsqueeze(-1); // (B, L, D): ST factor carries the selector's gradient
-        let rec = self.decoder.trunk.decode_padded(&codes, &mask)?; // (B, N, C)
-        let cos = Tensor::cosine_similarity(&rec, feats, -1, 1e-8); // (B, N)
-        let rec_loss = (cos.neg() + 1.0).mean(Kind::Float);
-        let kept = dec.mean_dim(1, false, Kind::Float); // (B,)
-        let ratio_loss = (kept - cfg.rho).square().mean(Kind::Float) * cfg.lambda;
-        let entropy = (log_probs.exp() * &log_probs)
-            .sum_dim_intlist(-1, false, Kind::Float)
-            .neg();
-        let loss =
-            &rec_loss + ratio_loss + qloss + entropy.mean(Kind::Float) * cfg.confidence_weight;
-        let r = rec_loss.double_value(&[]);
-        let c = cos.mean(Kind::Float).double_value(&[]);
-        let k = dec.mean(Kind::Float).double_value(&[]);
-        Ok((loss, r, c, k, z_flat.detach(), ids))
-    }
-
-    fn save_parts(&self) -> (StateDict, StateDict, StateDict) {
-        (
-            var_store_state_dict(&self.tok.vs),
-            var_store_state_dict(&self.dec_vs),
-            self.codebook.ema_state(),
-        )
+impl Stage1Parts {
+    /// A built-in backbone (EVA-CLIP) and the built-in codebook.
+    pub fn builtin(backbone: Box<dyn Backbone>) -> Self {
+        Stage1Parts {
+            backbone,
+            plugin_backbone: false,
+            codebook: None,
+        }
     }
 }
 
-/// `lavit train tokenizer` as a library call: images from `cfg.data_dir`, the encoder from
-/// `cfg.encoder_dir` (or random at the manifest's sizes).
+/// What the stage-1 stages are built from for `cfg` (the trainer's settings of the stages'
+/// losses, optimisers and the built-in codebook).
+pub fn stage1_spec(
+    cfg: &TokenizerTrainConfig,
+    manifest: &LavitManifest,
+    backbone: Box<dyn Backbone>,
+    codebook: Option<Box<dyn Codebook>>,
+) -> Stage1Spec {
+    Stage1Spec {
+        manifest: manifest.clone(),
+        backbone,
+        codebook,
+        ema: EmaConfig {
+            decay: cfg.ema_decay,
+            eps: 1e-5,
+            dead_threshold: cfg.dead_threshold,
+            seed: cfg.seed,
+        },
+        beta: cfg.beta,
+        kmeans_iters: cfg.kmeans_iters,
+        seed: cfg.seed,
+        loss: Stage1Loss {
+            rho: cfg.rho,
+            lambda: cfg.lambda,
+            confidence_weight: cfg.confidence_weight,
+        },
+        adamw: AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    }
+}
+
+/// The trainer's handles on the stages' state (shallow: the same tensors the stages train).
+struct Handles {
+    backbone: SharedBackbone,
+    sm_vars: Vec<(String, Tensor)>,
+    q_vars: Vec<(String, Tensor)>,
+    dec_vars: Vec<(String, Tensor)>,
+    sm_opt: Arc<Mutex<AdamW>>,
+    q_opt: Arc<Mutex<AdamW>>,
+    codebook: SharedCodebook,
+}
+
+fn lock(m: &Mutex<AdamW>) -> std::sync::MutexGuard<'_, AdamW> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Copies `sd` into the variables `vars` (strict: the same names and shapes).
+fn load_vars(vars: &[(String, Tensor)], sd: &StateDict, src: &str) -> Result<()> {
+    let mut problems = Vec::new();
+    for (n, v) in vars {
+        match sd.get(n) {
+            None => problems.push(format!("missing `{n}`")),
+            Some(t) if t.size() != v.size() => problems.push(format!(
+                "`{n}`: saved {:?}, the model {:?}",
+                t.size(),
+                v.size()
+            )),
+            Some(_) => {}
+        }
+    }
+    for k in sd.keys() {
+        if !vars.iter().any(|(n, _)| n == k) {
+            problems.push(format!("unexpected `{k}`"));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{src}: the state does not fit: {}", problems.join("; "));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (n, v) in vars {
+            let t = sd[n].f_to_kind(v.kind())?.f_to_device(v.device())?;
+            v.shallow_clone().f_copy_(&t)?;
+        }
+        Ok(())
+    })
+}
+
+/// Optimiser-state entries of parameter `name` (see `AdamW::state_dict`).
+fn is_state_of(key: &str, names: &[String]) -> bool {
+    key == "steps"
+        || ["exp_avg.", "exp_avg_sq.", "step."].iter().any(|p| {
+            key.strip_prefix(p)
+                .is_some_and(|n| names.iter().any(|m| m == n))
+        })
+}
+
+impl Handles {
+    fn collect(rx: &std::sync::mpsc::Receiver<Stage1Handle>) -> Result<Self> {
+        let (mut backbone, mut sm, mut q) = (None, None, None);
+        for _ in 0..3 {
+            match rx.try_recv() {
+                Ok(Stage1Handle::Encoder { backbone: b }) => backbone = Some(b),
+                Ok(Stage1Handle::SelectorMerger { vars, optimizer }) => {
+                    sm = Some((vars, optimizer))
+                }
+                Ok(Stage1Handle::Quantizer {
+                    vars,
+                    decoder_vars,
+                    optimizer,
+                    codebook,
+                }) => q = Some((vars, decoder_vars, optimizer, codebook)),
+                Err(e) => bail!("a stage-1 stage did not hand back its state: {e}"),
+            }
+        }
+        let (Some(backbone), Some((sm_vars, sm_opt)), Some((q_vars, dec_vars, q_opt, codebook))) =
+            (backbone, sm, q)
+        else {
+            bail!("the stage-1 stages handed back incomplete state");
+        };
+        Ok(Handles {
+            backbone,
+            sm_vars,
+            q_vars,
+            dec_vars,
+            sm_opt,
+            q_opt,
+            codebook,
+        })
+    }
+
+    fn trained_by_selector(name: &str) -> bool {
+        SELECTOR_PREFIXES.iter().any(|p| name.starts_with(p))
+    }
+
+    /// The tokenizer's variables: the selector's and merger's from the SelectorMerger stage,
+    /// the rest (task layer, projector) from the Quantizer stage.
+    fn tokenizer_state(&self) -> StateDict {
+        self.q_vars
+            .iter()
+            .map(|(n, t)| {
+                let src = if Self::trained_by_selector(n) {
+                    self.sm_vars
+                        .iter()
+                        .find(|(m, _)| m == n)
+                        .map_or(t, |(_, s)| s)
+                } else {
+                    t
+                };
+                (n.clone(), src.shallow_clone())
+            })
+            .collect()
+    }
+
+    fn decoder_state(&self) -> StateDict {
+        self.dec_vars
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
+    }
+
+    fn codebook_state(&self) -> Result<StateDict> {
+        Ok(self
+            .codebook
+            .state_dict()
+            .map_err(|e| anyhow::anyhow!("codebook state: {e}"))?
+            .into_iter()
+            .collect())
+    }
+
+    /// Both stages' optimiser states as one (the layout of a single optimiser over every
+    /// parameter: `exp_avg.<name>`, …, `steps`).
+    fn optimizer_state(&self) -> Result<StateDict> {
+        let mut sd = lock(&self.sm_opt).state_dict()?;
+        sd.extend(lock(&self.q_opt).state_dict()?);
+        Ok(sd)
+    }
+
+    fn load_optimizer(&self, sd: &StateDict, src: &str) -> Result<()> {
+        for opt in [&self.sm_opt, &self.q_opt] {
+            let mut opt = lock(opt);
+            let names: Vec<String> = opt.names().map(str::to_string).collect();
+            let part: StateDict = sd
+                .iter()
+                .filter(|(k, _)| is_state_of(k, &names))
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect();
+            opt.load_state_dict(&part, src)?;
+        }
+        let known: usize = [&self.sm_opt, &self.q_opt]
+            .iter()
+            .map(|o| 3 * lock(o).names().count())
+            .sum::<usize>()
+            + 1;
+        if sd.len() != known {
+            bail!(
+                "{src}: the optimiser state holds entries for parameters this model does not have"
+            );
+        }
+        Ok(())
+    }
+
+    fn load_tokenizer(&self, sd: &StateDict, src: &str) -> Result<()> {
+        load_vars(&self.q_vars, sd, src)?;
+        load_vars(&self.sm_vars, sd, src)
+    }
+
+    /// Every trained parameter in the order of one optimiser over the tokenizer, then the
+    /// decoder, then the codebook (each by name): the order the global norm is summed in.
+    fn trained_params(&self) -> Vec<(String, Tensor)> {
+        let mut p = lock(&self.sm_opt).params();
+        p.extend(lock(&self.q_opt).params());
+        let group = |n: &str| {
+            if n.starts_with("tokenizer.") {
+                0
+            } else if n.starts_with("decoder.") {
+                1
+            } else {
+                2
+            }
+        };
+        p.sort_by(|a, b| (group(&a.0), &a.0).cmp(&(group(&b.0), &b.0)));
+        p
+    }
+
+    /// Scales every stage's gradients so their global L2 norm is at most `max_norm`
+    /// (torch `clip_grad_norm_`, as `AdamW::clip_grad_norm` over all stages at once).
+    fn clip_grad_norm(&self, max_norm: f64) -> Result<f64> {
+        let _g = tch::no_grad_guard();
+        let params = self.trained_params();
+        let mut sq = 0f64;
+        for (_, p) in &params {
+            let g = p.grad();
+            if g.defined() {
+                // Contiguous first: a gradient autograd created (first backward) and one it
+                // accumulated into (after a resume) may differ in layout, and the sum's order
+                // must not depend on it, or a resumed run drifts by rounding.
+                sq += g
+                    .f_contiguous()?
+                    .f_to_kind(Kind::Double)?
+                    .f_square()?
+                    .f_sum(Kind::Double)?
+                    .double_value(&[]);
+            }
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for (_, p) in &params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.f_mul_scalar_(coef)?;
+                }
+            }
+        }
+        Ok(norm)
+    }
+}
+
+fn stage_err(e: lavit_runtime::stage::StageError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+/// One training forward through the SelectorMerger and Quantizer stages.
+fn forward(
+    graph: &StageGraph,
+    feats: &Tensor,
+    seed: u64,
+    tau: f64,
+    quantize: bool,
+    lr: Option<f64>,
+) -> Result<TrainBatch> {
+    let mut b = TrainBatch::new(vec![StageKind::SelectorMerger, StageKind::Quantizer]);
+    b.tensors
+        .insert(keys::PATCH_FEATURES.into(), feats.shallow_clone());
+    b.tensors
+        .insert(keys::GUMBEL_SEED.into(), Tensor::from(seed as i64));
+    b.tensors.insert(keys::TAU.into(), Tensor::from(tau));
+    b.tensors
+        .insert(keys::QUANTIZE.into(), Tensor::from(quantize as i64));
+    if let Some(lr) = lr {
+        b.tensors.insert(keys::LR.into(), Tensor::from(lr));
+    }
+    futures::executor::block_on(graph.train_forward(b)).map_err(stage_err)
+}
+
+fn loss_term(b: &TrainBatch, name: &str) -> Result<Tensor> {
+    b.losses
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, l)| l.shallow_clone())
+        .with_context(|| format!("the stages returned no `{name}` loss"))
+}
+
+fn out_tensor(b: &mut TrainBatch, name: &str) -> Result<Tensor> {
+    b.tensors
+        .remove(name)
+        .with_context(|| format!("the stages returned no `{name}`"))
+}
+
+/// `lavit train tokenizer` as a library call: images from `cfg.data_dir`, the backbone from
+/// `[plugins.backbone]`, else EVA from `cfg.encoder_dir` (or random at the manifest's
+/// sizes), the codebook from `[plugins.codebook]`, else the built-in VQ.
 pub fn train(cfg: &TokenizerTrainConfig) -> Result<TrainReport> {
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
-    let (manifest, encoder) = match &cfg.encoder_dir {
-        Some(dir) => {
-            let m = LavitManifest::for_checkpoint(dir)?;
+    let on = |kind| cfg.placement.as_ref().map_or(device, |p| p.device(kind));
+    let plugins = TokenizerPlugins::load(&cfg.plugins)?;
+    let manifest = match (&cfg.encoder_dir, &cfg.manifest) {
+        (Some(dir), _) => LavitManifest::for_checkpoint(dir)?,
+        (None, Some(p)) => LavitManifest::from_json_file(p)?,
+        (None, None) => LavitManifest::official(),
+    };
+    let enc_device = on(StageKind::Encoder);
+    // Plugin parts without `weights` initialise from libtorch's generator: seeded with the
+    // run seed, a run and its resume (a new process) build the same parts. (Within one
+    // process other work may draw from it too: give a plugin backbone `weights` for exact
+    // resume there.)
+    tch::manual_seed(cfg.seed as i64);
+    let plugin_backbone = plugins.backbone(None, enc_device)?;
+    let is_plugin = plugin_backbone.is_some();
+    let backbone: Box<dyn Backbone> = match (plugin_backbone, &cfg.encoder_dir) {
+        (Some(b), _) => b,
+        (None, Some(dir)) => {
             let p = resolve_file(dir, files::EVA)?;
-            let e = EvaBackbone::load(&p, &EvaVitConfig::from_manifest(&m.tokenizer), device)?;
-            (m, e)
+            let cfg = EvaVitConfig::from_manifest(&manifest.tokenizer);
+            Box::new(EvaBackbone::load(&p, &cfg, enc_device)?)
         }
-        None => {
-            let m = match &cfg.manifest {
-                Some(p) => LavitManifest::from_json_file(p)?,
-                None => LavitManifest::official(),
-            };
-            let mut e = EvaBackbone::new(&EvaVitConfig::from_manifest(&m.tokenizer), device);
+        (None, None) => {
+            let mut e = EvaBackbone::new(
+                &EvaVitConfig::from_manifest(&manifest.tokenizer),
+                enc_device,
+            );
             init_weights(&e.vs, cfg.seed ^ 0xe7a);
             e.vs.freeze();
-            (m, e)
+            Box::new(e)
         }
     };
+    let codebook = plugins.codebook(None, on(StageKind::Quantizer))?;
     let (images, skipped) =
         load_image_folder(&cfg.data_dir, manifest.tokenizer.img_size, cfg.max_images)?;
-    train_with_images(cfg, &manifest, encoder, &images, skipped)
+    let parts = Stage1Parts {
+        backbone,
+        plugin_backbone: is_plugin,
+        codebook,
+    };
+    train_with_images(cfg, &manifest, parts, &images, skipped)
 }
 
 /// The stage-1 loop on preprocessed images [M, 3, S, S] (CLIP-normalised) with a frozen
-/// EVA encoder — what the demo calls after its stage 0.
+/// backbone and a codebook — what the demo calls after its stage 0.
 pub fn train_with_images(
     cfg: &TokenizerTrainConfig,
     manifest: &LavitManifest,
-    encoder: EvaBackbone,
+    parts: Stage1Parts,
     images: &Tensor,
     skipped_images: usize,
 ) -> Result<TrainReport> {
@@ -477,61 +739,46 @@ pub fn train_with_images(
         );
     }
     let m = images.size()[0] as usize;
-    // Frozen encoder: features once.
-    let eva_state: StateDict = var_store_state_dict(&encoder.vs)
-        .into_iter()
-        .map(|(k, v)| (k, v.detach().copy()))
-        .collect();
+    let placement = match &cfg.placement {
+        Some(p) => p.clone(),
+        None => {
+            let d = cfg.device.clone();
+            Placement {
+                encoder: d.clone(),
+                selector_merger: d.clone(),
+                quantizer: d.clone(),
+                llm: d.clone(),
+                decoder: d,
+                ..Placement::default()
+            }
+        }
+    };
+    let Stage1Parts {
+        backbone,
+        plugin_backbone,
+        codebook,
+    } = parts;
+    let plugin_codebook = codebook.is_some();
+    let spec = stage1_spec(cfg, manifest, backbone, codebook);
+    // The stage graph (Llm and Decoder absent); each stage builds its part on its device.
+    let (builders, rx) = stage1_builders(spec);
+    let mut graph = StageGraph::spawn(builders, &placement, GraphOptions::default())
+        .context("building the stage-1 stage graph")?;
+    let h = Handles::collect(&rx)?;
+    graph.set_train(true);
+
+    // Frozen encoder: features once, through the Encoder stage.
     let feats_all = {
-        let _g = tch::no_grad_guard();
         let mut v = Vec::new();
         for c in images.split(16, 0) {
-            v.push(
-                encoder
-                    .forward(&c.to_device(device))
-                    .map_err(|e| anyhow::anyhow!("encoder: {e}"))?,
-            );
+            let mut b = TrainBatch::new(vec![StageKind::Encoder]);
+            b.tensors.insert(keys::IMAGES.into(), c);
+            let mut out = futures::executor::block_on(graph.train_forward(b)).map_err(stage_err)?;
+            v.push(out_tensor(&mut out, keys::PATCH_FEATURES)?);
         }
         Tensor::cat(&v, 0).to_kind(Kind::Float)
     };
-
-    // Model (initial weights from the run seed, see `init_weights`).
-    let placeholder = VectorQuantizer::new(t.n_code, t.code_dim, device);
-    let tok =
-        VisualTokenizer::with_parts(manifest, device, Box::new(encoder), Box::new(placeholder));
-    let codebook = VectorQuantizer::new(t.n_code, t.code_dim, device).with_ema(EmaConfig {
-        decay: cfg.ema_decay,
-        eps: 1e-5,
-        dead_threshold: cfg.dead_threshold,
-        seed: cfg.seed,
-    });
-    let mut codebook = codebook;
-    codebook.beta = cfg.beta;
-    let dec_vs = nn::VarStore::new(device);
-    let decoder = VQDecoder::new(dec_vs.root(), &FeatureDecoderConfig::from_manifest(f));
-    init_weights(&tok.vs, cfg.seed);
-    init_weights(&dec_vs, cfg.seed ^ 0xdec);
-    let mut model = Stage1 {
-        tok,
-        codebook,
-        dec_vs,
-        decoder,
-    };
-
-    let mut params: Vec<(String, Tensor)> = Vec::new();
-    for (prefix, vs) in [("tokenizer.", &model.tok.vs), ("decoder.", &model.dec_vs)] {
-        for (n, v) in lavit_runtime::train::trainable_variables(vs, Stage1::is_trained) {
-            params.push((format!("{prefix}{n}"), v));
-        }
-    }
-    let mut opt = AdamW::new(
-        params,
-        AdamWConfig {
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?
-    .no_decay(|n| lavit_runtime::train::is_no_decay(n) || n.ends_with("_embed"));
+    let fdev = feats_all.device();
     let schedule = LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr);
 
     let ck = Checkpointer::new(cfg.out_dir.join("checkpoints"), cfg.keep_checkpoints)?;
@@ -542,22 +789,14 @@ pub fn train_with_images(
     if let Some(path) = ck.latest()? {
         let mut l = lavit_runtime::train::load(&path)?;
         let src = |p: &str| path.join(format!("{p}.safetensors")).display().to_string();
-        checkpoint::load_into(
-            &model.tok.vs,
-            "",
-            &l.take("tokenizer")?,
-            &src("tokenizer"),
-            &Default::default(),
-        )?;
-        checkpoint::load_into(
-            &model.dec_vs,
-            "",
-            &l.take("decoder")?,
-            &src("decoder"),
-            &Default::default(),
-        )?;
-        model.codebook.load_ema_state(&l.take("codebook")?)?;
-        opt.load_state_dict(&l.take("optimizer")?, &src("optimizer"))?;
+        h.load_tokenizer(&l.take("tokenizer")?, &src("tokenizer"))?;
+        load_vars(&h.dec_vars, &l.take("decoder")?, &src("decoder"))?;
+        let cb: Vec<(String, Tensor)> = l.take("codebook")?.into_iter().collect();
+        h.codebook
+            .clone()
+            .load_state_dict(&cb)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", src("codebook")))?;
+        h.load_optimizer(&l.take("optimizer")?, &src("optimizer"))?;
         state = l.state;
         tracing::info!(step = state.step, path = %path.display(), "stage 1 resumed");
     }
@@ -567,9 +806,9 @@ pub fn train_with_images(
     let mut log = MetricsLog::open(&cfg.out_dir, state.step)?;
     let end = cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps);
     let bar = TrainProgress::new("stage-1 tokenizer", cfg.steps as u64, state.step as u64, 20);
-    let save = |state: &TrainState, model: &Stage1, opt: &AdamW| -> Result<PathBuf> {
-        let (a, b, c) = model.save_parts();
-        let o = opt.state_dict()?;
+    let save = |state: &TrainState| -> Result<PathBuf> {
+        let (a, b, c) = (h.tokenizer_state(), h.decoder_state(), h.codebook_state()?);
+        let o = h.optimizer_state()?;
         Ok(ck.save(
             state,
             &[
@@ -580,55 +819,69 @@ pub fn train_with_images(
             ],
         )?)
     };
+    let num_codes = h.codebook.num_codes();
 
     while state.step < end {
         let step = state.step;
         let seed = rng.begin_step(step);
+        let tau = cfg.tau_at(step);
         let quantize = step >= cfg.steps_no_quant;
         if quantize && step == cfg.steps_no_quant {
-            // Phase 2 starts: k-means initialisation of the codebook from encoder outputs.
-            let _g = tch::no_grad_guard();
+            // Phase 2 starts: data-dependent initialisation of the codebook (k-means for the
+            // built-in one) from encoder outputs.
             let mut zs = Vec::new();
             for j in 0..cfg.kmeans_batches.max(1) {
                 let idx = batch_indices(cfg.seed ^ 0xc0de, j as i64, m, cfg.batch_size);
-                let fb = feats_all.index_select(0, &Tensor::from_slice(&idx).to_device(device));
-                let (_, _, _, _, z, _) = model.forward(&fb, cfg, step, seed, false)?;
-                zs.push(z);
+                let fb = feats_all.index_select(0, &Tensor::from_slice(&idx).to_device(fdev));
+                let mut out = forward(&graph, &fb, seed, tau, false, None)?;
+                zs.push(out_tensor(&mut out, keys::CODES_Z)?);
             }
             let z = Tensor::cat(&zs, 0);
-            let codes = spherical_kmeans(&z, t.n_code, cfg.kmeans_iters, cfg.seed);
-            model.codebook.set_codes(&codes);
+            h.codebook
+                .clone()
+                .init_from_samples(&z, cfg.seed)
+                .map_err(|e| anyhow::anyhow!("codebook initialisation: {e}"))?;
             bar.println(format!(
-                "step {step}: codebook initialised by k-means on {} codes",
+                "step {step}: codebook initialised from {} codes",
                 z.size()[0]
             ));
         }
         let idx = batch_indices(cfg.seed, step, m, cfg.batch_size);
-        let fb = feats_all.index_select(0, &Tensor::from_slice(&idx).to_device(device));
-        let (loss, rec, cos, kept, z, ids) = model.forward(&fb, cfg, step, seed, quantize)?;
-        let lv = loss.double_value(&[]);
+        let fb = feats_all.index_select(0, &Tensor::from_slice(&idx).to_device(fdev));
         let lr = schedule.lr_at(step);
+        let mut out = forward(&graph, &fb, seed, tau, quantize, Some(lr))?;
+        let rec_loss = loss_term(&out, keys::LOSS_RECONSTRUCTION)?;
+        let ldev = rec_loss.device();
+        let loss = &rec_loss
+            + loss_term(&out, keys::LOSS_RATIO)?.to_device(ldev)
+            + loss_term(&out, keys::LOSS_COMMITMENT)?.to_device(ldev)
+            + loss_term(&out, keys::LOSS_CONFIDENCE)?.to_device(ldev);
+        let lv = loss.double_value(&[]);
+        let rec = rec_loss.double_value(&[]);
+        let cos = out_tensor(&mut out, keys::COS)?.double_value(&[]);
+        let kept = out_tensor(&mut out, keys::DECISIONS)?
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let ids = out.tensors.remove(keys::IDS);
+        drop(out);
         match guard.observe(step, lv) {
             StepVerdict::Apply => {
-                opt.zero_grad();
-                loss.backward();
-                opt.clip_grad_norm(cfg.grad_clip)?;
-                opt.step(lr)?;
-                if let Some(ids) = &ids {
-                    model
-                        .codebook
-                        .update(&z, ids)
-                        .map_err(|e| anyhow::anyhow!("codebook update: {e}"))?;
-                }
+                futures::executor::block_on(graph.backward(StageKind::Quantizer, loss))
+                    .map_err(stage_err)?;
+                h.clip_grad_norm(cfg.grad_clip)?;
+                futures::executor::block_on(
+                    graph.optimizer_step(&[StageKind::SelectorMerger, StageKind::Quantizer]),
+                )
+                .map_err(stage_err)?;
             }
             StepVerdict::Skip => {}
             StepVerdict::Stop => {
-                let p = save(&state, &model, &opt)?;
+                let p = save(&state)?;
                 return Err(guard.stop_error(step, Some(p)).into());
             }
         }
         let (usage, ppl) = match &ids {
-            Some(ids) => VectorQuantizer::usage(ids, t.n_code),
+            Some(ids) => VectorQuantizer::usage(ids, num_codes),
             None => (0.0, 0.0),
         };
         state.step += 1;
@@ -642,7 +895,7 @@ pub fn train_with_images(
             ("usage", usage),
             ("perplexity", ppl),
             ("lr", lr),
-            ("tau", cfg.tau_at(step)),
+            ("tau", tau),
         ];
         log.log(step, &metrics)?;
         bar.step(
@@ -650,7 +903,7 @@ pub fn train_with_images(
             &[("loss", lv), ("cos", cos), ("kept", kept), ("ppl", ppl)],
         );
         if state.step % cfg.save_every == 0 || state.step == end {
-            save(&state, &model, &opt)?;
+            save(&state)?;
         }
     }
     bar.finish();
@@ -660,22 +913,36 @@ pub fn train_with_images(
         .iter()
         .map(|(s, v)| (*s, v.iter().map(|(k, x)| (k.clone(), *x)).collect()))
         .collect();
+    graph.set_train(false);
+    graph.shutdown();
 
-    let Stage1 {
-        mut tok,
-        codebook,
-        dec_vs,
-        decoder,
-    } = model;
+    // The trained tokenizer on `device`, from the stages' state.
+    let mut tok = VisualTokenizer::with_parts(
+        manifest,
+        device,
+        Box::new(h.backbone.clone()),
+        Box::new(h.codebook.clone()),
+    )?;
+    load_vars(
+        &tok.vs.variables().into_iter().collect::<Vec<_>>(),
+        &h.tokenizer_state(),
+        "the stage-1 tokenizer",
+    )?;
+    let dec_vs = nn::VarStore::new(device);
+    let decoder = VQDecoder::new(dec_vs.root(), &FeatureDecoderConfig::from_manifest(f));
+    load_vars(
+        &dec_vs.variables().into_iter().collect::<Vec<_>>(),
+        &h.decoder_state(),
+        "the stage-1 feature decoder",
+    )?;
+    tok.lowres_decoder = Some((dec_vs, decoder));
     let export_dir = if state.step >= cfg.steps {
         let dir = cfg.out_dir.join("export");
-        export(&dir, manifest, &eva_state, &tok.vs, &codebook, &dec_vs)?;
+        export(&dir, &tok, plugin_backbone, plugin_codebook)?;
         Some(dir)
     } else {
         None
     };
-    tok.quantize = Box::new(codebook);
-    tok.lowres_decoder = Some((dec_vs, decoder));
     Ok(TrainReport {
         steps: state.step,
         records,
@@ -687,29 +954,59 @@ pub fn train_with_images(
 }
 
 /// Write a checkpoint folder in the official layout (safetensors) that
-/// [`VisualTokenizer::from_checkpoint`] loads: manifest.json, the encoder, the tokenizer
-/// encoder (with `quantize.embedding.weight`) and the lowres feature decoder.
+/// [`VisualTokenizer::from_checkpoint`] loads (with the same `[plugins]` section when parts
+/// are plugins): manifest.json, the encoder (EVA file, or `visual_tokenizer/backbone` for a
+/// plugin backbone), the tokenizer encoder (with `quantize.embedding.weight` for the built-in
+/// codebook; a plugin codebook goes to `visual_tokenizer/codebook`) and the lowres feature
+/// decoder.
 pub fn export(
     dir: &Path,
-    manifest: &LavitManifest,
-    eva: &StateDict,
-    tok_vs: &nn::VarStore,
-    codebook: &VectorQuantizer,
-    dec_vs: &nn::VarStore,
+    tok: &VisualTokenizer,
+    plugin_backbone: bool,
+    plugin_codebook: bool,
 ) -> Result<()> {
     let vt = dir.join("visual_tokenizer");
     std::fs::create_dir_all(&vt).with_context(|| format!("creating {}", vt.display()))?;
-    let mut enc = var_store_state_dict(tok_vs);
-    enc.insert("quantize.embedding.weight".into(), codebook.weight.detach());
     let st = |name: &str| dir.join(format!("{name}.safetensors"));
-    checkpoint::save_safetensors(&st(files::EVA), eva, None)?;
+    let as_dict = |v: Vec<(String, Tensor)>| -> StateDict { v.into_iter().collect() };
+    let backbone = as_dict(
+        tok.encoder
+            .state_dict()
+            .map_err(|e| anyhow::anyhow!("backbone state: {e}"))?,
+    );
+    let codebook = as_dict(
+        tok.quantize
+            .state_dict()
+            .map_err(|e| anyhow::anyhow!("codebook state: {e}"))?,
+    );
+    let mut enc: StateDict = tok
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach()))
+        .collect();
+    if plugin_codebook {
+        checkpoint::save_safetensors(&st(files::PLUGIN_CODEBOOK), &codebook, None)?;
+    } else {
+        let w = codebook
+            .get("embedding.weight")
+            .context("the built-in codebook's state has no `embedding.weight`")?;
+        enc.insert("quantize.embedding.weight".into(), w.detach());
+    }
+    let backbone_file = if plugin_backbone {
+        files::PLUGIN_BACKBONE
+    } else {
+        files::EVA
+    };
+    checkpoint::save_safetensors(&st(backbone_file), &backbone, None)?;
     checkpoint::save_safetensors(&st(files::TOKENIZER_ENCODER), &enc, None)?;
-    checkpoint::save_safetensors(
-        &st(files::LOWRES_DECODER),
-        &var_store_state_dict(dec_vs),
-        None,
-    )?;
-    let json = serde_json::to_vec_pretty(manifest)?;
+    let (dec_vs, _) = tok
+        .lowres_decoder
+        .as_ref()
+        .context("the tokenizer has no lowres feature decoder to export")?;
+    let dec: StateDict = dec_vs.variables().into_iter().collect();
+    checkpoint::save_safetensors(&st(files::LOWRES_DECODER), &dec, None)?;
+    let json = serde_json::to_vec_pretty(&tok.manifest)?;
     checkpoint::atomic_write(&dir.join("manifest.json"), &json)?;
     Ok(())
 }

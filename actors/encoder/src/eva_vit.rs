@@ -319,4 +319,15 @@ impl Backbone for EvaBackbone {
             .filter(|t| t.requires_grad())
             .collect()
     }
+    /// Every variable by name (the layout of `eva_vitg_psz14.bin`), detached copies.
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.detach().copy()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    }
 }

@@ -59,6 +59,8 @@ pub struct VectorQuantizer {
     pub updates: u64,
     /// Number of codes restarted so far.
     pub restarts: u64,
+    /// k-means iterations of [`Codebook::init_from_samples`].
+    pub kmeans_iters: usize,
 }
 
 impl std::fmt::Debug for VectorQuantizer {
@@ -94,6 +96,7 @@ impl VectorQuantizer {
             embed_avg,
             updates: 0,
             restarts: 0,
+            kmeans_iters: 10,
         }
     }
 
@@ -303,5 +306,54 @@ impl Codebook for VectorQuantizer {
         } else {
             vec![self.weight.shallow_clone()]
         }
+    }
+    /// [`ema_state`](VectorQuantizer::ema_state): `embedding.weight`, the EMA buffers and
+    /// the counters.
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        Ok(self.ema_state().into_iter().collect())
+    }
+    /// The full [`ema_state`](VectorQuantizer::ema_state) (a training checkpoint), or only
+    /// `embedding.weight` (an exported codebook; the EMA buffers restart from it).
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> PluginResult<()> {
+        let sd: StateDict = state
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
+        let k = self.num_codes();
+        let d = self.code_dim();
+        match sd.get("embedding.weight") {
+            Some(w) if w.size() == [k, d] => {}
+            Some(w) => {
+                return Err(PluginError(format!(
+                    "codebook state: `embedding.weight` is {:?}, the codebook [{k}, {d}]",
+                    w.size()
+                )))
+            }
+            None => {
+                return Err(PluginError(
+                    "codebook state lacks `embedding.weight`".into(),
+                ))
+            }
+        }
+        if sd.len() == 1 {
+            tch::no_grad(|| -> PluginResult<()> {
+                let w = sd["embedding.weight"]
+                    .f_to_device(self.weight.device())?
+                    .f_to_kind(self.weight.kind())?;
+                self.weight.shallow_clone().f_copy_(&w)?;
+                Ok(())
+            })?;
+            self.reset_ema();
+            return Ok(());
+        }
+        self.load_ema_state(&sd)
+            .map_err(|e| PluginError(e.to_string()))
+    }
+    /// Spherical k-means ([`crate::spherical_kmeans`], `kmeans_iters` iterations) on the
+    /// samples, then [`set_codes`](VectorQuantizer::set_codes).
+    fn init_from_samples(&mut self, z: &Tensor, seed: u64) -> PluginResult<()> {
+        let codes = crate::spherical_kmeans(z, self.num_codes(), self.kmeans_iters, seed);
+        self.set_codes(&codes);
+        Ok(())
     }
 }

@@ -10,7 +10,10 @@ use crate::{PluginResult, Registrar};
 
 /// Version of this API (traits, [`Registrar`], [`crate::PluginArgs`], the declaration).
 /// Bump it on any change a plugin built against the old crate could observe.
-pub const API_VERSION: u32 = 1;
+///
+/// History: 1 — first version; 2 — `Codebook::load_state_dict` and
+/// `Codebook::init_from_samples` (resumable stage-1 training with a plugin codebook).
+pub const API_VERSION: u32 = 2;
 
 /// `rustc -V` of the compiler that built this crate (captured by build.rs). The host's copy
 /// and a plugin's copy differ exactly when they were built by different compilers.
@@ -225,6 +228,16 @@ mod tests {
         let msg = e.to_string();
         assert!(
             msg.contains(&API_VERSION.to_string()) && msg.contains(&(API_VERSION + 7).to_string())
+        );
+
+        // A plugin built against the previous API (1: no `Codebook::load_state_dict`) is
+        // refused, not called with a vtable it does not have.
+        let mut old = PluginDeclaration::new("t", "0", noop);
+        old.api_version = 1;
+        let e = unsafe { old.check() }.unwrap_err();
+        assert_eq!(
+            (e.what, e.host.as_str(), e.plugin.as_str()),
+            ("plugin API version", "2", "1")
         );
 
         type Corrupt = fn(&mut PluginDeclaration);

@@ -98,6 +98,14 @@ impl<C: Codebook> Codebook for GuardedCodebook<C> {
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
         catch_panic(&self.what("state_dict"), || self.inner.state_dict())
     }
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> PluginResult<()> {
+        let what = self.what("load_state_dict");
+        catch_panic(&what, || self.inner.load_state_dict(state))
+    }
+    fn init_from_samples(&mut self, z: &Tensor, seed: u64) -> PluginResult<()> {
+        let what = self.what("init_from_samples");
+        catch_panic(&what, || self.inner.init_from_samples(z, seed))
+    }
 }
 
 impl<C: Codebook> Drop for GuardedCodebook<C> {

@@ -113,9 +113,27 @@ pub trait Codebook: Send {
         Vec::new()
     }
     /// The codebook's weights by name, in the layout its loader reads back (see
-    /// [`Backbone::state_dict`]). The default is empty.
+    /// [`Backbone::state_dict`]), including any training state that is not a parameter
+    /// (EMA buffers, counters) so a training run resumes exactly. The default is empty.
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
         Ok(Vec::new())
+    }
+    /// Restores what [`Codebook::state_dict`] returned (a training checkpoint, or an
+    /// exported codebook), onto the codebook's own device. The default refuses: a codebook
+    /// that cannot load its state cannot resume training.
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> PluginResult<()> {
+        Err(PluginError(format!(
+            "codebook `{}` does not implement load_state_dict, so its state ({} tensors) cannot be \
+             restored (training with it cannot resume)",
+            self.name(),
+            state.len()
+        )))
+    }
+    /// Data-dependent initialisation before quantised training starts (k-means on encoder
+    /// outputs, SoundStream's first-batch init): `z` [T, D] are samples of what the codebook
+    /// will quantise; `seed` makes it reproducible. The default does nothing.
+    fn init_from_samples(&mut self, _z: &Tensor, _seed: u64) -> PluginResult<()> {
+        Ok(())
     }
 }
 
@@ -148,6 +166,12 @@ impl<C: Codebook + ?Sized> Codebook for Box<C> {
     }
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
         (**self).state_dict()
+    }
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> PluginResult<()> {
+        (**self).load_state_dict(state)
+    }
+    fn init_from_samples(&mut self, z: &Tensor, seed: u64) -> PluginResult<()> {
+        (**self).init_from_samples(z, seed)
     }
 }
 

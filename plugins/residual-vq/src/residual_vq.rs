@@ -149,15 +149,44 @@ impl ResidualVq {
 
     /// Sets each level's codebook to K rows of that level's residual (plus a little
     /// noise), the data-dependent initialisation of SoundStream §3.3 (k-means++-lite).
-    fn init_from(&mut self, z: &Tensor) -> PluginResult<()> {
+    /// Rows and noise are a function of `seed` only (not of libtorch's global generator),
+    /// so a resumed training run initialises exactly as a straight one.
+    fn init_from(&mut self, z: &Tensor, seed: u64) -> PluginResult<()> {
         let k = self.cfg.codes_per_level;
+        let d = self.cfg.code_dim;
+        let mut state = splitmix64(seed ^ 0x5eed_c0de);
+        let mut next = move || {
+            state = splitmix64(state);
+            state
+        };
         tch::no_grad(|| -> PluginResult<()> {
             let mut residual = z.f_detach()?.f_to_kind(self.codebooks[0].kind())?;
             let t = residual.size()[0];
+            if t == 0 {
+                return Err(PluginError(
+                    "residual-vq: no samples to initialise from".into(),
+                ));
+            }
             for c in &mut self.codebooks {
-                let pick = Tensor::f_randint(t, [k], (Kind::Int64, residual.device()))?;
+                // Distinct rows while there are enough (partial Fisher–Yates), then repeats.
+                let mut order: Vec<i64> = (0..t).collect();
+                let pick: Vec<i64> = (0..k)
+                    .map(|j| {
+                        let j = (j % t) as usize;
+                        let r = j + (next() % (t as u64 - j as u64)) as usize;
+                        order.swap(j, r);
+                        order[j]
+                    })
+                    .collect();
+                let pick = Tensor::from_slice(&pick).f_to_device(residual.device())?;
                 let rows = residual.f_index_select(0, &pick)?;
-                let noise = rows.f_randn_like()?.f_mul_scalar(1e-3)?;
+                let noise: Vec<f32> = (0..k * d)
+                    .map(|_| ((next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 1e-3)
+                    .collect();
+                let noise = Tensor::from_slice(&noise)
+                    .f_reshape([k, d])?
+                    .f_to_device(residual.device())?
+                    .f_to_kind(rows.kind())?;
                 c.f_copy_(&rows.f_add(&noise)?)?;
                 let ids = Self::nearest(&residual, c)?;
                 residual = residual.f_sub(&c.f_index_select(0, &ids)?)?;
@@ -167,6 +196,14 @@ impl ResidualVq {
         self.initialised = true;
         Ok(())
     }
+}
+
+/// SplitMix64 step (Steele et al. 2014), the plugin's own seeded generator.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Codebook for ResidualVq {
@@ -219,7 +256,7 @@ impl Codebook for ResidualVq {
     fn quantize_train(&mut self, z: &Tensor) -> PluginResult<QuantizeOut> {
         self.check_input(z)?;
         if !self.initialised {
-            self.init_from(z)?;
+            self.init_from(z, 0)?;
         }
         let levels = self.encode(z)?;
         // Codebook term ‖sg(r_l) − c_l‖² (moves codes) + β‖r_l − sg(c_l)‖² (commits the
@@ -252,6 +289,54 @@ impl Codebook for ResidualVq {
 
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
         Ok(var_store_state_dict(&self.vs))
+    }
+
+    /// `codebooks.{l}` exactly as [`Codebook::state_dict`] wrote them (the same layout as
+    /// the `weights` file); the codebook then counts as initialised.
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> PluginResult<()> {
+        let mut problems = Vec::new();
+        for (l, c) in self.codebooks.iter().enumerate() {
+            let key = format!("codebooks.{l}");
+            match state.iter().find(|(k, _)| *k == key) {
+                None => problems.push(format!("missing `{key}`")),
+                Some((_, t)) if t.size() != c.size() => problems.push(format!(
+                    "`{key}`: state has {:?}, the codebook {:?}",
+                    t.size(),
+                    c.size()
+                )),
+                Some(_) => {}
+            }
+        }
+        for (k, _) in state {
+            let known = k
+                .strip_prefix("codebooks.")
+                .and_then(|l| l.parse::<i64>().ok())
+                .is_some_and(|l| (0..self.cfg.levels).contains(&l));
+            if !known {
+                problems.push(format!("unexpected `{k}`"));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(PluginError(format!(
+                "residual-vq: state does not fit: {}",
+                problems.join("; ")
+            )));
+        }
+        tch::no_grad(|| -> PluginResult<()> {
+            for (l, c) in self.codebooks.iter_mut().enumerate() {
+                let key = format!("codebooks.{l}");
+                let (_, t) = state.iter().find(|(k, _)| *k == key).expect("checked");
+                c.f_copy_(&t.f_to_kind(c.kind())?.f_to_device(c.device())?)?;
+            }
+            Ok(())
+        })?;
+        self.initialised = true;
+        Ok(())
+    }
+
+    fn init_from_samples(&mut self, z: &Tensor, seed: u64) -> PluginResult<()> {
+        self.check_input(z)?;
+        self.init_from(z, seed)
     }
 }
 
@@ -316,5 +401,27 @@ mod tests {
             .unwrap();
         assert!(e.0.contains("codebooks.0"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn state_loads_back_and_seeded_init_repeats() {
+        let z = Tensor::randn([40, 4], (Kind::Float, tch::Device::Cpu));
+        let mut a = ResidualVq::new(small(), tch::Device::Cpu, None).unwrap();
+        a.init_from_samples(&z, 7).unwrap();
+        let mut b = ResidualVq::new(small(), tch::Device::Cpu, None).unwrap();
+        b.init_from_samples(&z, 7).unwrap();
+        for (x, y) in a.codebooks.iter().zip(&b.codebooks) {
+            assert!(x.equal(y), "same seed, same samples: same codebooks");
+        }
+        b.init_from_samples(&z, 8).unwrap();
+        assert!(!a.codebooks[0].equal(&b.codebooks[0]));
+        let mut c = ResidualVq::new(small(), tch::Device::Cpu, None).unwrap();
+        c.load_state_dict(&a.state_dict().unwrap()).unwrap();
+        assert!(c.initialised);
+        assert!(a.quantize(&z).unwrap().equal(&c.quantize(&z).unwrap()));
+        let mut sd = a.state_dict().unwrap();
+        sd.pop();
+        let e = c.load_state_dict(&sd).unwrap_err();
+        assert!(e.0.contains("missing `codebooks.2`"), "{e}");
     }
 }
