@@ -125,15 +125,6 @@ pub struct UNet2DConditionModelConfig {
     pub attention_type: String,
     /// Only false.
     pub upcast_attention: bool,
-    /// lavit-rs extension (not a diffusers key; absent = false): the condition tokens, a
-    /// raster-order g×g grid (LaVIT's lowres feature decoder gives one per patch), are also
-    /// laid out as a (cross_attention_dim, g, g) map, upsampled (nearest) to the sample's size
-    /// and concatenated to its channels before `conv_in` — as SD's ×4 upscaler concatenates
-    /// its low-res image — so `in_channels` = `out_channels` + `cross_attention_dim`. A pixel
-    /// decoder trained on a CPU budget learns where things are from it at once, where
-    /// cross-attention alone must first learn to find positions.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub concat_condition_map: bool,
 }
 
 impl Default for UNet2DConditionModelConfig {
@@ -188,7 +179,6 @@ impl Default for UNet2DConditionModelConfig {
             dual_cross_attention: false,
             attention_type: "default".into(),
             upcast_attention: false,
-            concat_condition_map: false,
         }
     }
 }
@@ -206,17 +196,6 @@ impl UNet2DConditionModelConfig {
     /// Refuse what this implementation does not build, naming the key.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |key: &str, msg: String| Err(Error::config(origin, key, msg));
-        if self.concat_condition_map
-            && self.in_channels != self.out_channels + self.cross_attention_dim
-        {
-            return bad(
-                "concat_condition_map",
-                format!(
-                    "needs in_channels ({}) = out_channels ({}) + cross_attention_dim ({})",
-                    self.in_channels, self.out_channels, self.cross_attention_dim
-                ),
-            );
-        }
         let n = self.block_out_channels.len();
         if n == 0 || self.block_out_channels.iter().any(|&c| c <= 0) {
             return bad(
@@ -363,16 +342,6 @@ impl UNet2DConditionModelConfig {
             None => self
                 .attention_head_dim
                 .expand(n, "attention_head_dim", origin),
-        }
-    }
-
-    /// Channels of the sample the U-Net denoises (and predicts): `in_channels`, less the
-    /// condition map's channels with `concat_condition_map`.
-    pub fn sample_channels(&self) -> i64 {
-        if self.concat_condition_map {
-            self.out_channels
-        } else {
-            self.in_channels
         }
     }
 
@@ -610,10 +579,10 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let size = sample.size();
-        let sample_channels = cfg.sample_channels();
-        if size.len() != 4 || size[1] != sample_channels {
+        if size.len() != 4 || size[1] != cfg.in_channels {
             return Err(Error::invalid(format!(
-                "U-Net sample must be (B, {sample_channels}, H, W), got {size:?}"
+                "U-Net sample must be (B, {}, H, W), got {size:?}",
+                cfg.in_channels
             )));
         }
         let b = size[0];
@@ -698,23 +667,6 @@ impl UNet2DConditionModel {
         };
 
         // 2. pre-process, 3. down
-        let sample = if cfg.concat_condition_map {
-            let (l, c) = (ehs[1], ehs[2]);
-            let g = (l as f64).sqrt().round() as i64;
-            if g * g != l {
-                return Err(Error::invalid(format!(
-                    "concat_condition_map needs a square grid of condition tokens, got {l}"
-                )));
-            }
-            let map = encoder_hidden_states
-                .to_kind(kind)
-                .transpose(1, 2) // (B, C, L)
-                .reshape([b, c, g, g])
-                .upsample_nearest2d([size[2], size[3]], None, None); // (B, C, H, W)
-            Tensor::cat(&[sample, map], 1)
-        } else {
-            sample
-        };
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
