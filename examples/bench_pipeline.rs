@@ -3,8 +3,12 @@
 //! LLM for the generate route when a checkpoint folder is given).
 //!
 //! ```text
-//! cargo run --release --example bench_pipeline -- [REQUESTS] [WORK]
+//! cargo run --release --example bench_pipeline -- [REQUESTS] [WORK] [CHECKPOINT_DIR]
 //! ```
+//! Without `CHECKPOINT_DIR` the mock stages run (`WORK` extra matmuls per call); with it, the
+//! checkpoint's real stages (e.g. `../shared/fixtures/tiny-lavit`): tokenize (encoder →
+//! selector/merger → quantizer), caption (encoder → selector/merger → LLM) and generate
+//! (LLM → decoder, `steps` 5 at the native size).
 //! The pipelined rate should approach the slowest stage's rate; one-at-a-time is bounded by
 //! the sum of all stages.
 
@@ -13,51 +17,88 @@ use std::time::Instant;
 
 use lavit::pipeline::{Pipeline, PipelineConfig};
 use lavit_runtime::actors::Input;
-use lavit_runtime::messages::{GenerateOptions, Task};
+use lavit_runtime::messages::{CaptionOptions, GenerateOptions, Task};
 use lavit_runtime::mock::MockConfig;
 use lavit_runtime::stage::StageKind;
 use tch::{Device, Kind, Tensor};
 
-fn tokenize_input(i: i64) -> Input {
+fn tokenize_input(i: i64, size: i64) -> Input {
     tch::manual_seed(i);
-    Input::Images(Tensor::randn([1, 3, 28, 28], (Kind::Float, Device::Cpu)))
+    Input::Images(Tensor::randn(
+        [1, 3, size, size],
+        (Kind::Float, Device::Cpu),
+    ))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let requests = args.first().copied().unwrap_or(24);
-    let work = args.get(1).copied().unwrap_or(40);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let checkpoint = args.iter().find(|a| a.parse::<usize>().is_err());
+    let requests = nums.first().copied().unwrap_or(24);
+    let work = nums.get(1).copied().unwrap_or(40);
     tch::set_num_threads(1);
-    let m = MockConfig {
-        work,
-        ..MockConfig::default()
-    };
     let cfg = PipelineConfig {
         max_in_flight: 8,
         max_queue: requests,
+        checkpoint: checkpoint.map(Into::into),
         ..PipelineConfig::default()
     };
-    let pipe = Arc::new(Pipeline::mock(&m, None, &cfg)?);
+    let pipe = Arc::new(match checkpoint {
+        Some(_) => Pipeline::build(&cfg)?,
+        None => {
+            let m = MockConfig {
+                work,
+                ..MockConfig::default()
+            };
+            Pipeline::mock(&m, None, &cfg)?
+        }
+    });
+    let size = pipe.info().image_size;
+    let (w, h) = pipe.info().default_size;
+    let real = checkpoint.is_some();
+    println!(
+        "stages: {}",
+        checkpoint.map_or(format!("mock (work {work})"), |c| format!("checkpoint {c}"))
+    );
     let gen = || Task::Generate {
         opts: GenerateOptions {
-            steps: 8,
+            steps: if real { 5 } else { 8 },
+            width: w,
+            height: h,
             ..GenerateOptions::default()
         },
     };
+    let caption = || Task::Caption {
+        prompt: String::new(),
+        opts: CaptionOptions {
+            max_new_tokens: 10,
+            ..Default::default()
+        },
+    };
 
-    for (name, route) in [("tokenize (3 stages)", 0), ("generate (2 stages)", 1)] {
+    let routes: &[(&str, usize)] = if real {
+        &[
+            ("tokenize (3 stages)", 0),
+            ("generate (2 stages)", 1),
+            ("caption (3 stages)", 2),
+        ]
+    } else {
+        &[("tokenize (3 stages)", 0), ("generate (2 stages)", 1)]
+    };
+    for &(name, route) in routes {
         let input = |i: usize| {
-            if route == 0 {
-                tokenize_input(i as i64)
-            } else {
+            if route == 1 {
                 Input::Prompt(format!("p{i}"))
+            } else {
+                tokenize_input(i as i64, size)
             }
         };
-        let task = || if route == 0 { Task::Tokenize } else { gen() };
+        let task = || match route {
+            0 => Task::Tokenize,
+            1 => gen(),
+            _ => caption(),
+        };
         // Warm-up.
         pipe.graph().run(task(), input(0)).await?;
         pipe.graph().shared().records.clear();

@@ -18,11 +18,21 @@
 //!
 //! Classifier-free guidance runs as one batched U-Net forward ([negative; positive]), the whole
 //! diffusion loop stays on the device (no host round-trips), then the VAE decodes.
+//!
+//! Randomness is per request: the initial latents of a seed come from a counter-based stream
+//! drawn on the host ([`seeded_gaussian`]), never from libtorch's process-global generator, so
+//! a seeded request gives the same picture whatever other requests are in flight (and on every
+//! device). The DDIM / Euler steps used here draw no noise.
+//!
+//! Cancellation: the `*_with` forms take a [`ShouldStop`] callback called once per diffusion
+//! step (it reads an atomic flag: no host round-trip); `true` stops with [`Error::Cancelled`].
 
 use std::path::{Path, PathBuf};
 
 use lavit_decoder::schedulers::{self, SchedulerConfig};
 use lavit_decoder::{AddedCond, AutoencoderKL, UNet2DConditionModel};
+use lavit_runtime::stage::ShouldStop;
+use lavit_runtime::train::splitmix64;
 use lavit_runtime::{checkpoint, Error, Result, TchContext};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -104,7 +114,7 @@ pub struct DecodeOptions {
     pub original_size: Option<(i64, i64)>,
     /// SDXL crop top-left time ids.
     pub crops_coords_top_left: (i64, i64),
-    /// Seed of the initial latents (`None`: libtorch's current generator).
+    /// Seed of the initial latents (`None`: a seed drawn from libtorch's generator).
     pub seed: Option<i64>,
     /// `ddim` (default, what the checkpoint's scheduler_config names) or `euler`.
     pub scheduler: Option<String>,
@@ -244,8 +254,9 @@ impl PixelDecoder {
         Ok(())
     }
 
-    /// Gaussian initial latents (B, C, H/s, W/s), drawn on the CPU like the official code
-    /// (so a seed gives the same picture on every device), then moved.
+    /// Gaussian initial latents (B, C, H/s, W/s) of `seed` ([`seeded_gaussian`], drawn on the
+    /// host so a seed gives the same picture on every device and whatever else runs), then
+    /// moved to the decoder's device.
     pub fn initial_latents(
         &self,
         batch: i64,
@@ -253,19 +264,27 @@ impl PixelDecoder {
         width: i64,
         seed: Option<i64>,
     ) -> Tensor {
-        if let Some(s) = seed {
-            tch::manual_seed(s);
-        }
+        let seed = seed.map_or_else(random_seed, |s| s as u64);
         let s = self.vae_scale();
-        Tensor::randn(
-            [batch, self.unet.config.in_channels, height / s, width / s],
-            (Kind::Float, Device::Cpu),
+        seeded_gaussian(
+            seed,
+            &[batch, self.unet.config.in_channels, height / s, width / s],
         )
         .to_device(self.device)
     }
 
     /// Decode a condition to images (B, 3, H, W) in [0, 1] (float32, on the device).
     pub fn decode(&self, cond: &Condition, opts: &DecodeOptions) -> Result<Tensor> {
+        self.decode_with(cond, opts, &|| false)
+    }
+
+    /// [`Self::decode`] that calls `should_stop` once per diffusion step.
+    pub fn decode_with(
+        &self,
+        cond: &Condition,
+        opts: &DecodeOptions,
+        should_stop: ShouldStop,
+    ) -> Result<Tensor> {
         let (nh, nw) = self.native_size();
         let height = opts.height.unwrap_or(nh);
         let width = opts.width.unwrap_or(nw);
@@ -280,7 +299,7 @@ impl PixelDecoder {
             .view([1, 6])
             .repeat([cond.batch(), 1])
             .to_device(self.device);
-        self.decode_latents(cond, latents, &time_ids, opts)
+        self.decode_latents_with(cond, latents, &time_ids, opts, should_stop)
     }
 
     /// The diffusion loop and VAE decode from given initial `latents` (B, C, h, w) and
@@ -291,6 +310,19 @@ impl PixelDecoder {
         latents: Tensor,
         time_ids: &Tensor,
         opts: &DecodeOptions,
+    ) -> Result<Tensor> {
+        self.decode_latents_with(cond, latents, time_ids, opts, &|| false)
+    }
+
+    /// [`Self::decode_latents`] that calls `should_stop` once per diffusion step (before the
+    /// step's U-Net forward) and stops with [`Error::Cancelled`] when it answers `true`.
+    pub fn decode_latents_with(
+        &self,
+        cond: &Condition,
+        latents: Tensor,
+        time_ids: &Tensor,
+        opts: &DecodeOptions,
+        should_stop: ShouldStop,
     ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let b = cond.batch();
@@ -388,6 +420,9 @@ impl PixelDecoder {
         let mut latents =
             latents.to_device(dev).to_kind(Kind::Float) * scheduler.init_noise_sigma();
         for (t, t_tensor) in ts.iter().zip(&t_dev) {
+            if should_stop() {
+                return Err(Error::Cancelled);
+            }
             let x = Tensor::cat(&[&latents, &latents], 0); // (2B, C, h, w)
             let x = scheduler.scale_model_input(&x, *t).to_kind(kind);
             let added = match (&text_embeds, &time_ids) {
@@ -428,6 +463,36 @@ impl PixelDecoder {
             img
         }
     }
+}
+
+/// A seed from libtorch's generator, for requests that give none.
+fn random_seed() -> u64 {
+    Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
+}
+
+/// Standard normal values of `shape` (float32, CPU) from `seed` alone: a counter-based stream
+/// (splitmix64 of (seed, index)) through Box–Muller. It touches no global generator, so two
+/// requests with seeds never draw from each other's stream.
+pub fn seeded_gaussian(seed: u64, shape: &[i64]) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let key = splitmix64(seed ^ 0x6c61_7669_745f_6e6f); // "lavit_no"
+    let unit = |i: u64| {
+        // 53 random bits → (0, 1)
+        ((splitmix64(key ^ splitmix64(i)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut v = Vec::with_capacity(n.max(0) as usize);
+    let mut i = 0u64;
+    while (v.len() as i64) < n {
+        let (u1, u2) = (unit(i), unit(i + 1));
+        i += 2;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = std::f64::consts::TAU * u2;
+        v.push((r * a.cos()) as f32);
+        if (v.len() as i64) < n {
+            v.push((r * a.sin()) as f32);
+        }
+    }
+    Tensor::from_slice(&v).view(shape)
 }
 
 fn load_uncond(path: &Path, unet: &UNet2DConditionModel, device: Device) -> Result<Tensor> {
@@ -562,8 +627,19 @@ impl PixelDecoder {
         ids: &[Vec<i64>],
         opts: &DecodeOptions,
     ) -> Result<Tensor> {
+        self.decode_ids_with(fd, ids, opts, &|| false)
+    }
+
+    /// [`Self::decode_ids`] that calls `should_stop` once per diffusion step.
+    pub fn decode_ids_with(
+        &self,
+        fd: &dyn FeatureDecoders,
+        ids: &[Vec<i64>],
+        opts: &DecodeOptions,
+        should_stop: ShouldStop,
+    ) -> Result<Tensor> {
         let cond = self.condition_for(fd, ids)?;
-        self.decode(&cond, opts)
+        self.decode_with(&cond, opts, should_stop)
     }
 }
 
@@ -596,16 +672,38 @@ pub fn text_to_image(
     prompts: &[String],
     opts: &TextToImageOptions,
 ) -> Result<GeneratedImages> {
+    text_to_image_with(llm, sp, vocab, fd, pixels, prompts, opts, &|| false)
+}
+
+/// [`text_to_image`] that calls `should_stop` once per LLM token and once per diffusion step,
+/// stopping with [`Error::Cancelled`] when it answers `true`.
+#[allow(clippy::too_many_arguments)]
+pub fn text_to_image_with(
+    llm: &lavit_llm::LlamaForCausalLM,
+    sp: &lavit_llm::sentencepiece::SentencePiece,
+    vocab: &lavit_llm::vocab::UnifiedVocab,
+    fd: &dyn FeatureDecoders,
+    pixels: &PixelDecoder,
+    prompts: &[String],
+    opts: &TextToImageOptions,
+    should_stop: ShouldStop,
+) -> Result<GeneratedImages> {
     if prompts.is_empty() {
         return Err(Error::invalid("no prompt given"));
     }
     let ids: Vec<Vec<i64>> = prompts.iter().map(|p| sp.encode(p)).collect();
-    let token_ids = lavit_llm::generate::generate_image_tokens(llm, vocab, &ids, &opts.tokens)?;
+    let token_ids = lavit_llm::generate::generate_image_tokens_with(
+        llm,
+        vocab,
+        &ids,
+        &opts.tokens,
+        should_stop,
+    )?;
     let visual: Vec<Vec<i64>> = token_ids
         .iter()
         .map(|g| visual_ids_only(g, vocab.visual_token_offset))
         .collect();
-    let images = pixels.decode_ids(fd, &visual, &opts.decode)?;
+    let images = pixels.decode_ids_with(fd, &visual, &opts.decode, should_stop)?;
     Ok(GeneratedImages { token_ids, images })
 }
 

@@ -456,11 +456,45 @@ impl VisualTokenizer {
         encoder: Box<dyn Backbone>,
         codebook: Option<Box<dyn Codebook>>,
     ) -> Result<Self> {
-        let manifest = LavitManifest::for_checkpoint(dir)?;
-        let t = &manifest.tokenizer;
         let enc_path = resolve_file(dir, files::TOKENIZER_ENCODER)?;
         let sd = checkpoint::load_path(&enc_path)?;
         let src = enc_path.display().to_string();
+        Self::from_checkpoint_with_state(dir, device, parts, encoder, codebook, sd, &src)
+    }
+
+    /// As [`load`](Self::load) with the `tokenizer_encoder` state dict already read (see
+    /// [`from_checkpoint_with_state`](Self::from_checkpoint_with_state)).
+    pub fn load_with_state(
+        dir: &Path,
+        device: Device,
+        parts: LoadParts,
+        plugins: &TokenizerPlugins,
+        sd: StateDict,
+        source: &str,
+    ) -> Result<Self> {
+        let encoder = match plugins.backbone(Some(dir), device)? {
+            Some(b) => b,
+            None => Box::new(Self::load_eva(dir, device)?),
+        };
+        let codebook = plugins.codebook(Some(dir), device)?;
+        Self::from_checkpoint_with_state(dir, device, parts, encoder, codebook, sd, source)
+    }
+
+    /// As [`from_checkpoint_with_encoder`](Self::from_checkpoint_with_encoder) with the
+    /// `tokenizer_encoder` state dict already read (`source` names it in errors), so several
+    /// stages of one pipeline share one read of the file; its tensors are copied onto `device`.
+    pub fn from_checkpoint_with_state(
+        dir: &Path,
+        device: Device,
+        parts: LoadParts,
+        encoder: Box<dyn Backbone>,
+        codebook: Option<Box<dyn Codebook>>,
+        sd: StateDict,
+        source: &str,
+    ) -> Result<Self> {
+        let manifest = LavitManifest::for_checkpoint(dir)?;
+        let t = &manifest.tokenizer;
+        let src = source.to_string();
         let (q, rest): (StateDict, StateDict) = sd
             .into_iter()
             .partition(|(k, _)| k.starts_with("quantize."));

@@ -459,8 +459,12 @@ fn fixture_model_loads_strictly_and_bad_ids_are_errors() {
 
 mod stage2 {
     use super::*;
-    use lavit::train::llm::{pack, packed_embeds, packed_mask, train_llm, LlmTrainConfig, Sample};
+    use lavit::train::llm::{
+        pack, packed_embeds, packed_mask, train_llm, LlmModelBuilder, LlmModelParts,
+        LlmTrainConfig, Sample,
+    };
     use lavit_llm::vocab::IGNORE;
+    use lavit_runtime::stage::Placement;
     use lavit_runtime::train::{hash_state_dict, var_store_state_dict};
 
     fn packed_logits(
@@ -556,20 +560,56 @@ mod stage2 {
         }
     }
 
+    /// The Llm stage builds the tiny model from `weights` (made on the test thread, so the
+    /// global generator of parallel tests does not enter).
+    fn from_weights(weights: lavit_runtime::checkpoint::StateDict) -> LlmModelBuilder {
+        Box::new(move |dev| {
+            let vs = nn::VarStore::new(dev);
+            let cfg = LlamaConfig {
+                hidden_size: 32,
+                intermediate_size: 64,
+                num_attention_heads: 4,
+                num_key_value_heads: Some(2),
+                ..LlamaConfig::tiny(tiny_vocab().vocab_size)
+            };
+            let model = LlamaForCausalLM::new(vs.root(), &cfg);
+            lavit_runtime::checkpoint::load_into(&vs, "", &weights, "test", &Default::default())?;
+            let sp =
+                SentencePiece::from_file(&fixture_dir().join("language_model/tokenizer.model"))?;
+            let llm = lavit_llm::actor::LlmStageModel::from_parts(
+                vs,
+                model,
+                tiny_vocab(),
+                sp,
+                &Default::default(),
+            );
+            Ok(LlmModelParts {
+                llm,
+                vit_proj: None,
+            })
+        })
+    }
+
+    fn copied(vs: &nn::VarStore) -> lavit_runtime::checkpoint::StateDict {
+        var_store_state_dict(vs)
+            .into_iter()
+            .map(|(k, v)| (k, v.detach().copy()))
+            .collect()
+    }
+
     #[test]
     fn training_lowers_text_and_visual_loss() {
-        let (vs, m) = tiny_model(7);
+        let (vs, _m) = tiny_model(7);
         let data = caption_set();
         let dir = tempfile::tempdir().unwrap();
         let s = train_llm(
-            &m,
-            &vs,
-            None,
+            from_weights(copied(&vs)),
             &tiny_vocab(),
             &data,
             &[],
             &cfg(120, 0),
             dir.path(),
+            &Placement::default(),
         )
         .unwrap();
         eprintln!("stage-2 tiny run: first {:?} last {:?}", s.first, s.last);
@@ -592,29 +632,63 @@ mod stage2 {
         );
     }
 
+    fn copy_sd(sd: &lavit_runtime::checkpoint::StateDict) -> lavit_runtime::checkpoint::StateDict {
+        sd.iter().map(|(k, v)| (k.clone(), v.copy())).collect()
+    }
+
     #[test]
     fn resume_is_exact() {
-        let (vs_a, m_a) = tiny_model(8);
-        let mut vs_b = nn::VarStore::new(Device::Cpu);
-        let m_b = LlamaForCausalLM::new(vs_b.root(), &m_a.config);
-        vs_b.copy(&vs_a).unwrap();
+        let (vs0, _m) = tiny_model(8);
+        let init = copied(&vs0);
         let data = caption_set();
         let v = tiny_vocab();
+        let p = Placement::default();
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        train_llm(&m_a, &vs_a, None, &v, &data, &[], &cfg(16, 0), da.path()).unwrap();
-        let first = train_llm(&m_b, &vs_b, None, &v, &data, &[], &cfg(16, 8), db.path()).unwrap();
+        let straight = train_llm(
+            from_weights(copy_sd(&init)),
+            &v,
+            &data,
+            &[],
+            &cfg(16, 0),
+            da.path(),
+            &p,
+        )
+        .unwrap();
+        let first = train_llm(
+            from_weights(copy_sd(&init)),
+            &v,
+            &data,
+            &[],
+            &cfg(16, 8),
+            db.path(),
+            &p,
+        )
+        .unwrap();
         assert_eq!(first.final_step, 8);
-        // A fresh process would rebuild the model: scramble the weights, then resume.
-        tch::no_grad(|| {
-            for (_, mut t) in vs_b.variables() {
-                let _ = t.fill_(0.5);
-            }
-        });
-        let second = train_llm(&m_b, &vs_b, None, &v, &data, &[], &cfg(16, 0), db.path()).unwrap();
+        // A fresh process rebuilds the model: start from scrambled weights, then resume.
+        let scrambled = init
+            .iter()
+            .map(|(k, t)| (k.clone(), t.full_like(0.5)))
+            .collect();
+        let second = train_llm(
+            from_weights(scrambled),
+            &v,
+            &data,
+            &[],
+            &cfg(16, 0),
+            db.path(),
+            &p,
+        )
+        .unwrap();
         assert_eq!((second.final_step, second.steps_run), (16, 8));
         assert_eq!(
-            hash_state_dict(&var_store_state_dict(&vs_a)).unwrap(),
-            hash_state_dict(&var_store_state_dict(&vs_b)).unwrap()
+            hash_state_dict(&straight.weights).unwrap(),
+            hash_state_dict(&second.weights).unwrap()
+        );
+        assert_ne!(
+            hash_state_dict(&init).unwrap(),
+            hash_state_dict(&second.weights).unwrap(),
+            "training changed nothing"
         );
     }
 }
@@ -656,4 +730,91 @@ fn lavit_llm_api_reproduces_the_fixture_references() {
         .take_while(|&i| i != manifest.llm.eos_id)
         .collect();
     assert_eq!(text[0], llm.tokenizer.decode(&ids));
+}
+
+#[test]
+fn decode_loops_stop_within_one_token_and_stream_what_they_return() {
+    use lavit_llm::generate::{generate_image_tokens_with, generate_text_with};
+    use std::cell::Cell;
+    let (_vs, m) = tiny_model(6);
+    let v = tiny_vocab();
+    let a = m.embed(&Tensor::from_slice(&[20i64, 25, 26, 27, 21]));
+    let b = m.embed(&Tensor::from_slice(&[20i64, 30, 21]));
+    let cfg = TextConfig {
+        max_new_tokens: 8,
+        min_new_tokens: 8,
+        ..Default::default()
+    };
+    // Streaming sees every returned id, step by step, per stream.
+    let want = generate_text(&m, &v, &[a.shallow_clone(), b.shallow_clone()], &cfg).unwrap();
+    let mut seen: Vec<Vec<i64>> = vec![Vec::new(); 2];
+    let got = generate_text_with(
+        &m,
+        &v,
+        &[a.shallow_clone(), b.shallow_clone()],
+        &cfg,
+        &|| false,
+        Some(&mut |ids: &[i64]| {
+            for (s, &i) in seen.iter_mut().zip(ids) {
+                s.push(i);
+            }
+            true
+        }),
+    )
+    .unwrap();
+    assert_eq!(got, want);
+    for (s, w) in seen.iter().zip(&want) {
+        assert_eq!(&s[..w.len()], &w[..]);
+    }
+    // should_stop answering true at call 3 stops there: exactly 3 calls, Cancelled.
+    let calls = Cell::new(0);
+    let stop = || {
+        calls.set(calls.get() + 1);
+        calls.get() >= 3
+    };
+    let e = generate_text_with(&m, &v, &[a.shallow_clone()], &cfg, &stop, None).unwrap_err();
+    assert!(matches!(e, lavit_runtime::Error::Cancelled), "{e}");
+    assert_eq!(calls.get(), 3);
+    // a streaming callback answering false stops at once too
+    let mut n = 0;
+    let e = generate_text_with(
+        &m,
+        &v,
+        &[a],
+        &cfg,
+        &|| false,
+        Some(&mut |_: &[i64]| {
+            n += 1;
+            n < 2
+        }),
+    )
+    .unwrap_err();
+    assert!(matches!(e, lavit_runtime::Error::Cancelled));
+    assert_eq!(n, 2);
+    // streaming with beams is refused (beams reorder)
+    let beams = TextConfig {
+        num_beams: 2,
+        ..cfg.clone()
+    };
+    assert!(
+        generate_text_with(&m, &v, &[b], &beams, &|| false, Some(&mut |_: &[i64]| true)).is_err()
+    );
+    // image tokens: the same, once per token
+    calls.set(0);
+    let icfg = ImageTokenConfig {
+        max_new_tokens: 10,
+        min_new_tokens: 10,
+        seed: Some(1),
+        ..Default::default()
+    };
+    let e = generate_image_tokens_with(&m, &v, &[vec![3, 4]], &icfg, &stop).unwrap_err();
+    assert!(matches!(e, lavit_runtime::Error::Cancelled));
+    assert_eq!(calls.get(), 3);
+    calls.set(-100);
+    let full = generate_image_tokens_with(&m, &v, &[vec![3, 4]], &icfg, &stop).unwrap();
+    assert_eq!(
+        full,
+        generate_image_tokens(&m, &v, &[vec![3, 4]], &icfg).unwrap()
+    );
+    assert_eq!(calls.get(), -100 + 10);
 }

@@ -1299,3 +1299,300 @@ fn real_pipeline_from_the_fixture_equals_direct_calls() {
         "pixels through the actors differ from the direct calls"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Cancellation inside the real loops, per-request randomness (the fixture's stages).
+
+/// Holds the `n`-th should-stop call of a stage's loop until the test has cancelled the
+/// request, so the cancel lands mid-loop deterministically (no timing); counts the calls.
+#[derive(Clone)]
+struct HoldAt {
+    n: Arc<std::sync::atomic::AtomicU64>,
+    calls: Arc<std::sync::atomic::AtomicU64>,
+    reached: Arc<std::sync::Barrier>,
+    released: Arc<std::sync::Barrier>,
+}
+
+impl HoldAt {
+    fn new() -> Self {
+        HoldAt {
+            n: Arc::new(0.into()),
+            calls: Arc::new(0.into()),
+            reached: Arc::new(std::sync::Barrier::new(2)),
+            released: Arc::new(std::sync::Barrier::new(2)),
+        }
+    }
+    /// Hold at the `n`-th call from now on (0 = never).
+    fn arm(&self, n: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.calls.store(0, SeqCst);
+        self.n.store(n, SeqCst);
+    }
+    fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// One loop call: count it, hold at the armed call, then ask the actor's callback.
+    fn check(&self, inner: impl FnOnce() -> bool) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let c = self.calls.fetch_add(1, SeqCst) + 1;
+        if c == self.n.load(SeqCst) {
+            self.reached.wait();
+            self.released.wait();
+        }
+        inner()
+    }
+}
+
+struct HeldLlm {
+    inner: Box<dyn LlmStage>,
+    hold: HoldAt,
+}
+impl Trainable for HeldLlm {}
+impl LlmStage for HeldLlm {
+    fn caption(
+        &mut self,
+        prefix: &Tensor,
+        prompt: &str,
+        opts: &CaptionOptions,
+        on_token: &mut dyn FnMut(i64, &str) -> bool,
+    ) -> StageResult<Vec<i64>> {
+        let hold = self.hold.clone();
+        self.inner.caption(prefix, prompt, opts, &mut |id, piece| {
+            // on_token answers "go on": a stop is its negation
+            !hold.check(|| !on_token(id, piece))
+        })
+    }
+    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
+        self.inner.decode_text(ids)
+    }
+    fn image_tokens(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        let hold = self.hold.clone();
+        self.inner
+            .image_tokens(prompt, opts, &|| hold.check(should_stop))
+    }
+}
+
+struct HeldDecoder {
+    inner: Box<dyn DecoderStage>,
+    hold: HoldAt,
+}
+impl Trainable for HeldDecoder {}
+impl DecoderStage for HeldDecoder {
+    fn decode(
+        &mut self,
+        ids: &[Vec<i64>],
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Tensor> {
+        let hold = self.hold.clone();
+        self.inner.decode(ids, opts, &|| hold.check(should_stop))
+    }
+}
+
+/// The fixture's real stages, with the LLM and decoder loops holdable.
+fn held_fixture_pipeline(in_flight: usize) -> (Pipeline, HoldAt, HoldAt) {
+    let dir = crate::common::fixture_dir();
+    let (mut b, info) =
+        lavit::pipeline::stages::builders(&dir, &lavit::tokenizer::TokenizerPlugins::none(), false)
+            .unwrap();
+    let (hl, hd) = (HoldAt::new(), HoldAt::new());
+    let (llm, dec) = (b.llm, b.decoder);
+    let h = hl.clone();
+    b.llm = Box::new(move |dev| {
+        Ok(Box::new(HeldLlm {
+            inner: llm(dev)?,
+            hold: h,
+        }) as Box<dyn LlmStage>)
+    });
+    let h = hd.clone();
+    b.decoder = Box::new(move |dev| {
+        Ok(Box::new(HeldDecoder {
+            inner: dec(dev)?,
+            hold: h,
+        }) as Box<dyn DecoderStage>)
+    });
+    let opts = lavit_runtime::actors::GraphOptions {
+        max_in_flight: in_flight,
+        max_queue: 0,
+        ..Default::default()
+    };
+    let pipe = Pipeline::from_builders(b, info, &Placement::default(), opts).unwrap();
+    (pipe, hl, hd)
+}
+
+/// Start `task`, wait until `hold` holds its loop at the armed call, cancel, release, and
+/// return (the error, progress units counted after the cancel).
+fn cancel_while_held(
+    pipe: &Pipeline,
+    rt: &tokio::runtime::Runtime,
+    hold: &HoldAt,
+    task: Task,
+    input: Input,
+) -> (StageError, u64) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let g = pipe.graph();
+    let mut h = rt
+        .block_on(g.start(g.admit().unwrap(), task, input))
+        .unwrap();
+    hold.reached.wait(); // the stage thread is inside its loop, at the armed call
+    let entry = g.in_flight().into_iter().find(|e| e.id == h.id).unwrap();
+    assert!(g.cancel(h.id));
+    let p0 = entry.progress.load(SeqCst);
+    hold.released.wait();
+    let r = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), h.wait()).await })
+        .expect("cancel hung");
+    (r.unwrap_err(), entry.progress.load(SeqCst) - p0)
+}
+
+#[test]
+fn cancellation_reaches_inside_the_real_llm_and_diffusion_loops() {
+    let (pipe, hl, hd) = held_fixture_pipeline(2);
+    let rt = rt();
+    let (w, h) = pipe.info().default_size;
+    let gen = |steps| Task::Generate {
+        opts: GenerateOptions {
+            steps,
+            width: w,
+            height: h,
+            top_k: 0,
+            llm_guidance: 2.0,
+            ..Default::default()
+        },
+    };
+    // LLM image tokens: held at token 3 of at least 4 (the fixture's t2i_min_new_tokens).
+    hl.arm(3);
+    hd.arm(0);
+    let (e, after) = cancel_while_held(&pipe, &rt, &hl, gen(4), Input::Prompt("a cat".into()));
+    assert_eq!(e, StageError::Cancelled);
+    assert_eq!(
+        after, 1,
+        "the loop went on for {after} tokens after the cancel"
+    );
+    assert_eq!(hl.calls(), 3, "the LLM loop made more calls after stopping");
+    assert_eq!(hd.calls(), 0, "a cancelled request reached the decoder");
+    assert_eq!(
+        pipe.graph().admission().admitted(),
+        0,
+        "the slot was not freed"
+    );
+
+    // Diffusion: held at step 3 of 50.
+    hl.arm(0);
+    hd.arm(3);
+    let (e, after) = cancel_while_held(&pipe, &rt, &hd, gen(50), Input::Prompt("a dog".into()));
+    assert_eq!(e, StageError::Cancelled);
+    assert_eq!(
+        after, 1,
+        "the loop went on for {after} steps after the cancel"
+    );
+    assert_eq!(
+        hd.calls(),
+        3,
+        "the diffusion loop made more calls after stopping"
+    );
+    assert_eq!(
+        pipe.graph().admission().admitted(),
+        0,
+        "the slot was not freed"
+    );
+
+    // Caption (streamed): held at token 2.
+    hl.arm(2);
+    hd.arm(0);
+    let sd = lavit_runtime::checkpoint::load_path(
+        &crate::common::fixture_dir().join("reference/expected.safetensors"),
+    )
+    .unwrap();
+    let task = Task::Caption {
+        prompt: String::new(),
+        opts: CaptionOptions {
+            max_new_tokens: 10,
+            ..Default::default()
+        },
+    };
+    let (e, after) = cancel_while_held(
+        &pipe,
+        &rt,
+        &hl,
+        task,
+        Input::Images(sd["images"].narrow(0, 0, 1)),
+    );
+    assert_eq!(e, StageError::Cancelled);
+    assert_eq!(after, 1);
+    assert_eq!(hl.calls(), 2);
+    assert_eq!(
+        pipe.graph().admission().admitted(),
+        0,
+        "the slot was not freed"
+    );
+
+    // The pipeline still serves: a full request after the cancels.
+    hl.arm(0);
+    hd.arm(0);
+    let out = rt.block_on(pipe.graph().run(gen(2), Input::Prompt("a cat".into())));
+    assert!(matches!(out, Ok(Output::Pixels(_))), "{out:?}");
+}
+
+#[test]
+fn seeded_requests_are_reproducible_with_others_in_flight() {
+    let dir = crate::common::fixture_dir();
+    let pipe = Pipeline::build(&PipelineConfig {
+        checkpoint: Some(dir),
+        ..pcfg(4, 0)
+    })
+    .unwrap();
+    let rt = rt();
+    let (w, h) = pipe.info().default_size;
+    // Sampled visual tokens (top-k 50) and seeded initial noise.
+    let opts = |seed| GenerateOptions {
+        seed,
+        steps: 3,
+        width: w,
+        height: h,
+        top_k: 50,
+        llm_guidance: 2.0,
+        ..Default::default()
+    };
+    let run = |seed| {
+        pipe.graph().run(
+            Task::Generate { opts: opts(seed) },
+            Input::Prompt("a photo of a cat".into()),
+        )
+    };
+    let Output::Pixels(alone) = rt.block_on(run(7)).unwrap() else {
+        panic!()
+    };
+    // Another thread reseeds and draws from libtorch's global generator meanwhile.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let noise = std::thread::spawn(move || {
+        let mut k = 0i64;
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) && k < 1_000_000 {
+            tch::manual_seed(k);
+            let _ = Tensor::randn([64], (Kind::Float, Device::Cpu));
+            k += 1;
+        }
+    });
+    let outs =
+        rt.block_on(async { futures::future::join_all([run(1), run(7), run(2), run(3)]).await });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    noise.join().unwrap();
+    let px: Vec<Tensor> = outs
+        .into_iter()
+        .map(|o| match o.unwrap() {
+            Output::Pixels(t) => t,
+            o => panic!("{o:?}"),
+        })
+        .collect();
+    assert!(
+        px[1].equal(&alone),
+        "seed 7 gave another picture with other requests in flight"
+    );
+    assert!(!px[0].equal(&alone), "seeds 1 and 7 gave the same picture");
+}

@@ -353,6 +353,30 @@ macro_rules! stage_actor {
                 self.core.guard(|| stage.optimizer_step())
             }
         }
+        impl Handler<OptimizerStepWith> for $name {
+            type Result = Result<StepReport, StageError>;
+            fn handle(&mut self, m: OptimizerStepWith, _: &mut Self::Context) -> Self::Result {
+                let kind = self.core.kind;
+                let stage = self.stage.as_mut().ok_or(StageError::Closed { stage: kind })?;
+                self.core.guard(|| stage.optimizer_step_with(&m.0))
+            }
+        }
+        impl Handler<GetTrainState> for $name {
+            type Result = Result<TrainParts, StageError>;
+            fn handle(&mut self, _: GetTrainState, _: &mut Self::Context) -> Self::Result {
+                let kind = self.core.kind;
+                let stage = self.stage.as_mut().ok_or(StageError::Closed { stage: kind })?;
+                self.core.guard(|| stage.train_state())
+            }
+        }
+        impl Handler<SetTrainState> for $name {
+            type Result = Result<(), StageError>;
+            fn handle(&mut self, m: SetTrainState, _: &mut Self::Context) -> Self::Result {
+                let kind = self.core.kind;
+                let stage = self.stage.as_mut().ok_or(StageError::Closed { stage: kind })?;
+                self.core.guard(|| stage.load_train_state(m.0))
+            }
+        }
         impl Handler<Backward> for $name {
             type Result = Result<f64, StageError>;
             fn handle(&mut self, m: Backward, _: &mut Self::Context) -> Self::Result {
@@ -669,6 +693,22 @@ pub struct StageBuilders {
     pub quantizer: Builder<Box<dyn QuantizerStage>>,
     pub llm: Builder<Box<dyn LlmStage>>,
     pub decoder: Builder<Box<dyn DecoderStage>>,
+}
+
+impl StageBuilders {
+    /// Every stage [`Unused`]: start from this and set the stages a graph runs (e.g. a
+    /// training run of one stage).
+    pub fn unused() -> Self {
+        StageBuilders {
+            encoder: Box::new(|_| Ok(Box::new(Unused(StageKind::Encoder)) as Box<_>)),
+            selector_merger: Box::new(
+                |_| Ok(Box::new(Unused(StageKind::SelectorMerger)) as Box<_>),
+            ),
+            quantizer: Box::new(|_| Ok(Box::new(Unused(StageKind::Quantizer)) as Box<_>)),
+            llm: Box::new(|_| Ok(Box::new(Unused(StageKind::Llm)) as Box<_>)),
+            decoder: Box::new(|_| Ok(Box::new(Unused(StageKind::Decoder)) as Box<_>)),
+        }
+    }
 }
 
 /// The input of a request.
@@ -1089,6 +1129,55 @@ impl StageGraph {
             r.unwrap_or(Err(StageError::Closed { stage }))?;
         }
         Ok(())
+    }
+
+    /// One optimiser step on `stage` under the driver's control (learning rate, skip).
+    pub async fn optimizer_step_with(
+        &self,
+        stage: StageKind,
+        ctl: StepControl,
+    ) -> Result<StepReport, StageError> {
+        let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
+        let m = OptimizerStepWith(ctl);
+        let r = match stage {
+            StageKind::Encoder => addrs.encoder.addr.send(m).await,
+            StageKind::SelectorMerger => addrs.selector.addr.send(m).await,
+            StageKind::Quantizer => addrs.quantizer.addr.send(m).await,
+            StageKind::Llm => addrs.llm.addr.send(m).await,
+            StageKind::Decoder => addrs.decoder.addr.send(m).await,
+        };
+        r.unwrap_or(Err(StageError::Closed { stage }))
+    }
+
+    /// `stage`'s training state (named state dicts) for a checkpoint or an export.
+    pub async fn train_state(&self, stage: StageKind) -> Result<TrainParts, StageError> {
+        let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
+        let r = match stage {
+            StageKind::Encoder => addrs.encoder.addr.send(GetTrainState).await,
+            StageKind::SelectorMerger => addrs.selector.addr.send(GetTrainState).await,
+            StageKind::Quantizer => addrs.quantizer.addr.send(GetTrainState).await,
+            StageKind::Llm => addrs.llm.addr.send(GetTrainState).await,
+            StageKind::Decoder => addrs.decoder.addr.send(GetTrainState).await,
+        };
+        r.unwrap_or(Err(StageError::Closed { stage }))
+    }
+
+    /// Load a training state (a resumed checkpoint) into `stage`.
+    pub async fn load_train_state(
+        &self,
+        stage: StageKind,
+        parts: TrainParts,
+    ) -> Result<(), StageError> {
+        let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
+        let m = SetTrainState(parts);
+        let r = match stage {
+            StageKind::Encoder => addrs.encoder.addr.send(m).await,
+            StageKind::SelectorMerger => addrs.selector.addr.send(m).await,
+            StageKind::Quantizer => addrs.quantizer.addr.send(m).await,
+            StageKind::Llm => addrs.llm.addr.send(m).await,
+            StageKind::Decoder => addrs.decoder.addr.send(m).await,
+        };
+        r.unwrap_or(Err(StageError::Closed { stage }))
     }
 
     /// Switch every stage between training and inference behaviour.

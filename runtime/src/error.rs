@@ -42,6 +42,10 @@ pub enum Error {
     /// Invalid input (an image, a request field, a tensor shape) with what was expected.
     #[error("{0}")]
     Invalid(String),
+    /// A decode or diffusion loop stopped because its `ShouldStop` callback said so (the
+    /// request was cancelled).
+    #[error("cancelled")]
+    Cancelled,
     /// Training stopped: the loss (or gradient norm) was NaN/Inf for `consecutive` steps in
     /// a row, ending at `step`; `checkpoint` is where the run was saved before stopping.
     #[error("training stopped at step {step}: {consecutive} consecutive non-finite losses ({skipped_total} skipped in all){}", checkpoint.as_ref().map(|p| format!("; last state saved in {}", p.display())).unwrap_or_default())]

@@ -238,6 +238,37 @@ pub struct Backward {
 /// Training step 3: each trainable stage steps its optimiser and zeroes its gradients.
 pub struct OptimizerStep;
 
+/// What an optimiser step does this time (the driver's schedule and NaN policy decide).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepControl {
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// `false`: skip the update (a non-finite loss), only zero the gradients.
+    pub apply: bool,
+    /// The optimiser step's index (0-based), e.g. for an EMA warm-up.
+    pub step: i64,
+}
+
+/// What a stage reports after its optimiser step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepReport {
+    /// Global gradient norm before clipping, when the stage measured it.
+    pub grad_norm: Option<f64>,
+}
+
+/// Training step 3 with the driver's control (learning rate, apply or skip).
+pub struct OptimizerStepWith(pub StepControl);
+
+/// Named state dicts of a stage's training state (e.g. `model`, `optimizer`, `ema`), as a
+/// checkpoint stores them.
+pub type TrainParts = Vec<(String, crate::checkpoint::StateDict)>;
+
+/// Ask a stage for its training state (for a checkpoint or an export), on its own thread.
+pub struct GetTrainState;
+
+/// Load a training state (a resumed checkpoint) into a stage, on its own thread.
+pub struct SetTrainState(pub TrainParts);
+
 /// Switch a stage between training and inference behaviour.
 pub struct SetTrain(pub bool);
 
@@ -252,6 +283,15 @@ impl actix::Message for OptimizerStep {
 }
 impl actix::Message for SetTrain {
     type Result = ();
+}
+impl actix::Message for OptimizerStepWith {
+    type Result = Result<StepReport, StageError>;
+}
+impl actix::Message for GetTrainState {
+    type Result = Result<TrainParts, StageError>;
+}
+impl actix::Message for SetTrainState {
+    type Result = Result<(), StageError>;
 }
 
 /// Control: stop taking work (exit status `Quit`); anything still queued fails as closed.

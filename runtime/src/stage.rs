@@ -16,7 +16,9 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Tensor};
 
-use crate::messages::{CaptionOptions, GenerateOptions, TrainBatch};
+use crate::messages::{
+    CaptionOptions, GenerateOptions, StepControl, StepReport, TrainBatch, TrainParts,
+};
 
 /// The callback a model's decode loop or diffusion loop calls once per token / step. It returns
 /// `true` when the loop must stop now (the request was cancelled or its client went away).
@@ -121,6 +123,7 @@ impl From<crate::Error> for StageError {
     fn from(e: crate::Error) -> Self {
         match e {
             crate::Error::Invalid(m) => StageError::Invalid(m),
+            crate::Error::Cancelled => StageError::Cancelled,
             other => StageError::Invalid(other.to_string()),
         }
     }
@@ -143,6 +146,94 @@ pub trait Trainable {
     }
     /// Switch between training and inference behaviour (dropout, Gumbel sampling).
     fn set_train(&mut self, _train: bool) {}
+    /// An optimiser step under the driver's control (learning rate, or skip when
+    /// `ctl.apply` is false: the gradients are only zeroed). The default applies
+    /// [`optimizer_step`](Self::optimizer_step).
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        if ctl.apply {
+            self.optimizer_step()?;
+        }
+        Ok(StepReport::default())
+    }
+    /// The stage's training state as named state dicts (`model`, `optimizer`, …) for a
+    /// checkpoint; empty when it has none.
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        Ok(Vec::new())
+    }
+    /// Load a training state saved by [`train_state`](Self::train_state) (exact resume).
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        if parts.is_empty() {
+            Ok(())
+        } else {
+            Err(StageError::Invalid(
+                "this stage has no training state to load".into(),
+            ))
+        }
+    }
+}
+
+/// A stage that is not part of a graph (e.g. the stages a training run does not use): it
+/// builds instantly, holds no weights, and refuses every request.
+pub struct Unused(pub StageKind);
+
+impl Unused {
+    fn refuse<T>(&self) -> StageResult<T> {
+        Err(StageError::Invalid(format!(
+            "stage {} is not part of this graph",
+            self.0
+        )))
+    }
+}
+impl Trainable for Unused {}
+impl EncoderStage for Unused {
+    fn encode(&mut self, _: &Tensor) -> StageResult<Tensor> {
+        self.refuse()
+    }
+}
+impl SelectorMergerStage for Unused {
+    fn select_merge(&mut self, _: &Tensor) -> StageResult<(Tensor, Tensor)> {
+        self.refuse()
+    }
+    fn understanding(&mut self, _: &Tensor) -> StageResult<Vec<Tensor>> {
+        self.refuse()
+    }
+}
+impl QuantizerStage for Unused {
+    fn quantize(&mut self, _: &Tensor, _: &Tensor) -> StageResult<Vec<Vec<i64>>> {
+        self.refuse()
+    }
+}
+impl LlmStage for Unused {
+    fn caption(
+        &mut self,
+        _: &Tensor,
+        _: &str,
+        _: &CaptionOptions,
+        _: &mut dyn FnMut(i64, &str) -> bool,
+    ) -> StageResult<Vec<i64>> {
+        self.refuse()
+    }
+    fn decode_text(&mut self, _: &[i64]) -> StageResult<String> {
+        self.refuse()
+    }
+    fn image_tokens(
+        &mut self,
+        _: &str,
+        _: &GenerateOptions,
+        _: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        self.refuse()
+    }
+}
+impl DecoderStage for Unused {
+    fn decode(
+        &mut self,
+        _: &[Vec<i64>],
+        _: &GenerateOptions,
+        _: ShouldStop,
+    ) -> StageResult<Tensor> {
+        self.refuse()
+    }
 }
 
 /// EVA ViT: images → patch features.

@@ -477,14 +477,29 @@ pub fn run_stage2(
         .collect();
 
     let lcfg = llm_config(&manifest, sizes);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = LlamaForCausalLM::new(vs.root(), &lcfg);
-    let vit_proj = nn::linear(
-        vs.root() / "vit_proj",
-        manifest.tokenizer.encoder_width,
-        lcfg.hidden_size,
-        Default::default(),
-    );
+    // The model is built (and trained) on the Llm stage actor's thread and device.
+    let (c2, m2, sp2) = (lcfg.clone(), manifest.clone(), sp.clone());
+    let build: crate::train::llm::LlmModelBuilder = Box::new(move |device| {
+        let vs = nn::VarStore::new(device);
+        let model = LlamaForCausalLM::new(vs.root(), &c2);
+        let vit_proj = nn::linear(
+            vs.root() / "vit_proj",
+            m2.tokenizer.encoder_width,
+            c2.hidden_size,
+            Default::default(),
+        );
+        let llm = lavit_llm::actor::LlmStageModel::from_parts(
+            vs,
+            model,
+            UnifiedVocab::from(&m2.llm),
+            sp2,
+            &m2.generation,
+        );
+        Ok(crate::train::llm::LlmModelParts {
+            llm,
+            vit_proj: Some(vit_proj),
+        })
+    });
     let tcfg = LlmTrainConfig {
         steps: cfg.steps,
         batch_size: cfg.batch_size,
@@ -499,22 +514,21 @@ pub fn run_stage2(
         ..Default::default()
     };
     let run_dir = dir.join("run");
-    train_llm(
-        &model,
-        &vs,
-        Some(&vit_proj),
+    let summary = train_llm(
+        build,
         &uv,
         &samples,
         &corpus,
         &tcfg,
         &run_dir,
+        &lavit_runtime::stage::Placement::default(),
     )?;
 
     // language_model/: HF LLaMA + tokenizer.model + visual_weight (merger + vit_proj)
     let lm = dir.join("language_model");
     std::fs::create_dir_all(&lm)?;
-    let all: StateDict = vs
-        .variables()
+    let all: StateDict = summary
+        .weights
         .into_iter()
         .map(|(k, v)| (k, v.detach()))
         .collect();

@@ -5,23 +5,29 @@
 //! only what that stage needs onto the stage's device.
 //!
 //! The SelectorMerger, Quantizer and Decoder stages each hold a `VisualTokenizer` without the
-//! EVA encoder (a [`NoBackbone`] stands in), so `tokenizer_encoder` is loaded once per stage
-//! that uses it (selector/merger weights and the task layer + codebook share that file).
-//! The backbone and the codebook are the built-in ones or plugins ([`TokenizerPlugins`]).
+//! EVA encoder (a [`NoBackbone`] stands in). `tokenizer_encoder` (selector/merger weights, task
+//! layer + codebook) is read from disk once per pipeline ([`SharedState`]); each stage copies
+//! the tensors onto its own device. The backbone and the codebook are the built-in ones or
+//! plugins ([`TokenizerPlugins`]).
 //!
 //! The Encoder, SelectorMerger and Quantizer adapters also implement [`Trainable`]: stage 1
 //! (`lavit train tokenizer`) runs through them as `TrainForward` → `Backward` →
-//! `OptimizerStep` messages (see [`stage1_builders`] and the keys in [`train_keys`]).
+//! `OptimizerStep` messages (see [`stage1_builders`] and the keys in [`train_keys`]); the Llm
+//! and Decoder adapters do the same for stages 2 and 1b.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lavit_decoder::feature_decoder::{FeatureDecoderConfig, VQDecoder};
+use lavit_llm::actor::LlmStageModel;
 use lavit_plugin_api::{Backbone, Codebook, PluginError, PluginResult, QuantizeOut};
 use lavit_quantizer::{l2norm, EmaConfig, VectorQuantizer};
 use lavit_runtime::actors::StageBuilders;
+use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::manifest::LavitManifest;
-use lavit_runtime::messages::{CaptionOptions, GenerateOptions, TrainBatch};
+use lavit_runtime::messages::{
+    CaptionOptions, GenerateOptions, StepControl, StepReport, TrainBatch, TrainParts,
+};
 use lavit_runtime::stage::*;
 use lavit_runtime::train::{AdamW, AdamWConfig};
 use lavit_selector::SelectionMode;
@@ -55,6 +61,35 @@ impl Backbone for NoBackbone {
         Err(lavit_plugin_api::PluginError::new(
             "the encoder runs in the Encoder stage",
         ))
+    }
+}
+
+/// One read of a checkpoint file (CPU tensors) shared by the stage builders of a pipeline.
+/// (`tch::Tensor` is `Send` but not `Sync`, hence the mutex; a stage holds it only to take
+/// shallow copies, then copies the tensors onto its device.)
+#[derive(Clone)]
+pub struct SharedState {
+    sd: Arc<Mutex<StateDict>>,
+    source: Arc<str>,
+}
+
+impl SharedState {
+    /// Read `path` once.
+    pub fn load(path: &Path) -> lavit_runtime::Result<Self> {
+        Ok(Self {
+            sd: Arc::new(Mutex::new(checkpoint::load_path(path)?)),
+            source: path.display().to_string().into(),
+        })
+    }
+    /// Shallow copies of the tensors (no data copied).
+    pub fn get(&self) -> StateDict {
+        let sd = self.sd.lock().unwrap_or_else(|e| e.into_inner());
+        sd.iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect()
+    }
+    pub fn source(&self) -> &str {
+        &self.source
     }
 }
 
@@ -114,15 +149,18 @@ fn tokenizer_without_encoder(
     device: Device,
     parts: LoadParts,
     plugins: &TokenizerPlugins,
+    enc: &SharedState,
 ) -> lavit_runtime::Result<VisualTokenizer> {
     let m = LavitManifest::for_checkpoint(dir)?;
     let codebook = plugins.codebook(Some(dir), device)?;
-    VisualTokenizer::from_checkpoint_with(
+    VisualTokenizer::from_checkpoint_with_state(
         dir,
         device,
         parts,
         Box::new(NoBackbone::of(&m)),
         codebook,
+        enc.get(),
+        enc.source(),
     )
 }
 
@@ -217,6 +255,7 @@ impl Backbone for SharedBackbone {
 fn err(kind: StageKind) -> impl Fn(lavit_runtime::Error) -> StageError {
     move |e| match e {
         lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
+        lavit_runtime::Error::Cancelled => StageError::Cancelled,
         e => StageError::failed(kind, e),
     }
 }
@@ -506,13 +545,141 @@ impl QuantizerStage for QuantizerReal {
     }
 }
 
-/// Decoder stage: feature decoder (highres or lowres) + U-Net + VAE + scheduler.
-pub struct DecoderReal {
-    tok: VisualTokenizer,
-    pixels: PixelDecoder,
-    resolution: Resolution,
+/// Llm stage: serving through [`LlmStageModel`] (captions, image tokens) and, when built by
+/// the stage-2 trainer, training the same model on the same thread and device
+/// ([`crate::train::llm::LlmTrainer`]).
+pub struct LlmReal {
+    pub llm: LlmStageModel,
+    pub train: Option<crate::train::llm::LlmTrainer>,
 }
-impl Trainable for DecoderReal {}
+
+impl LlmReal {
+    fn trainer(&mut self) -> StageResult<&mut crate::train::llm::LlmTrainer> {
+        self.train
+            .as_mut()
+            .ok_or_else(|| StageError::Invalid("this Llm stage was not built for training".into()))
+    }
+}
+
+impl Trainable for LlmReal {
+    fn train_forward(&mut self, batch: TrainBatch) -> StageResult<TrainBatch> {
+        let t = self.train.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Llm stage was not built for training".into())
+        })?;
+        t.forward(&self.llm, batch)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        Err(StageError::Invalid(
+            "the Llm stage steps under the trainer's control (OptimizerStepWith)".into(),
+        ))
+    }
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        self.trainer()?.step(ctl)
+    }
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        let t = self.train.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Llm stage was not built for training".into())
+        })?;
+        t.state(&self.llm)
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let llm = &self.llm;
+        match self.train.as_mut() {
+            Some(t) => t.load(llm, parts),
+            None => Err(StageError::Invalid(
+                "this Llm stage was not built for training".into(),
+            )),
+        }
+    }
+}
+
+impl LlmStage for LlmReal {
+    fn caption(
+        &mut self,
+        prefix: &Tensor,
+        prompt: &str,
+        opts: &CaptionOptions,
+        on_token: &mut dyn FnMut(i64, &str) -> bool,
+    ) -> StageResult<Vec<i64>> {
+        let _g = tch::no_grad_guard();
+        self.llm.caption(prefix, prompt, opts, on_token)
+    }
+    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
+        self.llm.decode_text(ids)
+    }
+    fn image_tokens(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        let _g = tch::no_grad_guard();
+        self.llm.image_tokens(prompt, opts, should_stop)
+    }
+}
+
+/// Decoder stage: feature decoder (highres or lowres) + U-Net + VAE + scheduler; when built
+/// by the stage-1b trainer, the same [`PixelDecoder`] trains on this thread and device
+/// ([`crate::train::decoder::DecoderTrainer`]).
+pub struct DecoderReal {
+    /// The feature decoders (serving; a training-only stage has none).
+    tok: Option<VisualTokenizer>,
+    pub pixels: PixelDecoder,
+    resolution: Resolution,
+    pub train: Option<crate::train::decoder::DecoderTrainer>,
+}
+
+impl DecoderReal {
+    /// A Decoder stage that trains `pixels` (its U-Net) with `train`.
+    pub fn for_training(
+        pixels: PixelDecoder,
+        train: crate::train::decoder::DecoderTrainer,
+    ) -> Self {
+        DecoderReal {
+            tok: None,
+            resolution: pixels.resolution,
+            pixels,
+            train: Some(train),
+        }
+    }
+}
+
+fn not_training() -> StageError {
+    StageError::Invalid("this Decoder stage was not built for training".into())
+}
+
+impl Trainable for DecoderReal {
+    fn train_forward(&mut self, batch: TrainBatch) -> StageResult<TrainBatch> {
+        let t = self.train.as_ref().ok_or_else(not_training)?;
+        t.forward(&self.pixels, batch)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        Err(StageError::Invalid(
+            "the Decoder stage steps under the trainer's control (OptimizerStepWith)".into(),
+        ))
+    }
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        let pixels = &self.pixels;
+        self.train
+            .as_mut()
+            .ok_or_else(not_training)?
+            .step(pixels, ctl)
+    }
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        self.train
+            .as_ref()
+            .ok_or_else(not_training)?
+            .state(&self.pixels)
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let pixels = &self.pixels;
+        self.train
+            .as_mut()
+            .ok_or_else(not_training)?
+            .load(pixels, parts)
+    }
+}
+
 impl DecoderStage for DecoderReal {
     fn decode(
         &mut self,
@@ -524,16 +691,19 @@ impl DecoderStage for DecoderReal {
         if ids.iter().any(Vec::is_empty) {
             return Err(StageError::Invalid("an image without visual tokens".into()));
         }
+        let tok = self.tok.as_ref().ok_or_else(|| {
+            StageError::Invalid("this Decoder stage has no feature decoder".into())
+        })?;
         let cond = match self.resolution {
             Resolution::Highres => {
-                let (prompt_embeds, pooled_embeds) = self.tok.decode_highres(ids).map_err(&e)?;
+                let (prompt_embeds, pooled_embeds) = tok.decode_highres(ids).map_err(&e)?;
                 Condition::Highres {
                     prompt_embeds,
                     pooled_embeds,
                 }
             }
             Resolution::Lowres => Condition::Lowres {
-                hidden: self.tok.decode_lowres(ids).map_err(&e)?,
+                hidden: tok.decode_lowres(ids).map_err(&e)?,
             },
         };
         if should_stop() {
@@ -547,11 +717,10 @@ impl DecoderStage for DecoderReal {
             seed: Some(opts.seed as i64),
             ..DecodeOptions::default()
         };
-        let px = self.pixels.decode(&cond, &dopts).map_err(&e)?;
-        if should_stop() {
-            return Err(StageError::Cancelled);
-        }
-        Ok(px)
+        // One `should_stop` call per diffusion step.
+        self.pixels
+            .decode_with(&cond, &dopts, should_stop)
+            .map_err(&e)
     }
 }
 
@@ -567,7 +736,8 @@ pub fn builders(
     if plugins.config().backbone.is_none() {
         resolve_file(dir, files::EVA)?;
     }
-    resolve_file(dir, files::TOKENIZER_ENCODER)?;
+    // Read once, shared by the Encoder, SelectorMerger, Quantizer and Decoder builders.
+    let enc_state = SharedState::load(&resolve_file(dir, files::TOKENIZER_ENCODER)?)?;
     let resolution = if dir.join(Resolution::Highres.folder()).is_dir() {
         Resolution::Highres
     } else {
@@ -590,11 +760,20 @@ pub fn builders(
         plugins.clone(),
         plugins.clone(),
     );
+    let (s1, s2, s3, s5) = (
+        enc_state.clone(),
+        enc_state.clone(),
+        enc_state.clone(),
+        enc_state,
+    );
     let llm: lavit_runtime::actors::Builder<Box<dyn LlmStage>> = if tokenizer_only {
         Box::new(|_| Ok(Box::new(Absent(StageKind::Llm)) as Box<dyn LlmStage>))
     } else {
         Box::new(move |dev| {
-            Ok(Box::new(lavit_llm::actor::LlmStageModel::load(&d4, dev)?) as Box<dyn LlmStage>)
+            Ok(Box::new(LlmReal {
+                llm: LlmStageModel::load(&d4, dev)?,
+                train: None,
+            }) as Box<dyn LlmStage>)
         })
     };
     let decoder: lavit_runtime::actors::Builder<Box<dyn DecoderStage>> = if tokenizer_only {
@@ -606,18 +785,26 @@ pub fn builders(
                 lowres_decoder: resolution == Resolution::Lowres,
                 ..LoadParts::tokenize_only()
             };
-            let tok = tokenizer_without_encoder(&d5, dev, parts, &p5)?;
+            let tok = tokenizer_without_encoder(&d5, dev, parts, &p5, &s5)?;
             let pixels = PixelDecoder::load(&d5, resolution, dev)?;
             Ok(Box::new(DecoderReal {
-                tok,
+                tok: Some(tok),
                 pixels,
                 resolution,
+                train: None,
             }) as Box<dyn DecoderStage>)
         })
     };
     let builders = StageBuilders {
         encoder: Box::new(move |dev| {
-            let tok = VisualTokenizer::load(&d1, dev, LoadParts::tokenize_only(), &p1)?;
+            let tok = VisualTokenizer::load_with_state(
+                &d1,
+                dev,
+                LoadParts::tokenize_only(),
+                &p1,
+                s1.get(),
+                s1.source(),
+            )?;
             Ok(Box::new(EncoderReal { tok, train: false }) as Box<dyn EncoderStage>)
         }),
         selector_merger: Box::new(move |dev| {
@@ -625,7 +812,7 @@ pub fn builders(
                 understanding: resolve_file(&d2, files::VISUAL_WEIGHT).is_ok(),
                 ..LoadParts::tokenize_only()
             };
-            let tok = tokenizer_without_encoder(&d2, dev, parts, &p2)?;
+            let tok = tokenizer_without_encoder(&d2, dev, parts, &p2, &s2)?;
             Ok(Box::new(SelectorMergerReal {
                 tok,
                 training: None,
@@ -633,7 +820,7 @@ pub fn builders(
             }) as Box<dyn SelectorMergerStage>)
         }),
         quantizer: Box::new(move |dev| {
-            let tok = tokenizer_without_encoder(&d3, dev, LoadParts::tokenize_only(), &p3)?;
+            let tok = tokenizer_without_encoder(&d3, dev, LoadParts::tokenize_only(), &p3, &s3)?;
             Ok(Box::new(QuantizerReal {
                 tok,
                 training: None,

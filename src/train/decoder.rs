@@ -12,6 +12,15 @@
 //! `model`, `optimizer`, `ema`) with exact resume, `metrics.jsonl` + `metrics.html` +
 //! `loss.png`, a progress bar. The EMA U-Net is exported as a diffusers folder
 //! (`unet/config.json` + `unet/diffusion_pytorch_model.safetensors`, `scheduler/`).
+//!
+//! The U-Net (with its EMA copy, optimiser and the frozen VAE) lives in the pipeline's Decoder
+//! stage actor (the serving adapter `lavit::pipeline::stages::DecoderReal`, on the device
+//! `placement.decoder` names) and trains there: each step is `TrainForward` (images +
+//! conditions → loss, [`DecoderTrainer::forward`]) → `Backward` → `OptimizerStepWith`
+//! ([`DecoderTrainer::step`]: clip, AdamW, EMA) through [`StageGraph`]; evaluation losses and
+//! sample grids are forward messages too, checkpoints come from the stage (`GetTrainState`).
+//! The data loop, conditioner, schedule, NaN policy, metrics and progress stay on the calling
+//! thread.
 
 use std::path::{Path, PathBuf};
 
@@ -19,11 +28,16 @@ use anyhow::{bail, Context, Result};
 use lavit_decoder::schedulers::{DDIMScheduler, Scheduler, SchedulerConfig};
 use lavit_decoder::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use lavit_decoder::AutoencoderKL;
+use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
+use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainParts};
+use lavit_runtime::stage::{DecoderStage, Placement, StageError, StageKind, StageResult};
 use lavit_runtime::train::{
     is_no_decay, var_store_state_dict, AdamW, AdamWConfig, Checkpointer, LrSchedule, MetricsLog,
     NanGuard, StepRng, StepVerdict, TrainProgress, TrainState,
 };
+
+use crate::generate::{PixelDecoder, Resolution};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -422,26 +436,260 @@ pub struct TrainSummary {
     pub sample_grids: Vec<PathBuf>,
 }
 
+/// The stage-1b training state the Decoder stage holds beside its [`PixelDecoder`] (whose
+/// U-Net trains and whose VAE, if any, encodes the images): the optimiser, the EMA U-Net, the
+/// noise schedule and the step's knobs.
+pub struct DecoderTrainer {
+    opt: AdamW,
+    ema_vs: nn::VarStore,
+    ema_unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    num_train_timesteps: i64,
+    cond_dropout: f64,
+    grad_clip: f64,
+    ema_decay: f64,
+    sample_steps: usize,
+    sample_guidance: f64,
+    seed: u64,
+}
+
+fn stage_fail(e: impl std::fmt::Display) -> StageError {
+    StageError::failed(StageKind::Decoder, e)
+}
+
+impl DecoderTrainer {
+    /// The optimiser over `pixels`' U-Net and an EMA copy of it.
+    pub fn new(pixels: &PixelDecoder, cfg: &DecoderTrainConfig) -> Result<Self> {
+        let t = &cfg.train;
+        let mut ema_vs = nn::VarStore::new(pixels.device);
+        let ema_unet = UNet2DConditionModel::new(ema_vs.root(), pixels.unet.config.clone())?;
+        ema_vs.copy(&pixels.unet_vs)?;
+        ema_vs.freeze();
+        let opt = AdamW::from_var_store(
+            &pixels.unet_vs,
+            |_| true,
+            AdamWConfig {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+            },
+        )?
+        .no_decay(is_no_decay);
+        Ok(Self {
+            opt,
+            ema_vs,
+            ema_unet,
+            scheduler: DDIMScheduler::new(cfg.scheduler.clone())?,
+            num_train_timesteps: cfg.scheduler.num_train_timesteps,
+            cond_dropout: t.cond_dropout,
+            grad_clip: t.grad_clip,
+            ema_decay: t.ema_decay,
+            sample_steps: t.sample_steps.max(1),
+            sample_guidance: t.sample_guidance,
+            seed: t.seed,
+        })
+    }
+
+    /// Images (B, C, H, W) in [-1, 1] → the diffusion target space (VAE latents · scaling
+    /// factor, or the pixels themselves).
+    fn to_x0(pixels: &PixelDecoder, img: &Tensor) -> Tensor {
+        match &pixels.vae {
+            Some((_, v)) => tch::no_grad(|| v.encode(img).sample() * v.config.scaling_factor),
+            None => img.shallow_clone(),
+        }
+    }
+
+    /// One forward message. By the keys of `b.tensors`:
+    /// - `images` (B, C, H, W) + `cond` (B, L, dim): the training loss with grad (uniform
+    ///   timesteps, noise, condition dropout to zeros), added as the loss term `loss`;
+    /// - `eval_images` + `cond` + `eval_seed` (scalar): the denoising loss of the current
+    ///   weights on noise and timesteps drawn from that seed (`eval_loss`, no grad);
+    /// - `sample_cond` (n, L, dim) + `sample_hw` ([H, W]): DDIM samples of the EMA U-Net with
+    ///   decoder guidance and zero negative conditions (`samples`, (n, C, H, W) in [-1, 1]).
+    pub fn forward(&self, pixels: &PixelDecoder, mut b: TrainBatch) -> StageResult<TrainBatch> {
+        let get = |k: &str| b.tensors.get(k).map(Tensor::shallow_clone);
+        let need = |k: &str| {
+            get(k).ok_or_else(|| StageError::Invalid(format!("training batch has no `{k}`")))
+        };
+        let dev = pixels.device;
+        let unet = &pixels.unet;
+        if let Some(img) = get("images") {
+            let cond = need("cond")?;
+            let n = img.size()[0];
+            let x0 = Self::to_x0(pixels, &img);
+            let noise = x0.randn_like();
+            let ts = Tensor::randint(self.num_train_timesteps, [n], (Kind::Int64, dev));
+            let keep = Tensor::rand([n, 1, 1], (Kind::Float, dev))
+                .ge(self.cond_dropout)
+                .to_kind(cond.kind());
+            let cond = cond * keep; // dropped conditions become zeros (the sampling negative)
+            let xt = self.scheduler.add_noise(&x0, &noise, &ts);
+            let target = target_for(&self.scheduler, &x0, &noise, &ts);
+            let pred = unet
+                .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
+                .map_err(stage_fail)?;
+            b.losses
+                .push(("loss".into(), pred.mse_loss(&target, tch::Reduction::Mean)));
+        } else if let Some(img) = get("eval_images") {
+            let _g = tch::no_grad_guard();
+            let cond = need("cond")?;
+            tch::manual_seed(need("eval_seed")?.int64_value(&[]));
+            let x0 = Self::to_x0(pixels, &img);
+            let noise = x0.randn_like();
+            let ts = Tensor::randint(
+                self.num_train_timesteps,
+                [img.size()[0]],
+                (Kind::Int64, dev),
+            );
+            let xt = self.scheduler.add_noise(&x0, &noise, &ts);
+            let target = target_for(&self.scheduler, &x0, &noise, &ts);
+            let pred = unet
+                .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
+                .map_err(stage_fail)?;
+            b.tensors.insert(
+                "eval_loss".into(),
+                pred.mse_loss(&target, tch::Reduction::Mean),
+            );
+        } else if let Some(cond) = get("sample_cond") {
+            let hw = Vec::<i64>::try_from(&need("sample_hw")?.to_device(Device::Cpu))
+                .map_err(stage_fail)?;
+            let samples = self.sample(pixels, &cond, hw[0], hw[1])?;
+            b.tensors.insert("samples".into(), samples);
+        } else {
+            return Err(StageError::Invalid(
+                "decoder training batch: needs `images`, `eval_images` or `sample_cond`".into(),
+            ));
+        }
+        Ok(b)
+    }
+
+    fn sample(&self, pixels: &PixelDecoder, cond: &Tensor, h: i64, w: i64) -> StageResult<Tensor> {
+        let _g = tch::no_grad_guard();
+        let dev = pixels.device;
+        let n = cond.size()[0];
+        let mut s = DDIMScheduler::new(self.scheduler.config.clone()).map_err(stage_fail)?;
+        s.set_timesteps(self.sample_steps).map_err(stage_fail)?;
+        tch::manual_seed(self.seed.wrapping_add(77) as i64);
+        let (c, h, w) = match &pixels.vae {
+            Some((_, v)) => {
+                let k = v.config.downscale();
+                (v.config.latent_channels, h / k, w / k)
+            }
+            None => (self.ema_unet.config.in_channels, h, w),
+        };
+        let mut x = Tensor::randn([n, c, h, w], (Kind::Float, dev));
+        let ehs = Tensor::cat(&[cond.zeros_like(), cond.shallow_clone()], 0);
+        for ts in s.timesteps().to_vec() {
+            let tt = Tensor::from(ts).to_kind(Kind::Float).to_device(dev);
+            let out = self
+                .ema_unet
+                .forward(&Tensor::cat(&[&x, &x], 0), &tt, &ehs, None, None)
+                .map_err(stage_fail)?;
+            let p = out.chunk(2, 0);
+            let eps = &p[0] + (&p[1] - &p[0]) * self.sample_guidance;
+            x = s.step(&eps, ts, &x).map_err(stage_fail)?;
+        }
+        Ok(match &pixels.vae {
+            Some((_, v)) => v.decode(&(x / v.config.scaling_factor)),
+            None => x,
+        })
+    }
+
+    /// Apply (clip or measure the gradient norm, AdamW at `ctl.lr`, EMA update) or skip, then
+    /// zero the gradients.
+    pub fn step(&mut self, pixels: &PixelDecoder, ctl: &StepControl) -> StageResult<StepReport> {
+        let mut report = StepReport::default();
+        if ctl.apply {
+            let norm = if self.grad_clip > 0.0 {
+                self.opt.clip_grad_norm(self.grad_clip)
+            } else {
+                self.opt.grad_norm()
+            }
+            .map_err(stage_fail)?;
+            report.grad_norm = Some(norm);
+            self.opt.step(ctl.lr).map_err(stage_fail)?;
+            ema_update(
+                &self.ema_vs,
+                &pixels.unet_vs,
+                ema_decay_at(self.ema_decay, ctl.step.max(0) as usize),
+            );
+        }
+        self.opt.zero_grad();
+        Ok(report)
+    }
+
+    /// `model`, `optimizer` and `ema`, as the checkpoints store them.
+    pub fn state(&self, pixels: &PixelDecoder) -> StageResult<TrainParts> {
+        Ok(vec![
+            ("model".into(), var_store_state_dict(&pixels.unet_vs)),
+            (
+                "optimizer".into(),
+                self.opt.state_dict().map_err(stage_fail)?,
+            ),
+            ("ema".into(), var_store_state_dict(&self.ema_vs)),
+        ])
+    }
+
+    /// Load a saved state strictly (exact resume).
+    pub fn load(&mut self, pixels: &PixelDecoder, parts: TrainParts) -> StageResult<()> {
+        for (name, sd) in parts {
+            let src = format!("checkpoint {name}");
+            match name.as_str() {
+                "model" => {
+                    checkpoint::load_into(&pixels.unet_vs, "", &sd, &src, &Default::default())
+                        .map_err(stage_fail)?;
+                }
+                "optimizer" => self.opt.load_state_dict(&sd, &src).map_err(stage_fail)?,
+                "ema" => {
+                    checkpoint::load_into(&self.ema_vs, "", &sd, &src, &Default::default())
+                        .map_err(stage_fail)?;
+                }
+                other => {
+                    return Err(StageError::Invalid(format!(
+                        "the Decoder stage has no training part `{other}`"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Train the pixel decoder on `images` (N, C, H, W) in [-1, 1] (C = 3 with a VAE, else the
-/// U-Net's channels). `conditioner` gives the condition tokens of each batch.
+/// U-Net's channels), the Decoder stage on `train.device`. `conditioner` gives the condition
+/// tokens of each batch.
 pub fn train(
     cfg: &DecoderTrainConfig,
     images: &Tensor,
     conditioner: &dyn Conditioner,
 ) -> Result<TrainSummary> {
+    let device = &cfg.train.device;
+    let device = if device == "cuda" && !tch::Cuda::is_available() {
+        "cpu".to_string()
+    } else {
+        device.clone()
+    };
+    let placement = Placement {
+        decoder: device,
+        ..Placement::default()
+    };
+    train_placed(cfg, images, conditioner, &placement)
+}
+
+/// [`train`] with the Decoder stage where `placement.decoder` says (the serving placement).
+pub fn train_placed(
+    cfg: &DecoderTrainConfig,
+    images: &Tensor,
+    conditioner: &dyn Conditioner,
+    placement: &Placement,
+) -> Result<TrainSummary> {
     cfg.validate()?;
-    let t = &cfg.train;
-    let device = Device::cuda_if_available_for(&t.device)?;
+    if let Err(m) = lavit_runtime::stage::parse_device(&placement.decoder) {
+        bail!("placement.decoder: {m}");
+    }
     std::fs::create_dir_all(&cfg.out_dir)
         .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
-
-    // Frozen VAE (latent training) or none (pixel space).
-    let vae = match &cfg.vae {
-        Some(dir) => Some(AutoencoderKL::from_pretrained(dir, device)?),
-        None => None,
-    };
-
-    // The U-Net and its EMA copy.
     let unet_cfg = match &cfg.unet_from {
         Some(dir) => UNet2DConditionModelConfig::from_json_file(&dir.join("config.json"))?,
         None => cfg.unet.clone(),
@@ -453,51 +701,8 @@ pub fn train(
             conditioner.dim()
         );
     }
-    tch::manual_seed(t.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let unet = UNet2DConditionModel::new(vs.root(), unet_cfg.clone())?;
-    if let Some(dir) = &cfg.unet_from {
-        let sd = checkpoint::load_path(dir)?;
-        checkpoint::load_into(
-            &vs,
-            "",
-            &sd,
-            &dir.display().to_string(),
-            &Default::default(),
-        )?;
-    }
-    let mut ema_vs = nn::VarStore::new(device);
-    let ema_unet = UNet2DConditionModel::new(ema_vs.root(), unet_cfg.clone())?;
-    ema_vs.copy(&vs)?;
-    ema_vs.freeze();
-
-    let mut opt = AdamW::from_var_store(
-        &vs,
-        |_| true,
-        AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    )?
-    .no_decay(is_no_decay);
-    let schedule = LrSchedule::warmup_cosine(
-        t.lr,
-        t.warmup_steps as i64,
-        t.steps as i64,
-        t.lr * t.min_lr_ratio,
-    );
-    schedule.validate("decoder training config", "train")?;
-    let scheduler = DDIMScheduler::new(cfg.scheduler.clone())?;
-    let sf = vae
-        .as_ref()
-        .map(|(_, v)| v.config.scaling_factor)
-        .unwrap_or(1.0);
-
-    let images = images.to_device(device).to_kind(Kind::Float);
-    let n_img = images.size()[0];
-    let want_c = if vae.is_some() {
+    let images = images.to_kind(Kind::Float);
+    let want_c = if cfg.vae.is_some() {
         3
     } else {
         unet_cfg.in_channels
@@ -508,12 +713,88 @@ pub fn train(
             images.size()
         );
     }
-    let to_x0 = |img: &Tensor| -> Tensor {
-        match &vae {
-            Some((_, v)) => tch::no_grad(|| v.encode(img).sample() * sf),
-            None => img.shallow_clone(),
-        }
-    };
+
+    // The Decoder stage builds the U-Net (+ EMA, optimiser, frozen VAE) on its own device.
+    let mut builders = StageBuilders::unused();
+    let (c2, u2) = (cfg.clone(), unet_cfg.clone());
+    builders.decoder = Box::new(move |dev| {
+        let build = || -> Result<Box<dyn DecoderStage>> {
+            let vae = match &c2.vae {
+                Some(dir) => Some(AutoencoderKL::from_pretrained(dir, dev)?),
+                None => None,
+            };
+            tch::manual_seed(c2.train.seed as i64);
+            let vs = nn::VarStore::new(dev);
+            let unet = UNet2DConditionModel::new(vs.root(), u2)?;
+            if let Some(dir) = &c2.unet_from {
+                let sd = checkpoint::load_path(dir)?;
+                checkpoint::load_into(
+                    &vs,
+                    "",
+                    &sd,
+                    &dir.display().to_string(),
+                    &Default::default(),
+                )?;
+            }
+            let pixels = PixelDecoder {
+                resolution: Resolution::Lowres,
+                unet,
+                unet_vs: vs,
+                vae,
+                scheduler_config: c2.scheduler.clone(),
+                uncond_embeddings: None,
+                device: dev,
+            };
+            let train = DecoderTrainer::new(&pixels, &c2)?;
+            Ok(Box::new(
+                crate::pipeline::stages::DecoderReal::for_training(pixels, train),
+            ))
+        };
+        build().map_err(|e| lavit_runtime::Error::invalid(format!("{e:#}")))
+    });
+    let graph = StageGraph::spawn(builders, placement, GraphOptions::default())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(drive(&graph, cfg, &unet_cfg, &images, conditioner));
+    drop(graph);
+    r
+}
+
+const DEC: StageKind = StageKind::Decoder;
+
+/// Send one forward message to the Decoder stage.
+async fn forward(g: &StageGraph, tensors: Vec<(&str, Tensor)>) -> Result<TrainBatch> {
+    let mut b = TrainBatch::new(vec![DEC]);
+    for (k, t) in tensors {
+        b.tensors.insert(k.into(), t);
+    }
+    Ok(g.train_forward(b).await?)
+}
+
+async fn save_from_stage(g: &StageGraph, ck: &Checkpointer, state: &TrainState) -> Result<PathBuf> {
+    let parts = g.train_state(DEC).await?;
+    let named: Vec<(&str, &StateDict)> = parts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Ok(ck.save(state, &named)?)
+}
+
+/// The stage-1b loop on the calling thread; every tensor op of the U-Net runs on the stage.
+async fn drive(
+    g: &StageGraph,
+    cfg: &DecoderTrainConfig,
+    unet_cfg: &UNet2DConditionModelConfig,
+    images: &Tensor,
+    conditioner: &dyn Conditioner,
+) -> Result<TrainSummary> {
+    let t = &cfg.train;
+    let n_img = images.size()[0];
+    let schedule = LrSchedule::warmup_cosine(
+        t.lr,
+        t.warmup_steps as i64,
+        t.steps as i64,
+        t.lr * t.min_lr_ratio,
+    );
+    schedule.validate("decoder training config", "train")?;
 
     // Resume from the newest committed checkpoint (model, optimizer, EMA, state).
     let ck = Checkpointer::new(cfg.out_dir.join("checkpoints"), t.keep_checkpoints.max(1))?;
@@ -524,42 +805,40 @@ pub fn train(
     if t.resume {
         if let Some(path) = ck.latest()? {
             let mut loaded = lavit_runtime::train::load(&path)?;
-            let src = path.display().to_string();
-            checkpoint::load_into(&vs, "", &loaded.take("model")?, &src, &Default::default())?;
-            opt.load_state_dict(&loaded.take("optimizer")?, &src)?;
-            checkpoint::load_into(&ema_vs, "", &loaded.take("ema")?, &src, &Default::default())?;
+            let mut parts = Vec::new();
+            for k in ["model", "optimizer", "ema"] {
+                parts.push((k.to_string(), loaded.take(k)?));
+            }
+            g.load_train_state(DEC, parts)
+                .await
+                .with_context(|| format!("resuming {}", path.display()))?;
             state = loaded.state;
             tracing::info!("resumed {} at step {}", path.display(), state.step);
         }
     }
     let start = state.step.max(0) as usize;
 
-    // A fixed evaluation batch: same images, noise, timesteps every time.
-    let eval = {
-        tch::manual_seed((t.seed ^ 0x5eed) as i64);
-        let b = n_img.min(16);
-        let img = images.narrow(0, 0, b);
-        let x0 = to_x0(&img);
-        let noise = x0.randn_like();
-        let ts = Tensor::randint(
-            cfg.scheduler.num_train_timesteps,
-            [b],
-            (Kind::Int64, device),
-        );
-        let cond = conditioner.condition(&img)?;
-        (x0, noise, ts, cond)
+    // A fixed evaluation batch: same images, noise (drawn from the seed), timesteps.
+    let eval_img = images.narrow(0, 0, n_img.min(16));
+    let eval_cond = tch::no_grad(|| conditioner.condition(&eval_img))?;
+    let eval_seed = Tensor::from((t.seed ^ 0x5eed) as i64);
+    let eval_loss = || async {
+        let out = forward(
+            g,
+            vec![
+                ("eval_images", eval_img.shallow_clone()),
+                ("cond", eval_cond.shallow_clone()),
+                ("eval_seed", eval_seed.shallow_clone()),
+            ],
+        )
+        .await?;
+        let l = out
+            .tensors
+            .get("eval_loss")
+            .context("the Decoder stage returned no eval_loss")?;
+        anyhow::Ok(l.double_value(&[]))
     };
-    let eval_loss = |u: &UNet2DConditionModel| -> Result<f64> {
-        let _g = tch::no_grad_guard();
-        let (x0, noise, ts, cond) = &eval;
-        let xt = scheduler.add_noise(x0, noise, ts);
-        let target = target_for(&scheduler, x0, noise, ts);
-        let pred = u.forward(&xt, &ts.to_kind(Kind::Float), cond, None, None)?;
-        Ok(pred
-            .mse_loss(&target, tch::Reduction::Mean)
-            .double_value(&[]))
-    };
-    let eval_loss_start = eval_loss(&unet)?;
+    let eval_loss_start = eval_loss().await?;
 
     let mut log = MetricsLog::open(&cfg.out_dir, state.step)?;
     let log_every = t.log_every.max(1);
@@ -575,15 +854,6 @@ pub fn train(
     };
     let rng = StepRng::new(state.seed);
     let mut guard = NanGuard::new(5).with_counts(state.consecutive_skips, state.skipped_total);
-    let save = |state: &TrainState, opt: &AdamW| -> Result<PathBuf> {
-        let model = var_store_state_dict(&vs);
-        let ema = var_store_state_dict(&ema_vs);
-        let optim = opt.state_dict()?;
-        Ok(ck.save(
-            state,
-            &[("model", &model), ("optimizer", &optim), ("ema", &ema)],
-        )?)
-    };
 
     let mut losses = Vec::new();
     let mut grids = Vec::new();
@@ -592,48 +862,36 @@ pub fn train(
     } else {
         t.steps
     };
+    g.set_train(true);
     while (state.step as usize) < end {
         let step = state.step;
         rng.begin_step(step); // everything random in this step derives from (seed, step)
-        let idx = Tensor::randint(n_img, [t.batch_size], (Kind::Int64, device));
+        let idx = Tensor::randint(n_img, [t.batch_size], (Kind::Int64, images.device()));
         let img = images.index_select(0, &idx);
-        let x0 = to_x0(&img);
-        let noise = x0.randn_like();
-        let ts = Tensor::randint(
-            cfg.scheduler.num_train_timesteps,
-            [t.batch_size],
-            (Kind::Int64, device),
-        );
         let cond = tch::no_grad(|| conditioner.condition(&img))?;
-        let keep = Tensor::rand([t.batch_size, 1, 1], (Kind::Float, device))
-            .ge(t.cond_dropout)
-            .to_kind(cond.kind());
-        let cond = cond * keep; // dropped conditions become zeros (the sampling negative)
-        let xt = scheduler.add_noise(&x0, &noise, &ts);
-        let target = target_for(&scheduler, &x0, &noise, &ts);
-        let pred = unet.forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)?;
-        let loss = pred.mse_loss(&target, tch::Reduction::Mean);
+        // TrainForward: the noise, timesteps and condition dropout are drawn on the stage.
+        let out = forward(g, vec![("images", img), ("cond", cond)]).await?;
+        let loss = out
+            .losses
+            .into_iter()
+            .find(|(k, _)| k == "loss")
+            .map(|(_, l)| l)
+            .context("the Decoder stage returned no loss")?;
         let loss_v = loss.double_value(&[]);
         let lr = schedule.lr_at(step);
-        let mut grad_norm = f64::NAN;
-        match guard.observe(step, loss_v) {
-            StepVerdict::Apply => {
-                opt.zero_grad();
-                loss.backward();
-                grad_norm = if t.grad_clip > 0.0 {
-                    opt.clip_grad_norm(t.grad_clip)?
-                } else {
-                    opt.grad_norm()?
-                };
-                opt.step(lr)?;
-                ema_update(&ema_vs, &vs, ema_decay_at(t.ema_decay, step as usize));
-            }
-            StepVerdict::Skip => {}
-            StepVerdict::Stop => {
-                let p = save(&state, &opt)?;
-                return Err(guard.stop_error(step, Some(p)).into());
-            }
+        let verdict = guard.observe(step, loss_v);
+        if verdict == StepVerdict::Stop {
+            let p = save_from_stage(g, &ck, &state).await?;
+            return Err(guard.stop_error(step, Some(p)).into());
         }
+        let apply = verdict == StepVerdict::Apply;
+        if apply {
+            g.backward(DEC, loss).await?;
+        }
+        let report = g
+            .optimizer_step_with(DEC, StepControl { lr, apply, step })
+            .await?;
+        let grad_norm = report.grad_norm.unwrap_or(f64::NAN);
         state.step += 1;
         (state.consecutive_skips, state.skipped_total) =
             (guard.consecutive(), guard.skipped_total());
@@ -647,35 +905,29 @@ pub fn train(
         }
         let done = state.step as usize;
         if done.is_multiple_of(t.save_every.max(1)) && done != end {
-            save(&state, &opt)?;
+            save_from_stage(g, &ck, &state).await?;
         }
         if t.sample_every > 0 && done.is_multiple_of(t.sample_every) && done != end {
-            grids.push(sample_grid(
-                cfg,
-                &ema_unet,
-                vae.as_ref().map(|(_, v)| v),
-                &images,
-                conditioner,
-                done,
-            )?);
+            grids.push(sample_grid(g, cfg, images, conditioner, done).await?);
         }
     }
+    g.set_train(false);
     if let Some(b) = &bar {
         b.finish();
     }
     let done = state.step.max(0) as usize;
-    let checkpoint = save(&state, &opt)?;
+    let checkpoint = save_from_stage(g, &ck, &state).await?;
     log.write_report("pixel decoder")?;
-    let exported_unet = export_diffusers(cfg, &ema_vs, &unet_cfg)?;
-    grids.push(sample_grid(
-        cfg,
-        &ema_unet,
-        vae.as_ref().map(|(_, v)| v),
-        &images,
-        conditioner,
-        done,
-    )?);
-    let eval_loss_end = eval_loss(&unet)?;
+    let ema = g
+        .train_state(DEC)
+        .await?
+        .into_iter()
+        .find(|(k, _)| k == "ema")
+        .map(|(_, sd)| sd)
+        .context("the Decoder stage has no EMA weights")?;
+    let exported_unet = export_diffusers(cfg, &ema, unet_cfg)?;
+    grids.push(sample_grid(g, cfg, images, conditioner, done).await?);
+    let eval_loss_end = eval_loss().await?;
     let k = log_every.min(losses.len().max(1));
     let mean = |s: &[f64]| {
         if s.is_empty() {
@@ -730,7 +982,7 @@ fn ema_update(ema: &nn::VarStore, vs: &nn::VarStore, decay: f64) {
 /// Export the EMA weights as diffusers folders `out_dir/unet` and `out_dir/scheduler`.
 fn export_diffusers(
     cfg: &DecoderTrainConfig,
-    ema: &nn::VarStore,
+    ema: &StateDict,
     unet_cfg: &UNet2DConditionModelConfig,
 ) -> Result<PathBuf> {
     let dir = cfg.out_dir.join("unet");
@@ -743,11 +995,7 @@ fn export_diffusers(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    let sd: StateDict = ema
-        .variables()
-        .into_iter()
-        .map(|(k, v)| (k, v.detach()))
-        .collect();
+    let sd: StateDict = ema.iter().map(|(k, v)| (k.clone(), v.detach())).collect();
     checkpoint::save_safetensors(&dir.join("diffusion_pytorch_model.safetensors"), &sd, None)?;
     let sdir = cfg.out_dir.join("scheduler");
     std::fs::create_dir_all(&sdir)?;
@@ -762,51 +1010,28 @@ fn export_diffusers(
     Ok(dir)
 }
 
-/// Sample with the EMA U-Net (DDIM, decoder guidance with zero negative conditions) from
-/// the conditions of the first training images; write a grid: originals on top, samples
-/// below. Returns the PNG path.
-fn sample_grid(
+/// Sample with the EMA U-Net on the Decoder stage (DDIM, decoder guidance with zero negative
+/// conditions) from the conditions of the first training images; write a grid: originals on
+/// top, samples below. Returns the PNG path.
+async fn sample_grid(
+    g: &StageGraph,
     cfg: &DecoderTrainConfig,
-    ema_unet: &UNet2DConditionModel,
-    vae: Option<&AutoencoderKL>,
     images: &Tensor,
     conditioner: &dyn Conditioner,
     step: usize,
 ) -> Result<PathBuf> {
-    let _g = tch::no_grad_guard();
     let t = &cfg.train;
     let n = t.sample_count.min(images.size()[0]).max(1);
     let img = images.narrow(0, 0, n);
-    let cond = conditioner.condition(&img)?;
-    let mut s = DDIMScheduler::new(cfg.scheduler.clone())?;
-    s.set_timesteps(t.sample_steps.max(1))?;
-    tch::manual_seed(t.seed.wrapping_add(77) as i64);
-    let (c, h, w) = match vae {
-        Some(v) => {
-            let k = v.config.downscale();
-            (
-                v.config.latent_channels,
-                img.size()[2] / k,
-                img.size()[3] / k,
-            )
-        }
-        None => (ema_unet.config.in_channels, img.size()[2], img.size()[3]),
-    };
-    let mut x = Tensor::randn([n, c, h, w], (Kind::Float, img.device()));
-    let ehs = Tensor::cat(&[cond.zeros_like(), cond.shallow_clone()], 0);
-    for ts in s.timesteps().to_vec() {
-        let tt = Tensor::from(ts)
-            .to_kind(Kind::Float)
-            .to_device(img.device());
-        let out = ema_unet.forward(&Tensor::cat(&[&x, &x], 0), &tt, &ehs, None, None)?;
-        let p = out.chunk(2, 0);
-        let eps = &p[0] + (&p[1] - &p[0]) * t.sample_guidance;
-        x = s.step(&eps, ts, &x)?;
-    }
-    let samples = match vae {
-        Some(v) => v.decode(&(x / v.config.scaling_factor)),
-        None => x,
-    };
+    let cond = tch::no_grad(|| conditioner.condition(&img))?;
+    let hw = Tensor::from_slice(&[img.size()[2], img.size()[3]]);
+    let out = forward(g, vec![("sample_cond", cond), ("sample_hw", hw)]).await?;
+    let samples = out
+        .tensors
+        .get("samples")
+        .context("the Decoder stage returned no samples")?
+        .to_device(img.device());
+    let _g = tch::no_grad_guard();
     let to01 = |t: &Tensor| {
         let t = (t / 2.0 + 0.5).clamp(0.0, 1.0);
         if t.size()[1] == 1 {
@@ -871,7 +1096,7 @@ pub fn run(args: Args) -> Result<()> {
         images.size()[0],
         cfg.data.images.display()
     );
-    let device = Device::cuda_if_available_for(&cfg.train.device)?;
+    Device::cuda_if_available_for(&cfg.train.device)?; // a clear error for a bad name
     let channels = if cfg.vae.is_some() {
         3
     } else {
@@ -886,7 +1111,7 @@ pub fn run(args: Args) -> Result<()> {
         cfg.condition.grid,
         cfg.condition.dim,
         cfg.condition.seed,
-        device,
+        Device::Cpu, // the conditioner runs on the driver's side; the stage moves the batch
     )?;
     let s = train(&cfg, &images, &cond)?;
     println!("{}", serde_json::to_string_pretty(&s)?);

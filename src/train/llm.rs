@@ -12,18 +12,30 @@
 //! The loop uses `lavit_runtime::train` (AdamW, warm-up + cosine, clipping, atomic
 //! checkpoints with exact resume, NaN policy, metrics log, progress bar). Callable as a
 //! library ([`train_llm`]) and from `lavit train llm --config FILE` ([`run`]).
+//!
+//! The model lives in the pipeline's Llm stage actor (the serving adapter
+//! `lavit::pipeline::stages::LlmReal`, on the device `placement.llm` names) and trains there:
+//! each step is `TrainForward` (packed micro-batch → loss, [`LlmTrainer::forward`]) →
+//! `Backward` → `OptimizerStepWith` (learning rate or skip, [`LlmTrainer::step`]) messages
+//! through [`StageGraph`]; checkpoints come from the stage (`GetTrainState`) and resume into it
+//! (`SetTrainState`). This file keeps the data loop, schedule, NaN policy, metrics and
+//! progress on the calling thread.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use lavit_llm::actor::LlmStageModel;
 use lavit_llm::sentencepiece::SentencePiece;
 use lavit_llm::vocab::{UnifiedVocab, IGNORE};
 use lavit_llm::{ForwardArgs, LlamaConfig, LlamaForCausalLM};
-use lavit_runtime::checkpoint;
+use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
+use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::manifest::LavitManifest;
+use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainParts};
+use lavit_runtime::stage::{LlmStage, Placement, StageError, StageKind, StageResult};
 use lavit_runtime::train::{
-    is_no_decay, splitmix64, AdamW, AdamWConfig, Checkpointer, LrSchedule, MetricsLog, NanGuard,
-    StepRng, StepVerdict, TrainProgress, TrainState,
+    is_no_decay, splitmix64, var_store_state_dict, AdamW, AdamWConfig, Checkpointer, LrSchedule,
+    MetricsLog, NanGuard, StepRng, StepVerdict, TrainProgress, TrainState,
 };
 use serde::Deserialize;
 use tch::nn::{self, Module};
@@ -207,6 +219,63 @@ pub struct Packed {
     pub n_targets: i64,
 }
 
+impl Packed {
+    /// The micro-batch as a training message for the Llm stage: `ids`, `labels`,
+    /// `position_ids`, `segments` (B, L) and, when there are continuous blocks,
+    /// `cont_at` (K, 2) [row, start], `cont_len` (K,), `cont_features` (ΣT, C).
+    pub fn to_batch(&self) -> TrainBatch {
+        let mut b = TrainBatch::new(vec![StageKind::Llm]);
+        let t = &mut b.tensors;
+        t.insert("ids".into(), self.ids.shallow_clone());
+        t.insert("labels".into(), self.labels.shallow_clone());
+        t.insert("position_ids".into(), self.position_ids.shallow_clone());
+        t.insert("segments".into(), self.segments.shallow_clone());
+        if !self.cont.is_empty() {
+            let at: Vec<i64> = self.cont.iter().flat_map(|(r, s, _)| [*r, *s]).collect();
+            let len: Vec<i64> = self.cont.iter().map(|(_, _, f)| f.size()[0]).collect();
+            let feats: Vec<&Tensor> = self.cont.iter().map(|(_, _, f)| f).collect();
+            t.insert("cont_at".into(), Tensor::from_slice(&at).view([-1, 2]));
+            t.insert("cont_len".into(), Tensor::from_slice(&len));
+            t.insert("cont_features".into(), Tensor::cat(&feats, 0));
+        }
+        b
+    }
+
+    /// The micro-batch back from a training message (see [`Packed::to_batch`]).
+    pub fn from_batch(b: &TrainBatch) -> StageResult<Packed> {
+        let get = |k: &str| {
+            b.tensors
+                .get(k)
+                .map(Tensor::shallow_clone)
+                .ok_or_else(|| StageError::Invalid(format!("training batch has no `{k}`")))
+        };
+        let labels = get("labels")?;
+        let mut cont = Vec::new();
+        if b.tensors.contains_key("cont_at") {
+            let host = |t: Tensor| {
+                Vec::<i64>::try_from(&t.to_device(Device::Cpu))
+                    .map_err(|e| StageError::Invalid(format!("training batch: {e}")))
+            };
+            let at = host(get("cont_at")?.view([-1]))?;
+            let len = host(get("cont_len")?)?;
+            let feats = get("cont_features")?;
+            let mut pos = 0;
+            for (k, n) in len.into_iter().enumerate() {
+                cont.push((at[2 * k], at[2 * k + 1], feats.narrow(0, pos, n)));
+                pos += n;
+            }
+        }
+        Ok(Packed {
+            ids: get("ids")?,
+            n_targets: 0,
+            position_ids: get("position_ids")?,
+            segments: get("segments")?,
+            labels,
+            cont,
+        })
+    }
+}
+
 /// Pack samples greedily into rows of at most `max_len` positions (a sample that does not fit
 /// starts a new row), `rows` rows at most. Returns the batch and how many samples it used.
 pub fn pack(samples: &[&Sample], v: &UnifiedVocab, max_len: usize, rows: usize) -> (Packed, usize) {
@@ -388,7 +457,7 @@ fn epoch_order(
 }
 
 /// What a run did.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct TrainSummary {
     /// Step reached (including resumed steps).
     pub final_step: i64,
@@ -399,49 +468,227 @@ pub struct TrainSummary {
     pub last: (f64, f64, f64),
     pub skipped: u64,
     pub checkpoint: Option<PathBuf>,
+    /// The trained variables (model, and `vit_proj.*` when trained with it) as the stage
+    /// holds them at the end.
+    pub weights: StateDict,
 }
 
-/// Train `model` (and `vit_proj`, both variables of `vs`) on `data` mixed with `text_corpus`.
-/// Resumes from `out_dir/checkpoints` when it holds a checkpoint; writes metrics there.
-#[allow(clippy::too_many_arguments)]
+/// What the Llm stage trains: the stage's model (`LlmStageModel`, whose `vs` also holds
+/// `vit_proj.*` when given) and the projector of continuous image features.
+pub struct LlmModelParts {
+    pub llm: LlmStageModel,
+    pub vit_proj: Option<nn::Linear>,
+}
+
+/// Builds the model to train on the device the placement gives the Llm stage (runs on the
+/// stage's own thread).
+pub type LlmModelBuilder = Box<dyn FnOnce(Device) -> Result<LlmModelParts> + Send>;
+
+/// The stage-2 training state the Llm stage holds: the optimiser over the trained variables,
+/// the projector, clipping and autocast.
+pub struct LlmTrainer {
+    opt: AdamW,
+    vit_proj: Option<nn::Linear>,
+    clip_grad: f64,
+    autocast: bool,
+}
+
+fn stage_fail(e: impl std::fmt::Display) -> StageError {
+    StageError::failed(StageKind::Llm, e)
+}
+
+impl LlmTrainer {
+    /// Freeze what `cfg.train` does not name and build the optimiser over the rest.
+    pub fn new(
+        llm: &LlmStageModel,
+        vit_proj: Option<nn::Linear>,
+        cfg: &LlmTrainConfig,
+    ) -> Result<Self> {
+        let trains = |n: &str| cfg.train.iter().any(|p| n.starts_with(p.as_str()));
+        for (name, t) in llm.vs.variables() {
+            if !trains(&name) {
+                let _ = t.set_requires_grad(false);
+            }
+        }
+        let opt = AdamW::from_var_store(
+            &llm.vs,
+            trains,
+            AdamWConfig {
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+        )?
+        .no_decay(|n| is_no_decay(n) || n.contains("embed_tokens"));
+        if opt.names().next().is_none() {
+            bail!("`train` {:?} matches no variable of the model", cfg.train);
+        }
+        Ok(Self {
+            opt,
+            vit_proj,
+            clip_grad: cfg.clip_grad,
+            autocast: cfg.autocast,
+        })
+    }
+
+    /// Forward with grad of one packed micro-batch ([`Packed::to_batch`] plus `targets`, a
+    /// scalar: the step's target count over all its micro-batches). Adds the loss term
+    /// `loss` (= summed cross-entropy / targets) and the detached statistics `text_sum`,
+    /// `text_n`, `visual_sum`, `visual_n`.
+    pub fn forward(&self, llm: &LlmStageModel, mut b: TrainBatch) -> StageResult<TrainBatch> {
+        let p = Packed::from_batch(&b)?;
+        let targets = b
+            .tensors
+            .get("targets")
+            .map(Tensor::shallow_clone)
+            .ok_or_else(|| StageError::Invalid("training batch has no `targets`".into()))?;
+        let run = || packed_loss(&llm.model, self.vit_proj.as_ref(), &llm.vocab, &p);
+        let (sum, ts, tn, vs, vn) = if self.autocast && llm.model.device().is_cuda() {
+            tch::autocast(true, run)
+        } else {
+            run()
+        };
+        let loss = sum / targets.to_device(llm.model.device());
+        b.losses.push(("loss".into(), loss));
+        for (k, v) in [
+            ("text_sum", ts),
+            ("text_n", tn),
+            ("visual_sum", vs),
+            ("visual_n", vn),
+        ] {
+            b.tensors.insert(k.into(), v);
+        }
+        Ok(b)
+    }
+
+    /// Apply (clip + AdamW at `ctl.lr`) or skip, then zero the gradients.
+    pub fn step(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        let mut report = StepReport::default();
+        if ctl.apply {
+            if self.clip_grad > 0.0 {
+                report.grad_norm = Some(
+                    self.opt
+                        .clip_grad_norm(self.clip_grad)
+                        .map_err(stage_fail)?,
+                );
+            }
+            self.opt.step(ctl.lr).map_err(stage_fail)?;
+        }
+        self.opt.zero_grad();
+        Ok(report)
+    }
+
+    /// `model` (every variable of the stage's var store) and `optimizer`, as
+    /// `Checkpointer::save_training` writes them.
+    pub fn state(&self, llm: &LlmStageModel) -> StageResult<TrainParts> {
+        Ok(vec![
+            ("model".into(), var_store_state_dict(&llm.vs)),
+            (
+                "optimizer".into(),
+                self.opt.state_dict().map_err(stage_fail)?,
+            ),
+        ])
+    }
+
+    /// Load a saved state strictly (exact resume).
+    pub fn load(&mut self, llm: &LlmStageModel, parts: TrainParts) -> StageResult<()> {
+        for (name, sd) in parts {
+            match name.as_str() {
+                "model" => {
+                    checkpoint::load_into(
+                        &llm.vs,
+                        "",
+                        &sd,
+                        "checkpoint model",
+                        &Default::default(),
+                    )
+                    .map_err(stage_fail)?;
+                }
+                "optimizer" => self
+                    .opt
+                    .load_state_dict(&sd, "checkpoint optimizer")
+                    .map_err(stage_fail)?,
+                other => {
+                    return Err(StageError::Invalid(format!(
+                        "the Llm stage has no training part `{other}`"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Train the LLM that `build` makes (and `vit_proj` with it) on `data` mixed with
+/// `text_corpus`, through the Llm stage actor on the device `placement.llm` names. Resumes
+/// from `out_dir/checkpoints` when it holds a checkpoint; writes metrics there.
 pub fn train_llm(
-    model: &LlamaForCausalLM,
-    vs: &nn::VarStore,
-    vit_proj: Option<&nn::Linear>,
+    build: LlmModelBuilder,
+    vocab: &UnifiedVocab,
+    data: &[Sample],
+    text_corpus: &[Sample],
+    cfg: &LlmTrainConfig,
+    out_dir: &Path,
+    placement: &Placement,
+) -> Result<TrainSummary> {
+    cfg.validate("llm training config")?;
+    if data.is_empty() && text_corpus.is_empty() {
+        bail!("no training samples");
+    }
+    let mut builders = StageBuilders::unused();
+    let tcfg = cfg.clone();
+    builders.llm = Box::new(move |dev| {
+        let parts = build(dev).map_err(|e| lavit_runtime::Error::invalid(format!("{e:#}")))?;
+        let train = LlmTrainer::new(&parts.llm, parts.vit_proj, &tcfg)
+            .map_err(|e| lavit_runtime::Error::invalid(format!("{e:#}")))?;
+        Ok(Box::new(crate::pipeline::stages::LlmReal {
+            llm: parts.llm,
+            train: Some(train),
+        }) as Box<dyn LlmStage>)
+    });
+    let graph = StageGraph::spawn(builders, placement, GraphOptions::default())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(drive(&graph, vocab, data, text_corpus, cfg, out_dir));
+    drop(graph);
+    r
+}
+
+/// Save the Llm stage's training state (asked on its thread) as a checkpoint of `state`.
+async fn save_from_stage(g: &StageGraph, ck: &Checkpointer, state: &TrainState) -> Result<PathBuf> {
+    let parts = g.train_state(StageKind::Llm).await?;
+    let named: Vec<(&str, &StateDict)> = parts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Ok(ck.save(state, &named)?)
+}
+
+/// The stage-2 loop on the calling thread; every tensor op of the model runs on the stage.
+async fn drive(
+    g: &StageGraph,
     vocab: &UnifiedVocab,
     data: &[Sample],
     text_corpus: &[Sample],
     cfg: &LlmTrainConfig,
     out_dir: &Path,
 ) -> Result<TrainSummary> {
-    cfg.validate("llm training config")?;
-    if data.is_empty() && text_corpus.is_empty() {
-        bail!("no training samples");
-    }
-    let trains = |n: &str| cfg.train.iter().any(|p| n.starts_with(p.as_str()));
-    for (name, t) in vs.variables() {
-        if !trains(&name) {
-            let _ = t.set_requires_grad(false);
-        }
-    }
-    let mut opt = AdamW::from_var_store(
-        vs,
-        trains,
-        AdamWConfig {
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?
-    .no_decay(|n| is_no_decay(n) || n.contains("embed_tokens"));
-    if opt.names().next().is_none() {
-        bail!("`train` {:?} matches no variable of the model", cfg.train);
-    }
+    const LLM: StageKind = StageKind::Llm;
     let schedule = LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr);
     let ck = Checkpointer::new(out_dir.join("checkpoints"), cfg.keep)?;
-    let mut state = ck.resume(vs, &mut opt)?.unwrap_or(TrainState {
+    let mut state = TrainState {
         seed: cfg.seed,
         ..Default::default()
-    });
+    };
+    if let Some(path) = ck.latest()? {
+        let mut loaded = lavit_runtime::train::load(&path)?;
+        let parts = vec![
+            ("model".to_string(), loaded.take("model")?),
+            ("optimizer".to_string(), loaded.take("optimizer")?),
+        ];
+        g.load_train_state(LLM, parts)
+            .await
+            .with_context(|| format!("resuming {}", path.display()))?;
+        tracing::info!(step = loaded.state.step, path = %path.display(), "resumed");
+        state = loaded.state;
+    }
     let start_step = state.step;
     let rng = StepRng::new(state.seed);
     let mut guard = NanGuard::new(5).with_counts(state.consecutive_skips, state.skipped_total);
@@ -466,6 +713,7 @@ pub fn train_llm(
     } else {
         cfg.steps
     };
+    g.set_train(true);
     while state.step < end {
         let step = state.step;
         rng.begin_step(step);
@@ -492,43 +740,46 @@ pub fn train_llm(
             micro.push(p);
         }
         let total: i64 = micro.iter().map(|p| p.n_targets).sum::<i64>().max(1);
-        opt.zero_grad();
         let (mut lv, mut ts, mut tn, mut vsum, mut vn) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut finite = true;
         for p in &micro {
-            let run = || packed_loss(model, vit_proj, vocab, p);
-            let (sum, a, b, c, d) = if cfg.autocast && model.device().is_cuda() {
-                tch::autocast(true, run)
-            } else {
-                run()
-            };
-            let loss = sum / total as f64;
+            // TrainForward → the stage's loss, then Backward on the stage's thread.
+            let mut batch = p.to_batch();
+            batch
+                .tensors
+                .insert("targets".into(), Tensor::from(total as f32));
+            let out = g.train_forward(batch).await?;
+            let stat = |k: &str| out.tensors.get(k).map_or(0.0, |t| t.double_value(&[]));
+            let loss = out
+                .losses
+                .into_iter()
+                .find(|(k, _)| k == "loss")
+                .map(|(_, l)| l)
+                .context("the Llm stage returned no loss")?;
             let l = loss.double_value(&[]);
             finite &= l.is_finite();
             lv += l;
-            ts += a.double_value(&[]);
-            tn += b.double_value(&[]);
-            vsum += c.double_value(&[]);
-            vn += d.double_value(&[]);
+            ts += stat("text_sum");
+            tn += stat("text_n");
+            vsum += stat("visual_sum");
+            vn += stat("visual_n");
             if finite {
-                loss.backward();
+                g.backward(LLM, loss).await?;
             }
         }
         let lv = if finite { lv } else { f64::NAN };
         let lr = schedule.lr_at(step);
-        match guard.observe(step, lv) {
-            StepVerdict::Apply => {
-                if cfg.clip_grad > 0.0 {
-                    opt.clip_grad_norm(cfg.clip_grad)?;
-                }
-                opt.step(lr)?;
-            }
-            StepVerdict::Skip => opt.zero_grad(),
-            StepVerdict::Stop => {
-                let p = ck.save_training(&state, vs, &opt)?;
-                return Err(guard.stop_error(step, Some(p)).into());
-            }
+        let verdict = guard.observe(step, lv);
+        if verdict == StepVerdict::Stop {
+            let p = save_from_stage(g, &ck, &state).await?;
+            return Err(guard.stop_error(step, Some(p)).into());
         }
+        let ctl = StepControl {
+            lr,
+            apply: verdict == StepVerdict::Apply,
+            step,
+        };
+        g.optimizer_step_with(LLM, ctl).await?;
         state.step += 1;
         (state.consecutive_skips, state.skipped_total) =
             (guard.consecutive(), guard.skipped_total());
@@ -548,9 +799,10 @@ pub fn train_llm(
             &[("loss", lv), ("text", text_loss), ("visual", vis_loss)],
         );
         if state.step % cfg.save_every == 0 || state.step == end {
-            last_ckpt = Some(ck.save_training(&state, vs, &opt)?);
+            last_ckpt = Some(save_from_stage(g, &ck, &state).await?);
         }
     }
+    g.set_train(false);
     bar.finish();
     log.write_report("stage-2 llm")?;
     let mean = |h: &[(f64, f64, f64)]| {
@@ -565,6 +817,13 @@ pub fn train_llm(
         (avg(|x| x.0), avg(|x| x.1), avg(|x| x.2))
     };
     let k = (history.len() / 10).max(1).min(history.len());
+    let weights = g
+        .train_state(LLM)
+        .await?
+        .into_iter()
+        .find(|(k, _)| k == "model")
+        .map(|(_, sd)| sd)
+        .unwrap_or_default();
     Ok(TrainSummary {
         final_step: state.step,
         steps_run: state.step - start_step,
@@ -572,6 +831,7 @@ pub fn train_llm(
         last: mean(&history[history.len() - k..]),
         skipped: guard.skipped_total(),
         checkpoint: last_ckpt,
+        weights,
     })
 }
 
@@ -643,16 +903,14 @@ pub fn run(args: Args) -> Result<()> {
         toml::from_str(&text).with_context(|| format!("parsing {}", args.config.display()))?;
     fc.train.validate(&args.config.display().to_string())?;
     let base = args.config.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let device = match fc.model.device.as_deref() {
-        None | Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::cuda_if_available(),
-        Some(d) => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!(
-                "{}: data.device `{d}`: expected cpu, cuda or cuda:N",
-                args.config.display()
-            ),
-        },
+    let device = fc.model.device.clone().unwrap_or_else(|| "cpu".into());
+    if let Err(m) = lavit_runtime::stage::parse_device(&device) {
+        bail!("{}: model.device: {m}", args.config.display());
+    }
+    // The Llm stage's placement (the other stages are unused in stage 2).
+    let placement = Placement {
+        llm: device,
+        ..Placement::default()
     };
     let lm_dir = fc.model.language_model.as_ref().map(|p| rel(&base, p));
     let lavit_dir = fc
@@ -670,69 +928,6 @@ pub fn run(args: Args) -> Result<()> {
         None => LavitManifest::official(),
     };
     let vocab = UnifiedVocab::from(&manifest.llm);
-    let vs = nn::VarStore::new(device);
-    let model = match &lm_dir {
-        Some(d) => {
-            let cfg = LlamaConfig::from_json_file(&d.join("config.json"))?;
-            let m = LlamaForCausalLM::new(vs.root(), &cfg);
-            let sd = checkpoint::load_path(d)?;
-            let opts = checkpoint::LoadOptions {
-                allow_unexpected: if cfg.tie_word_embeddings {
-                    vec!["lm_head.weight".into()]
-                } else {
-                    vec![]
-                },
-                ..Default::default()
-            };
-            checkpoint::load_into(&vs, "", &sd, &d.display().to_string(), &opts)?;
-            m
-        }
-        None => {
-            let mut v = fc
-                .model
-                .init
-                .clone()
-                .unwrap_or_else(|| serde_json::json!({}));
-            let base_cfg = serde_json::to_value(LlamaConfigInit::tiny()).expect("serialisable");
-            for (k, x) in base_cfg.as_object().unwrap() {
-                v.as_object_mut()
-                    .context("model.init must be a table")?
-                    .entry(k.clone())
-                    .or_insert(x.clone());
-            }
-            v["vocab_size"] = vocab.vocab_size.into();
-            let cfg: LlamaConfig = serde_json::from_value(v).context("model.init")?;
-            cfg.validate("model.init")?;
-            LlamaForCausalLM::new(vs.root(), &cfg)
-        }
-    };
-    if model.config.vocab_size != vocab.vocab_size {
-        bail!(
-            "the LLM has {} vocabulary rows but the manifest's unified vocabulary has {}",
-            model.config.vocab_size,
-            vocab.vocab_size
-        );
-    }
-    let vit_proj = match &fc.model.vit_proj {
-        Some(p) => {
-            let p = rel(&base, p);
-            let sd = checkpoint::sub_dict(&checkpoint::load_path(&p)?, "vit_proj");
-            let w = sd
-                .get("weight")
-                .with_context(|| format!("{}: no vit_proj.weight", p.display()))?;
-            let (o, i) = (w.size()[0], w.size()[1]);
-            let l = nn::linear(vs.root() / "vit_proj", i, o, Default::default());
-            checkpoint::load_into(
-                &vs,
-                "vit_proj.",
-                &sd,
-                &p.display().to_string(),
-                &Default::default(),
-            )?;
-            Some(l)
-        }
-        None => None,
-    };
     let tok_path = match (&fc.data.tokenizer, &lm_dir) {
         (Some(t), _) => rel(&base, t),
         (None, Some(d)) => d.join("tokenizer.model"),
@@ -755,15 +950,85 @@ pub fn run(args: Args) -> Result<()> {
     };
     let out_dir = rel(&base, &fc.out_dir);
     tracing::info!(samples = data.len(), text = text_corpus.len(), out = %out_dir.display(), "stage-2 training");
+    // The model is built on the Llm stage's thread and device.
+    let (model_sec, v2) = (fc.model.clone(), vocab);
+    let build: LlmModelBuilder = Box::new(move |device| {
+        let vocab = v2;
+        let vs = nn::VarStore::new(device);
+        let model = match &lm_dir {
+            Some(d) => {
+                let cfg = LlamaConfig::from_json_file(&d.join("config.json"))?;
+                let m = LlamaForCausalLM::new(vs.root(), &cfg);
+                let sd = checkpoint::load_path(d)?;
+                let opts = checkpoint::LoadOptions {
+                    allow_unexpected: if cfg.tie_word_embeddings {
+                        vec!["lm_head.weight".into()]
+                    } else {
+                        vec![]
+                    },
+                    ..Default::default()
+                };
+                checkpoint::load_into(&vs, "", &sd, &d.display().to_string(), &opts)?;
+                m
+            }
+            None => {
+                let mut v = model_sec
+                    .init
+                    .clone()
+                    .unwrap_or_else(|| serde_json::json!({}));
+                let base_cfg = serde_json::to_value(LlamaConfigInit::tiny()).expect("serialisable");
+                for (k, x) in base_cfg.as_object().unwrap() {
+                    v.as_object_mut()
+                        .context("model.init must be a table")?
+                        .entry(k.clone())
+                        .or_insert(x.clone());
+                }
+                v["vocab_size"] = vocab.vocab_size.into();
+                let cfg: LlamaConfig = serde_json::from_value(v).context("model.init")?;
+                cfg.validate("model.init")?;
+                LlamaForCausalLM::new(vs.root(), &cfg)
+            }
+        };
+        if model.config.vocab_size != vocab.vocab_size {
+            bail!(
+                "the LLM has {} vocabulary rows but the manifest's unified vocabulary has {}",
+                model.config.vocab_size,
+                vocab.vocab_size
+            );
+        }
+        let vit_proj = match &model_sec.vit_proj {
+            Some(p) => {
+                let p = rel(&base, p);
+                let sd = checkpoint::sub_dict(&checkpoint::load_path(&p)?, "vit_proj");
+                let w = sd
+                    .get("weight")
+                    .with_context(|| format!("{}: no vit_proj.weight", p.display()))?;
+                let (o, i) = (w.size()[0], w.size()[1]);
+                let l = nn::linear(vs.root() / "vit_proj", i, o, Default::default());
+                checkpoint::load_into(
+                    &vs,
+                    "vit_proj.",
+                    &sd,
+                    &p.display().to_string(),
+                    &Default::default(),
+                )?;
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(LlmModelParts {
+            llm: LlmStageModel::from_parts(vs, model, vocab, sp, &manifest.generation),
+            vit_proj,
+        })
+    });
     let s = train_llm(
-        &model,
-        &vs,
-        vit_proj.as_ref(),
+        build,
         &vocab,
         &data,
         &text_corpus,
         &fc.train,
         &out_dir,
+        &placement,
     )?;
     println!(
         "steps {} → {}: loss {:.4} → {:.4}, text {:.4} → {:.4}, visual {:.4} → {:.4}; skipped {}; checkpoint {}",

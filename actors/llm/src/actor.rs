@@ -2,9 +2,9 @@
 //! functions of this crate to [`lavit_runtime::stage::LlmStage`] (the actor that runs it lives
 //! in `lavit_runtime::actors`; this file has no actix).
 //!
-//! Cancellation: [`generate_text`] and [`generate_image_tokens`] do not take a per-token
-//! callback yet, so a request is checked for cancellation before and after each call; once they
-//! take a `should_stop` callback it is passed straight through (one check per token).
+//! Cancellation: the actor's callbacks go straight into the decode loops
+//! ([`generate_text_with`], [`generate_image_tokens_with`]): one check per token, so a
+//! cancelled request stops within one token.
 
 use std::path::Path;
 
@@ -14,7 +14,7 @@ use lavit_runtime::stage::{LlmStage, ShouldStop, StageError, StageKind, StageRes
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::generate::{
-    generate_image_tokens, generate_text, ImageTokenConfig, Sampling, TextConfig,
+    generate_image_tokens_with, generate_text_with, ImageTokenConfig, Sampling, TextConfig,
 };
 use crate::sentencepiece::SentencePiece;
 use crate::vocab::{build_sequence, Segment, UnifiedVocab};
@@ -22,7 +22,8 @@ use crate::LlamaForCausalLM;
 
 /// The LLM stage: weights, unified vocabulary, SentencePiece, generation limits.
 pub struct LlmStageModel {
-    _vs: nn::VarStore,
+    /// The model's variables (stage-2 training steps them; checkpoints save them).
+    pub vs: nn::VarStore,
     pub model: LlamaForCausalLM,
     pub vocab: UnifiedVocab,
     pub sp: SentencePiece,
@@ -35,6 +36,15 @@ fn fail(e: impl std::fmt::Display) -> StageError {
     StageError::failed(StageKind::Llm, e)
 }
 
+/// A generation error as a stage error: bad options are the caller's (4xx), a stop is a cancel.
+fn stage_err(e: lavit_runtime::Error) -> StageError {
+    match e {
+        lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
+        lavit_runtime::Error::Cancelled => StageError::Cancelled,
+        e => fail(e),
+    }
+}
+
 impl LlmStageModel {
     /// Load `language_model/` of a LaVIT checkpoint folder on `device` (float32).
     pub fn load(dir: &Path, device: Device) -> lavit_runtime::Result<Self> {
@@ -43,13 +53,32 @@ impl LlmStageModel {
         let (vs, model) = LlamaForCausalLM::from_pretrained(&lm, device, Kind::Float)?;
         let sp = SentencePiece::from_file(&lm.join("tokenizer.model"))?;
         Ok(LlmStageModel {
-            _vs: vs,
+            vs,
             model,
             vocab: UnifiedVocab::from(&manifest.llm),
             sp,
             t2i_min_new_tokens: manifest.generation.t2i_min_new_tokens,
             t2i_max_new_tokens: manifest.generation.t2i_max_new_tokens,
         })
+    }
+
+    /// A stage over a model built elsewhere (e.g. a fresh model to train), with the
+    /// manifest's image-token limits.
+    pub fn from_parts(
+        vs: nn::VarStore,
+        model: LlamaForCausalLM,
+        vocab: UnifiedVocab,
+        sp: SentencePiece,
+        generation: &lavit_runtime::manifest::GenerationManifest,
+    ) -> Self {
+        LlmStageModel {
+            vs,
+            model,
+            vocab,
+            sp,
+            t2i_min_new_tokens: generation.t2i_min_new_tokens,
+            t2i_max_new_tokens: generation.t2i_max_new_tokens,
+        }
     }
 
     fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
@@ -87,24 +116,35 @@ impl LlmStage for LlmStageModel {
             seed: Some(opts.seed),
             ..TextConfig::default()
         };
-        let ids = generate_text(&self.model, &self.vocab, &[built.embeds], &cfg)
-            .map_err(|e| match e {
-                lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
-                e => fail(e),
-            })?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        // Streamed after the fact until generate_text takes a per-token callback.
+        // Stream each new id with its text piece as it is generated (one host read per
+        // token, the one the loop makes anyway); `on_token` answering `false` stops the loop.
+        let eos = self.vocab.eos_id;
+        let sp = &self.sp;
+        let mut sofar: Vec<i64> = Vec::new();
         let mut prev = String::new();
-        for i in 0..ids.len() {
-            let text = self.sp.decode(&ids[..=i]);
+        let mut stream = |ids: &[i64]| {
+            let id = ids[0];
+            if id == eos {
+                return true;
+            }
+            sofar.push(id);
+            let text = sp.decode(&sofar);
             let piece = text.get(prev.len()..).unwrap_or("").to_string();
             prev = text;
-            if !on_token(ids[i], &piece) {
-                return Err(StageError::Cancelled);
-            }
-        }
+            on_token(id, &piece)
+        };
+        let ids = generate_text_with(
+            &self.model,
+            &self.vocab,
+            &[built.embeds],
+            &cfg,
+            &|| false,
+            Some(&mut stream),
+        )
+        .map_err(stage_err)?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
         Ok(ids)
     }
 
@@ -118,9 +158,6 @@ impl LlmStage for LlmStageModel {
         opts: &GenerateOptions,
         should_stop: ShouldStop,
     ) -> StageResult<Vec<Vec<i64>>> {
-        if should_stop() {
-            return Err(StageError::Cancelled);
-        }
         let cfg = ImageTokenConfig {
             cfg_scale: opts.llm_guidance,
             max_new_tokens: self.t2i_max_new_tokens,
@@ -131,15 +168,8 @@ impl LlmStage for LlmStageModel {
         };
         let prompt_ids = self.sp.encode(prompt);
         let out =
-            generate_image_tokens(&self.model, &self.vocab, &[prompt_ids], &cfg).map_err(|e| {
-                match e {
-                    lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
-                    e => fail(e),
-                }
-            })?;
-        if should_stop() {
-            return Err(StageError::Cancelled);
-        }
+            generate_image_tokens_with(&self.model, &self.vocab, &[prompt_ids], &cfg, should_stop)
+                .map_err(stage_err)?;
         // Keep the visual ids ([/IMG] and anything else dropped).
         Ok(out
             .into_iter()

@@ -9,8 +9,14 @@
 //! - image → text: greedy, beam search or sampling with repetition penalty; every id ≥
 //!   `text_vocab_size` forbidden; min/max new tokens; stop on EOS.
 //!
-//! Decoding loops stay on the device; the only host read per step is the "all finished?" check.
+//! Decoding loops stay on the device; the only host read per step is the "all finished?" check
+//! (when streaming, the new ids are read instead, in that same one read).
+//!
+//! Cancellation: the `*_with` forms take a [`ShouldStop`] callback, called once per generated
+//! token before any work on it (it only reads an atomic flag: no host round-trip); when it
+//! answers `true` the loop stops with [`Error::Cancelled`]. The plain forms never stop early.
 
+use lavit_runtime::stage::ShouldStop;
 use lavit_runtime::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -226,6 +232,18 @@ pub fn generate_image_tokens(
     prompts: &[Vec<i64>],
     cfg: &ImageTokenConfig,
 ) -> Result<Vec<Vec<i64>>> {
+    generate_image_tokens_with(model, vocab, prompts, cfg, &|| false)
+}
+
+/// [`generate_image_tokens`] that calls `should_stop` once per token and stops with
+/// [`Error::Cancelled`] when it answers `true`.
+pub fn generate_image_tokens_with(
+    model: &LlamaForCausalLM,
+    vocab: &UnifiedVocab,
+    prompts: &[Vec<i64>],
+    cfg: &ImageTokenConfig,
+    should_stop: ShouldStop,
+) -> Result<Vec<Vec<i64>>> {
     cfg.sampling.validate()?;
     if prompts.is_empty() {
         return Ok(Vec::new());
@@ -285,6 +303,9 @@ pub fn generate_image_tokens(
     let mut done = Tensor::zeros([n], (Kind::Bool, dev));
     let end = Tensor::from(vocab.image_end_id).to_device(dev);
     for step in 0..cfg.max_new_tokens {
+        if should_stop() {
+            return Err(Error::Cancelled);
+        }
         let l = logits.to_kind(Kind::Float);
         let scores = if guided {
             // eq. 7: l = lsm(uncond) + α·(lsm(cond) − lsm(uncond))
@@ -376,7 +397,32 @@ pub fn generate_text(
     prefixes: &[Tensor],
     cfg: &TextConfig,
 ) -> Result<Vec<Vec<i64>>> {
+    generate_text_with(model, vocab, prefixes, cfg, &|| false, None)
+}
+
+/// What [`generate_text_with`] calls after each step when streaming: the new id of every
+/// stream (EOS for finished ones); `false` stops the loop with [`Error::Cancelled`].
+pub type OnTokens<'a> = &'a mut dyn FnMut(&[i64]) -> bool;
+
+/// [`generate_text`] that calls `should_stop` once per token (stopping with
+/// [`Error::Cancelled`] when it answers `true`) and, when streaming, `on_tokens` with the ids
+/// of each step. Streaming reads the new ids in place of the "all finished?" read, so it costs
+/// no extra host round-trip; it needs `num_beams == 1` (beams reorder).
+pub fn generate_text_with(
+    model: &LlamaForCausalLM,
+    vocab: &UnifiedVocab,
+    prefixes: &[Tensor],
+    cfg: &TextConfig,
+    should_stop: ShouldStop,
+    mut on_tokens: Option<OnTokens>,
+) -> Result<Vec<Vec<i64>>> {
     cfg.sampling.validate()?;
+    if on_tokens.is_some() && cfg.num_beams != 1 {
+        return Err(Error::invalid(format!(
+            "streaming needs num_beams = 1, got {}",
+            cfg.num_beams
+        )));
+    }
     if prefixes.is_empty() {
         return Ok(Vec::new());
     }
@@ -428,6 +474,9 @@ pub fn generate_text(
     let beam_scores_flat = |t: &Tensor| t.view([-1]);
     let mut beam_scores = beam_scores_flat(&beam_scores);
     for step in 0..cfg.max_new_tokens {
+        if should_stop() {
+            return Err(Error::Cancelled);
+        }
         let l = logits.to_kind(Kind::Float);
         let l = repetition_penalty(&l, &tokens, cfg.repetition_penalty);
         let bias = if step < cfg.min_new_tokens {
@@ -463,7 +512,21 @@ pub fn generate_text(
         lens = &lens + done.logical_not().to_kind(Kind::Float);
         tokens = Tensor::cat(&[&tokens, &next.view([s, 1])], 1);
         done = done.logical_or(&next.eq(eos));
-        if step + 1 == cfg.max_new_tokens || done.all().int64_value(&[]) != 0 {
+        let all_done = match on_tokens.as_mut() {
+            // One host read: the new ids (a stream is finished once it emitted EOS).
+            Some(f) => {
+                let both = Tensor::cat(&[&next, &done.to_kind(Kind::Int64)], 0); // (2S,)
+                let host = Vec::<i64>::try_from(&both.to_device(Device::Cpu))
+                    .map_err(|e| Error::invalid(format!("reading generated ids: {e}")))?;
+                let (ids, finished) = host.split_at(s as usize);
+                if !f(ids) {
+                    return Err(Error::Cancelled);
+                }
+                finished.iter().all(|&d| d != 0)
+            }
+            None => done.all().int64_value(&[]) != 0,
+        };
+        if step + 1 == cfg.max_new_tokens || all_done {
             break;
         }
         logits = model.forward_last(
