@@ -72,6 +72,13 @@ impl Heads {
         }
     }
 
+    /// Reads heads saved with [`super::save_vs`].
+    pub fn load(width: i64, patch: i64, path: &std::path::Path) -> anyhow::Result<Self> {
+        let mut h = Self::new(width, patch);
+        super::load_vs(&mut h.vs, path)?;
+        Ok(h)
+    }
+
     /// Class logits [B, 10] from patch features [B, N, C].
     pub fn class_logits(&self, feats: &Tensor) -> Tensor {
         self.class

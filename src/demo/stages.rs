@@ -158,6 +158,10 @@ pub struct EvalConfig {
     pub images_per_class: i64,
     /// Held-out images per class reconstructed (image → tokens → pixel decoder) and judged.
     pub reconstructions_per_class: usize,
+    /// Candidates drawn per generated image; the one stage 0's class head (the demo's
+    /// CLIP: trained on the same frozen ViT features) finds most like the prompted class is
+    /// kept, as the paper reranks its samples with CLIP. 1 = no reranking.
+    pub rerank_candidates: i64,
     /// LLM classifier-free guidance (paper eq. 7).
     pub llm_guidance: f64,
     pub top_k: i64,
@@ -172,6 +176,7 @@ impl Default for EvalConfig {
         Self {
             images_per_class: 10,
             reconstructions_per_class: 10,
+            rerank_candidates: 4,
             llm_guidance: 3.0,
             top_k: 20,
             temperature: 1.0,
@@ -220,6 +225,11 @@ pub fn stage0_eva(dir: &Path) -> PathBuf {
     dir.join("eva_vitg_psz14.safetensors")
 }
 
+/// Stage 0's class head (kept to rerank generated images, as the paper reranks with CLIP).
+pub fn stage0_heads(dir: &Path) -> PathBuf {
+    dir.join("stage0_heads.safetensors")
+}
+
 /// Builds the tiny EVA ViT, pretrains it (stage 0) and saves it under its official name.
 pub fn run_stage0(
     manifest: &LavitManifest,
@@ -237,6 +247,7 @@ pub fn run_stage0(
     let (heads, rows) = super::stage0::pretrain(&eva, cfg, train, seed, Some(dir))?;
     let acc = tch::no_grad(|| super::stage0::head_accuracy(&eva, &heads, eval))?;
     super::save_vs(&eva.vs, &stage0_eva(dir))?;
+    super::save_vs(&heads.vs, &stage0_heads(dir))?;
     Ok((acc, rows.iter().map(|r| r.loss).collect()))
 }
 
@@ -621,8 +632,11 @@ pub struct EvalResult {
     pub caption_accuracy: f64,
     /// A few (label, caption) examples.
     pub caption_examples: Vec<(usize, String)>,
-    /// Generated images the judge labels as the prompted class.
+    /// Generated images (after reranking) the judge labels as the prompted class.
     pub t2i_accuracy: f64,
+    /// The same over every candidate, before reranking.
+    #[serde(default)]
+    pub t2i_accuracy_unranked: f64,
     /// Reconstructions of held-out images (image → tokens → pixel decoder) the judge labels as
     /// the original's class: what the decoder can draw from the tokens at best.
     pub reconstruction_accuracy: f64,
@@ -640,6 +654,7 @@ pub fn evaluate(
     cfg: &EvalConfig,
     eval: &Split,
     judge: &super::judge::Judge,
+    reranker: &super::stage0::Heads,
     seed: u64,
     report_dir: &Path,
 ) -> anyhow::Result<EvalResult> {
@@ -792,7 +807,9 @@ pub fn evaluate(
     let both = Tensor::stack(&[orig, rec_shown], 1).flatten(0, 1); // (2B, 3, S, S)
     super::report::write_grid(&report_dir.join("reconstructions.png"), &both, 8, 3)?;
 
-    // Text → image: per class prompt, LLM tokens with CFG → feature decoder → U-Net; judged.
+    // Text → image: per class prompt, LLM tokens with CFG → feature decoder → U-Net; k
+    // candidates per image reranked by stage 0's class head; judged.
+    let k = cfg.rerank_candidates.max(1);
     let opts = crate::generate::TextToImageOptions {
         tokens: ImageTokenConfig {
             cfg_scale: cfg.llm_guidance,
@@ -804,13 +821,13 @@ pub fn evaluate(
                 temperature: cfg.temperature,
                 ..Sampling::default()
             },
-            num_return_sequences: cfg.images_per_class,
+            num_return_sequences: cfg.images_per_class * k,
             seed: Some(seed),
         },
         decode: dopts,
     };
     let mut grids = Vec::new();
-    let mut t2i_ok = 0usize;
+    let (mut t2i_ok, mut unranked_ok) = (0usize, 0usize);
     let bar = super::progress::Progress::new("eval generate", 10);
     for c in 0..10 {
         let prompt = caption(c, 0);
@@ -823,19 +840,33 @@ pub fn evaluate(
             std::slice::from_ref(&prompt),
             &opts,
         )?;
-        let gray = g.images.to_kind(Kind::Float).mean_dim(1, true, Kind::Float);
+        let images = g.images.to_kind(Kind::Float); // (n·k, 3, S, S) in [0, 1]
+        let gray = images.mean_dim(1, true, Kind::Float); // (n·k, 1, S, S)
         let pred = judge.predict(&data::from_pixel_space(&gray, size));
-        let hits = pred.iter().filter(|&&p| p == c).count();
+        unranked_ok += pred.iter().filter(|&&p| p == c).count();
+        // the reranker sees the images as the tokenizer does (its frozen ViT + stage-0 head)
+        let feats =
+            tok.encoder_features(&to_model_input(&data::from_pixel_space(&gray, size), size))?;
+        let score = reranker
+            .class_logits(&feats)
+            .log_softmax(-1, Kind::Float)
+            .select(1, c as i64)
+            .view([-1, k]); // (n, k)
+        let best = score.argmax(1, false)
+            + Tensor::arange(cfg.images_per_class, (Kind::Int64, Device::Cpu)) * k; // (n,)
+        let best_v = Vec::<i64>::try_from(&best)?;
+        let hits = best_v.iter().filter(|&&i| pred[i as usize] == c).count();
         t2i_ok += hits;
         res.per_class[c] = (
             ok[c] as f64 / n_class[c].max(1) as f64,
-            hits as f64 / pred.len().max(1) as f64,
+            hits as f64 / best_v.len().max(1) as f64,
         );
-        grids.push(g.images.to_kind(Kind::Float));
-        bar.tick(format!("{prompt}: {hits}/{}", pred.len()));
+        grids.push(images.index_select(0, &best));
+        bar.tick(format!("{prompt}: {hits}/{}", best_v.len()));
     }
     bar.finish();
     res.t2i_accuracy = t2i_ok as f64 / (10 * cfg.images_per_class).max(1) as f64;
+    res.t2i_accuracy_unranked = unranked_ok as f64 / (10 * cfg.images_per_class * k).max(1) as f64;
     let grid = Tensor::cat(&grids, 0);
     super::report::write_grid(
         &report_dir.join("generated.png"),
