@@ -181,7 +181,7 @@ impl Default for EvalConfig {
             top_k: 20,
             temperature: 1.0,
             ddim_steps: 20,
-            decoder_guidance: 3.0,
+            decoder_guidance: 1.0,
         }
     }
 }
@@ -210,7 +210,8 @@ pub fn demo_manifest(
     m.generation.t2i_max_new_tokens = tokenizer.num_patches();
     m.generation.caption_max_new_tokens = 12;
     m.generation.ddim_steps = 20;
-    m.generation.lowres_decoder_guidance = 3.0;
+    // no U-Net guidance: the demo's undertrained decoder draws better without it
+    m.generation.lowres_decoder_guidance = 1.0;
     m
 }
 
