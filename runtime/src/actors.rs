@@ -745,6 +745,19 @@ impl Drop for RequestHandle {
     }
 }
 
+/// `addrs.<the stage's mailbox>.addr.send(m).await` for a stage known only at run time.
+macro_rules! send_to {
+    ($addrs:expr, $stage:expr, $m:expr) => {
+        match $stage {
+            StageKind::Encoder => $addrs.encoder.addr.send($m).await,
+            StageKind::SelectorMerger => $addrs.selector.addr.send($m).await,
+            StageKind::Quantizer => $addrs.quantizer.addr.send($m).await,
+            StageKind::Llm => $addrs.llm.addr.send($m).await,
+            StageKind::Decoder => $addrs.decoder.addr.send($m).await,
+        }
+    };
+}
+
 struct Addrs {
     encoder: Mailbox<EncoderActor>,
     selector: Mailbox<SelectorMergerActor>,
@@ -1105,13 +1118,7 @@ impl StageGraph {
     pub async fn backward(&self, stage: StageKind, loss: Tensor) -> Result<f64, StageError> {
         let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
         let m = Backward { loss };
-        let r = match stage {
-            StageKind::Encoder => addrs.encoder.addr.send(m).await,
-            StageKind::SelectorMerger => addrs.selector.addr.send(m).await,
-            StageKind::Quantizer => addrs.quantizer.addr.send(m).await,
-            StageKind::Llm => addrs.llm.addr.send(m).await,
-            StageKind::Decoder => addrs.decoder.addr.send(m).await,
-        };
+        let r = send_to!(addrs, stage, m);
         r.unwrap_or(Err(StageError::Closed { stage }))
     }
 
@@ -1119,13 +1126,7 @@ impl StageGraph {
     pub async fn optimizer_step(&self, stages: &[StageKind]) -> Result<(), StageError> {
         let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
         for &stage in stages {
-            let r = match stage {
-                StageKind::Encoder => addrs.encoder.addr.send(OptimizerStep).await,
-                StageKind::SelectorMerger => addrs.selector.addr.send(OptimizerStep).await,
-                StageKind::Quantizer => addrs.quantizer.addr.send(OptimizerStep).await,
-                StageKind::Llm => addrs.llm.addr.send(OptimizerStep).await,
-                StageKind::Decoder => addrs.decoder.addr.send(OptimizerStep).await,
-            };
+            let r = send_to!(addrs, stage, OptimizerStep);
             r.unwrap_or(Err(StageError::Closed { stage }))?;
         }
         Ok(())
@@ -1139,26 +1140,14 @@ impl StageGraph {
     ) -> Result<StepReport, StageError> {
         let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
         let m = OptimizerStepWith(ctl);
-        let r = match stage {
-            StageKind::Encoder => addrs.encoder.addr.send(m).await,
-            StageKind::SelectorMerger => addrs.selector.addr.send(m).await,
-            StageKind::Quantizer => addrs.quantizer.addr.send(m).await,
-            StageKind::Llm => addrs.llm.addr.send(m).await,
-            StageKind::Decoder => addrs.decoder.addr.send(m).await,
-        };
+        let r = send_to!(addrs, stage, m);
         r.unwrap_or(Err(StageError::Closed { stage }))
     }
 
     /// `stage`'s training state (named state dicts) for a checkpoint or an export.
     pub async fn train_state(&self, stage: StageKind) -> Result<TrainParts, StageError> {
         let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
-        let r = match stage {
-            StageKind::Encoder => addrs.encoder.addr.send(GetTrainState).await,
-            StageKind::SelectorMerger => addrs.selector.addr.send(GetTrainState).await,
-            StageKind::Quantizer => addrs.quantizer.addr.send(GetTrainState).await,
-            StageKind::Llm => addrs.llm.addr.send(GetTrainState).await,
-            StageKind::Decoder => addrs.decoder.addr.send(GetTrainState).await,
-        };
+        let r = send_to!(addrs, stage, GetTrainState);
         r.unwrap_or(Err(StageError::Closed { stage }))
     }
 
@@ -1170,13 +1159,7 @@ impl StageGraph {
     ) -> Result<(), StageError> {
         let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
         let m = SetTrainState(parts);
-        let r = match stage {
-            StageKind::Encoder => addrs.encoder.addr.send(m).await,
-            StageKind::SelectorMerger => addrs.selector.addr.send(m).await,
-            StageKind::Quantizer => addrs.quantizer.addr.send(m).await,
-            StageKind::Llm => addrs.llm.addr.send(m).await,
-            StageKind::Decoder => addrs.decoder.addr.send(m).await,
-        };
+        let r = send_to!(addrs, stage, m);
         r.unwrap_or(Err(StageError::Closed { stage }))
     }
 
