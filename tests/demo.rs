@@ -209,35 +209,6 @@ fn demo_vocabulary_loads_as_sentencepiece_one_token_per_word() {
     assert_eq!(sp.decode(&ids), other);
 }
 
-/// One HTTP/1.1 request on loopback; (status, body). Status 0 = no answer.
-fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))
-        .unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// The CI-sized demo end to end: every stage trains on real Fashion-MNIST images, the
 /// judge, the stage-0 features and the captions are well above chance (10 %), the report is
 /// written, and the checkpoint folder it leaves is served by `lavit serve`'s HTTP stack.
@@ -309,12 +280,8 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
         let b64 = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
         let body = serde_json::json!({"model": "lavit", "max_tokens": 12, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{b64}")}}]}]});
-        let (status, text) = http(
-            server.addr,
-            "POST",
-            "/v1/chat/completions",
-            &body.to_string(),
-        );
+        let r = crate::serving::post(server.addr, "/v1/chat/completions", &body);
+        let (status, text) = (r.status, r.body);
         assert_eq!(status, 200, "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let caption = v["choices"][0]["message"]["content"].as_str().unwrap();
@@ -324,13 +291,12 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
         named >= 4,
         "served captions name a clothing class ({named}/5)"
     );
-    let (status, text) = http(
+    let r = crate::serving::post(
         server.addr,
-        "POST",
         "/v1/images/generations",
-        &serde_json::json!({"prompt": data::caption(1, 0), "n": 2, "seed": 3, "steps": 10})
-            .to_string(),
+        &serde_json::json!({"prompt": data::caption(1, 0), "n": 2, "seed": 3, "steps": 10}),
     );
+    let (status, text) = (r.status, r.body);
     assert_eq!(status, 200, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let data = v["data"].as_array().unwrap();

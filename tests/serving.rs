@@ -472,9 +472,9 @@ fn ready(s: &RunningServer) {
     rt().block_on(serve::mark_ready(s)).unwrap();
 }
 
-struct Resp {
-    status: u16,
-    body: String,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) body: String,
 }
 
 fn request(
@@ -535,7 +535,7 @@ fn dechunk(mut b: &str) -> String {
     out
 }
 
-fn post(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp {
+pub(crate) fn post(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp {
     request(addr, "POST", path, body.to_string().as_bytes(), &[])
 }
 
