@@ -80,8 +80,9 @@ pub struct Stage1bConfig {
     /// Heads of that pool.
     pub addition_embed_type_num_heads: i64,
     /// The U-Net's `condition_map`: the 8 × 8 grid of decoded condition tokens is also
-    /// concatenated to the input, so the decoder knows where each token belongs (full run,
-    /// 300 steps: reconstructions judged right 74 % with it, 9 % without).
+    /// concatenated to the input, so the decoder knows where each token belongs (dev run on
+    /// the full demo's tokenizer, 300 steps: held-out reconstructions judged right 74 % with
+    /// it, 9 % without).
     pub condition_map: bool,
 }
 
