@@ -132,9 +132,12 @@ fn stage0_makes_backbone_features_name_the_class() {
 fn stage0_augmentation_flips_and_shifts_images_keeping_their_content() {
     tch::manual_seed(1);
     // 64 random 4 × 4 images inside a 2-pixel black border
-    let x = Tensor::rand([64, 1, 4, 4], (tch::Kind::Float, Device::Cpu)).constant_pad_nd([2, 2, 2, 2]);
+    let x =
+        Tensor::rand([64, 1, 4, 4], (tch::Kind::Float, Device::Cpu)).constant_pad_nd([2, 2, 2, 2]);
     assert!(stage0::augment(&x, false, 0).equal(&x));
-    let per_image = |t: &Tensor| Vec::<f32>::try_from(t.sum_dim_intlist(&[1, 2, 3][..], false, tch::Kind::Float)).unwrap();
+    let per_image = |t: &Tensor| {
+        Vec::<f32>::try_from(t.sum_dim_intlist(&[1, 2, 3][..], false, tch::Kind::Float)).unwrap()
+    };
     let is_row = |a: &Tensor, b: &Tensor, i: i64| a.get(i).equal(&b.get(i));
     // flips only: every image is itself or its mirror, and both happen
     let y = stage0::augment(&x, true, 0);

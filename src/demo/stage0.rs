@@ -65,8 +65,10 @@ pub fn augment(unit: &Tensor, flip: bool, shift: i64) -> Tensor {
         return x;
     }
     let padded = x.constant_pad_nd([shift, shift, shift, shift]);
-    let off = Vec::<i64>::try_from(Tensor::randint(2 * shift + 1, [b, 2], (Kind::Int64, Device::Cpu)).view([-1]))
-        .expect("offsets");
+    let off = Vec::<i64>::try_from(
+        Tensor::randint(2 * shift + 1, [b, 2], (Kind::Int64, Device::Cpu)).view([-1]),
+    )
+    .expect("offsets");
     let rows: Vec<Tensor> = (0..b)
         .map(|i| {
             let (dy, dx) = (off[2 * i as usize], off[2 * i as usize + 1]);

@@ -842,7 +842,8 @@ mod tests {
     #[test]
     fn condition_map_lays_tokens_on_their_grid() {
         // 4 tokens (2 × 2 grid) of width 2, token k = (k, -k)
-        let tok = Tensor::from_slice(&[0.0f32, 0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0]).view([1, 4, 2]);
+        let tok =
+            Tensor::from_slice(&[0.0f32, 0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0]).view([1, 4, 2]);
         let m = condition_map(&tok, 4, 6).unwrap();
         assert_eq!(m.size(), [1, 2, 4, 6]);
         // row-major: token 1 is the top-right cell, token 2 the bottom-left one
@@ -883,12 +884,23 @@ mod tests {
         let y2 = unet.forward(&x, &t, &c2, None, None).unwrap();
         assert_eq!(y1.size(), [1, 3, 16, 16]);
         let d = (&y1 - &y2).abs().sum_dim_intlist(1, false, Kind::Float); // (1, 16, 16)
-        let near = d.narrow(1, 0, 4).narrow(2, 0, 4).mean(Kind::Float).double_value(&[]);
-        let far = d.narrow(1, 12, 4).narrow(2, 12, 4).mean(Kind::Float).double_value(&[]);
+        let near = d
+            .narrow(1, 0, 4)
+            .narrow(2, 0, 4)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let far = d
+            .narrow(1, 12, 4)
+            .narrow(2, 12, 4)
+            .mean(Kind::Float)
+            .double_value(&[]);
         assert!(near > 1e-4 && near > far, "near {near}, far {far}");
         // a condition that is not a square grid is refused, not a panic
         let odd = Tensor::randn([1, 5, 12], (Kind::Float, Device::Cpu));
-        let e = unet.forward(&x, &t, &odd, None, None).unwrap_err().to_string();
+        let e = unet
+            .forward(&x, &t, &odd, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("square number"), "{e}");
     }
 }
