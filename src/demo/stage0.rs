@@ -28,12 +28,6 @@ pub struct Stage0Config {
     pub weight_decay: f64,
     /// Weight of the per-patch pixel loss next to the class loss.
     pub pixel_weight: f64,
-    /// Flip training images left-right at random (clothes keep their class). With
-    /// [`augment_shift`](Self::augment_shift) against the small ViT overfitting its 20k
-    /// images (without: training batches 91 %, held-out 83 %).
-    pub augment_flip: bool,
-    /// Shift training images by up to this many pixels each way at random (0: none).
-    pub augment_shift: i64,
 }
 
 impl Default for Stage0Config {
@@ -44,38 +38,8 @@ impl Default for Stage0Config {
             lr: 2e-3,
             weight_decay: 0.05,
             pixel_weight: 4.0,
-            augment_flip: false,
-            augment_shift: 0,
         }
     }
-}
-
-/// Images (B, C, H, W) → with `flip`, each flipped left-right with probability ½; then
-/// each shifted by a uniform offset in [-shift, shift]² (zero fill). Draws from libtorch's
-/// seeded generator.
-pub fn augment(unit: &Tensor, flip: bool, shift: i64) -> Tensor {
-    let (b, _, h, w) = unit.size4().expect("(B, C, H, W) images");
-    let x = if flip {
-        let f = Tensor::rand([b, 1, 1, 1], (Kind::Float, unit.device())).lt(0.5);
-        unit.flip([3]).where_self(&f, unit)
-    } else {
-        unit.shallow_clone()
-    };
-    if shift <= 0 {
-        return x;
-    }
-    let padded = x.constant_pad_nd([shift, shift, shift, shift]);
-    let off = Vec::<i64>::try_from(
-        Tensor::randint(2 * shift + 1, [b, 2], (Kind::Int64, Device::Cpu)).view([-1]),
-    )
-    .expect("offsets");
-    let rows: Vec<Tensor> = (0..b)
-        .map(|i| {
-            let (dy, dx) = (off[2 * i as usize], off[2 * i as usize + 1]);
-            padded.get(i).narrow(1, dy, h).narrow(2, dx, w)
-        })
-        .collect();
-    Tensor::stack(&rows, 0)
 }
 
 /// One logged step.
@@ -180,7 +144,6 @@ pub fn pretrain(
     for step in 0..cfg.steps {
         let idx = order.next_batch(cfg.batch_size);
         let unit = train.batch_unit(&idx);
-        let unit = augment(&unit, cfg.augment_flip, cfg.augment_shift);
         let feats = backbone.forward(&to_model_input(&unit, size))?; // (B, N, C)
         let labels = train.batch_labels(&idx);
         let logits = heads.class_logits(&feats);
