@@ -35,7 +35,7 @@ use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainParts};
 use lavit_runtime::stage::{LlmStage, Placement, StageError, StageKind, StageResult};
 use lavit_runtime::train::{
     is_no_decay, splitmix64, var_store_state_dict, AdamW, AdamWConfig, Checkpointer, LrSchedule,
-    MetricsLog, NanGuard, StepRng, StepVerdict, TrainProgress, TrainState,
+    MetricsLog, NanGuard, StepVerdict, TrainProgress, TrainState,
 };
 use serde::Deserialize;
 use tch::nn::{self, Module};
@@ -690,7 +690,6 @@ async fn drive(
         state = loaded.state;
     }
     let start_step = state.step;
-    let rng = StepRng::new(state.seed);
     let mut guard = NanGuard::new(5).with_counts(state.consecutive_skips, state.skipped_total);
     let mut log = MetricsLog::open(out_dir, state.step)?;
     let bar = TrainProgress::new(
@@ -716,7 +715,9 @@ async fn drive(
     g.set_train(true);
     while state.step < end {
         let step = state.step;
-        rng.begin_step(step);
+        // A step draws nothing from libtorch's generator (LLaMA has no dropout; the data order
+        // is a function of (seed, epoch)), so the global generator is left alone and another
+        // job in the process (the demo's pixel decoder) can use it at the same time.
         // Pack the micro-batches of this step (host only), advancing the data cursor.
         let mut micro = Vec::new();
         for _ in 0..cfg.grad_accum {

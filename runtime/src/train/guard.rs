@@ -6,7 +6,21 @@
 //! randomness. Saving the seed and the step is then saving the RNG state, and resume is
 //! exact.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use crate::error::Error;
+
+/// libtorch has one CPU generator per process. Jobs that run side by side in one process
+/// (the demo trains the pixel decoder and the LLM at once) take turns on it: a job seeds it and
+/// draws from it only while it holds the turn, so its numbers do not depend on how the threads
+/// interleave. Returns the turn (held until dropped) after `tch::manual_seed(seed)`.
+pub fn torch_rng_turn(seed: u64) -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    // a job that panicked while holding the turn leaves nothing half-written behind
+    let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+    tch::manual_seed(seed as i64);
+    turn
+}
 
 /// Seeds derived from a run seed and the step number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -53,9 +53,9 @@ pub use ckpt::{
     hash_state_dict, latest, load, var_store_state_dict, Checkpointer, LoadedCheckpoint,
     TrainState, COMMIT_MARKER,
 };
-pub use guard::{splitmix64, NanGuard, StepRng, StepVerdict};
+pub use guard::{splitmix64, torch_rng_turn, NanGuard, StepRng, StepVerdict};
 pub use metrics::{write_line_plot_png, MetricsLog, Record};
-pub use progress::TrainProgress;
+pub use progress::{new_bar, progress_bars, TrainProgress};
 pub use schedule::{Decay, LrSchedule};
 
 #[cfg(test)]

@@ -2,7 +2,21 @@
 //! terminal) that also logs through `tracing` every `log_every` steps, so CI logs and
 //! files see the progress too.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::OnceLock;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// One set of bars per process: jobs that run side by side (the demo trains two stages at
+/// once) each get their own line instead of overwriting one another.
+pub fn progress_bars() -> &'static MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(MultiProgress::new)
+}
+
+/// A bar over `total` steps on [`progress_bars`].
+pub fn new_bar(total: u64) -> ProgressBar {
+    progress_bars().add(ProgressBar::new(total))
+}
 
 pub struct TrainProgress {
     bar: ProgressBar,
@@ -13,7 +27,7 @@ pub struct TrainProgress {
 impl TrainProgress {
     /// A bar over `total` steps starting at `start` (after a resume).
     pub fn new(what: &str, total: u64, start: u64, log_every: u64) -> Self {
-        let bar = ProgressBar::new(total);
+        let bar = new_bar(total);
         bar.set_style(
             ProgressStyle::with_template(
                 "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta}) {msg}",
