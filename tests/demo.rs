@@ -137,10 +137,25 @@ fn judge_learns_from_real_images_only() {
         steps: 120,
         ..DemoConfig::quick().judge
     };
-    let mut j = demo::judge::Judge::new(&cfg);
+    let mut j = demo::judge::Judge::new(&cfg, 0);
     j.train(&cfg, &train, 0);
     let acc = j.accuracy(&held);
     assert!(acc > 0.5, "judge held-out accuracy {acc:.3} (chance 0.1)");
+
+    // The judge trains beside another stage in the demo: its training (dropout included)
+    // depends on its seed alone, not on what else draws from libtorch's generator meanwhile.
+    let cfg = demo::judge::JudgeConfig { steps: 20, ..cfg };
+    let start = demo::judge::Judge::new(&cfg, 3);
+    let trained = |seed: u64, global: i64| {
+        let mut j = demo::judge::Judge::new(&cfg, 3);
+        j.vs.copy(&start.vs).unwrap();
+        tch::manual_seed(global);
+        j.train(&cfg, &train, seed);
+        j.vs.variables()["fc1.weight"].copy()
+    };
+    let (a, b, c) = (trained(3, 1), trained(3, 2), trained(4, 1));
+    assert!(a.equal(&b), "same seed, different judge");
+    assert!(!a.equal(&c), "the seed changes nothing");
 }
 
 #[test]
@@ -166,7 +181,7 @@ fn finished_stages_are_skipped_and_changed_ones_rerun() {
     assert_eq!(stage(&mut st, 4), 8);
     assert_eq!(runs.get(), 2, "a changed config reruns the stage");
     // a stage that failed leaves no marker and reruns
-    let mut st2 = demo::Stages::new(out.path());
+    let st2 = demo::Stages::new(out.path());
     assert!(st2
         .run("t", &1, |_| -> anyhow::Result<u32> {
             anyhow::bail!("boom")
@@ -225,6 +240,13 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
     })
     .expect("the quick demo runs");
     let msg = format!("{s:?}");
+    // every stage ran, and stage 1b overlapped stage 2 + the judge
+    let names: Vec<&str> = s.seconds.iter().map(|(n, _)| n.as_str()).collect();
+    for n in ["stage0", "stage1", "stage1b", "stage2", "judge", "eval"] {
+        assert!(names.contains(&n), "{n} missing: {msg}");
+    }
+    let busy: f64 = s.seconds.iter().map(|(_, t)| t).sum();
+    assert!(s.wall_seconds > 0.0 && s.wall_seconds < busy, "{msg}");
     assert!(s.judge_accuracy >= 0.7, "{msg}");
     assert!(s.stage0_accuracy >= 0.6, "{msg}");
     assert!(s.caption_accuracy >= 0.5, "{msg}");
@@ -308,6 +330,7 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
             .decode(d["b64_json"].as_str().unwrap())
             .unwrap();
         let img = image::load_from_memory(&png).unwrap();
-        assert_eq!((img.width(), img.height()), (32, 32));
+        let side = DemoConfig::quick().tokenizer.img_size as u32;
+        assert_eq!((img.width(), img.height()), (side, side));
     }
 }

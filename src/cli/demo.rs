@@ -20,7 +20,7 @@ pub struct Args {
     /// Folder with Fashion-MNIST's gzipped IDX files.
     #[arg(long, default_value = demo::data::DEFAULT_DATA_DIR)]
     pub data: PathBuf,
-    /// Torch CPU threads (0 = libtorch's default).
+    /// Torch CPU threads of each stage that runs beside another or has small ops (0 = half the cores, at least one); stage 0 and the evaluation use every core
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }

@@ -5,9 +5,10 @@
 
 use std::path::Path;
 
-use tch::{nn, nn::ModuleT, nn::OptimizerConfig, Device, Kind, Tensor};
+use lavit_runtime::train::{splitmix64, torch_rng_turn};
+use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
-use super::data::Split;
+use super::data::{Split, SplitMix64};
 use super::progress::Progress;
 
 /// Judge sizes and training budget.
@@ -39,11 +40,18 @@ impl Default for JudgeConfig {
 /// The CNN; input [B, 1, 28, 28] in [0, 1].
 pub struct Judge {
     pub vs: nn::VarStore,
-    net: nn::SequentialT,
+    body: nn::Sequential,
+    head: nn::Linear,
 }
 
+/// Dropout rate before the last layer while training.
+const DROPOUT: f64 = 0.25;
+
 impl Judge {
-    pub fn new(cfg: &JudgeConfig) -> Self {
+    /// A judge with fresh weights drawn from `seed` (under the torch RNG turn, so a stage
+    /// training beside it does not change them).
+    pub fn new(cfg: &JudgeConfig, seed: u64) -> Self {
+        let _turn = torch_rng_turn(seed);
         let vs = nn::VarStore::new(Device::Cpu);
         let p = vs.root();
         let (c1, c2) = cfg.channels;
@@ -51,7 +59,7 @@ impl Judge {
             padding: 1,
             ..Default::default()
         };
-        let net = nn::seq_t()
+        let body = nn::seq()
             .add(nn::conv2d(&p / "conv1", 1, c1, 3, conv(())))
             .add_fn(|x| x.relu().max_pool2d_default(2)) // (B, c1, 14, 14)
             .add(nn::conv2d(&p / "conv2", c1, c2, 3, conv(())))
@@ -63,20 +71,39 @@ impl Judge {
                 cfg.hidden,
                 Default::default(),
             ))
-            .add_fn(|x| x.relu())
-            .add_fn_t(|x, train| x.dropout(0.25, train))
-            .add(nn::linear(&p / "fc2", cfg.hidden, 10, Default::default()));
-        Self { vs, net }
+            .add_fn(|x| x.relu());
+        let head = nn::linear(&p / "fc2", cfg.hidden, 10, Default::default());
+        Self { vs, body, head }
     }
 
-    /// Logits [B, 10].
-    pub fn logits(&self, x: &Tensor, train: bool) -> Tensor {
-        self.net.forward_t(x, train)
+    /// Logits [B, 10]; with `dropout_seed`, training-time dropout whose mask comes from that
+    /// seed (a Rust generator: the judge can train beside another stage without sharing
+    /// libtorch's).
+    pub fn logits(&self, x: &Tensor, dropout_seed: Option<u64>) -> Tensor {
+        let h = self.body.forward(x);
+        let h = match dropout_seed {
+            Some(seed) => {
+                let mut rng = SplitMix64(seed);
+                let keep: Vec<f32> = (0..h.numel())
+                    .map(|_| {
+                        let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                        if u >= DROPOUT {
+                            (1.0 / (1.0 - DROPOUT)) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::from_slice(&keep).view(h.size().as_slice());
+                h * mask
+            }
+            None => h,
+        };
+        self.head.forward(&h)
     }
 
     /// Trains on `train` (real images only) and returns the loss per step.
     pub fn train(&mut self, cfg: &JudgeConfig, train: &Split, seed: u64) -> Vec<f64> {
-        tch::manual_seed(seed as i64);
         let mut opt = nn::Adam::default().build(&self.vs, cfg.lr).expect("adam");
         let mut order = Order::new(train.len(), seed);
         let mut losses = Vec::with_capacity(cfg.steps);
@@ -90,7 +117,7 @@ impl Judge {
             let (dx, dy) = ((step % 3) as i64 - 1, ((step / 3) % 3) as i64 - 1);
             let x = x.roll([dx, dy], [2, 3]);
             let loss = self
-                .logits(&x, true)
+                .logits(&x, Some(splitmix64(seed ^ splitmix64(step as u64))))
                 .cross_entropy_for_logits(&train.batch_labels(&idx));
             opt.backward_step(&loss);
             let l = loss.double_value(&[]);
@@ -106,7 +133,7 @@ impl Judge {
         tch::no_grad(|| {
             let mut out = Vec::with_capacity(x.size()[0] as usize);
             for chunk in x.split(512, 0) {
-                let p = self.logits(&chunk, false).argmax(-1, false);
+                let p = self.logits(&chunk, None).argmax(-1, false);
                 out.extend(
                     Vec::<i64>::try_from(&p)
                         .unwrap()
@@ -135,7 +162,7 @@ impl Judge {
     }
 
     pub fn load(cfg: &JudgeConfig, path: &Path) -> anyhow::Result<Self> {
-        let mut j = Self::new(cfg);
+        let mut j = Self::new(cfg, 0);
         super::load_vs(&mut j.vs, path)?;
         Ok(j)
     }

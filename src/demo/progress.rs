@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
+use indicatif::ProgressStyle;
 
 /// A bar for one training or evaluation loop.
 pub struct Progress {
@@ -17,7 +18,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(name: &str, total: u64) -> Self {
-        let bar = ProgressBar::new(total);
+        let bar = lavit_runtime::train::new_bar(total);
         bar.set_style(
             ProgressStyle::with_template(
                 "{prefix:>12} [{elapsed_precise}] {bar:30} {pos}/{len} ({eta}) {msg}",

@@ -104,10 +104,12 @@ pub fn pretrain(
     seed: u64,
     metrics_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<(Heads, Vec<Stage0Row>)> {
-    tch::manual_seed(seed as i64);
     let size = backbone.image_size();
     let patch = backbone.patch_size();
-    let heads = Heads::new(backbone.width(), patch);
+    let heads = {
+        let _turn = lavit_runtime::train::torch_rng_turn(seed);
+        Heads::new(backbone.width(), patch)
+    };
     let params = backbone.trainable_parameters();
     anyhow::ensure!(
         !params.is_empty(),

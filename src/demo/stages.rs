@@ -79,7 +79,7 @@ pub struct Stage1bConfig {
     pub addition_embed_type: Option<String>,
     /// Heads of that pool.
     pub addition_embed_type_num_heads: i64,
-    /// The U-Net's `condition_map`: the 8 × 8 grid of decoded condition tokens is also
+    /// The U-Net's `condition_map`: the patch grid (7 × 7 at 28 px) of decoded condition tokens is also
     /// concatenated to the input, so the decoder knows where each token belongs (dev run on
     /// the full demo's tokenizer, 300 steps: held-out reconstructions judged right 74 % with
     /// it, 9 % without).
@@ -246,11 +246,14 @@ pub fn run_stage0(
     seed: u64,
     dir: &Path,
 ) -> anyhow::Result<(f64, Vec<f64>)> {
-    tch::manual_seed(seed as i64);
-    let eva = EvaBackbone::new(
-        &EvaVitConfig::from_manifest(&manifest.tokenizer),
-        Device::Cpu,
-    );
+    let eva = {
+        // draw the initial weights on the torch RNG turn (stages may run side by side)
+        let _turn = lavit_runtime::train::torch_rng_turn(seed);
+        EvaBackbone::new(
+            &EvaVitConfig::from_manifest(&manifest.tokenizer),
+            Device::Cpu,
+        )
+    };
     let (heads, rows) = super::stage0::pretrain(&eva, cfg, train, seed, Some(dir))?;
     let acc = tch::no_grad(|| super::stage0::head_accuracy(&eva, &heads, eval))?;
     super::save_vs(&eva.vs, &stage0_eva(dir))?;
@@ -391,6 +394,10 @@ pub fn run_stage1b(
     let idx: Vec<usize> = (0..train.len()).collect();
     // (M, 3, S, S) in [-1, 1]
     let images = (to_pixel_space(&train.batch_unit(&idx), size) * 2.0 - 1.0).repeat([1, 3, 1, 1]);
+    // Every step draws noise, timesteps and dropout from libtorch's generator: hold the turn
+    // for the whole stage (stage 2, training beside it, draws only while building its model,
+    // which the demo lets finish first).
+    let _turn = lavit_runtime::train::torch_rng_turn(seed);
     trainer::train(&dcfg, &images, &cond)?;
     let log = lavit_runtime::train::MetricsLog::open(dir, i64::MAX)?;
     Ok(log.series("loss").into_iter().map(|p| p.1).collect())
@@ -432,6 +439,10 @@ fn llm_config_json(c: &LlamaConfig) -> serde_json::Value {
 
 /// Stage 2: the project's LLM trainer on [image, text], [text, image] and [text] samples
 /// built from the stage-1 tokenizer; writes the `language_model/` folder into `dir`.
+///
+/// The model's initial weights are drawn from `seed` on the torch RNG turn; `built` (if any)
+/// is told once they are, so a stage that draws from libtorch's generator all the time (the
+/// pixel decoder) can then start beside it.
 pub fn run_stage2(
     tokenizer_dir: &Path,
     sizes: &LlmSizes,
@@ -439,6 +450,7 @@ pub fn run_stage2(
     train: &Split,
     seed: u64,
     dir: &Path,
+    built: Option<std::sync::mpsc::Sender<()>>,
 ) -> anyhow::Result<Curves> {
     use crate::train::llm::{train_llm, LlmTrainConfig, Sample};
     let tok =
@@ -499,6 +511,7 @@ pub fn run_stage2(
     // The model is built (and trained) on the Llm stage actor's thread and device.
     let (c2, m2, sp2) = (lcfg.clone(), manifest.clone(), sp.clone());
     let build: crate::train::llm::LlmModelBuilder = Box::new(move |device| {
+        let turn = lavit_runtime::train::torch_rng_turn(seed);
         let vs = nn::VarStore::new(device);
         let model = LlamaForCausalLM::new(vs.root(), &c2);
         let vit_proj = nn::linear(
@@ -514,6 +527,11 @@ pub fn run_stage2(
             sp2,
             &m2.generation,
         );
+        drop(turn);
+        if let Some(tx) = built {
+            // the demo's receiver may have given up waiting (its own stage failed): nothing to do
+            let _ = tx.send(());
+        }
         Ok(crate::train::llm::LlmModelParts {
             llm,
             vit_proj: Some(vit_proj),
