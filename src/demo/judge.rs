@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use lavit_runtime::train::{splitmix64, torch_rng_turn};
+use lavit_runtime::train::{torch_rng_turn, StepRng};
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
 use super::data::{Split, SplitMix64};
@@ -105,6 +105,7 @@ impl Judge {
     /// Trains on `train` (real images only) and returns the loss per step.
     pub fn train(&mut self, cfg: &JudgeConfig, train: &Split, seed: u64) -> Vec<f64> {
         let mut opt = nn::Adam::default().build(&self.vs, cfg.lr).expect("adam");
+        let dropout = StepRng::new(seed);
         let mut order = Order::new(train.len(), seed);
         let mut losses = Vec::with_capacity(cfg.steps);
         let bar = Progress::new("judge", cfg.steps as u64);
@@ -117,7 +118,7 @@ impl Judge {
             let (dx, dy) = ((step % 3) as i64 - 1, ((step / 3) % 3) as i64 - 1);
             let x = x.roll([dx, dy], [2, 3]);
             let loss = self
-                .logits(&x, Some(splitmix64(seed ^ splitmix64(step as u64))))
+                .logits(&x, Some(dropout.seed_for(step as i64)))
                 .cross_entropy_for_logits(&train.batch_labels(&idx));
             opt.backward_step(&loss);
             let l = loss.double_value(&[]);

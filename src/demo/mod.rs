@@ -53,7 +53,8 @@ pub struct DemoConfig {
     pub data: DataConfig,
     pub judge: JudgeConfig,
     /// Sizes of the tokenizer (EVA ViT, selector, merger, codebook): the checkpoint's
-    /// `manifest.json` `tokenizer` section. 28 px images are zero-padded to `img_size` (the demo uses 28: no padding).
+    /// `manifest.json` `tokenizer` section. 28 px images are zero-padded to `img_size` (the
+    /// demo uses 28: no padding).
     pub tokenizer: TokenizerManifest,
     /// Sizes of the feature decoder (`manifest.json` `feature_decoder`).
     pub feature_decoder: FeatureDecoderManifest,
@@ -317,6 +318,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
     } else {
         (cores / 2).max(1)
     };
+    let alone = opts.threads.max(cores) as i32;
     let started = Instant::now();
     let cfg = &opts.config;
     let size = cfg.tokenizer.img_size;
@@ -329,7 +331,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
     let st = Stages::new(&opts.out);
 
     // Stage 0: the EVA ViT learns features that name and draw the image, then is frozen.
-    tch::set_num_threads(opts.threads.max(cores) as i32);
+    tch::set_num_threads(alone);
     let key0 = (&cfg.stage0, &cfg.tokenizer, &cfg.data, cfg.seed);
     let s0 = st.run("stage0", &key0, |dir| {
         let (accuracy, losses) = stages::run_stage0(
@@ -431,7 +433,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         (s1b, rest)
     });
     let (s1b, s2, judged) = (s1b?, s2?, judged?);
-    tch::set_num_threads(opts.threads.max(cores) as i32);
+    tch::set_num_threads(alone);
 
     // The checkpoint folder, official layout.
     let ckpt = opts.out.join("checkpoint");

@@ -79,8 +79,9 @@ pub struct Stage1bConfig {
     pub addition_embed_type: Option<String>,
     /// Heads of that pool.
     pub addition_embed_type_num_heads: i64,
-    /// The U-Net's `condition_map`: the patch grid (7 × 7 at 28 px) of decoded condition tokens is also
-    /// concatenated to the input, so the decoder knows where each token belongs (dev run on
+    /// The U-Net's `condition_map`: the patch grid (7 × 7 at 28 px) of decoded condition
+    /// tokens is also concatenated to the input, so the decoder knows where each token belongs
+    /// (dev run on
     /// the full demo's tokenizer, 300 steps: held-out reconstructions judged right 74 % with
     /// it, 9 % without).
     pub condition_map: bool,
@@ -394,10 +395,8 @@ pub fn run_stage1b(
     let idx: Vec<usize> = (0..train.len()).collect();
     // (M, 3, S, S) in [-1, 1]
     let images = (to_pixel_space(&train.batch_unit(&idx), size) * 2.0 - 1.0).repeat([1, 3, 1, 1]);
-    // Every step draws noise, timesteps and dropout from libtorch's generator: hold the turn
-    // for the whole stage (stage 2, training beside it, draws only while building its model,
-    // which the demo lets finish first).
-    let _turn = lavit_runtime::train::torch_rng_turn(seed);
+    // the trainer holds the torch RNG turn for its whole run (stage 2, training beside it,
+    // draws only while building its model, which the demo lets finish first)
     trainer::train(&dcfg, &images, &cond)?;
     let log = lavit_runtime::train::MetricsLog::open(dir, i64::MAX)?;
     Ok(log.series("loss").into_iter().map(|p| p.1).collect())

@@ -685,6 +685,10 @@ pub fn train_placed(
     placement: &Placement,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
+    // Every step draws noise, timesteps and condition dropout from libtorch's generator: the
+    // run holds the process's turn on it, so a job beside it in the same process (the demo
+    // trains the LLM at the same time) can neither shift its numbers nor have its own shifted.
+    let _turn = lavit_runtime::train::torch_rng_turn(cfg.train.seed);
     if let Err(m) = lavit_runtime::stage::parse_device(&placement.decoder) {
         bail!("placement.decoder: {m}");
     }

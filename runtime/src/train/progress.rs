@@ -8,7 +8,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// One set of bars per process: jobs that run side by side (the demo trains two stages at
 /// once) each get their own line instead of overwriting one another.
-pub fn progress_bars() -> &'static MultiProgress {
+fn progress_bars() -> &'static MultiProgress {
     static BARS: OnceLock<MultiProgress> = OnceLock::new();
     BARS.get_or_init(MultiProgress::new)
 }
