@@ -54,6 +54,8 @@ async fn main() -> anyhow::Result<()> {
     let info = ModelInfo {
         image_size: m.image_size,
         default_size: (16, 16),
+        size_multiple: 1,
+        generate_defaults: Default::default(),
     };
     let pipe = Pipeline::from_builders(
         builders,

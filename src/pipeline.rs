@@ -26,24 +26,49 @@ use lavit_runtime::stage::{Placement, StageError};
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-pub mod stages;
+mod loader;
+pub use loader::builders;
 
 pub use lavit_runtime::actors::{Fault, RequestHandle};
 pub use lavit_runtime::messages;
 pub use lavit_runtime::stage::{ExitStatus, StageKind};
 
-/// Which stage implementations a pipeline runs.
+/// Which stage implementations a pipeline runs. Every set but `mock` loads the real models
+/// of `checkpoint`, each stage with its own loader; the stages a set leaves out refuse
+/// requests (and load nothing), so a one-shot command loads only what its task needs.
 #[derive(Clone, Debug, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum StageSet {
-    /// The real models loaded from `checkpoint`.
+    /// All five stages.
     #[default]
     Checkpoint,
-    /// Only the tokenizer stages (Encoder, SelectorMerger, Quantizer) from `checkpoint`, e.g.
-    /// a stage-1 export; the Llm and Decoder stages refuse requests.
+    /// Only the tokenizer stages (Encoder, SelectorMerger, Quantizer), e.g. a stage-1 export.
     Tokenizer,
+    /// The tokenizer stages and the Llm (tokenize, caption / VQA).
+    Understanding,
+    /// The Llm and the Decoder (text → image).
+    Generation,
+    /// Only the Llm (captions of image embeddings computed elsewhere).
+    Language,
+    /// The tokenizer stages and the Decoder (image → tokens → pixels).
+    Reconstruction,
     /// The deterministic mock stages of `lavit_runtime::mock` (tests, wiring checks).
     Mock,
+}
+
+impl StageSet {
+    /// Whether this set runs `kind` (every stage for `mock`).
+    pub fn has(&self, kind: StageKind) -> bool {
+        use StageKind::*;
+        match self {
+            StageSet::Checkpoint | StageSet::Mock => true,
+            StageSet::Tokenizer => matches!(kind, Encoder | SelectorMerger | Quantizer),
+            StageSet::Understanding => kind != Decoder,
+            StageSet::Generation => matches!(kind, Llm | Decoder),
+            StageSet::Language => kind == Llm,
+            StageSet::Reconstruction => kind != Llm,
+        }
+    }
 }
 
 /// How to build a pipeline: where the weights are, where each stage runs, admission limits.
@@ -74,6 +99,21 @@ pub struct PipelineConfig {
     /// Mock stages only: extra matmuls per call (makes them measurably slow).
     #[serde(default)]
     pub mock_work: usize,
+    /// Which pixel decoder the Decoder stage runs: `highres` (SDXL-shaped), `lowres`
+    /// (SD-1.5-shaped), or `auto` (highres when the folder has `highres_pixel_decoding/`).
+    #[serde(default = "d_auto")]
+    pub pixel_decoding: String,
+    /// Keep/drop decisions of the selector: `manifest` (the checkpoint manifest's
+    /// `tokenizer.selection`), `argmax` (deterministic) or `gumbel` (sampled as the official
+    /// code does, from `selection_seed`).
+    #[serde(default = "d_manifest")]
+    pub selection: String,
+    #[serde(default)]
+    pub selection_seed: u64,
+    /// Precision of the LLM and the U-Net: `auto` (bf16 on CUDA, f32 on the CPU), `f32`,
+    /// `bf16`, `f16` (the VAE and the tokenizer stay f32, as the official code runs them).
+    #[serde(default = "d_auto")]
+    pub dtype: String,
     /// Plugin libraries and the backbone / codebook the tokenizer stages take from them
     /// (the same section as `lavit train tokenizer`'s `[plugins]`; the file's top-level
     /// `[plugins]` table is read into it).
@@ -90,6 +130,12 @@ fn d_queue() -> usize {
 fn d_panics() -> u64 {
     3
 }
+fn d_auto() -> String {
+    "auto".into()
+}
+fn d_manifest() -> String {
+    "manifest".into()
+}
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -102,55 +148,140 @@ impl Default for PipelineConfig {
             max_queue: d_queue(),
             max_consecutive_panics: d_panics(),
             mock_work: 0,
+            pixel_decoding: d_auto(),
+            selection: d_manifest(),
+            selection_seed: 0,
+            dtype: d_auto(),
             plugins: Default::default(),
         }
     }
 }
 
+/// The sections of a command config file the pipeline reads: `[pipeline]` and the top-level
+/// `[plugins]`; the serving limits (`[server]`) belong to `lavit serve` and are skipped here.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PipelineFile {
+    pipeline: PipelineConfig,
+    plugins: Option<lavit_runtime::plugin_host::PluginsConfig>,
+    server: Option<serde_json::Value>,
+}
+
+impl lavit_runtime::config::Validate for PipelineFile {
+    fn validate(&self, origin: &str) -> lavit_runtime::Result<()> {
+        self.pipeline.validate(origin)
+    }
+}
+
 impl PipelineConfig {
-    /// Read the `[pipeline]` table of a TOML file (see configs/serve.toml) and its top-level
-    /// `[plugins]` table; a relative `placement_file`, `checkpoint` or plugin path is resolved
-    /// against the file's folder.
+    /// Read the `[pipeline]` table of a config file (see configs/serve.toml) and its top-level
+    /// `[plugins]` table through the one config mechanism
+    /// ([`lavit_runtime::config::load_config`]: `LAVIT__PIPELINE__KEY` overrides, unknown keys
+    /// and bad values refused with the file and key); relative paths are resolved against the
+    /// file's folder.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let value: toml::Value =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let table = value
-            .get("pipeline")
-            .cloned()
-            .unwrap_or(toml::Value::Table(Default::default()));
-        let mut cfg: PipelineConfig = table.try_into().map_err(|e: toml::de::Error| {
-            anyhow::anyhow!("{}: [pipeline]: {}", path.display(), e.message())
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(p) = value.get("plugins") {
-            if !cfg.plugins.is_empty() {
+        Self::load(Some(path))
+    }
+
+    /// [`PipelineConfig::from_file`] for an optional file: without one, the defaults with
+    /// the `LAVIT__PIPELINE__*` environment overrides.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let f: PipelineFile = lavit_runtime::config::load_optional_config(path)?;
+        let origin = path.unwrap_or(Path::new("./(built-in defaults)"));
+        f.pipeline.resolved(f.plugins, origin)
+    }
+
+    /// Range checks of the admission limits and the inline placement (a placement file is
+    /// checked when it is read, [`PipelineConfig::resolved`]).
+    pub fn validate(&self, origin: &str) -> lavit_runtime::Result<()> {
+        use lavit_runtime::Error;
+        let range = |key: &str, v: u64, hi: u64| {
+            if (1..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::config(
+                    origin,
+                    format!("pipeline.{key}"),
+                    format!("{v} is out of range 1..={hi}"),
+                ))
+            }
+        };
+        range("max_in_flight", self.max_in_flight as u64, 4096)?;
+        range("max_queue", self.max_queue.max(1) as u64, 1 << 20)?;
+        range(
+            "max_consecutive_panics",
+            self.max_consecutive_panics,
+            1 << 20,
+        )?;
+        if !["auto", "highres", "lowres"].contains(&self.pixel_decoding.as_str()) {
+            return Err(Error::config(
+                origin,
+                "pipeline.pixel_decoding",
+                format!(
+                    "`{}` is not one of auto, highres, lowres",
+                    self.pixel_decoding
+                ),
+            ));
+        }
+        if !["manifest", "argmax", "gumbel"].contains(&self.selection.as_str()) {
+            return Err(Error::config(
+                origin,
+                "pipeline.selection",
+                format!(
+                    "`{}` is not one of manifest, argmax, gumbel",
+                    self.selection
+                ),
+            ));
+        }
+        if self.dtype != "auto" {
+            lavit_runtime::device::parse_dtype(&self.dtype)
+                .map_err(|e| Error::config(origin, "pipeline.dtype", e.to_string()))?;
+        }
+        if self.mock_work > 1 << 16 {
+            return Err(Error::config(
+                origin,
+                "pipeline.mock_work",
+                format!("{} is above 65536", self.mock_work),
+            ));
+        }
+        self.placement.validate(origin)
+    }
+
+    /// Resolve what a config file names relative to it (`origin`: the file, or a
+    /// pseudo-path for built-in defaults whose folder is the working directory): the top-level
+    /// `[plugins]` (refused together with `[pipeline.plugins]`), the placement file (read and
+    /// validated), a relative checkpoint folder.
+    pub fn resolved(
+        mut self,
+        plugins: Option<lavit_runtime::plugin_host::PluginsConfig>,
+        origin: &Path,
+    ) -> anyhow::Result<Self> {
+        let base = origin.parent().unwrap_or(Path::new("."));
+        if let Some(p) = plugins {
+            if !self.plugins.is_empty() {
                 anyhow::bail!(
                     "{}: give the plugins either as [plugins] or as [pipeline.plugins], not both",
-                    path.display()
+                    origin.display()
                 );
             }
-            cfg.plugins = p.clone().try_into().map_err(|e: toml::de::Error| {
-                anyhow::anyhow!("{}: [plugins]: {}", path.display(), e.message())
-            })?;
+            self.plugins = p;
         }
-        cfg.plugins = cfg.plugins.resolved(base);
-        if let Some(p) = &cfg.placement_file {
+        self.plugins = self.plugins.resolved(base);
+        if let Some(p) = &self.placement_file {
             let p = if p.is_relative() {
                 base.join(p)
             } else {
                 p.clone()
             };
-            cfg.placement = Placement::from_file(&p)?;
-            cfg.placement_file = Some(p);
+            self.placement = Placement::from_file(&p)?;
+            self.placement_file = Some(p);
         }
-        if let Some(c) = &cfg.checkpoint {
+        if let Some(c) = &self.checkpoint {
             if c.is_relative() && !c.exists() {
-                cfg.checkpoint = Some(base.join(c));
+                self.checkpoint = Some(base.join(c));
             }
         }
-        Ok(cfg)
+        Ok(self)
     }
 
     fn graph_options(&self) -> GraphOptions {
@@ -169,14 +300,30 @@ pub struct ModelInfo {
     pub image_size: i64,
     /// Default output size (width, height) of generated images.
     pub default_size: (usize, usize),
+    /// Generated sides must be multiples of this.
+    pub size_multiple: usize,
+    /// The checkpoint's recommended generation settings (manifest `generation`: LLM
+    /// guidance, top-k, decoder guidance and steps of the pixel decoder this pipeline runs),
+    /// at the native size: the defaults of `lavit generate` and the server.
+    pub generate_defaults: GenerateOptions,
+}
+
+impl ModelInfo {
+    /// The official aspect ratios at this decoder's native size: (name, (height, width)).
+    pub fn aspect_ratio_sizes(&self) -> Vec<(&'static str, (i64, i64))> {
+        lavit_decoder::pixel_decoder::aspect_ratio_sizes(
+            self.default_size.1 as i64,
+            self.size_multiple as i64,
+        )
+    }
 }
 
 /// A running LaVIT pipeline (five stage actors).
 pub struct Pipeline {
     graph: StageGraph,
     info: ModelInfo,
-    /// Built with `stages = "tokenizer"`: the Llm and Decoder stages refuse requests.
-    tokenizer_only: bool,
+    /// The stages this pipeline runs (the others refuse requests).
+    stages: StageSet,
 }
 
 /// Errors of the pipeline API: the pipeline's own ([`StageError`]).
@@ -193,16 +340,11 @@ impl Pipeline {
                 };
                 Self::mock(&m, None, cfg)
             }
-            StageSet::Checkpoint | StageSet::Tokenizer => {
-                let dir = cfg.checkpoint.as_deref().ok_or_else(|| {
-                    anyhow::anyhow!("the pipeline config names no checkpoint folder (pipeline.checkpoint or --checkpoint)")
-                })?;
-                let plugins = crate::tokenizer::TokenizerPlugins::load(&cfg.plugins)?;
-                let tokenizer_only = cfg.stages == StageSet::Tokenizer;
-                let (builders, info) = stages::builders(dir, &plugins, tokenizer_only)?;
+            _ => {
+                let (builders, info) = builders(cfg)?;
                 let mut pipe =
                     Self::from_builders(builders, info, &cfg.placement, cfg.graph_options())?;
-                pipe.tokenizer_only = tokenizer_only;
+                pipe.stages = cfg.stages.clone();
                 Ok(pipe)
             }
         }
@@ -219,7 +361,7 @@ impl Pipeline {
         Ok(Pipeline {
             graph,
             info,
-            tokenizer_only: false,
+            stages: StageSet::Checkpoint,
         })
     }
 
@@ -232,6 +374,12 @@ impl Pipeline {
         let info = ModelInfo {
             image_size: m.image_size,
             default_size: (m.pixel_size as usize, m.pixel_size as usize),
+            size_multiple: 1,
+            generate_defaults: GenerateOptions {
+                width: m.pixel_size as usize,
+                height: m.pixel_size as usize,
+                ..GenerateOptions::default()
+            },
         };
         Self::from_builders(
             mock::builders(m, gate),
@@ -250,7 +398,12 @@ impl Pipeline {
     /// Only the tokenizer stages run (`stages = "tokenizer"`): tokenize works, caption and
     /// generate are refused.
     pub fn tokenizer_only(&self) -> bool {
-        self.tokenizer_only
+        self.stages == StageSet::Tokenizer
+    }
+
+    /// The stages this pipeline runs.
+    pub fn stages(&self) -> &StageSet {
+        &self.stages
     }
 
     /// Images → CLIP-normalised (B, 3, S, S) float tensor (bicubic resize to the encoder size).
@@ -295,19 +448,43 @@ impl Pipeline {
         }
     }
 
+    /// Continuous image embeddings computed elsewhere ((T, hidden): what the understanding
+    /// merger and `vit_proj` give) (+ question) → text, straight through the Llm stage.
+    pub async fn caption_embeds(
+        &self,
+        embeds: Tensor,
+        prompt: &str,
+        opts: CaptionOptions,
+    ) -> PipelineResult<String> {
+        let task = Task::Caption {
+            prompt: prompt.to_string(),
+            opts,
+        };
+        match self.run(task, Input::Embeds(vec![embeds])).await? {
+            Output::Text { text, .. } => Ok(text),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Text → `opts.n` images (RGB, 8-bit).
     pub async fn generate(
         &self,
         prompt: &str,
         opts: GenerateOptions,
     ) -> PipelineResult<Vec<image::RgbImage>> {
-        match self
+        Ok(self.generate_with_ids(prompt, opts).await?.images)
+    }
+
+    /// Text → `opts.n` images with the visual ids each was drawn from.
+    pub async fn generate_with_ids(
+        &self,
+        prompt: &str,
+        opts: GenerateOptions,
+    ) -> PipelineResult<Generated> {
+        let out = self
             .run(Task::Generate { opts }, Input::Prompt(prompt.to_string()))
-            .await?
-        {
-            Output::Pixels(px) => to_images(&px),
-            other => Err(unexpected(other)),
-        }
+            .await?;
+        Generated::from_output(out)
     }
 
     /// Image → tokens → pixels.
@@ -316,11 +493,17 @@ impl Pipeline {
         image: &DynamicImage,
         opts: GenerateOptions,
     ) -> PipelineResult<Vec<image::RgbImage>> {
+        Ok(self.reconstruct_with_ids(image, opts).await?.images)
+    }
+
+    /// Image → tokens → pixels, with the image's visual ids.
+    pub async fn reconstruct_with_ids(
+        &self,
+        image: &DynamicImage,
+        opts: GenerateOptions,
+    ) -> PipelineResult<Generated> {
         let input = Input::Images(self.preprocess(std::slice::from_ref(image)));
-        match self.run(Task::Reconstruct { opts }, input).await? {
-            Output::Pixels(px) => to_images(&px),
-            other => Err(unexpected(other)),
-        }
+        Generated::from_output(self.run(Task::Reconstruct { opts }, input).await?)
     }
 
     /// Low-level: admit, start and wait for any task.
@@ -347,6 +530,24 @@ impl Pipeline {
                 Input::Images(self.preprocess(std::slice::from_ref(image))),
             )
             .await
+    }
+}
+
+/// Images of a generate / reconstruct request and the visual ids each was drawn from.
+pub struct Generated {
+    pub images: Vec<image::RgbImage>,
+    pub ids: Vec<Vec<i64>>,
+}
+
+impl Generated {
+    fn from_output(out: Output) -> PipelineResult<Self> {
+        match out {
+            Output::Pixels { images, ids } => Ok(Generated {
+                images: to_images(&images)?,
+                ids,
+            }),
+            other => Err(unexpected(other)),
+        }
     }
 }
 

@@ -12,236 +12,37 @@
 //! images ─ … ─ merger from language_model/visual_weight.bin ─ vit_proj ─ LLM embeddings
 //! ```
 //!
-//! Everything the LLM, the pixel decoder, the server and the demo need from images goes
-//! through [`VisualTokenizer`]: [`tokenize`](VisualTokenizer::tokenize) (image → ids),
-//! [`encode_features`](VisualTokenizer::encode_features) (image → continuous LLM inputs),
-//! [`decode_lowres`](VisualTokenizer::decode_lowres) /
-//! [`decode_highres`](VisualTokenizer::decode_highres) (ids → U-Net conditions).
+//! [`VisualTokenizer`] is the stage models of the Encoder, SelectorMerger and Quantizer
+//! stages (and the feature decoders of the Decoder stage) called in one thread, for parity
+//! checks, the demo and tests: every part is loaded by its stage's own loader, and every
+//! forward is the stage's own code. Commands and the server run the same stages through
+//! [`crate::pipeline::Pipeline`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use lavit_decoder::feature_decoder::{FeatureDecoderConfig, HighresVQDecoder, VQDecoder};
+use lavit_decoder::stage::embed_visual_ids;
 use lavit_encoder::eva_vit::{EvaBackbone, EvaVitConfig};
-use lavit_encoder::LaVITImageProcessor;
+use lavit_encoder::{EncoderStageModel, LaVITImageProcessor};
 use lavit_plugin_api::{Backbone, Codebook};
-use lavit_quantizer::{EncodeTaskLayer, VectorQuantizer};
-use lavit_runtime::checkpoint::{self, StateDict};
-use lavit_runtime::manifest::{LavitManifest, Selection};
-use lavit_runtime::plugin_host::{PluginComponent, PluginHost, PluginsConfig};
+use lavit_quantizer::{load_codebook, QuantizerStageModel, VectorQuantizer};
+use lavit_runtime::checkpoint;
+use lavit_runtime::layout::check_tokenizer_encoder_keys;
+pub use lavit_runtime::layout::{files, resolve_file};
+use lavit_runtime::manifest::LavitManifest;
+pub use lavit_runtime::plugin_host::{check_geometry, plugins_section, TokenizerPlugins};
 use lavit_runtime::{Error, Result};
-use lavit_selector::{SelectionMode, TokenMerger, TokenMergerConfig, TokenPredictor};
-use tch::{nn, nn::Module, Device, Kind, Tensor};
+pub use lavit_selector::stage::{gather_kept, UnderstandingHead};
+use lavit_selector::{SelectionMode, SelectorMergerStageModel};
+use tch::{nn, Device, Tensor};
 
-/// Official file names inside a checkpoint folder (without extension: `.bin` or
-/// `.safetensors` are both accepted).
-pub mod files {
-    pub const EVA: &str = "visual_tokenizer/eva_vitg_psz14";
-    pub const TOKENIZER_ENCODER: &str = "visual_tokenizer/tokenizer_encoder";
-    pub const LOWRES_DECODER: &str = "visual_tokenizer/tokenizer_decoder";
-    pub const HIGHRES_DECODER: &str = "visual_tokenizer/highres_tokenizer_decoder";
-    pub const VISUAL_WEIGHT: &str = "language_model/visual_weight";
-    /// A plugin backbone's weights (`Backbone::state_dict`, safetensors), written by
-    /// `lavit train tokenizer` in place of the EVA file.
-    pub const PLUGIN_BACKBONE: &str = "visual_tokenizer/backbone";
-    /// A plugin codebook's weights (`Codebook::state_dict`, safetensors), written in place
-    /// of `quantize.*` in `tokenizer_encoder`.
-    pub const PLUGIN_CODEBOOK: &str = "visual_tokenizer/codebook";
-}
-
-/// Where the tokenizer's backbone and codebook come from: the built-in EVA-CLIP and l2 VQ,
-/// or the components of a config's `[plugins]` section. Cheap to clone (the loaded plugin
-/// host is shared), so each stage thread builds its part on its own device.
-///
-/// A plugin component without `weights` loads the checkpoint folder's
-/// `visual_tokenizer/{backbone,codebook}.safetensors` when the folder has it (what
-/// `lavit train tokenizer` exports), so one config serves for training and inference.
-#[derive(Clone, Default)]
-pub struct TokenizerPlugins {
-    host: Option<Arc<PluginHost>>,
-    cfg: PluginsConfig,
-}
-
-impl std::fmt::Debug for TokenizerPlugins {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenizerPlugins")
-            .field("cfg", &self.cfg)
-            .finish()
-    }
-}
-
-impl TokenizerPlugins {
-    /// The built-in parts only.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    /// Loads the plugins `cfg` names (start-up) and remembers which parts they replace.
-    pub fn load(cfg: &PluginsConfig) -> Result<Self> {
-        if cfg.load.is_empty() {
-            if let Some(c) = cfg.backbone.as_ref().or(cfg.codebook.as_ref()) {
-                return Err(Error::invalid(format!(
-                    "[plugins] takes part `{}` from a plugin but `plugins.load` names no plugin library",
-                    c.plugin
-                )));
-            }
-            return Ok(Self::none());
-        }
-        let host = PluginHost::from_config(cfg)?;
-        Ok(Self {
-            host: Some(Arc::new(host)),
-            cfg: cfg.clone(),
-        })
-    }
-
-    pub fn config(&self) -> &PluginsConfig {
-        &self.cfg
-    }
-
-    /// `c` with `weights` defaulting to `checkpoint/<file>.safetensors` when that exists.
-    fn component(c: &PluginComponent, checkpoint: Option<&Path>, file: &str) -> PluginComponent {
-        let mut c = c.clone();
-        if c.weights.is_none() {
-            c.weights = checkpoint
-                .map(|d| d.join(format!("{file}.safetensors")))
-                .filter(|p| p.is_file());
-        }
-        c
-    }
-
-    fn host(&self) -> Result<&PluginHost> {
-        self.host
-            .as_deref()
-            .ok_or_else(|| Error::invalid("no plugins are loaded"))
-    }
-
-    /// The plugin backbone on `device` (None: the config keeps EVA-CLIP).
-    pub fn backbone(
-        &self,
-        checkpoint: Option<&Path>,
-        device: Device,
-    ) -> Result<Option<Box<dyn Backbone>>> {
-        let Some(c) = &self.cfg.backbone else {
-            return Ok(None);
-        };
-        let c = Self::component(c, checkpoint, files::PLUGIN_BACKBONE);
-        Ok(Some(self.host()?.backbone(&c, device)?))
-    }
-
-    /// The plugin codebook on `device` (None: the config keeps the built-in VQ).
-    pub fn codebook(
-        &self,
-        checkpoint: Option<&Path>,
-        device: Device,
-    ) -> Result<Option<Box<dyn Codebook>>> {
-        let Some(c) = &self.cfg.codebook else {
-            return Ok(None);
-        };
-        let c = Self::component(c, checkpoint, files::PLUGIN_CODEBOOK);
-        Ok(Some(self.host()?.codebook(&c, device)?))
-    }
-}
-
-/// The top-level `[plugins]` table of a TOML config file (serving, training or a file of
-/// its own), paths resolved against the file's folder; empty when the file has none.
-pub fn plugins_section(path: &Path) -> Result<PluginsConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let value: toml::Value = toml::from_str(&text)
-        .map_err(|e| Error::config(path.display().to_string(), "plugins", e.to_string()))?;
-    let cfg: PluginsConfig = match value.get("plugins") {
-        Some(p) => p.clone().try_into().map_err(|e: toml::de::Error| {
-            Error::config(path.display().to_string(), "plugins", e.message())
-        })?,
-        None => PluginsConfig::default(),
-    };
-    Ok(cfg.resolved(path.parent().unwrap_or(Path::new("."))))
-}
-
-/// Checks that a backbone and a codebook fit the tokenizer sizes of `manifest`: the
-/// backbone's image size, patch size and width against what the selector, merger and image
-/// processor are built for, the codebook's width against `encode_task_layer`'s output and
-/// its size against the LLM's visual vocabulary. The error names both sides of every
-/// mismatch.
-pub fn check_geometry(
-    manifest: &LavitManifest,
-    encoder: &dyn Backbone,
-    codebook: &dyn Codebook,
-) -> Result<()> {
-    let t = &manifest.tokenizer;
-    let (b, c) = (encoder.name(), codebook.name());
-    let mut problems = Vec::new();
-    let checks = [
-        (
-            format!("backbone `{b}` image_size"),
-            encoder.image_size(),
-            "tokenizer.img_size (the image processor's size)",
-            t.img_size,
-        ),
-        (
-            format!("backbone `{b}` patch_size"),
-            encoder.patch_size(),
-            "tokenizer.patch_size (the selector's patch grid)",
-            t.patch_size,
-        ),
-        (
-            format!("backbone `{b}` width"),
-            encoder.width(),
-            "tokenizer.encoder_width (the token selector's and merger's input width)",
-            t.encoder_width,
-        ),
-        (
-            format!("codebook `{c}` code_dim"),
-            codebook.code_dim(),
-            "tokenizer.code_dim (encode_task_layer's output width)",
-            t.code_dim,
-        ),
-        (
-            format!("codebook `{c}` num_codes"),
-            codebook.num_codes(),
-            "tokenizer.n_code (the LLM's visual vocabulary)",
-            t.n_code,
-        ),
-    ];
-    for (part, got, side, want) in checks {
-        if got != want {
-            problems.push(format!("{part} is {got}, but {side} is {want}"));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "the tokenizer's parts do not fit together: {}",
-            problems.join("; ")
-        )))
-    }
-}
-
-/// `dir/<name>.bin`, else `dir/<name>.safetensors`; an error naming both if neither exists.
-pub fn resolve_file(dir: &Path, name: &str) -> Result<PathBuf> {
-    for ext in ["bin", "safetensors"] {
-        let p = dir.join(format!("{name}.{ext}"));
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    Err(Error::invalid(format!(
-        "{}: neither {name}.bin nor {name}.safetensors exists",
-        dir.display()
-    )))
-}
-
-fn selection_mode(s: Selection) -> SelectionMode {
-    match s {
-        Selection::Argmax => SelectionMode::Argmax,
-        Selection::Gumbel => SelectionMode::Gumbel { seed: 0, tau: 1.0 },
-    }
-}
+pub use lavit_encoder::load_eva;
 
 /// Which optional parts [`VisualTokenizer::from_checkpoint`] loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadParts {
-    /// The understanding merger + `vit_proj` from `language_model/visual_weight.*`.
+    /// The understanding merger + `vit_proj` from `language_model/visual_weight.*` (loaded
+    /// whenever the folder has it; `true` requires it).
     pub understanding: bool,
     /// `tokenizer_decoder.*` (lowres U-Net condition).
     pub lowres_decoder: bool,
@@ -274,37 +75,6 @@ impl Default for LoadParts {
     }
 }
 
-/// The merger and projector LaVIT fine-tuned with the LLM (`visual_weight.bin`).
-pub struct UnderstandingHead {
-    pub vs: nn::VarStore,
-    pub causal_encoder: TokenMerger,
-    pub vit_proj: nn::Linear,
-}
-
-impl UnderstandingHead {
-    /// Random weights at the sizes of `manifest` (names as in `visual_weight.bin`).
-    pub fn new(manifest: &LavitManifest, device: Device) -> Self {
-        let t = &manifest.tokenizer;
-        let vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let causal_encoder = TokenMerger::new(
-            &root / "causal_encoder",
-            &TokenMergerConfig::from_manifest(t),
-        );
-        let vit_proj = nn::linear(
-            &root / "vit_proj",
-            t.encoder_width,
-            t.llm_hidden,
-            Default::default(),
-        );
-        Self {
-            vs,
-            causal_encoder,
-            vit_proj,
-        }
-    }
-}
-
 /// Intermediate results of one tokenizer forward (for parity, training and debugging).
 pub struct TokenizerTrace {
     /// Patch features [B, N, C] (no cls token).
@@ -326,22 +96,18 @@ pub struct Tokenized {
     pub ids: Vec<Vec<i64>>,
 }
 
-/// The dynamic visual tokenizer with its feature decoders.
+/// The dynamic visual tokenizer with its feature decoders: the stage models in one thread.
 pub struct VisualTokenizer {
     pub manifest: LavitManifest,
     pub device: Device,
     pub processor: LaVITImageProcessor,
-    /// The frozen vision encoder (the built-in EVA ViT or a plugin).
-    pub encoder: Box<dyn Backbone>,
-    /// Weights of `token_predictor`, `causal_encoder`, `encode_task_layer`, `vit_proj`.
-    pub vs: nn::VarStore,
-    pub token_predictor: TokenPredictor,
-    pub causal_encoder: TokenMerger,
-    pub encode_task_layer: EncodeTaskLayer,
-    pub vit_proj: nn::Linear,
-    /// The codebook (the built-in l2 VQ or a plugin).
-    pub quantize: Box<dyn Codebook>,
-    pub understanding: Option<UnderstandingHead>,
+    /// The Encoder stage (the built-in EVA ViT or a plugin backbone).
+    pub encoder: EncoderStageModel,
+    /// The SelectorMerger stage (`token_predictor`, `causal_encoder`, `vit_proj`, and the
+    /// understanding head of `visual_weight` when loaded).
+    pub selector: SelectorMergerStageModel,
+    /// The Quantizer stage (`encode_task_layer`, the codebook).
+    pub quantizer: QuantizerStageModel,
     pub lowres_decoder: Option<(nn::VarStore, VQDecoder)>,
     pub highres_decoder: Option<(nn::VarStore, HighresVQDecoder)>,
     /// Default selection mode of `tokenize` (from the manifest; arg-max unless it says
@@ -351,18 +117,17 @@ pub struct VisualTokenizer {
 
 impl VisualTokenizer {
     /// Random weights at the sizes of `manifest` (for training from scratch). Builds the
-    /// EVA encoder, the built-in codebook and both feature decoders.
-    pub fn new_random(manifest: &LavitManifest, device: Device) -> Self {
+    /// EVA encoder, the built-in codebook and the lowres feature decoder.
+    pub fn new_random(manifest: &LavitManifest, device: Device) -> Result<Self> {
         let t = &manifest.tokenizer;
         let encoder = EvaBackbone::new(&EvaVitConfig::from_manifest(t), device);
         let codebook = VectorQuantizer::new(t.n_code, t.code_dim, device);
-        let mut me = Self::with_parts(manifest, device, Box::new(encoder), Box::new(codebook))
-            .expect("the built-in parts are built from the manifest's sizes");
+        let mut me = Self::with_parts(manifest, device, Box::new(encoder), Box::new(codebook))?;
         let dcfg = FeatureDecoderConfig::from_manifest(&manifest.feature_decoder);
         let vs = nn::VarStore::new(device);
         let m = VQDecoder::new(vs.root(), &dcfg);
         me.lowres_decoder = Some((vs, m));
-        me
+        Ok(me)
     }
 
     /// Selector, merger, task layer and projector with random weights around a given
@@ -375,38 +140,23 @@ impl VisualTokenizer {
         quantize: Box<dyn Codebook>,
     ) -> Result<Self> {
         check_geometry(manifest, encoder.as_ref(), quantize.as_ref())?;
-        let t = &manifest.tokenizer;
-        let vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let c = t.encoder_width;
-        let token_predictor = TokenPredictor::new(&root / "token_predictor", c);
-        let causal_encoder = TokenMerger::new(
-            &root / "causal_encoder",
-            &TokenMergerConfig::from_manifest(t),
-        );
-        let encode_task_layer = EncodeTaskLayer::new(&root / "encode_task_layer", c, t.code_dim);
-        let vit_proj = nn::linear(&root / "vit_proj", c, t.llm_hidden, Default::default());
+        let selector = SelectorMergerStageModel::new(manifest, device);
         Ok(Self {
             manifest: manifest.clone(),
             device,
-            processor: LaVITImageProcessor::new(t.img_size as u32),
-            encoder,
-            vs,
-            token_predictor,
-            causal_encoder,
-            encode_task_layer,
-            vit_proj,
-            quantize,
-            understanding: None,
+            processor: LaVITImageProcessor::new(manifest.tokenizer.img_size as u32),
+            encoder: EncoderStageModel::new(manifest, encoder, device)?,
+            selection: selector.selection,
+            selector,
+            quantizer: QuantizerStageModel::new(manifest, device, quantize)?,
             lowres_decoder: None,
             highres_decoder: None,
-            selection: selection_mode(t.selection),
         })
     }
 
     /// Load a LaVIT checkpoint folder (official layout; `manifest.json` optional) with the
-    /// strict loader: `visual_tokenizer/{eva_vitg_psz14, tokenizer_encoder}` always, the
-    /// parts in `parts` when asked. Every file may be `.bin` or `.safetensors`.
+    /// stages' strict loaders: `visual_tokenizer/{eva_vitg_psz14, tokenizer_encoder}` always,
+    /// the parts in `parts` when asked. Every file may be `.bin` or `.safetensors`.
     pub fn from_checkpoint(dir: &Path, device: Device, parts: LoadParts) -> Result<Self> {
         Self::load(dir, device, parts, &TokenizerPlugins::none())
     }
@@ -421,18 +171,9 @@ impl VisualTokenizer {
     ) -> Result<Self> {
         let encoder = match plugins.backbone(Some(dir), device)? {
             Some(b) => b,
-            None => Box::new(Self::load_eva(dir, device)?),
+            None => Box::new(load_eva(dir, device)?),
         };
-        let codebook = plugins.codebook(Some(dir), device)?;
-        Self::from_checkpoint_with(dir, device, parts, encoder, codebook)
-    }
-
-    /// The checkpoint's EVA encoder (`visual_tokenizer/eva_vitg_psz14.*`).
-    pub fn load_eva(dir: &Path, device: Device) -> Result<EvaBackbone> {
-        let manifest = LavitManifest::for_checkpoint(dir)?;
-        let eva_path = resolve_file(dir, files::EVA)?;
-        let eva_cfg = EvaVitConfig::from_manifest(&manifest.tokenizer);
-        EvaBackbone::load(&eva_path, &eva_cfg, device)
+        Self::assemble(dir, device, parts, encoder, plugins)
     }
 
     /// As [`from_checkpoint`](Self::from_checkpoint) around an encoder the caller built
@@ -443,96 +184,56 @@ impl VisualTokenizer {
         parts: LoadParts,
         encoder: Box<dyn Backbone>,
     ) -> Result<Self> {
-        Self::from_checkpoint_with(dir, device, parts, encoder, None)
+        Self::assemble(dir, device, parts, encoder, &TokenizerPlugins::none())
     }
 
-    /// As [`from_checkpoint_with_encoder`](Self::from_checkpoint_with_encoder) with a
-    /// codebook the caller built (`None`: the built-in VQ from `tokenizer_encoder`'s
-    /// `quantize.*`; a given codebook ignores those keys).
-    pub fn from_checkpoint_with(
+    fn assemble(
         dir: &Path,
         device: Device,
         parts: LoadParts,
         encoder: Box<dyn Backbone>,
-        codebook: Option<Box<dyn Codebook>>,
+        plugins: &TokenizerPlugins,
     ) -> Result<Self> {
+        let manifest = LavitManifest::for_checkpoint(dir)?;
         let enc_path = resolve_file(dir, files::TOKENIZER_ENCODER)?;
         let sd = checkpoint::load_path(&enc_path)?;
         let src = enc_path.display().to_string();
-        Self::from_checkpoint_with_state(dir, device, parts, encoder, codebook, sd, &src)
-    }
-
-    /// As [`load`](Self::load) with the `tokenizer_encoder` state dict already read (see
-    /// [`from_checkpoint_with_state`](Self::from_checkpoint_with_state)).
-    pub fn load_with_state(
-        dir: &Path,
-        device: Device,
-        parts: LoadParts,
-        plugins: &TokenizerPlugins,
-        sd: StateDict,
-        source: &str,
-    ) -> Result<Self> {
-        let encoder = match plugins.backbone(Some(dir), device)? {
-            Some(b) => b,
-            None => Box::new(Self::load_eva(dir, device)?),
-        };
-        let codebook = plugins.codebook(Some(dir), device)?;
-        Self::from_checkpoint_with_state(dir, device, parts, encoder, codebook, sd, source)
-    }
-
-    /// As [`from_checkpoint_with_encoder`](Self::from_checkpoint_with_encoder) with the
-    /// `tokenizer_encoder` state dict already read (`source` names it in errors), so several
-    /// stages of one pipeline share one read of the file; its tensors are copied onto `device`.
-    pub fn from_checkpoint_with_state(
-        dir: &Path,
-        device: Device,
-        parts: LoadParts,
-        encoder: Box<dyn Backbone>,
-        codebook: Option<Box<dyn Codebook>>,
-        sd: StateDict,
-        source: &str,
-    ) -> Result<Self> {
-        let manifest = LavitManifest::for_checkpoint(dir)?;
-        let t = &manifest.tokenizer;
-        let src = source.to_string();
-        let (q, rest): (StateDict, StateDict) = sd
-            .into_iter()
-            .partition(|(k, _)| k.starts_with("quantize."));
-        let codebook = match codebook {
-            Some(c) => c,
-            None => {
-                let q: StateDict = q
-                    .into_iter()
-                    .map(|(k, v)| (k["quantize.".len()..].to_string(), v))
-                    .collect();
-                let mut vq = VectorQuantizer::new(t.n_code, t.code_dim, device);
-                vq.load_state_dict(&q, &src)?;
-                Box::new(vq)
-            }
-        };
-        let mut me = Self::with_parts(&manifest, device, encoder, codebook)?;
-        checkpoint::load_into(&me.vs, "", &rest, &src, &Default::default())?;
-        me.vs.freeze();
+        check_tokenizer_encoder_keys(&sd, &src)?;
         if parts.understanding {
-            me.load_understanding(&resolve_file(dir, files::VISUAL_WEIGHT)?)?;
+            resolve_file(dir, files::VISUAL_WEIGHT)?;
         }
+        let codebook = load_codebook(dir, &manifest, device, plugins, &sd, &src)?;
+        let selector = SelectorMergerStageModel::load_state(dir, &manifest, device, &sd, &src)?;
         let dcfg = FeatureDecoderConfig::from_manifest(&manifest.feature_decoder);
+        let mut lowres_decoder = None;
         if parts.lowres_decoder {
             let (mut vs, m) =
                 VQDecoder::load(&resolve_file(dir, files::LOWRES_DECODER)?, &dcfg, device)?;
             vs.freeze();
-            me.lowres_decoder = Some((vs, m));
+            lowres_decoder = Some((vs, m));
         }
+        let mut highres_decoder = None;
         if parts.highres_decoder {
             let (mut vs, m) =
                 HighresVQDecoder::load(&resolve_file(dir, files::HIGHRES_DECODER)?, &dcfg, device)?;
             vs.freeze();
-            me.highres_decoder = Some((vs, m));
+            highres_decoder = Some((vs, m));
         }
+        let me = Self {
+            processor: LaVITImageProcessor::new(manifest.tokenizer.img_size as u32),
+            encoder: EncoderStageModel::new(&manifest, encoder, device)?,
+            selection: selector.selection,
+            selector,
+            quantizer: QuantizerStageModel::load_state(&manifest, device, codebook, &sd, &src)?,
+            lowres_decoder,
+            highres_decoder,
+            manifest,
+            device,
+        };
         tracing::info!(
             dir = %dir.display(),
-            encoder = %me.encoder.name(),
-            codebook = %me.quantize.name(),
+            encoder = %me.encoder.backbone.name(),
+            codebook = %me.quantizer.quantize.name(),
             "visual tokenizer loaded"
         );
         Ok(me)
@@ -540,17 +241,8 @@ impl VisualTokenizer {
 
     /// Load `visual_weight.bin` (`causal_encoder.*`, `vit_proj.*`) as the understanding head.
     pub fn load_understanding(&mut self, path: &Path) -> Result<()> {
-        let mut head = UnderstandingHead::new(&self.manifest, self.device);
-        let sd = checkpoint::load_path(path)?;
-        checkpoint::load_into(
-            &head.vs,
-            "",
-            &sd,
-            &path.display().to_string(),
-            &Default::default(),
-        )?;
-        head.vs.freeze();
-        self.understanding = Some(head);
+        self.selector.understanding =
+            Some(UnderstandingHead::load(&self.manifest, path, self.device)?);
         Ok(())
     }
 
@@ -568,38 +260,19 @@ impl VisualTokenizer {
 
     /// Encoder patch features [B, N, C] (float32).
     pub fn encoder_features(&self, images: &Tensor) -> Result<Tensor> {
-        let s = self.encoder.image_size();
-        match images.size().as_slice() {
-            [_, 3, h, w] if *h == s && *w == s => {}
-            other => {
-                return Err(Error::invalid(format!(
-                    "images must be [B, 3, {s}, {s}], got {other:?}"
-                )))
-            }
-        }
-        let f = self
-            .encoder
-            .forward(&images.to_device(self.device))
-            .map_err(|e| Error::invalid(format!("encoder {}: {e}", self.encoder.name())))?;
-        // A backbone built elsewhere (a plugin, another stage's device) may answer on its own
-        // device: the selector runs on the tokenizer's.
-        Ok(f.to_kind(Kind::Float).to_device(self.device))
+        self.encoder.patch_features(images)
     }
 
     /// Selector on patch features: (log-probs [B, N, 2], decisions [B, N]).
     pub fn select(&self, features: &Tensor, mode: SelectionMode) -> (Tensor, Tensor) {
-        let (b, n, _) = features.size3().expect("features [B, N, C]");
-        let policy = Tensor::ones([b, n, 1], (Kind::Float, features.device()));
-        let log_probs = self.token_predictor.forward(features, &policy);
-        let decisions = mode.decide(&log_probs);
-        (log_probs, decisions)
+        self.selector.select(features, mode)
     }
 
-    /// The full forward up to the merger (no gradient tracking decisions are made here).
+    /// The full forward up to the merger.
     pub fn trace(&self, images: &Tensor, mode: SelectionMode) -> Result<TokenizerTrace> {
         let features = self.encoder_features(images)?;
         let (log_probs, decisions) = self.select(&features, mode);
-        let merged = self.causal_encoder.forward(&features, &decisions);
+        let merged = self.selector.causal_encoder.forward(&features, &decisions);
         Ok(TokenizerTrace {
             features,
             log_probs,
@@ -610,12 +283,7 @@ impl VisualTokenizer {
 
     /// Kept rows of `x` [B, N, C] in raster order → ([T, C], per-image counts).
     pub fn gather_kept(x: &Tensor, decisions: &Tensor) -> (Tensor, Vec<i64>) {
-        let keep = decisions.gt(0.5); // (B, N)
-        let counts: Vec<i64> =
-            Vec::<i64>::try_from(keep.sum_dim_intlist(1, false, Kind::Int64)).expect("counts");
-        let c = x.size()[2];
-        let kept = x.masked_select(&keep.unsqueeze(-1)).reshape([-1, c]); // (T, C)
-        (kept, counts)
+        gather_kept(x, decisions)
     }
 
     /// Raw code ids [T] and counts of a batch of images (`tokenize_image` without offset).
@@ -626,12 +294,8 @@ impl VisualTokenizer {
     ) -> Result<(Tensor, Vec<i64>, TokenizerTrace)> {
         let _g = tch::no_grad_guard();
         let tr = self.trace(images, mode)?;
-        let (kept, counts) = Self::gather_kept(&tr.merged, &tr.decisions);
-        let z = self.encode_task_layer.forward(&kept);
-        let ids = self
-            .quantize
-            .quantize(&z)
-            .map_err(|e| Error::invalid(format!("codebook {}: {e}", self.quantize.name())))?;
+        let (kept, counts) = gather_kept(&tr.merged, &tr.decisions);
+        let ids = self.quantizer.code_ids(&kept)?;
         Ok((ids, counts, tr))
     }
 
@@ -645,17 +309,17 @@ impl VisualTokenizer {
     pub fn tokenize_with(&self, images: &Tensor, mode: SelectionMode) -> Result<Tokenized> {
         let (ids, counts, _) = self.codes(images, mode)?;
         let off = self.manifest.llm.visual_token_offset;
-        let flat: Vec<i64> = Vec::<i64>::try_from(&ids.to_device(Device::Cpu)).expect("ids");
+        let flat: Vec<i64> = Vec::<i64>::try_from(&ids.to_device(Device::Cpu))
+            .map_err(|e| Error::invalid(format!("code ids: {e}")))?;
         let mut out = Vec::with_capacity(counts.len());
         let mut pos = 0usize;
         for &n in &counts {
-            out.push(
-                flat[pos..pos + n as usize]
-                    .iter()
-                    .map(|i| i + off)
-                    .collect(),
-            );
-            pos += n as usize;
+            let n = n as usize;
+            let part = flat
+                .get(pos..pos + n)
+                .ok_or_else(|| Error::invalid("the codebook returned too few ids"))?;
+            out.push(part.iter().map(|i| i + off).collect());
+            pos += n;
         }
         Ok(Tokenized { counts, ids: out })
     }
@@ -671,39 +335,20 @@ impl VisualTokenizer {
         let _g = tch::no_grad_guard();
         let features = self.encoder_features(images)?;
         let (_, decisions) = self.select(&features, mode);
-        let (merger, proj) = match &self.understanding {
-            Some(u) => (&u.causal_encoder, &u.vit_proj),
-            None => (&self.causal_encoder, &self.vit_proj),
-        };
-        let updated = proj.forward(&merger.forward(&features, &decisions)); // (B, N, H)
-        let (kept, counts) = Self::gather_kept(&updated, &decisions);
-        Ok((kept, counts))
+        let per_image = self.selector.understanding_embeds(&features, &decisions);
+        let counts = per_image.iter().map(|t| t.size()[0]).collect();
+        Ok((Tensor::cat(&per_image, 0), counts))
     }
 
     /// LLM ids (with offset) of several images → (codebook embeddings [T, D], counts).
     /// Ids outside the visual range are refused.
     pub fn embed_ids(&self, ids: &[Vec<i64>]) -> Result<(Tensor, Vec<i64>)> {
-        let off = self.manifest.llm.visual_token_offset;
-        let k = self.quantize.num_codes();
-        let mut flat = Vec::new();
-        for (i, v) in ids.iter().enumerate() {
-            for &id in v {
-                if id < off || id >= off + k {
-                    return Err(Error::invalid(format!(
-                        "image {i}: id {id} is not a visual id (valid: {off}..{})",
-                        off + k
-                    )));
-                }
-                flat.push(id - off);
-            }
-        }
-        let counts = ids.iter().map(|v| v.len() as i64).collect();
-        let t = Tensor::from_slice(&flat).to_device(self.device);
-        let e = self
-            .quantize
-            .embed(&t)
-            .map_err(|e| Error::invalid(format!("codebook: {e}")))?;
-        Ok((e, counts))
+        embed_visual_ids(
+            self.quantizer.quantize.as_ref(),
+            self.manifest.llm.visual_token_offset,
+            ids,
+            self.device,
+        )
     }
 
     /// Visual ids (with offset) → lowres U-Net condition [B, N, lowres_unet_proj].

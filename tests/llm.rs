@@ -576,7 +576,7 @@ mod stage2 {
             lavit_runtime::checkpoint::load_into(&vs, "", &weights, "test", &Default::default())?;
             let sp =
                 SentencePiece::from_file(&fixture_dir().join("language_model/tokenizer.model"))?;
-            let llm = lavit_llm::actor::LlmStageModel::from_parts(
+            let llm = lavit_llm::LlmStageModel::from_parts(
                 vs,
                 model,
                 tiny_vocab(),
@@ -694,42 +694,54 @@ mod stage2 {
 }
 
 #[test]
-fn lavit_llm_api_reproduces_the_fixture_references() {
+fn llm_stage_reproduces_the_fixture_references() {
+    use lavit_runtime::messages::{CaptionOptions, GenerateOptions};
+    use lavit_runtime::stage::LlmStage;
     let dir = fixture_dir();
     let expected =
         lavit_runtime::checkpoint::load_file(&dir.join("reference/expected.safetensors")).unwrap();
-    let llm = lavit_llm::LavitLlm::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let mut llm = lavit_llm::LlmStageModel::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let manifest = lavit_runtime::manifest::LavitManifest::for_checkpoint(&dir).unwrap();
     let g = &manifest.generation;
-    // text → image codes (greedy, CFG 2) equal the reference ids minus the offset.
-    let cfg = ImageTokenConfig {
-        cfg_scale: 2.0,
-        max_new_tokens: g.t2i_max_new_tokens,
-        min_new_tokens: g.t2i_min_new_tokens,
-        sampling: Sampling::greedy(),
-        num_return_sequences: 1,
-        seed: None,
-    };
-    let codes = llm
-        .text_to_image_codes(&[g.t2i_prompt.as_str()], &cfg)
-        .unwrap();
-    let want: Vec<i64> = Vec::try_from(&expected["t2i_greedy_cfg_2"]).unwrap();
-    let off = manifest.llm.visual_token_offset;
-    assert_eq!(codes[0], want.iter().map(|&i| i - off).collect::<Vec<_>>());
-    // image → text: the caption of image 0 decodes the reference ids.
-    let n0 = expected["understanding_counts"].int64_value(&[0]);
-    let e0 = expected["understanding_embeddings"].narrow(0, 0, n0);
-    let tcfg = TextConfig {
-        max_new_tokens: g.caption_max_new_tokens,
+    // text → image ids (greedy, CFG 2) equal the reference's visual ids.
+    let opts = GenerateOptions {
+        n: 1,
+        top_k: 0,
+        llm_guidance: 2.0,
         ..Default::default()
     };
-    let text = llm.caption(&[e0], None, &tcfg).unwrap();
+    let ids = llm.image_tokens(&g.t2i_prompt, &opts, &|| false).unwrap();
+    let want: Vec<i64> = Vec::try_from(&expected["t2i_greedy_cfg_2"]).unwrap();
+    let off = manifest.llm.visual_token_offset;
+    assert_eq!(
+        ids[0],
+        want.into_iter().filter(|&i| i >= off).collect::<Vec<_>>()
+    );
+    // image → text: the caption of image 0 decodes the reference ids, streamed piece by piece.
+    let n0 = expected["understanding_counts"].int64_value(&[0]);
+    let e0 = expected["understanding_embeddings"].narrow(0, 0, n0);
+    let copts = CaptionOptions {
+        max_new_tokens: g.caption_max_new_tokens as usize,
+        ..Default::default()
+    };
+    let mut streamed = String::new();
+    let got = llm
+        .caption(&e0, "", &copts, &mut |_, piece| {
+            streamed.push_str(piece);
+            true
+        })
+        .unwrap();
     let ids: Vec<i64> = Vec::try_from(&expected["caption_greedy_ids"]).unwrap();
     let ids: Vec<i64> = ids
         .into_iter()
         .take_while(|&i| i != manifest.llm.eos_id)
         .collect();
-    assert_eq!(text[0], llm.tokenizer.decode(&ids));
+    let got: Vec<i64> = got
+        .into_iter()
+        .take_while(|&i| i != manifest.llm.eos_id)
+        .collect();
+    assert_eq!(got, ids);
+    assert_eq!(streamed, llm.decode_text(&ids).unwrap());
 }
 
 #[test]

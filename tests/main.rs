@@ -3,6 +3,7 @@
 mod common;
 
 mod checkpoint;
+mod config;
 mod demo;
 mod llm;
 mod pixel;

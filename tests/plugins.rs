@@ -416,16 +416,16 @@ fn the_fixture_tokenizer_runs_with_both_plugins() {
         backbone,
     )
     .unwrap();
-    tok.quantize = codebook;
+    tok.quantizer.quantize = codebook;
     assert!(
-        tok.encoder.name().starts_with("convnext"),
+        tok.encoder.backbone.name().starts_with("convnext"),
         "{}",
-        tok.encoder.name()
+        tok.encoder.backbone.name()
     );
     assert!(
-        tok.quantize.name().starts_with("residual-vq"),
+        tok.quantizer.quantize.name().starts_with("residual-vq"),
         "{}",
-        tok.quantize.name()
+        tok.quantizer.quantize.name()
     );
 
     let images = Tensor::randn([2, 3, 112, 112], (Kind::Float, Device::Cpu));
@@ -467,10 +467,22 @@ fn stage1_training_through_the_tokenizer_with_plugins_lowers_the_loss() {
         c,
         Default::default(),
     );
-    for (i, p) in tok.vs.trainable_variables().into_iter().enumerate() {
+    let tok_vars = tok
+        .selector
+        .vs
+        .trainable_variables()
+        .into_iter()
+        .chain(tok.quantizer.vs.trainable_variables());
+    for (i, p) in tok_vars.enumerate() {
         let _ = (vs.root() / "tokenizer").add(&i.to_string(), p, true);
     }
-    for (i, p) in tok.quantize.trainable_parameters().into_iter().enumerate() {
+    for (i, p) in tok
+        .quantizer
+        .quantize
+        .trainable_parameters()
+        .into_iter()
+        .enumerate()
+    {
         let _ = (vs.root() / "codebook").add(&i.to_string(), p, true);
     }
     let mut opt = nn::AdamW::default().build(&vs, 3e-3).unwrap();
@@ -484,14 +496,14 @@ fn stage1_training_through_the_tokenizer_with_plugins_lowers_the_loss() {
         };
         let tr = tok.trace(&images, mode).unwrap();
         let (kept, counts) = VisualTokenizer::gather_kept(&tr.merged, &tr.decisions);
-        let z = tok.encode_task_layer.forward(&kept);
-        let q = tok.quantize.quantize_train(&z).unwrap();
+        let z = tok.quantizer.encode_task_layer.forward(&kept);
+        let q = tok.quantizer.quantize.quantize_train(&z).unwrap();
         let rec = head.forward(&dec.trunk.decode(&q.quantized, &counts).unwrap()); // (B, N, C)
         let cos = Tensor::cosine_similarity(&tr.features, &rec, -1, 1e-8);
         let rec_loss = cos.neg().mean(Kind::Float) + 1.0;
         let loss = &rec_loss + &q.loss;
         opt.backward_step(&loss);
-        tok.quantize.update(&z.detach(), &q.ids).unwrap();
+        tok.quantizer.quantize.update(&z.detach(), &q.ids).unwrap();
         losses.push(loss.double_value(&[]));
         rec_losses.push(rec_loss.double_value(&[]));
     }
@@ -599,9 +611,15 @@ fn train_tokenizer_with_plugin_dylibs_resumes_exactly_and_serves_the_export() {
     assert_eq!(cfg.plugins.codebook.as_ref().unwrap().plugin, "residual-vq");
     let straight = train(&cfg).unwrap();
     assert_eq!(straight.steps, 18);
-    assert!(straight.tokenizer.encoder.name().starts_with("convnext"));
     assert!(straight
         .tokenizer
+        .encoder
+        .backbone
+        .name()
+        .starts_with("convnext"));
+    assert!(straight
+        .tokenizer
+        .quantizer
         .quantize
         .name()
         .starts_with("residual-vq"));
@@ -637,8 +655,11 @@ fn train_tokenizer_with_plugin_dylibs_resumes_exactly_and_serves_the_export() {
     // straight one by float rounding (a few ULP from the first resumed step on); the
     // built-in codebook resumes bit-exactly (tests/tokenizer.rs).
     let state = |r: &lavit::train::tokenizer::TrainReport| {
-        let mut sd = lavit_runtime::train::var_store_state_dict(&r.tokenizer.vs);
-        sd.extend(r.tokenizer.quantize.state_dict().unwrap());
+        let mut sd = lavit_runtime::train::var_store_state_dict(&r.tokenizer.selector.vs);
+        sd.extend(lavit_runtime::train::var_store_state_dict(
+            &r.tokenizer.quantizer.vs,
+        ));
+        sd.extend(r.tokenizer.quantizer.quantize.state_dict().unwrap());
         sd
     };
     let (sa, sb) = (state(&straight), state(&resumed));

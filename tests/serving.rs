@@ -41,7 +41,7 @@ fn images(b: i64, seed: i64) -> Tensor {
 }
 
 /// Poll `cond` every 5 ms for at most `secs` seconds.
-fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
         if cond() {
@@ -67,8 +67,14 @@ fn placement_files_parse_and_bad_devices_are_refused() {
         assert!(p.mailbox >= 1);
     }
     let three = Placement::from_file(&root.join("placement-3gpu.toml")).unwrap();
-    assert_eq!(three.device(StageKind::Llm), Device::Cuda(1));
-    assert_eq!(three.device(StageKind::Decoder), Device::Cuda(2));
+    let parsed = |k| lavit_runtime::device::parse_device(three.device_name(k)).unwrap();
+    assert_eq!(parsed(StageKind::Llm), Device::Cuda(1));
+    assert_eq!(parsed(StageKind::Decoder), Device::Cuda(2));
+    if !tch::Cuda::is_available() {
+        // Placed on a GPU this machine lacks: an error naming the stage, never the CPU.
+        let e = three.device(StageKind::Llm).unwrap_err().to_string();
+        assert!(e.contains("llm") && e.contains("CUDA"), "{e}");
+    }
     let err = Placement::from_toml("[placement]\nllm = \"gpu7\"\n", "t.toml").unwrap_err();
     assert!(err.to_string().contains("placement.llm"), "{err}");
     let err = Placement::from_toml("[placement]\nmailbox = 0\n", "t.toml").unwrap_err();
@@ -147,7 +153,9 @@ fn actors_equal_direct_calls_bit_for_bit() {
             Input::Prompt("a cat".into()),
         ))
         .unwrap();
-    let Output::Pixels(px) = out else { panic!() };
+    let Output::Pixels { images: px, .. } = out else {
+        panic!()
+    };
     assert_eq!(px.size(), [2, 3, 16, 16]);
     assert!(
         px.equal(&px_direct),
@@ -162,7 +170,9 @@ fn actors_equal_direct_calls_bit_for_bit() {
             Input::Images(x.narrow(0, 0, 1)),
         ))
         .unwrap();
-    let Output::Pixels(px) = out else { panic!() };
+    let Output::Pixels { images: px, .. } = out else {
+        panic!()
+    };
     assert!(px.equal(&rec_direct));
     assert_eq!(pipe.graph().admission().admitted(), 0);
 }
@@ -416,6 +426,8 @@ fn training_steps_through_the_actor_graph_lower_the_loss() {
     let info = lavit::pipeline::ModelInfo {
         image_size: 28,
         default_size: (16, 16),
+        size_multiple: 1,
+        generate_defaults: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
     let g = pipe.graph();
@@ -477,7 +489,7 @@ pub(crate) struct Resp {
     pub(crate) body: String,
 }
 
-fn request(
+pub(crate) fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -1014,7 +1026,7 @@ impl DecoderStage for IdsOut {
 
 #[test]
 fn real_llm_stage_through_actors_equals_direct_calls() {
-    use lavit_llm::actor::LlmStageModel;
+    use lavit_llm::LlmStageModel;
     let dir = crate::common::fixture_dir();
     let m = MockConfig {
         llm_hidden: 96,
@@ -1022,14 +1034,18 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
     };
     let mut b = mock::builders(&m, None);
     let d2 = dir.clone();
-    b.llm = Box::new(move |dev| Ok(Box::new(LlmStageModel::load(&d2, dev)?) as Box<dyn LlmStage>));
+    b.llm = Box::new(move |dev| {
+        Ok(Box::new(LlmStageModel::load(&d2, dev, tch::Kind::Float)?) as Box<dyn LlmStage>)
+    });
     b.decoder = Box::new(|_| Ok(Box::new(IdsOut) as Box<dyn DecoderStage>));
     let info = lavit::pipeline::ModelInfo {
         image_size: 28,
         default_size: (16, 16),
+        size_multiple: 1,
+        generate_defaults: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
-    let mut direct = LlmStageModel::load(&dir, Device::Cpu).unwrap();
+    let mut direct = LlmStageModel::load(&dir, Device::Cpu, tch::Kind::Float).unwrap();
     let rt = rt();
     // Text → image tokens (greedy, CFG 2).
     let opts = GenerateOptions {
@@ -1047,7 +1063,9 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
             Input::Prompt("a photo of a cat sitting on a chair".into()),
         ))
         .unwrap();
-    let Output::Pixels(t) = out else { panic!() };
+    let Output::Pixels { images: t, .. } = out else {
+        panic!()
+    };
     let got: Vec<Vec<i64>> = Vec::<Vec<f32>>::try_from(t.reshape([2, -1]))
         .unwrap()
         .into_iter()
@@ -1091,7 +1109,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
 
 /// Kills the child process if the test ends early (a failing assertion), so no server is
 /// left running.
-struct KillOnDrop(std::process::Child);
+pub(crate) struct KillOnDrop(pub std::process::Child);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if self.0.try_wait().ok().flatten().is_none() {
@@ -1197,7 +1215,7 @@ fn lavit_serve_binary_drains_on_sigterm() {
 fn real_pipeline_from_the_fixture_equals_direct_calls() {
     use lavit::generate::{Condition, DecodeOptions, PixelDecoder, Resolution};
     use lavit::tokenizer::{LoadParts, VisualTokenizer};
-    use lavit_llm::actor::LlmStageModel;
+    use lavit_llm::LlmStageModel;
     let dir = crate::common::fixture_dir();
     let cfg = PipelineConfig {
         checkpoint: Some(dir.clone()),
@@ -1230,7 +1248,7 @@ fn real_pipeline_from_the_fixture_equals_direct_calls() {
     );
 
     // Caption: understanding embeds (visual_weight) → LLM, greedy.
-    let mut llm = LlmStageModel::load(&dir, Device::Cpu).unwrap();
+    let mut llm = LlmStageModel::load(&dir, Device::Cpu, tch::Kind::Float).unwrap();
     let img0 = images.narrow(0, 0, 1);
     let (prefix, _) = tok.encode_features(&img0, tok.selection).unwrap();
     let copts = CaptionOptions {
@@ -1284,7 +1302,7 @@ fn real_pipeline_from_the_fixture_equals_direct_calls() {
             &dopts,
         )
         .unwrap();
-    let Output::Pixels(got) = rt
+    let Output::Pixels { images: got, .. } = rt
         .block_on(pipe.graph().run(
             Task::Generate { opts: gopts },
             Input::Prompt("a photo of a cat".into()),
@@ -1397,9 +1415,11 @@ impl DecoderStage for HeldDecoder {
 /// The fixture's real stages, with the LLM and decoder loops holdable.
 fn held_fixture_pipeline(in_flight: usize) -> (Pipeline, HoldAt, HoldAt) {
     let dir = crate::common::fixture_dir();
-    let (mut b, info) =
-        lavit::pipeline::stages::builders(&dir, &lavit::tokenizer::TokenizerPlugins::none(), false)
-            .unwrap();
+    let (mut b, info) = lavit::pipeline::builders(&PipelineConfig {
+        checkpoint: Some(dir.clone()),
+        ..Default::default()
+    })
+    .unwrap();
     let (hl, hd) = (HoldAt::new(), HoldAt::new());
     let (llm, dec) = (b.llm, b.decoder);
     let h = hl.clone();
@@ -1536,7 +1556,10 @@ fn cancellation_reaches_inside_the_real_llm_and_diffusion_loops() {
     hl.arm(0);
     hd.arm(0);
     let out = rt.block_on(pipe.graph().run(gen(2), Input::Prompt("a cat".into())));
-    assert!(matches!(out, Ok(Output::Pixels(_))), "{out:?}");
+    assert!(
+        matches!(out, Ok(Output::Pixels { images: _, .. })),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -1565,7 +1588,7 @@ fn seeded_requests_are_reproducible_with_others_in_flight() {
             Input::Prompt("a photo of a cat".into()),
         )
     };
-    let Output::Pixels(alone) = rt.block_on(run(7)).unwrap() else {
+    let Output::Pixels { images: alone, .. } = rt.block_on(run(7)).unwrap() else {
         panic!()
     };
     // Another thread reseeds and draws from libtorch's global generator meanwhile.
@@ -1586,7 +1609,7 @@ fn seeded_requests_are_reproducible_with_others_in_flight() {
     let px: Vec<Tensor> = outs
         .into_iter()
         .map(|o| match o.unwrap() {
-            Output::Pixels(t) => t,
+            Output::Pixels { images: t, .. } => t,
             o => panic!("{o:?}"),
         })
         .collect();

@@ -123,7 +123,8 @@ fn official_preset_builds_the_official_names_and_shapes() {
 
     let cb = VectorQuantizer::new(t.n_code, t.code_dim, dev);
     let tok = VisualTokenizer::with_parts(&m, dev, Box::new(eva), Box::new(cb)).unwrap();
-    let mut enc = var_shapes(&tok.vs, "");
+    let mut enc = var_shapes(&tok.selector.vs, "");
+    enc.extend(var_shapes(&tok.quantizer.vs, ""));
     enc.insert(
         "quantize.embedding.weight".into(),
         vec![t.n_code, t.code_dim],
@@ -216,7 +217,7 @@ fn kept_ratio_responds_to_the_selector() {
     let tok = fixture_tokenizer(LoadParts::tokenize_only());
     let images = reference_images();
     let base: i64 = tok.tokenize(&images).unwrap().counts.iter().sum();
-    let bias = tok.token_predictor.out_conv[2]
+    let bias = tok.selector.token_predictor.out_conv[2]
         .bs
         .as_ref()
         .unwrap()
@@ -258,7 +259,7 @@ fn argmax_is_deterministic_and_gumbel_is_seeded() {
 #[test]
 fn gradients_reach_the_selector_through_straight_through_decisions() {
     let m = LavitManifest::for_checkpoint(&fixture_dir()).unwrap();
-    let tok = VisualTokenizer::new_random(&m, Device::Cpu);
+    let tok = VisualTokenizer::new_random(&m, Device::Cpu).unwrap();
     let images = reference_images();
     let feats = tok.encoder_features(&images).unwrap().detach();
     let (lp, dec) = tok.select(&feats, SelectionMode::Gumbel { seed: 1, tau: 1.0 });
@@ -267,11 +268,11 @@ fn gradients_reach_the_selector_through_straight_through_decisions() {
     assert!(vals
         .iter()
         .all(|v| (*v - 0.0).abs() < 1e-6 || (*v - 1.0).abs() < 1e-6));
-    let merged = tok.causal_encoder.forward(&feats, &dec);
+    let merged = tok.selector.causal_encoder.forward(&feats, &dec);
     let loss = merged.square().mean(Kind::Float) + (dec.mean(Kind::Float) - 0.3).square();
     let _ = lp;
     loss.backward();
-    for lin in &tok.token_predictor.out_conv {
+    for lin in &tok.selector.token_predictor.out_conv {
         let g = lin.ws.grad();
         assert!(g.defined());
         assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
@@ -511,9 +512,13 @@ fn stage1_resume_equals_a_straight_run() {
         assert!((x - y).abs() <= 1e-6 * x.abs(), "{a:?} vs {b:?}");
     }
     let h = |r: &lavit::train::tokenizer::TrainReport| {
-        let mut sd = lavit_runtime::train::var_store_state_dict(&r.tokenizer.vs);
+        let mut sd = lavit_runtime::train::var_store_state_dict(&r.tokenizer.selector.vs);
+        sd.extend(lavit_runtime::train::var_store_state_dict(
+            &r.tokenizer.quantizer.vs,
+        ));
         let cb = r
             .tokenizer
+            .quantizer
             .quantize
             .embed(&Tensor::arange(256, (Kind::Int64, Device::Cpu)))
             .unwrap();
@@ -583,11 +588,12 @@ fn train_config_reads_placement_and_plugins() {
 /// EVA and codebook, with the k-means initialisation and EMA updates inside the run.
 #[test]
 fn stage1_through_the_actors_equals_direct_stage_calls() {
-    use lavit::pipeline::stages::{stage1_builders, train_keys as k, Stage1Handle};
     use lavit::train::tokenizer::{
-        batch_indices, init_weights, load_image_folder, stage1_spec, train,
+        batch_indices, init_weights, load_image_folder, stage1_builders, stage1_spec, train,
+        Stage1Handle,
     };
     use lavit_plugin_api::Codebook;
+    use lavit_runtime::messages::train_keys as k;
     use lavit_runtime::messages::TrainBatch;
     use lavit_runtime::train::{LrSchedule, StepRng};
 
@@ -611,6 +617,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
     let mut enc = (builders.encoder)(Device::Cpu).unwrap();
     let mut sm = (builders.selector_merger)(Device::Cpu).unwrap();
     let mut q = (builders.quantizer)(Device::Cpu).unwrap();
+    let mut d = (builders.decoder)(Device::Cpu).unwrap();
     let (mut codebook, mut params) = (None, Vec::new());
     for h in rx.try_iter() {
         match h {
@@ -625,6 +632,9 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
                 params.extend(optimizer.lock().unwrap().params());
                 codebook = Some(c);
             }
+            Stage1Handle::Decoder { optimizer, .. } => {
+                params.extend(optimizer.lock().unwrap().params())
+            }
             Stage1Handle::Encoder { .. } => {}
         }
     }
@@ -632,6 +642,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
     enc.set_train(true);
     sm.set_train(true);
     q.set_train(true);
+    d.set_train(true);
     let (images, _) = load_image_folder(&cfg.data_dir, m.tokenizer.img_size, 0).unwrap();
     let mut b = TrainBatch::new(vec![]);
     b.tensors.insert(k::IMAGES.into(), images);
@@ -639,6 +650,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
     let n = feats.size()[0] as usize;
     let forward = |sm: &mut Box<dyn lavit_runtime::stage::SelectorMergerStage>,
                    q: &mut Box<dyn lavit_runtime::stage::QuantizerStage>,
+                   d: &mut Box<dyn lavit_runtime::stage::DecoderStage>,
                    idx: Vec<i64>,
                    seed: u64,
                    tau: f64,
@@ -653,7 +665,8 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
         b.tensors
             .insert(k::QUANTIZE.into(), Tensor::from(quantize as i64));
         b.tensors.insert(k::LR.into(), Tensor::from(lr));
-        q.train_forward(sm.train_forward(b).unwrap()).unwrap()
+        d.train_forward(q.train_forward(sm.train_forward(b).unwrap()).unwrap())
+            .unwrap()
     };
     let schedule = LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr);
     let rng = StepRng::new(cfg.seed);
@@ -665,7 +678,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
             let z: Vec<Tensor> = (0..cfg.kmeans_batches as i64)
                 .map(|j| {
                     let idx = batch_indices(cfg.seed ^ 0xc0de, j, n, cfg.batch_size);
-                    forward(&mut sm, &mut q, idx, seed, tau, false, lr).tensors[k::CODES_Z]
+                    forward(&mut sm, &mut q, &mut d, idx, seed, tau, false, lr).tensors[k::CODES_Z]
                         .shallow_clone()
                 })
                 .collect();
@@ -677,6 +690,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
         let out = forward(
             &mut sm,
             &mut q,
+            &mut d,
             idx,
             seed,
             tau,
@@ -697,9 +711,17 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
             + term(k::LOSS_CONFIDENCE);
         direct.push(loss.double_value(&[]));
         loss.backward();
-        // Global clipping over both stages' parameters, in the trainer's order.
+        // Global clipping over the stages' parameters, in the trainer's order.
         params.sort_by(|a, b| {
-            let g = |n: &str| if n.starts_with("tokenizer.") { 0 } else { 1 };
+            let g = |n: &str| {
+                if n.starts_with("tokenizer.") {
+                    0
+                } else if n.starts_with("decoder.") {
+                    1
+                } else {
+                    2
+                }
+            };
             (g(&a.0), &a.0).cmp(&(g(&b.0), &b.0))
         });
         let sq: f64 = params
@@ -724,6 +746,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
         }
         sm.optimizer_step().unwrap();
         q.optimizer_step().unwrap();
+        d.optimizer_step().unwrap();
     }
     assert_eq!(through_actors.len(), direct.len());
     for (s, (a, d)) in through_actors.iter().zip(&direct).enumerate() {

@@ -33,8 +33,8 @@ use tch::{Device, Tensor};
 use tracing::{info, warn};
 
 use crate::inflight::{
-    Admission, AdmissionTicket, CancelToken, InFlight, MailboxSlots, Records, RequestMeta,
-    StageMetrics, StageRecord,
+    Admission, AdmissionTicket, CancelToken, Envelope, InFlight, MailboxSlots, Records,
+    RequestMeta, StageMetrics, StageRecord,
 };
 use crate::messages::*;
 use crate::stage::*;
@@ -602,10 +602,10 @@ impl Handler<Envelope<GeneratedIds>> for DecoderActor {
             if meta.cancel.is_cancelled() {
                 return Err(StageError::Cancelled);
             }
-            Ok(px.to_device(Device::Cpu))
+            Ok((px.to_device(Device::Cpu), b.ids))
         });
-        if let Some((mut meta, images)) = out {
-            meta.finish(Ok(Output::Pixels(images)));
+        if let Some((mut meta, (images, ids))) = out {
+            meta.finish(Ok(Output::Pixels { images, ids }));
         }
     }
 }
@@ -717,6 +717,9 @@ pub enum Input {
     Images(Tensor),
     /// A text prompt (generate).
     Prompt(String),
+    /// Continuous image embeddings computed elsewhere, one (T_i, hidden) tensor per image
+    /// (caption: straight into the Llm stage; the first image is captioned).
+    Embeds(Vec<Tensor>),
 }
 
 /// A request started in the graph: await [`RequestHandle::wait`]; dropping the handle cancels
@@ -835,7 +838,10 @@ impl StageGraph {
         placement: &Placement,
         opts: GraphOptions,
     ) -> crate::Result<StageGraph> {
-        let devices = StageKind::ALL.map(|k| placement.device(k));
+        let mut devices = [Device::Cpu; 5];
+        for k in StageKind::ALL {
+            devices[k.index()] = placement.device(k)?;
+        }
         let shared = Arc::new(Shared {
             registry: Arc::new(DashMap::new()),
             admission: Admission::new(opts.max_in_flight, opts.max_queue),
@@ -1070,7 +1076,13 @@ impl StageGraph {
                     .forward_async(meta, GeneratePrompt { prompt })
                     .await
             }
-            (Task::Generate { .. }, Input::Images(_)) => {
+            (Task::Caption { .. }, Input::Embeds(embeds)) => {
+                addrs
+                    .llm
+                    .forward_async(meta, UnderstandingEmbeds { embeds })
+                    .await
+            }
+            (Task::Generate { .. }, _) => {
                 let mut meta = meta;
                 meta.finish(Err(StageError::Invalid(
                     "generate takes a text prompt".into(),
@@ -1078,6 +1090,12 @@ impl StageGraph {
             }
             (_, Input::Images(pixels)) => {
                 addrs.encoder.forward_async(meta, Images { pixels }).await
+            }
+            (_, Input::Embeds(_)) => {
+                let mut meta = meta;
+                meta.finish(Err(StageError::Invalid(
+                    "only a caption takes image embeddings".into(),
+                )));
             }
             (_, Input::Prompt(_)) => {
                 let mut meta = meta;

@@ -60,15 +60,43 @@ pub fn load_config<T>(path: &Path) -> Result<T>
 where
     T: DeserializeOwned + Validate,
 {
-    load_config_with_env(path, process_env())
+    load_config_with_env(Some(path), process_env())
 }
 
-/// [`load_config`] with an explicit set of environment variables (full names, e.g.
-/// `LAVIT__TRAIN__LR`) instead of the process environment: for tests and embedding.
-pub fn load_config_with_env<T>(path: &Path, env: BTreeMap<String, String>) -> Result<T>
+/// [`load_config`] for a command whose config file is optional: without a file, the type's
+/// own defaults (`#[serde(default)]`) with the `LAVIT__*` environment overrides, checked the
+/// same way (so `LAVIT__SERVER__MAX_N=1 lavit serve --checkpoint DIR` needs no file).
+pub fn load_optional_config<T>(path: Option<&Path>) -> Result<T>
 where
     T: DeserializeOwned + Validate,
 {
+    load_config_with_env(path, process_env())
+}
+
+/// [`load_optional_config`] with an explicit set of environment variables (full names, e.g.
+/// `LAVIT__TRAIN__LR`) instead of the process environment: for tests and embedding.
+pub fn load_config_with_env<T>(path: Option<&Path>, env: BTreeMap<String, String>) -> Result<T>
+where
+    T: DeserializeOwned + Validate,
+{
+    let env_source = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR)
+        .try_parsing(true)
+        .source(Some(env.clone().into_iter().collect()));
+    let Some(path) = path else {
+        let origins = Origins {
+            file: "built-in defaults".into(),
+            env: env_keys(&env),
+            file_sections: Default::default(),
+        };
+        let value = config::Config::builder()
+            .add_source(env_source)
+            .build()
+            .and_then(|c| c.try_deserialize::<serde_json::Value>())
+            .map_err(|e| Error::config("environment", "-", e.to_string()))?;
+        return from_value(value, &origins);
+    };
     let file_origin = path.display().to_string();
     if !path.is_file() {
         return Err(Error::config(&file_origin, "-", "no such config file"));
@@ -84,11 +112,6 @@ where
             ))
         }
     };
-    let env_source = config::Environment::with_prefix(ENV_PREFIX)
-        .prefix_separator(ENV_SEPARATOR)
-        .separator(ENV_SEPARATOR)
-        .try_parsing(true)
-        .source(Some(env.clone().into_iter().collect()));
     let file_source = config::File::from(path).format(format).required(true);
     let to_json = |b: config::ConfigBuilder<config::builder::DefaultState>| {
         b.build()
@@ -389,7 +412,7 @@ mod tests {
     }
 
     fn err(p: &Path, e: &[(&str, &str)]) -> String {
-        load_config_with_env::<T>(p, env(e))
+        load_config_with_env::<T>(Some(p), env(e))
             .unwrap_err()
             .to_string()
     }
@@ -402,12 +425,12 @@ mod tests {
             "t.toml",
             "[train]\nsteps = 50\n[train.schedule]\nlr = 0.001\n",
         );
-        let t: T = load_config_with_env(&p, env(&[])).unwrap();
+        let t: T = load_config_with_env(Some(&p), env(&[])).unwrap();
         assert_eq!(t.train.steps, 50);
         assert_eq!(t.train.schedule.lr, 0.001);
         assert_eq!(t.train.batch_size, TrainLoopConfig::default().batch_size);
         let t: T = load_config_with_env(
-            &p,
+            Some(&p),
             env(&[
                 ("LAVIT__TRAIN__STEPS", "7"),
                 ("LAVIT__TRAIN__SCHEDULE__LR", "2e-4"),
@@ -418,6 +441,28 @@ mod tests {
         .unwrap();
         assert_eq!(t.train.steps, 7);
         assert_eq!(t.train.schedule.lr, 2e-4);
+    }
+
+    #[test]
+    fn no_file_gives_defaults_with_env_overrides() {
+        let t: T = load_config_with_env(None, env(&[])).unwrap();
+        assert_eq!(t, T::default());
+        let t: T = load_config_with_env(None, env(&[("LAVIT__TRAIN__STEPS", "7")])).unwrap();
+        assert_eq!(t.train.steps, 7);
+        let e = load_config_with_env::<T>(None, env(&[("LAVIT__TRAIN__STEPZ", "7")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("LAVIT__TRAIN__STEPZ") && e.contains("unknown key"),
+            "{e}"
+        );
+        let e = load_config_with_env::<T>(None, env(&[("LAVIT__TRAIN__STEPS", "-2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("LAVIT__TRAIN__STEPS") && e.contains("must be positive"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Device and dtype strings as users write them in configs and on the command line.
 //!
-//! `cpu`, `cuda` (= `cuda:0`), `cuda:N` → [`tch::Device`]; `f32`/`float32`/`fp32`,
+//! The one device parser of the project (CLI flags, configs, placements):
+//! `cpu`, `cuda` (= `cuda:0`), `cuda:N`, `mps`, `auto` → [`tch::Device`]; `f32`/`float32`/`fp32`,
 //! `bf16`/`bfloat16`, `f16`/`float16`/`fp16`/`half` → [`tch::Kind`]. Asking for CUDA on a
 //! machine without it is an error, never a silent fall-back to the CPU; the only fall-back
 //! is the explicit `auto` (CUDA 0 when available, else the CPU).
@@ -15,6 +16,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
     match t.as_str() {
         "cpu" => Ok(Device::Cpu),
         "cuda" | "gpu" => Ok(Device::Cuda(0)),
+        "mps" => Ok(Device::Mps),
         "auto" => Ok(Device::cuda_if_available()),
         _ => {
             if let Some(n) = t.strip_prefix("cuda:") {
@@ -26,7 +28,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 }
             } else {
                 Err(Error::invalid(format!(
-                    "device `{s}` is not one of cpu, cuda, cuda:N, auto"
+                    "device `{s}` is not one of cpu, cuda, cuda:N, mps, auto"
                 )))
             }
         }
@@ -42,6 +44,11 @@ pub fn resolve_device(s: &str) -> Result<Device> {
 }
 
 fn check_available(d: Device, asked: &str) -> Result<()> {
+    if d == Device::Mps && !tch::utils::has_mps() {
+        return Err(Error::invalid(format!(
+            "device `{asked}`: MPS (Apple GPU) is not available on this machine; use `cpu`"
+        )));
+    }
     if let Device::Cuda(i) = d {
         if !tch::Cuda::is_available() {
             return Err(Error::invalid(format!(

@@ -10,8 +10,23 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::kinds::{StageError, StageKind};
 use crate::messages::{Output, Reply, Task, TokenEvent};
-use crate::stage::{StageError, StageKind};
+
+// ---------------------------------------------------------------------------------------------
+// Envelopes.
+
+/// A body in flight with its request metadata and the mailbox slot it holds (released when the
+/// receiving stage has finished with it: that is the backpressure).
+pub struct Envelope<B> {
+    pub meta: RequestMeta,
+    pub body: B,
+    pub(crate) slot: Option<SlotPermit>,
+}
+
+impl<B: Send + 'static> actix::Message for Envelope<B> {
+    type Result = ();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Cancellation.

@@ -153,6 +153,14 @@ pub struct GenerationManifest {
     pub unet_timestep: i64,
     pub ddim_fake_model_output: String,
     pub text_ids_check: String,
+    /// lavit-rs: the checkpoint's recommended LLM classifier-free guidance for image tokens
+    /// (official v2 code: 4), the default of `lavit generate` and the server.
+    pub llm_guidance: f64,
+    /// lavit-rs: recommended top-k of image-token sampling (official v2 code: 50).
+    pub top_k: i64,
+    /// lavit-rs: recommended DDIM steps of the lowres pixel decoder (official: 50; the
+    /// highres one uses `ddim_steps`).
+    pub lowres_ddim_steps: i64,
 }
 
 impl Default for GenerationManifest {
@@ -169,6 +177,9 @@ impl Default for GenerationManifest {
             unet_timestep: 701,
             ddim_fake_model_output: String::new(),
             text_ids_check: String::new(),
+            llm_guidance: 4.0,
+            top_k: 50,
+            lowres_ddim_steps: 50,
         }
     }
 }

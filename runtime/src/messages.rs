@@ -6,7 +6,7 @@
 //!                               GeneratePrompt ─► Llm ─GeneratedIds─► Decoder ─Pixels─► reply
 //! ```
 //!
-//! A message is an [`Envelope`]: the body, the request's [`RequestMeta`] (id, tracing span,
+//! A message travels in an `inflight::Envelope`: the body, the request's `RequestMeta` (id, tracing span,
 //! cancellation, reply channel, admission slot) and the mailbox slot it occupies. Tensors move by
 //! ownership (`tch::Tensor` is `Send`, not `Sync`); the *receiving* actor moves them to its own
 //! device before use, so a sender never needs to know where the next stage runs.
@@ -18,20 +18,7 @@ use std::sync::Arc;
 
 use tch::Tensor;
 
-use crate::inflight::{RequestMeta, SlotPermit};
-use crate::stage::{StageError, StageKind};
-
-/// A body in flight with its request metadata and the mailbox slot it holds (released when the
-/// receiving stage has finished with it: that is the backpressure).
-pub struct Envelope<B> {
-    pub meta: RequestMeta,
-    pub body: B,
-    pub(crate) slot: Option<SlotPermit>,
-}
-
-impl<B: Send + 'static> actix::Message for Envelope<B> {
-    type Result = ();
-}
+use crate::kinds::{ExitStatus, StageError, StageKind};
 
 // ---------------------------------------------------------------------------------------------
 // Inference, in pipeline order.
@@ -94,6 +81,13 @@ pub struct CaptionOptions {
     /// 1 = no nucleus filter.
     pub top_p: f64,
     pub seed: u64,
+    /// EOS is forbidden before this many new tokens.
+    pub min_new_tokens: usize,
+    /// > 1: beam search (deterministic; the sampling options are ignored, and the text
+    /// arrives in one piece at the end instead of token by token).
+    pub num_beams: usize,
+    /// HF repetition penalty over the generated tokens (1 = off).
+    pub repetition_penalty: f64,
 }
 
 impl Default for CaptionOptions {
@@ -104,6 +98,9 @@ impl Default for CaptionOptions {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            min_new_tokens: 0,
+            num_beams: 1,
+            repetition_penalty: 1.0,
         }
     }
 }
@@ -125,6 +122,11 @@ pub struct GenerateOptions {
     /// LLM top-k for visual tokens (0 = greedy).
     pub top_k: usize,
     pub temperature: f64,
+    /// LLM nucleus filter for visual tokens (1 = off).
+    pub top_p: f64,
+    /// Image-token length limits; `None`: the checkpoint manifest's.
+    pub max_tokens: Option<usize>,
+    pub min_tokens: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -139,6 +141,9 @@ impl Default for GenerateOptions {
             height: 1024,
             top_k: 50,
             temperature: 1.0,
+            top_p: 1.0,
+            max_tokens: None,
+            min_tokens: None,
         }
     }
 }
@@ -174,8 +179,16 @@ impl Task {
 #[derive(Debug)]
 pub enum Output {
     VisualIds(Vec<Vec<i64>>),
-    Text { ids: Vec<i64>, text: String },
-    Pixels(Tensor),
+    Text {
+        ids: Vec<i64>,
+        text: String,
+    },
+    /// (n, 3, H, W) float32 in [0, 1] on the CPU, and the visual ids each image was drawn
+    /// from.
+    Pixels {
+        images: Tensor,
+        ids: Vec<Vec<i64>>,
+    },
 }
 
 /// A streamed caption token (text piece and id), sent as it is generated.
@@ -189,6 +202,45 @@ pub type Reply = tokio::sync::oneshot::Sender<Result<Output, StageError>>;
 
 // ---------------------------------------------------------------------------------------------
 // Training, through the same actors.
+
+/// Names of the tensors and loss terms a stage-1 [`TrainBatch`] carries between the stages
+/// (Encoder → SelectorMerger → Quantizer → Decoder).
+pub mod train_keys {
+    /// In (Encoder): images (B, 3, S, S), CLIP-normalised.
+    pub const IMAGES: &str = "images";
+    /// Encoder → SelectorMerger → Quantizer → Decoder: patch features (B, N, C), no grad
+    /// (frozen); the Decoder's reconstruction target.
+    pub const PATCH_FEATURES: &str = "patch_features";
+    /// In (SelectorMerger): the step's Gumbel seed (0-d int64, the u64's bits).
+    pub const GUMBEL_SEED: &str = "gumbel_seed";
+    /// In (SelectorMerger): the Gumbel temperature (0-d double).
+    pub const TAU: &str = "tau";
+    /// In (Quantizer): 1 = quantise with the codebook, 0 = l2-normalised codes (0-d int64).
+    pub const QUANTIZE: &str = "quantize";
+    /// In (optional): the learning rate of the optimiser step that follows (0-d double).
+    pub const LR: &str = "lr";
+    /// SelectorMerger → Quantizer → out: keep decisions (B, N), hard, with grad.
+    pub const DECISIONS: &str = "decisions";
+    /// SelectorMerger → Quantizer: merged features (B, N, C), with grad.
+    pub const MERGED: &str = "merged";
+    /// Quantizer → Decoder: the kept tokens' codes, padded per image (B, L, D), scaled by the
+    /// keep decisions (the straight-through factor that carries the selector's gradient).
+    pub const CODES: &str = "codes";
+    /// Quantizer → Decoder: 1 where `codes` holds a kept token (B, L).
+    pub const CODES_MASK: &str = "codes_mask";
+    /// Out (Decoder): mean cosine of reconstruction and features (0-d, no grad).
+    pub const COS: &str = "cos";
+    /// Out (Quantizer): the kept tokens' codes before quantisation (T, D), no grad.
+    pub const CODES_Z: &str = "codes_z";
+    /// Out (Quantizer, when quantising): code ids (T,).
+    pub const IDS: &str = "ids";
+    /// Loss terms: reconstruction (Decoder), kept ratio and confidence (SelectorMerger),
+    /// codebook/commitment (Quantizer).
+    pub const LOSS_RECONSTRUCTION: &str = "reconstruction";
+    pub const LOSS_RATIO: &str = "ratio";
+    pub const LOSS_CONFIDENCE: &str = "confidence";
+    pub const LOSS_COMMITMENT: &str = "commitment";
+}
 
 /// A training micro-batch as it flows through the stages with autograd on. Each stage adds its
 /// outputs under its own keys and may add loss terms; the last stage of the route computes the
@@ -206,6 +258,18 @@ pub struct TrainBatch {
 }
 
 impl TrainBatch {
+    /// Remove a tensor a stage consumes; a clear error naming the stage when it is missing.
+    pub fn take(&mut self, key: &str, kind: StageKind) -> Result<Tensor, StageError> {
+        self.tensors.remove(key).ok_or_else(|| {
+            StageError::Invalid(format!("stage {kind}: the training batch has no `{key}`"))
+        })
+    }
+    /// A tensor (usually a 0-d setting) a stage reads without consuming it.
+    pub fn get(&self, key: &str, kind: StageKind) -> Result<&Tensor, StageError> {
+        self.tensors.get(key).ok_or_else(|| {
+            StageError::Invalid(format!("stage {kind}: the training batch has no `{key}`"))
+        })
+    }
     pub fn new(route: Vec<StageKind>) -> Self {
         TrainBatch {
             tensors: Default::default(),
@@ -301,4 +365,4 @@ impl actix::Message for Quit {
 }
 
 /// Shared, cheap clone of the stages' exit statuses (for health and tests).
-pub type ExitBoard = Arc<dashmap::DashMap<StageKind, crate::stage::ExitStatus>>;
+pub type ExitBoard = Arc<dashmap::DashMap<StageKind, ExitStatus>>;

@@ -539,3 +539,208 @@ mod tests {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The tokenizer parts a config takes from plugins.
+
+/// Where the tokenizer's backbone and codebook come from: the built-in EVA-CLIP and l2 VQ,
+/// or the components of a config's `[plugins]` section. Cheap to clone (the loaded plugin
+/// host is shared), so each stage thread builds its part on its own device.
+///
+/// A plugin component without `weights` loads the checkpoint folder's
+/// `visual_tokenizer/{backbone,codebook}.safetensors` when the folder has it (what
+/// `lavit train tokenizer` exports), so one config serves for training and inference.
+#[derive(Clone, Default)]
+pub struct TokenizerPlugins {
+    host: Option<std::sync::Arc<PluginHost>>,
+    cfg: PluginsConfig,
+}
+
+impl std::fmt::Debug for TokenizerPlugins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenizerPlugins")
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl TokenizerPlugins {
+    /// The built-in parts only.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Loads the plugins `cfg` names (start-up) and remembers which parts they replace.
+    pub fn load(cfg: &PluginsConfig) -> crate::Result<Self> {
+        if cfg.load.is_empty() {
+            if let Some(c) = cfg.backbone.as_ref().or(cfg.codebook.as_ref()) {
+                return Err(crate::Error::invalid(format!(
+                    "[plugins] takes part `{}` from a plugin but `plugins.load` names no plugin library",
+                    c.plugin
+                )));
+            }
+            return Ok(Self::none());
+        }
+        let host = PluginHost::from_config(cfg)?;
+        Ok(Self {
+            host: Some(std::sync::Arc::new(host)),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &PluginsConfig {
+        &self.cfg
+    }
+
+    /// `c` with `weights` defaulting to `checkpoint/<file>.safetensors` when that exists.
+    fn component(c: &PluginComponent, checkpoint: Option<&Path>, file: &str) -> PluginComponent {
+        let mut c = c.clone();
+        if c.weights.is_none() {
+            c.weights = checkpoint
+                .map(|d| d.join(format!("{file}.safetensors")))
+                .filter(|p| p.is_file());
+        }
+        c
+    }
+
+    fn host(&self) -> crate::Result<&PluginHost> {
+        self.host
+            .as_deref()
+            .ok_or_else(|| crate::Error::invalid("no plugins are loaded"))
+    }
+
+    /// The plugin backbone on `device` (None: the config keeps EVA-CLIP).
+    pub fn backbone(
+        &self,
+        checkpoint: Option<&Path>,
+        device: tch::Device,
+    ) -> crate::Result<Option<Box<dyn Backbone>>> {
+        let Some(c) = &self.cfg.backbone else {
+            return Ok(None);
+        };
+        let c = Self::component(c, checkpoint, crate::layout::files::PLUGIN_BACKBONE);
+        Ok(Some(self.host()?.backbone(&c, device)?))
+    }
+
+    /// The plugin codebook on `device` (None: the config keeps the built-in VQ).
+    pub fn codebook(
+        &self,
+        checkpoint: Option<&Path>,
+        device: tch::Device,
+    ) -> crate::Result<Option<Box<dyn Codebook>>> {
+        let Some(c) = &self.cfg.codebook else {
+            return Ok(None);
+        };
+        let c = Self::component(c, checkpoint, crate::layout::files::PLUGIN_CODEBOOK);
+        Ok(Some(self.host()?.codebook(&c, device)?))
+    }
+}
+
+/// The top-level `[plugins]` table of a TOML config file (serving, training or a file of
+/// its own), paths resolved against the file's folder; empty when the file has none.
+pub fn plugins_section(path: &Path) -> crate::Result<PluginsConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+    let value: toml::Value = toml::from_str(&text)
+        .map_err(|e| crate::Error::config(path.display().to_string(), "plugins", e.to_string()))?;
+    let cfg: PluginsConfig = match value.get("plugins") {
+        Some(p) => p.clone().try_into().map_err(|e: toml::de::Error| {
+            crate::Error::config(path.display().to_string(), "plugins", e.message())
+        })?,
+        None => PluginsConfig::default(),
+    };
+    Ok(cfg.resolved(path.parent().unwrap_or(Path::new("."))))
+}
+
+/// Checks that a backbone and a codebook fit the tokenizer sizes of `manifest`: the
+/// backbone's image size, patch size and width against what the selector, merger and image
+/// processor are built for, the codebook's width against `encode_task_layer`'s output and
+/// its size against the LLM's visual vocabulary. The error names both sides of every
+/// mismatch. Each stage checks its own part ([`check_backbone`], [`check_codebook`]).
+pub fn check_geometry(
+    manifest: &crate::manifest::LavitManifest,
+    encoder: &dyn Backbone,
+    codebook: &dyn Codebook,
+) -> crate::Result<()> {
+    let mut problems = backbone_problems(manifest, encoder);
+    problems.extend(codebook_problems(manifest, codebook));
+    geometry_result(problems)
+}
+
+/// The backbone half of [`check_geometry`] (the Encoder stage's part).
+pub fn check_backbone(
+    manifest: &crate::manifest::LavitManifest,
+    encoder: &dyn Backbone,
+) -> crate::Result<()> {
+    geometry_result(backbone_problems(manifest, encoder))
+}
+
+/// The codebook half of [`check_geometry`] (the Quantizer stage's part).
+pub fn check_codebook(
+    manifest: &crate::manifest::LavitManifest,
+    codebook: &dyn Codebook,
+) -> crate::Result<()> {
+    geometry_result(codebook_problems(manifest, codebook))
+}
+
+fn geometry_result(problems: Vec<String>) -> crate::Result<()> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::Error::invalid(format!(
+            "the tokenizer's parts do not fit together: {}",
+            problems.join("; ")
+        )))
+    }
+}
+
+fn mismatches(checks: Vec<(String, i64, &str, i64)>) -> Vec<String> {
+    checks
+        .into_iter()
+        .filter(|(_, got, _, want)| got != want)
+        .map(|(part, got, side, want)| format!("{part} is {got}, but {side} is {want}"))
+        .collect()
+}
+
+fn backbone_problems(m: &crate::manifest::LavitManifest, encoder: &dyn Backbone) -> Vec<String> {
+    let t = &m.tokenizer;
+    let b = encoder.name();
+    mismatches(vec![
+        (
+            format!("backbone `{b}` image_size"),
+            encoder.image_size(),
+            "tokenizer.img_size (the image processor's size)",
+            t.img_size,
+        ),
+        (
+            format!("backbone `{b}` patch_size"),
+            encoder.patch_size(),
+            "tokenizer.patch_size (the selector's patch grid)",
+            t.patch_size,
+        ),
+        (
+            format!("backbone `{b}` width"),
+            encoder.width(),
+            "tokenizer.encoder_width (the token selector's and merger's input width)",
+            t.encoder_width,
+        ),
+    ])
+}
+
+fn codebook_problems(m: &crate::manifest::LavitManifest, codebook: &dyn Codebook) -> Vec<String> {
+    let t = &m.tokenizer;
+    let c = codebook.name();
+    mismatches(vec![
+        (
+            format!("codebook `{c}` code_dim"),
+            codebook.code_dim(),
+            "tokenizer.code_dim (encode_task_layer's output width)",
+            t.code_dim,
+        ),
+        (
+            format!("codebook `{c}` num_codes"),
+            codebook.num_codes(),
+            "tokenizer.n_code (the LLM's visual vocabulary)",
+            t.n_code,
+        ),
+    ])
+}

@@ -10,7 +10,6 @@
 //! and call it once per token or step; when it returns `true` they stop and return
 //! [`StageError::Cancelled`] (or any error: the actor reports the request as cancelled anyway).
 
-use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -25,111 +24,7 @@ use crate::messages::{
 /// It also counts the call as one unit of progress for the request (`/metrics`, tests).
 pub type ShouldStop<'a> = &'a dyn Fn() -> bool;
 
-/// The five stages, in pipeline order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum StageKind {
-    /// EVA ViT: images → patch features.
-    Encoder,
-    /// Token selector + token merger: patch features → decisions + merged features.
-    SelectorMerger,
-    /// `encode_task_layer` + codebook: merged features → visual ids.
-    Quantizer,
-    /// The LLM: text/visual prefix → text ids (captions) or visual ids (generation).
-    Llm,
-    /// Feature decoder + U-Net + VAE: visual ids → pixels.
-    Decoder,
-}
-
-impl StageKind {
-    pub const ALL: [StageKind; 5] = [
-        StageKind::Encoder,
-        StageKind::SelectorMerger,
-        StageKind::Quantizer,
-        StageKind::Llm,
-        StageKind::Decoder,
-    ];
-    /// The name used for threads, metrics labels and placement keys.
-    pub fn name(self) -> &'static str {
-        match self {
-            StageKind::Encoder => "encoder",
-            StageKind::SelectorMerger => "selector_merger",
-            StageKind::Quantizer => "quantizer",
-            StageKind::Llm => "llm",
-            StageKind::Decoder => "decoder",
-        }
-    }
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for StageKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// How a stage actor ended (quickwit-style).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitStatus {
-    /// Its upstream closed and it finished every message it had.
-    Success,
-    /// It was told to quit.
-    Quit,
-    /// Its downstream mailbox was closed, so it could not forward work.
-    DownstreamClosed,
-    /// It failed (its weights did not load, or the recovery policy gave up on it).
-    Failure,
-    /// It panicked more often in a row than the recovery policy allows.
-    Panicked,
-}
-
-/// Why a request failed inside the pipeline.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-pub enum StageError {
-    /// The request was cancelled (client gone, caller dropped the future, explicit cancel).
-    #[error("request cancelled")]
-    Cancelled,
-    /// The request is invalid for this stage (a shape, a length, an option); a 4xx.
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    /// A forward pass returned an error.
-    #[error("stage {stage} failed: {msg}")]
-    Failed { stage: StageKind, msg: String },
-    /// A forward pass panicked; the panic was caught.
-    #[error("stage {stage} panicked: {msg}")]
-    Panicked { stage: StageKind, msg: String },
-    /// A stage is gone (quit, failed to load, or exited after too many panics).
-    #[error("stage {stage} is not running")]
-    Closed { stage: StageKind },
-    /// The pipeline is full (bounded admission).
-    #[error("busy: {0}")]
-    Busy(String),
-    /// The pipeline is draining (shutting down) and takes no new work.
-    #[error("draining: not accepting new requests")]
-    Draining,
-}
-
-impl StageError {
-    pub fn failed(stage: StageKind, e: impl fmt::Display) -> Self {
-        StageError::Failed {
-            stage,
-            msg: e.to_string(),
-        }
-    }
-}
-
-impl From<crate::Error> for StageError {
-    fn from(e: crate::Error) -> Self {
-        match e {
-            crate::Error::Invalid(m) => StageError::Invalid(m),
-            crate::Error::Cancelled => StageError::Cancelled,
-            other => StageError::Invalid(other.to_string()),
-        }
-    }
-}
-
-pub type StageResult<T> = std::result::Result<T, StageError>;
+pub use crate::kinds::{ExitStatus, StageError, StageKind, StageResult};
 
 /// Training hooks shared by every stage (stage-1/1b/2 run through the same actors).
 /// The default says the stage has nothing to train.
@@ -357,10 +252,13 @@ impl Placement {
         Ok(p)
     }
 
-    fn validate(&self, origin: &str) -> crate::Result<()> {
+    /// Check every stage's device name (syntax only: the devices are checked against the
+    /// machine when the graph is spawned, [`Placement::device`]) and the mailbox size.
+    pub fn validate(&self, origin: &str) -> crate::Result<()> {
         for kind in StageKind::ALL {
-            parse_device(self.device_name(kind))
-                .map_err(|m| crate::Error::config(origin, format!("placement.{kind}"), m))?;
+            crate::device::parse_device(self.device_name(kind)).map_err(|e| {
+                crate::Error::config(origin, format!("placement.{kind}"), e.to_string())
+            })?;
         }
         if self.mailbox == 0 || self.mailbox > 1024 {
             return Err(crate::Error::config(
@@ -382,23 +280,10 @@ impl Placement {
         }
     }
 
-    /// The device of a stage (validated at load).
-    pub fn device(&self, kind: StageKind) -> Device {
-        parse_device(self.device_name(kind)).unwrap_or(Device::Cpu)
-    }
-}
-
-/// `cpu`, `cuda`, `cuda:N`, `mps` → a tch device.
-pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
-    match s.trim() {
-        "cpu" => Ok(Device::Cpu),
-        "mps" => Ok(Device::Mps),
-        "cuda" => Ok(Device::Cuda(0)),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Device::Cuda(n)),
-            _ => Err(format!(
-                "`{other}` is not a device (expected cpu, cuda, cuda:N or mps)"
-            )),
-        },
+    /// The device of a stage, checked against this machine: asking for CUDA (or MPS) where
+    /// libtorch sees none is an error, never a silent CPU run.
+    pub fn device(&self, kind: StageKind) -> crate::Result<Device> {
+        crate::device::resolve_device(self.device_name(kind))
+            .map_err(|e| crate::Error::config("placement", kind.name(), e.to_string()))
     }
 }

@@ -1,18 +1,18 @@
-//! `lavit caption`: image (+ question) → text with the LaVIT LLM (owned by the llm work).
+//! `lavit caption`: image (+ question) → text with the LaVIT LLM, through the pipeline.
 //!
-//! Each image goes through the visual tokenizer's understanding path (EVA ViT, token
-//! selector, the merger + `vit_proj` of `language_model/visual_weight.bin`) and enters the
-//! LLM as continuous embeddings between [IMG] and [/IMG]; the question follows. Embeddings
-//! computed elsewhere can be given with `--embeds` instead of images.
+//! Each image goes through the Encoder and SelectorMerger stages' understanding path (EVA
+//! ViT, token selector, the merger + `vit_proj` of `language_model/visual_weight.bin`) and
+//! enters the Llm stage as continuous embeddings between [IMG] and [/IMG]; the question
+//! follows. Embeddings computed elsewhere can be given with `--embeds` instead of images
+//! (they go straight to the Llm stage).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use lavit::tokenizer::{LoadParts, VisualTokenizer};
-use lavit_llm::generate::{Sampling, TextConfig};
-use lavit_llm::LavitLlm;
+use lavit::pipeline::StageSet;
 use lavit_runtime::checkpoint;
-use tch::{Device, Kind, Tensor};
+use lavit_runtime::messages::CaptionOptions;
+use tch::{Kind, Tensor};
 
 /// Arguments of `lavit caption`.
 #[derive(clap::Args, Debug)]
@@ -50,32 +50,15 @@ pub struct Args {
     pub repetition_penalty: f64,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
+    /// Device of every stage: cpu, cuda or cuda:N (default: the config's placement, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Precision of the LLM: auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
-}
-
-pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
-        },
-    })
-}
-
-pub fn parse_dtype(s: &str) -> Result<Kind> {
-    Ok(match s {
-        "f32" | "float32" => Kind::Float,
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        "f16" | "float16" => Kind::Half,
-        _ => bail!("--dtype `{s}`: expected f32, bf16 or f16"),
-    })
+    /// A serving config whose `[pipeline]` / `[plugins]` sections apply (placement, plugins).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// Split `embeds` (T, H) by `counts` into per-image blocks.
@@ -101,23 +84,34 @@ fn split(embeds: &Tensor, counts: Option<&Tensor>) -> Result<Vec<Tensor>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let kind = parse_dtype(&args.dtype)?;
-    let cfg = TextConfig {
-        max_new_tokens: args.max_new_tokens,
-        min_new_tokens: args.min_new_tokens,
-        sampling: Sampling {
-            do_sample: args.sample,
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-        },
-        num_beams: args.num_beams,
+    if args.max_new_tokens < 1 || args.min_new_tokens < 0 || args.num_beams < 1 || args.top_k < 0 {
+        bail!("--max-new-tokens and --num-beams must be at least 1, --min-new-tokens and --top-k at least 0");
+    }
+    let opts = CaptionOptions {
+        max_new_tokens: args.max_new_tokens as usize,
+        min_new_tokens: args.min_new_tokens as usize,
+        temperature: if args.sample { args.temperature } else { 0.0 },
+        top_k: args.top_k as usize,
+        top_p: args.top_p,
+        num_beams: args.num_beams as usize,
         repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-        ..Default::default()
+        seed: args.seed.unwrap_or(0),
     };
-    let images = match &args.embeds {
+    let prompt = args.prompt.clone().unwrap_or_default();
+    let stages = if args.embeds.is_some() {
+        StageSet::Language
+    } else {
+        StageSet::Understanding
+    };
+    let dtype = args.dtype.clone();
+    let (pipe, rt) = super::one_shot(
+        &args.checkpoint,
+        args.config.as_deref(),
+        args.device.as_deref(),
+        stages,
+        |c| c.dtype = dtype,
+    )?;
+    let answers: Vec<(String, String)> = match &args.embeds {
         Some(path) => {
             let sd = checkpoint::load_path(path)?;
             let e = sd
@@ -130,40 +124,28 @@ pub fn run(args: Args) -> Result<()> {
                     e.size()
                 );
             }
-            split(e, sd.get("counts")).with_context(|| format!("{}", path.display()))?
+            let blocks =
+                split(e, sd.get("counts")).with_context(|| format!("{}", path.display()))?;
+            blocks
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let text = rt.block_on(pipe.caption_embeds(b, &prompt, opts.clone()))?;
+                    Ok((i.to_string(), text))
+                })
+                .collect::<Result<_>>()?
         }
-        None => {
-            let parts = LoadParts {
-                understanding: true,
-                lowres_decoder: false,
-                highres_decoder: false,
-            };
-            let vt = VisualTokenizer::from_checkpoint(&args.checkpoint, device, parts)?;
-            let pixels = vt.load_images(&args.images)?;
-            let (kept, counts) = vt.encode_features(&pixels, vt.selection)?;
-            split(&kept, Some(&Tensor::from_slice(&counts)))?
-        }
-    };
-    let llm = LavitLlm::load(&args.checkpoint, device, kind)?;
-    let hidden = llm.model.config.hidden_size;
-    if let Some(bad) = images.iter().find(|e| e.size()[1] != hidden) {
-        bail!(
-            "image embeddings are {} wide, the LLM is {hidden}",
-            bad.size()[1]
-        );
-    }
-    let names: Vec<String> = if args.images.is_empty() {
-        (0..images.len()).map(|i| i.to_string()).collect()
-    } else {
-        args.images
+        None => args
+            .images
             .iter()
-            .map(|p| p.display().to_string())
-            .collect()
+            .map(|p| {
+                let img = super::read_image(p)?;
+                let text = rt.block_on(pipe.caption(&img, &prompt, opts.clone()))?;
+                Ok((p.display().to_string(), text))
+            })
+            .collect::<Result<_>>()?,
     };
-    for (name, text) in names
-        .iter()
-        .zip(llm.caption(&images, args.prompt.as_deref(), &cfg)?)
-    {
+    for (name, text) in answers {
         println!("{}", serde_json::json!({ "image": name, "text": text }));
     }
     Ok(())

@@ -1,17 +1,12 @@
 //! `lavit generate`: text → image tokens (LLM with classifier-free guidance) → feature
-//! decoder → diffusion U-Net → VAE → PNG, as the official `LaVITforGeneration.generate_image`.
+//! decoder → diffusion U-Net → VAE → PNG, as the official `LaVITforGeneration.generate_image`,
+//! through the pipeline's Llm and Decoder stages.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use lavit::generate::{text_to_image, DecodeOptions, PixelDecoder, Resolution, TextToImageOptions};
-use lavit::tokenizer::{LoadParts, VisualTokenizer};
-use lavit_llm::generate::{ImageTokenConfig, Sampling};
-use lavit_llm::sentencepiece::SentencePiece;
-use lavit_llm::vocab::UnifiedVocab;
-use lavit_llm::LlamaForCausalLM;
-use lavit_runtime::manifest::LavitManifest;
-use tch::{Device, Kind};
+use lavit::pipeline::StageSet;
+use lavit_runtime::messages::GenerateOptions;
 
 /// Arguments of `lavit generate`.
 #[derive(clap::Args, Debug)]
@@ -24,15 +19,18 @@ pub struct Args {
     /// Output PNG (with several images: `NAME-0.png`, `NAME-1.png`, …).
     #[arg(short, long, default_value = "out.png")]
     pub output: PathBuf,
-    /// Denoising steps (default: 25 highres, 50 lowres, as the official code).
+    /// Denoising steps (default: the checkpoint manifest's `generation.ddim_steps` for
+    /// highres, `lowres_ddim_steps` for lowres; official 25 and 50).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Decoder guidance scale (default: 7.0 highres, 5.0 lowres).
+    /// Decoder guidance scale (default: the manifest's `decoder_guidance` /
+    /// `lowres_decoder_guidance`; official 7.0 highres, 5.0 lowres).
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// LLM classifier-free guidance scale (paper eq. 7; official v2 default 4.0).
-    #[arg(long, default_value_t = 4.0)]
-    pub llm_guidance: f64,
+    /// LLM classifier-free guidance scale (paper eq. 7; default: the manifest's
+    /// `generation.llm_guidance`, official v2 4.0).
+    #[arg(long)]
+    pub llm_guidance: Option<f64>,
     /// Seed of the image tokens and the initial latents.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -52,9 +50,10 @@ pub struct Args {
     /// highres when the folder has `highres_pixel_decoding/`, else lowres.
     #[arg(long, default_value = "auto")]
     pub pixel_decoding: String,
-    /// Top-k of the image-token sampling (official v2: 50).
-    #[arg(long, default_value_t = 50)]
-    pub top_k: i64,
+    /// Top-k of the image-token sampling (default: the manifest's `generation.top_k`;
+    /// official v2: 50).
+    #[arg(long)]
+    pub top_k: Option<i64>,
     /// Top-p of the image-token sampling.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
@@ -67,123 +66,83 @@ pub struct Args {
     /// Fewest image tokens (default: the manifest's, official 20).
     #[arg(long)]
     pub min_tokens: Option<i64>,
-    /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-}
-
-/// `auto` picks highres when the checkpoint folder has `highres_pixel_decoding/` (the official
-/// release), else lowres (e.g. a folder written by `lavit demo`); other values are parsed.
-pub fn resolve_resolution(arg: &str, checkpoint: &std::path::Path) -> Result<Resolution> {
-    if arg == "auto" {
-        return Ok(if checkpoint.join("highres_pixel_decoding").is_dir() {
-            Resolution::Highres
-        } else {
-            Resolution::Lowres
-        });
-    }
-    Ok(arg.parse()?)
+    /// Device of every stage: cpu, cuda or cuda:N (default: the config's placement, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Precision of the LLM and the U-Net: auto (bf16 on CUDA, f32 on the CPU), f32, bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// A serving config whose `[pipeline]` / `[plugins]` sections apply.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = parse_device(&a.device)?;
-    let res = resolve_resolution(&a.pixel_decoding, &a.checkpoint)?;
-    let manifest = LavitManifest::for_checkpoint(&a.checkpoint)?;
-    let lm = a.checkpoint.join("language_model");
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
-    let (_llm_vs, llm) = LlamaForCausalLM::from_pretrained(&lm, device, kind)?;
-    let sp = SentencePiece::from_file(&lm.join("tokenizer.model"))?;
-    let vocab = UnifiedVocab::from(&manifest.llm);
-    let parts = LoadParts {
-        understanding: false,
-        lowres_decoder: res == Resolution::Lowres,
-        highres_decoder: res == Resolution::Highres,
-    };
-    let tok = VisualTokenizer::from_checkpoint(&a.checkpoint, device, parts)?;
-    let mut pixels = PixelDecoder::load(&a.checkpoint, res, device)?;
-    if device.is_cuda() {
-        pixels.set_unet_kind(Kind::BFloat16);
+    if a.num_images < 1 || a.num_images > 64 {
+        bail!("--num-images must be in 1..=64");
     }
+    if a.top_k.is_some_and(|k| k < 0) {
+        bail!("--top-k must be at least 0");
+    }
+    let (pixel_decoding, dtype) = (a.pixel_decoding.clone(), a.dtype.clone());
+    let (pipe, rt) = super::one_shot(
+        &a.checkpoint,
+        a.config.as_deref(),
+        a.device.as_deref(),
+        StageSet::Generation,
+        |c| {
+            c.pixel_decoding = pixel_decoding;
+            c.dtype = dtype;
+        },
+    )?;
+    let info = pipe.info().clone();
     let (height, width) = match &a.ratio {
         Some(r) => {
-            let sizes = pixels.aspect_ratio_sizes();
+            let sizes = info.aspect_ratio_sizes();
             let (_, hw) = sizes.iter().find(|(n, _)| n == r).with_context(|| {
                 format!(
                     "--ratio {r}: one of {:?}",
                     sizes.iter().map(|s| s.0).collect::<Vec<_>>()
                 )
             })?;
-            (Some(hw.0), Some(hw.1))
+            *hw
         }
-        None => (a.height, a.width),
+        None => (
+            a.height.unwrap_or(info.default_size.1 as i64),
+            a.width.unwrap_or(info.default_size.0 as i64),
+        ),
     };
-    if a.num_images < 1 {
-        bail!("--num-images must be at least 1");
+    let m = info.size_multiple as i64;
+    if height <= 0 || width <= 0 || height % m != 0 || width % m != 0 {
+        bail!("image size {height}×{width}: height and width must be positive multiples of {m}");
     }
-    let g = &manifest.generation;
-    let opts = TextToImageOptions {
-        tokens: ImageTokenConfig {
-            cfg_scale: a.llm_guidance,
-            max_new_tokens: a.max_tokens.unwrap_or(g.t2i_max_new_tokens),
-            min_new_tokens: a.min_tokens.unwrap_or(g.t2i_min_new_tokens),
-            sampling: Sampling {
-                do_sample: true,
-                temperature: a.temperature,
-                top_k: a.top_k,
-                top_p: a.top_p,
-            },
-            num_return_sequences: a.num_images,
-            seed: a.seed,
-        },
-        decode: DecodeOptions {
-            steps: a.steps.unwrap_or(match res {
-                Resolution::Highres => 25,
-                Resolution::Lowres => 50,
-            }),
-            guidance: a.guidance.unwrap_or(match res {
-                Resolution::Highres => 7.0,
-                Resolution::Lowres => 5.0,
-            }),
-            height,
-            width,
-            seed: a.seed.map(|s| s as i64),
-            ..Default::default()
-        },
+    // The checkpoint's recommended settings (manifest `generation`), then the flags.
+    let d = info.generate_defaults.clone();
+    let opts = GenerateOptions {
+        n: a.num_images as usize,
+        seed: a.seed.unwrap_or_else(rand_seed),
+        llm_guidance: a.llm_guidance.unwrap_or(d.llm_guidance),
+        guidance: a.guidance.unwrap_or(d.guidance),
+        steps: a.steps.unwrap_or(d.steps),
+        width: width as usize,
+        height: height as usize,
+        top_k: a.top_k.map_or(d.top_k, |k| k.max(0) as usize),
+        temperature: a.temperature,
+        top_p: a.top_p,
+        max_tokens: a.max_tokens.map(|n| n.max(0) as usize),
+        min_tokens: a.min_tokens.map(|n| n.max(0) as usize),
     };
-    let out = text_to_image(
-        &llm,
-        &sp,
-        &vocab,
-        &tok,
-        &pixels,
-        std::slice::from_ref(&a.prompt),
-        &opts,
-    )?;
-    let paths = lavit::generate::save_pngs(&out.images, &a.output)?;
-    for (p, ids) in paths.iter().zip(&out.token_ids) {
-        println!(
-            "{} ({} image tokens)",
-            p.display(),
-            ids.iter().filter(|&&i| vocab.is_visual(i)).count()
-        );
+    let out = rt.block_on(pipe.generate_with_ids(&a.prompt, opts))?;
+    let paths = lavit::generate::save_rgb_pngs(&out.images, &a.output)?;
+    for (p, ids) in paths.iter().zip(&out.ids) {
+        println!("{} ({} image tokens)", p.display(), ids.len());
     }
     Ok(())
 }
 
-/// `cpu`, `cuda`, `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::cuda_if_available()),
-        _ => match s.strip_prefix("cuda:") {
-            Some(i) => Ok(Device::Cuda(
-                i.parse().with_context(|| format!("device `{s}`"))?,
-            )),
-            None => bail!("device `{s}`: cpu, cuda or cuda:N"),
-        },
-    }
+/// A seed from the clock, for runs without `--seed`.
+pub fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }

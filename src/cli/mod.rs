@@ -1,4 +1,6 @@
-//! The `lavit` command line: one module per subcommand.
+//! The `lavit` command line: one module per subcommand. Every command that runs the models
+//! (`tokenize`, `caption`, `generate`, `reconstruct`, `serve`) goes through the one inference
+//! path, [`lavit::pipeline::Pipeline`]; the one-shot commands build it with [`one_shot`].
 pub mod caption;
 pub mod demo;
 pub mod generate;
@@ -8,3 +10,68 @@ pub mod reconstruct;
 pub mod serve;
 pub mod tokenize;
 pub mod train;
+
+use std::path::Path;
+
+use anyhow::Context;
+use lavit::pipeline::{Pipeline, PipelineConfig, StageSet};
+use lavit_runtime::stage::Placement;
+
+/// A pipeline for one command: the stages `stages` of `checkpoint` (each loaded by its own
+/// stage loader, the others left out), the `[pipeline]` and `[plugins]` of `config` when
+/// given (the serving config; `LAVIT__PIPELINE__*` overrides apply either way), every stage
+/// on `device` when given (else the config's placement), and `tweak` for the command's own
+/// settings. Returns it with a runtime to wait on its requests.
+pub fn one_shot(
+    checkpoint: &Path,
+    config: Option<&Path>,
+    device: Option<&str>,
+    stages: StageSet,
+    tweak: impl FnOnce(&mut PipelineConfig),
+) -> anyhow::Result<(Pipeline, tokio::runtime::Runtime)> {
+    let mut cfg = PipelineConfig::load(config)?;
+    cfg.checkpoint = Some(checkpoint.to_path_buf());
+    cfg.stages = stages;
+    if let Some(d) = device {
+        cfg.placement = Placement {
+            encoder: d.into(),
+            selector_merger: d.into(),
+            quantizer: d.into(),
+            llm: d.into(),
+            decoder: d.into(),
+            ..cfg.placement
+        };
+        cfg.placement_file = None;
+    }
+    tweak(&mut cfg);
+    cfg.validate("the command line")?;
+    let pipe =
+        Pipeline::build(&cfg).with_context(|| format!("loading {}", checkpoint.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok((pipe, rt))
+}
+
+/// Read and decode an image file for a command through the same checks the server applies
+/// (a regular file, size and pixel caps before decoding).
+pub fn read_image(path: &Path) -> anyhow::Result<image::DynamicImage> {
+    let p = lavit_encoder::LaVITImageProcessor::new(1);
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{}: not a regular file", path.display());
+    }
+    if meta.len() > p.limits.max_file_bytes {
+        anyhow::bail!(
+            "{}: file is {} bytes, more than the {} byte limit",
+            path.display(),
+            meta.len(),
+            p.limits.max_file_bytes
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let rgb = p
+        .decode(&bytes)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(image::DynamicImage::ImageRgb8(rgb))
+}

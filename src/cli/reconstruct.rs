@@ -1,14 +1,12 @@
 //! `lavit reconstruct`: image → dynamic visual tokens → feature decoder → U-Net → VAE → PNG
-//! (the official detokenizer, `LaVIT/models/image_detokenize.py` `reconstruct_from_token`).
+//! (the official detokenizer, `LaVIT/models/image_detokenize.py` `reconstruct_from_token`),
+//! through the pipeline's tokenizer and Decoder stages.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use lavit::generate::{DecodeOptions, PixelDecoder, Resolution};
-use lavit::tokenizer::{LoadParts, VisualTokenizer};
-use tch::Kind;
-
-use super::generate::parse_device;
+use lavit::pipeline::StageSet;
+use lavit_runtime::messages::GenerateOptions;
 
 /// Arguments of `lavit reconstruct`.
 #[derive(clap::Args, Debug)]
@@ -30,50 +28,65 @@ pub struct Args {
     pub guidance: f64,
     /// Seed of the initial latents.
     #[arg(long)]
-    pub seed: Option<i64>,
+    pub seed: Option<u64>,
     /// Output width (default: the decoder's native size).
     #[arg(long)]
-    pub width: Option<i64>,
+    pub width: Option<usize>,
     /// Output height.
     #[arg(long)]
-    pub height: Option<i64>,
+    pub height: Option<usize>,
     /// `highres`, `lowres` or `auto` (highres when the folder has `highres_pixel_decoding/`).
     #[arg(long, default_value = "auto")]
     pub pixel_decoding: String,
-    /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Device of every stage: cpu, cuda or cuda:N (default: the config's placement, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// A serving config whose `[pipeline]` / `[plugins]` sections apply.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = parse_device(&a.device)?;
-    let res = super::generate::resolve_resolution(&a.pixel_decoding, &a.checkpoint)?;
-    let parts = LoadParts {
-        understanding: false,
-        lowres_decoder: res == Resolution::Lowres,
-        highres_decoder: res == Resolution::Highres,
-    };
-    let tok = VisualTokenizer::from_checkpoint(&a.checkpoint, device, parts)?;
-    let mut pixels = PixelDecoder::load(&a.checkpoint, res, device)?;
-    if device.is_cuda() {
-        pixels.set_unet_kind(Kind::BFloat16);
+    let images = a
+        .images
+        .iter()
+        .map(|p| super::read_image(p))
+        .collect::<Result<Vec<_>>>()?;
+    let pixel_decoding = a.pixel_decoding.clone();
+    let (pipe, rt) = super::one_shot(
+        &a.checkpoint,
+        a.config.as_deref(),
+        a.device.as_deref(),
+        StageSet::Reconstruction,
+        |c| c.pixel_decoding = pixel_decoding,
+    )?;
+    let info = pipe.info().clone();
+    let (height, width) = (
+        a.height.unwrap_or(info.default_size.1),
+        a.width.unwrap_or(info.default_size.0),
+    );
+    let m = info.size_multiple;
+    if height == 0 || width == 0 || height % m != 0 || width % m != 0 {
+        bail!("image size {height}×{width}: height and width must be positive multiples of {m}");
     }
-    let images = tok.load_images(&a.images)?;
-    let tokens = tok.tokenize(&images)?;
-    if tokens.ids.iter().any(|v| v.is_empty()) {
-        bail!("an image gave no visual tokens");
-    }
-    let opts = DecodeOptions {
-        steps: a.steps,
+    let opts = GenerateOptions {
+        n: 1,
+        seed: a.seed.unwrap_or_else(super::generate::rand_seed),
         guidance: a.guidance,
-        height: a.height,
-        width: a.width,
-        seed: a.seed,
-        ..Default::default()
+        steps: a.steps,
+        width,
+        height,
+        ..GenerateOptions::default()
     };
-    let out = pixels.decode_ids(&tok, &tokens.ids, &opts)?;
-    let paths = lavit::generate::save_pngs(&out, &a.output)?;
-    for ((p, src), n) in paths.iter().zip(&a.images).zip(&tokens.counts) {
+    let mut outs = Vec::new();
+    let mut counts = Vec::new();
+    for img in &images {
+        let g = rt.block_on(pipe.reconstruct_with_ids(img, opts.clone()))?;
+        counts.push(g.ids.first().map_or(0, Vec::len));
+        outs.extend(g.images);
+    }
+    let paths = lavit::generate::save_rgb_pngs(&outs, &a.output)?;
+    for ((p, src), n) in paths.iter().zip(&a.images).zip(&counts) {
         println!("{} → {} ({n} visual tokens)", src.display(), p.display());
     }
     Ok(())

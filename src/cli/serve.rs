@@ -1,4 +1,8 @@
-//! `lavit serve --config FILE [--checkpoint DIR] [--bind ADDR]`: the HTTP server.
+//! `lavit serve [--config FILE] [--checkpoint DIR] [--bind ADDR]`: the HTTP server.
+//!
+//! Without `--config` the built-in defaults apply (every stage on the CPU, the limits of
+//! configs/serve.toml); any key can be overridden from the environment, e.g.
+//! `LAVIT__SERVER__MAX_N=1 lavit serve --checkpoint DIR`.
 //!
 //! Loads the pipeline (each stage on its placement device), starts actix-web, runs the warm-up,
 //! then reports ready. SIGTERM / SIGINT drain: new requests get 503, admitted ones finish within
@@ -16,9 +20,10 @@ use lavit::serve::{self, ServeConfig};
 /// Arguments of `lavit serve`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Server config (configs/serve.toml): `[server]` limits and `[pipeline]`.
+    /// Server config (configs/serve.toml): `[server]` limits, `[pipeline]`, `[plugins]`;
+    /// without it, the built-in defaults.
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// Checkpoint folder (overrides `pipeline.checkpoint`).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -28,7 +33,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut cfg = ServeConfig::from_file(&args.config)?;
+    let mut cfg = ServeConfig::load(args.config.as_deref())?;
     if let Some(c) = args.checkpoint {
         cfg.pipeline.checkpoint = Some(c);
     }

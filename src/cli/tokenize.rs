@@ -1,12 +1,11 @@
 //! `lavit tokenize --checkpoint DIR IMAGE...`: one JSON line per image with the token count
-//! and the visual ids (LLM vocabulary, i.e. with `visual_token_offset`). Deterministic
-//! arg-max selection unless `--sample` (Gumbel-softmax with `--seed`).
+//! and the visual ids (LLM vocabulary, i.e. with `visual_token_offset`), through the
+//! pipeline's tokenizer stages. Deterministic arg-max selection unless `--sample`
+//! (Gumbel-softmax from `--seed`, drawn once for the whole batch of images).
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use lavit::tokenizer::{LoadParts, TokenizerPlugins, VisualTokenizer};
-use lavit_selector::SelectionMode;
+use lavit::pipeline::StageSet;
 
 /// Arguments of `lavit tokenize`.
 #[derive(clap::Args, Debug)]
@@ -14,8 +13,8 @@ pub struct Args {
     /// LaVIT checkpoint folder (official layout).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// A config file whose `[plugins]` section names the plugin backbone / codebook (the
-    /// serving or training config); without it, the built-in parts.
+    /// A config file whose `[plugins]` / `[pipeline]` sections name the plugin backbone /
+    /// codebook and placement (the serving config); without it, the built-in parts.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Sample keep/drop decisions with Gumbel-softmax (the official behaviour) instead of
@@ -25,64 +24,36 @@ pub struct Args {
     /// Seed of the Gumbel noise (with --sample).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Device: cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Device of every stage: cpu, cuda, cuda:N (default: the config's placement, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Image files (PNG, JPEG, BMP, GIF).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
 
-fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
-    match s {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(tch::Device::Cuda)
-            .ok_or_else(|| anyhow::anyhow!("unknown device `{s}` (use cpu or cuda:N)")),
-    }
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
-    let plugins = match &args.config {
-        Some(path) => TokenizerPlugins::load(&lavit::tokenizer::plugins_section(path)?)?,
-        None => TokenizerPlugins::none(),
-    };
-    let tok = VisualTokenizer::load(
+    let images = args
+        .images
+        .iter()
+        .map(|p| super::read_image(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (pipe, rt) = super::one_shot(
         &args.checkpoint,
-        device,
-        LoadParts::tokenize_only(),
-        &plugins,
-    )
-    .with_context(|| format!("loading {}", args.checkpoint.display()))?;
-    let mode = if args.sample {
-        SelectionMode::Gumbel {
-            seed: args.seed,
-            tau: 1.0,
-        }
-    } else {
-        SelectionMode::Argmax
-    };
-    for (i, path) in args.images.iter().enumerate() {
-        let img = tok
-            .load_images(std::slice::from_ref(path))
-            .with_context(|| format!("reading {}", path.display()))?;
-        // Per image, the seed is offset by the image index so a batch is reproducible.
-        let m = match mode {
-            SelectionMode::Gumbel { seed, tau } => SelectionMode::Gumbel {
-                seed: seed.wrapping_add(i as u64),
-                tau,
-            },
-            m => m,
-        };
-        let out = tok.tokenize_with(&img, m)?;
+        args.config.as_deref(),
+        args.device.as_deref(),
+        StageSet::Tokenizer,
+        |c| {
+            c.selection = if args.sample { "gumbel" } else { "argmax" }.into();
+            c.selection_seed = args.seed;
+        },
+    )?;
+    let ids = rt.block_on(pipe.tokenize(&images))?;
+    for (path, ids) in args.images.iter().zip(ids) {
         let line = serde_json::json!({
             "image": path.display().to_string(),
-            "count": out.counts[0],
-            "ids": out.ids[0],
+            "count": ids.len(),
+            "ids": ids,
         });
         println!("{line}");
     }

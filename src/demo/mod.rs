@@ -67,6 +67,8 @@ pub struct DemoConfig {
     pub eval: stages::EvalConfig,
 }
 
+impl lavit_runtime::config::Validate for DemoConfig {}
+
 impl DemoConfig {
     /// `configs/demo.toml` (compiled in, so the binary runs from any folder).
     pub fn full() -> Self {
@@ -87,10 +89,10 @@ impl DemoConfig {
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
     }
 
+    /// A user's demo config through the one config mechanism
+    /// ([`lavit_runtime::config::load_config`]: `LAVIT__SECTION__KEY` overrides).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        Self::parse(&text, &path.display().to_string())
+        Ok(lavit_runtime::config::load_config(path)?)
     }
 }
 
@@ -327,7 +329,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         "tokenizer.img_size {size} must be ≥ 28 and a multiple of patch_size"
     );
     let data = DemoData::load(&opts.data_dir, &cfg.data, cfg.seed)?;
-    let manifest = stages::demo_manifest(&cfg.tokenizer, &cfg.feature_decoder);
+    let manifest = stages::demo_manifest(&cfg.tokenizer, &cfg.feature_decoder, &cfg.eval);
     let st = Stages::new(&opts.out);
 
     // Stage 0: the EVA ViT learns features that name and draw the image, then is frozen.

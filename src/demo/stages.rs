@@ -198,6 +198,7 @@ impl Default for EvalConfig {
 pub fn demo_manifest(
     tokenizer: &lavit_runtime::manifest::TokenizerManifest,
     feature_decoder: &lavit_runtime::manifest::FeatureDecoderManifest,
+    eval: &EvalConfig,
 ) -> LavitManifest {
     let v = vocab::text_vocab_size();
     let mut m = LavitManifest::official();
@@ -216,9 +217,13 @@ pub fn demo_manifest(
     m.generation.t2i_min_new_tokens = 4;
     m.generation.t2i_max_new_tokens = tokenizer.num_patches();
     m.generation.caption_max_new_tokens = 12;
-    m.generation.ddim_steps = 20;
-    // no U-Net guidance: the demo's undertrained decoder draws better without it
-    m.generation.lowres_decoder_guidance = 1.0;
+    // The settings the demo evaluates with travel with its checkpoint: `lavit generate` and
+    // `lavit serve` on it default to them.
+    m.generation.ddim_steps = eval.ddim_steps as i64;
+    m.generation.lowres_ddim_steps = eval.ddim_steps as i64;
+    m.generation.lowres_decoder_guidance = eval.decoder_guidance;
+    m.generation.llm_guidance = eval.llm_guidance;
+    m.generation.top_k = eval.top_k;
     m
 }
 
@@ -519,7 +524,7 @@ pub fn run_stage2(
             c2.hidden_size,
             Default::default(),
         );
-        let llm = lavit_llm::actor::LlmStageModel::from_parts(
+        let llm = lavit_llm::LlmStageModel::from_parts(
             vs,
             model,
             UnifiedVocab::from(&m2.llm),

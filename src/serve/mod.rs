@@ -143,31 +143,73 @@ impl Default for Limits {
     }
 }
 
-/// configs/serve.toml: `[server]` and `[pipeline]`.
-#[derive(Clone, Debug)]
+/// configs/serve.toml: `[server]`, `[pipeline]` and the top-level `[plugins]`, loaded through
+/// the one config mechanism ([`lavit_runtime::config`]): every key can be overridden as
+/// `LAVIT__SERVER__MAX_N=1`, `LAVIT__PIPELINE__MAX_QUEUE=0`, …; without a file, the built-in
+/// defaults (all stages on the CPU, the limits below) with those overrides.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     pub server: Limits,
     pub pipeline: PipelineConfig,
+    /// The top-level `[plugins]` table (moved into `pipeline.plugins` on load).
+    plugins: Option<lavit_runtime::plugin_host::PluginsConfig>,
+}
+
+impl lavit_runtime::config::Validate for ServeConfig {
+    fn validate(&self, origin: &str) -> lavit_runtime::Result<()> {
+        self.server.validate(origin)?;
+        self.pipeline.validate(origin)
+    }
+}
+
+impl Limits {
+    /// Range checks (every limit at least 1; guidance finite and positive).
+    pub fn validate(&self, origin: &str) -> lavit_runtime::Result<()> {
+        let positive = |key: &str, v: u64| {
+            if v == 0 {
+                Err(lavit_runtime::Error::config(
+                    origin,
+                    format!("server.{key}"),
+                    "must be at least 1",
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        positive("workers", self.workers as u64)?;
+        positive("body_limit_bytes", self.body_limit_bytes as u64)?;
+        positive("max_prompt_chars", self.max_prompt_chars as u64)?;
+        positive("max_new_tokens", self.max_new_tokens)?;
+        positive("max_n", self.max_n)?;
+        positive("max_steps", self.max_steps)?;
+        positive("max_image_side", self.max_image_side as u64)?;
+        positive("max_image_pixels", self.max_image_pixels)?;
+        positive("max_image_bytes", self.max_image_bytes as u64)?;
+        positive("max_images", self.max_images as u64)?;
+        if !(self.max_guidance.is_finite() && self.max_guidance > 0.0) {
+            return Err(lavit_runtime::Error::config(
+                origin,
+                "server.max_guidance",
+                format!("must be finite and positive, got {}", self.max_guidance),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ServeConfig {
+    /// Load a serving config file, or with `None` the built-in defaults; `LAVIT__*`
+    /// environment overrides apply either way.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let mut cfg: ServeConfig = lavit_runtime::config::load_optional_config(path)?;
+        let origin = path.unwrap_or(Path::new("./(built-in defaults)"));
+        cfg.pipeline = cfg.pipeline.resolved(cfg.plugins.take(), origin)?;
+        Ok(cfg)
+    }
+
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let value: toml::Value =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let server: Limits = value
-            .get("server")
-            .cloned()
-            .unwrap_or(toml::Value::Table(Default::default()))
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                anyhow::anyhow!("{}: [server]: {}", path.display(), e.message())
-            })?;
-        Ok(ServeConfig {
-            server,
-            pipeline: PipelineConfig::from_file(path)?,
-        })
+        Self::load(Some(path))
     }
 }
 
@@ -365,9 +407,10 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
     let lim = &st.limits;
     let r: GenerationRequest = parse_json(&body)?;
     check_prompt("prompt", &r.prompt, lim)?;
+    // The checkpoint's recommended settings (manifest `generation`), then the request's.
     let mut opts = GenerateOptions {
         n: check_int("n", r.n, 1, lim.max_n)?,
-        ..GenerateOptions::default()
+        ..st.pipe.info().generate_defaults.clone()
     };
     let (w, h) = match &r.size {
         Some(s) => parse_size(s, lim)?,
@@ -399,7 +442,7 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
         .start(ticket, Task::Generate { opts }, Input::Prompt(r.prompt))
         .await?;
     let out = wait_watching(&req, &mut handle).await?;
-    let Output::Pixels(px) = out else {
+    let Output::Pixels { images: px, .. } = out else {
         return Err(StageError::Invalid("unexpected output".into()).into());
     };
     let images = crate::pipeline::to_images(&px)?;
@@ -630,19 +673,29 @@ impl RunningServer {
     }
 }
 
-/// One warm-up request through each route the pipeline serves.
+/// One warm-up request through each route the pipeline serves (the stages its `stages` set
+/// leaves out are skipped).
 pub async fn warm_up(pipe: &Pipeline) -> Result<(), StageError> {
+    use lavit_runtime::stage::StageKind;
     let s = pipe.info().image_size as u32;
     let img = image::DynamicImage::new_rgb8(s, s);
-    pipe.tokenize(std::slice::from_ref(&img)).await?;
-    if pipe.tokenizer_only() {
+    let set = pipe.stages();
+    if set.has(StageKind::Encoder) {
+        pipe.tokenize(std::slice::from_ref(&img)).await?;
+    }
+    if !set.has(StageKind::Llm) {
         return Ok(()); // no LLM or pixel decoder to warm up
     }
-    let copts = CaptionOptions {
-        max_new_tokens: 1,
-        ..CaptionOptions::default()
-    };
-    pipe.caption(&img, "", copts).await?;
+    if set.has(StageKind::Encoder) {
+        let copts = CaptionOptions {
+            max_new_tokens: 1,
+            ..CaptionOptions::default()
+        };
+        pipe.caption(&img, "", copts).await?;
+    }
+    if !set.has(StageKind::Decoder) {
+        return Ok(());
+    }
     let (width, height) = pipe.info().default_size;
     let gopts = GenerateOptions {
         steps: 1,

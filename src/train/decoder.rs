@@ -14,7 +14,7 @@
 //! (`unet/config.json` + `unet/diffusion_pytorch_model.safetensors`, `scheduler/`).
 //!
 //! The U-Net (with its EMA copy, optimiser and the frozen VAE) lives in the pipeline's Decoder
-//! stage actor (the serving adapter `lavit::pipeline::stages::DecoderReal`, on the device
+//! stage actor (`lavit_decoder::stage::DecoderStageModel`, on the device
 //! `placement.decoder` names) and trains there: each step is `TrainForward` (images +
 //! conditions → loss, [`DecoderTrainer::forward`]) → `Backward` → `OptimizerStepWith`
 //! ([`DecoderTrainer::step`]: clip, AdamW, EMA) through [`StageGraph`]; evaluation losses and
@@ -25,19 +25,20 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use lavit_decoder::schedulers::{DDIMScheduler, Scheduler, SchedulerConfig};
+use lavit_decoder::schedulers::SchedulerConfig;
 use lavit_decoder::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use lavit_decoder::AutoencoderKL;
 use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
-use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainParts};
-use lavit_runtime::stage::{DecoderStage, Placement, StageError, StageKind, StageResult};
+use lavit_runtime::messages::{StepControl, TrainBatch};
+use lavit_runtime::stage::{DecoderStage, Placement, StageKind};
 use lavit_runtime::train::{
-    is_no_decay, var_store_state_dict, AdamW, AdamWConfig, Checkpointer, LrSchedule, MetricsLog,
-    NanGuard, StepRng, StepVerdict, TrainProgress, TrainState,
+    Checkpointer, LrSchedule, MetricsLog, NanGuard, StepRng, StepVerdict, TrainProgress, TrainState,
 };
 
 use crate::generate::{PixelDecoder, Resolution};
+use lavit_decoder::stage::DecoderStageModel;
+pub use lavit_decoder::train::{ema_decay_at, ema_update, target_for, DecoderTrainer, TrainConfig};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -89,92 +90,6 @@ impl Default for ConditionConfig {
     }
 }
 
-/// Optimisation and bookkeeping.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Total optimiser steps.
-    pub steps: usize,
-    /// Images per step.
-    pub batch_size: i64,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Linear warm-up steps, then cosine decay to `min_lr_ratio · lr`.
-    pub warmup_steps: usize,
-    /// Final learning rate as a fraction of `lr`.
-    pub min_lr_ratio: f64,
-    /// AdamW decoupled weight decay.
-    pub weight_decay: f64,
-    /// AdamW β₁.
-    pub beta1: f64,
-    /// AdamW β₂.
-    pub beta2: f64,
-    /// AdamW ε.
-    pub eps: f64,
-    /// Clip the global gradient norm to this (0 = off).
-    pub grad_clip: f64,
-    /// EMA decay of the exported weights.
-    pub ema_decay: f64,
-    /// Probability of replacing a sample's condition by zeros (so guidance works).
-    pub cond_dropout: f64,
-    /// Seed of everything random in the run.
-    pub seed: u64,
-    /// Log a metrics line every this many steps.
-    pub log_every: usize,
-    /// Save the checkpoint every this many steps (and at the end).
-    pub save_every: usize,
-    /// Committed checkpoints kept.
-    pub keep_checkpoints: usize,
-    /// Write a sample grid every this many steps (0 = only at the end).
-    pub sample_every: usize,
-    /// DDIM steps of the sample grids.
-    pub sample_steps: usize,
-    /// Decoder guidance of the sample grids.
-    pub sample_guidance: f64,
-    /// Images in a sample grid.
-    pub sample_count: i64,
-    /// `cpu`, `cuda`, `cuda:N`.
-    pub device: String,
-    /// Continue from the newest committed checkpoint of `out_dir/checkpoints/` when there is one.
-    pub resume: bool,
-    /// Stop after this many steps in total, as if interrupted, with the checkpoint saved
-    /// (0 = run to `steps`). Resuming later continues the same schedule.
-    pub stop_after: usize,
-    /// Show a progress bar.
-    pub progress: bool,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            steps: 1000,
-            batch_size: 16,
-            lr: 1e-3,
-            warmup_steps: 20,
-            min_lr_ratio: 0.1,
-            weight_decay: 1e-2,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            grad_clip: 1.0,
-            ema_decay: 0.999,
-            cond_dropout: 0.1,
-            seed: 0,
-            log_every: 10,
-            save_every: 200,
-            keep_checkpoints: 2,
-            sample_every: 0,
-            sample_steps: 20,
-            sample_guidance: 3.0,
-            sample_count: 8,
-            device: "cpu".into(),
-            resume: true,
-            stop_after: 0,
-            progress: true,
-        }
-    }
-}
-
 /// A `lavit train decoder` config file (TOML).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -216,13 +131,14 @@ impl Default for DecoderTrainConfig {
     }
 }
 
+impl lavit_runtime::config::Validate for DecoderTrainConfig {}
+
 impl DecoderTrainConfig {
-    /// Read a TOML config; errors name the file and the key.
+    /// Read a TOML config through the one config mechanism
+    /// ([`lavit_runtime::config::load_config`]: `LAVIT__SECTION__KEY` overrides); errors name
+    /// the file (or variable) and the key.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Self =
-            toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+        let cfg: Self = lavit_runtime::config::load_config(path)?;
         cfg.validate()
             .with_context(|| format!("config {}", path.display()))?;
         Ok(cfg)
@@ -436,226 +352,6 @@ pub struct TrainSummary {
     pub sample_grids: Vec<PathBuf>,
 }
 
-/// The stage-1b training state the Decoder stage holds beside its [`PixelDecoder`] (whose
-/// U-Net trains and whose VAE, if any, encodes the images): the optimiser, the EMA U-Net, the
-/// noise schedule and the step's knobs.
-pub struct DecoderTrainer {
-    opt: AdamW,
-    ema_vs: nn::VarStore,
-    ema_unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler,
-    num_train_timesteps: i64,
-    cond_dropout: f64,
-    grad_clip: f64,
-    ema_decay: f64,
-    sample_steps: usize,
-    sample_guidance: f64,
-    seed: u64,
-}
-
-fn stage_fail(e: impl std::fmt::Display) -> StageError {
-    StageError::failed(StageKind::Decoder, e)
-}
-
-impl DecoderTrainer {
-    /// The optimiser over `pixels`' U-Net and an EMA copy of it.
-    pub fn new(pixels: &PixelDecoder, cfg: &DecoderTrainConfig) -> Result<Self> {
-        let t = &cfg.train;
-        let mut ema_vs = nn::VarStore::new(pixels.device);
-        let ema_unet = UNet2DConditionModel::new(ema_vs.root(), pixels.unet.config.clone())?;
-        ema_vs.copy(&pixels.unet_vs)?;
-        ema_vs.freeze();
-        let opt = AdamW::from_var_store(
-            &pixels.unet_vs,
-            |_| true,
-            AdamWConfig {
-                beta1: t.beta1,
-                beta2: t.beta2,
-                eps: t.eps,
-                weight_decay: t.weight_decay,
-            },
-        )?
-        .no_decay(is_no_decay);
-        Ok(Self {
-            opt,
-            ema_vs,
-            ema_unet,
-            scheduler: DDIMScheduler::new(cfg.scheduler.clone())?,
-            num_train_timesteps: cfg.scheduler.num_train_timesteps,
-            cond_dropout: t.cond_dropout,
-            grad_clip: t.grad_clip,
-            ema_decay: t.ema_decay,
-            sample_steps: t.sample_steps.max(1),
-            sample_guidance: t.sample_guidance,
-            seed: t.seed,
-        })
-    }
-
-    /// Images (B, C, H, W) in [-1, 1] → the diffusion target space (VAE latents · scaling
-    /// factor, or the pixels themselves).
-    fn to_x0(pixels: &PixelDecoder, img: &Tensor) -> Tensor {
-        match &pixels.vae {
-            Some((_, v)) => tch::no_grad(|| v.encode(img).sample() * v.config.scaling_factor),
-            None => img.shallow_clone(),
-        }
-    }
-
-    /// One forward message. By the keys of `b.tensors`:
-    /// - `images` (B, C, H, W) + `cond` (B, L, dim): the training loss with grad (uniform
-    ///   timesteps, noise, condition dropout to zeros), added as the loss term `loss`;
-    /// - `eval_images` + `cond` + `eval_seed` (scalar): the denoising loss of the current
-    ///   weights on noise and timesteps drawn from that seed (`eval_loss`, no grad);
-    /// - `sample_cond` (n, L, dim) + `sample_hw` ([H, W]): DDIM samples of the EMA U-Net with
-    ///   decoder guidance and zero negative conditions (`samples`, (n, C, H, W) in [-1, 1]).
-    pub fn forward(&self, pixels: &PixelDecoder, mut b: TrainBatch) -> StageResult<TrainBatch> {
-        let get = |k: &str| b.tensors.get(k).map(Tensor::shallow_clone);
-        let need = |k: &str| {
-            get(k).ok_or_else(|| StageError::Invalid(format!("training batch has no `{k}`")))
-        };
-        let dev = pixels.device;
-        let unet = &pixels.unet;
-        if let Some(img) = get("images") {
-            let cond = need("cond")?;
-            let n = img.size()[0];
-            let x0 = Self::to_x0(pixels, &img);
-            let noise = x0.randn_like();
-            let ts = Tensor::randint(self.num_train_timesteps, [n], (Kind::Int64, dev));
-            let keep = Tensor::rand([n, 1, 1], (Kind::Float, dev))
-                .ge(self.cond_dropout)
-                .to_kind(cond.kind());
-            let cond = cond * keep; // dropped conditions become zeros (the sampling negative)
-            let xt = self.scheduler.add_noise(&x0, &noise, &ts);
-            let target = target_for(&self.scheduler, &x0, &noise, &ts);
-            let pred = unet
-                .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
-                .map_err(stage_fail)?;
-            b.losses
-                .push(("loss".into(), pred.mse_loss(&target, tch::Reduction::Mean)));
-        } else if let Some(img) = get("eval_images") {
-            let _g = tch::no_grad_guard();
-            let cond = need("cond")?;
-            tch::manual_seed(need("eval_seed")?.int64_value(&[]));
-            let x0 = Self::to_x0(pixels, &img);
-            let noise = x0.randn_like();
-            let ts = Tensor::randint(
-                self.num_train_timesteps,
-                [img.size()[0]],
-                (Kind::Int64, dev),
-            );
-            let xt = self.scheduler.add_noise(&x0, &noise, &ts);
-            let target = target_for(&self.scheduler, &x0, &noise, &ts);
-            let pred = unet
-                .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
-                .map_err(stage_fail)?;
-            b.tensors.insert(
-                "eval_loss".into(),
-                pred.mse_loss(&target, tch::Reduction::Mean),
-            );
-        } else if let Some(cond) = get("sample_cond") {
-            let hw = Vec::<i64>::try_from(&need("sample_hw")?.to_device(Device::Cpu))
-                .map_err(stage_fail)?;
-            let samples = self.sample(pixels, &cond, hw[0], hw[1])?;
-            b.tensors.insert("samples".into(), samples);
-        } else {
-            return Err(StageError::Invalid(
-                "decoder training batch: needs `images`, `eval_images` or `sample_cond`".into(),
-            ));
-        }
-        Ok(b)
-    }
-
-    fn sample(&self, pixels: &PixelDecoder, cond: &Tensor, h: i64, w: i64) -> StageResult<Tensor> {
-        let _g = tch::no_grad_guard();
-        let dev = pixels.device;
-        let n = cond.size()[0];
-        let mut s = DDIMScheduler::new(self.scheduler.config.clone()).map_err(stage_fail)?;
-        s.set_timesteps(self.sample_steps).map_err(stage_fail)?;
-        tch::manual_seed(self.seed.wrapping_add(77) as i64);
-        let (c, h, w) = match &pixels.vae {
-            Some((_, v)) => {
-                let k = v.config.downscale();
-                (v.config.latent_channels, h / k, w / k)
-            }
-            None => (self.ema_unet.config.in_channels, h, w),
-        };
-        let mut x = Tensor::randn([n, c, h, w], (Kind::Float, dev));
-        let ehs = Tensor::cat(&[cond.zeros_like(), cond.shallow_clone()], 0);
-        for ts in s.timesteps().to_vec() {
-            let tt = Tensor::from(ts).to_kind(Kind::Float).to_device(dev);
-            let out = self
-                .ema_unet
-                .forward(&Tensor::cat(&[&x, &x], 0), &tt, &ehs, None, None)
-                .map_err(stage_fail)?;
-            let p = out.chunk(2, 0);
-            let eps = &p[0] + (&p[1] - &p[0]) * self.sample_guidance;
-            x = s.step(&eps, ts, &x).map_err(stage_fail)?;
-        }
-        Ok(match &pixels.vae {
-            Some((_, v)) => v.decode(&(x / v.config.scaling_factor)),
-            None => x,
-        })
-    }
-
-    /// Apply (clip or measure the gradient norm, AdamW at `ctl.lr`, EMA update) or skip, then
-    /// zero the gradients.
-    pub fn step(&mut self, pixels: &PixelDecoder, ctl: &StepControl) -> StageResult<StepReport> {
-        let mut report = StepReport::default();
-        if ctl.apply {
-            let norm = if self.grad_clip > 0.0 {
-                self.opt.clip_grad_norm(self.grad_clip)
-            } else {
-                self.opt.grad_norm()
-            }
-            .map_err(stage_fail)?;
-            report.grad_norm = Some(norm);
-            self.opt.step(ctl.lr).map_err(stage_fail)?;
-            ema_update(
-                &self.ema_vs,
-                &pixels.unet_vs,
-                ema_decay_at(self.ema_decay, ctl.step.max(0) as usize),
-            );
-        }
-        self.opt.zero_grad();
-        Ok(report)
-    }
-
-    /// `model`, `optimizer` and `ema`, as the checkpoints store them.
-    pub fn state(&self, pixels: &PixelDecoder) -> StageResult<TrainParts> {
-        Ok(vec![
-            ("model".into(), var_store_state_dict(&pixels.unet_vs)),
-            (
-                "optimizer".into(),
-                self.opt.state_dict().map_err(stage_fail)?,
-            ),
-            ("ema".into(), var_store_state_dict(&self.ema_vs)),
-        ])
-    }
-
-    /// Load a saved state strictly (exact resume).
-    pub fn load(&mut self, pixels: &PixelDecoder, parts: TrainParts) -> StageResult<()> {
-        for (name, sd) in parts {
-            let src = format!("checkpoint {name}");
-            match name.as_str() {
-                "model" => {
-                    checkpoint::load_into(&pixels.unet_vs, "", &sd, &src, &Default::default())
-                        .map_err(stage_fail)?;
-                }
-                "optimizer" => self.opt.load_state_dict(&sd, &src).map_err(stage_fail)?,
-                "ema" => {
-                    checkpoint::load_into(&self.ema_vs, "", &sd, &src, &Default::default())
-                        .map_err(stage_fail)?;
-                }
-                other => {
-                    return Err(StageError::Invalid(format!(
-                        "the Decoder stage has no training part `{other}`"
-                    )))
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Train the pixel decoder on `images` (N, C, H, W) in [-1, 1] (C = 3 with a VAE, else the
 /// U-Net's channels), the Decoder stage on `train.device`. `conditioner` gives the condition
 /// tokens of each batch.
@@ -689,9 +385,7 @@ pub fn train_placed(
     // run holds the process's turn on it, so a job beside it in the same process (the demo
     // trains the LLM at the same time) can neither shift its numbers nor have its own shifted.
     let _turn = lavit_runtime::train::torch_rng_turn(cfg.train.seed);
-    if let Err(m) = lavit_runtime::stage::parse_device(&placement.decoder) {
-        bail!("placement.decoder: {m}");
-    }
+    placement.device(StageKind::Decoder)?;
     std::fs::create_dir_all(&cfg.out_dir)
         .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
     let unet_cfg = match &cfg.unet_from {
@@ -749,10 +443,8 @@ pub fn train_placed(
                 uncond_embeddings: None,
                 device: dev,
             };
-            let train = DecoderTrainer::new(&pixels, &c2)?;
-            Ok(Box::new(
-                crate::pipeline::stages::DecoderReal::for_training(pixels, train),
-            ))
+            let train = DecoderTrainer::new(&pixels, &c2.train, &c2.scheduler)?;
+            Ok(Box::new(DecoderStageModel::for_training(pixels, train)))
         };
         build().map_err(|e| lavit_runtime::Error::invalid(format!("{e:#}")))
     });
@@ -960,29 +652,6 @@ async fn drive(
     Ok(summary)
 }
 
-fn target_for(s: &DDIMScheduler, x0: &Tensor, noise: &Tensor, ts: &Tensor) -> Tensor {
-    match s.config.prediction_type.as_str() {
-        "v_prediction" => s.get_velocity(x0, noise, ts),
-        "sample" => x0.shallow_clone(),
-        _ => noise.shallow_clone(),
-    }
-}
-
-fn ema_decay_at(decay: f64, step: usize) -> f64 {
-    decay.min((1.0 + step as f64) / (10.0 + step as f64))
-}
-
-fn ema_update(ema: &nn::VarStore, vs: &nn::VarStore, decay: f64) {
-    let _g = tch::no_grad_guard();
-    let src = vs.variables();
-    for (n, mut e) in ema.variables() {
-        if let Some(p) = src.get(&n) {
-            let new = &e * decay + p * (1.0 - decay);
-            e.copy_(&new);
-        }
-    }
-}
-
 /// Export the EMA weights as diffusers folders `out_dir/unet` and `out_dir/scheduler`.
 fn export_diffusers(
     cfg: &DecoderTrainConfig,
@@ -1100,7 +769,7 @@ pub fn run(args: Args) -> Result<()> {
         images.size()[0],
         cfg.data.images.display()
     );
-    Device::cuda_if_available_for(&cfg.train.device)?; // a clear error for a bad name
+    lavit_runtime::device::resolve_device(&cfg.train.device).context("train.device")?;
     let channels = if cfg.vae.is_some() {
         3
     } else {
@@ -1120,23 +789,4 @@ pub fn run(args: Args) -> Result<()> {
     let s = train(&cfg, &images, &cond)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
-}
-
-/// Parse a device name (`cpu`, `cuda`, `cuda:N`).
-trait DeviceExt {
-    fn cuda_if_available_for(name: &str) -> Result<Device>;
-}
-
-impl DeviceExt for Device {
-    fn cuda_if_available_for(name: &str) -> Result<Device> {
-        match name {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::cuda_if_available()),
-            s if s.starts_with("cuda:") => {
-                let i: usize = s[5..].parse().with_context(|| format!("device `{s}`"))?;
-                Ok(Device::Cuda(i))
-            }
-            s => bail!("device `{s}`: cpu, cuda or cuda:N"),
-        }
-    }
 }

@@ -21,10 +21,12 @@
 //! running N more equals 2N straight steps.
 //!
 //! The model runs in the stage graph that serves it (`lavit_runtime::actors::StageGraph`,
-//! placed by the same placement config): features come from the Encoder stage, and every
-//! step is a `TrainForward` message through the SelectorMerger and Quantizer stages (each
-//! adds its outputs and loss terms, see `crate::pipeline::stages::train_keys`), a `Backward`
-//! on the Quantizer stage, and an `OptimizerStep` to each trainable stage. The backbone and
+//! placed by the same placement config), each stage owning only its own weights: features
+//! come from the Encoder stage, and every step is a `TrainForward` message through the
+//! SelectorMerger, Quantizer and Decoder stages (each adds its outputs and loss terms, see
+//! `lavit_runtime::messages::train_keys`; the Decoder stage's lowres feature decoder
+//! reconstructs the patch features), a `Backward` on the Decoder stage, and an
+//! `OptimizerStep` to each trainable stage. The backbone and
 //! the codebook are the built-in EVA-CLIP and l2 VQ or plugins (`[plugins]`). The trainer
 //! itself keeps the data loop, the loss sum, the global gradient clipping, the NaN guard,
 //! metrics, progress and checkpoints (through handles on the stages' state).
@@ -50,12 +52,18 @@ use lavit_runtime::train::{
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::pipeline::stages::{
-    stage1_builders, train_keys as keys, SharedBackbone, SharedCodebook, Stage1Handle, Stage1Loss,
-    Stage1Spec, SELECTOR_PREFIXES,
-};
 use crate::tokenizer::{files, resolve_file, TokenizerPlugins, VisualTokenizer};
 use lavit_decoder::feature_decoder::{FeatureDecoderConfig, VQDecoder};
+use lavit_decoder::stage::DecoderStageModel;
+use lavit_encoder::{EncoderStageModel, SharedBackbone};
+use lavit_quantizer::{QuantizerStageModel, SharedCodebook};
+use lavit_runtime::actors::StageBuilders;
+use lavit_runtime::messages::train_keys as keys;
+use lavit_runtime::stage::{DecoderStage, EncoderStage, QuantizerStage, SelectorMergerStage};
+pub use lavit_runtime::train::init_weights;
+use lavit_runtime::train::{prefixed, sorted_vars, stage1_adamw, StageOptim};
+use lavit_selector::SelectorMergerStageModel;
+pub use lavit_selector::Stage1Loss;
 
 /// Stage-1 configuration (`lavit train tokenizer --config FILE`, TOML). Defaults are a
 /// small CPU run.
@@ -172,13 +180,14 @@ impl Default for TokenizerTrainConfig {
     }
 }
 
+impl lavit_runtime::config::Validate for TokenizerTrainConfig {}
+
 impl TokenizerTrainConfig {
-    /// Read a TOML file; errors name the file and the bad key.
+    /// Read a TOML file through the one config mechanism
+    /// ([`lavit_runtime::config::load_config`]: `LAVIT__KEY` overrides); errors name the file
+    /// (or variable) and the bad key.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut cfg: Self =
-            toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+        let mut cfg: Self = lavit_runtime::config::load_config(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.plugins = cfg.plugins.resolved(base);
         if let Some(file) = &cfg.placement_file {
@@ -302,15 +311,7 @@ pub fn load_image_folder(dir: &Path, size: i64, max_images: usize) -> Result<(Te
 }
 
 fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| anyhow::anyhow!("key `device`: unknown device `{s}`")),
-    }
+    lavit_runtime::device::resolve_device(s).context("key `device`")
 }
 
 /// Batch of `step`: a seeded permutation per epoch, a pure function of (seed, step).
@@ -330,42 +331,148 @@ pub fn batch_indices(seed: u64, step: i64, n: usize, b: usize) -> Vec<i64> {
         .collect()
 }
 
-/// Deterministic initialisation of every variable of `vs` from `seed` (independent of
-/// libtorch's global generator, so concurrent runs in one process stay reproducible), as
-/// the official `_init_weights` does: biases 0, LayerNorm weights 1, everything else
-/// truncated normal (σ = 0.02, cut at ±2σ).
-pub fn init_weights(vs: &nn::VarStore, seed: u64) {
-    let _g = tch::no_grad_guard();
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut state = splitmix64(seed ^ 0x1a71);
-    let mut uniform = move || {
-        state = splitmix64(state);
-        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    for (name, var) in vars {
-        let last = name.rsplit('.').next().unwrap_or(&name);
-        let init = if last == "bias" || last.ends_with("_bias") {
-            var.zeros_like()
-        } else if var.dim() == 1 && last == "weight" {
-            var.ones_like()
-        } else {
-            let n = var.numel();
-            let mut v = Vec::with_capacity(n);
-            while v.len() < n {
-                // Box–Muller, redrawn outside ±2σ (truncated normal).
-                let (u1, u2) = (uniform(), uniform());
-                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                if z.abs() <= 2.0 {
-                    v.push((z * 0.02) as f32);
-                }
+/// What the stage-1 stages are built from (see [`stage1_builders`]).
+pub struct Stage1Spec {
+    /// Sizes of every part.
+    pub manifest: LavitManifest,
+    /// The frozen backbone (runs on the device it was built on).
+    pub backbone: Box<dyn Backbone>,
+    /// A plugin codebook; `None`: the built-in l2 VQ with EMA updates, built on the
+    /// Quantizer stage's device.
+    pub codebook: Option<Box<dyn Codebook>>,
+    /// The built-in codebook's EMA settings, commitment weight and k-means iterations.
+    pub ema: EmaConfig,
+    pub beta: f64,
+    pub kmeans_iters: usize,
+    /// Seed of the initial weights (`init_weights`: each stage's own variables with `seed`,
+    /// the feature decoder with `seed ^ 0xdec`).
+    pub seed: u64,
+    pub loss: Stage1Loss,
+    pub adamw: AdamWConfig,
+}
+
+/// What a stage-1 stage hands back to the trainer when it is built: shallow handles on its
+/// state (the same tensors the stage trains), for checkpoints, resume and the final model.
+pub enum Stage1Handle {
+    Encoder {
+        backbone: SharedBackbone,
+    },
+    SelectorMerger {
+        /// Every variable of the stage (`token_predictor.*`, `causal_encoder.*` are the ones
+        /// it trains; `vit_proj.*` is exported untrained).
+        vars: Vec<(String, Tensor)>,
+        optimizer: Arc<Mutex<AdamW>>,
+    },
+    Quantizer {
+        /// `encode_task_layer.*`.
+        vars: Vec<(String, Tensor)>,
+        optimizer: Arc<Mutex<AdamW>>,
+        codebook: SharedCodebook,
+    },
+    Decoder {
+        /// The lowres feature decoder's variables.
+        vars: Vec<(String, Tensor)>,
+        optimizer: Arc<Mutex<AdamW>>,
+    },
+}
+
+/// Builders of the stage graph stage 1 trains through: the Encoder, SelectorMerger,
+/// Quantizer and Decoder stage models built for training (random weights from `spec.seed`),
+/// the Llm unused. Each stage sends its [`Stage1Handle`] on the returned channel when it is
+/// built (so after `StageGraph::spawn` returns all four are there).
+pub fn stage1_builders(
+    spec: Stage1Spec,
+) -> (StageBuilders, std::sync::mpsc::Receiver<Stage1Handle>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let Stage1Spec {
+        manifest,
+        backbone,
+        codebook,
+        ema,
+        beta,
+        kmeans_iters,
+        seed,
+        loss,
+        adamw,
+    } = spec;
+    let (m1, m2, m3, m4) = (
+        manifest.clone(),
+        manifest.clone(),
+        manifest.clone(),
+        manifest,
+    );
+    let (tx1, tx2, tx3, tx4) = (tx.clone(), tx.clone(), tx.clone(), tx);
+    let (adamw2, adamw3) = (adamw.clone(), adamw.clone());
+    let mut b = StageBuilders::unused();
+    b.encoder = Box::new(move |dev| {
+        let backbone = SharedBackbone::new(backbone);
+        let st = EncoderStageModel::new(&m1, Box::new(backbone.clone()), dev)?;
+        let _ = tx1.send(Stage1Handle::Encoder { backbone });
+        Ok(Box::new(st) as Box<dyn EncoderStage>)
+    });
+    b.selector_merger = Box::new(move |dev| {
+        let st = SelectorMergerStageModel::new(&m2, dev);
+        init_weights(&st.vs, seed);
+        let opt = stage1_adamw(prefixed("tokenizer.", st.trained_vars()), &adamw)?;
+        let optim = StageOptim::new(opt);
+        let _ = tx2.send(Stage1Handle::SelectorMerger {
+            vars: sorted_vars(&st.vs),
+            optimizer: optim.opt.clone(),
+        });
+        Ok(Box::new(st.with_training(optim, loss)) as Box<dyn SelectorMergerStage>)
+    });
+    b.quantizer = Box::new(move |dev| {
+        let t = &m3.tokenizer;
+        let codebook: Box<dyn Codebook> = match codebook {
+            Some(c) => c,
+            None => {
+                let mut vq = VectorQuantizer::new(t.n_code, t.code_dim, dev).with_ema(ema);
+                vq.beta = beta;
+                vq.kmeans_iters = kmeans_iters;
+                Box::new(vq)
             }
-            Tensor::from_slice(&v)
-                .reshape(var.size())
-                .to_kind(var.kind())
         };
-        var.shallow_clone().copy_(&init.to_device(var.device()));
-    }
+        let codebook = SharedCodebook::new(codebook);
+        let st = QuantizerStageModel::new(&m3, dev, Box::new(codebook.clone()))?;
+        init_weights(&st.vs, seed);
+        let mut params = prefixed("tokenizer.", st.trained_vars());
+        params.extend(
+            codebook
+                .trainable_parameters()
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| (format!("codebook.{i}"), p)),
+        );
+        let optim = StageOptim::new(stage1_adamw(params, &adamw2)?);
+        let _ = tx3.send(Stage1Handle::Quantizer {
+            vars: sorted_vars(&st.vs),
+            optimizer: optim.opt.clone(),
+            codebook,
+        });
+        Ok(Box::new(st.with_training(optim)) as Box<dyn QuantizerStage>)
+    });
+    b.decoder = Box::new(move |dev| {
+        let vs = nn::VarStore::new(dev);
+        let decoder = VQDecoder::new(
+            vs.root(),
+            &FeatureDecoderConfig::from_manifest(&m4.feature_decoder),
+        );
+        init_weights(&vs, seed ^ 0xdec);
+        let params = prefixed(
+            "decoder.",
+            lavit_runtime::train::trainable_variables(&vs, |n| !n.starts_with("unet_proj")),
+        );
+        let optim = StageOptim::new(stage1_adamw(params, &adamw3)?);
+        let _ = tx4.send(Stage1Handle::Decoder {
+            vars: sorted_vars(&vs),
+            optimizer: optim.opt.clone(),
+        });
+        Ok(
+            Box::new(DecoderStageModel::for_stage1(&m4, vs, decoder, optim))
+                as Box<dyn DecoderStage>,
+        )
+    });
+    (b, rx)
 }
 
 /// The backbone and codebook stage 1 trains with.
@@ -433,6 +540,7 @@ struct Handles {
     dec_vars: Vec<(String, Tensor)>,
     sm_opt: Arc<Mutex<AdamW>>,
     q_opt: Arc<Mutex<AdamW>>,
+    dec_opt: Arc<Mutex<AdamW>>,
     codebook: SharedCodebook,
 }
 
@@ -482,8 +590,8 @@ fn is_state_of(key: &str, names: &[String]) -> bool {
 
 impl Handles {
     fn collect(rx: &std::sync::mpsc::Receiver<Stage1Handle>) -> Result<Self> {
-        let (mut backbone, mut sm, mut q) = (None, None, None);
-        for _ in 0..3 {
+        let (mut backbone, mut sm, mut q, mut dec) = (None, None, None, None);
+        for _ in 0..4 {
             match rx.try_recv() {
                 Ok(Stage1Handle::Encoder { backbone: b }) => backbone = Some(b),
                 Ok(Stage1Handle::SelectorMerger { vars, optimizer }) => {
@@ -491,15 +599,19 @@ impl Handles {
                 }
                 Ok(Stage1Handle::Quantizer {
                     vars,
-                    decoder_vars,
                     optimizer,
                     codebook,
-                }) => q = Some((vars, decoder_vars, optimizer, codebook)),
+                }) => q = Some((vars, optimizer, codebook)),
+                Ok(Stage1Handle::Decoder { vars, optimizer }) => dec = Some((vars, optimizer)),
                 Err(e) => bail!("a stage-1 stage did not hand back its state: {e}"),
             }
         }
-        let (Some(backbone), Some((sm_vars, sm_opt)), Some((q_vars, dec_vars, q_opt, codebook))) =
-            (backbone, sm, q)
+        let (
+            Some(backbone),
+            Some((sm_vars, sm_opt)),
+            Some((q_vars, q_opt, codebook)),
+            Some((dec_vars, dec_opt)),
+        ) = (backbone, sm, q, dec)
         else {
             bail!("the stage-1 stages handed back incomplete state");
         };
@@ -510,30 +622,18 @@ impl Handles {
             dec_vars,
             sm_opt,
             q_opt,
+            dec_opt,
             codebook,
         })
     }
 
-    fn trained_by_selector(name: &str) -> bool {
-        SELECTOR_PREFIXES.iter().any(|p| name.starts_with(p))
-    }
-
-    /// The tokenizer's variables: the selector's and merger's from the SelectorMerger stage,
-    /// the rest (task layer, projector) from the Quantizer stage.
+    /// The tokenizer's variables (`tokenizer_encoder` without the codebook): the
+    /// SelectorMerger stage's and the Quantizer stage's, sorted by name.
     fn tokenizer_state(&self) -> StateDict {
-        self.q_vars
+        self.sm_vars
             .iter()
-            .map(|(n, t)| {
-                let src = if Self::trained_by_selector(n) {
-                    self.sm_vars
-                        .iter()
-                        .find(|(m, _)| m == n)
-                        .map_or(t, |(_, s)| s)
-                } else {
-                    t
-                };
-                (n.clone(), src.shallow_clone())
-            })
+            .chain(&self.q_vars)
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect()
     }
 
@@ -553,16 +653,22 @@ impl Handles {
             .collect())
     }
 
-    /// Both stages' optimiser states as one (the layout of a single optimiser over every
+    fn optimizers(&self) -> [&Arc<Mutex<AdamW>>; 3] {
+        [&self.sm_opt, &self.q_opt, &self.dec_opt]
+    }
+
+    /// The stages' optimiser states as one (the layout of a single optimiser over every
     /// parameter: `exp_avg.<name>`, …, `steps`).
     fn optimizer_state(&self) -> Result<StateDict> {
-        let mut sd = lock(&self.sm_opt).state_dict()?;
-        sd.extend(lock(&self.q_opt).state_dict()?);
+        let mut sd = StateDict::new();
+        for o in self.optimizers() {
+            sd.extend(lock(o).state_dict()?);
+        }
         Ok(sd)
     }
 
     fn load_optimizer(&self, sd: &StateDict, src: &str) -> Result<()> {
-        for opt in [&self.sm_opt, &self.q_opt] {
+        for opt in self.optimizers() {
             let mut opt = lock(opt);
             let names: Vec<String> = opt.names().map(str::to_string).collect();
             let part: StateDict = sd
@@ -572,7 +678,8 @@ impl Handles {
                 .collect();
             opt.load_state_dict(&part, src)?;
         }
-        let known: usize = [&self.sm_opt, &self.q_opt]
+        let known: usize = self
+            .optimizers()
             .iter()
             .map(|o| 3 * lock(o).names().count())
             .sum::<usize>()
@@ -586,15 +693,21 @@ impl Handles {
     }
 
     fn load_tokenizer(&self, sd: &StateDict, src: &str) -> Result<()> {
-        load_vars(&self.q_vars, sd, src)?;
-        load_vars(&self.sm_vars, sd, src)
+        let (sm, q): (StateDict, StateDict) = sd
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .partition(|(k, _)| self.sm_vars.iter().any(|(n, _)| n == k));
+        load_vars(&self.sm_vars, &sm, src)?;
+        load_vars(&self.q_vars, &q, src)
     }
 
     /// Every trained parameter in the order of one optimiser over the tokenizer, then the
     /// decoder, then the codebook (each by name): the order the global norm is summed in.
     fn trained_params(&self) -> Vec<(String, Tensor)> {
-        let mut p = lock(&self.sm_opt).params();
-        p.extend(lock(&self.q_opt).params());
+        let mut p = Vec::new();
+        for o in self.optimizers() {
+            p.extend(lock(o).params());
+        }
         let group = |n: &str| {
             if n.starts_with("tokenizer.") {
                 0
@@ -649,7 +762,7 @@ fn stage_err(e: lavit_runtime::stage::StageError) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
-/// One training forward through the SelectorMerger and Quantizer stages.
+/// One training forward through the SelectorMerger, Quantizer and Decoder stages.
 fn forward(
     graph: &StageGraph,
     feats: &Tensor,
@@ -658,7 +771,11 @@ fn forward(
     quantize: bool,
     lr: Option<f64>,
 ) -> Result<TrainBatch> {
-    let mut b = TrainBatch::new(vec![StageKind::SelectorMerger, StageKind::Quantizer]);
+    let mut b = TrainBatch::new(vec![
+        StageKind::SelectorMerger,
+        StageKind::Quantizer,
+        StageKind::Decoder,
+    ]);
     b.tensors
         .insert(keys::PATCH_FEATURES.into(), feats.shallow_clone());
     b.tensors
@@ -692,14 +809,19 @@ fn out_tensor(b: &mut TrainBatch, name: &str) -> Result<Tensor> {
 pub fn train(cfg: &TokenizerTrainConfig) -> Result<TrainReport> {
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
-    let on = |kind| cfg.placement.as_ref().map_or(device, |p| p.device(kind));
+    let on = |kind| -> Result<Device> {
+        Ok(match cfg.placement.as_ref() {
+            Some(p) => p.device(kind)?,
+            None => device,
+        })
+    };
     let plugins = TokenizerPlugins::load(&cfg.plugins)?;
     let manifest = match (&cfg.encoder_dir, &cfg.manifest) {
         (Some(dir), _) => LavitManifest::for_checkpoint(dir)?,
         (None, Some(p)) => LavitManifest::from_json_file(p)?,
         (None, None) => LavitManifest::official(),
     };
-    let enc_device = on(StageKind::Encoder);
+    let enc_device = on(StageKind::Encoder)?;
     // Plugin parts without `weights` initialise from libtorch's generator: seeded with the
     // run seed, a run and its resume (a new process) build the same parts. (Within one
     // process other work may draw from it too: give a plugin backbone `weights` for exact
@@ -724,7 +846,7 @@ pub fn train(cfg: &TokenizerTrainConfig) -> Result<TrainReport> {
             Box::new(e)
         }
     };
-    let codebook = plugins.codebook(None, on(StageKind::Quantizer))?;
+    let codebook = plugins.codebook(None, on(StageKind::Quantizer)?)?;
     let (images, skipped) =
         load_image_folder(&cfg.data_dir, manifest.tokenizer.img_size, cfg.max_images)?;
     let parts = Stage1Parts {
@@ -777,7 +899,7 @@ pub fn train_with_images(
     } = parts;
     let plugin_codebook = codebook.is_some();
     let spec = stage1_spec(cfg, manifest, backbone, codebook);
-    // The stage graph (Llm and Decoder absent); each stage builds its part on its device.
+    // The stage graph (the Llm unused); each stage builds its part on its device.
     let (builders, rx) = stage1_builders(spec);
     let mut graph = StageGraph::spawn(builders, &placement, GraphOptions::default())
         .context("building the stage-1 stage graph")?;
@@ -883,12 +1005,14 @@ pub fn train_with_images(
         drop(out);
         match guard.observe(step, lv) {
             StepVerdict::Apply => {
-                futures::executor::block_on(graph.backward(StageKind::Quantizer, loss))
+                futures::executor::block_on(graph.backward(StageKind::Decoder, loss))
                     .map_err(stage_err)?;
                 h.clip_grad_norm(cfg.grad_clip)?;
-                futures::executor::block_on(
-                    graph.optimizer_step(&[StageKind::SelectorMerger, StageKind::Quantizer]),
-                )
+                futures::executor::block_on(graph.optimizer_step(&[
+                    StageKind::SelectorMerger,
+                    StageKind::Quantizer,
+                    StageKind::Decoder,
+                ]))
                 .map_err(stage_err)?;
             }
             StepVerdict::Skip => {}
@@ -940,11 +1064,11 @@ pub fn train_with_images(
         Box::new(h.backbone.clone()),
         Box::new(h.codebook.clone()),
     )?;
-    load_vars(
-        &tok.vs.variables().into_iter().collect::<Vec<_>>(),
-        &h.tokenizer_state(),
-        "the stage-1 tokenizer",
-    )?;
+    {
+        let mut vars = sorted_vars(&tok.selector.vs);
+        vars.extend(sorted_vars(&tok.quantizer.vs));
+        load_vars(&vars, &h.tokenizer_state(), "the stage-1 tokenizer")?;
+    }
     let dec_vs = nn::VarStore::new(device);
     let decoder = VQDecoder::new(dec_vs.root(), &FeatureDecoderConfig::from_manifest(f));
     load_vars(
@@ -988,18 +1112,19 @@ pub fn export(
     let as_dict = |v: Vec<(String, Tensor)>| -> StateDict { v.into_iter().collect() };
     let backbone = as_dict(
         tok.encoder
+            .backbone
             .state_dict()
             .map_err(|e| anyhow::anyhow!("backbone state: {e}"))?,
     );
     let codebook = as_dict(
-        tok.quantize
+        tok.quantizer
+            .quantize
             .state_dict()
             .map_err(|e| anyhow::anyhow!("codebook state: {e}"))?,
     );
-    let mut enc: StateDict = tok
-        .vs
-        .variables()
+    let mut enc: StateDict = sorted_vars(&tok.selector.vs)
         .into_iter()
+        .chain(sorted_vars(&tok.quantizer.vs))
         .map(|(k, v)| (k, v.detach()))
         .collect();
     if plugin_codebook {

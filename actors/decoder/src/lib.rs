@@ -1,11 +1,16 @@
 //! lavit-decoder: tokens back to pixels — the feature decoders, the diffusion U-Net, the VAE
-//! and the schedulers (LaVIT, ICLR 2024, pixel decoding; diffusers-compatible names).
+//! and the schedulers (LaVIT, ICLR 2024, pixel decoding; diffusers-compatible names); the
+//! assembled [`pixel_decoder`], the Decoder [`stage`] of the pipeline and its training state
+//! ([`train`]).
 
 pub mod attention;
 pub mod embeddings;
 pub mod feature_decoder;
+pub mod pixel_decoder;
 pub mod resnet;
 pub mod schedulers;
+pub mod stage;
+pub mod train;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;

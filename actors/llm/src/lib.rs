@@ -6,16 +6,18 @@
 //! - [`sentencepiece`]: `tokenizer.model` read in Rust; LLaMA's BPE encode/decode.
 //! - [`vocab`]: the unified vocabulary ([IMG], [/IMG], visual ids) and sequence batching.
 //! - [`generate`]: image→text and text→image-token generation (CFG, eq. 7).
-//! - [`lavit`]: [`LavitLlm`], the loaded `language_model/` with both tasks.
+//! - [`stage`]: [`LlmStageModel`], the loaded `language_model/` as the pipeline's Llm stage
+//!   (captions, image tokens) — the one loader of the model, with all its checks.
+//! - [`train`]: stage-2 packing, loss and the training state the Llm stage holds.
 
-pub mod actor;
 pub mod config;
 pub mod generate;
-pub mod lavit;
 pub mod modeling_llama;
 pub mod sentencepiece;
+pub mod stage;
+pub mod train;
 pub mod vocab;
 
 pub use config::LlamaConfig;
-pub use lavit::LavitLlm;
 pub use modeling_llama::{ForwardArgs, KvCache, LlamaForCausalLM};
+pub use stage::LlmStageModel;

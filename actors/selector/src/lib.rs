@@ -1,12 +1,15 @@
 //! lavit-selector: LaVIT's token selector (`TokenPredictor`) and token merger
 //! (`TokenMerger`, stored as `causal_encoder`), reference
 //! `LaVIT/models/modeling_visual_tokenzier.py`, plus the keep/drop decision rules
-//! (deterministic arg-max and seeded Gumbel-softmax with straight-through gradients).
+//! (deterministic arg-max and seeded Gumbel-softmax with straight-through gradients);
+//! [`stage`] is the SelectorMerger stage of the pipeline.
 
 pub mod selection;
+pub mod stage;
 pub mod token_merger;
 pub mod token_predictor;
 
 pub use selection::{gumbel_softmax_hard, keep_argmax, SelectionMode};
+pub use stage::{gather_kept, SelectorMergerStageModel, Stage1Loss, UnderstandingHead};
 pub use token_merger::{TokenMerger, TokenMergerConfig};
 pub use token_predictor::TokenPredictor;

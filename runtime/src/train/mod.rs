@@ -47,6 +47,7 @@ mod guard;
 mod metrics;
 mod progress;
 mod schedule;
+mod stage;
 
 pub use adamw::{is_no_decay, trainable_variables, AdamW, AdamWConfig};
 pub use ckpt::{
@@ -57,6 +58,9 @@ pub use guard::{splitmix64, torch_rng_turn, NanGuard, StepRng, StepVerdict};
 pub use metrics::{write_line_plot_png, MetricsLog, Record};
 pub use progress::{new_bar, TrainProgress};
 pub use schedule::{Decay, LrSchedule};
+pub use stage::{
+    init_weights, need_train, not_trainable, prefixed, sorted_vars, stage1_adamw, StageOptim,
+};
 
 #[cfg(test)]
 mod tests;

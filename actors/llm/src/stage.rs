@@ -1,6 +1,10 @@
 //! The LLM as a pipeline stage: a thin adapter from [`LlamaForCausalLM`] and the generation
 //! functions of this crate to [`lavit_runtime::stage::LlmStage`] (the actor that runs it lives
-//! in `lavit_runtime::actors`; this file has no actix).
+//! in `lavit_runtime::actors`; this file has no actix), and, when built by the stage-2 trainer,
+//! the same model trained on the same thread and device ([`crate::train::LlmTrainer`]).
+//!
+//! [`LlmStageModel::load`] is the one loader of a checkpoint's `language_model/`: strict keys,
+//! the unified vocabulary of the manifest checked against the model and the tokenizer.
 //!
 //! Cancellation: the actor's callbacks go straight into the decode loops
 //! ([`generate_text_with`], [`generate_image_tokens_with`]): one check per token, so a
@@ -9,14 +13,18 @@
 use std::path::Path;
 
 use lavit_runtime::manifest::LavitManifest;
-use lavit_runtime::messages::{CaptionOptions, GenerateOptions};
+use lavit_runtime::messages::{
+    CaptionOptions, GenerateOptions, StepControl, StepReport, TrainBatch, TrainParts,
+};
 use lavit_runtime::stage::{LlmStage, ShouldStop, StageError, StageKind, StageResult, Trainable};
+use lavit_runtime::Error;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::generate::{
     generate_image_tokens_with, generate_text_with, ImageTokenConfig, Sampling, TextConfig,
 };
 use crate::sentencepiece::SentencePiece;
+use crate::train::LlmTrainer;
 use crate::vocab::{build_sequence, Segment, UnifiedVocab};
 use crate::LlamaForCausalLM;
 
@@ -30,6 +38,8 @@ pub struct LlmStageModel {
     /// Image-token length limits (manifest `generation.t2i_{min,max}_new_tokens`).
     pub t2i_min_new_tokens: i64,
     pub t2i_max_new_tokens: i64,
+    /// Stage-2 training state, when the stage was built to train.
+    pub train: Option<LlmTrainer>,
 }
 
 fn fail(e: impl std::fmt::Display) -> StageError {
@@ -46,20 +56,37 @@ fn stage_err(e: lavit_runtime::Error) -> StageError {
 }
 
 impl LlmStageModel {
-    /// Load `language_model/` of a LaVIT checkpoint folder on `device` (float32).
-    pub fn load(dir: &Path, device: Device) -> lavit_runtime::Result<Self> {
+    /// Load `dir/language_model/` (HF LLaMA + `tokenizer.model`) with `dir/manifest.json`'s
+    /// vocabulary layout (official values when absent), strictly, on `device` in `kind`; the
+    /// model's rows must equal the unified vocabulary and the tokenizer must fit its text part.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> lavit_runtime::Result<Self> {
         let manifest = LavitManifest::for_checkpoint(dir)?;
         let lm = dir.join("language_model");
-        let (vs, model) = LlamaForCausalLM::from_pretrained(&lm, device, Kind::Float)?;
+        let (vs, model) = LlamaForCausalLM::from_pretrained(&lm, device, kind)?;
         let sp = SentencePiece::from_file(&lm.join("tokenizer.model"))?;
-        Ok(LlmStageModel {
-            vs,
-            model,
-            vocab: UnifiedVocab::from(&manifest.llm),
-            sp,
-            t2i_min_new_tokens: manifest.generation.t2i_min_new_tokens,
-            t2i_max_new_tokens: manifest.generation.t2i_max_new_tokens,
-        })
+        let vocab = UnifiedVocab::from(&manifest.llm);
+        if model.config.vocab_size != vocab.vocab_size {
+            return Err(Error::config(
+                lm.join("config.json").display().to_string(),
+                "vocab_size",
+                format!(
+                    "{} rows, but the unified vocabulary of the manifest has {}",
+                    model.config.vocab_size, vocab.vocab_size
+                ),
+            ));
+        }
+        if sp.vocab_size() as i64 > vocab.text_vocab_size {
+            return Err(Error::config(
+                lm.join("tokenizer.model").display().to_string(),
+                "pieces",
+                format!(
+                    "{} pieces, more than text_vocab_size {}",
+                    sp.vocab_size(),
+                    vocab.text_vocab_size
+                ),
+            ));
+        }
+        Ok(Self::from_parts(vs, model, vocab, sp, &manifest.generation))
     }
 
     /// A stage over a model built elsewhere (e.g. a fresh model to train), with the
@@ -78,7 +105,12 @@ impl LlmStageModel {
             sp,
             t2i_min_new_tokens: generation.t2i_min_new_tokens,
             t2i_max_new_tokens: generation.t2i_max_new_tokens,
+            train: None,
         }
+    }
+
+    fn trainer(&mut self) -> StageResult<&mut LlmTrainer> {
+        self.train.as_mut().ok_or_else(not_training)
     }
 
     fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
@@ -95,7 +127,34 @@ impl LlmStageModel {
     }
 }
 
-impl Trainable for LlmStageModel {}
+fn not_training() -> StageError {
+    StageError::Invalid("this Llm stage was not built for training".into())
+}
+
+impl Trainable for LlmStageModel {
+    fn train_forward(&mut self, batch: TrainBatch) -> StageResult<TrainBatch> {
+        let t = self.train.as_ref().ok_or_else(not_training)?;
+        t.forward(self, batch)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        Err(StageError::Invalid(
+            "the Llm stage steps under the trainer's control (OptimizerStepWith)".into(),
+        ))
+    }
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        self.trainer()?.step(ctl)
+    }
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        let t = self.train.as_ref().ok_or_else(not_training)?;
+        t.state(self)
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let mut t = self.train.take().ok_or_else(not_training)?;
+        let r = t.load(self, parts);
+        self.train = Some(t);
+        r
+    }
+}
 
 impl LlmStage for LlmStageModel {
     fn caption(
@@ -109,10 +168,14 @@ impl LlmStage for LlmStageModel {
         if !prompt.is_empty() {
             segments.push(Segment::Text(self.sp.encode(prompt)));
         }
+        let _g = tch::no_grad_guard();
         let built = build_sequence(&self.model, &self.vocab, &segments).map_err(fail)?;
         let cfg = TextConfig {
             max_new_tokens: opts.max_new_tokens as i64,
+            min_new_tokens: opts.min_new_tokens as i64,
             sampling: Self::sampling(opts.temperature, opts.top_k, opts.top_p),
+            num_beams: opts.num_beams as i64,
+            repetition_penalty: opts.repetition_penalty,
             seed: Some(opts.seed),
             ..TextConfig::default()
         };
@@ -133,18 +196,28 @@ impl LlmStage for LlmStageModel {
             prev = text;
             on_token(id, &piece)
         };
+        // Beam search cannot stream (a beam may be overtaken): its text is delivered through
+        // the same callback once it is chosen.
+        let beams = cfg.num_beams > 1;
         let ids = generate_text_with(
             &self.model,
             &self.vocab,
             &[built.embeds],
             &cfg,
             &|| false,
-            Some(&mut stream),
+            if beams { None } else { Some(&mut stream) },
         )
         .map_err(stage_err)?
         .into_iter()
         .next()
         .unwrap_or_default();
+        if beams {
+            for &id in &ids {
+                if !stream(&[id]) {
+                    break;
+                }
+            }
+        }
         Ok(ids)
     }
 
@@ -158,11 +231,16 @@ impl LlmStage for LlmStageModel {
         opts: &GenerateOptions,
         should_stop: ShouldStop,
     ) -> StageResult<Vec<Vec<i64>>> {
+        let _g = tch::no_grad_guard();
         let cfg = ImageTokenConfig {
             cfg_scale: opts.llm_guidance,
-            max_new_tokens: self.t2i_max_new_tokens,
-            min_new_tokens: self.t2i_min_new_tokens,
-            sampling: Self::sampling(opts.temperature, opts.top_k, 1.0),
+            max_new_tokens: opts
+                .max_tokens
+                .map_or(self.t2i_max_new_tokens, |n| n as i64),
+            min_new_tokens: opts
+                .min_tokens
+                .map_or(self.t2i_min_new_tokens, |n| n as i64),
+            sampling: Self::sampling(opts.temperature, opts.top_k, opts.top_p),
             num_return_sequences: opts.n as i64,
             seed: Some(opts.seed),
         };

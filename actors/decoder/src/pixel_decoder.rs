@@ -1,0 +1,648 @@
+//! Visual tokens → pixels, as the official `LaVITforGeneration` (LaVIT, ICLR 2024;
+//! reference: `LaVIT/models/lavit_for_generation.py` `generate_image` and
+//! `pixel_decoding_origin`, `LaVIT/models/image_detokenize.py`).
+//!
+//! Two pixel decoders ship with LaVIT-7B-v2:
+//! - **highres** (`highres_pixel_decoding/`, SDXL-shaped U-Net): conditioned on the
+//!   `HighresVQDecoder` output (prompt embeds + pooled embeds) with `text_time` added
+//!   conditioning; the negative condition is all zeros; time ids = original size, crop
+//!   top-left, target size; several aspect ratios.
+//! - **lowres** (`pixel_decoding/`, SD-1.5-shaped U-Net): conditioned on the `VQDecoder`
+//!   output; the negative condition is zeros with `uncond_embeddings.bin` written into its
+//!   first positions; encoder attention masks mark the real positions.
+//!
+//! A pixel-decoding folder without `vae/` is a pixel-space decoder (what `lavit train decoder`
+//! trains for tiny configs): the U-Net denoises pixels directly. Without
+//! `uncond_embeddings.bin` the lowres negative condition is all zeros (unmasked), the
+//! condition-dropout value of that trainer.
+//!
+//! Classifier-free guidance runs as one batched U-Net forward ([negative; positive]), the whole
+//! diffusion loop stays on the device (no host round-trips), then the VAE decodes.
+//!
+//! Randomness is per request: the initial latents of a seed come from a counter-based stream
+//! drawn on the host ([`seeded_gaussian`]), never from libtorch's process-global generator, so
+//! a seeded request gives the same picture whatever other requests are in flight (and on every
+//! device). The DDIM / Euler steps used here draw no noise.
+//!
+//! Cancellation: the `*_with` forms take a [`ShouldStop`] callback called once per diffusion
+//! step (it reads an atomic flag: no host round-trip); `true` stops with [`Error::Cancelled`].
+
+use std::path::{Path, PathBuf};
+
+use crate::schedulers::{self, SchedulerConfig};
+use crate::{AddedCond, AutoencoderKL, UNet2DConditionModel};
+use lavit_runtime::stage::ShouldStop;
+use lavit_runtime::train::splitmix64;
+use lavit_runtime::{checkpoint, Error, Result, TchContext};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Which of the two official pixel decoders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// `highres_pixel_decoding/` (SDXL-shaped, up to 1024², several aspect ratios).
+    Highres,
+    /// `pixel_decoding/` (SD-1.5-shaped, 512²), the paper's original decoder.
+    Lowres,
+}
+
+impl Resolution {
+    /// The folder of a LaVIT checkpoint holding this decoder.
+    pub fn folder(self) -> &'static str {
+        match self {
+            Resolution::Highres => "highres_pixel_decoding",
+            Resolution::Lowres => "pixel_decoding",
+        }
+    }
+}
+
+impl std::str::FromStr for Resolution {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "highres" => Ok(Resolution::Highres),
+            "lowres" => Ok(Resolution::Lowres),
+            _ => Err(Error::invalid(format!(
+                "pixel decoding `{s}`: highres or lowres"
+            ))),
+        }
+    }
+}
+
+/// The aspect ratios of the official highres decoder, as (name, (height, width)) at 1024².
+pub const ASPECT_RATIOS: &[(&str, (i64, i64))] = &[
+    ("1:1", (1024, 1024)),
+    ("4:3", (896, 1152)),
+    ("3:2", (832, 1216)),
+    ("16:9", (768, 1344)),
+    ("2:3", (1216, 832)),
+    ("3:4", (1152, 896)),
+];
+
+/// What the feature decoder gives the pixel decoder.
+#[derive(Debug)]
+pub enum Condition {
+    /// `HighresVQDecoder` output: prompt embeds (B, N, C) and pooled embeds (B, P).
+    Highres {
+        prompt_embeds: Tensor,
+        pooled_embeds: Tensor,
+    },
+    /// `VQDecoder` output (B, N, C).
+    Lowres { hidden: Tensor },
+}
+
+impl Condition {
+    pub fn batch(&self) -> i64 {
+        match self {
+            Condition::Highres { prompt_embeds, .. } => prompt_embeds.size()[0],
+            Condition::Lowres { hidden } => hidden.size()[0],
+        }
+    }
+}
+
+/// Settings of one decoding.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Denoising steps (official: 25 highres, 50 lowres).
+    pub steps: usize,
+    /// Decoder guidance scale (official: 7.0 highres, 5.0 lowres).
+    pub guidance: f64,
+    /// Output height in pixels (`None`: the decoder's native size).
+    pub height: Option<i64>,
+    /// Output width in pixels.
+    pub width: Option<i64>,
+    /// SDXL `original_size` time ids (default: the target size).
+    pub original_size: Option<(i64, i64)>,
+    /// SDXL crop top-left time ids.
+    pub crops_coords_top_left: (i64, i64),
+    /// Seed of the initial latents (`None`: a seed drawn from libtorch's generator).
+    pub seed: Option<i64>,
+    /// `ddim` (default, what the checkpoint's scheduler_config names) or `euler`.
+    pub scheduler: Option<String>,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self {
+            steps: 25,
+            guidance: 7.0,
+            height: None,
+            width: None,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            seed: None,
+            scheduler: None,
+        }
+    }
+}
+
+/// SDXL's six added time ids: original (h, w), crop top-left (y, x), target (h, w).
+pub fn add_time_ids(original: (i64, i64), crop: (i64, i64), target: (i64, i64)) -> [f64; 6] {
+    [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f64)
+}
+
+/// One pixel decoder of a LaVIT checkpoint: U-Net + VAE + scheduler config (+ the lowres
+/// unconditional embeddings).
+#[derive(Debug)]
+pub struct PixelDecoder {
+    pub resolution: Resolution,
+    pub unet: UNet2DConditionModel,
+    pub unet_vs: nn::VarStore,
+    /// `None`: a pixel-space decoder (no `vae/` folder).
+    pub vae: Option<(nn::VarStore, AutoencoderKL)>,
+    pub scheduler_config: SchedulerConfig,
+    /// Lowres only: (L_u, C) from `uncond_embeddings.bin` (`None`: zeros negative).
+    pub uncond_embeddings: Option<Tensor>,
+    pub device: Device,
+}
+
+impl PixelDecoder {
+    /// Load `checkpoint_dir/{highres_,}pixel_decoding/{unet,vae,scheduler}` (and
+    /// `uncond_embeddings.bin` for lowres) onto `device`, strictly.
+    pub fn load(checkpoint_dir: &Path, resolution: Resolution, device: Device) -> Result<Self> {
+        let dir = checkpoint_dir.join(resolution.folder());
+        Self::load_folder(&dir, resolution, device)
+    }
+
+    /// Load from the pixel-decoding folder itself.
+    pub fn load_folder(dir: &Path, resolution: Resolution, device: Device) -> Result<Self> {
+        let (unet_vs, unet) = UNet2DConditionModel::from_pretrained(&dir.join("unet"), device)?;
+        let vae = if dir.join("vae").is_dir() {
+            Some(AutoencoderKL::from_pretrained(&dir.join("vae"), device)?)
+        } else {
+            None
+        };
+        let scheduler_config =
+            SchedulerConfig::from_json_file(&dir.join("scheduler/scheduler_config.json"))?;
+        let uncond_embeddings = match resolution {
+            Resolution::Highres => None,
+            Resolution::Lowres => {
+                let p = dir.join("uncond_embeddings.bin");
+                if p.is_file() {
+                    Some(load_uncond(&p, &unet, device)?)
+                } else {
+                    None
+                }
+            }
+        };
+        if resolution == Resolution::Highres && unet.config.addition_embed_type.is_none() {
+            return Err(Error::invalid(format!(
+                "{}: the highres decoder needs a text_time U-Net (addition_embed_type)",
+                dir.display()
+            )));
+        }
+        Ok(Self {
+            resolution,
+            unet,
+            unet_vs,
+            vae,
+            scheduler_config,
+            uncond_embeddings,
+            device,
+        })
+    }
+
+    /// Run the U-Net in `kind` (e.g. bf16 on a GPU); the VAE stays float32 as the official
+    /// code upcasts it.
+    pub fn set_unet_kind(&mut self, kind: Kind) {
+        self.unet_vs.set_kind(kind);
+    }
+
+    fn unet_kind(&self) -> Kind {
+        self.unet_vs
+            .variables()
+            .into_values()
+            .next()
+            .map(|t| t.kind())
+            .unwrap_or(Kind::Float)
+    }
+
+    /// Pixels per latent cell (8 for SD).
+    pub fn vae_scale(&self) -> i64 {
+        self.vae.as_ref().map_or(1, |(_, v)| v.config.downscale())
+    }
+
+    /// Output sizes must be multiples of this (VAE scale × U-Net downsampling).
+    pub fn size_multiple(&self) -> i64 {
+        self.vae_scale() << (self.unet.config.block_out_channels.len() - 1)
+    }
+
+    /// The decoder's native (height, width): U-Net `sample_size` × VAE scale.
+    pub fn native_size(&self) -> (i64, i64) {
+        let s = self.unet.config.sample_size.unwrap_or(64) * self.vae_scale();
+        (s, s)
+    }
+
+    /// The official aspect-ratio sizes scaled to this decoder's native size, rounded to
+    /// valid multiples: (name, (height, width)).
+    pub fn aspect_ratio_sizes(&self) -> Vec<(&'static str, (i64, i64))> {
+        aspect_ratio_sizes(self.native_size().0, self.size_multiple())
+    }
+
+    /// Check a requested size.
+    pub fn validate_size(&self, height: i64, width: i64) -> Result<()> {
+        let m = self.size_multiple();
+        if height <= 0 || width <= 0 || height % m != 0 || width % m != 0 {
+            return Err(Error::invalid(format!(
+                "image size {height}×{width}: height and width must be positive multiples of {m}"
+            )));
+        }
+        if height > 4096 || width > 4096 {
+            return Err(Error::invalid(format!(
+                "image size {height}×{width}: at most 4096 per side"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Gaussian initial latents (B, C, H/s, W/s) of `seed` ([`seeded_gaussian`], drawn on the
+    /// host so a seed gives the same picture on every device and whatever else runs), then
+    /// moved to the decoder's device.
+    pub fn initial_latents(
+        &self,
+        batch: i64,
+        height: i64,
+        width: i64,
+        seed: Option<i64>,
+    ) -> Tensor {
+        let seed = seed.map_or_else(random_seed, |s| s as u64);
+        let s = self.vae_scale();
+        seeded_gaussian(
+            seed,
+            &[batch, self.unet.config.in_channels, height / s, width / s],
+        )
+        .to_device(self.device)
+    }
+
+    /// Decode a condition to images (B, 3, H, W) in [0, 1] (float32, on the device).
+    pub fn decode(&self, cond: &Condition, opts: &DecodeOptions) -> Result<Tensor> {
+        self.decode_with(cond, opts, &|| false)
+    }
+
+    /// [`Self::decode`] that calls `should_stop` once per diffusion step.
+    pub fn decode_with(
+        &self,
+        cond: &Condition,
+        opts: &DecodeOptions,
+        should_stop: ShouldStop,
+    ) -> Result<Tensor> {
+        let (nh, nw) = self.native_size();
+        let height = opts.height.unwrap_or(nh);
+        let width = opts.width.unwrap_or(nw);
+        self.validate_size(height, width)?;
+        let latents = self.initial_latents(cond.batch(), height, width, opts.seed);
+        let ids = add_time_ids(
+            opts.original_size.unwrap_or((height, width)),
+            opts.crops_coords_top_left,
+            (height, width),
+        );
+        let time_ids = Tensor::from_slice(&ids)
+            .view([1, 6])
+            .repeat([cond.batch(), 1])
+            .to_device(self.device);
+        self.decode_latents_with(cond, latents, &time_ids, opts, should_stop)
+    }
+
+    /// The diffusion loop and VAE decode from given initial `latents` (B, C, h, w) and
+    /// SDXL `time_ids` (B, 6) (ignored by the lowres decoder).
+    pub fn decode_latents(
+        &self,
+        cond: &Condition,
+        latents: Tensor,
+        time_ids: &Tensor,
+        opts: &DecodeOptions,
+    ) -> Result<Tensor> {
+        self.decode_latents_with(cond, latents, time_ids, opts, &|| false)
+    }
+
+    /// [`Self::decode_latents`] that calls `should_stop` once per diffusion step (before the
+    /// step's U-Net forward) and stops with [`Error::Cancelled`] when it answers `true`.
+    pub fn decode_latents_with(
+        &self,
+        cond: &Condition,
+        latents: Tensor,
+        time_ids: &Tensor,
+        opts: &DecodeOptions,
+        should_stop: ShouldStop,
+    ) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let b = cond.batch();
+        let dev = self.device;
+        let kind = self.unet_kind();
+        let lsize = latents.size();
+        if lsize.len() != 4 || lsize[0] != b || lsize[1] != self.unet.config.in_channels {
+            return Err(Error::invalid(format!(
+                "initial latents {lsize:?} do not fit batch {b} × {} channels",
+                self.unet.config.in_channels
+            )));
+        }
+        let mut scheduler =
+            schedulers::from_config(&self.scheduler_config, opts.scheduler.as_deref())?;
+        scheduler.set_timesteps(opts.steps)?;
+
+        // The CFG batch: [negative; positive].
+        let (ehs, mask, text_embeds, time_ids) = match (cond, self.resolution) {
+            (
+                Condition::Highres {
+                    prompt_embeds,
+                    pooled_embeds,
+                },
+                Resolution::Highres,
+            ) => {
+                let pe = prompt_embeds.to_device(dev).to_kind(kind);
+                let pp = pooled_embeds.to_device(dev).to_kind(kind);
+                // "The negative prompt embeddings shall be forced to always be set to 0"
+                let ehs = Tensor::cat(&[pe.zeros_like(), pe], 0); // (2B, N, C)
+                let te = Tensor::cat(&[pp.zeros_like(), pp], 0); // (2B, P)
+                let tid = time_ids.to_device(dev).to_kind(kind);
+                if tid.size() != [b, 6] {
+                    return Err(Error::invalid(format!(
+                        "time_ids must be ({b}, 6), got {:?}",
+                        tid.size()
+                    )));
+                }
+                let tid = Tensor::cat(&[&tid, &tid], 0); // (2B, 6)
+                (ehs, None, Some(te), Some(tid))
+            }
+            (Condition::Lowres { hidden }, Resolution::Lowres) => {
+                let x = hidden.to_device(dev).to_kind(kind);
+                let (bn, n, c) = x.size3().ctx("lowres condition (B, N, C)")?;
+                let neg = Tensor::zeros([bn, n, c], (kind, dev));
+                let pos_mask = Tensor::ones([bn, n], (Kind::Bool, dev));
+                let neg_mask = match &self.uncond_embeddings {
+                    Some(uncond) => {
+                        let uncond = uncond.to_kind(kind);
+                        let (lu, cu) = uncond.size2().ctx("uncond embeddings (L, C)")?;
+                        if cu != c {
+                            return Err(Error::invalid(format!(
+                                "uncond embeddings have width {cu}, the condition {c}"
+                            )));
+                        }
+                        let lu = lu.min(n);
+                        // negative condition: zeros with the unconditional embeddings in front
+                        neg.narrow(1, 0, lu).copy_(
+                            &uncond
+                                .narrow(0, 0, lu)
+                                .unsqueeze(0)
+                                .expand([bn, lu, c], false),
+                        );
+                        let m = Tensor::zeros([bn, n], (Kind::Bool, dev));
+                        let _ = m.narrow(1, 0, lu).fill_(1);
+                        m
+                    }
+                    // no uncond_embeddings.bin: an all-zero, unmasked negative
+                    None => pos_mask.shallow_clone(),
+                };
+                let ehs = Tensor::cat(&[neg, x], 0); // (2B, N, C)
+                let mask = Tensor::cat(&[neg_mask, pos_mask], 0); // (2B, N)
+                (ehs, Some(mask), None, None)
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "a {:?} condition does not fit the {:?} pixel decoder",
+                    match cond {
+                        Condition::Highres { .. } => Resolution::Highres,
+                        Condition::Lowres { .. } => Resolution::Lowres,
+                    },
+                    self.resolution
+                )))
+            }
+        };
+        if ehs.size()[0] != 2 * b {
+            return Err(Error::invalid("condition parts disagree on the batch size"));
+        }
+
+        // Timesteps as device tensors, made once (no host round-trips inside the loop).
+        let ts: Vec<f64> = scheduler.timesteps().to_vec();
+        let t_dev: Vec<Tensor> = ts
+            .iter()
+            .map(|&t| Tensor::from(t).to_kind(Kind::Float).to_device(dev))
+            .collect();
+        let mut latents =
+            latents.to_device(dev).to_kind(Kind::Float) * scheduler.init_noise_sigma();
+        for (t, t_tensor) in ts.iter().zip(&t_dev) {
+            if should_stop() {
+                return Err(Error::Cancelled);
+            }
+            let x = Tensor::cat(&[&latents, &latents], 0); // (2B, C, h, w)
+            let x = scheduler.scale_model_input(&x, *t).to_kind(kind);
+            let added = match (&text_embeds, &time_ids) {
+                (Some(te), Some(ti)) => Some(AddedCond {
+                    text_embeds: te,
+                    time_ids: ti,
+                }),
+                _ => None,
+            };
+            let out = self
+                .unet
+                .forward(&x, t_tensor, &ehs, mask.as_ref(), added.as_ref())?
+                .to_kind(Kind::Float);
+            let parts = out.chunk(2, 0);
+            let (uncond, text) = (&parts[0], &parts[1]);
+            let noise = uncond + (text - uncond) * opts.guidance;
+            latents = scheduler.step(&noise, *t, &latents)?;
+        }
+        Ok(self.vae_decode(&latents))
+    }
+
+    /// VAE decode of scaled latents to RGB images in [0, 1]: `decode(z / scaling_factor)`,
+    /// then `(x / 2 + 0.5).clamp(0, 1)`. A pixel-space decoder skips the VAE; one-channel
+    /// images are repeated to RGB.
+    pub fn vae_decode(&self, latents: &Tensor) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let img = match &self.vae {
+            Some((_, vae)) => {
+                let sf = vae.config.scaling_factor;
+                vae.decode(&(latents.to_kind(Kind::Float) / sf))
+            }
+            None => latents.to_kind(Kind::Float),
+        };
+        let img = (img / 2.0 + 0.5).clamp(0.0, 1.0);
+        if img.size()[1] == 1 {
+            img.repeat([1, 3, 1, 1])
+        } else {
+            img
+        }
+    }
+}
+
+/// A seed from libtorch's generator, for requests that give none.
+fn random_seed() -> u64 {
+    Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
+}
+
+/// Standard normal values of `shape` (float32, CPU) from `seed` alone: a counter-based stream
+/// (splitmix64 of (seed, index)) through Box–Muller. It touches no global generator, so two
+/// requests with seeds never draw from each other's stream.
+pub fn seeded_gaussian(seed: u64, shape: &[i64]) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let key = splitmix64(seed ^ 0x6c61_7669_745f_6e6f); // "lavit_no"
+    let unit = |i: u64| {
+        // 53 random bits → (0, 1)
+        ((splitmix64(key ^ splitmix64(i)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut v = Vec::with_capacity(n.max(0) as usize);
+    let mut i = 0u64;
+    while (v.len() as i64) < n {
+        let (u1, u2) = (unit(i), unit(i + 1));
+        i += 2;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = std::f64::consts::TAU * u2;
+        v.push((r * a.cos()) as f32);
+        if (v.len() as i64) < n {
+            v.push((r * a.sin()) as f32);
+        }
+    }
+    Tensor::from_slice(&v).view(shape)
+}
+
+fn load_uncond(path: &Path, unet: &UNet2DConditionModel, device: Device) -> Result<Tensor> {
+    let sd = checkpoint::load_file(path)?;
+    let t = sd
+        .get("")
+        .or_else(|| {
+            if sd.len() == 1 {
+                sd.values().next()
+            } else {
+                None
+            }
+        })
+        .ok_or_else(|| Error::ckpt(path, "expected one tensor [1, L, C]"))?;
+    let s = t.size();
+    let c = unet.config.cross_attention_dim;
+    if s.len() != 3 || s[0] != 1 || s[2] != c {
+        return Err(Error::ckpt(
+            path,
+            format!("shape {s:?}, expected [1, L, {c}]"),
+        ));
+    }
+    Ok(t.get(0).to_kind(Kind::Float).to_device(device))
+}
+
+/// The official aspect ratios scaled from 1024² to `native` px, rounded to multiples of
+/// `multiple` (at least one multiple per side).
+pub fn aspect_ratio_sizes(native: i64, multiple: i64) -> Vec<(&'static str, (i64, i64))> {
+    let round = |v: i64| {
+        let scaled = v as f64 * native as f64 / 1024.0 / multiple as f64;
+        (scaled.round() as i64).max(1) * multiple
+    };
+    ASPECT_RATIOS
+        .iter()
+        .map(|&(name, (h, w))| (name, (round(h), round(w))))
+        .collect()
+}
+
+/// Images (B, 3, H, W) in [0, 1] → 8-bit RGB buffers, rounded as the official `numpy_to_pil`.
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let (b, c, h, w) = images.size4().ctx("images (B, 3, H, W)")?;
+    if c != 3 {
+        return Err(Error::invalid(format!(
+            "images have {c} channels, expected 3"
+        )));
+    }
+    let bytes = (images.to_device(Device::Cpu).to_kind(Kind::Float) * 255.0)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1]) // (B, H, W, 3)
+        .contiguous();
+    let flat: Vec<u8> = Vec::try_from(bytes.flatten(0, -1)).ctx("image bytes")?;
+    let per = (h * w * 3) as usize;
+    (0..b as usize)
+        .map(|i| {
+            image::RgbImage::from_raw(w as u32, h as u32, flat[i * per..(i + 1) * per].to_vec())
+                .ok_or_else(|| Error::invalid("image buffer size"))
+        })
+        .collect()
+}
+
+/// Write images as PNG: `path` itself for one image, else `stem-{i}.png` beside it.
+/// Returns the written paths.
+pub fn save_pngs(images: &Tensor, path: &Path) -> Result<Vec<PathBuf>> {
+    save_rgb_pngs(&to_rgb8(images)?, path)
+}
+
+/// Write RGB images as PNG: `path` for one image, `STEM-i.png` beside it for several.
+pub fn save_rgb_pngs(imgs: &[image::RgbImage], path: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for (i, img) in imgs.iter().enumerate() {
+        let p = if imgs.len() == 1 {
+            path.to_path_buf()
+        } else {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            path.with_file_name(format!("{stem}-{i}.png"))
+        };
+        let mut buf = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut buf, image::ImageFormat::Png)
+            .map_err(|e| Error::invalid(format!("encoding PNG {}: {e}", p.display())))?;
+        checkpoint::atomic_write(&p, buf.get_ref())?;
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// The feature-decoder half of the visual tokenizer, as the pixel decoders need it
+/// (the official `generate_image_embeds`): visual ids (with the LLM offset) of each image →
+/// the U-Net condition. The assembled `VisualTokenizer` implements it.
+pub trait FeatureDecoders {
+    /// `VQDecoder`: → (B, N, lowres_unet_proj).
+    fn decode_lowres(&self, ids: &[Vec<i64>]) -> Result<Tensor>;
+    /// `HighresVQDecoder`: → (prompt embeds (B, N, C), pooled embeds (B, P)).
+    fn decode_highres(&self, ids: &[Vec<i64>]) -> Result<(Tensor, Tensor)>;
+}
+
+/// Keep the visual ids of a generated sequence, as the official code does
+/// (`image_token - 32002`, kept where ≥ 0): [IMG], [/IMG] and text ids are dropped.
+pub fn visual_ids_only(generated: &[i64], visual_token_offset: i64) -> Vec<i64> {
+    generated
+        .iter()
+        .copied()
+        .filter(|&i| i >= visual_token_offset)
+        .collect()
+}
+
+impl PixelDecoder {
+    /// The condition of this decoder for the visual ids of each image.
+    pub fn condition_for(&self, fd: &dyn FeatureDecoders, ids: &[Vec<i64>]) -> Result<Condition> {
+        if ids.is_empty() {
+            return Err(Error::invalid("no images to decode"));
+        }
+        if let Some(i) = ids.iter().position(|v| v.is_empty()) {
+            return Err(Error::invalid(format!("image {i} has no visual tokens")));
+        }
+        Ok(match self.resolution {
+            Resolution::Highres => {
+                let (prompt_embeds, pooled_embeds) = fd.decode_highres(ids)?;
+                Condition::Highres {
+                    prompt_embeds,
+                    pooled_embeds,
+                }
+            }
+            Resolution::Lowres => Condition::Lowres {
+                hidden: fd.decode_lowres(ids)?,
+            },
+        })
+    }
+
+    /// Visual ids → images (B, 3, H, W) in [0, 1]: feature decoder, U-Net with decoder
+    /// guidance, VAE.
+    pub fn decode_ids(
+        &self,
+        fd: &dyn FeatureDecoders,
+        ids: &[Vec<i64>],
+        opts: &DecodeOptions,
+    ) -> Result<Tensor> {
+        self.decode_ids_with(fd, ids, opts, &|| false)
+    }
+
+    /// [`Self::decode_ids`] that calls `should_stop` once per diffusion step.
+    pub fn decode_ids_with(
+        &self,
+        fd: &dyn FeatureDecoders,
+        ids: &[Vec<i64>],
+        opts: &DecodeOptions,
+        should_stop: ShouldStop,
+    ) -> Result<Tensor> {
+        let cond = self.condition_for(fd, ids)?;
+        self.decode_with(&cond, opts, should_stop)
+    }
+}

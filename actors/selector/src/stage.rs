@@ -1,0 +1,278 @@
+//! The SelectorMerger stage: the token selector (`token_predictor`), the token merger
+//! (`causal_encoder`) and `vit_proj` (the projector of continuous features into the LLM), as
+//! a [`lavit_runtime::stage::SelectorMergerStage`]. It owns those weights (the
+//! `token_predictor.*`, `causal_encoder.*` and `vit_proj.*` keys of `tokenizer_encoder`) and,
+//! when the folder has `language_model/visual_weight`, the merger and projector LaVIT
+//! fine-tuned with the LLM, used for understanding (image → text).
+//!
+//! In stage 1 it trains the selector and the merger: Gumbel keep decisions (hard forward,
+//! soft backward) at the batch's seed and temperature, and two loss terms: the kept ratio
+//! `λ · mean_b (ρ − mean_n M_bn)²` and the confidence term (mean binary entropy of the keep
+//! probability × its weight).
+
+use std::path::Path;
+
+use lavit_runtime::checkpoint::{self, StateDict};
+use lavit_runtime::layout::{self, files, resolve_file};
+use lavit_runtime::manifest::{LavitManifest, Selection};
+use lavit_runtime::messages::{train_keys, TrainBatch};
+use lavit_runtime::stage::{SelectorMergerStage, StageKind, StageResult, Trainable};
+use lavit_runtime::train::{need_train, not_trainable, StageOptim};
+use lavit_runtime::Result;
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+use crate::{SelectionMode, TokenMerger, TokenMergerConfig, TokenPredictor};
+
+/// The manifest's default selection: arg-max, or Gumbel as the official code samples.
+pub fn selection_mode(s: Selection) -> SelectionMode {
+    match s {
+        Selection::Argmax => SelectionMode::Argmax,
+        Selection::Gumbel => SelectionMode::Gumbel { seed: 0, tau: 1.0 },
+    }
+}
+
+/// Kept rows of `x` [B, N, C] in raster order → ([T, C], per-image counts).
+pub fn gather_kept(x: &Tensor, decisions: &Tensor) -> (Tensor, Vec<i64>) {
+    let keep = decisions.gt(0.5); // (B, N)
+    let counts: Vec<i64> =
+        Vec::<i64>::try_from(keep.sum_dim_intlist(1, false, Kind::Int64)).unwrap_or_default();
+    let c = x.size()[2];
+    let kept = x.masked_select(&keep.unsqueeze(-1)).reshape([-1, c]); // (T, C)
+    (kept, counts)
+}
+
+/// The merger and projector LaVIT fine-tuned with the LLM (`visual_weight.bin`).
+pub struct UnderstandingHead {
+    pub vs: nn::VarStore,
+    pub causal_encoder: TokenMerger,
+    pub vit_proj: nn::Linear,
+}
+
+impl UnderstandingHead {
+    /// Random weights at the sizes of `manifest` (names as in `visual_weight.bin`).
+    pub fn new(manifest: &LavitManifest, device: Device) -> Self {
+        let t = &manifest.tokenizer;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let causal_encoder = TokenMerger::new(
+            &root / "causal_encoder",
+            &TokenMergerConfig::from_manifest(t),
+        );
+        let vit_proj = nn::linear(
+            &root / "vit_proj",
+            t.encoder_width,
+            t.llm_hidden,
+            Default::default(),
+        );
+        Self {
+            vs,
+            causal_encoder,
+            vit_proj,
+        }
+    }
+
+    /// `visual_weight.*` (`causal_encoder.*`, `vit_proj.*`), strictly, frozen.
+    pub fn load(manifest: &LavitManifest, path: &Path, device: Device) -> Result<Self> {
+        let mut head = Self::new(manifest, device);
+        let sd = checkpoint::load_path(path)?;
+        checkpoint::load_into(
+            &head.vs,
+            "",
+            &sd,
+            &path.display().to_string(),
+            &Default::default(),
+        )?;
+        head.vs.freeze();
+        Ok(head)
+    }
+}
+
+/// Stage-1 loss weights the SelectorMerger stage applies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage1Loss {
+    /// Target kept ratio ρ and its weight λ.
+    pub rho: f64,
+    pub lambda: f64,
+    /// Weight of the selector's mean binary entropy.
+    pub confidence_weight: f64,
+}
+
+/// The SelectorMerger stage's model.
+pub struct SelectorMergerStageModel {
+    /// `token_predictor.*`, `causal_encoder.*`, `vit_proj.*`.
+    pub vs: nn::VarStore,
+    pub token_predictor: TokenPredictor,
+    pub causal_encoder: TokenMerger,
+    pub vit_proj: nn::Linear,
+    pub understanding: Option<UnderstandingHead>,
+    /// Default selection mode (from the manifest; arg-max unless it says `gumbel`).
+    pub selection: SelectionMode,
+    training: Option<(StageOptim, Stage1Loss)>,
+    train: bool,
+}
+
+impl SelectorMergerStageModel {
+    /// Random weights at the sizes of `manifest`.
+    pub fn new(manifest: &LavitManifest, device: Device) -> Self {
+        let t = &manifest.tokenizer;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let c = t.encoder_width;
+        let token_predictor = TokenPredictor::new(&root / "token_predictor", c);
+        let causal_encoder = TokenMerger::new(
+            &root / "causal_encoder",
+            &TokenMergerConfig::from_manifest(t),
+        );
+        let vit_proj = nn::linear(&root / "vit_proj", c, t.llm_hidden, Default::default());
+        Self {
+            vs,
+            token_predictor,
+            causal_encoder,
+            vit_proj,
+            understanding: None,
+            selection: selection_mode(t.selection),
+            training: None,
+            train: false,
+        }
+    }
+
+    /// This stage's keys of a `tokenizer_encoder` state dict (`source` names it in errors),
+    /// strictly and frozen, plus `language_model/visual_weight` when `dir` has it.
+    pub fn load_state(
+        dir: &Path,
+        manifest: &LavitManifest,
+        device: Device,
+        sd: &StateDict,
+        source: &str,
+    ) -> Result<Self> {
+        let mut me = Self::new(manifest, device);
+        let mine = layout::subset(sd, &layout::SELECTOR_MERGER_PREFIXES);
+        checkpoint::load_into(&me.vs, "", &mine, source, &Default::default())?;
+        me.vs.freeze();
+        if let Ok(path) = resolve_file(dir, files::VISUAL_WEIGHT) {
+            me.understanding = Some(UnderstandingHead::load(manifest, &path, device)?);
+        }
+        Ok(me)
+    }
+
+    /// Train the selector and the merger with `optim` (built over [`Self::trained_vars`])
+    /// and `loss`.
+    pub fn with_training(mut self, optim: StageOptim, loss: Stage1Loss) -> Self {
+        self.training = Some((optim, loss));
+        self
+    }
+
+    /// The variables stage 1 trains: `token_predictor.*` and `causal_encoder.*` (`vit_proj`
+    /// is trained with the LLM in stage 2).
+    pub fn trained_vars(&self) -> Vec<(String, Tensor)> {
+        lavit_runtime::train::trainable_variables(&self.vs, |n| {
+            n.starts_with("token_predictor") || n.starts_with("causal_encoder")
+        })
+    }
+
+    /// Selector on patch features: (log-probs [B, N, 2], decisions [B, N]).
+    pub fn select(&self, features: &Tensor, mode: SelectionMode) -> (Tensor, Tensor) {
+        let (b, n) = (features.size()[0], features.size()[1]);
+        let policy = Tensor::ones([b, n, 1], (Kind::Float, features.device()));
+        let log_probs = self.token_predictor.forward(features, &policy);
+        let decisions = mode.decide(&log_probs);
+        (log_probs, decisions)
+    }
+
+    /// The understanding path: kept merged features through the projector → one
+    /// (T_i, llm_hidden) tensor per image (the `visual_weight` merger and projector when
+    /// loaded, else this stage's own).
+    pub fn understanding_embeds(&self, features: &Tensor, decisions: &Tensor) -> Vec<Tensor> {
+        let (merger, proj) = match &self.understanding {
+            Some(u) => (&u.causal_encoder, &u.vit_proj),
+            None => (&self.causal_encoder, &self.vit_proj),
+        };
+        let updated = proj.forward(&merger.forward(features, decisions)); // (B, N, H)
+        let (kept, counts) = gather_kept(&updated, decisions); // (T, H)
+        let mut out = Vec::with_capacity(counts.len());
+        let mut pos = 0;
+        for n in counts {
+            out.push(kept.narrow(0, pos, n)); // (T_i, H)
+            pos += n;
+        }
+        out
+    }
+}
+
+fn check_features(features: &Tensor, width: i64) -> StageResult<()> {
+    match features.size().as_slice() {
+        [_, _, c] if *c == width => Ok(()),
+        other => Err(lavit_runtime::stage::StageError::Invalid(format!(
+            "patch features must be [B, N, {width}], got {other:?}"
+        ))),
+    }
+}
+
+impl Trainable for SelectorMergerStageModel {
+    fn train_forward(&mut self, mut batch: TrainBatch) -> StageResult<TrainBatch> {
+        const K: StageKind = StageKind::SelectorMerger;
+        need_train(self.train, K)?;
+        let feats = batch.take(train_keys::PATCH_FEATURES, K)?;
+        let seed = batch.get(train_keys::GUMBEL_SEED, K)?.int64_value(&[]) as u64;
+        let tau = batch.get(train_keys::TAU, K)?.double_value(&[]);
+        let lr = batch
+            .get(train_keys::LR, K)
+            .ok()
+            .map(|t| t.double_value(&[]));
+        let mode = SelectionMode::Gumbel { seed, tau };
+        let (log_probs, dec) = self.select(&feats, mode); // (B, N, 2), (B, N)
+        let merged = self.causal_encoder.forward(&feats, &dec); // (B, N, C)
+        let (optim, loss) = self.training.as_mut().ok_or_else(|| not_trainable(K))?;
+        if lr.is_some() {
+            optim.lr = lr;
+        }
+        let kept = dec.mean_dim(1, false, Kind::Float); // (B,)
+        let ratio = (kept - loss.rho).square().mean(Kind::Float) * loss.lambda;
+        let entropy = (log_probs.exp() * &log_probs)
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .neg(); // (B, N)
+        let confidence = entropy.mean(Kind::Float) * loss.confidence_weight;
+        batch.losses.push((train_keys::LOSS_RATIO.into(), ratio));
+        batch
+            .losses
+            .push((train_keys::LOSS_CONFIDENCE.into(), confidence));
+        batch
+            .tensors
+            .insert(train_keys::PATCH_FEATURES.into(), feats);
+        batch.tensors.insert(train_keys::DECISIONS.into(), dec);
+        batch.tensors.insert(train_keys::MERGED.into(), merged);
+        Ok(batch)
+    }
+    fn optimizer_step(&mut self) -> StageResult<()> {
+        let (optim, _) = self
+            .training
+            .as_mut()
+            .ok_or_else(|| not_trainable(StageKind::SelectorMerger))?;
+        optim.step(StageKind::SelectorMerger)
+    }
+    fn set_train(&mut self, train: bool) {
+        self.train = train;
+    }
+}
+
+impl SelectorMergerStage for SelectorMergerStageModel {
+    fn select_merge(&mut self, features: &Tensor) -> StageResult<(Tensor, Tensor)> {
+        check_features(features, self.token_predictor_width())?;
+        let _g = tch::no_grad_guard();
+        let (_, decisions) = self.select(features, self.selection);
+        let merged = self.causal_encoder.forward(features, &decisions);
+        Ok((decisions, merged))
+    }
+    fn understanding(&mut self, features: &Tensor) -> StageResult<Vec<Tensor>> {
+        check_features(features, self.token_predictor_width())?;
+        let _g = tch::no_grad_guard();
+        let (_, decisions) = self.select(features, self.selection);
+        Ok(self.understanding_embeds(features, &decisions))
+    }
+}
+
+impl SelectorMergerStageModel {
+    fn token_predictor_width(&self) -> i64 {
+        self.vit_proj.ws.size()[1]
+    }
+}
