@@ -69,7 +69,7 @@ fn serve_without_a_config_file_takes_env_overrides() {
 fn bad_overrides_are_refused_with_the_variable_and_key() {
     for (var, val, want) in [
         ("LAVIT__SERVER__MAX_N", "0", "server.max_n"),
-        ("LAVIT__SERVER__MAX_NN", "2", "unknown key"),
+        ("LAVIT__SERVER__MAX_NN", "2", "max_nn"),
         (
             "LAVIT__PIPELINE__MAX_IN_FLIGHT",
             "lots",

@@ -706,7 +706,7 @@ fn llm_stage_reproduces_the_fixture_references() {
     // text → image ids (greedy, CFG 2) equal the reference's visual ids.
     let opts = GenerateOptions {
         n: 1,
-        top_k: 0,
+        temperature: 0.0,
         llm_guidance: 2.0,
         ..Default::default()
     };

@@ -782,7 +782,7 @@ mod cli {
                     dir.path().into(),
                     "x".into(),
                 ],
-                "language_model",
+                "tokenizer_encoder",
             ),
             (
                 vec![

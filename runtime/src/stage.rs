@@ -1,6 +1,6 @@
 //! The stage abstraction: what a pipeline stage (Encoder, SelectorMerger, Quantizer, Llm,
-//! Decoder) must do, independent of actix. Model crates (or thin adapters in
-//! `actors/*/src/actor.rs`) implement these traits; [`crate::actors`] runs each one on its own
+//! Decoder) must do, independent of actix. The stage crates (their stage models in
+//! `actors/*/src/stage.rs`) implement these traits; [`crate::actors`] runs each one on its own
 //! named OS thread pinned to the device that [`Placement`] names.
 //!
 //! Every call receives tensors already moved to the stage's device (the receiving actor does the
@@ -74,7 +74,7 @@ pub struct Unused(pub StageKind);
 impl Unused {
     fn refuse<T>(&self) -> StageResult<T> {
         Err(StageError::Invalid(format!(
-            "stage {} is not part of this graph",
+            "this pipeline has no {} stage (its stage set leaves it out)",
             self.0
         )))
     }

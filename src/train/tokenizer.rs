@@ -376,6 +376,41 @@ pub enum Stage1Handle {
     },
 }
 
+/// The initial weights of the tokenizer stages' variables `part` from `seed`: drawn as one
+/// store over every module of `tokenizer_encoder` (`causal_encoder`, `encode_task_layer`,
+/// `token_predictor`, `vit_proj`, in name order), so a variable's initial value does not
+/// depend on which stage owns it.
+fn init_tokenizer_part(part: &nn::VarStore, manifest: &LavitManifest, seed: u64) {
+    let t = &manifest.tokenizer;
+    let all = nn::VarStore::new(part.device());
+    let root = all.root();
+    let _ = lavit_selector::TokenPredictor::new(&root / "token_predictor", t.encoder_width);
+    let _ = lavit_selector::TokenMerger::new(
+        &root / "causal_encoder",
+        &lavit_selector::TokenMergerConfig::from_manifest(t),
+    );
+    let _ = lavit_quantizer::EncodeTaskLayer::new(
+        &root / "encode_task_layer",
+        t.encoder_width,
+        t.code_dim,
+    );
+    let _ = nn::linear(
+        &root / "vit_proj",
+        t.encoder_width,
+        t.llm_hidden,
+        Default::default(),
+    );
+    init_weights(&all, seed);
+    let drawn = all.variables();
+    tch::no_grad(|| {
+        for (name, mut v) in part.variables() {
+            if let Some(d) = drawn.get(&name) {
+                v.copy_(d);
+            }
+        }
+    });
+}
+
 /// Builders of the stage graph stage 1 trains through: the Encoder, SelectorMerger,
 /// Quantizer and Decoder stage models built for training (random weights from `spec.seed`),
 /// the Llm unused. Each stage sends its [`Stage1Handle`] on the returned channel when it is
@@ -412,7 +447,7 @@ pub fn stage1_builders(
     });
     b.selector_merger = Box::new(move |dev| {
         let st = SelectorMergerStageModel::new(&m2, dev);
-        init_weights(&st.vs, seed);
+        init_tokenizer_part(&st.vs, &m2, seed);
         let opt = stage1_adamw(prefixed("tokenizer.", st.trained_vars()), &adamw)?;
         let optim = StageOptim::new(opt);
         let _ = tx2.send(Stage1Handle::SelectorMerger {
@@ -434,7 +469,7 @@ pub fn stage1_builders(
         };
         let codebook = SharedCodebook::new(codebook);
         let st = QuantizerStageModel::new(&m3, dev, Box::new(codebook.clone()))?;
-        init_weights(&st.vs, seed);
+        init_tokenizer_part(&st.vs, &m3, seed);
         let mut params = prefixed("tokenizer.", st.trained_vars());
         params.extend(
             codebook
