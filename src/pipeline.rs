@@ -179,13 +179,13 @@ impl PipelineConfig {
     /// ([`lavit_runtime::config::load_config`]: `LAVIT__PIPELINE__KEY` overrides, unknown keys
     /// and bad values refused with the file and key); relative paths are resolved against the
     /// file's folder.
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
         Self::load(Some(path))
     }
 
     /// [`PipelineConfig::from_file`] for an optional file: without one, the defaults with
     /// the `LAVIT__PIPELINE__*` environment overrides.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load(path: Option<&Path>) -> crate::Result<Self> {
         let f: PipelineFile = lavit_runtime::config::load_optional_config(path)?;
         let origin = path.unwrap_or(Path::new("./(built-in defaults)"));
         f.pipeline.resolved(f.plugins, origin)
@@ -255,14 +255,14 @@ impl PipelineConfig {
         mut self,
         plugins: Option<lavit_runtime::plugin_host::PluginsConfig>,
         origin: &Path,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let base = origin.parent().unwrap_or(Path::new("."));
         if let Some(p) = plugins {
             if !self.plugins.is_empty() {
-                anyhow::bail!(
+                return Err(crate::Error::Invalid(format!(
                     "{}: give the plugins either as [plugins] or as [pipeline.plugins], not both",
                     origin.display()
-                );
+                )));
             }
             self.plugins = p;
         }
@@ -331,7 +331,7 @@ pub type PipelineResult<T> = Result<T, StageError>;
 
 impl Pipeline {
     /// Build from a config: the real stages from `checkpoint`, or the mock stages.
-    pub fn build(cfg: &PipelineConfig) -> anyhow::Result<Self> {
+    pub fn build(cfg: &PipelineConfig) -> crate::Result<Self> {
         match cfg.stages {
             StageSet::Mock => {
                 let m = MockConfig {
@@ -356,7 +356,7 @@ impl Pipeline {
         info: ModelInfo,
         placement: &Placement,
         opts: GraphOptions,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let graph = StageGraph::spawn(builders, placement, opts)?;
         Ok(Pipeline {
             graph,
@@ -370,7 +370,7 @@ impl Pipeline {
         m: &MockConfig,
         gate: Option<mock::Gate>,
         cfg: &PipelineConfig,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let info = ModelInfo {
             image_size: m.image_size,
             default_size: (m.pixel_size as usize, m.pixel_size as usize),

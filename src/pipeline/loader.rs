@@ -68,10 +68,11 @@ fn kind_for(dtype: &str, device: Device) -> lavit_runtime::Result<Kind> {
 /// Builders for the real stages of `cfg.checkpoint` in `cfg.stages` (the others are
 /// [`Unused`]), with the plugins `cfg.plugins` names; each loads its weights on its own
 /// thread and device.
-pub fn builders(cfg: &PipelineConfig) -> anyhow::Result<(StageBuilders, ModelInfo)> {
+pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo)> {
     let dir = cfg.checkpoint.as_deref().ok_or_else(|| {
-        anyhow::anyhow!(
+        crate::Error::Invalid(
             "the pipeline config names no checkpoint folder (pipeline.checkpoint or --checkpoint)"
+                .into(),
         )
     })?;
     let set = &cfg.stages;

@@ -201,14 +201,14 @@ impl Limits {
 impl ServeConfig {
     /// Load a serving config file, or with `None` the built-in defaults; `LAVIT__*`
     /// environment overrides apply either way.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load(path: Option<&Path>) -> crate::Result<Self> {
         let mut cfg: ServeConfig = lavit_runtime::config::load_optional_config(path)?;
         let origin = path.unwrap_or(Path::new("./(built-in defaults)"));
         cfg.pipeline = cfg.pipeline.resolved(cfg.plugins.take(), origin)?;
         Ok(cfg)
     }
 
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
         Self::load(Some(path))
     }
 }

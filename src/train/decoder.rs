@@ -38,7 +38,9 @@ use lavit_runtime::train::{
 
 use crate::generate::{PixelDecoder, Resolution};
 use lavit_decoder::stage::DecoderStageModel;
-pub use lavit_decoder::train::{ema_decay_at, ema_update, target_for, DecoderTrainer, TrainConfig};
+pub use lavit_decoder::train::{
+    ema_decay_at, ema_update, keys, target_for, DecoderTrainer, TrainConfig,
+};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -522,15 +524,15 @@ async fn drive(
         let out = forward(
             g,
             vec![
-                ("eval_images", eval_img.shallow_clone()),
-                ("cond", eval_cond.shallow_clone()),
-                ("eval_seed", eval_seed.shallow_clone()),
+                (keys::EVAL_IMAGES, eval_img.shallow_clone()),
+                (keys::COND, eval_cond.shallow_clone()),
+                (keys::EVAL_SEED, eval_seed.shallow_clone()),
             ],
         )
         .await?;
         let l = out
             .tensors
-            .get("eval_loss")
+            .get(keys::EVAL_LOSS)
             .context("the Decoder stage returned no eval_loss")?;
         anyhow::Ok(l.double_value(&[]))
     };
@@ -566,11 +568,11 @@ async fn drive(
         let img = images.index_select(0, &idx);
         let cond = tch::no_grad(|| conditioner.condition(&img))?;
         // TrainForward: the noise, timesteps and condition dropout are drawn on the stage.
-        let out = forward(g, vec![("images", img), ("cond", cond)]).await?;
+        let out = forward(g, vec![(keys::IMAGES, img), (keys::COND, cond)]).await?;
         let loss = out
             .losses
             .into_iter()
-            .find(|(k, _)| k == "loss")
+            .find(|(k, _)| k == keys::LOSS)
             .map(|(_, l)| l)
             .context("the Decoder stage returned no loss")?;
         let loss_v = loss.double_value(&[]);
@@ -698,10 +700,10 @@ async fn sample_grid(
     let img = images.narrow(0, 0, n);
     let cond = tch::no_grad(|| conditioner.condition(&img))?;
     let hw = Tensor::from_slice(&[img.size()[2], img.size()[3]]);
-    let out = forward(g, vec![("sample_cond", cond), ("sample_hw", hw)]).await?;
+    let out = forward(g, vec![(keys::SAMPLE_COND, cond), (keys::SAMPLE_HW, hw)]).await?;
     let samples = out
         .tensors
-        .get("samples")
+        .get(keys::SAMPLES)
         .context("the Decoder stage returned no samples")?
         .to_device(img.device());
     let _g = tch::no_grad_guard();

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use lavit_llm::sentencepiece::SentencePiece;
 pub use lavit_llm::train::{
-    pack, packed_embeds, packed_loss, packed_mask, LlmTrainConfig, LlmTrainer, Packed, Sample,
+    keys, pack, packed_embeds, packed_loss, packed_mask, LlmTrainConfig, LlmTrainer, Packed, Sample,
 };
 use lavit_llm::vocab::UnifiedVocab;
 use lavit_llm::LlmStageModel;
@@ -216,22 +216,22 @@ async fn drive(
             let mut batch = p.to_batch();
             batch
                 .tensors
-                .insert("targets".into(), Tensor::from(total as f32));
+                .insert(keys::TARGETS.into(), Tensor::from(total as f32));
             let out = g.train_forward(batch).await?;
             let stat = |k: &str| out.tensors.get(k).map_or(0.0, |t| t.double_value(&[]));
             let loss = out
                 .losses
                 .into_iter()
-                .find(|(k, _)| k == "loss")
+                .find(|(k, _)| k == keys::LOSS)
                 .map(|(_, l)| l)
                 .context("the Llm stage returned no loss")?;
             let l = loss.double_value(&[]);
             finite &= l.is_finite();
             lv += l;
-            ts += stat("text_sum");
-            tn += stat("text_n");
-            vsum += stat("visual_sum");
-            vn += stat("visual_n");
+            ts += stat(keys::TEXT_SUM);
+            tn += stat(keys::TEXT_N);
+            vsum += stat(keys::VISUAL_SUM);
+            vn += stat(keys::VISUAL_N);
             if finite {
                 g.backward(LLM, loss).await?;
             }

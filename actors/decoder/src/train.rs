@@ -19,6 +19,25 @@ use crate::pixel_decoder::PixelDecoder;
 use crate::schedulers::{DDIMScheduler, Scheduler, SchedulerConfig};
 use crate::unet_2d_condition::UNet2DConditionModel;
 
+/// Names of the tensors a stage-1b [`TrainBatch`] carries to and from the Decoder stage.
+pub mod keys {
+    /// In (a training step): images (B, C, H, W) in [-1, 1] and their conditions (B, L, dim).
+    pub const IMAGES: &str = "images";
+    pub const COND: &str = "cond";
+    /// Out (a training step): the loss term.
+    pub const LOSS: &str = "loss";
+    /// In (an evaluation): images, `COND`, and the seed of the noise and timesteps (0-d).
+    pub const EVAL_IMAGES: &str = "eval_images";
+    pub const EVAL_SEED: &str = "eval_seed";
+    /// Out (an evaluation): the denoising loss (0-d, no grad).
+    pub const EVAL_LOSS: &str = "eval_loss";
+    /// In (sampling): conditions (n, L, dim) and the output size [H, W].
+    pub const SAMPLE_COND: &str = "sample_cond";
+    pub const SAMPLE_HW: &str = "sample_hw";
+    /// Out (sampling): the EMA U-Net's samples (n, C, H, W) in [-1, 1].
+    pub const SAMPLES: &str = "samples";
+}
+
 /// Optimisation and bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -188,8 +207,8 @@ impl DecoderTrainer {
         };
         let dev = pixels.device;
         let unet = &pixels.unet;
-        if let Some(img) = get("images") {
-            let cond = need("cond")?;
+        if let Some(img) = get(keys::IMAGES) {
+            let cond = need(keys::COND)?;
             let n = img.size()[0];
             let x0 = Self::to_x0(pixels, &img);
             let noise = x0.randn_like();
@@ -203,12 +222,14 @@ impl DecoderTrainer {
             let pred = unet
                 .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
                 .map_err(stage_fail)?;
-            b.losses
-                .push(("loss".into(), pred.mse_loss(&target, tch::Reduction::Mean)));
-        } else if let Some(img) = get("eval_images") {
+            b.losses.push((
+                keys::LOSS.into(),
+                pred.mse_loss(&target, tch::Reduction::Mean),
+            ));
+        } else if let Some(img) = get(keys::EVAL_IMAGES) {
             let _g = tch::no_grad_guard();
-            let cond = need("cond")?;
-            tch::manual_seed(need("eval_seed")?.int64_value(&[]));
+            let cond = need(keys::COND)?;
+            tch::manual_seed(need(keys::EVAL_SEED)?.int64_value(&[]));
             let x0 = Self::to_x0(pixels, &img);
             let noise = x0.randn_like();
             let ts = Tensor::randint(
@@ -222,14 +243,14 @@ impl DecoderTrainer {
                 .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
                 .map_err(stage_fail)?;
             b.tensors.insert(
-                "eval_loss".into(),
+                keys::EVAL_LOSS.into(),
                 pred.mse_loss(&target, tch::Reduction::Mean),
             );
-        } else if let Some(cond) = get("sample_cond") {
-            let hw = Vec::<i64>::try_from(&need("sample_hw")?.to_device(Device::Cpu))
+        } else if let Some(cond) = get(keys::SAMPLE_COND) {
+            let hw = Vec::<i64>::try_from(&need(keys::SAMPLE_HW)?.to_device(Device::Cpu))
                 .map_err(stage_fail)?;
             let samples = self.sample(pixels, &cond, hw[0], hw[1])?;
-            b.tensors.insert("samples".into(), samples);
+            b.tensors.insert(keys::SAMPLES.into(), samples);
         } else {
             return Err(StageError::Invalid(
                 "decoder training batch: needs `images`, `eval_images` or `sample_cond`".into(),

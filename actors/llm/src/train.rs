@@ -22,6 +22,33 @@ use crate::modeling_llama::{ForwardArgs, LlamaForCausalLM};
 use crate::stage::LlmStageModel;
 use crate::vocab::{UnifiedVocab, IGNORE};
 
+/// Names of the tensors and loss terms a stage-2 [`TrainBatch`] carries to and from the Llm
+/// stage (the driver writes the packed rows and `TARGETS`, the stage adds `LOSS` and the
+/// per-kind statistics).
+pub mod keys {
+    /// In: packed token ids (R, L), 0 where the input is continuous.
+    pub const IDS: &str = "ids";
+    /// In: next-token labels (R, L), `IGNORE` where there is none.
+    pub const LABELS: &str = "labels";
+    /// In: positions restarting at 0 per sample (R, L).
+    pub const POSITION_IDS: &str = "position_ids";
+    /// In: sample index of each position (R, L) (block-diagonal attention).
+    pub const SEGMENTS: &str = "segments";
+    /// In (optional): continuous blocks as (row, start) pairs, their lengths, their features.
+    pub const CONT_AT: &str = "cont_at";
+    pub const CONT_LEN: &str = "cont_len";
+    pub const CONT_FEATURES: &str = "cont_features";
+    /// In: the step's target count over all its micro-batches (0-d).
+    pub const TARGETS: &str = "targets";
+    /// Out: the loss term (summed cross-entropy / targets).
+    pub const LOSS: &str = "loss";
+    /// Out: summed loss and target counts of the text and the visual targets (0-d, no grad).
+    pub const TEXT_SUM: &str = "text_sum";
+    pub const TEXT_N: &str = "text_n";
+    pub const VISUAL_SUM: &str = "visual_sum";
+    pub const VISUAL_N: &str = "visual_n";
+}
+
 /// One training sample.
 #[derive(Debug)]
 pub enum Sample {
@@ -207,17 +234,17 @@ impl Packed {
     pub fn to_batch(&self) -> TrainBatch {
         let mut b = TrainBatch::new(vec![StageKind::Llm]);
         let t = &mut b.tensors;
-        t.insert("ids".into(), self.ids.shallow_clone());
-        t.insert("labels".into(), self.labels.shallow_clone());
-        t.insert("position_ids".into(), self.position_ids.shallow_clone());
-        t.insert("segments".into(), self.segments.shallow_clone());
+        t.insert(keys::IDS.into(), self.ids.shallow_clone());
+        t.insert(keys::LABELS.into(), self.labels.shallow_clone());
+        t.insert(keys::POSITION_IDS.into(), self.position_ids.shallow_clone());
+        t.insert(keys::SEGMENTS.into(), self.segments.shallow_clone());
         if !self.cont.is_empty() {
             let at: Vec<i64> = self.cont.iter().flat_map(|(r, s, _)| [*r, *s]).collect();
             let len: Vec<i64> = self.cont.iter().map(|(_, _, f)| f.size()[0]).collect();
             let feats: Vec<&Tensor> = self.cont.iter().map(|(_, _, f)| f).collect();
-            t.insert("cont_at".into(), Tensor::from_slice(&at).view([-1, 2]));
-            t.insert("cont_len".into(), Tensor::from_slice(&len));
-            t.insert("cont_features".into(), Tensor::cat(&feats, 0));
+            t.insert(keys::CONT_AT.into(), Tensor::from_slice(&at).view([-1, 2]));
+            t.insert(keys::CONT_LEN.into(), Tensor::from_slice(&len));
+            t.insert(keys::CONT_FEATURES.into(), Tensor::cat(&feats, 0));
         }
         b
     }
@@ -230,16 +257,16 @@ impl Packed {
                 .map(Tensor::shallow_clone)
                 .ok_or_else(|| StageError::Invalid(format!("training batch has no `{k}`")))
         };
-        let labels = get("labels")?;
+        let labels = get(keys::LABELS)?;
         let mut cont = Vec::new();
-        if b.tensors.contains_key("cont_at") {
+        if b.tensors.contains_key(keys::CONT_AT) {
             let host = |t: Tensor| {
                 Vec::<i64>::try_from(&t.to_device(Device::Cpu))
                     .map_err(|e| StageError::Invalid(format!("training batch: {e}")))
             };
-            let at = host(get("cont_at")?.view([-1]))?;
-            let len = host(get("cont_len")?)?;
-            let feats = get("cont_features")?;
+            let at = host(get(keys::CONT_AT)?.view([-1]))?;
+            let len = host(get(keys::CONT_LEN)?)?;
+            let feats = get(keys::CONT_FEATURES)?;
             let mut pos = 0;
             for (k, n) in len.into_iter().enumerate() {
                 cont.push((at[2 * k], at[2 * k + 1], feats.narrow(0, pos, n)));
@@ -247,10 +274,10 @@ impl Packed {
             }
         }
         Ok(Packed {
-            ids: get("ids")?,
+            ids: get(keys::IDS)?,
             n_targets: 0,
-            position_ids: get("position_ids")?,
-            segments: get("segments")?,
+            position_ids: get(keys::POSITION_IDS)?,
+            segments: get(keys::SEGMENTS)?,
             labels,
             cont,
         })
@@ -469,7 +496,7 @@ impl LlmTrainer {
         let p = Packed::from_batch(&b)?;
         let targets = b
             .tensors
-            .get("targets")
+            .get(keys::TARGETS)
             .map(Tensor::shallow_clone)
             .ok_or_else(|| StageError::Invalid("training batch has no `targets`".into()))?;
         let run = || packed_loss(&llm.model, self.vit_proj.as_ref(), &llm.vocab, &p);
@@ -479,12 +506,12 @@ impl LlmTrainer {
             run()
         };
         let loss = sum / targets.to_device(llm.model.device());
-        b.losses.push(("loss".into(), loss));
+        b.losses.push((keys::LOSS.into(), loss));
         for (k, v) in [
-            ("text_sum", ts),
-            ("text_n", tn),
-            ("visual_sum", vs),
-            ("visual_n", vn),
+            (keys::TEXT_SUM, ts),
+            (keys::TEXT_N, tn),
+            (keys::VISUAL_SUM, vs),
+            (keys::VISUAL_N, vn),
         ] {
             b.tensors.insert(k.into(), v);
         }
