@@ -307,9 +307,8 @@ struct SelectorTraining {
 }
 
 /// Stage-1 forward of the selector and merger: Gumbel keep decisions (hard forward, soft
-/// backward) at the batch's seed and temperature, the merger, and two loss terms: the kept
-/// ratio `λ · mean_b (ρ − mean_n M_bn)²` and the confidence term (mean binary entropy of the
-/// keep probability × its weight).
+/// backward) at the batch's seed and temperature, the merger, and the two loss terms of
+/// [`selector_loss`].
 impl Trainable for SelectorMergerReal {
     fn train_forward(&mut self, mut batch: TrainBatch) -> StageResult<TrainBatch> {
         const K: StageKind = StageKind::SelectorMerger;
@@ -324,12 +323,7 @@ impl Trainable for SelectorMergerReal {
         let mode = SelectionMode::Gumbel { seed, tau };
         let (log_probs, dec) = self.tok.select(&feats, mode); // (B, N, 2), (B, N)
         let merged = self.tok.causal_encoder.forward(&feats, &dec); // (B, N, C)
-        let kept = dec.mean_dim(1, false, Kind::Float); // (B,)
-        let ratio = (kept - t.loss.rho).square().mean(Kind::Float) * t.loss.lambda;
-        let entropy = (log_probs.exp() * &log_probs)
-            .sum_dim_intlist(-1, false, Kind::Float)
-            .neg(); // (B, N)
-        let confidence = entropy.mean(Kind::Float) * t.loss.confidence_weight;
+        let (ratio, confidence) = selector_loss(&log_probs, &dec, &t.loss);
         batch.losses.push((train_keys::LOSS_RATIO.into(), ratio));
         batch
             .losses
@@ -938,6 +932,56 @@ fn need_train(train: bool, kind: StageKind) -> StageResult<()> {
 
 fn not_trainable(kind: StageKind) -> StageError {
     StageError::Invalid(format!("stage {kind} was not built for training"))
+}
+
+/// The selector's stage-1 loss terms from its log-probs [B, N, 2] and keep decisions
+/// M [B, N]: (ratio, confidence).
+///
+/// ratio = λ · mean_b (ρ − mean_n M_bn)² + λ ρ(1−ρ) · mean_b KL(ρ ‖ q_b),
+/// q_b = mean_n p_bn, p = the keep probability.
+///
+/// The first term is the paper's L_ratio = (ρ − (1/N) Σ_i M_i)² taken per image, as DynamicViT
+/// (which LaVIT's selector follows) computes it — not over the batch mean, which lets one
+/// class keep nothing while another keeps twice ρ. Its gradient reaches the selector through
+/// the straight-through Gumbel sample only, which saturates: once every patch of an image
+/// scores far below "drop" (as the trouser class did in a full demo run, 0.72 tokens per image
+/// on average), the term is large but no longer moves the selector. The second term is the
+/// same per-image target on the keep probabilities as a Bernoulli KL divergence; its gradient
+/// does not vanish as q_b → 0 (∂/∂ logit ≈ −ρ p_n / (N q_b) per patch), so a collapsing image
+/// is pulled back. Scaled by ρ(1−ρ) it equals λ (ρ − q_b)² / 2 to second order near ρ; both
+/// terms are 0 at q_b = mean_n M_bn = ρ.
+///
+/// confidence = weight · mean_{b,n} H(p_bn), the binary entropy of the keep probability.
+pub fn selector_loss(
+    log_probs: &Tensor,
+    decisions: &Tensor,
+    loss: &Stage1Loss,
+) -> (Tensor, Tensor) {
+    let rho = loss.rho;
+    let kept = decisions.mean_dim(1, false, Kind::Float); // (B,)
+    let sampled = (kept - rho).square().mean(Kind::Float);
+    let eps = 1e-6;
+    let q = log_probs
+        .select(-1, 0)
+        .exp()
+        .mean_dim(1, false, Kind::Float)
+        .clamp(eps, 1.0 - eps); // (B,)
+                                // ρ ln(ρ/q) + (1−ρ) ln((1−ρ)/(1−q)); a term whose weight is 0 is left out (ρ = 0 or 1)
+    let part = |w: f64, p: Tensor| {
+        if w > 0.0 {
+            (p.log().neg() + w.ln()) * w
+        } else {
+            p.zeros_like()
+        }
+    };
+    let kl = part(rho, q.shallow_clone()) + part(1.0 - rho, -&q + 1.0); // (B,)
+    let anchor = kl.mean(Kind::Float) * (rho * (1.0 - rho));
+    let ratio = (sampled + anchor) * loss.lambda;
+    let entropy = (log_probs.exp() * log_probs)
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .neg(); // (B, N)
+    let confidence = entropy.mean(Kind::Float) * loss.confidence_weight;
+    (ratio, confidence)
 }
 
 /// Stage-1 loss weights the SelectorMerger stage applies.

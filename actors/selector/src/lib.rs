@@ -7,6 +7,6 @@ pub mod selection;
 pub mod token_merger;
 pub mod token_predictor;
 
-pub use selection::{gumbel_softmax_hard, keep_argmax, SelectionMode};
+pub use selection::{gumbel_softmax_hard, keep_argmax, keep_at_least, SelectionMode, MIN_KEPT};
 pub use token_merger::{TokenMerger, TokenMergerConfig};
 pub use token_predictor::TokenPredictor;
