@@ -4,6 +4,7 @@ mod common;
 
 mod checkpoint;
 mod demo;
+mod eval;
 mod llm;
 mod pixel;
 mod plugins;

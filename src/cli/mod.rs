@@ -1,6 +1,7 @@
 //! The `lavit` command line: one module per subcommand.
 pub mod caption;
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod parity;
