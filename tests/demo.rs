@@ -411,8 +411,8 @@ fn ratio_loss_pulls_a_collapsed_image_back() {
         confidence_weight: 0.0,
     };
     let n = 49;
-    // keep-minus-drop margins: image 0 keeps with p = ρ, image 1 has collapsed
-    let margins = Tensor::from_slice(&[(0.5f32).ln(), -12.0])
+    // keep-minus-drop margins: image 0 keeps with p = ρ, image 1 has collapsed (p ≈ 1e-13)
+    let margins = Tensor::from_slice(&[(0.5f32).ln(), -30.0])
         .view([2, 1])
         .repeat([1, n])
         .set_requires_grad(true);

@@ -63,7 +63,7 @@ fn process_punctuation(text: &str) -> String {
     chars
         .iter()
         .enumerate()
-        .filter(|(i, &c)| !(c == '.' && !chars.get(i + 1).is_some_and(|n| n.is_ascii_digit())))
+        .filter(|(i, &c)| c != '.' || chars.get(i + 1).is_some_and(|n| n.is_ascii_digit()))
         .map(|(_, &c)| c)
         .collect()
 }

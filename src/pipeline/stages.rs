@@ -938,7 +938,7 @@ fn not_trainable(kind: StageKind) -> StageError {
 /// M [B, N]: (ratio, confidence).
 ///
 /// ratio = λ · mean_b (ρ − mean_n M_bn)² + λ ρ(1−ρ) · mean_b KL(ρ ‖ q_b),
-/// q_b = mean_n p_bn, p = the keep probability.
+/// q_b = mean_n p_bn, p = the keep probability (1 − q_b = the mean drop probability).
 ///
 /// The first term is the paper's L_ratio = (ρ − (1/N) Σ_i M_i)² taken per image, as DynamicViT
 /// (which LaVIT's selector follows) computes it — not over the batch mean, which lets one
@@ -960,21 +960,19 @@ pub fn selector_loss(
     let rho = loss.rho;
     let kept = decisions.mean_dim(1, false, Kind::Float); // (B,)
     let sampled = (kept - rho).square().mean(Kind::Float);
-    let eps = 1e-6;
-    let q = log_probs
-        .select(-1, 0)
-        .exp()
-        .mean_dim(1, false, Kind::Float)
-        .clamp(eps, 1.0 - eps); // (B,)
-                                // ρ ln(ρ/q) + (1−ρ) ln((1−ρ)/(1−q)); a term whose weight is 0 is left out (ρ = 0 or 1)
-    let part = |w: f64, p: Tensor| {
+    // ln q_b and ln(1 − q_b) from the log-probs (log-sum-exp: exact and with a gradient even
+    // where every p_bn underflows), then ρ ln(ρ/q) + (1−ρ) ln((1−ρ)/(1−q)); a term whose
+    // weight is 0 (ρ = 0 or 1) is left out.
+    let ln_n = (log_probs.size()[1] as f64).ln();
+    let part = |w: f64, which: i64| {
+        let ln_mean = log_probs.select(-1, which).logsumexp([1], false) - ln_n; // (B,)
         if w > 0.0 {
-            (p.log().neg() + w.ln()) * w
+            (ln_mean.neg() + w.ln()) * w
         } else {
-            p.zeros_like()
+            ln_mean.zeros_like()
         }
     };
-    let kl = part(rho, q.shallow_clone()) + part(1.0 - rho, -&q + 1.0); // (B,)
+    let kl = part(rho, 0) + part(1.0 - rho, 1); // (B,)
     let anchor = kl.mean(Kind::Float) * (rho * (1.0 - rho));
     let ratio = (sampled + anchor) * loss.lambda;
     let entropy = (log_probs.exp() * log_probs)
