@@ -3,6 +3,7 @@
 //! the runtime (`lavit-runtime`) and the plugin API, plus parity and training loops.
 
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod parity;
 pub mod pipeline;

@@ -40,6 +40,8 @@ enum Command {
     Serve(cli::serve::Args),
     /// Train the whole pipeline on real images on the CPU, then caption and draw.
     Demo(cli::demo::Args),
+    /// Caption metrics (BLEU-4, CIDEr-D), VQA accuracy and text→image FID of a checkpoint.
+    Eval(cli::eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(c) => cli::train::run(c),
         Command::Serve(a) => cli::serve::run(a),
         Command::Demo(a) => cli::demo::run(a),
+        Command::Eval(a) => cli::eval::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -263,6 +263,26 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     assert!(hi - lo > 0.2 && lo > 0.0, "{msg}");
+    // no class collapses: every class keeps between ρN/2 and 2ρN tokens on average
+    let q = DemoConfig::quick();
+    let rho_n = q.stage1.rho * q.tokenizer.num_patches() as f64;
+    for (c, &m) in s.mean_tokens_per_class.iter().enumerate() {
+        assert!(
+            (0.5 * rho_n..=2.0 * rho_n).contains(&m),
+            "class {} keeps {m:.2} tokens on average, outside [{:.1}, {:.1}]: {msg}",
+            data::CLASS_NAMES[c],
+            0.5 * rho_n,
+            2.0 * rho_n
+        );
+    }
+    // the machine and libtorch build are recorded
+    assert!(
+        s.machine.cores >= 1 && s.machine.torch_threads_alone >= 1,
+        "{msg}"
+    );
+    assert!(s.machine.libtorch_version.starts_with('2'), "{msg}");
+    let metrics = std::fs::read_to_string(out.path().join("report/metrics.json")).unwrap();
+    assert!(metrics.contains("\"libtorch_version\""), "{metrics}");
     for f in [
         "index.html",
         "generated.png",
@@ -278,6 +298,54 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
         ..Default::default()
     })
     .expect("the demo checkpoint loads as a pipeline");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // `lavit eval` on the held-out files the demo wrote, with the demo's generation settings
+    let ev_data = out.path().join("eval-data");
+    let ev = q.eval.clone();
+    let opts = lavit::eval::EvalOptions {
+        checkpoint: s.checkpoint.clone(),
+        captions: Some(ev_data.join("captions.jsonl")),
+        vqa: Some(ev_data.join("vqa.jsonl")),
+        prompts: Some(ev_data.join("prompts.jsonl")),
+        real_images: Some(ev_data.join("images")),
+        embedding: Some(lavit::eval::Embedding::parse("judge", &[&ev_data]).unwrap()),
+        out: out.path().join("eval"),
+        limit: Some(30),
+        caption_prompt: String::new(),
+        vqa_template: "{}".into(),
+        caption: lavit::pipeline::messages::CaptionOptions {
+            max_new_tokens: 12,
+            ..Default::default()
+        },
+        generate: lavit::pipeline::messages::GenerateOptions {
+            n: 1,
+            seed: 0,
+            llm_guidance: ev.llm_guidance,
+            guidance: ev.decoder_guidance,
+            steps: ev.ddim_steps,
+            width: q.tokenizer.img_size as usize,
+            height: q.tokenizer.img_size as usize,
+            top_k: ev.top_k as usize,
+            temperature: ev.temperature,
+            ..Default::default()
+        },
+        concurrency: 4,
+    };
+    let r = rt.block_on(lavit::eval::evaluate(&pipe, &opts)).unwrap();
+    let msg = format!("{r:?}");
+    let c = r.captions.as_ref().unwrap();
+    // captions name the class in one of the reference templates well above chance
+    assert!(c.images == 30 && c.bleu4 > 0.3 && c.cider_d > 0.5, "{msg}");
+    let t = r.text_to_image.as_ref().unwrap();
+    assert!(t.generated == 30 && t.fid.is_finite(), "{msg}");
+    assert!(t.label_accuracy.unwrap() >= 0.2, "{msg}");
+    assert!(r.vqa.as_ref().unwrap().questions == 30, "{msg}");
+    assert!(out.path().join("eval/index.html").is_file());
+
     let server = lavit::serve::spawn(
         std::sync::Arc::new(pipe),
         lavit::serve::Limits {
@@ -287,10 +355,6 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
         },
     )
     .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     rt.block_on(lavit::serve::mark_ready(&server)).unwrap();
     let fm = data::FashionMnist::load(&data_dir()).unwrap();
     let mut named = 0;
@@ -333,4 +397,73 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
         let side = DemoConfig::quick().tokenizer.img_size as u32;
         assert_eq!((img.width(), img.height()), (side, side));
     }
+}
+
+/// The stage-1 ratio term pulls back an image whose selector dropped every patch: on such an
+/// image the straight-through Gumbel sample carries no gradient (the per-image squared term
+/// alone cannot move it), the probability term does.
+#[test]
+fn ratio_loss_pulls_a_collapsed_image_back() {
+    use lavit_selector::SelectionMode;
+    use lavit_selector::{selector_loss, Stage1Loss};
+    let loss = Stage1Loss {
+        rho: 1.0 / 3.0,
+        lambda: 2.0,
+        confidence_weight: 0.0,
+    };
+    let n = 49;
+    // keep-minus-drop margins: image 0 keeps with p = ρ, image 1 has collapsed (p ≈ 1e-13)
+    let margins = Tensor::from_slice(&[(0.5f32).ln(), -30.0])
+        .view([2, 1])
+        .repeat([1, n])
+        .set_requires_grad(true);
+    let grad_of = |new: bool| {
+        let lp =
+            Tensor::stack(&[&margins, &margins.zeros_like()], -1).log_softmax(-1, tch::Kind::Float);
+        let dec = SelectionMode::Gumbel { seed: 3, tau: 1.0 }.decide(&lp);
+        let ratio = if new {
+            selector_loss(&lp, &dec, &loss).0
+        } else {
+            (dec.mean_dim(1, false, tch::Kind::Float) - loss.rho)
+                .square()
+                .mean(tch::Kind::Float)
+                * loss.lambda
+        };
+        let g = Tensor::run_backward(&[ratio], &[&margins], false, false);
+        g[0].get(1).mean(tch::Kind::Float).double_value(&[])
+    };
+    let (new, old) = (grad_of(true), grad_of(false));
+    // λ ρ(1−ρ) · ½ · (ρ / N) ≈ 1.5e-3 per patch, towards keeping more
+    assert!(new < -1e-3, "collapsed image gradient {new}");
+    assert!(
+        old.abs() < 0.1 * new.abs(),
+        "squared term alone: {old}, with the anchor: {new}"
+    );
+}
+
+/// Every image keeps at least one token, whatever the selector scores.
+#[test]
+fn selection_keeps_at_least_one_token_per_image() {
+    use lavit_selector::{SelectionMode, MIN_KEPT};
+    let margins = Tensor::from_slice(&[-30.0f32, -20.0, -25.0, 5.0, -1.0, 3.0]).view([2, 3]);
+    let lp =
+        Tensor::stack(&[&margins, &margins.zeros_like()], -1).log_softmax(-1, tch::Kind::Float);
+    for mode in [
+        SelectionMode::Argmax,
+        SelectionMode::Gumbel { seed: 1, tau: 1.0 },
+    ] {
+        let d = mode.decide(&lp);
+        let counts = Vec::<f32>::try_from(d.sum_dim_intlist(1, false, tch::Kind::Float)).unwrap();
+        assert!(
+            counts.iter().all(|&c| c >= MIN_KEPT as f32),
+            "{mode:?}: {counts:?}"
+        );
+        // the collapsed image keeps its best-scoring patch
+        assert_eq!(d.get(0).double_value(&[1]), 1.0, "{mode:?}");
+    }
+    let keep = lavit_selector::keep_at_least(&Tensor::zeros([2, 3], tch::kind::FLOAT_CPU), &lp, 2);
+    assert_eq!(
+        Vec::<f32>::try_from(keep.view([-1])).unwrap(),
+        vec![0.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+    );
 }

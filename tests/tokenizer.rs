@@ -236,7 +236,8 @@ fn kept_ratio_responds_to_the_selector() {
     let none: i64 = tok.tokenize(&images).unwrap().counts.iter().sum();
     tch::no_grad(|| bias.shallow_clone().copy_(&orig));
     assert_eq!(all, n);
-    assert_eq!(none, 0);
+    // every image keeps at least its best patch, whatever the selector scores
+    assert_eq!(none, 3 * lavit_selector::MIN_KEPT);
     assert!(base > 0 && base < n, "fixture keeps {base} of {n}");
 }
 

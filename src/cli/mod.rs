@@ -3,6 +3,7 @@
 //! path, [`lavit::pipeline::Pipeline`]; the one-shot commands build it with [`one_shot`].
 pub mod caption;
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod parity;

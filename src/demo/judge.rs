@@ -129,6 +129,19 @@ impl Judge {
         losses
     }
 
+    /// The hidden layer (after `fc1` and ReLU) of [B, 1, 28, 28] images in [0, 1]: [B, hidden],
+    /// the embedding `lavit eval` computes FID over.
+    pub fn features(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let parts: Vec<Tensor> = x
+                .split(512, 0)
+                .iter()
+                .map(|c| self.body.forward(c))
+                .collect();
+            Tensor::cat(&parts, 0)
+        })
+    }
+
     /// Predicted classes of [B, 1, 28, 28] images in [0, 1].
     pub fn predict(&self, x: &Tensor) -> Vec<usize> {
         tch::no_grad(|| {
@@ -160,6 +173,26 @@ impl Judge {
 
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         super::save_vs(&self.vs, path)
+    }
+
+    /// Loads a judge file whose sizes are read from its tensors (`conv1.weight`
+    /// [c1, 1, 3, 3], `conv2.weight` [c2, c1, 3, 3], `fc1.weight` [hidden, c2·49]).
+    pub fn load_file(path: &Path) -> anyhow::Result<Self> {
+        let sd = lavit_runtime::checkpoint::load_path(path)?;
+        let dim = |key: &str, i: usize| -> anyhow::Result<i64> {
+            let t = sd.get(key).ok_or_else(|| {
+                anyhow::anyhow!("{}: no `{key}` tensor (not a judge file)", path.display())
+            })?;
+            t.size().get(i).copied().ok_or_else(|| {
+                anyhow::anyhow!("{}: `{key}` has shape {:?}", path.display(), t.size())
+            })
+        };
+        let cfg = JudgeConfig {
+            channels: (dim("conv1.weight", 0)?, dim("conv2.weight", 0)?),
+            hidden: dim("fc1.weight", 0)?,
+            ..Default::default()
+        };
+        Self::load(&cfg, path)
     }
 
     pub fn load(cfg: &JudgeConfig, path: &Path) -> anyhow::Result<Self> {

@@ -7,7 +7,9 @@
 //! the current configuration, so an interrupted demo resumes where it stopped.
 
 pub mod data;
+pub mod eval_data;
 pub mod judge;
+pub mod machine;
 pub mod progress;
 pub mod report;
 pub mod stage0;
@@ -138,6 +140,9 @@ pub struct DemoSummary {
     /// The whole run, wall clock.
     #[serde(default)]
     pub wall_seconds: f64,
+    /// The CPU, thread counts and libtorch build the run used.
+    #[serde(default)]
+    pub machine: machine::MachineInfo,
 }
 
 /// The resumable stage runner.
@@ -462,6 +467,14 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         )
     })?;
 
+    // The held-out set in `lavit eval`'s formats (`OUT/eval-data`).
+    eval_data::write(
+        &data.eval,
+        cfg.eval.images_per_class.max(1) as usize,
+        Some(&st.dir("judge").join("judge.safetensors")),
+        &opts.out.join("eval-data"),
+    )?;
+
     let summary = DemoSummary {
         judge_accuracy: judged.accuracy,
         stage0_accuracy: s0.accuracy,
@@ -478,6 +491,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         checkpoint: ckpt.clone(),
         seconds: st.seconds(),
         wall_seconds: started.elapsed().as_secs_f64(),
+        machine: machine::MachineInfo::detect(alone, threads as i32),
     };
     let curves: Vec<(String, Vec<f64>)> = [
         ("judge".to_string(), judged.losses.clone()),
@@ -660,6 +674,10 @@ fn write_report(
         "whole run (stage 1b beside stage 2 + judge)".to_string(),
         format!("{:.1}", summary.wall_seconds),
     ]);
+    html.table(&rows);
+    html.h2("Machine");
+    let mut rows = vec![vec!["what".to_string(), "value".into()]];
+    rows.extend(summary.machine.rows().into_iter().map(|(k, v)| vec![k, v]));
     html.table(&rows);
     html.write(
         &dir.join("index.html"),

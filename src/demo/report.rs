@@ -56,7 +56,7 @@ const PALETTE: [&str; 10] = [
     "#bcbd22", "#17becf",
 ];
 
-fn esc(s: &str) -> String {
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

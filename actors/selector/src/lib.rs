@@ -9,7 +9,9 @@ pub mod stage;
 pub mod token_merger;
 pub mod token_predictor;
 
-pub use selection::{gumbel_softmax_hard, keep_argmax, SelectionMode};
-pub use stage::{gather_kept, SelectorMergerStageModel, Stage1Loss, UnderstandingHead};
+pub use selection::{gumbel_softmax_hard, keep_argmax, keep_at_least, SelectionMode, MIN_KEPT};
+pub use stage::{
+    gather_kept, selector_loss, SelectorMergerStageModel, Stage1Loss, UnderstandingHead,
+};
 pub use token_merger::{TokenMerger, TokenMergerConfig};
 pub use token_predictor::TokenPredictor;

@@ -4,6 +4,10 @@
 //! defaults to the deterministic arg-max (keep where log p(keep) > log p(drop)) so the same
 //! image always gives the same tokens. Gumbel noise here comes from a seeded Rust RNG, so a
 //! seed reproduces the same decisions on any device.
+//!
+//! Either way an image keeps at least [`MIN_KEPT`] patches ([`keep_at_least`]): a selector that
+//! scores every patch of an image below "drop" would otherwise hand the merger, the LLM and
+//! the pixel decoder an empty sequence.
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{Kind, Tensor};
@@ -24,6 +28,35 @@ pub fn keep_argmax(log_probs: &Tensor) -> Tensor {
         .select(-1, 0)
         .gt_tensor(&log_probs.select(-1, 1))
         .to_kind(log_probs.kind())
+}
+
+/// Fewest patches any image keeps, in every selection mode (an empty token sequence describes
+/// nothing; LaVIT's inference keeps at least one).
+pub const MIN_KEPT: i64 = 1;
+
+/// Decisions [B, N] in which every image keeps at least `min` patches (clamped to N): an image
+/// that keeps fewer also keeps its best-scoring dropped patches, by the margin
+/// log p(keep) − log p(drop) of `log_probs` [B, N, 2]. The added keeps are constants; every
+/// other decision (and its straight-through gradient) is unchanged.
+pub fn keep_at_least(decisions: &Tensor, log_probs: &Tensor, min: i64) -> Tensor {
+    let n = decisions.size().last().copied().unwrap_or(0);
+    let min = min.clamp(0, n);
+    if min == 0 {
+        return decisions.shallow_clone();
+    }
+    let kept = decisions.detach().gt(0.5); // (B, N)
+    let counts = kept.sum_dim_intlist(1, true, Kind::Int64); // (B, 1)
+    if counts.min().int64_value(&[]) >= min {
+        return decisions.shallow_clone();
+    }
+    let margin = (log_probs.select(-1, 0) - log_probs.select(-1, 1)).detach(); // (B, N)
+    let dropped_margin = margin.masked_fill(&kept, f64::NEG_INFINITY);
+    let (_, best) = dropped_margin.topk(min, 1, true, true); // (B, min): dropped patches first
+    let need = (-counts + min).clamp_min(0); // (B, 1)
+    let rank = Tensor::arange(min, (Kind::Int64, decisions.device())).unsqueeze(0); // (1, min)
+    let take = rank.lt_tensor(&need).to_kind(decisions.kind()); // (B, min)
+    let added = decisions.detach().zeros_like().scatter(1, &best, &take); // (B, N)
+    decisions + added
 }
 
 /// Standard Gumbel noise −log(−log U) of `shape` from a seeded RNG, as float32 on `device`.
@@ -51,14 +84,16 @@ pub fn gumbel_softmax_hard(logits: &Tensor, tau: f64, seed: u64) -> Tensor {
 }
 
 impl SelectionMode {
-    /// log-probs [B, N, 2] → keep decisions [B, N] (differentiable in Gumbel mode).
+    /// log-probs [B, N, 2] → keep decisions [B, N] (differentiable in Gumbel mode), at
+    /// least [`MIN_KEPT`] per image.
     pub fn decide(&self, log_probs: &Tensor) -> Tensor {
-        match *self {
+        let raw = match *self {
             SelectionMode::Argmax => keep_argmax(log_probs),
             SelectionMode::Gumbel { seed, tau } => {
                 gumbel_softmax_hard(log_probs, tau, seed).select(-1, 0)
             }
-        }
+        };
+        keep_at_least(&raw, log_probs, MIN_KEPT)
     }
 }
 

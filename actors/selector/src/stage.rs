@@ -6,9 +6,9 @@
 //! fine-tuned with the LLM, used for understanding (image → text).
 //!
 //! In stage 1 it trains the selector and the merger: Gumbel keep decisions (hard forward,
-//! soft backward) at the batch's seed and temperature, and two loss terms: the kept ratio
-//! `λ · mean_b (ρ − mean_n M_bn)²` and the confidence term (mean binary entropy of the keep
-//! probability × its weight).
+//! soft backward) at the batch's seed and temperature, and the two loss terms of
+//! [`selector_loss`]: the per-image kept ratio (with a KL anchor on the keep probabilities, so
+//! a collapsing image is pulled back) and the confidence term.
 
 use std::path::Path;
 
@@ -85,6 +85,54 @@ impl UnderstandingHead {
         head.vs.freeze();
         Ok(head)
     }
+}
+
+/// The selector's stage-1 loss terms from its log-probs [B, N, 2] and keep decisions
+/// M [B, N]: (ratio, confidence).
+///
+/// ratio = λ · mean_b (ρ − mean_n M_bn)² + λ ρ(1−ρ) · mean_b KL(ρ ‖ q_b),
+/// q_b = mean_n p_bn, p = the keep probability (1 − q_b = the mean drop probability).
+///
+/// The first term is the paper's L_ratio = (ρ − (1/N) Σ_i M_i)² taken per image, as DynamicViT
+/// (which LaVIT's selector follows) computes it — not over the batch mean, which lets one
+/// class keep nothing while another keeps twice ρ. Its gradient reaches the selector through
+/// the straight-through Gumbel sample only, which saturates: once every patch of an image
+/// scores far below "drop" (as the trouser class did in a full demo run, 0.72 tokens per image
+/// on average), the term is large but no longer moves the selector. The second term is the
+/// same per-image target on the keep probabilities as a Bernoulli KL divergence; its gradient
+/// does not vanish as q_b → 0 (∂/∂ logit ≈ −ρ p_n / (N q_b) per patch), so a collapsing image
+/// is pulled back. Scaled by ρ(1−ρ) it equals λ (ρ − q_b)² / 2 to second order near ρ; both
+/// terms are 0 at q_b = mean_n M_bn = ρ.
+///
+/// confidence = weight · mean_{b,n} H(p_bn), the binary entropy of the keep probability.
+pub fn selector_loss(
+    log_probs: &Tensor,
+    decisions: &Tensor,
+    loss: &Stage1Loss,
+) -> (Tensor, Tensor) {
+    let rho = loss.rho;
+    let kept = decisions.mean_dim(1, false, Kind::Float); // (B,)
+    let sampled = (kept - rho).square().mean(Kind::Float);
+    // ln q_b and ln(1 − q_b) from the log-probs (log-sum-exp: exact and with a gradient even
+    // where every p_bn underflows), then ρ ln(ρ/q) + (1−ρ) ln((1−ρ)/(1−q)); a term whose
+    // weight is 0 (ρ = 0 or 1) is left out.
+    let ln_n = (log_probs.size()[1] as f64).ln();
+    let part = |w: f64, which: i64| {
+        let ln_mean = log_probs.select(-1, which).logsumexp([1], false) - ln_n; // (B,)
+        if w > 0.0 {
+            (ln_mean.neg() + w.ln()) * w
+        } else {
+            ln_mean.zeros_like()
+        }
+    };
+    let kl = part(rho, 0) + part(1.0 - rho, 1); // (B,)
+    let anchor = kl.mean(Kind::Float) * (rho * (1.0 - rho));
+    let ratio = (sampled + anchor) * loss.lambda;
+    let entropy = (log_probs.exp() * log_probs)
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .neg(); // (B, N)
+    let confidence = entropy.mean(Kind::Float) * loss.confidence_weight;
+    (ratio, confidence)
 }
 
 /// Stage-1 loss weights the SelectorMerger stage applies.
@@ -226,12 +274,7 @@ impl Trainable for SelectorMergerStageModel {
         if lr.is_some() {
             optim.lr = lr;
         }
-        let kept = dec.mean_dim(1, false, Kind::Float); // (B,)
-        let ratio = (kept - loss.rho).square().mean(Kind::Float) * loss.lambda;
-        let entropy = (log_probs.exp() * &log_probs)
-            .sum_dim_intlist(-1, false, Kind::Float)
-            .neg(); // (B, N)
-        let confidence = entropy.mean(Kind::Float) * loss.confidence_weight;
+        let (ratio, confidence) = selector_loss(&log_probs, &dec, loss);
         batch.losses.push((train_keys::LOSS_RATIO.into(), ratio));
         batch
             .losses
