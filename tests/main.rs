@@ -4,6 +4,7 @@ mod common;
 
 mod checkpoint;
 mod demo;
+mod dist;
 mod llm;
 mod pixel;
 mod plugins;
