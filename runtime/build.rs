@@ -27,7 +27,10 @@ fn main() {
         return;
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().expect("runtime/ lives in the workspace").to_path_buf();
+    let root = manifest
+        .parent()
+        .expect("runtime/ lives in the workspace")
+        .to_path_buf();
 
     let libtorch = var("LIBTORCH").map(PathBuf::from).unwrap_or_else(|| {
         fail(
@@ -96,7 +99,10 @@ fn gloo_include(root: &Path) -> PathBuf {
     let candidates: Vec<PathBuf> = var("LAVIT_GLOO_INCLUDE")
         .map(PathBuf::from)
         .into_iter()
-        .chain([root.join(".gloo/usr/include"), PathBuf::from("/usr/include")])
+        .chain([
+            root.join(".gloo/usr/include"),
+            PathBuf::from("/usr/include"),
+        ])
         .collect();
     for dir in &candidates {
         let probe = dir.join("gloo/rendezvous/store.h");

@@ -39,19 +39,24 @@ fn spawn_rank(
 ) -> Child {
     let exe = std::env::current_exe().expect("test binary path");
     let mut cmd = Command::new(exe);
-    cmd.args(["--exact", "dist::child_rank", "--nocapture", "--test-threads=1"])
-        .env("LAVIT_DIST_CHILD", scenario)
-        .env("LAVIT_DIST_OUT", out)
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("LAVIT_DIST_TIMEOUT_S", timeout_s.to_string())
-        .env_remove("TORCHELASTIC_USE_AGENT_STORE")
-        .env_remove("GLOO_SOCKET_IFNAME")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "--exact",
+        "dist::child_rank",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("LAVIT_DIST_CHILD", scenario)
+    .env("LAVIT_DIST_OUT", out)
+    .env("RANK", rank.to_string())
+    .env("LOCAL_RANK", rank.to_string())
+    .env("WORLD_SIZE", world.to_string())
+    .env("MASTER_ADDR", "127.0.0.1")
+    .env("MASTER_PORT", port.to_string())
+    .env("LAVIT_DIST_TIMEOUT_S", timeout_s.to_string())
+    .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+    .env_remove("GLOO_SOCKET_IFNAME")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -112,6 +117,26 @@ fn run_ranks(scenario: &str, world: usize, limit: Duration, out: &Path) -> Vec<S
     done.into_iter().map(|f| f.output).collect()
 }
 
+/// The rest of the line where a child printed `marker` (libtest may have printed
+/// `test dist::child_rank ... ` before it on the same line).
+fn report_line<'a>(output: &'a str, marker: &str) -> &'a str {
+    let at = output
+        .find(marker)
+        .unwrap_or_else(|| panic!("no `{marker}` in:\n{output}"));
+    output[at..].lines().next().unwrap_or_default()
+}
+
+/// (seconds, line) of a child's `failed as expected after X s: ...`.
+fn failure_report(output: &str) -> (f64, String) {
+    let line = report_line(output, "failed as expected after ");
+    let secs = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    (secs, line.to_string())
+}
+
 // ---------------------------------------------------------------------------------------
 // The tests (parents).
 
@@ -152,16 +177,8 @@ fn dead_rank_fails_the_job_within_the_timeout() {
     std::fs::write(dir.path().join("killed"), b"").unwrap();
     let f = finish(r0, Instant::now() + Duration::from_secs_f64(timeout + 30.0));
     assert!(f.ok, "rank 0:\n{}", f.output);
-    let line = f
-        .output
-        .lines()
-        .find(|l| l.starts_with("failed as expected"))
-        .unwrap_or_else(|| panic!("no failure report:\n{}", f.output));
-    let secs: f64 = line
-        .split_whitespace()
-        .nth(4)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+    let (secs, line) = failure_report(&f.output);
+    eprintln!("dead rank: {line}");
     assert!(secs < timeout, "{line}");
 }
 
@@ -179,12 +196,8 @@ fn stuck_rank_times_out() {
     let f1 = finish(r1, deadline);
     assert!(f0.ok, "rank 0:\n{}", f0.output);
     assert!(f1.ok, "rank 1:\n{}", f1.output);
-    let line = f0
-        .output
-        .lines()
-        .find(|l| l.starts_with("failed as expected"))
-        .unwrap_or_else(|| panic!("no failure report:\n{}", f0.output));
-    let secs: f64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+    let (secs, line) = failure_report(&f0.output);
+    eprintln!("stuck rank: {line}");
     assert!(secs >= timeout - 0.5 && secs < timeout + 5.0, "{line}");
 }
 
@@ -207,7 +220,10 @@ fn two_ranks_train_like_one_rank_with_twice_the_batch() {
         load("w2-r1.safetensors"),
         load("w1-r0.safetensors"),
     );
-    let (init0, init1) = (load("init-w2-r0.safetensors"), load("init-w2-r1.safetensors"));
+    let (init0, init1) = (
+        load("init-w2-r0.safetensors"),
+        load("init-w2-r1.safetensors"),
+    );
     assert_eq!(r0.len(), 4);
     // The ranks started apart (so the broadcast from rank 0 had work to do).
     assert!(init0.iter().zip(&init1).any(|((_, a), (_, b))| !a.equal(b)));
@@ -218,19 +234,22 @@ fn two_ranks_train_like_one_rank_with_twice_the_batch() {
         // Both ranks hold exactly the same weights...
         assert!(a.equal(b), "{name}: ranks disagree");
         // ...which the 10 steps moved away from rank 0's initialisation...
-        assert!(!a.allclose(&init0[i].1, 1e-4, 1e-4, false), "{name}: did not train");
+        assert!(
+            !a.allclose(&init0[i].1, 1e-4, 1e-4, false),
+            "{name}: did not train"
+        );
         // ...to where one rank with the whole batch went.
-        let rel = (a - s).abs().max().double_value(&[])
-            / s.abs().max().double_value(&[]).max(1e-12);
+        let rel =
+            (a - s).abs().max().double_value(&[]) / s.abs().max().double_value(&[]).max(1e-12);
         worst = worst.max(rel);
     }
     assert!(worst <= 1e-5, "max relative parameter difference {worst:e}");
     let rate = |outs: &[String]| -> (f64, f64) {
-        let l = outs[0]
-            .lines()
-            .find(|l| l.starts_with("timing"))
-            .unwrap_or_else(|| panic!("{}", outs[0]));
-        let f: Vec<f64> = l.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        let l = report_line(&outs[0], "timing ");
+        let f: Vec<f64> = l
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
         (f[0], f[1])
     };
     let ((sps2, comm2), (sps1, _)) = (rate(&two), rate(&one));
@@ -274,7 +293,7 @@ fn floats(t: &Tensor) -> Vec<f64> {
 fn collectives(pg: &ProcessGroup) {
     let (r, w) = (pg.rank() as f64, pg.world_size() as f64);
     let tri = w * (w + 1.0) / 2.0; // Σ (rank + 1)
-    // all_reduce: sum, max, min, on floats and integers.
+                                   // all_reduce: sum, max, min, on floats and integers.
     let mut t = Tensor::from_slice(&[r + 1.0, 10.0 * (r + 1.0)]).to_kind(Kind::Float);
     pg.all_reduce(&mut t, ReduceOp::Sum).unwrap();
     assert_eq!(floats(&t), [tri, 10.0 * tri]);
@@ -298,7 +317,10 @@ fn collectives(pg: &ProcessGroup) {
     // broadcast_named: every rank gets rank 0's tensors, whatever order it lists them in.
     let x = Tensor::full([2, 2], r + 5.0, (Kind::Float, Device::Cpu));
     let y = Tensor::full([3], -r, (Kind::Double, Device::Cpu));
-    let mut named = vec![("x".to_string(), x.shallow_clone()), ("y".to_string(), y.shallow_clone())];
+    let mut named = vec![
+        ("x".to_string(), x.shallow_clone()),
+        ("y".to_string(), y.shallow_clone()),
+    ];
     if pg.rank() == 1 {
         named.reverse();
     }
@@ -308,8 +330,12 @@ fn collectives(pg: &ProcessGroup) {
     // Statistics of several dtypes in one call (EMA codebook counts and sums).
     let counts = Tensor::from_slice(&[1i64, 2, 3]) * (pg.rank() as i64 + 1);
     let sums = Tensor::full([4, 2], r, (Kind::Float, Device::Cpu));
-    dist::all_reduce_tensors(pg, &[counts.shallow_clone(), sums.shallow_clone()], ReduceOp::Sum)
-        .unwrap();
+    dist::all_reduce_tensors(
+        pg,
+        &[counts.shallow_clone(), sums.shallow_clone()],
+        ReduceOp::Sum,
+    )
+    .unwrap();
     assert_eq!(
         Vec::<i64>::try_from(&counts).unwrap(),
         [tri as i64, 2 * tri as i64, 3 * tri as i64]
@@ -344,8 +370,13 @@ fn collectives(pg: &ProcessGroup) {
     assert!(!c.grad().defined());
     // Ranks that disagree on the parameter set are told so (on every rank).
     let shape = if pg.rank() == 0 { [2] } else { [3] };
-    let odd = vec![("p".to_string(), Tensor::zeros(shape, (Kind::Float, Device::Cpu)))];
-    let e = GradSync::new(pg, odd, DEFAULT_BUCKET_BYTES).unwrap_err().to_string();
+    let odd = vec![(
+        "p".to_string(),
+        Tensor::zeros(shape, (Kind::Float, Device::Cpu)),
+    )];
+    let e = GradSync::new(pg, odd, DEFAULT_BUCKET_BYTES)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("differ"), "{e}");
     // The store, and a barrier.
     if pg.rank() == 0 {
@@ -396,7 +427,10 @@ fn stuck(pg: &ProcessGroup) {
     let e = pg
         .all_reduce(&mut t, ReduceOp::Sum)
         .expect_err("a collective with a stuck peer must time out");
-    println!("failed as expected after {:.3} s: {e}", t0.elapsed().as_secs_f64());
+    println!(
+        "failed as expected after {:.3} s: {e}",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// Per-rank batch of the timing run.
@@ -405,7 +439,12 @@ const TIMING_BATCH: usize = 64;
 fn mlp(vs: &nn::Path, dims: &[i64]) -> nn::Sequential {
     let mut s = nn::seq();
     for (i, w) in dims.windows(2).enumerate() {
-        s = s.add(nn::linear(vs / format!("fc{i}"), w[0], w[1], Default::default()));
+        s = s.add(nn::linear(
+            vs / format!("fc{i}"),
+            w[0],
+            w[1],
+            Default::default(),
+        ));
         if i + 2 < dims.len() {
             s = s.add_fn(|x| x.relu());
         }
@@ -427,11 +466,15 @@ fn train_run(
     tch::manual_seed(1234);
     let n = 4 * per_rank_batch * w * 2;
     let xs = Tensor::randn([n as i64, dims[0]], (Kind::Float, Device::Cpu));
-    let ys = Tensor::randint(*dims.last().unwrap(), [n as i64], (Kind::Int64, Device::Cpu));
+    let ys = Tensor::randint(
+        *dims.last().unwrap(),
+        [n as i64],
+        (Kind::Int64, Device::Cpu),
+    );
     tch::manual_seed(100 + pg.rank() as i64);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = mlp(&vs.root(), dims);
-    if let (Some(o), Some(_)) = (out, (pg.world_size() == 2).then_some(())) {
+    if let Some(o) = out.filter(|_| pg.world_size() == 2) {
         let vars = dist::var_store_tensors(&vs);
         Tensor::write_safetensors(&vars, o.join(format!("init-w2-r{}.safetensors", pg.rank())))
             .unwrap();

@@ -332,7 +332,10 @@ mod tests {
         let b = Tensor::arange(4, (Kind::Float, tch::Device::Cpu)) + 10.0;
         let flat = flatten(&[&a, &b], "t").unwrap() * 2.0;
         unflatten_into(&flat, &[&a, &b], "t").unwrap();
-        assert_eq!(Vec::<f32>::try_from(a.view([-1])).unwrap(), [0., 2., 4., 6., 8., 10.]);
+        assert_eq!(
+            Vec::<f32>::try_from(a.view([-1])).unwrap(),
+            [0., 2., 4., 6., 8., 10.]
+        );
         assert_eq!(Vec::<f32>::try_from(&b).unwrap(), [20., 22., 24., 26.]);
     }
 

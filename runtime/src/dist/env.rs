@@ -47,7 +47,13 @@ pub struct DistEnv {
     pub launcher: Launcher,
 }
 
-const TORCHRUN_VARS: [&str; 5] = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"];
+const TORCHRUN_VARS: [&str; 5] = [
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
 
 impl DistEnv {
     /// One process, no launcher.
@@ -141,7 +147,12 @@ impl DistEnv {
         let local_rank = match get("SLURM_LOCALID") {
             Some(_) => parse_index(get, "SLURM_LOCALID", world_size, "SLURM_NTASKS")?,
             None if world_size == 1 => 0,
-            None => return Err(env_err("SLURM_LOCALID", "not set (run the ranks with srun)")),
+            None => {
+                return Err(env_err(
+                    "SLURM_LOCALID",
+                    "not set (run the ranks with srun)",
+                ))
+            }
         };
         let master_addr = if get("MASTER_ADDR").is_some() {
             parse_host(get, "MASTER_ADDR")?
@@ -268,10 +279,7 @@ fn parse_index(
             var,
             format!("{i} is out of range: {world_var} is {world} (ranks 0..{world})"),
         )),
-        Err(_) => Err(env_err(
-            var,
-            format!("`{v}` is not a non-negative integer"),
-        )),
+        Err(_) => Err(env_err(var, format!("`{v}` is not a non-negative integer"))),
     }
 }
 
@@ -279,10 +287,7 @@ fn parse_port(get: &impl Fn(&str) -> Option<String>, var: &str) -> Result<u16> {
     let v = get(var).unwrap_or_default();
     match v.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(env_err(
-            var,
-            format!("`{v}` is not a TCP port (1..65535)"),
-        )),
+        _ => Err(env_err(var, format!("`{v}` is not a TCP port (1..65535)"))),
     }
 }
 
@@ -291,8 +296,7 @@ fn parse_host(get: &impl Fn(&str) -> Option<String>, var: &str) -> Result<String
     let h = v.trim();
     let ok = !h.is_empty()
         && h.len() <= 253
-        && h
-            .chars()
+        && h.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
     if ok {
         Ok(h.to_string())
@@ -369,11 +373,7 @@ fn split_top_level(list: &str) -> std::result::Result<Vec<String>, String> {
 }
 
 /// One entry: literal parts and bracket groups, expanded as their cartesian product.
-fn expand_item(
-    item: &str,
-    limit: usize,
-    out: &mut Vec<String>,
-) -> std::result::Result<(), String> {
+fn expand_item(item: &str, limit: usize, out: &mut Vec<String>) -> std::result::Result<(), String> {
     // Parts: each a list of alternatives (a literal is a list of one).
     let mut parts: Vec<Vec<String>> = Vec::new();
     let mut rest = item;
@@ -393,7 +393,12 @@ fn expand_item(
         if out.len() >= limit {
             return Ok(());
         }
-        out.push(idx.iter().zip(&parts).map(|(&i, p)| p[i].as_str()).collect());
+        out.push(
+            idx.iter()
+                .zip(&parts)
+                .map(|(&i, p)| p[i].as_str())
+                .collect(),
+        );
         // Odometer, last part fastest (Slurm's order).
         let mut k = parts.len();
         loop {
@@ -415,7 +420,8 @@ fn expand_ranges(body: &str, limit: usize) -> std::result::Result<Vec<String>, S
     let mut vals = Vec::new();
     for r in body.split(',') {
         let (lo, hi) = r.split_once('-').unwrap_or((r, r));
-        let digits = |s: &str| !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit());
         if !digits(lo) || !digits(hi) {
             return Err(format!("`[{body}]`: `{r}` is not a number or a range a-b"));
         }
@@ -514,7 +520,10 @@ mod tests {
         let e = with("LOCAL_RANK", "x");
         assert!(e.contains("`LOCAL_RANK`"), "{e}");
         let e = err_of(&[("RANK", "0"), ("WORLD_SIZE", "2")]);
-        assert!(e.contains("`LOCAL_RANK`") && e.contains("MASTER_PORT"), "{e}");
+        assert!(
+            e.contains("`LOCAL_RANK`") && e.contains("MASTER_PORT"),
+            "{e}"
+        );
         let mut v = TORCHRUN.to_vec();
         v.push(("TORCHELASTIC_USE_AGENT_STORE", "maybe"));
         assert!(err_of(&v).contains("`TORCHELASTIC_USE_AGENT_STORE`"));
@@ -551,14 +560,20 @@ mod tests {
             ("SLURM_NTASKS", "2"),
             ("SLURM_NODELIST", "x1"),
         ]);
-        assert!(e.contains("`SLURM_PROCID`") && e.contains("SLURM_NTASKS is 2"), "{e}");
+        assert!(
+            e.contains("`SLURM_PROCID`") && e.contains("SLURM_NTASKS is 2"),
+            "{e}"
+        );
         let e = err_of(&[
             ("SLURM_PROCID", "0"),
             ("SLURM_LOCALID", "0"),
             ("SLURM_NTASKS", "2"),
             ("SLURM_JOB_NODELIST", "x[1-"),
         ]);
-        assert!(e.contains("`SLURM_JOB_NODELIST`") && e.contains("x[1-"), "{e}");
+        assert!(
+            e.contains("`SLURM_JOB_NODELIST`") && e.contains("x[1-"),
+            "{e}"
+        );
         let e = err_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]);
         assert!(e.contains("`SLURM_LOCALID`"), "{e}");
     }
@@ -578,9 +593,17 @@ mod tests {
             ["r1-n1", "r1-n2", "r2-n1", "r2-n2", "x"]
         );
         assert_eq!(ex("a[1-3]b,c").unwrap(), ["a1b", "a2b", "a3b", "c"]);
-        assert_eq!(expand_hostlist("n[1-100000]", 3).unwrap(), ["n1", "n2", "n3"]);
-        assert_eq!(first_host("gpu-a100-[003-010],gpu-h100-1").unwrap(), "gpu-a100-003");
-        for bad in ["n[1-2", "n]1", "n[2-1]", "n[a]", "n[1-2]]", "a,,b", "n[[1]]", "n[]", ""] {
+        assert_eq!(
+            expand_hostlist("n[1-100000]", 3).unwrap(),
+            ["n1", "n2", "n3"]
+        );
+        assert_eq!(
+            first_host("gpu-a100-[003-010],gpu-h100-1").unwrap(),
+            "gpu-a100-003"
+        );
+        for bad in [
+            "n[1-2", "n]1", "n[2-1]", "n[a]", "n[1-2]]", "a,,b", "n[[1]]", "n[]", "",
+        ] {
             assert!(expand_hostlist(bad, 100).is_err(), "{bad} accepted");
         }
     }
@@ -590,7 +613,10 @@ mod tests {
         assert_eq!(shard_range(8, 0, 2).unwrap(), 0..4);
         assert_eq!(shard_range(8, 1, 2).unwrap(), 4..8);
         assert_eq!(shard_range(6, 2, 3).unwrap(), 4..6);
-        assert!(shard_range(7, 0, 2).unwrap_err().to_string().contains("evenly"));
+        assert!(shard_range(7, 0, 2)
+            .unwrap_err()
+            .to_string()
+            .contains("evenly"));
         assert!(shard_range(8, 2, 2).is_err());
     }
 }

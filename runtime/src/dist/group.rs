@@ -356,7 +356,8 @@ impl ProcessGroup {
     fn in_place(&self, t: &mut Tensor, what: &str, op: impl FnOnce(Tensor) -> Op) -> Result<()> {
         let bytes = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         if t.is_contiguous() {
-            self.call(what, op(t.shallow_clone()), Some(bytes)).map(|_| ())
+            self.call(what, op(t.shallow_clone()), Some(bytes))
+                .map(|_| ())
         } else {
             let buf = t
                 .f_contiguous()
@@ -500,7 +501,10 @@ fn connect(env: &DistEnv, opts: &GroupOptions) -> std::result::Result<Handles, S
     let mut group: *mut c_void = std::ptr::null_mut();
     let r = match opts.backend {
         Backend::Gloo => {
-            let iface = cstring("GLOO_SOCKET_IFNAME", opts.gloo_interface.as_deref().unwrap_or(""))?;
+            let iface = cstring(
+                "GLOO_SOCKET_IFNAME",
+                opts.gloo_interface.as_deref().unwrap_or(""),
+            )?;
             let hostname = if opts.gloo_interface.is_none() && is_loopback(&env.master_addr) {
                 "127.0.0.1"
             } else {
@@ -571,10 +575,8 @@ fn serve(h: Handles, rx: mpsc::Receiver<Job>, timeout: Duration) {
                 ffi::lvd_pg_broadcast(h.group, t.as_mut_ptr().cast(), root as i32, timeout_ms)
             })
             .map(|_| Reply::Done),
-            Op::Barrier => {
-                ffi::take_error(unsafe { ffi::lvd_pg_barrier(h.group, timeout_ms) })
-                    .map(|_| Reply::Done)
-            }
+            Op::Barrier => ffi::take_error(unsafe { ffi::lvd_pg_barrier(h.group, timeout_ms) })
+                .map(|_| Reply::Done),
             Op::SetGrad(p, g) => set_grad_now(p, g).map(|_| Reply::Done),
             Op::StoreSet(k, v) => cstring("key", &k).and_then(|k| {
                 ffi::take_error(unsafe {
