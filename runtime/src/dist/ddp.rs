@@ -263,8 +263,7 @@ fn unflatten_into(flat: &Tensor, ts: &[&Tensor], what: &str) -> Result<()> {
             .and_then(|p| p.f_view(t.size().as_slice()))
             .ctx(format!("{what}: unflattening a bucket"))?;
         let mut dst = t.shallow_clone();
-        let _ = dst
-            .f_copy_(&piece)
+        dst.f_copy_(&piece)
             .ctx(format!("{what}: unflattening a bucket"))?;
         off += n;
     }

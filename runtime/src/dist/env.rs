@@ -242,7 +242,7 @@ pub fn shard_range(global_len: usize, rank: usize, world: usize) -> Result<Range
             "shard: rank {rank} is not in a world of {world}"
         )));
     }
-    if global_len % world != 0 {
+    if !global_len.is_multiple_of(world) {
         return Err(Error::invalid(format!(
             "shard: a global batch of {global_len} does not split evenly over {world} ranks (use a per-rank batch × {world})"
         )));
