@@ -55,3 +55,19 @@ if [ "${1:-}" = "--data" ]; then
     apt_install "${need[@]}"
   fi
 fi
+
+# Gloo's headers (lavit-runtime's c10d shim compiles against libtorch's
+# ProcessGroupGloo.hpp, which includes them; the wheel ships gloo's code inside
+# libtorch_cpu.so but not its headers). Debian's libgloo-dev is unpacked, not installed,
+# into .gloo/ (gitignored); runtime/build.rs looks there. Headers only: nothing of
+# Debian's gloo is linked (see README, "Scaling out").
+if [ ! -f .gloo/usr/include/gloo/rendezvous/store.h ] && [ ! -f /usr/include/gloo/rendezvous/store.h ]; then
+  echo "setup: unpacking gloo headers (Debian libgloo-dev) into .gloo/" >&2
+  tmp=$(mktemp -d)
+  ( cd "$tmp" && apt-get download libgloo-dev >/dev/null 2>&1 ) \
+    || { $SUDO apt-get update -qq && ( cd "$tmp" && apt-get download libgloo-dev >/dev/null ); }
+  rm -rf .gloo && mkdir -p .gloo
+  dpkg -x "$tmp"/libgloo-dev_*.deb .gloo
+  rm -rf "$tmp"
+  [ -f .gloo/usr/include/gloo/rendezvous/store.h ] || { echo "setup: gloo headers missing after unpacking libgloo-dev" >&2; exit 1; }
+fi

@@ -5,6 +5,7 @@ mod common;
 mod checkpoint;
 mod config;
 mod demo;
+mod dist;
 mod eval;
 mod llm;
 mod pixel;

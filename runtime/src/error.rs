@@ -39,6 +39,10 @@ pub enum Error {
         #[source]
         source: tch::TchError,
     },
+    /// A collective of the data-parallel process group failed (a peer died, timed out, or
+    /// the ranks disagree); the job must stop.
+    #[error("collective {op} failed: {msg}")]
+    Collective { op: String, msg: String },
     /// Invalid input (an image, a request field, a tensor shape) with what was expected.
     #[error("{0}")]
     Invalid(String),

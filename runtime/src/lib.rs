@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod layout;
 pub mod manifest;
