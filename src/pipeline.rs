@@ -112,8 +112,7 @@ impl PipelineConfig {
     /// `[plugins]` table; a relative `placement_file`, `checkpoint` or plugin path is resolved
     /// against the file's folder.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = lavit_runtime::fsread::read_config(path)?;
         let value: toml::Value =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let table = value

@@ -4,6 +4,8 @@ mod common;
 
 mod checkpoint;
 mod demo;
+mod fuzz;
+mod hostile;
 mod llm;
 mod pixel;
 mod plugins;

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fsread;
 pub mod manifest;
 pub mod parity;
 pub mod plugin_host;

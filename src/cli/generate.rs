@@ -96,6 +96,8 @@ pub fn run(a: Args) -> Result<()> {
         Kind::Float
     };
     let (_llm_vs, llm) = LlamaForCausalLM::from_pretrained(&lm, device, kind)?;
+    let origin = a.checkpoint.join("manifest.json").display().to_string();
+    manifest.check_context(&origin, llm.config.max_position_embeddings)?;
     let sp = SentencePiece::from_file(&lm.join("tokenizer.model"))?;
     let vocab = UnifiedVocab::from(&manifest.llm);
     let parts = LoadParts {

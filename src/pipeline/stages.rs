@@ -1168,8 +1168,7 @@ pub fn stage1_builders(
 fn native_size(dir: &Path, resolution: Resolution) -> anyhow::Result<(usize, usize)> {
     let folder = dir.join(resolution.folder());
     let read = |p: PathBuf| -> anyhow::Result<serde_json::Value> {
-        let text =
-            std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        let text = lavit_runtime::fsread::read_config(&p)?;
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
     };
     let unet = read(folder.join("unet/config.json"))?;
