@@ -499,12 +499,24 @@ pub fn image_seeds() -> Vec<Vec<u8>> {
 
 // ------------------------------------------------------------------------- tests
 
+/// A temp folder in memory when the machine has one (`/dev/shm`): the file targets write
+/// one file per case, and a busy disk would dominate their time.
+fn fast_tmp() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(t) = tempfile::tempdir_in(shm) {
+            return t;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
 #[test]
 fn fuzz_pickle_reader() {
     let seeds = pickle_seeds();
     run_target("pickle", 1, &seeds, cases(), pickle_target);
     let zips = torch_zip_seeds();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = fast_tmp();
     run_target("torch_zip", 2, &zips, cases(), |d| {
         torch_zip_target(tmp.path(), d)
     });
@@ -512,12 +524,12 @@ fn fuzz_pickle_reader() {
 
 #[test]
 fn fuzz_safetensors_and_index_loader() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = fast_tmp();
     let seeds = safetensors_seeds(tmp.path());
     run_target("safetensors", 3, &seeds, cases(), |d| {
         safetensors_target(tmp.path(), d)
     });
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fast_tmp();
     let seeds = index_seeds(dir.path());
     run_target("index", 4, &seeds, cases(), |d| index_target(dir.path(), d));
 }
@@ -530,7 +542,7 @@ fn fuzz_sentencepiece_reader_and_normaliser() {
 
 #[test]
 fn fuzz_config_validators() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = fast_tmp();
     for (i, kind) in [
         ConfigKind::Manifest,
         ConfigKind::Llama,
@@ -567,7 +579,7 @@ fn fuzz_image_decoder_front() {
 #[test]
 fn fuzz_regressions_replay() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = fast_tmp();
     let _ = index_seeds(tmp.path());
     let mut n = 0;
     let Ok(dirs) = std::fs::read_dir(&root) else {

@@ -709,6 +709,34 @@ fn write_hostile_regression_files() {
         sentencepiece_model(&split_utf8_charsmap()),
     )
     .unwrap();
+    // The bombs too, for measuring by hand (`/usr/bin/time -v lavit inspect FILE`).
+    if let Ok(out) = std::env::var("LAVIT_HOSTILE_OUT") {
+        let out = Path::new(&out);
+        std::fs::create_dir_all(out).unwrap();
+        let f4 = 1.0f32.to_le_bytes().to_vec();
+        write_torch_zip(&out.join("memo_bomb.bin"), &memo_bomb(), &[]);
+        write_torch_zip(
+            &out.join("keys.bin"),
+            &nested_key_bomb(),
+            &[("0", f4.clone(), false)],
+        );
+        let mut k = Pkl::new();
+        k.op(b"}")
+            .str("w")
+            .tensor("0", 1, &[1 << 20, 1 << 20], &[0, 0])
+            .op(b"s");
+        write_torch_zip(&out.join("stride0.bin"), &k.end(), &[("0", f4, false)]);
+        let mut k = Pkl::new();
+        k.op(b"}")
+            .str("w")
+            .tensor("0", 1 << 31, &[1 << 31], &[1])
+            .op(b"s");
+        write_torch_zip(
+            &out.join("deflate8g.bin"),
+            &k.end(),
+            &[("0", vec![0u8; 1 << 30], true)],
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -740,7 +768,9 @@ mod kill {
             .add(nn::linear(&root / "fc3", 256, 1, Default::default()));
         // Weights from a closed form, not the global generator: every process agrees.
         tch::no_grad(|| {
-            for (i, (_, mut v)) in vs.variables().into_iter().enumerate() {
+            let mut vars: Vec<_> = vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (i, (_, mut v)) in vars.into_iter().enumerate() {
                 let n = v.numel() as i64;
                 let w = Tensor::arange(n, (Kind::Float, Device::Cpu))
                     .f_mul_scalar(0.618 + i as f64)
@@ -841,11 +871,11 @@ mod kill {
                     out.read_line(&mut line).unwrap() > 0,
                     "trial {t}: the child ended early"
                 );
-                if line.starts_with("READY") {
+                if line.contains("READY") {
                     break;
                 }
             }
-            std::thread::sleep(Duration::from_micros(rng.below(150_000) as u64));
+            std::thread::sleep(Duration::from_micros(rng.below(800_000) as u64));
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
             // Torn folders (no marker) may be left; `latest` must skip them.
@@ -898,7 +928,7 @@ mod kill {
         let trials = std::env::var("LAVIT_KILL_TRIALS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(20);
+            .unwrap_or(12);
         let (_, last) = kill_trials(trials, 42);
         assert!(last > 0, "no checkpoint was ever committed");
     }

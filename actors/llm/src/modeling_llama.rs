@@ -573,15 +573,17 @@ fn check_shapes(
     for (k, shape) in want {
         match sd.get(k) {
             Some(t) if t.size() == *shape => {}
-            Some(t) => return Err(Error::config(
-                cfg_path.display().to_string(),
-                "(shapes)",
-                format!(
+            Some(t) => {
+                return Err(Error::config(
+                    cfg_path.display().to_string(),
+                    "(shapes)",
+                    format!(
                     "the config implies `{k}` of shape {shape:?}, the checkpoint in {} holds {:?}",
                     dir.display(),
                     t.size()
                 ),
-            )),
+                ))
+            }
             None => {
                 return Err(Error::config(
                     cfg_path.display().to_string(),
