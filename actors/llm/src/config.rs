@@ -238,9 +238,9 @@ impl LlamaConfig {
                 ));
             }
         }
-        if !(self.rope_theta().is_finite() && self.rope_theta() > 0.0)
-            || !(self.rms_norm_eps.is_finite() && (0.0..1.0).contains(&self.rms_norm_eps))
-        {
+        let theta_ok = self.rope_theta().is_finite() && self.rope_theta() > 0.0;
+        let eps_ok = self.rms_norm_eps.is_finite() && (0.0..1.0).contains(&self.rms_norm_eps);
+        if !(theta_ok && eps_ok) {
             return Err(Error::config(
                 origin,
                 "rope_theta/rms_norm_eps",
