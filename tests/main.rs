@@ -7,6 +7,8 @@ mod config;
 mod demo;
 mod dist;
 mod eval;
+mod fuzz;
+mod hostile;
 mod llm;
 mod pixel;
 mod plugins;

@@ -98,7 +98,7 @@ where
         return from_value(value, &origins);
     };
     let file_origin = path.display().to_string();
-    if !path.is_file() {
+    if !path.exists() {
         return Err(Error::config(&file_origin, "-", "no such config file"));
     }
     let format = match path.extension().and_then(|e| e.to_str()) {
@@ -112,7 +112,10 @@ where
             ))
         }
     };
-    let file_source = config::File::from(path).format(format).required(true);
+    // Read through the capped reader (a regular file, size-checked first: never a FIFO or
+    // a device), then parsed from memory.
+    let text = crate::fsread::read_config(path)?;
+    let file_source = config::File::from_str(&text, format);
     let to_json = |b: config::ConfigBuilder<config::builder::DefaultState>| {
         b.build()
             .and_then(|c| c.try_deserialize::<serde_json::Value>())

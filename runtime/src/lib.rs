@@ -8,6 +8,7 @@ pub mod config;
 pub mod device;
 pub mod dist;
 pub mod error;
+pub mod fsread;
 pub mod layout;
 pub mod manifest;
 pub mod parity;

@@ -639,7 +639,7 @@ impl TokenizerPlugins {
 /// The top-level `[plugins]` table of a TOML config file (serving, training or a file of
 /// its own), paths resolved against the file's folder; empty when the file has none.
 pub fn plugins_section(path: &Path) -> crate::Result<PluginsConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+    let text = crate::fsread::read_config(path)?;
     let value: toml::Value = toml::from_str(&text)
         .map_err(|e| crate::Error::config(path.display().to_string(), "plugins", e.to_string()))?;
     let cfg: PluginsConfig = match value.get("plugins") {

@@ -236,7 +236,7 @@ impl Default for Placement {
 impl Placement {
     /// Read a placement file: a TOML table `[placement]` (or the keys at top level).
     pub fn from_file(path: &Path) -> crate::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+        let text = crate::fsread::read_config(path)?;
         Self::from_toml(&text, &path.display().to_string())
     }
 

@@ -87,6 +87,133 @@ impl FeatureDecoderConfig {
     }
 }
 
+impl FeatureDecoderConfig {
+    /// Sizes positive and under the caps of [`lavit_runtime::manifest::caps`], heads dividing
+    /// widths (`num_heads` | `embed_dim`, `attnpool_heads` | `decoder_out_dim`).
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        use lavit_runtime::manifest::caps::{MAX_DEPTH, MAX_MLP_RATIO, MAX_PATCHES, MAX_WIDTH};
+        let bad = |key: &str, msg: String| Err(Error::config(origin, key, msg));
+        for (key, v, max) in [
+            ("in_chans", self.in_chans, MAX_WIDTH),
+            ("embed_dim", self.embed_dim, MAX_WIDTH),
+            ("depth", self.depth, MAX_DEPTH),
+            ("heads", self.num_heads, MAX_WIDTH),
+            ("num_patches", self.num_patches, MAX_PATCHES),
+            ("decoder_out_dim", self.decoder_out_dim, MAX_WIDTH),
+            ("lowres_unet_proj", self.lowres_unet_proj, MAX_WIDTH),
+            ("highres_unet_proj_1", self.highres_unet_proj_1, MAX_WIDTH),
+            ("highres_unet_proj_2", self.highres_unet_proj_2, MAX_WIDTH),
+            ("highres_attnpool_heads", self.attnpool_heads, MAX_WIDTH),
+        ] {
+            if v <= 0 || v > max {
+                return bad(key, format!("must be in 1..={max}, got {v}"));
+            }
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.mlp_ratio <= MAX_MLP_RATIO)
+            || self.mlp_hidden() < 1
+        {
+            return bad("mlp_ratio", format!("{} is not usable", self.mlp_ratio));
+        }
+        if !(self.norm_eps.is_finite() && (0.0..1.0).contains(&self.norm_eps)) {
+            return bad("norm_eps", format!("{} is not in [0, 1)", self.norm_eps));
+        }
+        if self.embed_dim % self.num_heads != 0 {
+            return bad(
+                "heads",
+                format!(
+                    "{} heads do not divide embed_dim {}",
+                    self.num_heads, self.embed_dim
+                ),
+            );
+        }
+        if self.decoder_out_dim % self.attnpool_heads != 0 {
+            return bad(
+                "highres_attnpool_heads",
+                format!(
+                    "{} heads do not divide decoder_out_dim {}",
+                    self.attnpool_heads, self.decoder_out_dim
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// MLP hidden width `int(embed_dim * mlp_ratio)`.
+    pub fn mlp_hidden(&self) -> i64 {
+        (self.embed_dim as f64 * self.mlp_ratio) as i64
+    }
+
+    /// The shapes of the tensors that pin down every size of the config (the rest of the
+    /// model follows from them), without allocating anything. `highres` selects
+    /// `HighresVQDecoder`'s heads, else `VQDecoder`'s.
+    pub fn key_shapes(&self, highres: bool) -> Vec<(String, Vec<i64>)> {
+        let (d, o, n) = (self.embed_dim, self.decoder_out_dim, self.num_patches);
+        let last = self.depth - 1;
+        let mut v = vec![
+            ("in_proj.weight".to_string(), vec![d, self.in_chans]),
+            ("pos_embed".to_string(), vec![1, n, d]),
+            ("query_embed".to_string(), vec![1, n, d]),
+            (
+                format!("blocks.{last}.mlp.fc1.weight"),
+                vec![self.mlp_hidden(), d],
+            ),
+            ("decode_task_layer.2.weight".to_string(), vec![o, d]),
+        ];
+        if highres {
+            v.push((
+                "unet_proj_1.weight".into(),
+                vec![self.highres_unet_proj_1, o],
+            ));
+            v.push((
+                "unet_proj_2.weight".into(),
+                vec![self.highres_unet_proj_2, o],
+            ));
+            v.push(("unet_attnpool.positional_embedding".into(), vec![n + 1, o]));
+            v.push((
+                "unet_attnpool.c_proj.weight".into(),
+                vec![self.highres_unet_proj_2, o],
+            ));
+        } else {
+            v.push(("unet_proj.weight".into(), vec![self.lowres_unet_proj, o]));
+        }
+        v
+    }
+
+    /// Refuse a config whose sizes are not the checkpoint's (checked before the model is
+    /// built, so a hostile size never reaches an allocation), naming the tensor and the
+    /// config key it comes from.
+    pub fn check_against(
+        &self,
+        sd: &checkpoint::StateDict,
+        highres: bool,
+        origin: &str,
+    ) -> Result<()> {
+        self.validate(origin)?;
+        for (k, want) in self.key_shapes(highres) {
+            let got = sd.get(&k).map(|t| t.size());
+            if got.as_ref() != Some(&want) {
+                return Err(Error::config(
+                    origin,
+                    "feature_decoder",
+                    format!(
+                        "the sizes imply `{k}` of shape {want:?}, the checkpoint holds {}",
+                        got.map_or("no such tensor".to_string(), |g| format!("{g:?}"))
+                    ),
+                ));
+            }
+        }
+        let deeper = format!("blocks.{}.", self.depth);
+        if sd.keys().any(|k| k.starts_with(&deeper)) {
+            return Err(Error::config(
+                origin,
+                "feature_decoder.depth",
+                format!("{} blocks, but the checkpoint has more", self.depth),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Pad concatenated tokens [T, C] into [B, L, C] (L = the largest count, at least 1) with
 /// a mask [B, L] (1 = real token), as the official `forward` does.
 pub fn pad_tokens(x: &Tensor, token_counts: &[i64]) -> Result<(Tensor, Tensor)> {
@@ -132,7 +259,7 @@ pub struct DecoderTrunk {
 impl DecoderTrunk {
     fn new(vs: &nn::Path, cfg: &FeatureDecoderConfig) -> Self {
         let d = cfg.embed_dim;
-        let hidden = (d as f64 * cfg.mlp_ratio) as i64;
+        let hidden = cfg.mlp_hidden();
         let init = nn::Init::Randn {
             mean: 0.,
             stdev: 0.02,
@@ -187,15 +314,27 @@ impl DecoderTrunk {
     }
 }
 
-fn load_strict(vs: &nn::VarStore, path: &Path) -> Result<()> {
+/// Read a decoder checkpoint and check `cfg` against it before anything is built.
+fn read_checked(
+    path: &Path,
+    cfg: &FeatureDecoderConfig,
+    highres: bool,
+) -> Result<checkpoint::StateDict> {
+    cfg.validate("feature decoder config")?;
     let sd = checkpoint::load_path(path)?;
-    checkpoint::load_into(
-        vs,
-        "",
+    cfg.check_against(
         &sd,
-        &path.display().to_string(),
-        &Default::default(),
+        highres,
+        &format!(
+            "feature decoder config (checked against {})",
+            path.display()
+        ),
     )?;
+    Ok(sd)
+}
+
+fn load_strict(vs: &nn::VarStore, path: &Path, sd: &checkpoint::StateDict) -> Result<()> {
+    checkpoint::load_into(vs, "", sd, &path.display().to_string(), &Default::default())?;
     Ok(())
 }
 
@@ -227,9 +366,10 @@ impl VQDecoder {
         cfg: &FeatureDecoderConfig,
         device: Device,
     ) -> Result<(nn::VarStore, Self)> {
+        let sd = read_checked(path, cfg, false)?;
         let vs = nn::VarStore::new(device);
         let m = Self::new(vs.root(), cfg);
-        load_strict(&vs, path)?;
+        load_strict(&vs, path, &sd)?;
         Ok((vs, m))
     }
 
@@ -274,9 +414,10 @@ impl HighresVQDecoder {
         cfg: &FeatureDecoderConfig,
         device: Device,
     ) -> Result<(nn::VarStore, Self)> {
+        let sd = read_checked(path, cfg, true)?;
         let vs = nn::VarStore::new(device);
         let m = Self::new(vs.root(), cfg);
-        load_strict(&vs, path)?;
+        load_strict(&vs, path, &sd)?;
         Ok((vs, m))
     }
 
@@ -290,7 +431,7 @@ impl HighresVQDecoder {
             ],
             -1,
         );
-        let pooled = self.unet_attnpool.forward(&rec);
+        let pooled = self.unet_attnpool.forward(&rec)?;
         Ok((prompt, pooled))
     }
 }

@@ -326,7 +326,7 @@ impl DecoderGeometry {
     pub fn read(dir: &Path, resolution: Resolution) -> Result<Self> {
         let folder = dir.join(resolution.folder());
         let read = |p: std::path::PathBuf| -> Result<serde_json::Value> {
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            let text = lavit_runtime::fsread::read_config(&p)?;
             serde_json::from_str(&text)
                 .map_err(|e| Error::config(p.display().to_string(), "-", e.to_string()))
         };

@@ -7,7 +7,8 @@
 
 use std::path::Path;
 
-use lavit_runtime::{checkpoint, Error, Result};
+use lavit_runtime::checkpoint::{self, Implied};
+use lavit_runtime::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
@@ -195,7 +196,7 @@ impl Default for UNet2DConditionModelConfig {
 impl UNet2DConditionModelConfig {
     /// Read a diffusers `config.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = lavit_runtime::fsread::read_config(path)?;
         let cfg: Self = serde_json::from_str(&text)
             .map_err(|e| Error::config(path.display().to_string(), "(json)", e.to_string()))?;
         cfg.validate(&path.display().to_string())?;
@@ -205,12 +206,95 @@ impl UNet2DConditionModelConfig {
     /// Refuse what this implementation does not build, naming the key.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |key: &str, msg: String| Err(Error::config(origin, key, msg));
+        use lavit_runtime::manifest::caps::{MAX_DEPTH, MAX_WIDTH};
         let n = self.block_out_channels.len();
-        if n == 0 || self.block_out_channels.iter().any(|&c| c <= 0) {
+        // Each block halves the resolution: more than 12 is no image model.
+        if n == 0
+            || n > 12
+            || self
+                .block_out_channels
+                .iter()
+                .any(|&c| c <= 0 || c > MAX_WIDTH)
+        {
             return bad(
                 "block_out_channels",
-                format!("{:?}: need positive channels", self.block_out_channels),
+                format!(
+                    "{:?}: need 1 to 12 blocks of 1..={MAX_WIDTH} channels",
+                    self.block_out_channels
+                ),
             );
+        }
+        let mut sizes = vec![
+            ("in_channels", self.in_channels, MAX_WIDTH),
+            ("out_channels", self.out_channels, MAX_WIDTH),
+            ("norm_num_groups", self.norm_num_groups, MAX_WIDTH),
+            ("cross_attention_dim", self.cross_attention_dim, MAX_WIDTH),
+            ("conv_in_kernel", self.conv_in_kernel, 31),
+            ("conv_out_kernel", self.conv_out_kernel, 31),
+            (
+                "addition_embed_type_num_heads",
+                self.addition_embed_type_num_heads,
+                MAX_WIDTH,
+            ),
+        ];
+        for (key, v) in [
+            ("addition_time_embed_dim", self.addition_time_embed_dim),
+            (
+                "projection_class_embeddings_input_dim",
+                self.projection_class_embeddings_input_dim,
+            ),
+            ("time_embedding_dim", self.time_embedding_dim),
+        ] {
+            if let Some(v) = v {
+                sizes.push((key, v, 4 * MAX_WIDTH));
+            }
+        }
+        for (key, v, max) in sizes {
+            if v <= 0 || v > max {
+                return bad(key, format!("must be in 1..={max}, got {v}"));
+            }
+        }
+        if !(0..=16).contains(&self.downsample_padding) {
+            return bad(
+                "downsample_padding",
+                format!("must be in 0..=16, got {}", self.downsample_padding),
+            );
+        }
+        for (key, v) in [
+            ("norm_eps", self.norm_eps),
+            ("freq_shift", self.freq_shift),
+            ("mid_block_scale_factor", self.mid_block_scale_factor),
+            ("resnet_out_scale_factor", self.resnet_out_scale_factor),
+        ] {
+            if !v.is_finite()
+                || (key.ends_with("factor") && v == 0.0)
+                || (key == "norm_eps" && v < 0.0)
+            {
+                return bad(key, format!("{v} is not a usable value"));
+            }
+        }
+        let per_block_ok = |key: &str, v: &PerBlock<i64>, max: i64| -> Result<()> {
+            let vals = match v {
+                PerBlock::One(x) => vec![*x],
+                PerBlock::Many(xs) => xs.clone(),
+            };
+            match vals.iter().find(|&&x| x <= 0 || x > max) {
+                Some(x) => bad(key, format!("{x}: each must be in 1..={max}")),
+                None => Ok(()),
+            }
+        };
+        per_block_ok("layers_per_block", &self.layers_per_block, MAX_DEPTH)?;
+        per_block_ok(
+            "transformer_layers_per_block",
+            &self.transformer_layers_per_block,
+            MAX_DEPTH,
+        )?;
+        if let Some(r) = &self.reverse_transformer_layers_per_block {
+            per_block_ok(
+                "reverse_transformer_layers_per_block",
+                &PerBlock::Many(r.clone()),
+                MAX_DEPTH,
+            )?;
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return bad(
@@ -341,6 +425,114 @@ impl UNet2DConditionModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// What this config implies about the checkpoint's tensors (widths, kernels, block and
+    /// layer counts), for [`checkpoint::check_implied`] before the model is built.
+    pub fn implied(&self, origin: &str) -> Result<Vec<(&'static str, String, Implied)>> {
+        let n = self.block_out_channels.len();
+        let boc = &self.block_out_channels;
+        let layers = self
+            .layers_per_block
+            .expand(n, "layers_per_block", origin)?;
+        let tlayers =
+            self.transformer_layers_per_block
+                .expand(n, "transformer_layers_per_block", origin)?;
+        let rev_tlayers = self
+            .reverse_transformer_layers_per_block
+            .clone()
+            .unwrap_or_else(|| tlayers.iter().rev().copied().collect());
+        let (kin, kout) = (self.conv_in_kernel, self.conv_out_kernel);
+        let mut v = vec![
+            (
+                "in_channels",
+                "conv_in.weight".to_string(),
+                Implied::Shape(vec![boc[0], self.conv_in_channels(), kin, kin]),
+            ),
+            (
+                "out_channels",
+                "conv_out.weight".to_string(),
+                Implied::Shape(vec![self.out_channels, boc[0], kout, kout]),
+            ),
+            (
+                "time_embedding_dim",
+                "time_embedding.linear_1.weight".to_string(),
+                Implied::Shape(vec![self.time_embed_dim(), boc[0]]),
+            ),
+            (
+                "block_out_channels",
+                format!("down_blocks.{n}."),
+                Implied::NoneUnder,
+            ),
+            (
+                "block_out_channels",
+                format!("up_blocks.{n}."),
+                Implied::NoneUnder,
+            ),
+        ];
+        if self.addition_embed_type.as_deref() == Some("text_time") {
+            v.push((
+                "projection_class_embeddings_input_dim",
+                "add_embedding.linear_1.weight".into(),
+                Implied::Shape(vec![
+                    self.time_embed_dim(),
+                    self.projection_class_embeddings_input_dim
+                        .unwrap_or_default(),
+                ]),
+            ));
+        }
+        for i in 0..n {
+            let d = format!("down_blocks.{i}");
+            v.push((
+                "layers_per_block",
+                format!("{d}.resnets.{}.conv1.weight", layers[i] - 1),
+                Implied::Leading(vec![boc[i]]),
+            ));
+            v.push((
+                "layers_per_block",
+                format!("{d}.resnets.{}.", layers[i]),
+                Implied::NoneUnder,
+            ));
+            if self.down_block_types[i] == "CrossAttnDownBlock2D" {
+                let t = format!("{d}.attentions.0.transformer_blocks");
+                v.push((
+                    "transformer_layers_per_block",
+                    format!("{t}.{}.attn2.to_k.weight", tlayers[i] - 1),
+                    Implied::Shape(vec![boc[i], self.cross_attention_dim]),
+                ));
+                v.push((
+                    "transformer_layers_per_block",
+                    format!("{t}.{}.", tlayers[i]),
+                    Implied::NoneUnder,
+                ));
+            }
+            let u = format!("up_blocks.{i}");
+            let bi = n - 1 - i;
+            v.push((
+                "layers_per_block",
+                format!("{u}.resnets.{}.conv1.weight", layers[bi]),
+                Implied::Leading(vec![boc[bi]]),
+            ));
+            v.push((
+                "layers_per_block",
+                format!("{u}.resnets.{}.", layers[bi] + 1),
+                Implied::NoneUnder,
+            ));
+            if self.up_block_types[i] == "CrossAttnUpBlock2D" {
+                let t = format!("{u}.attentions.0.transformer_blocks");
+                v.push((
+                    "reverse_transformer_layers_per_block",
+                    format!("{t}.{}.attn2.to_k.weight", rev_tlayers[i] - 1),
+                    Implied::Shape(vec![boc[bi], self.cross_attention_dim]),
+                ));
+                v.push((
+                    "reverse_transformer_layers_per_block",
+                    format!("{t}.{}.", rev_tlayers[i]),
+                    Implied::NoneUnder,
+                ));
+            }
+        }
+        Ok(v)
     }
 
     /// Heads per block: `num_attention_heads`, else (diffusers' naming quirk) `attention_head_dim`.
@@ -571,10 +763,13 @@ impl UNet2DConditionModel {
     /// Build from a diffusers folder (`config.json` + `diffusion_pytorch_model.{bin,safetensors}`)
     /// and load its weights strictly. Returns the var store holding the weights.
     pub fn from_pretrained(dir: &Path, device: Device) -> Result<(nn::VarStore, Self)> {
-        let config = UNet2DConditionModelConfig::from_json_file(&dir.join("config.json"))?;
+        let cfg_path = dir.join("config.json");
+        let config = UNet2DConditionModelConfig::from_json_file(&cfg_path)?;
+        let sd = checkpoint::load_path(dir)?;
+        let origin = cfg_path.display().to_string();
+        checkpoint::check_implied(&sd, &config.implied(&origin)?, &origin)?;
         let mut vs = nn::VarStore::new(device);
         let unet = Self::new(vs.root(), config)?;
-        let sd = checkpoint::load_path(dir)?;
         checkpoint::load_into(
             &vs,
             "",

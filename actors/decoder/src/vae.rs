@@ -75,7 +75,7 @@ impl Default for AutoencoderKLConfig {
 
 impl AutoencoderKLConfig {
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = lavit_runtime::fsread::read_config(path)?;
         let cfg: Self = serde_json::from_str(&text)
             .map_err(|e| Error::config(path.display().to_string(), "(json)", e.to_string()))?;
         cfg.validate(&path.display().to_string())?;
@@ -113,6 +113,53 @@ impl AutoencoderKLConfig {
                 format!("unsupported block `{t}`"),
             ));
         }
+        use lavit_runtime::manifest::caps::{MAX_DEPTH, MAX_WIDTH};
+        // A VAE halves the resolution per block: more than 12 blocks is no image model.
+        if n > 12 {
+            return Err(Error::config(
+                origin,
+                "block_out_channels",
+                format!("{n} blocks, at most 12"),
+            ));
+        }
+        for (key, v, max) in [
+            ("in_channels", self.in_channels, MAX_WIDTH),
+            ("out_channels", self.out_channels, MAX_WIDTH),
+            ("latent_channels", self.latent_channels, MAX_WIDTH),
+            ("layers_per_block", self.layers_per_block, MAX_DEPTH),
+            ("norm_num_groups", self.norm_num_groups, MAX_WIDTH),
+        ] {
+            if v <= 0 || v > max {
+                return Err(Error::config(
+                    origin,
+                    key,
+                    format!("must be in 1..={max}, got {v}"),
+                ));
+            }
+        }
+        if let Some(&c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| c <= 0 || c > MAX_WIDTH)
+        {
+            return Err(Error::config(
+                origin,
+                "block_out_channels",
+                format!("{c}: each must be in 1..={MAX_WIDTH}"),
+            ));
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0)
+            || self.shift_factor.is_some_and(|s| !s.is_finite())
+        {
+            return Err(Error::config(
+                origin,
+                "scaling_factor",
+                format!(
+                    "must be finite and non-zero (shift_factor finite), got {} / {:?}",
+                    self.scaling_factor, self.shift_factor
+                ),
+            ));
+        }
         if self
             .block_out_channels
             .iter()
@@ -128,6 +175,64 @@ impl AutoencoderKLConfig {
             ));
         }
         Ok(())
+    }
+
+    /// What this config implies about the checkpoint's tensors, for
+    /// [`checkpoint::check_implied`] before the model is built.
+    pub fn implied(&self) -> Vec<(&'static str, String, checkpoint::Implied)> {
+        use checkpoint::Implied::{Leading, NoneUnder, Shape};
+        let boc = &self.block_out_channels;
+        let (n, l) = (boc.len(), self.layers_per_block);
+        let last = boc[n - 1];
+        let mut v = vec![
+            (
+                "in_channels",
+                "encoder.conv_in.weight".to_string(),
+                Shape(vec![boc[0], self.in_channels, 3, 3]),
+            ),
+            (
+                "out_channels",
+                "decoder.conv_out.weight".to_string(),
+                Shape(vec![self.out_channels, boc[0], 3, 3]),
+            ),
+            (
+                "latent_channels",
+                "encoder.conv_out.weight".to_string(),
+                Shape(vec![2 * self.latent_channels, last, 3, 3]),
+            ),
+            (
+                "latent_channels",
+                "decoder.conv_in.weight".to_string(),
+                Shape(vec![last, self.latent_channels, 3, 3]),
+            ),
+            (
+                "block_out_channels",
+                format!("encoder.down_blocks.{n}."),
+                NoneUnder,
+            ),
+            (
+                "block_out_channels",
+                format!("decoder.up_blocks.{n}."),
+                NoneUnder,
+            ),
+        ];
+        for i in 0..n {
+            let e = format!("encoder.down_blocks.{i}.resnets");
+            v.push((
+                "layers_per_block",
+                format!("{e}.{}.conv1.weight", l - 1),
+                Leading(vec![boc[i]]),
+            ));
+            v.push(("layers_per_block", format!("{e}.{l}."), NoneUnder));
+            let d = format!("decoder.up_blocks.{i}.resnets");
+            v.push((
+                "layers_per_block",
+                format!("{d}.{l}.conv1.weight"),
+                Leading(vec![boc[n - 1 - i]]),
+            ));
+            v.push(("layers_per_block", format!("{d}.{}.", l + 1), NoneUnder));
+        }
+        v
     }
 
     /// Spatial downscaling between pixels and latents (8 for SD).
@@ -389,10 +494,12 @@ impl AutoencoderKL {
 
     /// Build from a diffusers `vae/` folder and load its weights strictly.
     pub fn from_pretrained(dir: &Path, device: Device) -> Result<(nn::VarStore, Self)> {
-        let config = AutoencoderKLConfig::from_json_file(&dir.join("config.json"))?;
+        let cfg_path = dir.join("config.json");
+        let config = AutoencoderKLConfig::from_json_file(&cfg_path)?;
+        let sd = checkpoint::load_path(dir)?;
+        checkpoint::check_implied(&sd, &config.implied(), &cfg_path.display().to_string())?;
         let mut vs = nn::VarStore::new(device);
         let vae = Self::new(vs.root(), config)?;
-        let sd = checkpoint::load_path(dir)?;
         checkpoint::load_into(
             &vs,
             "",

@@ -70,7 +70,7 @@ impl LaVITImageProcessor {
                 self.limits.max_file_bytes
             )));
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = lavit_runtime::fsread::read_capped(path, self.limits.max_file_bytes)?;
         self.load_bytes(&bytes)
             .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
     }

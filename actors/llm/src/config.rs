@@ -127,30 +127,77 @@ impl LlamaConfig {
 
     /// Read a HF `config.json`, validated.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = lavit_runtime::fsread::read_config(path)?;
         let c: Self = serde_json::from_str(&text)
             .map_err(|e| Error::config(path.display().to_string(), "-", e.to_string()))?;
         c.validate(&path.display().to_string())?;
         Ok(c)
     }
 
-    /// Check sizes; errors name the key and the bad value.
+    /// Check sizes before anything is allocated from them: positive, under the caps of
+    /// [`lavit_runtime::manifest::caps`] (width, depth, vocabulary), heads dividing widths;
+    /// errors name the file (`origin`), the key and the bad value.
     pub fn validate(&self, origin: &str) -> Result<()> {
-        for (k, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-            ("head_dim", self.head_dim()),
+        use lavit_runtime::manifest::caps::{MAX_DEPTH, MAX_VOCAB, MAX_WIDTH};
+        /// Longest context accepted (LLaMA-2: 4096; long-context variants: 128k).
+        const MAX_CONTEXT: i64 = 1 << 20;
+        for (k, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_DEPTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("num_key_value_heads", self.kv_heads(), MAX_WIDTH),
+            ("head_dim", self.head_dim(), MAX_WIDTH),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
         ] {
-            if v <= 0 {
+            if v <= 0 || v > max {
                 return Err(Error::config(
                     origin,
                     k,
-                    format!("must be positive, got {v}"),
+                    format!("must be in 1..={max}, got {v}"),
                 ));
+            }
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::config(
+                origin,
+                "num_attention_heads",
+                format!(
+                    "{} heads do not divide hidden_size {} (and no head_dim is given)",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            ));
+        }
+        // q/k/v widths: heads × head_dim, each under the width cap.
+        if self.num_attention_heads * self.head_dim() > 4 * MAX_WIDTH {
+            return Err(Error::config(
+                origin,
+                "head_dim",
+                format!(
+                    "{} heads × head_dim {} is over the cap of {}",
+                    self.num_attention_heads,
+                    self.head_dim(),
+                    4 * MAX_WIDTH
+                ),
+            ));
+        }
+        for (k, id) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
+            if let Some(id) = id {
+                if !(0..self.vocab_size).contains(&id) {
+                    return Err(Error::config(
+                        origin,
+                        k,
+                        format!("id {id} is outside the vocabulary 0..{}", self.vocab_size),
+                    ));
+                }
             }
         }
         if self.num_attention_heads % self.kv_heads() != 0 {
@@ -191,10 +238,9 @@ impl LlamaConfig {
                 ));
             }
         }
-        if self.rope_theta().partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
-            || self.rms_norm_eps.is_nan()
-            || self.rms_norm_eps < 0.0
-        {
+        let theta_ok = self.rope_theta().is_finite() && self.rope_theta() > 0.0;
+        let eps_ok = self.rms_norm_eps.is_finite() && (0.0..1.0).contains(&self.rms_norm_eps);
+        if !(theta_ok && eps_ok) {
             return Err(Error::config(
                 origin,
                 "rope_theta/rms_norm_eps",

@@ -268,6 +268,8 @@ pub fn generate_image_tokens_with(
             )));
         }
     }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64 + 1; // + [IMG]
+    check_context(model, longest, cfg.max_new_tokens)?;
     let mut rng = SampleRng::new(cfg.seed);
     let _g = tch::no_grad_guard();
     let dev = model.device();
@@ -436,6 +438,12 @@ pub fn generate_text_with(
             cfg.max_new_tokens, cfg.num_beams, cfg.repetition_penalty
         )));
     }
+    let longest = prefixes
+        .iter()
+        .map(|p| p.size().first().copied().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    check_context(model, longest, cfg.max_new_tokens)?;
     let mut rng = SampleRng::new(cfg.seed);
     let _g = tch::no_grad_guard();
     let dev = model.device();
@@ -550,4 +558,17 @@ pub fn generate_text_with(
         .into_iter()
         .map(|r| r.into_iter().take_while(|&i| i != eos).collect())
         .collect())
+}
+
+/// Refuse a generation whose prompt and new tokens do not fit the model's context
+/// (`max_position_embeddings`): checked before the first forward, so a huge
+/// `max_new_tokens` fails at once instead of running for hours.
+fn check_context(model: &LlamaForCausalLM, prompt_len: i64, max_new_tokens: i64) -> Result<()> {
+    let ctx = model.config.max_position_embeddings;
+    if prompt_len.saturating_add(max_new_tokens) > ctx {
+        return Err(Error::invalid(format!(
+            "a prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of {ctx} positions (max_position_embeddings)"
+        )));
+    }
+    Ok(())
 }

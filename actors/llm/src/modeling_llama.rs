@@ -406,11 +406,15 @@ impl LlamaForCausalLM {
     /// Load a HF folder (`config.json` + sharded safetensors or .bin) strictly into a new
     /// VarStore on `device` in `kind` (Float, BFloat16 or Half).
     pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<(nn::VarStore, Self)> {
-        let cfg = LlamaConfig::from_json_file(&dir.join("config.json"))?;
+        let cfg_path = dir.join("config.json");
+        let cfg = LlamaConfig::from_json_file(&cfg_path)?;
+        let sd = checkpoint::load_path(dir)?;
+        // The shapes the config implies must be the checkpoint's before anything is
+        // allocated from the config (a hostile `vocab_size` never reaches the VarStore).
+        check_shapes(&Self::param_shapes(&cfg), &sd, &cfg_path, dir)?;
         let mut vs = nn::VarStore::new(device);
         let model = Self::new(vs.root(), &cfg);
         vs.set_kind(kind);
-        let sd = checkpoint::load_path(dir)?;
         let opts = LoadOptions {
             allow_unexpected: if cfg.tie_word_embeddings {
                 vec!["lm_head.weight".into()]
@@ -556,4 +560,41 @@ impl LlamaForCausalLM {
         let t = h.size()[1];
         self.head(&h.select(1, t - 1))
     }
+}
+
+/// Refuse a config whose implied parameter shapes are not the checkpoint's, naming the
+/// first tensor that differs (a cheap check done before the model is built).
+fn check_shapes(
+    want: &std::collections::BTreeMap<String, Vec<i64>>,
+    sd: &checkpoint::StateDict,
+    cfg_path: &Path,
+    dir: &Path,
+) -> Result<()> {
+    for (k, shape) in want {
+        match sd.get(k) {
+            Some(t) if t.size() == *shape => {}
+            Some(t) => {
+                return Err(Error::config(
+                    cfg_path.display().to_string(),
+                    "(shapes)",
+                    format!(
+                    "the config implies `{k}` of shape {shape:?}, the checkpoint in {} holds {:?}",
+                    dir.display(),
+                    t.size()
+                ),
+                ))
+            }
+            None => {
+                return Err(Error::config(
+                    cfg_path.display().to_string(),
+                    "(shapes)",
+                    format!(
+                        "the config implies a tensor `{k}` that the checkpoint in {} does not hold",
+                        dir.display()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
 }

@@ -7,7 +7,7 @@
 use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
 
-use lavit_runtime::{Error, Result};
+use lavit_runtime::{fsread, Error, Result};
 
 /// `ModelProto.SentencePiece.Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,7 +234,7 @@ pub struct SentencePiece {
 impl SentencePiece {
     /// Read `tokenizer.model`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = fsread::read_capped(path, fsread::MAX_TOKENIZER_BYTES)?;
         Self::from_bytes(&bytes).map_err(|m| Error::ckpt(path, m))
     }
 
@@ -328,30 +328,36 @@ impl SentencePiece {
     }
 
     /// One normalisation step (`Normalizer::NormalizePrefix`): replacement and bytes consumed.
-    fn normalize_prefix<'a>(&'a self, input: &'a str) -> (&'a [u8], usize) {
+    ///
+    /// Works on bytes, as `normalizer.cc` does: a charsmap rule may end inside a UTF-8
+    /// character (a hostile or broken `tokenizer.model`), and the rest of that character is
+    /// then an invalid sequence, replaced by U+FFFD one byte at a time (the C++ code's
+    /// `kUnicodeError` handling) instead of being sliced as a `str`.
+    fn normalize_prefix<'a>(&'a self, input: &'a [u8]) -> (&'a [u8], usize) {
+        const REPLACEMENT: &[u8] = "\u{FFFD}".as_bytes();
         if let Some(u) = self
             .user_defined
             .iter()
-            .find(|u| input.starts_with(u.as_str()))
+            .find(|u| input.starts_with(u.as_bytes()))
         {
             return (u.as_bytes(), u.len());
         }
-        if let Some(m) = self
-            .charsmap
-            .as_ref()
-            .and_then(|c| c.longest_match(input.as_bytes()))
-        {
-            return m;
+        if let Some((rep, n)) = self.charsmap.as_ref().and_then(|c| c.longest_match(input)) {
+            if n > 0 {
+                return (rep, n);
+            }
         }
-        let n = input.chars().next().map_or(1, char::len_utf8);
-        (&input.as_bytes()[..n], n)
+        match utf8_char_len(input) {
+            Some(n) => (&input[..n], n),
+            None => (REPLACEMENT, 1),
+        }
     }
 
     /// `Normalizer::Normalize`: charsmap rules, whitespace trimming/collapsing, spaces → '▁',
     /// dummy prefix.
     pub fn normalize(&self, text: &str) -> String {
         let f = &self.flags;
-        let mut input = text;
+        let mut input = text.as_bytes();
         let mut out: Vec<u8> = Vec::with_capacity(text.len() + 3);
         if f.remove_extra_whitespaces {
             while !input.is_empty() {
@@ -627,6 +633,20 @@ impl SentencePiece {
         flush(&mut bytes, &mut out);
         out
     }
+}
+
+/// Length of the valid UTF-8 character that starts `b`, or `None` when `b` does not start
+/// with one (a stray continuation byte, a truncated or overlong sequence).
+fn utf8_char_len(b: &[u8]) -> Option<usize> {
+    let n = match *b.first()? {
+        0x00..=0x7f => 1,
+        0xc2..=0xdf => 2,
+        0xe0..=0xef => 3,
+        0xf0..=0xf4 => 4,
+        _ => return None,
+    };
+    let c = b.get(..n)?;
+    std::str::from_utf8(c).ok().map(|_| n)
 }
 
 fn parse_piece(b: &[u8]) -> std::result::Result<Piece, String> {

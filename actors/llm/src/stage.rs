@@ -63,6 +63,10 @@ impl LlmStageModel {
         let manifest = LavitManifest::for_checkpoint(dir)?;
         let lm = dir.join("language_model");
         let (vs, model) = LlamaForCausalLM::from_pretrained(&lm, device, kind)?;
+        manifest.check_context(
+            &dir.join("manifest.json").display().to_string(),
+            model.config.max_position_embeddings,
+        )?;
         let sp = SentencePiece::from_file(&lm.join("tokenizer.model"))?;
         let vocab = UnifiedVocab::from(&manifest.llm);
         if model.config.vocab_size != vocab.vocab_size {

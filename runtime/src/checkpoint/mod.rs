@@ -28,7 +28,7 @@ pub enum FileFormat {
 
 pub fn sniff(path: &Path) -> Result<FileFormat> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = crate::fsread::open_regular(path)?;
     let mut head = [0u8; 9];
     let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
     if n >= 4 && &head[..4] == b"PK\x03\x04" {
@@ -56,7 +56,7 @@ pub fn load_file(path: &Path) -> Result<StateDict> {
 const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
 
 pub fn load_safetensors(path: &Path) -> Result<StateDict> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fsread::open_regular(path)?;
     // SAFETY: the map is read-only and dropped before this function returns; a file
     // truncated under us would fault, which is the usual mmap caveat for model files.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -130,7 +130,8 @@ pub fn load_torch_zip(path: &Path) -> Result<StateDict> {
     let mut ar = pickle::TorchArchive::open(path)?;
     let root = std::mem::replace(&mut ar.root, Value::None);
     let mut refs = Vec::new();
-    flatten(&root, String::new(), &mut refs, path)?;
+    let mut key_bytes = 0usize;
+    flatten(&root, String::new(), &mut refs, &mut key_bytes, path)?;
     let mut out = StateDict::new();
     for (k, r) in refs {
         let t = ar.tensor(&r)?;
@@ -141,13 +142,25 @@ pub fn load_torch_zip(path: &Path) -> Result<StateDict> {
     Ok(out)
 }
 
+/// Total bytes of the flattened keys of one pickle (nested dicts repeat each prefix in
+/// every key below it): 64 MiB. LLaMA-70B's 723 keys take ~40 KiB.
+const MAX_KEY_BYTES: usize = 64 << 20;
+
 fn flatten(
     v: &pickle::Value,
     prefix: String,
     out: &mut Vec<(String, pickle::TensorRef)>,
+    key_bytes: &mut usize,
     path: &Path,
 ) -> Result<()> {
     use pickle::Value;
+    *key_bytes = key_bytes.saturating_add(prefix.len());
+    if *key_bytes > MAX_KEY_BYTES {
+        return Err(Error::ckpt(
+            path,
+            format!("state dict keys take more than {MAX_KEY_BYTES} bytes in all: refused"),
+        ));
+    }
     match v {
         Value::Tensor(t) => out.push((prefix, t.clone())),
         Value::Dict(items) => {
@@ -162,7 +175,7 @@ fn flatten(
                 } else {
                     format!("{prefix}.{k}")
                 };
-                flatten(v, key, out, path)?;
+                flatten(v, key, out, key_bytes, path)?;
             }
         }
         // Non-tensor entries (e.g. an `epoch` int or `_metadata`) carry no weights.
@@ -255,7 +268,7 @@ pub fn load_sharded(index_path: &Path) -> Result<StateDict> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let text = crate::fsread::read_to_string_capped(index_path, crate::fsread::MAX_INDEX_BYTES)?;
     let index: ShardIndex = serde_json::from_str(&text)
         .map_err(|e| Error::ckpt(index_path, format!("invalid shard index: {e}")))?;
     if index.weight_map.0.is_empty() {
@@ -519,6 +532,54 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// What a model config implies about one tensor of the checkpoint it describes; checked by
+/// [`check_implied`] before the model is built, so a hostile size in a config never reaches
+/// an allocation (a config whose sizes are not the checkpoint's is refused at once).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Implied {
+    /// The tensor exists with exactly this shape.
+    Shape(Vec<i64>),
+    /// The tensor exists and its shape starts with these sizes.
+    Leading(Vec<i64>),
+    /// No tensor key starts with this prefix (the config has fewer blocks than the file).
+    NoneUnder,
+}
+
+/// Check `implied` = (config key, tensor key or prefix, expectation) against `sd`; the
+/// error names the config file (`origin`), the config key and the tensor.
+pub fn check_implied(
+    sd: &StateDict,
+    implied: &[(&str, String, Implied)],
+    origin: &str,
+) -> Result<()> {
+    for (cfg_key, tensor, want) in implied {
+        let got = sd.get(tensor).map(|t| t.size());
+        let ok = match want {
+            Implied::Shape(s) => got.as_ref() == Some(s),
+            Implied::Leading(s) => got.as_ref().is_some_and(|g| g.starts_with(s)),
+            Implied::NoneUnder => !sd.keys().any(|k| k.starts_with(tensor.as_str())),
+        };
+        if !ok {
+            let msg = match want {
+                Implied::NoneUnder => format!(
+                    "the checkpoint holds tensors under `{tensor}` that this value does not build"
+                ),
+                Implied::Shape(s) | Implied::Leading(s) => format!(
+                    "implies `{tensor}` of shape {s:?}{}, the checkpoint holds {}",
+                    if matches!(want, Implied::Leading(_)) {
+                        "…"
+                    } else {
+                        ""
+                    },
+                    got.map_or("no such tensor".into(), |g| format!("{g:?}"))
+                ),
+            };
+            return Err(Error::config(origin, *cfg_key, msg));
+        }
     }
     Ok(())
 }

@@ -18,8 +18,12 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 
-/// Largest `data.pkl` accepted (the structure, not the weights): 256 MiB.
-const MAX_PICKLE_BYTES: u64 = 256 << 20;
+/// Largest `data.pkl` accepted (the structure, not the weights): 64 MiB (LLaMA-70B's is
+/// ~100 KiB).
+const MAX_PICKLE_BYTES: u64 = 64 << 20;
+/// Most values built while interpreting one pickle (each ~100 bytes): 2M, enough for
+/// 100,000 tensors.
+const MAX_VALUES: usize = 1 << 21;
 /// Largest memo / stack / container accepted.
 const MAX_MEMO: usize = 1 << 22;
 const MAX_STACK: usize = 1 << 22;
@@ -30,10 +34,16 @@ const MAX_DEFLATE_RATIO: u64 = 1000;
 /// Deepest nesting of containers accepted (a real state dict nests 2–4 deep); deeper
 /// values would overflow the stack when dropped.
 const MAX_DEPTH: usize = 100;
-/// Most values copied into and out of the memo (and by DUP) in all: a memo bomb
-/// re-reads a value that holds the previous one twice, doubling at each level. A real
-/// state dict copies a few dozen small values per tensor.
-const MAX_COPIED_VALUES: usize = 1 << 21;
+/// Most bytes copied into and out of the memo (and by DUP) in all, counting each value's
+/// own size and its strings, bytes and shape vectors: a memo bomb re-reads a value that
+/// holds the previous one twice, doubling at each level, or re-reads one large string
+/// many times. A real state dict copies a few hundred bytes per tensor.
+pub const MAX_COPIED_BYTES: usize = 256 << 20;
+/// Total decompressed bytes of the deflated records of one archive: at most this many
+/// times the archive's length (plus [`DECOMPRESSED_SLACK`]). `torch.save` stores records
+/// uncompressed; re-zipped real weights shrink by a few percent, not 16×.
+const MAX_ARCHIVE_EXPANSION: u64 = 16;
+const DECOMPRESSED_SLACK: u64 = 64 << 20;
 
 /// A value produced by the restricted unpickler.
 #[derive(Debug, Clone)]
@@ -134,35 +144,39 @@ struct Unpickler<'a> {
     stack: Vec<Slot>,
     memo: HashMap<u32, Value>,
     path: &'a Path,
-    /// Values copied into and out of the memo (and by DUP) so far.
+    /// Bytes copied into and out of the memo (and by DUP) so far.
     copied: std::cell::Cell<usize>,
+    /// Values pushed so far.
+    pushed: usize,
 }
 
-/// Number of values in `v`, counting at most `limit` (then returns `limit + 1`).
-fn count_values(v: &Value, limit: usize) -> usize {
-    let mut n = 1usize;
+/// Bytes `v` occupies (each value's own size plus its heap payload: strings, bytes,
+/// shapes), counting at most `limit` (then returns `limit + 1`).
+fn value_bytes(v: &Value, limit: usize) -> usize {
+    let own = std::mem::size_of::<Value>();
+    let mut n = 0usize;
     let mut stack: Vec<&Value> = vec![v];
     while let Some(v) = stack.pop() {
-        let children: &[Value] = match v {
-            Value::Tuple(x) | Value::List(x) => x,
+        n = n.saturating_add(own);
+        match v {
+            Value::Str(x) => n = n.saturating_add(x.len()),
+            Value::Bytes(x) => n = n.saturating_add(x.len()),
+            Value::Tuple(x) | Value::List(x) => stack.extend(x),
             Value::Dict(kv) => {
                 for (k, v) in kv {
-                    n += 2;
                     stack.push(k);
                     stack.push(v);
                 }
-                if n > limit {
-                    return limit + 1;
-                }
-                continue;
             }
-            _ => &[],
-        };
-        n += children.len();
+            Value::Storage(st) => n = n.saturating_add(st.key.len()),
+            Value::Tensor(t) => {
+                n = n.saturating_add(t.storage.key.len() + 8 * (t.size.len() + t.stride.len()))
+            }
+            _ => {}
+        }
         if n > limit {
             return limit + 1;
         }
-        stack.extend(children);
     }
     n
 }
@@ -221,13 +235,13 @@ impl<'a> Unpickler<'a> {
         }
         Ok(())
     }
-    /// Clone `v` for the memo or DUP, counted against the memo-bomb budget first.
+    /// Clone `v` for the memo or DUP, counted (in bytes) against the memo-bomb budget first.
     fn charged_clone(&self, v: &Value) -> Result<Value> {
-        let left = MAX_COPIED_VALUES.saturating_sub(self.copied.get());
-        let n = count_values(v, left);
+        let left = MAX_COPIED_BYTES.saturating_sub(self.copied.get());
+        let n = value_bytes(v, left);
         if n > left {
             return Err(self.err(format!(
-                "memo references expand past {MAX_COPIED_VALUES} values: refused as a pickle bomb"
+                "memo references copy more than {MAX_COPIED_BYTES} bytes: refused as a pickle bomb"
             )));
         }
         self.copied.set(self.copied.get() + n);
@@ -236,6 +250,12 @@ impl<'a> Unpickler<'a> {
     fn push(&mut self, v: Value) -> Result<()> {
         if self.stack.len() >= MAX_STACK {
             return Err(self.err("pickle stack too deep"));
+        }
+        self.pushed += 1;
+        if self.pushed > MAX_VALUES {
+            return Err(self.err(format!(
+                "more than {MAX_VALUES} values built (a state dict needs ~15 per tensor): refused"
+            )));
         }
         if let Value::Tuple(items) | Value::List(items) = &v {
             for c in items {
@@ -629,6 +649,7 @@ pub fn unpickle(data: &[u8], path: &Path) -> Result<Value> {
         memo: HashMap::new(),
         path,
         copied: std::cell::Cell::new(0),
+        pushed: 0,
     };
     u.run()
 }
@@ -640,11 +661,16 @@ pub struct TorchArchive {
     prefix: String,
     /// The top-level object of `data.pkl`.
     pub root: Value,
+    /// Bytes that [`Self::tensor`] may still read and materialise in all: twice the
+    /// records' total size (tied weights share a storage) plus a slack, so a pickle that
+    /// points a million tensors at one storage cannot multiply it.
+    budget: u64,
 }
 
 impl TorchArchive {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::fsread::open_regular(path)?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut zip = zip::ZipArchive::new(file).map_err(|e| {
             Error::ckpt(
                 path,
@@ -656,6 +682,41 @@ impl TorchArchive {
             .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
             .ok_or_else(|| Error::ckpt(path, "zip has no `<archive>/data.pkl` record"))?;
         let prefix = pkl_name.trim_end_matches("data.pkl").to_owned();
+        // Declared record sizes, checked before anything is decompressed: stored records
+        // must fit the file, deflated ones together may expand only so far (zip bombs).
+        let (mut total, mut deflated) = (0u64, 0u64);
+        for i in 0..zip.len() {
+            let f = zip
+                .by_index_raw(i)
+                .map_err(|e| Error::ckpt(path, format!("zip record {i}: {e}")))?;
+            if f.compression() == zip::CompressionMethod::Stored {
+                if f.size() > file_len {
+                    return Err(Error::ckpt(
+                        path,
+                        format!(
+                            "record `{}` claims {} bytes, more than the {file_len}-byte file",
+                            f.name(),
+                            f.size()
+                        ),
+                    ));
+                }
+            } else {
+                deflated = deflated.saturating_add(f.size());
+            }
+            total = total.saturating_add(f.size());
+        }
+        let max_deflated = file_len
+            .saturating_mul(MAX_ARCHIVE_EXPANSION)
+            .saturating_add(DECOMPRESSED_SLACK);
+        if deflated > max_deflated {
+            return Err(Error::ckpt(
+                path,
+                format!(
+                    "compressed records expand to {deflated} bytes from a {file_len}-byte file \
+                     (cap {max_deflated}): refused as a zip bomb"
+                ),
+            ));
+        }
         let bytes = read_record(&mut zip, &pkl_name, MAX_PICKLE_BYTES, path)?;
         let root = unpickle(&bytes, path)?;
         Ok(Self {
@@ -663,6 +724,7 @@ impl TorchArchive {
             zip,
             prefix,
             root,
+            budget: total.saturating_mul(2).saturating_add(DECOMPRESSED_SLACK),
         })
     }
 
@@ -674,6 +736,7 @@ impl TorchArchive {
             t.storage.numel.checked_mul(elem).ok_or_else(|| {
                 Error::ckpt(&self.path, format!("storage `{name}`: size overflows"))
             })?;
+        self.spend(want, &name)?;
         let bytes = read_record(&mut self.zip, &name, want, &self.path)?;
         if (bytes.len() as u64) < want {
             return Err(Error::ckpt(
@@ -715,6 +778,18 @@ impl TorchArchive {
                 ),
             ));
         }
+        // A stride-0 or overlapping view would be materialised bigger than its storage
+        // (a 4-byte storage viewed as [2^20, 2^20] with strides [0, 0] is 4 TiB).
+        if numel_view > t.storage.numel {
+            return Err(Error::ckpt(
+                &self.path,
+                format!(
+                    "tensor of shape {:?} (stride {:?}) has more elements than its storage `{name}` ({}): stride-0/overlapping views are refused",
+                    t.size, t.stride, t.storage.numel
+                ),
+            ));
+        }
+        self.spend(numel_view.saturating_mul(elem), &name)?;
         let storage = Tensor::f_from_data_size(
             &bytes[..want as usize],
             &[t.storage.numel as i64],
@@ -733,6 +808,19 @@ impl TorchArchive {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn spend(&mut self, bytes: u64, name: &str) -> Result<()> {
+        if bytes > self.budget {
+            return Err(Error::ckpt(
+                &self.path,
+                format!(
+                    "`{name}`: the tensors read so far exceed twice the archive's record bytes: refused (storages referenced over and over)"
+                ),
+            ));
+        }
+        self.budget -= bytes;
+        Ok(())
     }
 }
 

@@ -106,7 +106,14 @@ fn step_dirs(dir: &Path) -> Result<Vec<(i64, PathBuf, bool)>> {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(step) = parse_step_dir(&name) {
             let p = e.path();
-            if p.is_dir() {
+            // The entry's own type (not followed): a symlinked `step-*` is neither loaded,
+            // written through nor pruned (its target may be anywhere).
+            let ft = e.file_type().map_err(|e| Error::io(&p, e))?;
+            if ft.is_symlink() {
+                tracing::warn!(path = %p.display(), "ignoring a symlinked checkpoint folder");
+                continue;
+            }
+            if ft.is_dir() {
                 let committed = p.join(COMMIT_MARKER).is_file();
                 v.push((step, p, committed));
             }
@@ -165,6 +172,12 @@ impl Checkpointer {
                     "checkpoint part name `{name}` must be [A-Za-z0-9_-]+ and not `state`"
                 )));
             }
+        }
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::ckpt(
+                &path,
+                "exists and is not a plain folder (a symlink or a file): refusing to write a checkpoint through it",
+            ));
         }
         if path.exists() {
             // Re-saving a step: uncommit first so a crash mid-way leaves a torn folder.
@@ -251,7 +264,7 @@ impl Checkpointer {
 /// Read a committed checkpoint folder (refused without its marker or with a file missing).
 pub fn load(path: &Path) -> Result<LoadedCheckpoint> {
     let marker = path.join(COMMIT_MARKER);
-    let text = std::fs::read_to_string(&marker).map_err(|_| {
+    let text = crate::fsread::read_config(&marker).map_err(|_| {
         Error::ckpt(
             path,
             "not a committed checkpoint (no COMMITTED marker: the save was interrupted)",
@@ -264,7 +277,7 @@ pub fn load(path: &Path) -> Result<LoadedCheckpoint> {
         .and_then(|f| serde_json::from_value(f.clone()).ok())
         .ok_or_else(|| Error::ckpt(&marker, "marker lists no files"))?;
     let state_path = path.join(STATE_FILE);
-    let state_text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state_text = crate::fsread::read_config(&state_path)?;
     let state: TrainState = serde_json::from_str(&state_text)
         .map_err(|e| Error::ckpt(&state_path, format!("invalid state: {e}")))?;
     let mut parts = BTreeMap::new();

@@ -2,6 +2,7 @@
 //! token is prepended, positional embeddings added, one multi-head attention with separate
 //! q/k/v projections (`F.multi_head_attention_forward`), output `c_proj`, first token kept.
 
+use lavit_runtime::{Error, Result, TchContext};
 use tch::{nn, nn::Module, Tensor};
 
 use super::layers::linear;
@@ -43,20 +44,41 @@ impl AttentionPool2d {
     }
 
     /// x [B, L, E] → pooled [B, output_dim].
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, _, e) = x.size3().expect("[B, L, E]");
-        let x = Tensor::cat(&[x.mean_dim(1, true, None), x.shallow_clone()], 1); // (B, L+1, E)
-        let pos = self.positional_embedding.unsqueeze(0).to_kind(x.kind());
-        let x = x + pos; // (B, L+1, E)
-        let l = x.size()[1];
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, e) = x.size3().map_err(|_| {
+            Error::invalid(format!(
+                "attention pool input must be [B, L, E], got {:?}",
+                x.size()
+            ))
+        })?;
         let h = self.num_heads;
-        let heads = |t: Tensor| t.reshape([b, l, h, e / h]).transpose(1, 2); // (B, nh, L+1, hd)
-        let q = heads(self.q_proj.forward(&x));
-        let k = heads(self.k_proj.forward(&x));
-        let v = heads(self.v_proj.forward(&x));
+        if h <= 0 || e % h != 0 {
+            return Err(Error::invalid(format!(
+                "attention pool: {h} heads do not divide the width {e}"
+            )));
+        }
+        let x = Tensor::f_cat(
+            &[
+                x.f_mean_dim(1, true, None).ctx("attention pool")?,
+                x.shallow_clone(),
+            ],
+            1,
+        )
+        .ctx("attention pool")?; // (B, L+1, E)
+        let pos = self.positional_embedding.unsqueeze(0).to_kind(x.kind());
+        let x = x.f_add(&pos).ctx("attention pool: positional embedding")?; // (B, L+1, E)
+        let l = x.size()[1];
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.f_reshape([b, l, h, e / h])
+                .ctx("attention pool")?
+                .transpose(1, 2)) // (B, nh, L+1, hd)
+        };
+        let q = heads(self.q_proj.forward(&x))?;
+        let k = heads(self.k_proj.forward(&x))?;
+        let v = heads(self.v_proj.forward(&x))?;
         let scale = ((e / h) as f64).powf(-0.5);
         let attn = (q.matmul(&k.transpose(-2, -1)) * scale).softmax(-1, q.kind());
         let y = attn.matmul(&v).transpose(1, 2).reshape([b, l, e]); // (B, L+1, E)
-        self.c_proj.forward(&y.select(1, 0))
+        Ok(self.c_proj.forward(&y.select(1, 0)))
     }
 }

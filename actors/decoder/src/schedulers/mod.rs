@@ -105,7 +105,7 @@ pub enum TimestepSpacing {
 
 impl SchedulerConfig {
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = lavit_runtime::fsread::read_config(path)?;
         let cfg: Self = serde_json::from_str(&text)
             .map_err(|e| Error::config(path.display().to_string(), "(json)", e.to_string()))?;
         cfg.validate(&path.display().to_string())?;
@@ -113,11 +113,56 @@ impl SchedulerConfig {
     }
 
     pub fn validate(&self, origin: &str) -> Result<()> {
-        if self.num_train_timesteps < 2 {
+        use lavit_runtime::manifest::caps::MAX_TRAIN_TIMESTEPS;
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&self.num_train_timesteps) {
             return Err(Error::config(
                 origin,
                 "num_train_timesteps",
-                format!("{}: need ≥ 2", self.num_train_timesteps),
+                format!(
+                    "must be in 2..={MAX_TRAIN_TIMESTEPS}, got {}",
+                    self.num_train_timesteps
+                ),
+            ));
+        }
+        for (key, v) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            if !(v.is_finite() && (0.0..1.0).contains(&v)) {
+                return Err(Error::config(
+                    origin,
+                    key,
+                    format!("must be a finite number in [0, 1), got {v}"),
+                ));
+            }
+        }
+        if let Some(b) = &self.trained_betas {
+            if let Some(v) = b
+                .iter()
+                .find(|v| !(v.is_finite() && (0.0..1.0).contains(*v)))
+            {
+                return Err(Error::config(
+                    origin,
+                    "trained_betas",
+                    format!("every beta must be a finite number in [0, 1), got {v}"),
+                ));
+            }
+        }
+        if !(self.clip_sample_range.is_finite() && self.clip_sample_range > 0.0) {
+            return Err(Error::config(
+                origin,
+                "clip_sample_range",
+                format!(
+                    "must be finite and positive, got {}",
+                    self.clip_sample_range
+                ),
+            ));
+        }
+        if !(0..self.num_train_timesteps).contains(&self.steps_offset) {
+            return Err(Error::config(
+                origin,
+                "steps_offset",
+                format!(
+                    "must be in 0..num_train_timesteps ({}), got {}",
+                    self.num_train_timesteps, self.steps_offset
+                ),
             ));
         }
         if self.rescale_betas_zero_snr || self.thresholding {

@@ -1,0 +1,616 @@
+//! Seeded mutation fuzzing of every reader of untrusted bytes (issue 14): the pickle/zip
+//! reader, the safetensors and shard-index loader, the SentencePiece model reader and
+//! normaliser, the manifest / HF / diffusers config validators and the image decoder front.
+//!
+//! Each target mutates real seeds (the tiny fixture's files, crafted ones) with a fixed
+//! seed, so a run is reproducible; ≥ 10,000 cases per target (`LAVIT_FUZZ_CASES` raises it
+//! for long runs). A case passes when the reader returns (Ok or Err) without a panic. A
+//! panicking input is written to `target/fuzz-crashes/<target>/` and the test fails; such
+//! files are then moved to `tests/data/fuzz/<target>/`, which [`fuzz_regressions_replay`]
+//! replays forever. The `fuzz/` folder holds the same targets for `cargo fuzz` (long runs).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::common::fixture_dir;
+
+/// xorshift64*: a small deterministic generator (no dependency, same stream everywhere).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+}
+
+const INTERESTING: [u64; 14] = [
+    0,
+    1,
+    2,
+    0x7f,
+    0x80,
+    0xff,
+    0xffff,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xffff_ffff,
+    1 << 40,
+    0x7fff_ffff_ffff_ffff,
+    0x8000_0000_0000_0000,
+    u64::MAX,
+];
+
+/// One to four random mutations of `seed` (bit flips, interesting integers, insertions,
+/// deletions, duplications, splices with another seed).
+pub fn mutate(rng: &mut Rng, seed: &[u8], others: &[Vec<u8>]) -> Vec<u8> {
+    let mut d = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let len = d.len();
+        match rng.below(8) {
+            0 if len > 0 => {
+                let i = rng.below(len);
+                d[i] ^= 1 << rng.below(8);
+            }
+            1 if len > 0 => {
+                let i = rng.below(len);
+                d[i] = INTERESTING[rng.below(INTERESTING.len())] as u8;
+            }
+            2 if len >= 8 => {
+                let w = [2usize, 4, 8][rng.below(3)];
+                let i = rng.below(len - w + 1);
+                let v = INTERESTING[rng.below(INTERESTING.len())].to_le_bytes();
+                d[i..i + w].copy_from_slice(&v[..w]);
+            }
+            3 => {
+                let i = rng.below(len + 1);
+                let n = 1 + rng.below(16);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                d.splice(i..i, bytes);
+            }
+            4 if len > 1 => {
+                let i = rng.below(len);
+                let n = 1 + rng.below((len - i).min(64));
+                d.drain(i..i + n);
+            }
+            5 if len > 1 => {
+                let i = rng.below(len);
+                let n = 1 + rng.below((len - i).min(64));
+                let chunk = d[i..i + n].to_vec();
+                let at = rng.below(len + 1);
+                d.splice(at..at, chunk);
+            }
+            6 if !others.is_empty() => {
+                let o = &others[rng.below(others.len())];
+                if !o.is_empty() && len > 0 {
+                    let (i, j) = (rng.below(len), rng.below(o.len()));
+                    let n = 1 + rng.below((o.len() - j).min(256));
+                    d.splice(i..(i + n).min(len), o[j..j + n].iter().copied());
+                }
+            }
+            7 if len > 0 => {
+                d.truncate(rng.below(len));
+            }
+            _ => {}
+        }
+    }
+    d
+}
+
+/// How many cases per target (≥ 10,000; `LAVIT_FUZZ_CASES` for longer runs).
+pub fn cases() -> usize {
+    std::env::var("LAVIT_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000)
+        .max(10_000)
+}
+
+/// Run `n` mutated cases of `seeds` through `f`; a panic saves the input and fails.
+/// Returns (cases, Ok results, Err results).
+pub fn run_target(
+    name: &str,
+    seed: u64,
+    seeds: &[Vec<u8>],
+    n: usize,
+    mut f: impl FnMut(&[u8]) -> bool,
+) -> (usize, usize, usize) {
+    assert!(!seeds.is_empty(), "{name}: no seeds");
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut rng = Rng::new(seed);
+    let (mut ok, mut err) = (0, 0);
+    let start = Instant::now();
+    let mut crash: Option<(usize, Vec<u8>, String)> = None;
+    for i in 0..n {
+        // Every 10th case is an unmutated seed or a double mutation (deeper paths).
+        let s = &seeds[rng.below(seeds.len())];
+        let mut input = mutate(&mut rng, s, seeds);
+        if i % 10 == 9 {
+            input = mutate(&mut rng, &input, seeds);
+        }
+        match catch_unwind(AssertUnwindSafe(|| f(&input))) {
+            Ok(true) => ok += 1,
+            Ok(false) => err += 1,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                crash = Some((i, input, msg));
+                break;
+            }
+        }
+    }
+    std::panic::set_hook(prev);
+    if let Some((i, input, msg)) = crash {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/fuzz-crashes")
+            .join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(format!("seed{seed}-case{i}.bin"));
+        std::fs::write(&f, &input).unwrap();
+        panic!(
+            "{name}: case {i} panicked ({msg}); input saved to {}",
+            f.display()
+        );
+    }
+    eprintln!(
+        "fuzz {name}: {n} cases ({ok} accepted, {err} refused) in {:.1} s, 0 panics",
+        start.elapsed().as_secs_f64()
+    );
+    (n, ok, err)
+}
+
+// ------------------------------------------------------------------------- targets
+
+/// The pickle reader: `data.pkl` bytes through the restricted unpickler.
+pub fn pickle_target(data: &[u8]) -> bool {
+    lavit_runtime::checkpoint::pickle::unpickle(data, Path::new("fuzz.pkl")).is_ok()
+}
+
+/// A whole `torch.save` zip through [`lavit_runtime::checkpoint::load_file`].
+pub fn torch_zip_target(dir: &Path, data: &[u8]) -> bool {
+    let p = dir.join("fuzz.bin");
+    std::fs::write(&p, data).unwrap();
+    lavit_runtime::checkpoint::load_file(&p).is_ok()
+}
+
+/// A safetensors file through [`lavit_runtime::checkpoint::load_file`].
+pub fn safetensors_target(dir: &Path, data: &[u8]) -> bool {
+    let p = dir.join("fuzz.safetensors");
+    std::fs::write(&p, data).unwrap();
+    lavit_runtime::checkpoint::load_file(&p).is_ok()
+}
+
+/// A shard index (beside two small shards) through [`lavit_runtime::checkpoint::load_sharded`].
+pub fn index_target(dir: &Path, data: &[u8]) -> bool {
+    let p = dir.join("model.safetensors.index.json");
+    std::fs::write(&p, data).unwrap();
+    lavit_runtime::checkpoint::load_sharded(&p).is_ok()
+}
+
+/// The SentencePiece reader, then the normaliser, encoder and decoder on text made of the
+/// input's own bytes.
+pub fn sentencepiece_target(data: &[u8]) -> bool {
+    use lavit_llm::sentencepiece::SentencePiece;
+    let Ok(sp) = SentencePiece::from_bytes(data) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&data[data.len().saturating_sub(48)..]).into_owned();
+    for t in [
+        text.as_str(),
+        "café au lait",
+        "  a  b ",
+        "",
+        "\u{2581}x\u{FFFD}é🙂",
+    ] {
+        let _ = sp.normalize(t);
+        let ids = sp.encode(t);
+        let _ = sp.encode_pieces(t);
+        let _ = sp.decode(&ids);
+    }
+    let ids: Vec<i64> = data.iter().take(32).map(|&b| b as i64 - 8).collect();
+    let _ = sp.decode(&ids);
+    true
+}
+
+/// Which config a JSON input is read as.
+#[derive(Clone, Copy, Debug)]
+pub enum ConfigKind {
+    Manifest,
+    Llama,
+    UNet,
+    Vae,
+    Scheduler,
+}
+
+/// A config file through its reader and validator (and, when accepted, what is computed
+/// from it before a model is built).
+pub fn config_target(dir: &Path, kind: ConfigKind, data: &[u8]) -> bool {
+    use lavit_decoder::{AutoencoderKLConfig, SchedulerConfig, UNet2DConditionModelConfig};
+    let p = dir.join(match kind {
+        ConfigKind::Manifest => "manifest.json",
+        _ => "config.json",
+    });
+    std::fs::write(&p, data).unwrap();
+    match kind {
+        ConfigKind::Manifest => match lavit_runtime::manifest::LavitManifest::for_checkpoint(dir) {
+            Ok(m) => {
+                let _ = m.min_params();
+                let _ = m.check_context("fuzz", 512);
+                true
+            }
+            Err(_) => false,
+        },
+        ConfigKind::Llama => match lavit_llm::config::LlamaConfig::from_json_file(&p) {
+            Ok(c) => {
+                let _ = lavit_llm::modeling_llama::LlamaForCausalLM::param_shapes(&c);
+                true
+            }
+            Err(_) => false,
+        },
+        ConfigKind::UNet => match UNet2DConditionModelConfig::from_json_file(&p) {
+            Ok(c) => {
+                let _ = c.implied("fuzz");
+                let _ = c.time_embed_dim();
+                true
+            }
+            Err(_) => false,
+        },
+        ConfigKind::Vae => match AutoencoderKLConfig::from_json_file(&p) {
+            Ok(c) => {
+                let _ = c.implied();
+                let _ = c.downscale();
+                true
+            }
+            Err(_) => false,
+        },
+        ConfigKind::Scheduler => match SchedulerConfig::from_json_file(&p) {
+            Ok(c) => {
+                let Ok(mut s) = lavit_decoder::schedulers::from_config(&c, None) else {
+                    return false;
+                };
+                let _ = s.set_timesteps(1 + data.len() % 50);
+                true
+            }
+            Err(_) => false,
+        },
+    }
+}
+
+/// The image decoder front: magic, size caps before decoding, decode, resize.
+pub fn image_target(data: &[u8]) -> bool {
+    let p = lavit_encoder::LaVITImageProcessor::new(32);
+    p.load_bytes(data).is_ok()
+}
+
+// ------------------------------------------------------------------------- seeds
+
+fn read(p: impl AsRef<Path>) -> Vec<u8> {
+    std::fs::read(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
+}
+
+/// `data.pkl` of every fixture `.bin` (real `torch.save` pickles) and the crafted bombs.
+pub fn pickle_seeds() -> Vec<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for f in torch_zip_seeds() {
+        let mut z = zip::ZipArchive::new(std::io::Cursor::new(f)).unwrap();
+        let name = (0..z.len())
+            .map(|i| z.name_for_index(i).unwrap().to_string())
+            .find(|n| n.ends_with("data.pkl"))
+            .unwrap();
+        let mut b = Vec::new();
+        z.by_name(&name).unwrap().read_to_end(&mut b).unwrap();
+        out.push(b);
+    }
+    let mut p = crate::hostile::Pkl::new();
+    p.op(b"}")
+        .str("w")
+        .tensor("0", 4, &[2, 2], &[2, 1])
+        .op(b"s");
+    out.push(p.end());
+    out
+}
+
+/// Small real `torch.save` zips: the fixture's smallest `.bin` files and crafted ones.
+pub fn torch_zip_seeds() -> Vec<Vec<u8>> {
+    let fx = fixture_dir();
+    let mut out = vec![
+        read(fx.join("pixel_decoding/uncond_embeddings.bin")),
+        read(fx.join("language_model/visual_weight.bin")),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("s.bin");
+    let mut k = crate::hostile::Pkl::new();
+    k.op(b"}")
+        .str("a")
+        .tensor("0", 6, &[2, 3], &[3, 1])
+        .op(b"s");
+    k.str("b").tensor("0", 6, &[3], &[2]).op(b"s");
+    let f: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    crate::hostile::write_torch_zip(&p, &k.end(), &[("0", f, false)]);
+    out.push(read(&p));
+    out.retain(|b| b.len() < 2 << 20);
+    out
+}
+
+/// Small safetensors files (written by the runtime's own writer).
+pub fn safetensors_seeds(dir: &Path) -> Vec<Vec<u8>> {
+    use tch::{Kind, Tensor};
+    let mut out = Vec::new();
+    for (i, kinds) in [
+        vec![Kind::Float],
+        vec![Kind::Half, Kind::Int64],
+        vec![Kind::BFloat16, Kind::Uint8, Kind::Float],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut sd = lavit_runtime::checkpoint::StateDict::new();
+        for (j, k) in kinds.into_iter().enumerate() {
+            let t = Tensor::arange((j as i64 + 2) * 3, (k, tch::Device::Cpu))
+                .reshape([j as i64 + 2, 3]);
+            sd.insert(format!("layer.{j}.weight"), t);
+        }
+        let p = dir.join(format!("seed{i}.safetensors"));
+        lavit_runtime::checkpoint::save_safetensors(&p, &sd, None).unwrap();
+        out.push(read(&p));
+    }
+    out
+}
+
+/// A folder with two small shards and its index seeds.
+pub fn index_seeds(dir: &Path) -> Vec<Vec<u8>> {
+    use tch::{Kind, Tensor};
+    for (shard, keys) in [("a.safetensors", ["x", "y"]), ("b.safetensors", ["z", "w"])] {
+        let mut sd = lavit_runtime::checkpoint::StateDict::new();
+        for k in keys {
+            sd.insert(
+                k.to_string(),
+                Tensor::ones([2], (Kind::Float, tch::Device::Cpu)),
+            );
+        }
+        lavit_runtime::checkpoint::save_safetensors(&dir.join(shard), &sd, None).unwrap();
+    }
+    vec![
+        br#"{"metadata":{},"weight_map":{"x":"a.safetensors","y":"a.safetensors","z":"b.safetensors","w":"b.safetensors"}}"#.to_vec(),
+        br#"{"weight_map":{"x":"../a.safetensors","y":"/etc/passwd","z":"b.safetensors","x ":"a.safetensors"}}"#.to_vec(),
+        read(fixture_dir().join("language_model/model.safetensors.index.json")),
+    ]
+}
+
+/// The LLaMA-style test model and the crafted UTF-8-splitting one.
+pub fn sentencepiece_seeds() -> Vec<Vec<u8>> {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    vec![
+        read(data.join("sp_llama_style.model")),
+        read(data.join("hostile/sp_split_utf8.model")),
+        read(fixture_dir().join("language_model/tokenizer.model")),
+    ]
+}
+
+/// The fixture's config files of one kind.
+pub fn config_seeds(kind: ConfigKind) -> Vec<Vec<u8>> {
+    let fx = fixture_dir();
+    let files: &[&str] = match kind {
+        ConfigKind::Manifest => &["manifest.json"],
+        ConfigKind::Llama => &["language_model/config.json"],
+        ConfigKind::UNet => &[
+            "pixel_decoding/unet/config.json",
+            "highres_pixel_decoding/unet/config.json",
+        ],
+        ConfigKind::Vae => &[
+            "pixel_decoding/vae/config.json",
+            "highres_pixel_decoding/vae/config.json",
+        ],
+        ConfigKind::Scheduler => &[
+            "pixel_decoding/scheduler/scheduler_config.json",
+            "highres_pixel_decoding/scheduler/scheduler_config.json",
+        ],
+    };
+    files.iter().map(|f| read(fx.join(f))).collect()
+}
+
+/// Numbers in JSON replaced by hostile ones: the byte mutator rarely makes valid JSON, this
+/// reaches the validators.
+pub fn mutate_json_numbers(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    const VALUES: [&str; 14] = [
+        "0",
+        "-1",
+        "1",
+        "3",
+        "1e300",
+        "-1e300",
+        "1099511627776",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "65536",
+        "0.5",
+        "4097",
+        "null",
+        "[]",
+    ];
+    let text = String::from_utf8_lossy(seed);
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let starts_number =
+            c.is_ascii_digit() || (c == '-' && chars.peek().is_some_and(|d| d.is_ascii_digit()));
+        if starts_number {
+            let mut num = c.to_string();
+            while let Some(&d) = chars.peek() {
+                if d.is_ascii_digit() || matches!(d, '.' | 'e' | 'E' | '-' | '+') {
+                    num.push(d);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            if rng.below(6) == 0 {
+                out.push_str(VALUES[rng.below(VALUES.len())]);
+            } else {
+                out.push_str(&num);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.into_bytes()
+}
+
+/// PNG, JPEG, BMP and GIF encodings of a small picture.
+pub fn image_seeds() -> Vec<Vec<u8>> {
+    use image::ImageFormat;
+    let img = image::RgbImage::from_fn(24, 16, |x, y| {
+        image::Rgb([(x * 10) as u8, (y * 15) as u8, 90])
+    });
+    [
+        ImageFormat::Png,
+        ImageFormat::Jpeg,
+        ImageFormat::Bmp,
+        ImageFormat::Gif,
+    ]
+    .into_iter()
+    .map(|f| {
+        let mut c = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(img.clone())
+            .write_to(&mut c, f)
+            .unwrap();
+        c.into_inner()
+    })
+    .collect()
+}
+
+// ------------------------------------------------------------------------- tests
+
+/// A temp folder in memory when the machine has one (`/dev/shm`): the file targets write
+/// one file per case, and a busy disk would dominate their time.
+fn fast_tmp() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(t) = tempfile::tempdir_in(shm) {
+            return t;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn fuzz_pickle_reader() {
+    let seeds = pickle_seeds();
+    run_target("pickle", 1, &seeds, cases(), pickle_target);
+    let zips = torch_zip_seeds();
+    let tmp = fast_tmp();
+    run_target("torch_zip", 2, &zips, cases(), |d| {
+        torch_zip_target(tmp.path(), d)
+    });
+}
+
+#[test]
+fn fuzz_safetensors_and_index_loader() {
+    let tmp = fast_tmp();
+    let seeds = safetensors_seeds(tmp.path());
+    run_target("safetensors", 3, &seeds, cases(), |d| {
+        safetensors_target(tmp.path(), d)
+    });
+    let dir = fast_tmp();
+    let seeds = index_seeds(dir.path());
+    run_target("index", 4, &seeds, cases(), |d| index_target(dir.path(), d));
+}
+
+#[test]
+fn fuzz_sentencepiece_reader_and_normaliser() {
+    let seeds = sentencepiece_seeds();
+    run_target("sentencepiece", 5, &seeds, cases(), sentencepiece_target);
+}
+
+#[test]
+fn fuzz_config_validators() {
+    let tmp = fast_tmp();
+    for (i, kind) in [
+        ConfigKind::Manifest,
+        ConfigKind::Llama,
+        ConfigKind::UNet,
+        ConfigKind::Vae,
+        ConfigKind::Scheduler,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seeds = config_seeds(kind);
+        let mut rng = Rng::new(100 + i as u64);
+        let name = format!("config-{kind:?}").to_lowercase();
+        // Half the cases hostile numbers in valid JSON, half raw byte mutations.
+        run_target(&name, 6 + i as u64, &seeds, cases(), |d| {
+            let input = if rng.below(2) == 0 {
+                let s = rng.below(seeds.len());
+                mutate_json_numbers(&mut rng, &seeds[s])
+            } else {
+                d.to_vec()
+            };
+            config_target(tmp.path(), kind, &input)
+        });
+    }
+}
+
+#[test]
+fn fuzz_image_decoder_front() {
+    let seeds = image_seeds();
+    run_target("image", 11, &seeds, cases(), image_target);
+}
+
+/// Every input that once crashed a target, replayed (`tests/data/fuzz/<target>/*`).
+#[test]
+fn fuzz_regressions_replay() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz");
+    let tmp = fast_tmp();
+    let _ = index_seeds(tmp.path());
+    let mut n = 0;
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for d in dirs {
+        let d = d.unwrap();
+        let target = d.file_name().to_string_lossy().into_owned();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files {
+            let data = read(&f);
+            let _ = match target.as_str() {
+                "pickle" => pickle_target(&data),
+                "torch_zip" => torch_zip_target(tmp.path(), &data),
+                "safetensors" => safetensors_target(tmp.path(), &data),
+                "index" => index_target(tmp.path(), &data),
+                "sentencepiece" => sentencepiece_target(&data),
+                "config-manifest" => config_target(tmp.path(), ConfigKind::Manifest, &data),
+                "config-llama" => config_target(tmp.path(), ConfigKind::Llama, &data),
+                "config-unet" => config_target(tmp.path(), ConfigKind::UNet, &data),
+                "config-vae" => config_target(tmp.path(), ConfigKind::Vae, &data),
+                "config-scheduler" => config_target(tmp.path(), ConfigKind::Scheduler, &data),
+                "image" => image_target(&data),
+                other => panic!("tests/data/fuzz/{other}: unknown target"),
+            };
+            n += 1;
+        }
+    }
+    eprintln!("fuzz regressions: {n} inputs replayed without a panic");
+}
