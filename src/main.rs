@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -40,6 +40,11 @@ enum Command {
     Serve(cli::serve::Args),
     /// Train the whole pipeline on real images on the CPU, then caption and draw.
     Demo(cli::demo::Args),
+    /// Print a shell completion script, e.g. `lavit completions bash > ~/.local/share/bash-completion/completions/lavit`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +66,10 @@ fn main() -> std::process::ExitCode {
         Command::Train(c) => cli::train::run(c),
         Command::Serve(a) => cli::serve::run(a),
         Command::Demo(a) => cli::demo::run(a),
+        Command::Completions { shell } => {
+            cli::completions(shell, &mut Args::command());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

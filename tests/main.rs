@@ -3,6 +3,7 @@
 mod common;
 
 mod checkpoint;
+mod cli;
 mod demo;
 mod llm;
 mod pixel;

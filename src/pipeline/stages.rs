@@ -607,6 +607,9 @@ impl LlmStage for LlmReal {
     fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
         self.llm.decode_text(ids)
     }
+    fn caption_prompt_len(&mut self, prefix: &Tensor, prompt: &str) -> Option<usize> {
+        self.llm.caption_prompt_len(prefix, prompt)
+    }
     fn image_tokens(
         &mut self,
         prompt: &str,

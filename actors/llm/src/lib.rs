@@ -4,6 +4,7 @@
 //!
 //! - [`modeling_llama`]: HF `LlamaForCausalLM` in tch, with a batched KV cache.
 //! - [`sentencepiece`]: `tokenizer.model` read in Rust; LLaMA's BPE encode/decode.
+//! - [`hf_tokenizer`]: `tokenizer.json` folders (the `tokenizers` crate) behind the same surface.
 //! - [`vocab`]: the unified vocabulary ([IMG], [/IMG], visual ids) and sequence batching.
 //! - [`generate`]: image→text and text→image-token generation (CFG, eq. 7).
 //! - [`lavit`]: [`LavitLlm`], the loaded `language_model/` with both tasks.
@@ -11,6 +12,7 @@
 pub mod actor;
 pub mod config;
 pub mod generate;
+pub mod hf_tokenizer;
 pub mod lavit;
 pub mod modeling_llama;
 pub mod sentencepiece;
