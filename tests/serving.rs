@@ -1664,7 +1664,10 @@ fn openai_models_usage_streamed_usage_and_error_objects() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"].as_array().unwrap().len(), 0, "{last}");
-    assert_eq!(last["usage"], v["usage"], "streamed usage = non-streamed usage");
+    assert_eq!(
+        last["usage"], v["usage"],
+        "streamed usage = non-streamed usage"
+    );
     for c in &chunks[..chunks.len() - 1] {
         assert!(c["usage"].is_null(), "{c}");
         assert_eq!(c["object"], "chat.completion.chunk");
@@ -1705,7 +1708,10 @@ fn openai_models_usage_streamed_usage_and_error_objects() {
         b["n"] = 2.into();
         b
     });
-    assert_eq!((r.status, &json_of(&r)["error"]["param"]), (400, &"n".into()));
+    assert_eq!(
+        (r.status, &json_of(&r)["error"]["param"]),
+        (400, &"n".into())
+    );
     let r = get("/v1/nothing");
     assert_eq!(r.status, 404);
     assert_eq!(json_of(&r)["error"]["code"], "not_found");
@@ -1736,7 +1742,10 @@ fn tokenize_keep_mask_matches_the_token_counts() {
         "/v1/tokenize",
         &serde_json::json!({ "images": imgs }),
     ));
-    assert_eq!(v["tokens"], plain["tokens"], "the mask does not change the ids");
+    assert_eq!(
+        v["tokens"], plain["tokens"],
+        "the mask does not change the ids"
+    );
     assert!(plain.get("keep").is_none());
     // Mock: 28 px images, patch 7 → a 4 × 4 grid.
     assert_eq!(v["grid"], serde_json::json!([4, 4]));
@@ -1751,7 +1760,10 @@ fn tokenize_keep_mask_matches_the_token_counts() {
         assert_eq!(kept, v["tokens"][i].as_array().unwrap().len());
         kept_all.push(kept);
     }
-    assert!(kept_all.iter().any(|&k| k < 16), "some patches dropped: {kept_all:?}");
+    assert!(
+        kept_all.iter().any(|&k| k < 16),
+        "some patches dropped: {kept_all:?}"
+    );
     s.stop();
 }
 
@@ -1791,7 +1803,10 @@ fn playground_page_and_assets_are_served_from_the_binary() {
     let r = request(s.addr, "GET", "/", b"", &[]);
     assert_eq!(r.status, 200);
     assert!(r.body.contains("LaVIT playground"), "{}", r.body);
-    assert!(!r.body.contains("http://") && !r.body.contains("https://"), "no CDN");
+    assert!(
+        !r.body.contains("http://") && !r.body.contains("https://"),
+        "no CDN"
+    );
     for (p, needle) in [
         ("/static/app.js", "/v1/tokenize"),
         ("/static/style.css", ".token-card"),
@@ -1844,7 +1859,10 @@ fn fault_injection_hook_gives_a_500_with_an_error_object() {
     );
     assert_eq!(r.status, 500);
     let e = &json_of(&r)["error"];
-    assert_eq!((&e["type"], &e["code"]), (&"server_error".into(), &"internal_error".into()));
+    assert_eq!(
+        (&e["type"], &e["code"]),
+        (&"server_error".into(), &"internal_error".into())
+    );
     let r = post(
         s.addr,
         "/admin/fault",

@@ -134,7 +134,11 @@ fn pipeline_families(st: &AppState) -> Vec<MetricFamily> {
             "0 once a stage failed or exited after repeated panics.",
             flag(g.healthy()),
         ),
-        ("lavit_draining", "1 while draining.", flag(adm.is_draining())),
+        (
+            "lavit_draining",
+            "1 while draining.",
+            flag(adm.is_draining()),
+        ),
     ] {
         out.push(family(name, help, MetricType::GAUGE, vec![gauge(v, &[])]));
     }

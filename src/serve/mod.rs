@@ -769,10 +769,10 @@ async fn fault(body: web::Bytes, st: web::Data<AppState>) -> HttpResponse {
             "error" => crate::pipeline::Fault::Error,
             "panic" => crate::pipeline::Fault::Panic,
             other => {
-                return Err(ApiError::bad(format!(
-                    "`fault` = {other:?}: \"error\" or \"panic\""
-                ))
-                .with_param("fault"))
+                return Err(
+                    ApiError::bad(format!("`fault` = {other:?}: \"error\" or \"panic\""))
+                        .with_param("fault"),
+                )
             }
         };
         st.pipe.graph().inject_fault(stage, kind);
@@ -929,12 +929,8 @@ pub fn spawn(pipe: Arc<Pipeline>, limits: Limits) -> anyhow::Result<RunningServe
                         app
                     };
                     app.default_service(web::to(|req: HttpRequest| async move {
-                        ApiError::not_found(format!(
-                            "no route {} {}",
-                            req.method(),
-                            req.path()
-                        ))
-                        .response()
+                        ApiError::not_found(format!("no route {} {}", req.method(), req.path()))
+                            .response()
                     }))
                 })
                 .workers(st.limits.workers.max(1))

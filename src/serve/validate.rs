@@ -105,8 +105,7 @@ pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError>
 pub fn check_range(name: &str, v: f64, lo: f64, hi: f64) -> Result<f64, ApiError> {
     if !v.is_finite() || v < lo || v > hi {
         return Err(
-            ApiError::bad(format!("`{name}` = {v} is out of range [{lo}, {hi}]"))
-                .with_param(name),
+            ApiError::bad(format!("`{name}` = {v} is out of range [{lo}, {hi}]")).with_param(name),
         );
     }
     Ok(v)
@@ -115,8 +114,7 @@ pub fn check_range(name: &str, v: f64, lo: f64, hi: f64) -> Result<f64, ApiError
 pub fn check_int(name: &str, v: u64, lo: u64, hi: u64) -> Result<usize, ApiError> {
     if v < lo || v > hi {
         return Err(
-            ApiError::bad(format!("`{name}` = {v} is out of range [{lo}, {hi}]"))
-                .with_param(name),
+            ApiError::bad(format!("`{name}` = {v} is out of range [{lo}, {hi}]")).with_param(name),
         );
     }
     Ok(v as usize)

@@ -84,7 +84,10 @@ impl HfTokenizer {
             inner.token_to_id(&name).map(i64::from).ok_or_else(|| {
                 Error::ckpt(
                     path,
-                    format!("{key} `{name}` is not in the vocabulary of {}", path.display()),
+                    format!(
+                        "{key} `{name}` is not in the vocabulary of {}",
+                        path.display()
+                    ),
                 )
             })
         };
@@ -139,9 +142,7 @@ impl TextTokenizer for HfTokenizer {
         self.eos_id
     }
     fn piece_to_id(&self, piece: &str) -> i64 {
-        self.inner
-            .token_to_id(piece)
-            .map_or(self.unk_id, i64::from)
+        self.inner.token_to_id(piece).map_or(self.unk_id, i64::from)
     }
 }
 
@@ -277,8 +278,8 @@ mod tests {
 
     #[test]
     fn the_official_sentencepiece_model_answers_through_the_same_trait() {
-        let sp_path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/data/sp_llama_style.model");
+        let sp_path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/sp_llama_style.model");
         let sp = SentencePiece::from_file(&sp_path).unwrap();
         let direct = sp.encode("a photo of a cat");
         let tmp = tempfile::tempdir().unwrap();
