@@ -198,7 +198,7 @@ mod tests {
         let mut tok = TokenizerBuilder::new()
             .with_model(BPE::default())
             .with_normalizer(None::<tokenizers::NormalizerWrapper>)
-            .with_pre_tokenizer(Some(ByteLevel::default()))
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
             .with_post_processor(None::<tokenizers::PostProcessorWrapper>)
             .with_decoder(Some(ByteLevelDecoder::default()))
             .build()
