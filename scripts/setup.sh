@@ -5,6 +5,9 @@
 #     nothing at run time needs Python). With Python 3.11 this is a real venv; with another
 #     Python the cp311 wheel is unpacked into the same folder with `pip --target`.
 #   - with --data: the real images the demo and tests train on (Debian packages).
+#   - with --test-tools: what the client-side checks of scripts/test.sh drive the server with:
+#     the official `openai` client and selenium (PyPI, pinned) in the venv, and Debian's
+#     `chromium` + `chromium-driver` (a real headless browser; nothing downloads a browser).
 # Reaches only the package registries (PyPI, Debian). Idempotent: a second run does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +50,16 @@ if [ ! -f "$SITE/torch/lib/libtorch.so" ]; then
   [ -f "$SITE/torch/lib/libtorch.so" ] || { echo "setup: libtorch.so missing after install" >&2; exit 1; }
 fi
 
-if [ "${1:-}" = "--data" ]; then
+DATA=0; TEST_TOOLS=0
+for arg in "$@"; do
+  case "$arg" in
+    --data) DATA=1 ;;
+    --test-tools) TEST_TOOLS=1 ;;
+    *) echo "setup: unknown option $arg (--data, --test-tools)" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$DATA" = 1 ]; then
   need=()
   [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
   [ -d /usr/share/tuxpaint/stamps ] || need+=(tuxpaint-stamps-default)
@@ -70,4 +82,33 @@ if [ ! -f .gloo/usr/include/gloo/rendezvous/store.h ] && [ ! -f /usr/include/glo
   dpkg -x "$tmp"/libgloo-dev_*.deb .gloo
   rm -rf "$tmp"
   [ -f .gloo/usr/include/gloo/rendezvous/store.h ] || { echo "setup: gloo headers missing after unpacking libgloo-dev" >&2; exit 1; }
+fi
+
+if [ "$TEST_TOOLS" = 1 ]; then
+  OPENAI_VERSION=3.57.0
+  SELENIUM_VERSION=4.51.0
+  need=()
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
+  if [ ${#need[@]} -gt 0 ]; then
+    apt_install "${need[@]}"
+  fi
+  # The Python of the checks: the project venv, or (when libtorch was unpacked for another
+  # Python) a small venv of its own under .venv/tools.
+  PY=.venv/bin/python
+  if [ ! -x "$PY" ]; then
+    PY=.venv/tools/bin/python
+    if [ ! -x "$PY" ]; then
+      python3 -m venv .venv/tools 2>/dev/null || { apt_install python3-venv; python3 -m venv .venv/tools; }
+    fi
+  fi
+  if ! "$PY" - "$OPENAI_VERSION" "$SELENIUM_VERSION" <<'PYEOF' 2>/dev/null
+import sys, importlib.metadata as m
+sys.exit(not (m.version("openai") == sys.argv[1] and m.version("selenium") == sys.argv[2]))
+PYEOF
+  then
+    echo "setup: installing openai==$OPENAI_VERSION selenium==$SELENIUM_VERSION into $(dirname "$(dirname "$PY")")" >&2
+    "$PY" -m pip install --quiet --disable-pip-version-check \
+      "openai==$OPENAI_VERSION" "selenium==$SELENIUM_VERSION"
+  fi
 fi

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -42,6 +42,11 @@ enum Command {
     Demo(cli::demo::Args),
     /// Caption metrics (BLEU-4, CIDEr-D), VQA accuracy and text→image FID of a checkpoint.
     Eval(cli::eval::Args),
+    /// Print a shell completion script, e.g. `lavit completions bash > ~/.local/share/bash-completion/completions/lavit`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +69,10 @@ fn main() -> std::process::ExitCode {
         Command::Serve(a) => cli::serve::run(a),
         Command::Demo(a) => cli::demo::run(a),
         Command::Eval(a) => cli::eval::run(a),
+        Command::Completions { shell } => {
+            cli::completions(shell, &mut Args::command());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 mod common;
 
 mod checkpoint;
+mod cli;
 mod config;
 mod demo;
 mod dist;

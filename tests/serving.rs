@@ -1097,7 +1097,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
         prompt: "describe".into(),
         opts: copts,
     };
-    let Output::Text { ids, text } = rt
+    let Output::Text { ids, text, .. } = rt
         .block_on(pipe.graph().run(task, Input::Images(x)))
         .unwrap()
     else {
@@ -1618,4 +1618,284 @@ fn seeded_requests_are_reproducible_with_others_in_flight() {
         "seed 7 gave another picture with other requests in flight"
     );
     assert!(!px[0].equal(&alone), "seeds 1 and 7 gave the same picture");
+}
+
+// ------------------------------------------------------------------------------------------
+// OpenAI compatibility, the token view endpoint and the playground (scripts/openai-check.py
+// drives the same with the official client).
+
+fn json_of(r: &Resp) -> serde_json::Value {
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body))
+}
+
+#[test]
+fn openai_models_usage_streamed_usage_and_error_objects() {
+    let s = server(2, 4, None, limits());
+    ready(&s);
+    let get = |p: &str| request(s.addr, "GET", p, b"", &[]);
+    let v = json_of(&get("/v1/models"));
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "lavit");
+    assert_eq!(v["data"][0]["object"], "model");
+    assert!(v["data"][0]["created"].as_u64().unwrap() > 1_600_000_000);
+    let r = get("/v1/models/lavit");
+    assert_eq!(r.status, 200);
+    assert_eq!(json_of(&r)["id"], "lavit");
+    let r = get("/v1/models/gpt-4o");
+    assert_eq!(r.status, 404);
+    let e = &json_of(&r)["error"];
+    assert_eq!(
+        (&e["type"], &e["param"], &e["code"]),
+        (
+            &"invalid_request_error".into(),
+            &"model".into(),
+            &"model_not_found".into()
+        ),
+        "{e}"
+    );
+
+    // Non-streamed usage: the mock LLM reads the image's prefix rows and one token per word.
+    let img = png_b64(40, 30);
+    let r = post(s.addr, "/v1/chat/completions", &chat_body(&img, false));
+    let v = json_of(&r);
+    let u = &v["usage"];
+    let completion = u["completion_tokens"].as_u64().unwrap();
+    let prompt = u["prompt_tokens"].as_u64().unwrap();
+    assert!(completion >= 1 && completion <= 5, "{v}");
+    assert!(prompt > 5, "{v}"); // image rows + "What is in the image?"
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), prompt + completion);
+    assert_eq!(v["model"], "lavit");
+    let reason = v["choices"][0]["finish_reason"].as_str().unwrap();
+    assert_eq!(reason == "length", completion == 5, "{v}");
+
+    // Streamed with include_usage: a role chunk, the tokens, a finish chunk, the usage chunk
+    // with empty choices, [DONE]; every chunk carries `usage` (null but the last).
+    let mut body = chat_body(&img, true);
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let r = post(s.addr, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200);
+    let events: Vec<&str> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"].as_array().unwrap().len(), 0, "{last}");
+    assert_eq!(
+        last["usage"], v["usage"],
+        "streamed usage = non-streamed usage"
+    );
+    for c in &chunks[..chunks.len() - 1] {
+        assert!(c["usage"].is_null(), "{c}");
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert!(c["created"].is_u64() && c["model"] == "lavit", "{c}");
+    }
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], reason);
+    assert_eq!(chunks.len(), 2 + completion as usize + 1);
+    // Without stream_options no usage key at all; stream_options without stream is a 400.
+    let r = post(s.addr, "/v1/chat/completions", &chat_body(&img, true));
+    assert!(!r.body.contains("\"usage\""), "{}", r.body);
+    let mut body = chat_body(&img, false);
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let r = post(s.addr, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 400);
+    assert_eq!(json_of(&r)["error"]["param"], "stream_options");
+
+    // Error objects: the field at fault in `param`, OpenAI's type and code.
+    let r = post(
+        s.addr,
+        "/v1/images/generations",
+        &serde_json::json!({"prompt": "a", "guidance": -1}),
+    );
+    assert_eq!(r.status, 400);
+    let e = &json_of(&r)["error"];
+    assert_eq!(e["param"], "guidance", "{e}");
+    assert_eq!(e["type"], "invalid_request_error");
+    assert_eq!(e["code"], "invalid_value");
+    assert!(e["message"].as_str().unwrap().contains("guidance"));
+    let r = post(
+        s.addr,
+        "/v1/images/generations",
+        &serde_json::json!({"prompt": "a", "model": "dall-e-3"}),
+    );
+    assert_eq!(r.status, 404);
+    let r = post(s.addr, "/v1/chat/completions", &{
+        let mut b = chat_body(&img, false);
+        b["n"] = 2.into();
+        b
+    });
+    assert_eq!(
+        (r.status, &json_of(&r)["error"]["param"]),
+        (400, &"n".into())
+    );
+    let r = get("/v1/nothing");
+    assert_eq!(r.status, 404);
+    assert_eq!(json_of(&r)["error"]["code"], "not_found");
+    // Fault injection is off unless configured.
+    let r = post(
+        s.addr,
+        "/admin/fault",
+        &serde_json::json!({"stage": "llm", "fault": "error"}),
+    );
+    assert_eq!(r.status, 404);
+    s.stop();
+}
+
+#[test]
+fn tokenize_keep_mask_matches_the_token_counts() {
+    let s = server(2, 4, None, limits());
+    ready(&s);
+    let imgs = [png_b64(40, 30), png_b64(28, 28), png_b64(64, 20)];
+    let r = post(
+        s.addr,
+        "/v1/tokenize",
+        &serde_json::json!({"images": imgs, "keep_mask": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = json_of(&r);
+    let plain = json_of(&post(
+        s.addr,
+        "/v1/tokenize",
+        &serde_json::json!({ "images": imgs }),
+    ));
+    assert_eq!(
+        v["tokens"], plain["tokens"],
+        "the mask does not change the ids"
+    );
+    assert!(plain.get("keep").is_none());
+    // Mock: 28 px images, patch 7 → a 4 × 4 grid.
+    assert_eq!(v["grid"], serde_json::json!([4, 4]));
+    assert_eq!(v["patches"], 16);
+    let mut kept_all = Vec::new();
+    for i in 0..3 {
+        let keep = v["keep"][i].as_array().unwrap();
+        assert_eq!(keep.len(), 16);
+        assert_eq!(keep[0], 1, "the mock selector always keeps the first patch");
+        let kept = keep.iter().filter(|k| k.as_u64() == Some(1)).count();
+        assert_eq!(kept as u64, v["counts"][i].as_u64().unwrap());
+        assert_eq!(kept, v["tokens"][i].as_array().unwrap().len());
+        kept_all.push(kept);
+    }
+    assert!(
+        kept_all.iter().any(|&k| k < 16),
+        "some patches dropped: {kept_all:?}"
+    );
+    s.stop();
+}
+
+#[test]
+fn api_key_from_the_config_and_its_environment_override() {
+    let var = "LAVIT_TEST_SERVING_API_KEY_OVERRIDE";
+    std::env::remove_var(var);
+    let lim = Limits {
+        warmup: false,
+        api_key: Some("from-config".into()),
+        api_key_env: Some(var.into()),
+        ..limits()
+    };
+    assert_eq!(lim.effective_api_key().as_deref(), Some("from-config"));
+    let s = server(1, 1, None, lim.clone());
+    ready(&s);
+    let auth = |k: &str| format!("Bearer {k}");
+    let models = |h: &[(&str, &str)]| request(s.addr, "GET", "/v1/models", b"", h).status;
+    assert_eq!(models(&[]), 401);
+    assert_eq!(models(&[("Authorization", &auth("nope"))]), 401);
+    assert_eq!(models(&[("Authorization", &auth("from-config"))]), 200);
+    // Health, metrics and the playground page stay open; the page learns a key is needed.
+    assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 200);
+    let info = json_of(&request(s.addr, "GET", "/playground/info", b"", &[]));
+    assert_eq!(info["api_key_required"], true);
+    s.stop();
+    std::env::set_var(var, "from-env");
+    assert_eq!(lim.effective_api_key().as_deref(), Some("from-env"));
+    std::env::set_var(var, "");
+    assert_eq!(lim.effective_api_key().as_deref(), Some("from-config"));
+    std::env::remove_var(var);
+}
+
+#[test]
+fn playground_page_and_assets_are_served_from_the_binary() {
+    let s = server(1, 1, None, limits());
+    let r = request(s.addr, "GET", "/", b"", &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("LaVIT playground"), "{}", r.body);
+    assert!(
+        !r.body.contains("http://") && !r.body.contains("https://"),
+        "no CDN"
+    );
+    for (p, needle) in [
+        ("/static/app.js", "/v1/tokenize"),
+        ("/static/style.css", ".token-card"),
+    ] {
+        let r = request(s.addr, "GET", p, b"", &[]);
+        assert_eq!(r.status, 200, "{p}");
+        assert!(r.body.contains(needle), "{p}");
+    }
+    let info = json_of(&request(s.addr, "GET", "/playground/info", b"", &[]));
+    assert_eq!(info["model"], "lavit");
+    assert_eq!(info["api_key_required"], false);
+    s.stop();
+    // Off when configured so.
+    let s = server(
+        1,
+        1,
+        None,
+        Limits {
+            playground: false,
+            ..limits()
+        },
+    );
+    assert_eq!(request(s.addr, "GET", "/", b"", &[]).status, 404);
+    s.stop();
+}
+
+#[test]
+fn fault_injection_hook_gives_a_500_with_an_error_object() {
+    let s = server(
+        1,
+        1,
+        None,
+        Limits {
+            warmup: false,
+            fault_injection: true,
+            ..limits()
+        },
+    );
+    ready(&s);
+    let r = post(
+        s.addr,
+        "/admin/fault",
+        &serde_json::json!({"stage": "decoder", "fault": "error"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(
+        s.addr,
+        "/v1/images/generations",
+        &serde_json::json!({"prompt": "x", "steps": 1}),
+    );
+    assert_eq!(r.status, 500);
+    let e = &json_of(&r)["error"];
+    assert_eq!(
+        (&e["type"], &e["code"]),
+        (&"server_error".into(), &"internal_error".into())
+    );
+    let r = post(
+        s.addr,
+        "/admin/fault",
+        &serde_json::json!({"stage": "nowhere", "fault": "error"}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        s.state.metrics.http_count("5xx"),
+        1,
+        "one 500 counted by the prometheus counter"
+    );
+    s.stop();
 }

@@ -501,20 +501,41 @@ impl Handler<Envelope<MergedFeatures>> for QuantizerActor {
             return closed(env, self.core.kind);
         };
         let dev = self.core.device;
-        let out = self.core.run(env, |_, b| {
-            stage.quantize(&b.merged.to_device(dev), &b.decisions.to_device(dev))
+        let out = self.core.run(env, |meta, b| {
+            let ids = stage.quantize(&b.merged.to_device(dev), &b.decisions.to_device(dev))?;
+            let keep = match meta.task {
+                Task::Select => Some(keep_masks(&b.decisions)?),
+                _ => None,
+            };
+            Ok((ids, keep))
         });
-        if let Some((mut meta, ids)) = out {
-            match meta.task {
-                Task::Reconstruct { .. } => {
+        if let Some((mut meta, (ids, keep))) = out {
+            match (&meta.task, keep) {
+                (Task::Reconstruct { .. }, _) => {
                     if !self.decoder.forward_blocking(meta, GeneratedIds { ids }) {
                         self.core.set_exit(ExitStatus::DownstreamClosed);
                     }
                 }
-                _ => meta.finish(Ok(Output::VisualIds(ids))),
+                (_, Some(keep)) => meta.finish(Ok(Output::Selection { ids, keep })),
+                (_, None) => meta.finish(Ok(Output::VisualIds(ids))),
             }
         }
     }
+}
+
+/// Keep decisions (B, N) → per image a keep flag per patch.
+fn keep_masks(decisions: &Tensor) -> StageResult<Vec<Vec<bool>>> {
+    let d = decisions
+        .detach()
+        .to_device(tch::Device::Cpu)
+        .to_kind(tch::Kind::Float);
+    let n = d.size().last().copied().unwrap_or(0);
+    let flat = Vec::<f32>::try_from(d.reshape([-1]))
+        .map_err(|e| StageError::failed(StageKind::Quantizer, e))?;
+    Ok(flat
+        .chunks(n.max(1) as usize)
+        .map(|row| row.iter().map(|&v| v > 0.5).collect())
+        .collect())
 }
 
 impl Handler<Envelope<UnderstandingEmbeds>> for LlmActor {
@@ -550,7 +571,12 @@ impl Handler<Envelope<UnderstandingEmbeds>> for LlmActor {
                 return Err(StageError::Cancelled);
             }
             let text = stage.decode_text(&ids)?;
-            Ok(Output::Text { ids, text })
+            let prompt_tokens = stage.caption_prompt_len(&prefix, prompt);
+            Ok(Output::Text {
+                ids,
+                text,
+                prompt_tokens,
+            })
         });
         if let Some((mut meta, output)) = out {
             meta.finish(Ok(output));

@@ -153,6 +153,9 @@ impl Default for GenerateOptions {
 pub enum Task {
     /// Images → visual ids (Encoder → SelectorMerger → Quantizer).
     Tokenize,
+    /// [`Task::Tokenize`], and also the selector's keep decision for every patch (to show
+    /// which patches became tokens).
+    Select,
     /// Image + question → text (Encoder → SelectorMerger → Llm).
     Caption {
         prompt: String,
@@ -168,6 +171,7 @@ impl Task {
     pub fn name(&self) -> &'static str {
         match self {
             Task::Tokenize => "tokenize",
+            Task::Select => "select",
             Task::Caption { .. } => "caption",
             Task::Generate { .. } => "generate",
             Task::Reconstruct { .. } => "reconstruct",
@@ -179,9 +183,17 @@ impl Task {
 #[derive(Debug)]
 pub enum Output {
     VisualIds(Vec<Vec<i64>>),
+    /// [`Task::Select`]: per image its visual ids and its keep mask over the N patches in
+    /// raster order (`ids[i].len()` = the number of `true` in `keep[i]`).
+    Selection {
+        ids: Vec<Vec<i64>>,
+        keep: Vec<Vec<bool>>,
+    },
+    /// `prompt_tokens`: [`crate::stage::LlmStage::caption_prompt_len`].
     Text {
         ids: Vec<i64>,
         text: String,
+        prompt_tokens: Option<usize>,
     },
     /// (n, 3, H, W) float32 in [0, 1] on the CPU, and the visual ids each image was drawn
     /// from.

@@ -291,6 +291,10 @@ impl LlmStage for MockLlm {
         }
         Ok(ids)
     }
+    fn caption_prompt_len(&mut self, prefix: &Tensor, prompt: &str) -> Option<usize> {
+        // The mock reads the prefix rows and one "token" per word.
+        Some(prefix.size()[0] as usize + prompt.split_whitespace().count())
+    }
     fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
         Ok(ids
             .iter()

@@ -168,6 +168,12 @@ pub trait LlmStage: Trainable + Send {
     ) -> StageResult<Vec<i64>>;
     /// Text ids → text.
     fn decode_text(&mut self, ids: &[i64]) -> StageResult<String>;
+    /// How many positions the LLM reads before generating a caption of `prefix` and `prompt`
+    /// (visual embeddings, question tokens and the special tokens around them): the prompt
+    /// side of a reply's token usage. `None`: this stage does not say.
+    fn caption_prompt_len(&mut self, _prefix: &Tensor, _prompt: &str) -> Option<usize> {
+        None
+    }
     /// Text → `opts.n` sequences of visual ids (between [IMG] and [/IMG], offset removed or not
     /// as the decoder expects), classifier-free guidance batched.
     fn image_tokens(

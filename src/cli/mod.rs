@@ -76,3 +76,8 @@ pub fn read_image(path: &Path) -> anyhow::Result<image::DynamicImage> {
         .with_context(|| format!("{}", path.display()))?;
     Ok(image::DynamicImage::ImageRgb8(rgb))
 }
+
+/// `lavit completions SHELL`: the completion script for `cmd` on stdout.
+pub fn completions(shell: clap_complete::Shell, cmd: &mut clap::Command) {
+    clap_complete::generate(shell, cmd, "lavit", &mut std::io::stdout());
+}

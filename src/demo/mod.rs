@@ -657,7 +657,14 @@ fn write_report(
             240.0,
         ));
         let png = format!("curve_{i}.png");
-        lavit_runtime::train::write_line_plot_png(&dir.join(&png), &[smooth], 520, 240)?;
+        let series = [(format!("moving average of {w}"), smooth)];
+        let plot = lavit_runtime::train::LinePlot {
+            title: name,
+            x_label: "step",
+            y_label: "loss",
+            series: &series,
+        };
+        lavit_runtime::train::write_plot_png(&dir.join(&png), &plot, 520, 240)?;
     }
     html.h2("Timings");
     let mut rows = vec![vec![

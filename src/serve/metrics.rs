@@ -1,150 +1,252 @@
-//! `/metrics` in the Prometheus text format: admission (queue depth, in flight, refusals),
-//! per-stage gauges, counters and latency histograms, HTTP responses by class.
+//! `/metrics` in the Prometheus text format, written by the `prometheus` crate: admission
+//! (queue depth, in flight, refusals), per-stage gauges, counters and latency histograms, HTTP
+//! responses by class.
+//!
+//! The HTTP counters are the crate's own counters; the pipeline's numbers live in the runtime's
+//! atomics (`lavit_runtime::inflight`) and are read at scrape time into metric families, the way
+//! a Prometheus collector for another system's state works.
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-use lavit_runtime::inflight::LATENCY_BUCKETS;
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+
+use lavit_runtime::inflight::{StageMetrics, LATENCY_BUCKETS};
 use lavit_runtime::stage::StageKind;
 
 use super::AppState;
 
-pub fn render(st: &AppState) -> String {
+/// The server's own metrics.
+pub struct Metrics {
+    registry: Registry,
+    http: IntCounterVec,
+}
+
+/// Response classes of `lavit_http_responses_total`.
+pub const CLASSES: [&str; 4] = ["2xx", "429", "4xx", "5xx"];
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let http = IntCounterVec::new(
+            Opts::new("lavit_http_responses_total", "HTTP responses by class."),
+            &["class"],
+        )?;
+        registry.register(Box::new(http.clone()))?;
+        for c in CLASSES {
+            http.with_label_values(&[c]); // every class present from the start, at 0
+        }
+        Ok(Metrics { registry, http })
+    }
+
+    /// Count one response of `class` (one of [`CLASSES`]).
+    pub fn http_response(&self, class: &str) {
+        self.http.with_label_values(&[class]).inc();
+    }
+
+    /// The value of `lavit_http_responses_total{class}`.
+    pub fn http_count(&self, class: &str) -> u64 {
+        self.http.with_label_values(&[class]).get()
+    }
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*k).into());
+            l.set_value((*v).into());
+            l
+        })
+        .collect()
+}
+
+fn gauge(v: f64, l: &[(&str, &str)]) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::default();
+    m.set_gauge(g);
+    m.set_label(labels(l));
+    m
+}
+
+fn counter(v: f64, l: &[(&str, &str)]) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(v);
+    let mut m = Metric::default();
+    m.set_counter(c);
+    m.set_label(labels(l));
+    m
+}
+
+/// The pipeline's state as metric families (read from the runtime's atomics now).
+fn pipeline_families(st: &AppState) -> Vec<MetricFamily> {
     let g = st.pipe.graph();
     let adm = g.admission();
     let sh = g.shared();
-    let mut o = String::new();
-    let mut gauge = |name: &str, help: &str, v: f64| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-    };
-    gauge(
-        "lavit_queue_depth",
-        "Admitted requests waiting for an in-flight turn.",
-        adm.queued() as f64,
-    );
-    gauge(
-        "lavit_in_flight",
-        "Requests inside the stages.",
-        adm.in_flight() as f64,
-    );
-    gauge(
-        "lavit_admitted",
-        "Requests admitted (in flight + queued).",
-        adm.admitted() as f64,
-    );
-    gauge(
-        "lavit_max_in_flight",
-        "Admission limit: in flight.",
-        adm.max_in_flight as f64,
-    );
-    gauge(
-        "lavit_max_queue",
-        "Admission limit: queued.",
-        adm.max_queue as f64,
-    );
-    gauge(
-        "lavit_ready",
-        "1 when weights are loaded and warm-up is done.",
-        st.ready.load(Ordering::SeqCst) as u8 as f64,
-    );
-    gauge(
-        "lavit_healthy",
-        "0 once a stage failed or exited after repeated panics.",
-        g.healthy() as u8 as f64,
-    );
-    gauge(
-        "lavit_draining",
-        "1 while draining.",
-        adm.is_draining() as u8 as f64,
-    );
-    let _ = writeln!(o, "# HELP lavit_rejected_total Requests refused because admission was full.\n# TYPE lavit_rejected_total counter\nlavit_rejected_total {}", adm.rejected());
-
-    let c = &st.counters;
-    let _ = writeln!(o, "# HELP lavit_http_responses_total HTTP responses by class.\n# TYPE lavit_http_responses_total counter");
-    for (class, v) in [
-        ("2xx", &c.ok),
-        ("429", &c.too_many),
-        ("4xx", &c.client_errors),
-        ("5xx", &c.server_errors),
+    let mut out = Vec::new();
+    let flag = |b: bool| b as u8 as f64;
+    for (name, help, v) in [
+        (
+            "lavit_queue_depth",
+            "Admitted requests waiting for an in-flight turn.",
+            adm.queued() as f64,
+        ),
+        (
+            "lavit_in_flight",
+            "Requests inside the stages.",
+            adm.in_flight() as f64,
+        ),
+        (
+            "lavit_admitted",
+            "Requests admitted (in flight + queued).",
+            adm.admitted() as f64,
+        ),
+        (
+            "lavit_max_in_flight",
+            "Admission limit: in flight.",
+            adm.max_in_flight as f64,
+        ),
+        (
+            "lavit_max_queue",
+            "Admission limit: queued.",
+            adm.max_queue as f64,
+        ),
+        (
+            "lavit_ready",
+            "1 when weights are loaded and warm-up is done.",
+            flag(st.ready.load(Ordering::SeqCst)),
+        ),
+        (
+            "lavit_healthy",
+            "0 once a stage failed or exited after repeated panics.",
+            flag(g.healthy()),
+        ),
+        (
+            "lavit_draining",
+            "1 while draining.",
+            flag(adm.is_draining()),
+        ),
     ] {
-        let _ = writeln!(
-            o,
-            "lavit_http_responses_total{{class=\"{class}\"}} {}",
-            v.load(Ordering::SeqCst)
-        );
+        out.push(family(name, help, MetricType::GAUGE, vec![gauge(v, &[])]));
     }
+    out.push(family(
+        "lavit_rejected_total",
+        "Requests refused because admission was full.",
+        MetricType::COUNTER,
+        vec![counter(adm.rejected() as f64, &[])],
+    ));
 
-    type Field = fn(&lavit_runtime::inflight::StageMetrics) -> u64;
-    let per_stage: [(&str, &str, &str, Field); 5] = [
+    type Field = fn(&StageMetrics) -> u64;
+    let per_stage: [(&str, MetricType, &str, Field); 5] = [
         (
             "lavit_stage_in_flight",
-            "gauge",
+            MetricType::GAUGE,
             "Requests a stage is computing now.",
             |m| m.in_flight.load(Ordering::SeqCst).max(0) as u64,
         ),
         (
             "lavit_stage_processed_total",
-            "counter",
+            MetricType::COUNTER,
             "Requests a stage finished.",
             |m| m.processed.load(Ordering::Relaxed),
         ),
         (
             "lavit_stage_failures_total",
-            "counter",
+            MetricType::COUNTER,
             "Forward passes that returned an error.",
             |m| m.failures.load(Ordering::Relaxed),
         ),
         (
             "lavit_stage_panics_total",
-            "counter",
+            MetricType::COUNTER,
             "Forward passes that panicked (caught).",
             |m| m.panics.load(Ordering::Relaxed),
         ),
         (
             "lavit_stage_cancelled_total",
-            "counter",
+            MetricType::COUNTER,
             "Requests a stage gave up because they were cancelled.",
             |m| m.cancelled.load(Ordering::Relaxed),
         ),
     ];
     for (name, kind, help, f) in per_stage {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for k in StageKind::ALL {
-            let _ = writeln!(o, "{name}{{stage=\"{k}\"}} {}", f(&sh.metrics[k.index()]));
-        }
+        let metrics = StageKind::ALL
+            .iter()
+            .map(|k| {
+                let v = f(&sh.metrics[k.index()]) as f64;
+                let l = [("stage", k.name())];
+                if kind == MetricType::GAUGE {
+                    gauge(v, &l)
+                } else {
+                    counter(v, &l)
+                }
+            })
+            .collect();
+        out.push(family(name, help, kind, metrics));
     }
-    let _ = writeln!(o, "# HELP lavit_stage_mailbox_depth Messages queued for or being processed by a stage.\n# TYPE lavit_stage_mailbox_depth gauge");
-    for k in StageKind::ALL {
-        let _ = writeln!(
-            o,
-            "lavit_stage_mailbox_depth{{stage=\"{k}\"}} {}",
-            sh.slots[k.index()].depth()
-        );
-    }
-    let _ = writeln!(o, "# HELP lavit_stage_latency_seconds Time a stage spends on one request.\n# TYPE lavit_stage_latency_seconds histogram");
-    for k in StageKind::ALL {
-        let m = &sh.metrics[k.index()];
-        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "lavit_stage_latency_seconds_bucket{{stage=\"{k}\",le=\"{b}\"}} {}",
-                m.buckets[i].load(Ordering::Relaxed)
+    out.push(family(
+        "lavit_stage_mailbox_depth",
+        "Messages queued for or being processed by a stage.",
+        MetricType::GAUGE,
+        StageKind::ALL
+            .iter()
+            .map(|k| gauge(sh.slots[k.index()].depth() as f64, &[("stage", k.name())]))
+            .collect(),
+    ));
+    let histograms = StageKind::ALL
+        .iter()
+        .map(|k| {
+            let m = &sh.metrics[k.index()];
+            let mut h = Histogram::default();
+            // The runtime's bucket counts are already cumulative; the encoder adds +Inf.
+            h.set_bucket(
+                LATENCY_BUCKETS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &le)| {
+                        let mut b = Bucket::default();
+                        b.set_upper_bound(le);
+                        b.set_cumulative_count(m.buckets[i].load(Ordering::Relaxed));
+                        b
+                    })
+                    .collect(),
             );
-        }
-        let total = m.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(
-            o,
-            "lavit_stage_latency_seconds_bucket{{stage=\"{k}\",le=\"+Inf\"}} {total}"
-        );
-        let _ = writeln!(
-            o,
-            "lavit_stage_latency_seconds_sum{{stage=\"{k}\"}} {}",
-            m.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(
-            o,
-            "lavit_stage_latency_seconds_count{{stage=\"{k}\"}} {total}"
-        );
-    }
-    o
+            h.set_sample_count(m.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed));
+            h.set_sample_sum(m.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+            let mut metric = Metric::default();
+            metric.set_histogram(h);
+            metric.set_label(labels(&[("stage", k.name())]));
+            metric
+        })
+        .collect();
+    out.push(family(
+        "lavit_stage_latency_seconds",
+        "Time a stage spends on one request.",
+        MetricType::HISTOGRAM,
+        histograms,
+    ));
+    out
+}
+
+/// The whole `/metrics` page.
+pub fn render(st: &AppState) -> Result<String, prometheus::Error> {
+    let mut families = st.metrics.registry.gather();
+    families.extend(pipeline_families(st));
+    families.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut buf = Vec::new();
+    TextEncoder::new().encode(&families, &mut buf)?;
+    String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
 }

@@ -1,7 +1,15 @@
 //! The HTTP server of `lavit serve` (actix-web) over a [`Pipeline`].
 //!
 //! Endpoints: `POST /v1/images/generations`, `POST /v1/chat/completions` (image parts,
-//! optional SSE streaming), `POST /v1/tokenize`, `GET /health`, `GET /ready`, `GET /metrics`.
+//! optional SSE streaming), `GET /v1/models` and `/v1/models/{id}`, `POST /v1/tokenize`,
+//! `GET /health`, `GET /ready`, `GET /metrics`, and the web playground at `/`
+//! ([`playground`]).
+//!
+//! OpenAI compatibility (checked with the official `openai` Python client in
+//! `scripts/openai-check.py`): the list/model objects, `usage` on replies, streamed chunks with
+//! `stream_options.include_usage`, and errors as `{"error": {"message", "type", "param",
+//! "code"}}` with the statuses the client maps to its exception classes (400, 401, 404, 413,
+//! 415, 429, 500, 503).
 //!
 //! Behaviour (../shared/RELIABILITY.md "Serving"):
 //! - Admission: `max_in_flight` requests in the stages plus `max_queue` waiting; the next one gets
@@ -15,15 +23,16 @@
 //!   the server unhealthy (`/health` 503) and `lavit serve` drains and exits non-zero.
 //! - Drain: [`RunningServer::drain`] (SIGTERM / SIGINT in `lavit serve`) refuses new requests
 //!   with 503, lets the admitted ones finish (up to `drain_timeout_s`), then stops.
-//! - API key: when the environment variable named by `api_key_env` is set, `/v1/*` requires
-//!   `Authorization: Bearer <key>` (401 otherwise).
+//! - API key: when `api_key` is set, or the environment variable named by `api_key_env` (which
+//!   overrides it), `/v1/*` requires `Authorization: Bearer <key>` (401 otherwise).
 
 pub mod metrics;
+pub mod playground;
 pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,12 +93,39 @@ pub struct Limits {
     /// Seconds a drain waits for admitted requests.
     #[serde(default = "d_drain")]
     pub drain_timeout_s: u64,
-    /// Name of the environment variable holding the API key (unset variable = no key).
+    /// API key `/v1/*` requires (`Authorization: Bearer <key>`); unset = no key.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Name of the environment variable holding the API key; when set and not empty it
+    /// overrides `api_key`.
     #[serde(default)]
     pub api_key_env: Option<String>,
     /// Run one request of each kind before reporting ready.
     #[serde(default = "d_true")]
     pub warmup: bool,
+    /// The model id this server answers to (`GET /v1/models`, `model` in replies); a request
+    /// naming another model gets 404.
+    #[serde(default = "d_model")]
+    pub model_id: String,
+    /// Serve the web playground at `/`.
+    #[serde(default = "d_true")]
+    pub playground: bool,
+    /// Test hook: `POST /admin/fault {"stage", "fault": "error" | "panic"}` makes a stage's next
+    /// forward pass fail. Off by default; never turn it on for a real deployment.
+    #[serde(default)]
+    pub fault_injection: bool,
+}
+
+impl Limits {
+    /// The API key in force: the environment variable named by `api_key_env` when it is set
+    /// and not empty, else `api_key`.
+    pub fn effective_api_key(&self) -> Option<String> {
+        self.api_key_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|k| !k.is_empty())
+            .or_else(|| self.api_key.clone().filter(|k| !k.is_empty()))
+    }
 }
 
 fn d_bind() -> String {
@@ -133,6 +169,9 @@ fn d_drain() -> u64 {
 }
 fn d_true() -> bool {
     true
+}
+fn d_model() -> String {
+    "lavit".into()
 }
 
 impl Default for Limits {
@@ -213,42 +252,67 @@ impl ServeConfig {
     }
 }
 
-/// An HTTP error with a JSON body `{"error": {"message", "type", "code"}}`.
+/// An HTTP error with OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// The request field at fault, when there is one.
+    pub param: Option<String>,
 }
 
 impl ApiError {
-    pub fn bad(m: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, m: impl Into<String>) -> Self {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: m.into(),
+            param: None,
         }
+    }
+    pub fn bad(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
     }
     pub fn too_large(m: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: m.into(),
-        }
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, m)
     }
     pub fn unsupported(m: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            message: m.into(),
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, m)
+    }
+    /// Name the request field at fault (`param` in the body).
+    pub fn with_param(mut self, p: &str) -> Self {
+        self.param = Some(p.to_string());
+        self
+    }
+    /// OpenAI's `type` and `code` for this status.
+    pub fn kind_and_code(&self) -> (&'static str, &'static str) {
+        match self.status.as_u16() {
+            401 => ("authentication_error", "invalid_api_key"),
+            404 if self.param.as_deref() == Some("model") => {
+                ("invalid_request_error", "model_not_found")
+            }
+            404 => ("invalid_request_error", "not_found"),
+            413 => ("invalid_request_error", "request_too_large"),
+            415 => ("invalid_request_error", "unsupported_media_type"),
+            429 => ("rate_limit_error", "rate_limit_exceeded"),
+            499 => ("invalid_request_error", "cancelled"),
+            400..=499 => ("invalid_request_error", "invalid_value"),
+            503 => ("server_error", "service_unavailable"),
+            _ => ("server_error", "internal_error"),
         }
     }
+    /// The JSON error object (also sent as an SSE event when a stream fails).
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, code) = self.kind_and_code();
+        json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": code}})
+    }
     pub fn response(&self) -> HttpResponse {
-        let kind = match self.status.as_u16() {
-            429 => "rate_limit_error",
-            401 => "authentication_error",
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
-        };
-        HttpResponse::build(self.status).json(json!({
-            "error": {"message": self.message, "type": kind, "code": self.status.as_u16()}
-        }))
+        HttpResponse::build(self.status).json(self.body())
     }
 }
 
@@ -264,28 +328,19 @@ impl From<StageError> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        ApiError {
-            status,
-            message: e.to_string(),
-        }
+        ApiError::new(status, e.to_string())
     }
-}
-
-/// Counters of HTTP responses by class.
-#[derive(Default)]
-pub struct HttpCounters {
-    pub ok: AtomicU64,
-    pub too_many: AtomicU64,
-    pub client_errors: AtomicU64,
-    pub server_errors: AtomicU64,
 }
 
 /// Shared state of the HTTP workers.
 pub struct AppState {
     pub pipe: Arc<Pipeline>,
     pub limits: Limits,
-    pub counters: HttpCounters,
+    /// `/metrics`: the HTTP counters here and a collector reading the pipeline's gauges.
+    pub metrics: metrics::Metrics,
     pub ready: AtomicBool,
+    /// Unix time the server started (`created` of the model object).
+    pub started: u64,
     api_key: Option<String>,
 }
 
@@ -310,11 +365,28 @@ impl AppState {
         if ok {
             Ok(())
         } else {
-            Err(ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "missing or wrong API key (Authorization: Bearer <key>)".into(),
-            })
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key (Authorization: Bearer <key>)",
+            ))
         }
+    }
+
+    /// A request's `model`, when given, must be the one served.
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if m != self.limits.model_id => Err(ApiError::not_found(format!(
+                "the model `{m}` does not exist; this server serves `{}` (GET /v1/models)",
+                self.limits.model_id
+            ))
+            .with_param("model")),
+            _ => Ok(()),
+        }
+    }
+
+    fn model_object(&self) -> serde_json::Value {
+        json!({"id": self.limits.model_id, "object": "model", "created": self.started,
+               "owned_by": "lavit-rs"})
     }
 }
 
@@ -387,10 +459,7 @@ fn now_secs() -> u64 {
 fn png_base64(img: &image::RgbImage) -> Result<String, ApiError> {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: format!("PNG encoding failed: {e}"),
-        })?;
+        .map_err(|e| ApiError::internal(format!("PNG encoding failed: {e}")))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(buf.into_inner()))
 }
 
@@ -406,6 +475,7 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
     st.authorize(&req)?;
     let lim = &st.limits;
     let r: GenerationRequest = parse_json(&body)?;
+    st.check_model(r.model.as_deref())?;
     check_prompt("prompt", &r.prompt, lim)?;
     // The checkpoint's recommended settings (manifest `generation`), then the request's.
     let mut opts = GenerateOptions {
@@ -433,7 +503,8 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
         if f != "b64_json" {
             return Err(ApiError::bad(format!(
                 "`response_format` = {f:?}: only \"b64_json\" is served"
-            )));
+            ))
+            .with_param("response_format"));
         }
     }
     let graph = st.pipe.graph();
@@ -459,6 +530,9 @@ async fn tokenize(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -
         .unwrap_or_else(|e| e.response())
 }
 
+/// `POST /v1/tokenize`: per image its visual ids and their count; with `"keep_mask": true`
+/// also the selector's keep mask over the patch grid (`keep`: 0/1 per patch in raster order,
+/// `grid`: [rows, cols]), which the playground draws.
 async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> Reply {
     st.authorize(&req)?;
     let r: TokenizeRequest = parse_json(&body)?;
@@ -472,7 +546,8 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
             "`images` must hold 1 to {} images, got {}",
             st.limits.max_images,
             list.len()
-        )));
+        ))
+        .with_param("images"));
     }
     let graph = st.pipe.graph();
     let ticket = graph.admit()?;
@@ -481,19 +556,54 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
         .enumerate()
         .map(|(i, b)| decode_image(&format!("images[{i}]"), b, &st.limits))
         .collect::<Result<Vec<_>, _>>()?;
+    let task = if r.keep_mask {
+        Task::Select
+    } else {
+        Task::Tokenize
+    };
     let mut handle = graph
-        .start(
-            ticket,
-            Task::Tokenize,
-            Input::Images(st.pipe.preprocess(&images)),
-        )
+        .start(ticket, task, Input::Images(st.pipe.preprocess(&images)))
         .await?;
     match wait_watching(&req, &mut handle).await? {
         Output::VisualIds(ids) => {
             let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
             Ok(HttpResponse::Ok().json(json!({ "tokens": ids, "counts": counts })))
         }
+        Output::Selection { ids, keep } => {
+            let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
+            let n = keep.first().map_or(0, Vec::len);
+            let side = (n as f64).sqrt().round() as usize;
+            let grid = if side * side == n {
+                [side, side]
+            } else {
+                [1, n]
+            };
+            let keep: Vec<Vec<u8>> = keep
+                .iter()
+                .map(|row| row.iter().map(|&k| k as u8).collect())
+                .collect();
+            Ok(HttpResponse::Ok().json(json!({
+                "tokens": ids, "counts": counts, "keep": keep, "grid": grid, "patches": n,
+            })))
+        }
         _ => Err(StageError::Invalid("unexpected output".into()).into()),
+    }
+}
+
+async fn models(req: HttpRequest, st: web::Data<AppState>) -> HttpResponse {
+    match st.authorize(&req) {
+        Ok(()) => HttpResponse::Ok().json(json!({"object": "list", "data": [st.model_object()]})),
+        Err(e) => e.response(),
+    }
+}
+
+async fn model(req: HttpRequest, id: web::Path<String>, st: web::Data<AppState>) -> HttpResponse {
+    let found = st
+        .authorize(&req)
+        .and_then(|()| st.check_model(Some(id.as_str())));
+    match found {
+        Ok(()) => HttpResponse::Ok().json(st.model_object()),
+        Err(e) => e.response(),
     }
 }
 
@@ -503,16 +613,37 @@ async fn chat(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> Ht
         .unwrap_or_else(|e| e.response())
 }
 
+/// OpenAI's `usage` object.
+fn usage(prompt_tokens: Option<usize>, completion: usize) -> serde_json::Value {
+    let prompt = prompt_tokens.unwrap_or(0);
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion})
+}
+
+/// `length` when the reply used every token it was allowed, else `stop`.
+fn finish_reason(ids: &[i64], max_new_tokens: usize) -> &'static str {
+    if ids.len() >= max_new_tokens {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
 async fn chat_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> Reply {
     st.authorize(&req)?;
     let lim = &st.limits;
     let r: ChatRequest = parse_json(&body)?;
+    st.check_model(r.model.as_deref())?;
+    if let Some(n) = r.n {
+        check_int("n", n, 1, 1)?;
+    }
     let (question, images) = chat_inputs(&r)?;
     if images.len() != 1 {
         return Err(ApiError::bad(format!(
             "the user message must hold exactly one image part, it holds {}",
             images.len()
-        )));
+        ))
+        .with_param("messages"));
     }
     if !question.is_empty() {
         check_prompt("text", &question, lim)?;
@@ -527,7 +658,7 @@ async fn chat_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>)
     if let Some(p) = r.top_p {
         opts.top_p = check_range("top_p", p, 0.0, 1.0)?;
         if opts.top_p == 0.0 {
-            return Err(ApiError::bad("`top_p` must be > 0"));
+            return Err(ApiError::bad("`top_p` must be > 0").with_param("top_p"));
         }
     }
     if let Some(k) = r.top_k {
@@ -536,75 +667,164 @@ async fn chat_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>)
     if let Some(s) = r.seed {
         opts.seed = s;
     }
+    let include_usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    if r.stream_options.is_some() && !r.stream {
+        return Err(
+            ApiError::bad("`stream_options` is only allowed with `stream: true`")
+                .with_param("stream_options"),
+        );
+    }
     let graph = st.pipe.graph();
     let ticket = graph.admit()?;
     let image = decode_image("image", &images[0], lim)?;
     let input = Input::Images(st.pipe.preprocess(std::slice::from_ref(&image)));
+    let max_new_tokens = opts.max_new_tokens;
     let task = Task::Caption {
         prompt: question,
         opts,
     };
     let mut handle = graph.start(ticket, task, input).await?;
     let id = format!("chatcmpl-{}", handle.id);
+    let model = st.limits.model_id.clone();
+    let created = now_secs();
     if !r.stream {
         return match wait_watching(&req, &mut handle).await? {
-            Output::Text { text, ids } => Ok(HttpResponse::Ok().json(json!({
-                "id": id, "object": "chat.completion", "created": now_secs(), "model": "lavit",
+            Output::Text {
+                text,
+                ids,
+                prompt_tokens,
+            } => Ok(HttpResponse::Ok().json(json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop"}],
-                "usage": {"completion_tokens": ids.len()},
+                             "finish_reason": finish_reason(&ids, max_new_tokens),
+                             "logprobs": null}],
+                "usage": usage(prompt_tokens, ids.len()),
             }))),
             _ => Err(StageError::Invalid("unexpected output".into()).into()),
         };
     }
-    // SSE: one event per token, then a final event and [DONE]. Dropping the stream (client gone)
-    // drops the handle, which cancels the request.
-    struct S {
+    // SSE: a role chunk, one chunk per token, a finish chunk, the usage chunk (empty choices)
+    // when asked, then [DONE]. Dropping the stream (client gone) drops the handle, which
+    // cancels the request.
+    let chunk = move |choices: serde_json::Value, usage: Option<serde_json::Value>| {
+        let mut ev = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                            "model": model, "choices": choices});
+        if include_usage {
+            ev["usage"] = usage.unwrap_or(serde_json::Value::Null);
+        }
+        format!("data: {ev}\n\n")
+    };
+    enum Phase {
+        Start,
+        Tokens,
+        Done,
+    }
+    struct S<F> {
         handle: RequestHandle,
-        id: String,
-        done: bool,
+        chunk: F,
+        phase: Phase,
     }
     let stream = futures::stream::unfold(
         S {
             handle,
-            id,
-            done: false,
+            chunk,
+            phase: Phase::Start,
         },
-        |mut s| async move {
-            if s.done {
-                return None;
-            }
-            let next = match s.handle.tokens.as_mut() {
-                Some(rx) => rx.recv().await,
-                None => None,
-            };
-            let chunk = if let Some(tok) = next {
-                let ev = json!({"id": s.id, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": {"content": tok.text}, "finish_reason": null}]});
-                format!("data: {ev}\n\n")
-            } else {
-                s.done = true;
-                match s.handle.wait().await {
-                    Ok(_) => {
-                        let ev = json!({"id": s.id, "object": "chat.completion.chunk",
-                            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
-                        format!("data: {ev}\n\ndata: [DONE]\n\n")
-                    }
-                    Err(e) => {
-                        let e = ApiError::from(e);
-                        let ev =
-                            json!({"error": {"message": e.message, "code": e.status.as_u16()}});
-                        format!("data: {ev}\n\ndata: [DONE]\n\n")
+        move |mut s| async move {
+            let out = match s.phase {
+                Phase::Done => return None,
+                Phase::Start => {
+                    s.phase = Phase::Tokens;
+                    (s.chunk)(
+                        json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": null, "logprobs": null}]),
+                        None,
+                    )
+                }
+                Phase::Tokens => {
+                    let next = match s.handle.tokens.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => None,
+                    };
+                    if let Some(tok) = next {
+                        (s.chunk)(
+                            json!([{"index": 0, "delta": {"content": tok.text},
+                                    "finish_reason": null, "logprobs": null}]),
+                            None,
+                        )
+                    } else {
+                        s.phase = Phase::Done;
+                        match s.handle.wait().await {
+                            Ok(Output::Text {
+                                ids, prompt_tokens, ..
+                            }) => {
+                                let mut o = (s.chunk)(
+                                    json!([{"index": 0, "delta": {},
+                                            "finish_reason": finish_reason(&ids, max_new_tokens),
+                                            "logprobs": null}]),
+                                    None,
+                                );
+                                if include_usage {
+                                    o.push_str(&(s.chunk)(
+                                        json!([]),
+                                        Some(usage(prompt_tokens, ids.len())),
+                                    ));
+                                }
+                                o + "data: [DONE]\n\n"
+                            }
+                            other => {
+                                let e = match other {
+                                    Err(e) => ApiError::from(e),
+                                    Ok(_) => ApiError::internal("unexpected pipeline output"),
+                                };
+                                format!("data: {}\n\ndata: [DONE]\n\n", e.body())
+                            }
+                        }
                     }
                 }
             };
-            Some((Ok::<_, actix_web::Error>(web::Bytes::from(chunk)), s))
+            Some((Ok::<_, actix_web::Error>(web::Bytes::from(out)), s))
         },
     );
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("cache-control", "no-cache"))
         .streaming(stream))
+}
+
+/// `POST /admin/fault` (only with `fault_injection = true`): the named stage's next forward
+/// pass returns an error or panics, to check how clients see a 500.
+async fn fault(body: web::Bytes, st: web::Data<AppState>) -> HttpResponse {
+    #[derive(Deserialize)]
+    struct F {
+        stage: String,
+        fault: String,
+    }
+    let go = || -> Result<(), ApiError> {
+        let f: F = parse_json(&body)?;
+        let stage = lavit_runtime::stage::StageKind::ALL
+            .into_iter()
+            .find(|k| k.to_string() == f.stage)
+            .ok_or_else(|| {
+                ApiError::bad(format!("unknown stage {:?}", f.stage)).with_param("stage")
+            })?;
+        let kind = match f.fault.as_str() {
+            "error" => crate::pipeline::Fault::Error,
+            "panic" => crate::pipeline::Fault::Panic,
+            other => {
+                return Err(
+                    ApiError::bad(format!("`fault` = {other:?}: \"error\" or \"panic\""))
+                        .with_param("fault"),
+                )
+            }
+        };
+        st.pipe.graph().inject_fault(stage, kind);
+        Ok(())
+    };
+    match go() {
+        Ok(()) => HttpResponse::Ok().json(json!({"status": "armed"})),
+        Err(e) => e.response(),
+    }
 }
 
 async fn health(st: web::Data<AppState>) -> HttpResponse {
@@ -625,21 +845,22 @@ async fn ready(st: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics_route(st: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(metrics::render(&st))
+    match metrics::render(&st) {
+        Ok(text) => HttpResponse::Ok()
+            .content_type(prometheus::TEXT_FORMAT)
+            .body(text),
+        Err(e) => ApiError::internal(format!("metrics: {e}")).response(),
+    }
 }
 
 fn count<B: MessageBody>(st: &AppState, res: &ServiceResponse<B>) {
-    let c = &st.counters;
-    let s = res.status().as_u16();
-    let counter = match s {
-        200..=399 => &c.ok,
-        429 => &c.too_many,
-        400..=499 => &c.client_errors,
-        _ => &c.server_errors,
+    let class = match res.status().as_u16() {
+        200..=399 => "2xx",
+        429 => "429",
+        400..=499 => "4xx",
+        _ => "5xx",
     };
-    counter.fetch_add(1, Ordering::SeqCst);
+    st.metrics.http_response(class);
 }
 
 /// A server running on its own thread.
@@ -710,16 +931,13 @@ pub async fn warm_up(pipe: &Pipeline) -> Result<(), StageError> {
 /// Start the HTTP server on its own thread (its own actix system) over `pipe`. `bind` may use
 /// port 0; the bound address is in the result.
 pub fn spawn(pipe: Arc<Pipeline>, limits: Limits) -> anyhow::Result<RunningServer> {
-    let api_key = limits
-        .api_key_env
-        .as_ref()
-        .and_then(|v| std::env::var(v).ok())
-        .filter(|k| !k.is_empty());
+    let api_key = limits.effective_api_key();
     let state = web::Data::new(AppState {
         pipe,
         limits: limits.clone(),
-        counters: HttpCounters::default(),
+        metrics: metrics::Metrics::new()?,
         ready: AtomicBool::new(false),
+        started: now_secs(),
         api_key,
     });
     let (tx, rx) = std::sync::mpsc::channel();
@@ -732,7 +950,7 @@ pub fn spawn(pipe: Arc<Pipeline>, limits: Limits) -> anyhow::Result<RunningServe
                 let st2 = st.clone();
                 let server = HttpServer::new(move || {
                     let st3 = st2.clone();
-                    App::new()
+                    let app = App::new()
                         .app_data(st2.clone())
                         .app_data(web::PayloadConfig::new(body_limit))
                         .wrap_fn(move |req, srv| {
@@ -747,17 +965,26 @@ pub fn spawn(pipe: Arc<Pipeline>, limits: Limits) -> anyhow::Result<RunningServe
                         })
                         .route("/v1/images/generations", web::post().to(generations))
                         .route("/v1/chat/completions", web::post().to(chat))
+                        .route("/v1/models", web::get().to(models))
+                        .route("/v1/models/{id}", web::get().to(model))
                         .route("/v1/tokenize", web::post().to(tokenize))
                         .route("/health", web::get().to(health))
                         .route("/ready", web::get().to(ready))
-                        .route("/metrics", web::get().to(metrics_route))
-                        .default_service(web::to(|| async {
-                            ApiError {
-                                status: StatusCode::NOT_FOUND,
-                                message: "no such route".into(),
-                            }
+                        .route("/metrics", web::get().to(metrics_route));
+                    let app = if st2.limits.fault_injection {
+                        app.route("/admin/fault", web::post().to(fault))
+                    } else {
+                        app
+                    };
+                    let app = if st2.limits.playground {
+                        app.configure(playground::routes)
+                    } else {
+                        app
+                    };
+                    app.default_service(web::to(|req: HttpRequest| async move {
+                        ApiError::not_found(format!("no route {} {}", req.method(), req.path()))
                             .response()
-                        }))
+                    }))
                 })
                 .workers(st.limits.workers.max(1))
                 .disable_signals()

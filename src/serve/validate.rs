@@ -14,6 +14,9 @@ use super::{ApiError, Limits};
 #[derive(Deserialize, Debug)]
 pub struct GenerationRequest {
     pub prompt: String,
+    /// When given, the served model id (else 404).
+    #[serde(default)]
+    pub model: Option<String>,
     #[serde(default = "one")]
     pub n: u64,
     /// "WIDTHxHEIGHT"
@@ -47,12 +50,23 @@ pub struct TokenizeRequest {
     /// … or several.
     #[serde(default)]
     pub images: Option<Vec<String>>,
+    /// Also return the selector's keep mask per image (`keep`, `grid`).
+    #[serde(default)]
+    pub keep_mask: bool,
 }
 
 /// POST /v1/chat/completions (the fields this server uses; others are ignored).
 #[derive(Deserialize, Debug)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
+    /// When given, the served model id (else 404).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Choices per request: only 1.
+    #[serde(default)]
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub max_tokens: Option<u64>,
     #[serde(default)]
@@ -69,6 +83,14 @@ pub struct ChatRequest {
     pub stream: bool,
 }
 
+/// `stream_options` of a streamed chat request.
+#[derive(Deserialize, Debug)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` and empty `choices` before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
 #[derive(Deserialize, Debug)]
 pub struct ChatMessage {
     pub role: String,
@@ -82,23 +104,27 @@ pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError>
 /// A finite number in `[lo, hi]`, or a 400 naming the field.
 pub fn check_range(name: &str, v: f64, lo: f64, hi: f64) -> Result<f64, ApiError> {
     if !v.is_finite() || v < lo || v > hi {
-        return Err(ApiError::bad(format!(
-            "`{name}` = {v} is out of range [{lo}, {hi}]"
-        )));
+        return Err(
+            ApiError::bad(format!("`{name}` = {v} is out of range [{lo}, {hi}]")).with_param(name),
+        );
     }
     Ok(v)
 }
 
 pub fn check_int(name: &str, v: u64, lo: u64, hi: u64) -> Result<usize, ApiError> {
     if v < lo || v > hi {
-        return Err(ApiError::bad(format!(
-            "`{name}` = {v} is out of range [{lo}, {hi}]"
-        )));
+        return Err(
+            ApiError::bad(format!("`{name}` = {v} is out of range [{lo}, {hi}]")).with_param(name),
+        );
     }
     Ok(v as usize)
 }
 
 pub fn check_prompt(name: &str, p: &str, lim: &Limits) -> Result<(), ApiError> {
+    check_prompt_inner(name, p, lim).map_err(|e| e.with_param(name))
+}
+
+fn check_prompt_inner(name: &str, p: &str, lim: &Limits) -> Result<(), ApiError> {
     if p.trim().is_empty() {
         return Err(ApiError::bad(format!("`{name}` is empty")));
     }
@@ -117,6 +143,10 @@ pub fn check_prompt(name: &str, p: &str, lim: &Limits) -> Result<(), ApiError> {
 
 /// "WxH" with both sides multiples of 8 in `[8, max_image_side]`.
 pub fn parse_size(s: &str, lim: &Limits) -> Result<(usize, usize), ApiError> {
+    parse_size_inner(s, lim).map_err(|e| e.with_param("size"))
+}
+
+fn parse_size_inner(s: &str, lim: &Limits) -> Result<(usize, usize), ApiError> {
     let bad = || ApiError::bad(format!("`size` = {s:?}: expected \"WIDTHxHEIGHT\""));
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
     let w: usize = w.trim().parse().map_err(|_| bad())?;
@@ -137,6 +167,10 @@ pub fn parse_size(s: &str, lim: &Limits) -> Result<(usize, usize), ApiError> {
 /// the caps (decompression bombs are refused before any pixel is decoded), then decoded with
 /// allocation limits.
 pub fn decode_image(name: &str, b64: &str, lim: &Limits) -> Result<DynamicImage, ApiError> {
+    decode_image_inner(name, b64, lim).map_err(|e| e.with_param(name))
+}
+
+fn decode_image_inner(name: &str, b64: &str, lim: &Limits) -> Result<DynamicImage, ApiError> {
     let data = if let Some(rest) = b64.strip_prefix("data:") {
         let (head, payload) = rest
             .split_once(',')
@@ -212,6 +246,10 @@ pub fn decode_image(name: &str, b64: &str, lim: &Limits) -> Result<DynamicImage,
 
 /// The question text and the images (base64 strings) of the last user message.
 pub fn chat_inputs(req: &ChatRequest) -> Result<(String, Vec<String>), ApiError> {
+    chat_inputs_inner(req).map_err(|e| e.with_param("messages"))
+}
+
+fn chat_inputs_inner(req: &ChatRequest) -> Result<(String, Vec<String>), ApiError> {
     let msg = req
         .messages
         .iter()

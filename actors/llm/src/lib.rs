@@ -4,6 +4,7 @@
 //!
 //! - [`modeling_llama`]: HF `LlamaForCausalLM` in tch, with a batched KV cache.
 //! - [`sentencepiece`]: `tokenizer.model` read in Rust; LLaMA's BPE encode/decode.
+//! - [`hf_tokenizer`]: `tokenizer.json` folders (the `tokenizers` crate) behind the same surface.
 //! - [`vocab`]: the unified vocabulary ([IMG], [/IMG], visual ids) and sequence batching.
 //! - [`generate`]: image→text and text→image-token generation (CFG, eq. 7).
 //! - [`stage`]: [`LlmStageModel`], the loaded `language_model/` as the pipeline's Llm stage
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod hf_tokenizer;
 pub mod modeling_llama;
 pub mod sentencepiece;
 pub mod stage;

@@ -229,6 +229,17 @@ impl LlmStage for LlmStageModel {
         Ok(self.sp.decode(ids))
     }
 
+    fn caption_prompt_len(&mut self, prefix: &Tensor, prompt: &str) -> Option<usize> {
+        // The same sequence `caption` builds (an embedding lookup, no forward pass).
+        let _g = tch::no_grad_guard();
+        let mut segments = vec![Segment::ImageEmbeds(prefix.shallow_clone())];
+        if !prompt.is_empty() {
+            segments.push(Segment::Text(self.sp.encode(prompt)));
+        }
+        let built = build_sequence(&self.model, &self.vocab, &segments).ok()?;
+        built.embeds.size().first().map(|&l| l as usize)
+    }
+
     fn image_tokens(
         &mut self,
         prompt: &str,

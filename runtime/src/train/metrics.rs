@@ -1,6 +1,7 @@
 //! The metrics log of a training run: one JSON line per step in `metrics.jsonl`, and a
 //! report drawn from it: `metrics.html` (one inline-SVG chart per metric, no scripts) and
-//! `loss.png` (every `*loss*` series on one plot, drawn with the `image` crate, no fonts).
+//! `loss.png` (every `*loss*` series on one plot, drawn with `plotters`: titled, labelled axes,
+//! a legend; text in DejaVu Sans embedded in the binary, so no system font is needed).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -90,8 +91,15 @@ impl MetricsLog {
             .into_iter()
             .filter(|k| k.contains("loss"))
             .collect();
-        let lines: Vec<Vec<(f64, f64)>> = keys.iter().map(|k| self.series(k)).collect();
-        write_line_plot_png(&png, &lines, 800, 400)?;
+        let series: Vec<(String, Vec<(f64, f64)>)> =
+            keys.iter().map(|k| (k.clone(), self.series(k))).collect();
+        let plot = LinePlot {
+            title,
+            x_label: "step",
+            y_label: "loss",
+            series: &series,
+        };
+        write_plot_png(&png, &plot, 800, 400)?;
         Ok((html, png))
     }
 }
@@ -228,79 +236,126 @@ fn render_html(title: &str, records: &[Record]) -> String {
     h
 }
 
-/// Draw `lines` (each a list of (x, y)) as a line plot on white, with axes and light
-/// grid lines, and write it as PNG. Empty input gives an empty framed plot.
+/// A line chart: a title, axis labels and named series of (x, y) points.
+pub struct LinePlot<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub series: &'a [(String, Vec<(f64, f64)>)],
+}
+
+/// The font family name the plots use (DejaVu Sans, registered once from the embedded bytes).
+const FONT: &str = "lavit-sans";
+
+fn register_font() -> Result<()> {
+    static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *DONE.get_or_init(|| {
+        plotters::style::register_font(
+            FONT,
+            plotters::style::FontStyle::Normal,
+            dejavu::sans::regular(),
+        )
+        .is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid("the embedded plot font does not parse"))
+    }
+}
+
+/// Draw `plot` with plotters (white background, light grid, one coloured line per series and
+/// a legend) and write it as PNG. Series without points are left out; no points at all give
+/// an empty titled frame.
+pub fn write_plot_png(path: &Path, plot: &LinePlot, width: u32, height: u32) -> Result<()> {
+    let bytes = render_plot_png(plot, width, height)
+        .map_err(|e| Error::invalid(format!("{}: drawing the plot: {e}", path.display())))?;
+    atomic_write(path, &bytes)
+}
+
+fn render_plot_png(
+    plot: &LinePlot,
+    width: u32,
+    height: u32,
+) -> std::result::Result<Vec<u8>, Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    register_font()?;
+    let mut buf = vec![255u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let lines: Vec<Vec<(f64, f64)>> = plot.series.iter().map(|(_, p)| p.clone()).collect();
+        let (x0, x1, y0, y1) = bounds(&lines).unwrap_or((0.0, 1.0, 0.0, 1.0));
+        let mut builder = ChartBuilder::on(&root);
+        if !plot.title.is_empty() {
+            builder.caption(plot.title, (FONT, 18).into_font());
+        }
+        let mut chart = builder
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)?;
+        chart
+            .configure_mesh()
+            .x_desc(plot.x_label)
+            .y_desc(plot.y_label)
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 14))
+            .light_line_style(RGBColor(238, 238, 238))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .draw()?;
+        let mut labelled = false;
+        for (i, (name, pts)) in plot.series.iter().enumerate() {
+            if pts.is_empty() {
+                continue;
+            }
+            let [r, g, b] = COLORS[i % COLORS.len()];
+            let color = RGBColor(r, g, b);
+            let style = color.stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), style))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+            labelled = true;
+        }
+        if labelled {
+            chart
+                .configure_series_labels()
+                .label_font((FONT, 13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(200, 200, 200))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
+        }
+        root.present()?;
+    }
+    let img = image::RgbImage::from_raw(width, height, buf).ok_or("pixel buffer size")?;
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
+    Ok(bytes)
+}
+
+/// `lines` as a plot without names or labels ([`write_plot_png`] with `series 1`, `series 2`,
+/// …, axes labelled `step` and `value`).
 pub fn write_line_plot_png(
     path: &Path,
     lines: &[Vec<(f64, f64)>],
     width: u32,
     height: u32,
 ) -> Result<()> {
-    let mut img = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    let pad = 30i64;
-    let (w, h) = (width as i64, height as i64);
-    let grey = image::Rgb([225, 225, 225]);
-    let black = image::Rgb([0, 0, 0]);
-    for i in 1..5 {
-        let y = pad + (h - 2 * pad) * i / 5;
-        draw_line(&mut img, (pad, y), (w - pad, y), grey);
-        let x = pad + (w - 2 * pad) * i / 5;
-        draw_line(&mut img, (x, pad), (x, h - pad), grey);
-    }
-    draw_line(&mut img, (pad, h - pad), (w - pad, h - pad), black);
-    draw_line(&mut img, (pad, pad), (pad, h - pad), black);
-    if let Some((x0, x1, y0, y1)) = bounds(lines) {
-        let to_px = |(x, y): (f64, f64)| {
-            (
-                pad + ((x - x0) / (x1 - x0) * (w - 2 * pad) as f64).round() as i64,
-                h - pad - ((y - y0) / (y1 - y0) * (h - 2 * pad) as f64).round() as i64,
-            )
-        };
-        for (i, s) in lines.iter().enumerate() {
-            let c = image::Rgb(COLORS[i % COLORS.len()]);
-            for pair in s.windows(2) {
-                draw_line(&mut img, to_px(pair[0]), to_px(pair[1]), c);
-            }
-            if s.len() == 1 {
-                let (x, y) = to_px(s[0]);
-                draw_line(&mut img, (x - 1, y), (x + 1, y), c);
-            }
-        }
-    }
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::invalid(format!("{}: encoding PNG: {e}", path.display())))?;
-    atomic_write(path, &bytes)
-}
-
-/// Bresenham's line, clipped to the image.
-fn draw_line(img: &mut image::RgbImage, a: (i64, i64), b: (i64, i64), c: image::Rgb<u8>) {
-    let (mut x, mut y) = a;
-    let (dx, dy) = ((b.0 - a.0).abs(), -(b.1 - a.1).abs());
-    let (sx, sy) = (
-        if a.0 < b.0 { 1 } else { -1 },
-        if a.1 < b.1 { 1 } else { -1 },
-    );
-    let mut err = dx + dy;
-    let (w, h) = (img.width() as i64, img.height() as i64);
-    loop {
-        if (0..w).contains(&x) && (0..h).contains(&y) {
-            img.put_pixel(x as u32, y as u32, c);
-        }
-        if x == b.0 && y == b.1 {
-            break;
-        }
-        let e2 = 2 * err;
-        if e2 >= dy {
-            err += dy;
-            x += sx;
-        }
-        if e2 <= dx {
-            err += dx;
-            y += sy;
-        }
-    }
+    let series: Vec<(String, Vec<(f64, f64)>)> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("series {}", i + 1), l.clone()))
+        .collect();
+    let plot = LinePlot {
+        title: "",
+        x_label: "step",
+        y_label: "value",
+        series: &series,
+    };
+    write_plot_png(path, &plot, width, height)
 }

@@ -55,7 +55,7 @@ pub use ckpt::{
     TrainState, COMMIT_MARKER,
 };
 pub use guard::{splitmix64, torch_rng_turn, NanGuard, StepRng, StepVerdict};
-pub use metrics::{write_line_plot_png, MetricsLog, Record};
+pub use metrics::{write_line_plot_png, write_plot_png, LinePlot, MetricsLog, Record};
 pub use progress::{new_bar, TrainProgress};
 pub use schedule::{Decay, LrSchedule};
 pub use stage::{

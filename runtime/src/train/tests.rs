@@ -439,4 +439,24 @@ fn metrics_log_resume_and_report() {
     assert_eq!(img.dimensions(), (800, 400));
     // The first series' colour is drawn.
     assert!(img.pixels().any(|p| p.0 == [31, 119, 180]));
+    // Text is drawn: the title band holds dark (glyph) pixels only when there is a title.
+    let dark_in_title_band = |img: &image::RgbImage| {
+        (0..28)
+            .flat_map(|y| (0..img.width()).map(move |x| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&c| c < 100))
+            .count()
+    };
+    let titled = dark_in_title_band(&img);
+    let untitled = tmp.path().join("untitled.png");
+    crate::train::write_line_plot_png(&untitled, &[vec![(0.0, 1.0), (1.0, 2.0)]], 800, 400)
+        .unwrap();
+    let img = image::open(untitled).unwrap().to_rgb8();
+    // (The band also holds the top tick label and the legend, in both plots.)
+    let untitled = dark_in_title_band(&img);
+    assert!(
+        titled > untitled + 50,
+        "no title text drawn: {titled} vs {untitled}"
+    );
+    // Axis labels: the y label is drawn rotated in the left margin.
+    assert!((0..400).any(|y| (0..20).any(|x| img.get_pixel(x, y).0.iter().all(|&c| c < 100))));
 }
