@@ -83,8 +83,8 @@ pub struct CaptionOptions {
     pub seed: u64,
     /// EOS is forbidden before this many new tokens.
     pub min_new_tokens: usize,
-    /// > 1: beam search (deterministic; the sampling options are ignored, and the text
-    /// arrives in one piece at the end instead of token by token).
+    /// Beams: more than 1 is beam search (deterministic; the sampling options are ignored,
+    /// and the text arrives in one piece at the end instead of token by token).
     pub num_beams: usize,
     /// HF repetition penalty over the generated tokens (1 = off).
     pub repetition_penalty: f64,
