@@ -54,24 +54,13 @@ pub fn one_shot(
     Ok((pipe, rt))
 }
 
-/// Read and decode an image file for a command through the same checks the server applies
-/// (a regular file, size and pixel caps before decoding).
+/// Read and decode an image file for a command through the same checks the server applies:
+/// the capped regular-file reader (never a FIFO or a device), then the size and pixel caps
+/// before decoding.
 pub fn read_image(path: &Path) -> anyhow::Result<image::DynamicImage> {
-    let p = lavit_encoder::LaVITImageProcessor::new(1);
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    if !meta.is_file() {
-        anyhow::bail!("{}: not a regular file", path.display());
-    }
-    if meta.len() > p.limits.max_file_bytes {
-        anyhow::bail!(
-            "{}: file is {} bytes, more than the {} byte limit",
-            path.display(),
-            meta.len(),
-            p.limits.max_file_bytes
-        );
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let rgb = p
+    let bytes =
+        lavit_runtime::fsread::read_capped(path, lavit_runtime::fsread::MAX_IMAGE_FILE_BYTES)?;
+    let rgb = lavit_encoder::LaVITImageProcessor::new(1)
         .decode(&bytes)
         .with_context(|| format!("{}", path.display()))?;
     Ok(image::DynamicImage::ImageRgb8(rgb))
