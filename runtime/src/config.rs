@@ -456,7 +456,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("LAVIT__TRAIN__STEPZ") && e.contains("unknown key"),
+            e.contains("LAVIT__TRAIN__STEPZ") && e.contains("train.stepz"),
             "{e}"
         );
         let e = load_config_with_env::<T>(None, env(&[("LAVIT__TRAIN__STEPS", "-2")]))
