@@ -120,7 +120,9 @@ pub fn run(a: Args) -> Result<()> {
     let d = info.generate_defaults.clone();
     let opts = GenerateOptions {
         n: a.num_images as usize,
-        seed: a.seed.unwrap_or_else(rand_seed),
+        seed: a
+            .seed
+            .unwrap_or_else(lavit_decoder::pixel_decoder::random_seed),
         llm_guidance: a.llm_guidance.unwrap_or(d.llm_guidance),
         guidance: a.guidance.unwrap_or(d.guidance),
         steps: a.steps.unwrap_or(d.steps),
@@ -138,11 +140,4 @@ pub fn run(a: Args) -> Result<()> {
         println!("{} ({} image tokens)", p.display(), ids.len());
     }
     Ok(())
-}
-
-/// A seed from the clock, for runs without `--seed`.
-pub fn rand_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }

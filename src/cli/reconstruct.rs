@@ -71,7 +71,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let opts = GenerateOptions {
         n: 1,
-        seed: a.seed.unwrap_or_else(super::generate::rand_seed),
+        seed: a
+            .seed
+            .unwrap_or_else(lavit_decoder::pixel_decoder::random_seed),
         guidance: a.guidance,
         steps: a.steps,
         width,

@@ -466,7 +466,8 @@ impl PixelDecoder {
 }
 
 /// A seed from libtorch's generator, for requests that give none.
-fn random_seed() -> u64 {
+/// A fresh seed for a request that names none.
+pub fn random_seed() -> u64 {
     Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
 }
 

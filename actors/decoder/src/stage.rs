@@ -160,7 +160,7 @@ impl DecoderStageModel {
             .ok()
             .map(|t| t.double_value(&[]));
         let (_, decoder) = self.lowres.as_ref().ok_or_else(|| not_trainable(K))?;
-        let dev = decoder_device(self);
+        let dev = self.device();
         let rec = decoder
             .trunk
             .decode_padded(&codes.to_device(dev), &mask.to_device(dev))
@@ -209,10 +209,6 @@ pub fn embed_visual_ids(
         .embed(&t)
         .map_err(|e| Error::invalid(format!("codebook: {e}")))?;
     Ok((e.to_device(device), counts))
-}
-
-fn decoder_device(d: &DecoderStageModel) -> Device {
-    d.device()
 }
 
 impl FeatureDecoders for DecoderStageModel {
