@@ -12,6 +12,8 @@ cargo build --quiet --bin lavit
 PY=.venv/bin/python; [ -x "$PY" ] || PY=.venv/tools/bin/python
 "$PY" scripts/openai-check.py --lavit target/debug/lavit
 "$PY" scripts/browser-check.py --lavit target/debug/lavit
+# Data-parallel training through the real CLI under the venv's torchrun (2 ranks, Gloo).
+LAVIT=target/debug/lavit bash scripts/ddp-smoke.sh
 # The embedding examples run: mock stages, a user's own stage, the real fixture's models.
 cargo run --quiet --example pipeline
 cargo run --quiet --example custom_stage

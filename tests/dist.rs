@@ -263,6 +263,83 @@ fn two_ranks_train_like_one_rank_with_twice_the_batch() {
     );
 }
 
+/// Each of the three trainers (stage-1 tokenizer, stage-2 LLM, stage-1b pixel decoder), run
+/// by the shared driver for 10 steps with 2 ranks × batch B, ends with the parameters of one
+/// rank × batch 2B (≤ 1e-5 relative, L2 over every tensor of the checkpoint): the same global batches, the per-row randomness of
+/// the global batch (Gumbel noise, diffusion noise and timesteps), the codebook's EMA
+/// update over every rank's codes, losses weighted to the global batch's mean.
+#[test]
+fn trainers_with_two_ranks_equal_one_rank_with_twice_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::write_images(&dir.path().join("images"), 12);
+    let two = run_ranks("trainers", 2, Duration::from_secs(600), dir.path());
+    let _one = run_ranks("trainers", 1, Duration::from_secs(600), dir.path());
+    for (r, o) in two.iter().enumerate() {
+        assert!(o.contains(&format!("trainers ok on rank {r}")), "{o}");
+    }
+    let newest = |run: &str| {
+        lavit_runtime::train::latest(&dir.path().join(run).join("checkpoints"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{run}: no checkpoint"))
+    };
+    let mut lines = Vec::new();
+    for (trainer, parts) in [
+        (
+            "tok",
+            &["selector_merger", "quantizer", "decoder", "codebook"][..],
+        ),
+        ("llm", &["model"][..]),
+        ("dec", &["model", "ema"][..]),
+    ] {
+        let (p2, p1) = (
+            newest(&format!("{trainer}-w2")),
+            newest(&format!("{trainer}-w1")),
+        );
+        let (mut c2, mut c1) = (
+            lavit_runtime::train::load(&p2).unwrap(),
+            lavit_runtime::train::load(&p1).unwrap(),
+        );
+        assert_eq!((c2.state.step, c1.state.step), (STEPS as i64, STEPS as i64));
+        // ‖θ₂ − θ₁‖ / ‖θ₁‖ over every float tensor of the parts (the parameters, the EMA
+        // copies, the codebook and its statistics). An element-wise bound would not hold:
+        // parameters whose gradient is rounding noise (an attention key's bias) take
+        // full-size AdamW steps in whichever direction the noise points, on either side.
+        let (mut num, mut den, mut elem) = (0f64, 0f64, 0f64);
+        for part in parts {
+            let (a, b) = (c2.take(part).unwrap(), c1.take(part).unwrap());
+            assert_eq!(a.len(), b.len(), "{trainer}/{part}");
+            for (name, s) in &b {
+                let t = &a[name];
+                if s.is_floating_point() {
+                    let d = (t - s).to_kind(Kind::Double);
+                    num += d.square().sum(Kind::Double).double_value(&[]);
+                    den += s
+                        .to_kind(Kind::Double)
+                        .square()
+                        .sum(Kind::Double)
+                        .double_value(&[]);
+                    let rel = d.abs().max().double_value(&[])
+                        / s.abs().max().double_value(&[]).max(1e-12);
+                    elem = elem.max(rel);
+                } else {
+                    assert!(t.equal(s), "{trainer}/{part}/{name}");
+                }
+            }
+        }
+        let worst = (num / den.max(1e-30)).sqrt();
+        eprintln!(
+            "{trainer}: largest element-wise difference {elem:.1e} of its tensor's largest value"
+        );
+        lines.push((trainer, worst));
+    }
+    let report: Vec<String> = lines.iter().map(|(t, w)| format!("{t} {w:.2e}")).collect();
+    eprintln!(
+        "ddp trainers: 2 ranks vs 1 rank, relative parameter difference (L2): {}",
+        report.join(", ")
+    );
+    assert!(lines.iter().all(|(_, w)| *w <= 1e-5), "{report:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // The child side: a rank of a scenario.
 
@@ -282,6 +359,7 @@ fn child_rank() {
         "die" => die(&pg, &out),
         "stuck" => stuck(&pg),
         "train" => train(&pg, &out),
+        "trainers" => trainers(std::sync::Arc::new(pg), &out),
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -531,4 +609,61 @@ fn train(pg: &ProcessGroup, out: &Path) {
     let _warm = train_run(pg, &[256, 512, 512, 64], tb, 5, None);
     let (sps, comm) = train_run(pg, &[256, 512, 512, 64], tb, 60, None);
     println!("timing {sps:.3} {comm:.4}");
+}
+
+/// The three trainers, 10 steps each, per-rank batch 4 / world.
+fn trainers(pg: std::sync::Arc<ProcessGroup>, out: &Path) {
+    let (rank, world) = (pg.rank(), pg.world_size());
+    let tag = format!("w{world}");
+    let own = out.join(format!("rank-{tag}-{rank}"));
+    std::fs::create_dir_all(&own).unwrap();
+    // Stage 1: the tokenizer on synthetic images.
+    let mut cfg = crate::tokenizer::tiny_config(&own, "unused");
+    cfg.data_dir = out.join("images");
+    cfg.out_dir = out.join(format!("tok-{tag}"));
+    // A codebook smaller than the k-means sample (no empty clusters re-seeded with copies of
+    // one sample: tied codes would make nearest-code choices a matter of rounding).
+    let manifest = cfg.manifest.clone().unwrap();
+    let mut m = lavit_runtime::manifest::LavitManifest::from_json_file(&manifest).unwrap();
+    m.tokenizer.n_code = 16;
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    cfg.batch_size = 4 / world;
+    cfg.steps = STEPS as i64;
+    cfg.steps_no_quant = 4;
+    cfg.kmeans_batches = 2;
+    cfg.save_every = STEPS as i64;
+    cfg.grad_clip = 0.5;
+    lavit::train::tokenizer::train_in_group(&cfg, &pg).expect("stage 1");
+    // Stage 2: the tiny LLM on the structured caption set.
+    use crate::llm::stage2::{caption_set, cfg as llm_cfg, copied, from_weights};
+    let (vs, _m) = crate::llm::tiny_model(8);
+    let mut c = llm_cfg(STEPS as i64, 0);
+    c.batch_size = 4 / world;
+    c.save_every = STEPS as i64;
+    lavit::train::llm::train_llm(
+        from_weights(copied(&vs)),
+        &crate::llm::tiny_vocab(),
+        &caption_set(),
+        &[],
+        &c,
+        &out.join(format!("llm-{tag}")),
+        &lavit_runtime::stage::Placement::default(),
+        &pg,
+    )
+    .expect("stage 2");
+    // Stage 1b: the pixel decoder on the same images (pixel space, no VAE).
+    let (images, _) = lavit::train::decoder::load_image_folder(&out.join("images"), 16, 0).unwrap();
+    let mut d = crate::pixel::training::config(&out.join(format!("dec-{tag}")), STEPS);
+    d.train.batch_size = 4 / world as i64;
+    d.train.save_every = STEPS;
+    let cond = lavit::train::decoder::PatchConditioner::new(3, 16, 4, 16, 1, Device::Cpu).unwrap();
+    lavit::train::decoder::train_placed(
+        &d,
+        &images,
+        &cond,
+        &lavit_runtime::stage::Placement::default(),
+        &pg,
+    )
+    .expect("stage 1b");
+    println!("trainers ok on rank {rank}");
 }

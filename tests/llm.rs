@@ -19,7 +19,7 @@ fn repo_path(rel: &str) -> PathBuf {
 }
 
 /// A tiny unified vocabulary: 20 text ids, [IMG] 20, [/IMG] 21, 16 visual ids.
-fn tiny_vocab() -> UnifiedVocab {
+pub(crate) fn tiny_vocab() -> UnifiedVocab {
     UnifiedVocab {
         text_vocab_size: 20,
         image_start_id: 20,
@@ -31,7 +31,7 @@ fn tiny_vocab() -> UnifiedVocab {
     }
 }
 
-fn tiny_model(seed: i64) -> (nn::VarStore, LlamaForCausalLM) {
+pub(crate) fn tiny_model(seed: i64) -> (nn::VarStore, LlamaForCausalLM) {
     tch::manual_seed(seed);
     let cfg = LlamaConfig {
         hidden_size: 32,
@@ -457,7 +457,7 @@ fn fixture_model_loads_strictly_and_bad_ids_are_errors() {
     assert!(max_diff(&a, &b) < 0.1 * a.abs().max().double_value(&[]).max(1.0));
 }
 
-mod stage2 {
+pub(crate) mod stage2 {
     use super::*;
     use lavit::train::llm::{
         pack, packed_embeds, packed_mask, train_llm, LlmModelBuilder, LlmModelParts,
@@ -518,7 +518,7 @@ mod stage2 {
     }
 
     /// A small structured caption set: each word has a fixed 2-code visual pattern.
-    fn caption_set() -> Vec<Sample> {
+    pub(crate) fn caption_set() -> Vec<Sample> {
         let mut out = Vec::new();
         let mut z = 12345u64;
         for _ in 0..48 {
@@ -540,7 +540,7 @@ mod stage2 {
         out
     }
 
-    fn cfg(steps: i64, run_steps: i64) -> LlmTrainConfig {
+    pub(crate) fn cfg(steps: i64, run_steps: i64) -> LlmTrainConfig {
         LlmTrainConfig {
             steps,
             batch_size: 4,
@@ -562,7 +562,7 @@ mod stage2 {
 
     /// The Llm stage builds the tiny model from `weights` (made on the test thread, so the
     /// global generator of parallel tests does not enter).
-    fn from_weights(weights: lavit_runtime::checkpoint::StateDict) -> LlmModelBuilder {
+    pub(crate) fn from_weights(weights: lavit_runtime::checkpoint::StateDict) -> LlmModelBuilder {
         Box::new(move |dev| {
             let vs = nn::VarStore::new(dev);
             let cfg = LlamaConfig {
@@ -590,7 +590,7 @@ mod stage2 {
         })
     }
 
-    fn copied(vs: &nn::VarStore) -> lavit_runtime::checkpoint::StateDict {
+    pub(crate) fn copied(vs: &nn::VarStore) -> lavit_runtime::checkpoint::StateDict {
         var_store_state_dict(vs)
             .into_iter()
             .map(|(k, v)| (k, v.detach().copy()))
@@ -610,6 +610,7 @@ mod stage2 {
             &cfg(120, 0),
             dir.path(),
             &Placement::default(),
+            &std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single()),
         )
         .unwrap();
         eprintln!("stage-2 tiny run: first {:?} last {:?}", s.first, s.last);
@@ -643,6 +644,7 @@ mod stage2 {
         let data = caption_set();
         let v = tiny_vocab();
         let p = Placement::default();
+        let one = std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single());
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let straight = train_llm(
             from_weights(copy_sd(&init)),
@@ -652,6 +654,7 @@ mod stage2 {
             &cfg(16, 0),
             da.path(),
             &p,
+            &one,
         )
         .unwrap();
         let first = train_llm(
@@ -662,6 +665,7 @@ mod stage2 {
             &cfg(16, 8),
             db.path(),
             &p,
+            &one,
         )
         .unwrap();
         assert_eq!(first.final_step, 8);
@@ -678,6 +682,7 @@ mod stage2 {
             &cfg(16, 0),
             db.path(),
             &p,
+            &one,
         )
         .unwrap();
         assert_eq!((second.final_step, second.steps_run), (16, 8));

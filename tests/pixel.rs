@@ -431,7 +431,7 @@ fn parity_rows_pass_on_fixture() {
     }
 }
 
-mod training {
+pub(crate) mod training {
     use std::path::PathBuf;
 
     use lavit::train::decoder::{load_image_folder, train, DecoderTrainConfig, PatchConditioner};
@@ -454,7 +454,7 @@ mod training {
         p
     }
 
-    fn config(out: &std::path::Path, steps: usize) -> DecoderTrainConfig {
+    pub(crate) fn config(out: &std::path::Path, steps: usize) -> DecoderTrainConfig {
         let mut cfg = DecoderTrainConfig {
             out_dir: out.to_path_buf(),
             ..Default::default()

@@ -361,7 +361,7 @@ const PHOTOS: &str = "/usr/share/tuxpaint/stamps";
 
 /// The fixture's sizes with `decoder_out_dim` = encoder width (needed to reconstruct the
 /// encoder features), written as a manifest.json in `dir`.
-fn tiny_training_manifest(dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn tiny_training_manifest(dir: &std::path::Path) -> std::path::PathBuf {
     let mut m = LavitManifest::for_checkpoint(&fixture_dir()).unwrap();
     m.feature_decoder.decoder_out_dim = m.tokenizer.encoder_width;
     let p = dir.join("manifest.json");
@@ -377,7 +377,10 @@ fn photos_available() -> bool {
     ok
 }
 
-fn tiny_config(tmp: &std::path::Path, run: &str) -> lavit::train::tokenizer::TokenizerTrainConfig {
+pub(crate) fn tiny_config(
+    tmp: &std::path::Path,
+    run: &str,
+) -> lavit::train::tokenizer::TokenizerTrainConfig {
     lavit::train::tokenizer::TokenizerTrainConfig {
         data_dir: PHOTOS.into(),
         max_images: 32,
@@ -619,26 +622,18 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
     let mut sm = (builders.selector_merger)(Device::Cpu).unwrap();
     let mut q = (builders.quantizer)(Device::Cpu).unwrap();
     let mut d = (builders.decoder)(Device::Cpu).unwrap();
-    let (mut codebook, mut params) = (None, Vec::new());
+    let mut codebook = None;
     for h in rx.try_iter() {
-        match h {
-            Stage1Handle::SelectorMerger { optimizer, .. } => {
-                params.extend(optimizer.lock().unwrap().params())
-            }
-            Stage1Handle::Quantizer {
-                optimizer,
-                codebook: c,
-                ..
-            } => {
-                params.extend(optimizer.lock().unwrap().params());
-                codebook = Some(c);
-            }
-            Stage1Handle::Decoder { optimizer, .. } => {
-                params.extend(optimizer.lock().unwrap().params())
-            }
-            Stage1Handle::Encoder { .. } => {}
+        if let Stage1Handle::Quantizer { codebook: c } = h {
+            codebook = Some(c);
         }
     }
+    // Every trained parameter, in name order (the order the driver sums the global norm in).
+    let mut params = Vec::new();
+    params.extend(sm.trained_params().unwrap());
+    params.extend(q.trained_params().unwrap());
+    params.extend(d.trained_params().unwrap());
+    params.sort_by(|a, b| a.0.cmp(&b.0));
     let mut codebook = codebook.unwrap();
     enc.set_train(true);
     sm.set_train(true);
@@ -655,8 +650,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
                    idx: Vec<i64>,
                    seed: u64,
                    tau: f64,
-                   quantize: bool,
-                   lr: f64| {
+                   quantize: bool| {
         let mut b = TrainBatch::new(vec![]);
         let x = feats.index_select(0, &Tensor::from_slice(&idx));
         b.tensors.insert(k::PATCH_FEATURES.into(), x);
@@ -665,7 +659,6 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
         b.tensors.insert(k::TAU.into(), Tensor::from(tau));
         b.tensors
             .insert(k::QUANTIZE.into(), Tensor::from(quantize as i64));
-        b.tensors.insert(k::LR.into(), Tensor::from(lr));
         d.train_forward(q.train_forward(sm.train_forward(b).unwrap()).unwrap())
             .unwrap()
     };
@@ -679,7 +672,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
             let z: Vec<Tensor> = (0..cfg.kmeans_batches as i64)
                 .map(|j| {
                     let idx = batch_indices(cfg.seed ^ 0xc0de, j, n, cfg.batch_size);
-                    forward(&mut sm, &mut q, &mut d, idx, seed, tau, false, lr).tensors[k::CODES_Z]
+                    forward(&mut sm, &mut q, &mut d, idx, seed, tau, false).tensors[k::CODES_Z]
                         .shallow_clone()
                 })
                 .collect();
@@ -696,7 +689,6 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
             seed,
             tau,
             step >= cfg.steps_no_quant,
-            lr,
         );
         let term = |name: &str| {
             out.losses
@@ -712,19 +704,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
             + term(k::LOSS_CONFIDENCE);
         direct.push(loss.double_value(&[]));
         loss.backward();
-        // Global clipping over the stages' parameters, in the trainer's order.
-        params.sort_by(|a, b| {
-            let g = |n: &str| {
-                if n.starts_with("tokenizer.") {
-                    0
-                } else if n.starts_with("decoder.") {
-                    1
-                } else {
-                    2
-                }
-            };
-            (g(&a.0), &a.0).cmp(&(g(&b.0), &b.0))
-        });
+        // Global clipping over the stages' parameters, in name order.
         let sq: f64 = params
             .iter()
             .filter(|(_, p)| p.grad().defined())
@@ -745,9 +725,14 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
                 }
             });
         }
-        sm.optimizer_step().unwrap();
-        q.optimizer_step().unwrap();
-        d.optimizer_step().unwrap();
+        let ctl = lavit_runtime::messages::StepControl {
+            lr,
+            apply: true,
+            step,
+        };
+        sm.optimizer_step_with(&ctl).unwrap();
+        q.optimizer_step_with(&ctl).unwrap();
+        d.optimizer_step_with(&ctl).unwrap();
     }
     assert_eq!(through_actors.len(), direct.len());
     for (s, (a, d)) in through_actors.iter().zip(&direct).enumerate() {

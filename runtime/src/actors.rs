@@ -369,6 +369,22 @@ macro_rules! stage_actor {
                 self.core.guard(|| stage.train_state())
             }
         }
+        impl Handler<GetTrainedParams> for $name {
+            type Result = Result<Vec<(String, Tensor)>, StageError>;
+            fn handle(&mut self, _: GetTrainedParams, _: &mut Self::Context) -> Self::Result {
+                let kind = self.core.kind;
+                let stage = self.stage.as_mut().ok_or(StageError::Closed { stage: kind })?;
+                self.core.guard(|| stage.trained_params())
+            }
+        }
+        impl Handler<SetProcessGroup> for $name {
+            type Result = Result<(), StageError>;
+            fn handle(&mut self, m: SetProcessGroup, _: &mut Self::Context) -> Self::Result {
+                let kind = self.core.kind;
+                let stage = self.stage.as_mut().ok_or(StageError::Closed { stage: kind })?;
+                self.core.guard(|| stage.set_process_group(m.0))
+            }
+        }
         impl Handler<SetTrainState> for $name {
             type Result = Result<(), StageError>;
             fn handle(&mut self, m: SetTrainState, _: &mut Self::Context) -> Self::Result {
@@ -1192,6 +1208,27 @@ impl StageGraph {
     pub async fn train_state(&self, stage: StageKind) -> Result<TrainParts, StageError> {
         let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
         let r = send_to!(addrs, stage, GetTrainState);
+        r.unwrap_or(Err(StageError::Closed { stage }))
+    }
+
+    /// The parameters `stage` trains (shallow handles, see `Trainable::trained_params`).
+    pub async fn trained_params(
+        &self,
+        stage: StageKind,
+    ) -> Result<Vec<(String, Tensor)>, StageError> {
+        let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
+        let r = send_to!(addrs, stage, GetTrainedParams);
+        r.unwrap_or(Err(StageError::Closed { stage }))
+    }
+
+    /// Hand `stage` the training run's data-parallel group (answered once it holds it).
+    pub async fn set_process_group(
+        &self,
+        stage: StageKind,
+        pg: Arc<crate::dist::ProcessGroup>,
+    ) -> Result<(), StageError> {
+        let addrs = self.addrs.as_ref().ok_or(StageError::Draining)?;
+        let r = send_to!(addrs, stage, SetProcessGroup(pg));
         r.unwrap_or(Err(StageError::Closed { stage }))
     }
 

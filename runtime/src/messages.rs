@@ -229,8 +229,6 @@ pub mod train_keys {
     pub const TAU: &str = "tau";
     /// In (Quantizer): 1 = quantise with the codebook, 0 = l2-normalised codes (0-d int64).
     pub const QUANTIZE: &str = "quantize";
-    /// In (optional): the learning rate of the optimiser step that follows (0-d double).
-    pub const LR: &str = "lr";
     /// SelectorMerger → Quantizer → out: keep decisions (B, N), hard, with grad.
     pub const DECISIONS: &str = "decisions";
     /// SelectorMerger → Quantizer: merged features (B, N, C), with grad.
@@ -252,6 +250,12 @@ pub mod train_keys {
     pub const LOSS_RATIO: &str = "ratio";
     pub const LOSS_CONFIDENCE: &str = "confidence";
     pub const LOSS_COMMITMENT: &str = "commitment";
+    /// In (optional, data-parallel training): this rank's first row in the step's global
+    /// batch and the global batch's row count (0-d int64 each). A stage that draws per-row
+    /// randomness (Gumbel noise, diffusion noise and timesteps) draws it for the global batch
+    /// and keeps its own rows, so N ranks draw what one rank with the whole batch draws.
+    pub const ROW_OFFSET: &str = "row_offset";
+    pub const GLOBAL_ROWS: &str = "global_rows";
 }
 
 /// A training micro-batch as it flows through the stages with autograd on. Each stage adds its
@@ -281,6 +285,36 @@ impl TrainBatch {
         self.tensors.get(key).ok_or_else(|| {
             StageError::Invalid(format!("stage {kind}: the training batch has no `{key}`"))
         })
+    }
+    /// This batch's rows in the step's global batch: `(offset, global)` from
+    /// [`train_keys::ROW_OFFSET`] and [`train_keys::GLOBAL_ROWS`], or `(0, local)` when the
+    /// batch names none (one rank). An error when the rows do not fit.
+    pub fn rows(&self, local: i64, kind: StageKind) -> Result<(i64, i64), StageError> {
+        let read = |k: &str| -> Result<Option<i64>, StageError> {
+            self.tensors
+                .get(k)
+                .map(|t| {
+                    t.f_int64_value(&[]).map_err(|e| {
+                        StageError::Invalid(format!("stage {kind}: training batch `{k}`: {e}"))
+                    })
+                })
+                .transpose()
+        };
+        let offset = read(train_keys::ROW_OFFSET)?.unwrap_or(0);
+        let global = read(train_keys::GLOBAL_ROWS)?.unwrap_or(offset + local);
+        if offset < 0 || local < 0 || offset.checked_add(local).is_none_or(|e| e > global) {
+            return Err(StageError::Invalid(format!(
+                "stage {kind}: rows {offset}..{offset}+{local} do not fit a global batch of {global}"
+            )));
+        }
+        Ok((offset, global))
+    }
+    /// Name this batch's rows in the step's global batch (see [`rows`](Self::rows)).
+    pub fn set_rows(&mut self, offset: i64, global: i64) {
+        self.tensors
+            .insert(train_keys::ROW_OFFSET.into(), tch::Tensor::from(offset));
+        self.tensors
+            .insert(train_keys::GLOBAL_ROWS.into(), tch::Tensor::from(global));
     }
     pub fn new(route: Vec<StageKind>) -> Self {
         TrainBatch {
@@ -342,6 +376,13 @@ pub type TrainParts = Vec<(String, crate::checkpoint::StateDict)>;
 /// Ask a stage for its training state (for a checkpoint or an export), on its own thread.
 pub struct GetTrainState;
 
+/// Ask a stage for the parameters its optimiser updates (shallow handles), for the
+/// driver's gradient averaging, broadcast and global clipping.
+pub struct GetTrainedParams;
+
+/// Hand a stage the data-parallel group of the training run it is part of.
+pub struct SetProcessGroup(pub std::sync::Arc<crate::dist::ProcessGroup>);
+
 /// Load a training state (a resumed checkpoint) into a stage, on its own thread.
 pub struct SetTrainState(pub TrainParts);
 
@@ -365,6 +406,12 @@ impl actix::Message for OptimizerStepWith {
 }
 impl actix::Message for GetTrainState {
     type Result = Result<TrainParts, StageError>;
+}
+impl actix::Message for GetTrainedParams {
+    type Result = Result<Vec<(String, Tensor)>, StageError>;
+}
+impl actix::Message for SetProcessGroup {
+    type Result = Result<(), StageError>;
 }
 impl actix::Message for SetTrainState {
     type Result = Result<(), StageError>;

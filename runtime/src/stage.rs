@@ -55,6 +55,23 @@ pub trait Trainable {
     fn train_state(&mut self) -> StageResult<TrainParts> {
         Ok(Vec::new())
     }
+    /// The parameters this stage's optimiser updates (shallow handles on the stage's own
+    /// tensors), named uniquely across the graph: the training driver averages their
+    /// gradients over data-parallel ranks, broadcasts them from rank 0 before the first step
+    /// and clips them globally when the job asks. Empty: the stage trains nothing.
+    fn trained_params(&mut self) -> StageResult<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+    /// The data-parallel group of the training run (world size 1 when there is none), for a
+    /// stage whose own step needs a collective (the codebook's EMA statistics), and whose
+    /// state beyond its trained parameters (buffers) must start as rank 0's. Sent to every
+    /// rank's stage before the first step.
+    fn set_process_group(
+        &mut self,
+        _pg: std::sync::Arc<crate::dist::ProcessGroup>,
+    ) -> StageResult<()> {
+        Ok(())
+    }
     /// Load a training state saved by [`train_state`](Self::train_state) (exact resume).
     fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
         if parts.is_empty() {

@@ -299,7 +299,8 @@ pub fn run_stage1(
     };
     let images = model_inputs(train, manifest.tokenizer.img_size);
     let parts = Stage1Parts::builtin(Box::new(eva));
-    let report = train_with_images(&tcfg, manifest, parts, &images, 0)?;
+    let one = std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single());
+    let report = train_with_images(&tcfg, manifest, parts, &images, 0, &one)?;
     let export = report
         .export_dir
         .clone()
@@ -563,6 +564,7 @@ pub fn run_stage2(
         &tcfg,
         &run_dir,
         &lavit_runtime::stage::Placement::default(),
+        &std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single()),
     )?;
 
     // language_model/: HF LLaMA + tokenizer.model + visual_weight (merger + vit_proj)

@@ -23,6 +23,7 @@
 //! thread.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use lavit_decoder::schedulers::SchedulerConfig;
@@ -30,11 +31,11 @@ use lavit_decoder::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionMode
 use lavit_decoder::AutoencoderKL;
 use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
-use lavit_runtime::messages::{StepControl, TrainBatch};
+use lavit_runtime::dist::ProcessGroup;
+use lavit_runtime::messages::TrainBatch;
 use lavit_runtime::stage::{DecoderStage, Placement, StageKind};
-use lavit_runtime::train::{
-    Checkpointer, LrSchedule, MetricsLog, NanGuard, StepRng, StepVerdict, TrainProgress, TrainState,
-};
+use lavit_runtime::train::driver::checkpoint_dir;
+use lavit_runtime::train::{drive, DriverConfig, LrSchedule, Metrics, Step, TrainJob, TrainState};
 
 use crate::generate::{PixelDecoder, Resolution};
 use lavit_decoder::stage::DecoderStageModel;
@@ -352,6 +353,11 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
     pub exported_unet: PathBuf,
     pub sample_grids: Vec<PathBuf>,
+    /// Data parallelism: ranks, wall seconds of this call's steps and of them the seconds
+    /// spent in collectives (gradient averaging, loss and metric means).
+    pub world_size: usize,
+    pub loop_seconds: f64,
+    pub comm_seconds: f64,
 }
 
 /// Train the pixel decoder on `images` (N, C, H, W) in [-1, 1] (C = 3 with a VAE, else the
@@ -372,15 +378,19 @@ pub fn train(
         decoder: device,
         ..Placement::default()
     };
-    train_placed(cfg, images, conditioner, &placement)
+    let pg = Arc::new(ProcessGroup::single());
+    train_placed(cfg, images, conditioner, &placement, &pg)
 }
 
-/// [`train`] with the Decoder stage where `placement.decoder` says (the serving placement).
+/// [`train`] with the Decoder stage where `placement.decoder` says (the serving placement),
+/// data-parallel over `pg` (each rank trains on its share of every step's global batch of
+/// `batch_size × world` images; rank 0 writes checkpoints, samples and the export).
 pub fn train_placed(
     cfg: &DecoderTrainConfig,
     images: &Tensor,
     conditioner: &dyn Conditioner,
     placement: &Placement,
+    pg: &Arc<ProcessGroup>,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
     // Every step draws noise, timesteps and condition dropout from libtorch's generator: the
@@ -454,7 +464,7 @@ pub fn train_placed(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let r = rt.block_on(drive(&graph, cfg, &unet_cfg, &images, conditioner));
+    let r = rt.block_on(run_job(&graph, pg, cfg, &unet_cfg, &images, conditioner));
     drop(graph);
     r
 }
@@ -470,15 +480,93 @@ async fn forward(g: &StageGraph, tensors: Vec<(&str, Tensor)>) -> Result<TrainBa
     Ok(g.train_forward(b).await?)
 }
 
-async fn save_from_stage(g: &StageGraph, ck: &Checkpointer, state: &TrainState) -> Result<PathBuf> {
-    let parts = g.train_state(DEC).await?;
-    let named: Vec<(&str, &StateDict)> = parts.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    Ok(ck.save(state, &named)?)
+/// Stage 1b as a job of the shared driver: every step draws `batch_size × world` image
+/// indices from the step's seed, this rank conditions and sends its share.
+struct DecoderJob<'a> {
+    cfg: &'a DecoderTrainConfig,
+    images: &'a Tensor,
+    conditioner: &'a dyn Conditioner,
+    end: usize,
+    grids: Vec<PathBuf>,
+    /// The fixed evaluation batch (images, conditions, noise seed) and its loss when the
+    /// call started (after resume).
+    eval: (Tensor, Tensor, Tensor),
+    eval_loss_start: f64,
 }
 
-/// The stage-1b loop on the calling thread; every tensor op of the U-Net runs on the stage.
-async fn drive(
+/// The loss of the fixed evaluation batch: same images, noise (drawn from the seed),
+/// timesteps every time.
+async fn eval_loss(g: &StageGraph, eval: &(Tensor, Tensor, Tensor)) -> Result<f64> {
+    let out = forward(
+        g,
+        vec![
+            (keys::EVAL_IMAGES, eval.0.shallow_clone()),
+            (keys::COND, eval.1.shallow_clone()),
+            (keys::EVAL_SEED, eval.2.shallow_clone()),
+        ],
+    )
+    .await?;
+    let l = out
+        .tensors
+        .get(keys::EVAL_LOSS)
+        .context("the Decoder stage returned no eval_loss")?;
+    Ok(l.double_value(&[]))
+}
+
+impl TrainJob for DecoderJob<'_> {
+    async fn start(&mut self, g: &StageGraph, _: &TrainState) -> lavit_runtime::Result<()> {
+        self.eval_loss_start = eval_loss(g, &self.eval)
+            .await
+            .map_err(|e| lavit_runtime::Error::invalid(format!("{e:#}")))?;
+        Ok(())
+    }
+
+    async fn step(&mut self, s: &mut Step<'_>) -> lavit_runtime::Result<Metrics> {
+        let fail = |e: anyhow::Error| lavit_runtime::Error::invalid(format!("{e:#}"));
+        let b = self.cfg.train.batch_size;
+        let world = s.pg.world_size() as i64;
+        let n_img = self.images.size()[0];
+        let idx = Tensor::randint(n_img, [b * world], (Kind::Int64, self.images.device()));
+        let rows = s.shard(b as usize);
+        let mine = idx.narrow(0, rows.start as i64, b);
+        let img = self.images.index_select(0, &mine);
+        let cond = tch::no_grad(|| self.conditioner.condition(&img)).map_err(fail)?;
+        // TrainForward: the noise, timesteps and condition dropout are drawn on the stage,
+        // for the global batch (this rank keeps its rows).
+        let mut batch = TrainBatch::new(vec![DEC]);
+        batch.tensors.insert(keys::IMAGES.into(), img);
+        batch.tensors.insert(keys::COND.into(), cond);
+        if world > 1 {
+            batch.set_rows(rows.start as i64, b * world);
+        }
+        let out = s.forward(batch).await?;
+        let loss = out
+            .losses
+            .into_iter()
+            .find(|(k, _)| k == keys::LOSS)
+            .map(|(_, l)| l)
+            .ok_or_else(|| lavit_runtime::Error::invalid("the Decoder stage returned no loss"))?;
+        s.backward(DEC, loss).await?;
+        Ok(Vec::new())
+    }
+
+    async fn after_step(&mut self, g: &StageGraph, done: i64) -> lavit_runtime::Result<()> {
+        let t = &self.cfg.train;
+        let done = done.max(0) as usize;
+        if t.sample_every > 0 && done.is_multiple_of(t.sample_every) && done != self.end {
+            let grid = sample_grid(g, self.cfg, self.images, self.conditioner, done)
+                .await
+                .map_err(|e| lavit_runtime::Error::invalid(format!("{e:#}")))?;
+            self.grids.push(grid);
+        }
+        Ok(())
+    }
+}
+
+/// The stage-1b run: evaluation loss, the driver's loop, export and samples.
+async fn run_job(
     g: &StageGraph,
+    pg: &Arc<ProcessGroup>,
     cfg: &DecoderTrainConfig,
     unet_cfg: &UNet2DConditionModelConfig,
     images: &Tensor,
@@ -493,140 +581,67 @@ async fn drive(
         t.lr * t.min_lr_ratio,
     );
     schedule.validate("decoder training config", "train")?;
-
-    // Resume from the newest committed checkpoint (model, optimizer, EMA, state).
-    let ck = Checkpointer::new(cfg.out_dir.join("checkpoints"), t.keep_checkpoints.max(1))?;
-    let mut state = TrainState {
-        seed: t.seed,
-        ..Default::default()
-    };
-    if t.resume {
-        if let Some(path) = ck.latest()? {
-            let mut loaded = lavit_runtime::train::load(&path)?;
-            let mut parts = Vec::new();
-            for k in ["model", "optimizer", "ema"] {
-                parts.push((k.to_string(), loaded.take(k)?));
-            }
-            g.load_train_state(DEC, parts)
-                .await
-                .with_context(|| format!("resuming {}", path.display()))?;
-            state = loaded.state;
-            tracing::info!("resumed {} at step {}", path.display(), state.step);
-        }
-    }
-    let start = state.step.max(0) as usize;
-
-    // A fixed evaluation batch: same images, noise (drawn from the seed), timesteps.
-    let eval_img = images.narrow(0, 0, n_img.min(16));
-    let eval_cond = tch::no_grad(|| conditioner.condition(&eval_img))?;
-    let eval_seed = Tensor::from((t.seed ^ 0x5eed) as i64);
-    let eval_loss = || async {
-        let out = forward(
-            g,
-            vec![
-                (keys::EVAL_IMAGES, eval_img.shallow_clone()),
-                (keys::COND, eval_cond.shallow_clone()),
-                (keys::EVAL_SEED, eval_seed.shallow_clone()),
-            ],
-        )
-        .await?;
-        let l = out
-            .tensors
-            .get(keys::EVAL_LOSS)
-            .context("the Decoder stage returned no eval_loss")?;
-        anyhow::Ok(l.double_value(&[]))
-    };
-    let eval_loss_start = eval_loss().await?;
-
-    let mut log = MetricsLog::open(&cfg.out_dir, state.step)?;
-    let log_every = t.log_every.max(1);
-    let bar = if t.progress {
-        Some(TrainProgress::new(
-            "decoder",
-            t.steps as u64,
-            start as u64,
-            log_every as u64,
-        ))
-    } else {
-        None
-    };
-    let rng = StepRng::new(state.seed);
-    let mut guard = NanGuard::new(5).with_counts(state.consecutive_skips, state.skipped_total);
-
-    let mut losses = Vec::new();
-    let mut grids = Vec::new();
     let end = if t.stop_after > 0 {
         t.stop_after.min(t.steps)
     } else {
         t.steps
     };
-    g.set_train(true);
-    while (state.step as usize) < end {
-        let step = state.step;
-        rng.begin_step(step); // everything random in this step derives from (seed, step)
-        let idx = Tensor::randint(n_img, [t.batch_size], (Kind::Int64, images.device()));
-        let img = images.index_select(0, &idx);
-        let cond = tch::no_grad(|| conditioner.condition(&img))?;
-        // TrainForward: the noise, timesteps and condition dropout are drawn on the stage.
-        let out = forward(g, vec![(keys::IMAGES, img), (keys::COND, cond)]).await?;
-        let loss = out
-            .losses
+    let driver = DriverConfig {
+        name: "decoder".into(),
+        out_dir: cfg.out_dir.clone(),
+        stages: vec![DEC],
+        schedule,
+        steps: t.steps as i64,
+        end: end as i64,
+        save_every: t.save_every.max(1) as i64,
+        keep: t.keep_checkpoints.max(1),
+        max_nan_steps: 5,
+        log_every: t.log_every.max(1) as u64,
+        seed: t.seed,
+        resume: t.resume,
+        progress: t.progress,
+        grad_clip: 0.0,  // the stage clips (after the driver averaged over ranks)
+        torch_rng: true, // noise, timesteps, condition dropout (the run holds the turn)
+    };
+
+    let eval_img = images.narrow(0, 0, n_img.min(16));
+    let eval_cond = tch::no_grad(|| conditioner.condition(&eval_img))?;
+    let eval_seed = Tensor::from((t.seed ^ 0x5eed) as i64);
+    let mut job = DecoderJob {
+        cfg,
+        images,
+        conditioner,
+        end,
+        grids: Vec::new(),
+        eval: (eval_img, eval_cond, eval_seed),
+        eval_loss_start: f64::NAN,
+    };
+    let mut outcome = drive(g, pg, &driver, &mut job).await?;
+    let done = outcome.state.step.max(0) as usize;
+    let losses = std::mem::take(&mut outcome.losses);
+    let eval_loss_start = job.eval_loss_start;
+    let eval_loss_end = eval_loss(g, &job.eval).await?;
+    let mut grids = job.grids;
+    let (checkpoint, exported_unet) = if pg.is_rank0() {
+        let ema = g
+            .train_state(DEC)
+            .await?
             .into_iter()
-            .find(|(k, _)| k == keys::LOSS)
-            .map(|(_, l)| l)
-            .context("the Decoder stage returned no loss")?;
-        let loss_v = loss.double_value(&[]);
-        let lr = schedule.lr_at(step);
-        let verdict = guard.observe(step, loss_v);
-        if verdict == StepVerdict::Stop {
-            let p = save_from_stage(g, &ck, &state).await?;
-            return Err(guard.stop_error(step, Some(p)).into());
-        }
-        let apply = verdict == StepVerdict::Apply;
-        if apply {
-            g.backward(DEC, loss).await?;
-        }
-        let report = g
-            .optimizer_step_with(DEC, StepControl { lr, apply, step })
-            .await?;
-        let grad_norm = report.grad_norm.unwrap_or(f64::NAN);
-        state.step += 1;
-        (state.consecutive_skips, state.skipped_total) =
-            (guard.consecutive(), guard.skipped_total());
-        losses.push(loss_v);
-        log.log(
-            step,
-            &[("loss", loss_v), ("lr", lr), ("grad_norm", grad_norm)],
-        )?;
-        if let Some(b) = &bar {
-            b.step(step as u64, &[("loss", loss_v)]);
-        }
-        let done = state.step as usize;
-        if done.is_multiple_of(t.save_every.max(1)) && done != end {
-            save_from_stage(g, &ck, &state).await?;
-        }
-        if t.sample_every > 0 && done.is_multiple_of(t.sample_every) && done != end {
-            grids.push(sample_grid(g, cfg, images, conditioner, done).await?);
-        }
-    }
-    g.set_train(false);
-    if let Some(b) = &bar {
-        b.finish();
-    }
-    let done = state.step.max(0) as usize;
-    let checkpoint = save_from_stage(g, &ck, &state).await?;
-    log.write_report("pixel decoder")?;
-    let ema = g
-        .train_state(DEC)
-        .await?
-        .into_iter()
-        .find(|(k, _)| k == "ema")
-        .map(|(_, sd)| sd)
-        .context("the Decoder stage has no EMA weights")?;
-    let exported_unet = export_diffusers(cfg, &ema, unet_cfg)?;
-    grids.push(sample_grid(g, cfg, images, conditioner, done).await?);
-    let eval_loss_end = eval_loss().await?;
-    let k = log_every.min(losses.len().max(1));
+            .find(|(k, _)| k == "ema")
+            .map(|(_, sd)| sd)
+            .context("the Decoder stage has no EMA weights")?;
+        let exported = export_diffusers(cfg, &ema, unet_cfg)?;
+        grids.push(sample_grid(g, cfg, images, conditioner, done).await?);
+        let ck = match outcome.checkpoint.clone() {
+            Some(p) => p,
+            None => lavit_runtime::train::latest(&checkpoint_dir(&cfg.out_dir))?
+                .context("the run wrote no checkpoint")?,
+        };
+        (ck, exported)
+    } else {
+        (PathBuf::new(), PathBuf::new())
+    };
+    let k = t.log_every.max(1).min(losses.len().max(1));
     let mean = |s: &[f64]| {
         if s.is_empty() {
             f64::NAN
@@ -643,6 +658,9 @@ async fn drive(
         checkpoint,
         exported_unet,
         sample_grids: grids,
+        world_size: pg.world_size(),
+        loop_seconds: outcome.loop_seconds,
+        comm_seconds: outcome.comm_seconds,
     };
     tracing::info!(
         "decoder training: eval loss {:.4} → {:.4}, train loss {:.4} → {:.4}",
@@ -653,7 +671,6 @@ async fn drive(
     );
     Ok(summary)
 }
-
 /// Export the EMA weights as diffusers folders `out_dir/unet` and `out_dir/scheduler`.
 fn export_diffusers(
     cfg: &DecoderTrainConfig,
@@ -788,7 +805,17 @@ pub fn run(args: Args) -> Result<()> {
         cfg.condition.seed,
         Device::Cpu, // the conditioner runs on the driver's side; the stage moves the batch
     )?;
-    let s = train(&cfg, &images, &cond)?;
-    println!("{}", serde_json::to_string_pretty(&s)?);
+    let rank = crate::train::join_group()?;
+    let placement = Placement {
+        decoder: rank
+            .device
+            .clone()
+            .unwrap_or_else(|| cfg.train.device.clone()),
+        ..Placement::default()
+    };
+    let s = train_placed(&cfg, &images, &cond, &placement, &rank.pg)?;
+    if rank.pg.is_rank0() {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    }
     Ok(())
 }

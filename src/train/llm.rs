@@ -9,10 +9,12 @@
 //! `placement.llm` names) and trains there: each step is `TrainForward` (packed micro-batch →
 //! loss, [`LlmTrainer::forward`]) → `Backward` → `OptimizerStepWith` (learning rate or skip,
 //! [`LlmTrainer::step`]) messages through [`StageGraph`]; checkpoints come from the stage
-//! (`GetTrainState`) and resume into it (`SetTrainState`). This file keeps the data loop,
-//! schedule, NaN policy, metrics and progress on the calling thread.
+//! (`GetTrainState`) and resume into it (`SetTrainState`). The loop is the shared driver's
+//! (`lavit_runtime::train::drive`: schedule, NaN policy, data parallelism, checkpoints,
+//! metrics, progress); this file keeps the data: the sample mix and the packing.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use lavit_llm::sentencepiece::SentencePiece;
@@ -24,12 +26,12 @@ use lavit_llm::LlmStageModel;
 use lavit_llm::{LlamaConfig, LlamaForCausalLM};
 use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
+use lavit_runtime::dist::ProcessGroup;
 use lavit_runtime::manifest::LavitManifest;
-use lavit_runtime::messages::StepControl;
 use lavit_runtime::stage::{LlmStage, Placement, StageKind};
+use lavit_runtime::train::driver::checkpoint_dir;
 use lavit_runtime::train::{
-    splitmix64, Checkpointer, LrSchedule, MetricsLog, NanGuard, StepVerdict, TrainProgress,
-    TrainState,
+    drive, splitmix64, DriverConfig, LrSchedule, Metrics, Step, TrainJob, TrainState,
 };
 use serde::Deserialize;
 use tch::nn;
@@ -90,8 +92,10 @@ pub struct LlmModelParts {
 pub type LlmModelBuilder = Box<dyn FnOnce(Device) -> Result<LlmModelParts> + Send>;
 
 /// Train the LLM that `build` makes (and `vit_proj` with it) on `data` mixed with
-/// `text_corpus`, through the Llm stage actor on the device `placement.llm` names. Resumes
-/// from `out_dir/checkpoints` when it holds a checkpoint; writes metrics there.
+/// `text_corpus`, through the Llm stage actor on the device `placement.llm` names,
+/// data-parallel over `pg` (world size 1: one process). Resumes from `out_dir/checkpoints`
+/// when it holds a checkpoint; writes metrics there (rank 0).
+#[allow(clippy::too_many_arguments)]
 pub fn train_llm(
     build: LlmModelBuilder,
     vocab: &UnifiedVocab,
@@ -100,6 +104,7 @@ pub fn train_llm(
     cfg: &LlmTrainConfig,
     out_dir: &Path,
     placement: &Placement,
+    pg: &Arc<ProcessGroup>,
 ) -> Result<TrainSummary> {
     cfg.validate("llm training config")?;
     if data.is_empty() && text_corpus.is_empty() {
@@ -117,163 +122,173 @@ pub fn train_llm(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let r = rt.block_on(drive(&graph, vocab, data, text_corpus, cfg, out_dir));
+    let r = rt.block_on(run_job(&graph, pg, vocab, data, text_corpus, cfg, out_dir));
     drop(graph);
     r
 }
 
-/// Save the Llm stage's training state (asked on its thread) as a checkpoint of `state`.
-async fn save_from_stage(g: &StageGraph, ck: &Checkpointer, state: &TrainState) -> Result<PathBuf> {
-    let parts = g.train_state(StageKind::Llm).await?;
-    let named: Vec<(&str, &StateDict)> = parts.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    Ok(ck.save(state, &named)?)
+const LLM: StageKind = StageKind::Llm;
+
+/// Stage 2 as a job of the shared driver: each step packs `grad_accum` micro-batches of
+/// `batch_size × world` rows from the epoch's sample order (the same on every rank); this
+/// rank trains on its rows of each.
+struct LlmJob<'a> {
+    vocab: &'a UnifiedVocab,
+    data: &'a [Sample],
+    text_corpus: &'a [Sample],
+    cfg: &'a LlmTrainConfig,
+    order: Vec<(bool, usize)>,
+    history: Vec<(f64, f64, f64)>,
 }
 
-/// The stage-2 loop on the calling thread; every tensor op of the model runs on the stage.
-async fn drive(
+impl LlmJob<'_> {
+    fn order_for(&self, seed: u64, epoch: u64) -> Vec<(bool, usize)> {
+        epoch_order(
+            self.data.len(),
+            self.text_corpus.len(),
+            self.cfg.text_ratio,
+            seed,
+            epoch,
+        )
+    }
+}
+
+impl TrainJob for LlmJob<'_> {
+    async fn start(&mut self, _: &StageGraph, state: &TrainState) -> lavit_runtime::Result<()> {
+        self.order = self.order_for(state.seed, state.epoch);
+        Ok(())
+    }
+
+    async fn step(&mut self, s: &mut Step<'_>) -> lavit_runtime::Result<Metrics> {
+        // A step draws nothing from libtorch's generator (LLaMA has no dropout; the data
+        // order is a function of (seed, epoch)).
+        let cfg = self.cfg;
+        let world = s.pg.world_size();
+        let rows = cfg.batch_size;
+        // Pack the global micro-batches of this step (host only), advancing the cursor.
+        let mut micro = Vec::new();
+        for _ in 0..cfg.grad_accum {
+            if s.state.data_cursor as usize >= self.order.len() {
+                s.state.epoch += 1;
+                s.state.data_cursor = 0;
+                self.order = self.order_for(s.state.seed, s.state.epoch);
+            }
+            let rest: Vec<&Sample> = self.order[s.state.data_cursor as usize..]
+                .iter()
+                .map(|&(is_text, i)| {
+                    if is_text {
+                        &self.text_corpus[i]
+                    } else {
+                        &self.data[i]
+                    }
+                })
+                .collect();
+            let (p, used) = pack(&rest, self.vocab, cfg.max_len, rows * world);
+            s.state.data_cursor += used as u64;
+            micro.push(p);
+        }
+        // Every rank's loss is its rows' token losses over (global targets / world): the
+        // ranks' mean is then the global batch's per-target mean.
+        let total: i64 = micro.iter().map(|p| p.n_targets).sum::<i64>().max(1);
+        let per_rank = total as f64 / world as f64;
+        let share = s.shard(rows);
+        let (mut ts, mut tn, mut vsum, mut vn) = (0.0, 0.0, 0.0, 0.0);
+        for p in &micro {
+            let p = if world > 1 {
+                p.rows(share.start as i64..share.end as i64)
+            } else {
+                p.rows(0..p.len())
+            };
+            if p.is_empty() {
+                s.add_loss(0.0);
+                continue;
+            }
+            let mut batch = p.to_batch();
+            batch
+                .tensors
+                .insert(keys::TARGETS.into(), Tensor::from(per_rank as f32));
+            let out = s.forward(batch).await?;
+            let stat = |k: &str| out.tensors.get(k).map_or(0.0, |t| t.double_value(&[]));
+            ts += stat(keys::TEXT_SUM);
+            tn += stat(keys::TEXT_N);
+            vsum += stat(keys::VISUAL_SUM);
+            vn += stat(keys::VISUAL_N);
+            let loss = out
+                .losses
+                .into_iter()
+                .find(|(k, _)| k == keys::LOSS)
+                .map(|(_, l)| l)
+                .ok_or_else(|| lavit_runtime::Error::invalid("the Llm stage returned no loss"))?;
+            s.backward(LLM, loss).await?;
+        }
+        let text_loss = if tn > 0.0 { ts / tn } else { f64::NAN };
+        let vis_loss = if vn > 0.0 { vsum / vn } else { f64::NAN };
+        self.history.push((f64::NAN, text_loss, vis_loss));
+        let mut m: Metrics = vec![("targets", total as f64)];
+        if tn > 0.0 {
+            m.push(("loss_text", text_loss));
+        }
+        if vn > 0.0 {
+            m.push(("loss_visual", vis_loss));
+        }
+        Ok(m)
+    }
+}
+
+/// The stage-2 run: the driver's loop, then the trained weights.
+async fn run_job(
     g: &StageGraph,
+    pg: &Arc<ProcessGroup>,
     vocab: &UnifiedVocab,
     data: &[Sample],
     text_corpus: &[Sample],
     cfg: &LlmTrainConfig,
     out_dir: &Path,
 ) -> Result<TrainSummary> {
-    const LLM: StageKind = StageKind::Llm;
-    let schedule = LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr);
-    let ck = Checkpointer::new(out_dir.join("checkpoints"), cfg.keep)?;
-    let mut state = TrainState {
+    let end_of = |start: i64| {
+        if cfg.run_steps > 0 {
+            (start + cfg.run_steps).min(cfg.steps)
+        } else {
+            cfg.steps
+        }
+    };
+    // The stop step depends on where the run resumes: peek at the newest checkpoint.
+    let start = match lavit_runtime::train::latest(&checkpoint_dir(out_dir))? {
+        Some(p) => lavit_runtime::train::load(&p)?.state.step,
+        None => 0,
+    };
+    let driver = DriverConfig {
+        name: "stage-2 llm".into(),
+        out_dir: out_dir.to_path_buf(),
+        stages: vec![LLM],
+        schedule: LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr),
+        steps: cfg.steps,
+        end: end_of(start),
+        save_every: cfg.save_every,
+        keep: cfg.keep,
+        max_nan_steps: 5,
+        log_every: cfg.log_every,
         seed: cfg.seed,
-        ..Default::default()
+        resume: true,
+        progress: true,
+        grad_clip: 0.0,   // the stage clips (after the driver averaged over ranks)
+        torch_rng: false, // LLaMA has no dropout; the data order is a function of (seed, epoch)
     };
-    if let Some(path) = ck.latest()? {
-        let mut loaded = lavit_runtime::train::load(&path)?;
-        let parts = vec![
-            ("model".to_string(), loaded.take("model")?),
-            ("optimizer".to_string(), loaded.take("optimizer")?),
-        ];
-        g.load_train_state(LLM, parts)
-            .await
-            .with_context(|| format!("resuming {}", path.display()))?;
-        tracing::info!(step = loaded.state.step, path = %path.display(), "resumed");
-        state = loaded.state;
-    }
-    let start_step = state.step;
-    let mut guard = NanGuard::new(5).with_counts(state.consecutive_skips, state.skipped_total);
-    let mut log = MetricsLog::open(out_dir, state.step)?;
-    let bar = TrainProgress::new(
-        "stage-2 llm",
-        cfg.steps as u64,
-        state.step as u64,
-        cfg.log_every,
-    );
-    let mut order = epoch_order(
-        data.len(),
-        text_corpus.len(),
-        cfg.text_ratio,
-        state.seed,
-        state.epoch,
-    );
-    let mut history: Vec<(f64, f64, f64)> = Vec::new();
-    let mut last_ckpt = None;
-    let end = if cfg.run_steps > 0 {
-        (start_step + cfg.run_steps).min(cfg.steps)
-    } else {
-        cfg.steps
+    let mut job = LlmJob {
+        vocab,
+        data,
+        text_corpus,
+        cfg,
+        order: Vec::new(),
+        history: Vec::new(),
     };
-    g.set_train(true);
-    while state.step < end {
-        let step = state.step;
-        // A step draws nothing from libtorch's generator (LLaMA has no dropout; the data order
-        // is a function of (seed, epoch)), so the global generator is left alone and another
-        // job in the process (the demo's pixel decoder) can use it at the same time.
-        // Pack the micro-batches of this step (host only), advancing the data cursor.
-        let mut micro = Vec::new();
-        for _ in 0..cfg.grad_accum {
-            if state.data_cursor as usize >= order.len() {
-                state.epoch += 1;
-                state.data_cursor = 0;
-                order = epoch_order(
-                    data.len(),
-                    text_corpus.len(),
-                    cfg.text_ratio,
-                    state.seed,
-                    state.epoch,
-                );
-            }
-            let rest: Vec<&Sample> = order[state.data_cursor as usize..]
-                .iter()
-                .map(|&(is_text, i)| if is_text { &text_corpus[i] } else { &data[i] })
-                .collect();
-            let (p, used) = pack(&rest, vocab, cfg.max_len, cfg.batch_size);
-            state.data_cursor += used as u64;
-            micro.push(p);
-        }
-        let total: i64 = micro.iter().map(|p| p.n_targets).sum::<i64>().max(1);
-        let (mut lv, mut ts, mut tn, mut vsum, mut vn) = (0.0, 0.0, 0.0, 0.0, 0.0);
-        let mut finite = true;
-        for p in &micro {
-            // TrainForward → the stage's loss, then Backward on the stage's thread.
-            let mut batch = p.to_batch();
-            batch
-                .tensors
-                .insert(keys::TARGETS.into(), Tensor::from(total as f32));
-            let out = g.train_forward(batch).await?;
-            let stat = |k: &str| out.tensors.get(k).map_or(0.0, |t| t.double_value(&[]));
-            let loss = out
-                .losses
-                .into_iter()
-                .find(|(k, _)| k == keys::LOSS)
-                .map(|(_, l)| l)
-                .context("the Llm stage returned no loss")?;
-            let l = loss.double_value(&[]);
-            finite &= l.is_finite();
-            lv += l;
-            ts += stat(keys::TEXT_SUM);
-            tn += stat(keys::TEXT_N);
-            vsum += stat(keys::VISUAL_SUM);
-            vn += stat(keys::VISUAL_N);
-            if finite {
-                g.backward(LLM, loss).await?;
-            }
-        }
-        let lv = if finite { lv } else { f64::NAN };
-        let lr = schedule.lr_at(step);
-        let verdict = guard.observe(step, lv);
-        if verdict == StepVerdict::Stop {
-            let p = save_from_stage(g, &ck, &state).await?;
-            return Err(guard.stop_error(step, Some(p)).into());
-        }
-        let ctl = StepControl {
-            lr,
-            apply: verdict == StepVerdict::Apply,
-            step,
-        };
-        g.optimizer_step_with(LLM, ctl).await?;
-        state.step += 1;
-        (state.consecutive_skips, state.skipped_total) =
-            (guard.consecutive(), guard.skipped_total());
-        let text_loss = if tn > 0.0 { ts / tn } else { f64::NAN };
-        let vis_loss = if vn > 0.0 { vsum / vn } else { f64::NAN };
-        history.push((lv, text_loss, vis_loss));
-        let mut rec = vec![("loss", lv), ("lr", lr), ("targets", total as f64)];
-        if tn > 0.0 {
-            rec.push(("loss_text", text_loss));
-        }
-        if vn > 0.0 {
-            rec.push(("loss_visual", vis_loss));
-        }
-        log.log(step, &rec)?;
-        bar.step(
-            step as u64,
-            &[("loss", lv), ("text", text_loss), ("visual", vis_loss)],
-        );
-        if state.step % cfg.save_every == 0 || state.step == end {
-            last_ckpt = Some(save_from_stage(g, &ck, &state).await?);
-        }
-    }
-    g.set_train(false);
-    bar.finish();
-    log.write_report("stage-2 llm")?;
+    let outcome = drive(g, pg, &driver, &mut job).await?;
+    let history: Vec<(f64, f64, f64)> = outcome
+        .losses
+        .iter()
+        .zip(&job.history)
+        .map(|(l, (_, t, v))| (*l, *t, *v))
+        .collect();
     let mean = |h: &[(f64, f64, f64)]| {
         let avg = |f: fn(&(f64, f64, f64)) -> f64| {
             let v: Vec<f64> = h.iter().map(f).filter(|x| x.is_finite()).collect();
@@ -294,12 +309,12 @@ async fn drive(
         .map(|(_, sd)| sd)
         .unwrap_or_default();
     Ok(TrainSummary {
-        final_step: state.step,
-        steps_run: state.step - start_step,
+        final_step: outcome.state.step,
+        steps_run: outcome.state.step - outcome.start_step,
         first: mean(&history[..k]),
         last: mean(&history[history.len() - k..]),
-        skipped: guard.skipped_total(),
-        checkpoint: last_ckpt,
+        skipped: outcome.state.skipped_total,
+        checkpoint: outcome.checkpoint,
         weights,
     })
 }
@@ -374,7 +389,11 @@ fn rel(base: &Path, p: &Path) -> PathBuf {
 pub fn run(args: Args) -> Result<()> {
     let fc: FileConfig = lavit_runtime::config::load_config(&args.config)?;
     let base = args.config.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let device = fc.model.device.clone().unwrap_or_else(|| "cpu".into());
+    let rank = crate::train::join_group()?;
+    let device = match rank.device.clone() {
+        Some(d) => d,
+        None => fc.model.device.clone().unwrap_or_else(|| "cpu".into()),
+    };
     lavit_runtime::device::resolve_device(&device)
         .with_context(|| format!("{}: model.device", args.config.display()))?;
     // The Llm stage's placement (the other stages are unused in stage 2).
@@ -499,7 +518,11 @@ pub fn run(args: Args) -> Result<()> {
         &fc.train,
         &out_dir,
         &placement,
+        &rank.pg,
     )?;
+    if !rank.pg.is_rank0() {
+        return Ok(());
+    }
     println!(
         "steps {} → {}: loss {:.4} → {:.4}, text {:.4} → {:.4}, visual {:.4} → {:.4}; skipped {}; checkpoint {}",
         s.final_step - s.steps_run,

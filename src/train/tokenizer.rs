@@ -27,12 +27,14 @@
 //! `lavit_runtime::messages::train_keys`; the Decoder stage's lowres feature decoder
 //! reconstructs the patch features), a `Backward` on the Decoder stage, and an
 //! `OptimizerStep` to each trainable stage. The backbone and
-//! the codebook are the built-in EVA-CLIP and l2 VQ or plugins (`[plugins]`). The trainer
-//! itself keeps the data loop, the loss sum, the global gradient clipping, the NaN guard,
-//! metrics, progress and checkpoints (through handles on the stages' state).
+//! the codebook are the built-in EVA-CLIP and l2 VQ or plugins (`[plugins]`). The run is a
+//! job of the shared driver (`lavit_runtime::train::drive`): this file keeps the data (the
+//! features, the per-step batch indices), the loss sum and the k-means initialisation; the
+//! driver owns the loop, the global gradient clipping, the NaN guard, data parallelism,
+//! metrics, progress and checkpoints (each stage's `train_state`).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use lavit_encoder::eva_vit::{EvaBackbone, EvaVitConfig};
@@ -41,13 +43,13 @@ use lavit_plugin_api::{Backbone, Codebook};
 use lavit_quantizer::{EmaConfig, VectorQuantizer};
 use lavit_runtime::actors::{GraphOptions, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
+use lavit_runtime::dist::ProcessGroup;
 use lavit_runtime::manifest::LavitManifest;
 use lavit_runtime::messages::TrainBatch;
 use lavit_runtime::plugin_host::PluginsConfig;
 use lavit_runtime::stage::{Placement, StageKind};
 use lavit_runtime::train::{
-    splitmix64, AdamW, AdamWConfig, Checkpointer, LrSchedule, MetricsLog, NanGuard, StepRng,
-    StepVerdict, TrainProgress, TrainState,
+    drive, load_vars, splitmix64, AdamWConfig, DriverConfig, LrSchedule, Metrics, Step, TrainJob,
 };
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
@@ -351,29 +353,13 @@ pub struct Stage1Spec {
     pub adamw: AdamWConfig,
 }
 
-/// What a stage-1 stage hands back to the trainer when it is built: shallow handles on its
-/// state (the same tensors the stage trains), for checkpoints, resume and the final model.
+/// What a stage-1 stage hands back when it is built: the parts it shares with the trainer
+/// (the frozen backbone, exported with the tokenizer; the codebook, which the trainer
+/// initialises by k-means between steps). Everything a stage trains stays in the stage and
+/// is reached through its messages.
 pub enum Stage1Handle {
-    Encoder {
-        backbone: SharedBackbone,
-    },
-    SelectorMerger {
-        /// Every variable of the stage (`token_predictor.*`, `causal_encoder.*` are the ones
-        /// it trains; `vit_proj.*` is exported untrained).
-        vars: Vec<(String, Tensor)>,
-        optimizer: Arc<Mutex<AdamW>>,
-    },
-    Quantizer {
-        /// `encode_task_layer.*`.
-        vars: Vec<(String, Tensor)>,
-        optimizer: Arc<Mutex<AdamW>>,
-        codebook: SharedCodebook,
-    },
-    Decoder {
-        /// The lowres feature decoder's variables.
-        vars: Vec<(String, Tensor)>,
-        optimizer: Arc<Mutex<AdamW>>,
-    },
+    Encoder { backbone: SharedBackbone },
+    Quantizer { codebook: SharedCodebook },
 }
 
 /// The initial weights of the tokenizer stages' variables `part` from `seed`: drawn as one
@@ -436,7 +422,7 @@ pub fn stage1_builders(
         manifest.clone(),
         manifest,
     );
-    let (tx1, tx2, tx3, tx4) = (tx.clone(), tx.clone(), tx.clone(), tx);
+    let (tx1, tx3) = (tx.clone(), tx);
     let (adamw2, adamw3) = (adamw.clone(), adamw.clone());
     let mut b = StageBuilders::unused();
     b.encoder = Box::new(move |dev| {
@@ -450,10 +436,6 @@ pub fn stage1_builders(
         init_tokenizer_part(&st.vs, &m2, seed);
         let opt = stage1_adamw(prefixed("tokenizer.", st.trained_vars()), &adamw)?;
         let optim = StageOptim::new(opt);
-        let _ = tx2.send(Stage1Handle::SelectorMerger {
-            vars: sorted_vars(&st.vs),
-            optimizer: optim.opt.clone(),
-        });
         Ok(Box::new(st.with_training(optim, loss)) as Box<dyn SelectorMergerStage>)
     });
     b.quantizer = Box::new(move |dev| {
@@ -479,11 +461,7 @@ pub fn stage1_builders(
                 .map(|(i, p)| (format!("codebook.{i}"), p)),
         );
         let optim = StageOptim::new(stage1_adamw(params, &adamw2)?);
-        let _ = tx3.send(Stage1Handle::Quantizer {
-            vars: sorted_vars(&st.vs),
-            optimizer: optim.opt.clone(),
-            codebook,
-        });
+        let _ = tx3.send(Stage1Handle::Quantizer { codebook });
         Ok(Box::new(st.with_training(optim)) as Box<dyn QuantizerStage>)
     });
     b.decoder = Box::new(move |dev| {
@@ -498,10 +476,6 @@ pub fn stage1_builders(
             lavit_runtime::train::trainable_variables(&vs, |n| !n.starts_with("unet_proj")),
         );
         let optim = StageOptim::new(stage1_adamw(params, &adamw3)?);
-        let _ = tx4.send(Stage1Handle::Decoder {
-            vars: sorted_vars(&vs),
-            optimizer: optim.opt.clone(),
-        });
         Ok(
             Box::new(DecoderStageModel::for_stage1(&m4, vs, decoder, optim))
                 as Box<dyn DecoderStage>,
@@ -567,245 +541,39 @@ pub fn stage1_spec(
     }
 }
 
-/// The trainer's handles on the stages' state (shallow: the same tensors the stages train).
+/// The trainer's handles on the parts it shares with the stages (the frozen backbone for
+/// the export, the codebook for its k-means initialisation between steps and the trained
+/// tokenizer).
 struct Handles {
     backbone: SharedBackbone,
-    sm_vars: Vec<(String, Tensor)>,
-    q_vars: Vec<(String, Tensor)>,
-    dec_vars: Vec<(String, Tensor)>,
-    sm_opt: Arc<Mutex<AdamW>>,
-    q_opt: Arc<Mutex<AdamW>>,
-    dec_opt: Arc<Mutex<AdamW>>,
     codebook: SharedCodebook,
-}
-
-fn lock(m: &Mutex<AdamW>) -> std::sync::MutexGuard<'_, AdamW> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Copies `sd` into the variables `vars` (strict: the same names and shapes).
-fn load_vars(vars: &[(String, Tensor)], sd: &StateDict, src: &str) -> Result<()> {
-    let mut problems = Vec::new();
-    for (n, v) in vars {
-        match sd.get(n) {
-            None => problems.push(format!("missing `{n}`")),
-            Some(t) if t.size() != v.size() => problems.push(format!(
-                "`{n}`: saved {:?}, the model {:?}",
-                t.size(),
-                v.size()
-            )),
-            Some(_) => {}
-        }
-    }
-    for k in sd.keys() {
-        if !vars.iter().any(|(n, _)| n == k) {
-            problems.push(format!("unexpected `{k}`"));
-        }
-    }
-    if !problems.is_empty() {
-        bail!("{src}: the state does not fit: {}", problems.join("; "));
-    }
-    tch::no_grad(|| -> Result<()> {
-        for (n, v) in vars {
-            let t = sd[n].f_to_kind(v.kind())?.f_to_device(v.device())?;
-            v.shallow_clone().f_copy_(&t)?;
-        }
-        Ok(())
-    })
-}
-
-/// Optimiser-state entries of parameter `name` (see `AdamW::state_dict`).
-fn is_state_of(key: &str, names: &[String]) -> bool {
-    key == "steps"
-        || ["exp_avg.", "exp_avg_sq.", "step."].iter().any(|p| {
-            key.strip_prefix(p)
-                .is_some_and(|n| names.iter().any(|m| m == n))
-        })
 }
 
 impl Handles {
     fn collect(rx: &std::sync::mpsc::Receiver<Stage1Handle>) -> Result<Self> {
-        let (mut backbone, mut sm, mut q, mut dec) = (None, None, None, None);
-        for _ in 0..4 {
-            match rx.try_recv() {
-                Ok(Stage1Handle::Encoder { backbone: b }) => backbone = Some(b),
-                Ok(Stage1Handle::SelectorMerger { vars, optimizer }) => {
-                    sm = Some((vars, optimizer))
-                }
-                Ok(Stage1Handle::Quantizer {
-                    vars,
-                    optimizer,
-                    codebook,
-                }) => q = Some((vars, optimizer, codebook)),
-                Ok(Stage1Handle::Decoder { vars, optimizer }) => dec = Some((vars, optimizer)),
-                Err(e) => bail!("a stage-1 stage did not hand back its state: {e}"),
+        let (mut backbone, mut codebook) = (None, None);
+        for h in rx.try_iter() {
+            match h {
+                Stage1Handle::Encoder { backbone: b } => backbone = Some(b),
+                Stage1Handle::Quantizer { codebook: c } => codebook = Some(c),
             }
         }
-        let (
-            Some(backbone),
-            Some((sm_vars, sm_opt)),
-            Some((q_vars, q_opt, codebook)),
-            Some((dec_vars, dec_opt)),
-        ) = (backbone, sm, q, dec)
-        else {
-            bail!("the stage-1 stages handed back incomplete state");
-        };
-        Ok(Handles {
-            backbone,
-            sm_vars,
-            q_vars,
-            dec_vars,
-            sm_opt,
-            q_opt,
-            dec_opt,
-            codebook,
-        })
-    }
-
-    /// The tokenizer's variables (`tokenizer_encoder` without the codebook): the
-    /// SelectorMerger stage's and the Quantizer stage's, sorted by name.
-    fn tokenizer_state(&self) -> StateDict {
-        self.sm_vars
-            .iter()
-            .chain(&self.q_vars)
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect()
-    }
-
-    fn decoder_state(&self) -> StateDict {
-        self.dec_vars
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect()
-    }
-
-    fn codebook_state(&self) -> Result<StateDict> {
-        Ok(self
-            .codebook
-            .state_dict()
-            .map_err(|e| anyhow::anyhow!("codebook state: {e}"))?
-            .into_iter()
-            .collect())
-    }
-
-    fn optimizers(&self) -> [&Arc<Mutex<AdamW>>; 3] {
-        [&self.sm_opt, &self.q_opt, &self.dec_opt]
-    }
-
-    /// The stages' optimiser states as one (the layout of a single optimiser over every
-    /// parameter: `exp_avg.<name>`, …, `steps`).
-    fn optimizer_state(&self) -> Result<StateDict> {
-        let mut sd = StateDict::new();
-        for o in self.optimizers() {
-            sd.extend(lock(o).state_dict()?);
+        match (backbone, codebook) {
+            (Some(backbone), Some(codebook)) => Ok(Handles { backbone, codebook }),
+            _ => bail!("the stage-1 stages handed back incomplete state"),
         }
-        Ok(sd)
-    }
-
-    fn load_optimizer(&self, sd: &StateDict, src: &str) -> Result<()> {
-        for opt in self.optimizers() {
-            let mut opt = lock(opt);
-            let names: Vec<String> = opt.names().map(str::to_string).collect();
-            let part: StateDict = sd
-                .iter()
-                .filter(|(k, _)| is_state_of(k, &names))
-                .map(|(k, v)| (k.clone(), v.shallow_clone()))
-                .collect();
-            opt.load_state_dict(&part, src)?;
-        }
-        let known: usize = self
-            .optimizers()
-            .iter()
-            .map(|o| 3 * lock(o).names().count())
-            .sum::<usize>()
-            + 1;
-        if sd.len() != known {
-            bail!(
-                "{src}: the optimiser state holds entries for parameters this model does not have"
-            );
-        }
-        Ok(())
-    }
-
-    fn load_tokenizer(&self, sd: &StateDict, src: &str) -> Result<()> {
-        let (sm, q): (StateDict, StateDict) = sd
-            .iter()
-            .map(|(k, v)| (k.clone(), v.shallow_clone()))
-            .partition(|(k, _)| self.sm_vars.iter().any(|(n, _)| n == k));
-        load_vars(&self.sm_vars, &sm, src)?;
-        load_vars(&self.q_vars, &q, src)
-    }
-
-    /// Every trained parameter in the order of one optimiser over the tokenizer, then the
-    /// decoder, then the codebook (each by name): the order the global norm is summed in.
-    fn trained_params(&self) -> Vec<(String, Tensor)> {
-        let mut p = Vec::new();
-        for o in self.optimizers() {
-            p.extend(lock(o).params());
-        }
-        let group = |n: &str| {
-            if n.starts_with("tokenizer.") {
-                0
-            } else if n.starts_with("decoder.") {
-                1
-            } else {
-                2
-            }
-        };
-        p.sort_by(|a, b| (group(&a.0), &a.0).cmp(&(group(&b.0), &b.0)));
-        p
-    }
-
-    /// Scales every stage's gradients so their global L2 norm is at most `max_norm`
-    /// (torch `clip_grad_norm_`, as `AdamW::clip_grad_norm` over all stages at once).
-    fn clip_grad_norm(&self, max_norm: f64) -> Result<f64> {
-        let _g = tch::no_grad_guard();
-        let params = self.trained_params();
-        let mut sq = 0f64;
-        for (_, p) in &params {
-            let g = p.grad();
-            if g.defined() {
-                // Contiguous first: a gradient autograd created (first backward) and one it
-                // accumulated into (after a resume) may differ in layout, and the sum's order
-                // must not depend on it, or a resumed run drifts by rounding.
-                sq += g
-                    .f_contiguous()?
-                    .f_to_kind(Kind::Double)?
-                    .f_square()?
-                    .f_sum(Kind::Double)?
-                    .double_value(&[]);
-            }
-        }
-        let norm = sq.sqrt();
-        if !norm.is_finite() {
-            return Ok(norm);
-        }
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for (_, p) in &params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.f_mul_scalar_(coef)?;
-                }
-            }
-        }
-        Ok(norm)
     }
 }
 
-fn stage_err(e: lavit_runtime::stage::StageError) -> anyhow::Error {
-    anyhow::anyhow!("{e}")
-}
-
-/// One training forward through the SelectorMerger, Quantizer and Decoder stages.
-fn forward(
-    graph: &StageGraph,
+/// One training forward through the SelectorMerger, Quantizer and Decoder stages; `rows`:
+/// this batch's rows in the step's global batch (data parallel).
+async fn forward(
+    s: &Step<'_>,
     feats: &Tensor,
-    seed: u64,
     tau: f64,
     quantize: bool,
-    lr: Option<f64>,
-) -> Result<TrainBatch> {
+    rows: Option<(i64, i64)>,
+) -> lavit_runtime::Result<TrainBatch> {
     let mut b = TrainBatch::new(vec![
         StageKind::SelectorMerger,
         StageKind::Quantizer,
@@ -814,34 +582,127 @@ fn forward(
     b.tensors
         .insert(keys::PATCH_FEATURES.into(), feats.shallow_clone());
     b.tensors
-        .insert(keys::GUMBEL_SEED.into(), Tensor::from(seed as i64));
+        .insert(keys::GUMBEL_SEED.into(), Tensor::from(s.seed as i64));
     b.tensors.insert(keys::TAU.into(), Tensor::from(tau));
     b.tensors
         .insert(keys::QUANTIZE.into(), Tensor::from(quantize as i64));
-    if let Some(lr) = lr {
-        b.tensors.insert(keys::LR.into(), Tensor::from(lr));
+    if let Some((offset, global)) = rows {
+        b.set_rows(offset, global);
     }
-    futures::executor::block_on(graph.train_forward(b)).map_err(stage_err)
+    s.forward(b).await
 }
 
-fn loss_term(b: &TrainBatch, name: &str) -> Result<Tensor> {
+fn missing(what: &str) -> lavit_runtime::Error {
+    lavit_runtime::Error::invalid(format!("the stage-1 stages returned no `{what}`"))
+}
+
+fn loss_term(b: &TrainBatch, name: &str) -> lavit_runtime::Result<Tensor> {
     b.losses
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, l)| l.shallow_clone())
-        .with_context(|| format!("the stages returned no `{name}` loss"))
+        .ok_or_else(|| missing(name))
 }
 
-fn out_tensor(b: &mut TrainBatch, name: &str) -> Result<Tensor> {
-    b.tensors
-        .remove(name)
-        .with_context(|| format!("the stages returned no `{name}`"))
+fn out_tensor(b: &mut TrainBatch, name: &str) -> lavit_runtime::Result<Tensor> {
+    b.tensors.remove(name).ok_or_else(|| missing(name))
 }
 
+/// Stage 1 as a job of the shared driver: every step draws `batch_size × world` images (by
+/// index, from the run seed and the step), this rank sends its share through the
+/// SelectorMerger, Quantizer and Decoder stages and back-propagates the summed loss.
+struct TokenizerJob<'a> {
+    cfg: &'a TokenizerTrainConfig,
+    /// Every image's patch features (the frozen encoder's, computed once).
+    feats: Tensor,
+    codebook: SharedCodebook,
+}
+
+impl TrainJob for TokenizerJob<'_> {
+    async fn step(&mut self, s: &mut Step<'_>) -> lavit_runtime::Result<Metrics> {
+        let cfg = self.cfg;
+        let step = s.step;
+        let m = self.feats.size()[0] as usize;
+        let world = s.pg.world_size();
+        let global = cfg.batch_size * world;
+        let fdev = self.feats.device();
+        let tau = cfg.tau_at(step);
+        let quantize = step >= cfg.steps_no_quant;
+        if quantize && step == cfg.steps_no_quant {
+            // Phase 2 starts: data-dependent initialisation of the codebook (k-means for the
+            // built-in one) from encoder outputs — the same global batches on every rank.
+            let mut zs = Vec::new();
+            for j in 0..cfg.kmeans_batches.max(1) {
+                let idx = batch_indices(cfg.seed ^ 0xc0de, j as i64, m, global);
+                let fb = self
+                    .feats
+                    .index_select(0, &Tensor::from_slice(&idx).to_device(fdev));
+                let mut out = forward(s, &fb, tau, false, None).await?;
+                zs.push(out_tensor(&mut out, keys::CODES_Z)?);
+            }
+            let z = Tensor::cat(&zs, 0);
+            self.codebook
+                .clone()
+                .init_from_samples(&z, cfg.seed)
+                .map_err(|e| {
+                    lavit_runtime::Error::invalid(format!("codebook initialisation: {e}"))
+                })?;
+            tracing::info!(step, codes = z.size()[0], "codebook initialised");
+        }
+        let idx = batch_indices(cfg.seed, step, m, global);
+        let mine = &idx[s.shard(cfg.batch_size)];
+        let fb = self
+            .feats
+            .index_select(0, &Tensor::from_slice(mine).to_device(fdev));
+        let rows = (world > 1).then(|| (mine.len() as i64 * s.pg.rank() as i64, global as i64));
+        let mut out = forward(s, &fb, tau, quantize, rows).await?;
+        let rec_loss = loss_term(&out, keys::LOSS_RECONSTRUCTION)?;
+        let ldev = rec_loss.device();
+        let loss = &rec_loss
+            + loss_term(&out, keys::LOSS_RATIO)?.to_device(ldev)
+            + loss_term(&out, keys::LOSS_COMMITMENT)?.to_device(ldev)
+            + loss_term(&out, keys::LOSS_CONFIDENCE)?.to_device(ldev);
+        let rec = rec_loss.double_value(&[]);
+        let cos = out_tensor(&mut out, keys::COS)?.double_value(&[]);
+        let kept = out_tensor(&mut out, keys::DECISIONS)?
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let ids = out.tensors.remove(keys::IDS);
+        drop(out);
+        s.backward(StageKind::Decoder, loss).await?;
+        let (usage, ppl) = match &ids {
+            Some(ids) => VectorQuantizer::usage(ids, self.codebook.num_codes()),
+            None => (0.0, 0.0),
+        };
+        Ok(vec![
+            ("rec_loss", rec),
+            ("cos", cos),
+            ("kept", kept),
+            ("perplexity", ppl),
+            ("usage", usage),
+            ("tau", tau),
+        ])
+    }
+}
+
+/// The trained variables a stage holds under checkpoint part `part`.
+async fn stage_part(g: &StageGraph, kind: StageKind, part: &str) -> Result<StateDict> {
+    g.train_state(kind)
+        .await?
+        .into_iter()
+        .find(|(n, _)| n == part)
+        .map(|(_, sd)| sd)
+        .with_context(|| format!("stage {kind} holds no `{part}`"))
+}
 /// `lavit train tokenizer` as a library call: images from `cfg.data_dir`, the backbone from
 /// `[plugins.backbone]`, else EVA from `cfg.encoder_dir` (or random at the manifest's
 /// sizes), the codebook from `[plugins.codebook]`, else the built-in VQ.
 pub fn train(cfg: &TokenizerTrainConfig) -> Result<TrainReport> {
+    train_in_group(cfg, &Arc::new(ProcessGroup::single()))
+}
+
+/// [`train`] as one rank of a data-parallel run over `pg`.
+pub fn train_in_group(cfg: &TokenizerTrainConfig, pg: &Arc<ProcessGroup>) -> Result<TrainReport> {
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
     let on = |kind| -> Result<Device> {
@@ -889,17 +750,20 @@ pub fn train(cfg: &TokenizerTrainConfig) -> Result<TrainReport> {
         plugin_backbone: is_plugin,
         codebook,
     };
-    train_with_images(cfg, &manifest, parts, &images, skipped)
+    train_with_images(cfg, &manifest, parts, &images, skipped, pg)
 }
 
 /// The stage-1 loop on preprocessed images [M, 3, S, S] (CLIP-normalised) with a frozen
-/// backbone and a codebook — what the demo calls after its stage 0.
+/// backbone and a codebook — what the demo calls after its stage 0 — data-parallel over
+/// `pg` (every rank computes the features of every image; each step's global batch is
+/// `batch_size × world`; rank 0 writes checkpoints, metrics and the export).
 pub fn train_with_images(
     cfg: &TokenizerTrainConfig,
     manifest: &LavitManifest,
     parts: Stage1Parts,
     images: &Tensor,
     skipped_images: usize,
+    pg: &Arc<ProcessGroup>,
 ) -> Result<TrainReport> {
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
@@ -947,148 +811,48 @@ pub fn train_with_images(
         for c in images.split(16, 0) {
             let mut b = TrainBatch::new(vec![StageKind::Encoder]);
             b.tensors.insert(keys::IMAGES.into(), c);
-            let mut out = futures::executor::block_on(graph.train_forward(b)).map_err(stage_err)?;
+            let mut out = futures::executor::block_on(graph.train_forward(b))?;
             v.push(out_tensor(&mut out, keys::PATCH_FEATURES)?);
         }
         Tensor::cat(&v, 0).to_kind(Kind::Float)
     };
-    let fdev = feats_all.device();
-    let schedule = LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr);
-
-    let ck = Checkpointer::new(cfg.out_dir.join("checkpoints"), cfg.keep_checkpoints)?;
-    let mut state = TrainState {
+    let trained = vec![
+        StageKind::SelectorMerger,
+        StageKind::Quantizer,
+        StageKind::Decoder,
+    ];
+    let driver = DriverConfig {
+        name: "stage-1 tokenizer".into(),
+        out_dir: cfg.out_dir.clone(),
+        stages: trained,
+        schedule: LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr),
+        steps: cfg.steps,
+        end: cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps),
+        save_every: cfg.save_every,
+        keep: cfg.keep_checkpoints,
+        max_nan_steps: cfg.max_nan_steps,
+        log_every: 20,
         seed: cfg.seed,
-        ..Default::default()
+        resume: true,
+        progress: true,
+        grad_clip: cfg.grad_clip,
+        torch_rng: true,
     };
-    if let Some(path) = ck.latest()? {
-        let mut l = lavit_runtime::train::load(&path)?;
-        let src = |p: &str| path.join(format!("{p}.safetensors")).display().to_string();
-        h.load_tokenizer(&l.take("tokenizer")?, &src("tokenizer"))?;
-        load_vars(&h.dec_vars, &l.take("decoder")?, &src("decoder"))?;
-        let cb: Vec<(String, Tensor)> = l.take("codebook")?.into_iter().collect();
-        h.codebook
-            .clone()
-            .load_state_dict(&cb)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", src("codebook")))?;
-        h.load_optimizer(&l.take("optimizer")?, &src("optimizer"))?;
-        state = l.state;
-        tracing::info!(step = state.step, path = %path.display(), "stage 1 resumed");
-    }
-    let rng = StepRng::new(state.seed);
-    let mut guard =
-        NanGuard::new(cfg.max_nan_steps).with_counts(state.consecutive_skips, state.skipped_total);
-    let mut log = MetricsLog::open(&cfg.out_dir, state.step)?;
-    let end = cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps);
-    let bar = TrainProgress::new("stage-1 tokenizer", cfg.steps as u64, state.step as u64, 20);
-    let save = |state: &TrainState| -> Result<PathBuf> {
-        let (a, b, c) = (h.tokenizer_state(), h.decoder_state(), h.codebook_state()?);
-        let o = h.optimizer_state()?;
-        Ok(ck.save(
-            state,
-            &[
-                ("tokenizer", &a),
-                ("decoder", &b),
-                ("codebook", &c),
-                ("optimizer", &o),
-            ],
-        )?)
+    let mut job = TokenizerJob {
+        cfg,
+        feats: feats_all,
+        codebook: h.codebook.clone(),
     };
-    let num_codes = h.codebook.num_codes();
-
-    while state.step < end {
-        let step = state.step;
-        let seed = rng.begin_step(step);
-        let tau = cfg.tau_at(step);
-        let quantize = step >= cfg.steps_no_quant;
-        if quantize && step == cfg.steps_no_quant {
-            // Phase 2 starts: data-dependent initialisation of the codebook (k-means for the
-            // built-in one) from encoder outputs.
-            let mut zs = Vec::new();
-            for j in 0..cfg.kmeans_batches.max(1) {
-                let idx = batch_indices(cfg.seed ^ 0xc0de, j as i64, m, cfg.batch_size);
-                let fb = feats_all.index_select(0, &Tensor::from_slice(&idx).to_device(fdev));
-                let mut out = forward(&graph, &fb, seed, tau, false, None)?;
-                zs.push(out_tensor(&mut out, keys::CODES_Z)?);
-            }
-            let z = Tensor::cat(&zs, 0);
-            h.codebook
-                .clone()
-                .init_from_samples(&z, cfg.seed)
-                .map_err(|e| anyhow::anyhow!("codebook initialisation: {e}"))?;
-            bar.println(format!(
-                "step {step}: codebook initialised from {} codes",
-                z.size()[0]
-            ));
-        }
-        let idx = batch_indices(cfg.seed, step, m, cfg.batch_size);
-        let fb = feats_all.index_select(0, &Tensor::from_slice(&idx).to_device(fdev));
-        let lr = schedule.lr_at(step);
-        let mut out = forward(&graph, &fb, seed, tau, quantize, Some(lr))?;
-        let rec_loss = loss_term(&out, keys::LOSS_RECONSTRUCTION)?;
-        let ldev = rec_loss.device();
-        let loss = &rec_loss
-            + loss_term(&out, keys::LOSS_RATIO)?.to_device(ldev)
-            + loss_term(&out, keys::LOSS_COMMITMENT)?.to_device(ldev)
-            + loss_term(&out, keys::LOSS_CONFIDENCE)?.to_device(ldev);
-        let lv = loss.double_value(&[]);
-        let rec = rec_loss.double_value(&[]);
-        let cos = out_tensor(&mut out, keys::COS)?.double_value(&[]);
-        let kept = out_tensor(&mut out, keys::DECISIONS)?
-            .mean(Kind::Float)
-            .double_value(&[]);
-        let ids = out.tensors.remove(keys::IDS);
-        drop(out);
-        match guard.observe(step, lv) {
-            StepVerdict::Apply => {
-                futures::executor::block_on(graph.backward(StageKind::Decoder, loss))
-                    .map_err(stage_err)?;
-                h.clip_grad_norm(cfg.grad_clip)?;
-                futures::executor::block_on(graph.optimizer_step(&[
-                    StageKind::SelectorMerger,
-                    StageKind::Quantizer,
-                    StageKind::Decoder,
-                ]))
-                .map_err(stage_err)?;
-            }
-            StepVerdict::Skip => {}
-            StepVerdict::Stop => {
-                let p = save(&state)?;
-                return Err(guard.stop_error(step, Some(p)).into());
-            }
-        }
-        let (usage, ppl) = match &ids {
-            Some(ids) => VectorQuantizer::usage(ids, num_codes),
-            None => (0.0, 0.0),
-        };
-        state.step += 1;
-        (state.consecutive_skips, state.skipped_total) =
-            (guard.consecutive(), guard.skipped_total());
-        let metrics = [
-            ("loss", lv),
-            ("rec_loss", rec),
-            ("cos", cos),
-            ("kept", kept),
-            ("usage", usage),
-            ("perplexity", ppl),
-            ("lr", lr),
-            ("tau", tau),
-        ];
-        log.log(step, &metrics)?;
-        bar.step(
-            step as u64,
-            &[("loss", lv), ("cos", cos), ("kept", kept), ("ppl", ppl)],
-        );
-        if state.step % cfg.save_every == 0 || state.step == end {
-            save(&state)?;
-        }
-    }
-    bar.finish();
-    log.write_report("stage-1 tokenizer")?;
-    let records = log
-        .records()
-        .iter()
-        .map(|(s, v)| (*s, v.iter().map(|(k, x)| (k.clone(), *x)).collect()))
-        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (outcome, sm_vars, q_vars, dec_vars) = rt.block_on(async {
+        let outcome = drive(&graph, pg, &driver, &mut job).await?;
+        let sm = stage_part(&graph, StageKind::SelectorMerger, "selector_merger").await?;
+        let q = stage_part(&graph, StageKind::Quantizer, "quantizer").await?;
+        let d = stage_part(&graph, StageKind::Decoder, "decoder").await?;
+        anyhow::Ok((outcome, sm, q, d))
+    })?;
     graph.set_train(false);
     graph.shutdown();
 
@@ -1099,20 +863,28 @@ pub fn train_with_images(
         Box::new(h.backbone.clone()),
         Box::new(h.codebook.clone()),
     )?;
-    {
-        let mut vars = sorted_vars(&tok.selector.vs);
-        vars.extend(sorted_vars(&tok.quantizer.vs));
-        load_vars(&vars, &h.tokenizer_state(), "the stage-1 tokenizer")?;
-    }
+    load_vars(
+        &sorted_vars(&tok.selector.vs),
+        &sm_vars,
+        "the stage-1 selector",
+    )
+    .map_err(anyhow::Error::msg)?;
+    load_vars(
+        &sorted_vars(&tok.quantizer.vs),
+        &q_vars,
+        "the stage-1 quantizer",
+    )
+    .map_err(anyhow::Error::msg)?;
     let dec_vs = nn::VarStore::new(device);
     let decoder = VQDecoder::new(dec_vs.root(), &FeatureDecoderConfig::from_manifest(f));
     load_vars(
-        &dec_vs.variables().into_iter().collect::<Vec<_>>(),
-        &h.decoder_state(),
+        &sorted_vars(&dec_vs),
+        &dec_vars,
         "the stage-1 feature decoder",
-    )?;
+    )
+    .map_err(anyhow::Error::msg)?;
     tok.lowres_decoder = Some((dec_vs, decoder));
-    let export_dir = if state.step >= cfg.steps {
+    let export_dir = if outcome.state.step >= cfg.steps && pg.is_rank0() {
         let dir = cfg.out_dir.join("export");
         export(&dir, &tok, plugin_backbone, plugin_codebook)?;
         Some(dir)
@@ -1120,15 +892,14 @@ pub fn train_with_images(
         None
     };
     Ok(TrainReport {
-        steps: state.step,
-        records,
+        steps: outcome.state.step,
+        records: outcome.records,
         skipped_images,
         images: m,
         export_dir,
         tokenizer: tok,
     })
 }
-
 /// Write a checkpoint folder in the official layout (safetensors) that
 /// [`VisualTokenizer::from_checkpoint`] loads (with the same `[plugins]` section when parts
 /// are plugins): manifest.json, the encoder (EVA file, or `visual_tokenizer/backbone` for a
@@ -1198,7 +969,17 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let cfg = TokenizerTrainConfig::from_toml_file(&args.config)?;
-    let r = train(&cfg)?;
+    let rank = crate::train::join_group()?;
+    let mut cfg = cfg;
+    if let Some(d) = rank.device {
+        cfg.device = d;
+        cfg.placement = None;
+    }
+    let pg = rank.pg;
+    let r = train_in_group(&cfg, &pg)?;
+    if !pg.is_rank0() {
+        return Ok(());
+    }
     let loss = r.series("loss");
     println!(
         "{}",

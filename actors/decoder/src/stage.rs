@@ -155,10 +155,6 @@ impl DecoderStageModel {
         let feats = batch.take(train_keys::PATCH_FEATURES, K)?;
         let codes = batch.take(train_keys::CODES, K)?;
         let mask = batch.take(train_keys::CODES_MASK, K)?;
-        let lr = batch
-            .get(train_keys::LR, K)
-            .ok()
-            .map(|t| t.double_value(&[]));
         let (_, decoder) = self.lowres.as_ref().ok_or_else(|| not_trainable(K))?;
         let dev = self.device();
         let rec = decoder
@@ -167,11 +163,6 @@ impl DecoderStageModel {
             .map_err(stage_err)?; // (B, N, C)
         let cos = Tensor::cosine_similarity(&rec, &feats.to_device(dev), -1, 1e-8); // (B, N)
         let rec_loss = (cos.neg() + 1.0).mean(Kind::Float);
-        if let Some(o) = self.stage1.as_mut() {
-            if lr.is_some() {
-                o.lr = lr;
-            }
-        }
         batch
             .losses
             .push((train_keys::LOSS_RECONSTRUCTION.into(), rec_loss));
@@ -232,6 +223,17 @@ impl FeatureDecoders for DecoderStageModel {
     }
 }
 
+/// The checkpoint part of stage 1's feature decoder.
+const STAGE1_PART: &str = "decoder";
+
+impl DecoderStageModel {
+    /// Stage 1's feature decoder variables, sorted by name.
+    fn stage1_vars(&self) -> StageResult<Vec<(String, Tensor)>> {
+        let (vs, _) = self.lowres.as_ref().ok_or_else(|| not_trainable(K))?;
+        Ok(lavit_runtime::train::sorted_vars(vs))
+    }
+}
+
 fn not_training() -> StageError {
     StageError::Invalid("this Decoder stage was not built for training".into())
 }
@@ -245,26 +247,41 @@ impl Trainable for DecoderStageModel {
         let t = self.train.as_ref().ok_or_else(not_training)?;
         t.forward(self.pixels()?, batch)
     }
-    fn optimizer_step(&mut self) -> StageResult<()> {
-        match self.stage1.as_mut() {
-            Some(o) => o.step(K),
-            None => Err(StageError::Invalid(
-                "the Decoder stage steps under the trainer's control (OptimizerStepWith)".into(),
-            )),
-        }
-    }
     fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        if let Some(o) = self.stage1.as_mut() {
+            return o.step_with(K, ctl);
+        }
         let pixels = self.pixels.as_ref().ok_or_else(not_training)?;
         self.train
             .as_mut()
             .ok_or_else(not_training)?
             .step(pixels, ctl)
     }
+    fn trained_params(&mut self) -> StageResult<Vec<(String, Tensor)>> {
+        if let Some(o) = self.stage1.as_ref() {
+            return Ok(o.params());
+        }
+        Ok(self.train.as_ref().ok_or_else(not_training)?.params())
+    }
+    /// Stage 1: `decoder` (the lowres feature decoder's variables) and its optimiser's
+    /// state; stage 1b: `model`, `optimizer`, `ema` of the U-Net.
     fn train_state(&mut self) -> StageResult<TrainParts> {
+        if let Some(o) = self.stage1.as_ref() {
+            return o.parts(K, STAGE1_PART, &self.stage1_vars()?);
+        }
         let t = self.train.as_ref().ok_or_else(not_training)?;
         t.state(self.pixels()?)
     }
     fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        if let Some(o) = self.stage1.as_ref() {
+            let rest = o.load_parts(K, STAGE1_PART, &self.stage1_vars()?, parts)?;
+            return match rest.first() {
+                None => Ok(()),
+                Some((p, _)) => Err(StageError::Invalid(format!(
+                    "stage {K}: no training part `{p}`"
+                ))),
+            };
+        }
         let pixels = self.pixels.as_ref().ok_or_else(not_training)?;
         self.train
             .as_mut()

@@ -211,11 +211,24 @@ impl DecoderTrainer {
             let cond = need(keys::COND)?;
             let n = img.size()[0];
             let x0 = Self::to_x0(pixels, &img);
-            let noise = x0.randn_like();
-            let ts = Tensor::randint(self.num_train_timesteps, [n], (Kind::Int64, dev));
-            let keep = Tensor::rand([n, 1, 1], (Kind::Float, dev))
-                .ge(self.cond_dropout)
-                .to_kind(cond.kind());
+            // Per-row randomness for the step's global batch (data parallel: this rank keeps
+            // its rows), in the order one rank with the whole batch draws it.
+            let (off, global) = b.rows(n, StageKind::Decoder)?;
+            let (noise, ts, keep) = if global == n {
+                let noise = x0.randn_like();
+                let ts = Tensor::randint(self.num_train_timesteps, [n], (Kind::Int64, dev));
+                let keep = Tensor::rand([n, 1, 1], (Kind::Float, dev));
+                (noise, ts, keep)
+            } else {
+                let mut shape = x0.size();
+                shape[0] = global;
+                let noise = Tensor::randn(shape.as_slice(), (x0.kind(), dev)).narrow(0, off, n);
+                let ts = Tensor::randint(self.num_train_timesteps, [global], (Kind::Int64, dev))
+                    .narrow(0, off, n);
+                let keep = Tensor::rand([global, 1, 1], (Kind::Float, dev)).narrow(0, off, n);
+                (noise, ts, keep)
+            };
+            let keep = keep.ge(self.cond_dropout).to_kind(cond.kind());
             let cond = cond * keep; // dropped conditions become zeros (the sampling negative)
             let xt = self.scheduler.add_noise(&x0, &noise, &ts);
             let target = target_for(&self.scheduler, &x0, &noise, &ts);
@@ -315,6 +328,11 @@ impl DecoderTrainer {
     }
 
     /// `model`, `optimizer` and `ema`, as the checkpoints store them.
+    /// The U-Net's parameters the optimiser updates (shallow).
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        self.opt.params()
+    }
+
     pub fn state(&self, pixels: &PixelDecoder) -> StageResult<TrainParts> {
         Ok(vec![
             ("model".into(), var_store_state_dict(&pixels.unet_vs)),

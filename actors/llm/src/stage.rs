@@ -148,6 +148,9 @@ impl Trainable for LlmStageModel {
     fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
         self.trainer()?.step(ctl)
     }
+    fn trained_params(&mut self) -> StageResult<Vec<(String, Tensor)>> {
+        Ok(self.train.as_ref().ok_or_else(not_training)?.params())
+    }
     fn train_state(&mut self) -> StageResult<TrainParts> {
         let t = self.train.as_ref().ok_or_else(not_training)?;
         t.state(self)

@@ -249,6 +249,41 @@ impl Packed {
         b
     }
 
+    /// Rows `r` of the batch (a data-parallel rank's share of a step's global batch): the
+    /// same rows and width, the continuous blocks inside them (rows renumbered), their
+    /// targets counted. Rows past the end are left out (the share may be empty).
+    pub fn rows(&self, r: std::ops::Range<i64>) -> Packed {
+        let b = self.ids.size()[0];
+        let start = r.start.clamp(0, b);
+        let len = (r.end.clamp(0, b) - start).max(0);
+        let n = |t: &Tensor| t.narrow(0, start, len);
+        let labels = n(&self.labels);
+        let n_targets = labels.ne(IGNORE).sum(Kind::Int64).int64_value(&[]);
+        let cont = self
+            .cont
+            .iter()
+            .filter(|(row, _, _)| (start..start + len).contains(row))
+            .map(|(row, at, f)| (row - start, *at, f.shallow_clone()))
+            .collect();
+        Packed {
+            ids: n(&self.ids),
+            labels,
+            position_ids: n(&self.position_ids),
+            segments: n(&self.segments),
+            cont,
+            n_targets,
+        }
+    }
+
+    /// Rows in the batch.
+    pub fn len(&self) -> i64 {
+        self.ids.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The micro-batch back from a training message (see [`Packed::to_batch`]).
     pub fn from_batch(b: &TrainBatch) -> StageResult<Packed> {
         let get = |k: &str| {
@@ -516,6 +551,11 @@ impl LlmTrainer {
             b.tensors.insert(k.into(), v);
         }
         Ok(b)
+    }
+
+    /// The parameters the optimiser updates (shallow): the model's, and `vit_proj.*`.
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        self.opt.params()
     }
 
     /// Apply (clip + AdamW at `ctl.lr`) or skip, then zero the gradients.

@@ -15,12 +15,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use lavit_plugin_api::{Codebook, PluginResult, QuantizeOut};
 use lavit_runtime::checkpoint::{self, StateDict};
+use lavit_runtime::dist::{all_gather_rows, broadcast_named, mean_scalar, ProcessGroup};
 use lavit_runtime::layout;
 use lavit_runtime::manifest::LavitManifest;
-use lavit_runtime::messages::{train_keys, TrainBatch};
+use lavit_runtime::messages::{train_keys, StepControl, StepReport, TrainBatch, TrainParts};
 use lavit_runtime::plugin_host::{check_codebook, TokenizerPlugins};
 use lavit_runtime::stage::{QuantizerStage, StageError, StageKind, StageResult, Trainable};
-use lavit_runtime::train::{need_train, not_trainable, StageOptim};
+use lavit_runtime::train::{need_train, not_trainable, sorted_vars, StageOptim};
 use lavit_runtime::Result;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
@@ -71,6 +72,16 @@ pub struct QuantizerStageModel {
 struct QuantizerTraining {
     optim: StageOptim,
     last: Option<(Tensor, Tensor)>,
+    /// The run's data-parallel group: the codebook's update sees every rank's codes, and the
+    /// commitment loss is weighted by this rank's share of the global batch's tokens.
+    pg: Option<Arc<ProcessGroup>>,
+}
+
+impl QuantizerTraining {
+    /// The data-parallel group when there is more than one rank.
+    fn group(&self) -> Option<&ProcessGroup> {
+        self.pg.as_deref().filter(|g| g.world_size() > 1)
+    }
 }
 
 impl QuantizerStageModel {
@@ -117,7 +128,11 @@ impl QuantizerStageModel {
     /// Train the task layer and the codebook with `optim` (built over [`Self::trained_vars`]
     /// and the codebook's own parameters).
     pub fn with_training(mut self, optim: StageOptim) -> Self {
-        self.training = Some(QuantizerTraining { optim, last: None });
+        self.training = Some(QuantizerTraining {
+            optim,
+            last: None,
+            pg: None,
+        });
         self
     }
 
@@ -178,10 +193,6 @@ impl Trainable for QuantizerStageModel {
         let dec = batch.take(train_keys::DECISIONS, K)?;
         let merged = batch.take(train_keys::MERGED, K)?;
         let quantize = batch.get(train_keys::QUANTIZE, K)?.int64_value(&[]) != 0;
-        let lr = batch
-            .get(train_keys::LR, K)
-            .ok()
-            .map(|t| t.double_value(&[]));
         let z = self.encode_task_layer.forward(&merged); // (B, N, D)
         let (idx, mask) = kept_index(&dec)?;
         let d = z.size()[2];
@@ -207,9 +218,20 @@ impl Trainable for QuantizerStageModel {
             .masked_scatter(&keep.unsqueeze(-1), &codes_flat)
             * dec_sel.unsqueeze(-1); // (B, L, D): ST factor carries the selector's gradient
         let t = self.training.as_mut().ok_or_else(|| not_trainable(K))?;
-        if lr.is_some() {
-            t.optim.lr = lr;
-        }
+        let qloss = match (quantize, t.group()) {
+            (true, Some(pg)) => {
+                // The loss is a mean over this rank's T_r tokens; the global batch's is over
+                // T = Σ T_r. Weighted by T_r · world / T, the ranks' mean of it is that mean.
+                let local = z_flat.size()[0] as f64;
+                let total = mean_scalar(pg, local).map_err(|e| StageError::failed(K, e))?;
+                if total > 0.0 {
+                    qloss * (local / total)
+                } else {
+                    qloss
+                }
+            }
+            _ => qloss,
+        };
         let z_flat = z_flat.detach();
         t.last = ids
             .as_ref()
@@ -226,15 +248,89 @@ impl Trainable for QuantizerStageModel {
         }
         Ok(batch)
     }
-    /// The optimiser step, then the codebook's update with the step's codes (EMA, restarts).
-    fn optimizer_step(&mut self) -> StageResult<()> {
-        const K: StageKind = StageKind::Quantizer;
+    /// The optimiser step, then the codebook's update with the step's codes (EMA, restarts)
+    /// — every rank's codes, in rank order, under data parallelism.
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
         let t = self.training.as_mut().ok_or_else(|| not_trainable(K))?;
-        t.optim.step(K)?;
-        if let Some((z, ids)) = t.last.take() {
+        let report = t.optim.step_with(K, ctl)?;
+        let last = t.last.take();
+        if !ctl.apply {
+            return Ok(report);
+        }
+        if let Some((z, ids)) = last {
+            let (z, ids) = match t.group() {
+                Some(pg) => {
+                    let fail = |e: lavit_runtime::Error| StageError::failed(K, e);
+                    (
+                        all_gather_rows(pg, &z).map_err(fail)?,
+                        all_gather_rows(pg, &ids).map_err(fail)?,
+                    )
+                }
+                None => (z, ids),
+            };
             self.quantize
                 .update(&z, &ids)
                 .map_err(|e| StageError::failed(K, format!("codebook update: {e}")))?;
+        }
+        Ok(report)
+    }
+    fn trained_params(&mut self) -> StageResult<Vec<(String, Tensor)>> {
+        let t = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
+        Ok(t.optim.params())
+    }
+    /// Keep the group, and start from rank 0's codebook (its EMA statistics are buffers, not
+    /// trained parameters, so the driver's broadcast does not reach them).
+    fn set_process_group(&mut self, pg: Arc<ProcessGroup>) -> StageResult<()> {
+        let t = self.training.as_mut().ok_or_else(|| not_trainable(K))?;
+        if pg.world_size() > 1 {
+            let state = self
+                .quantize
+                .state_dict()
+                .map_err(|e| StageError::failed(K, format!("codebook state: {e}")))?;
+            let own: Vec<(String, Tensor)> =
+                state.into_iter().map(|(n, v)| (n, v.copy())).collect();
+            broadcast_named(&pg, &own).map_err(|e| StageError::failed(K, e))?;
+            self.quantize
+                .load_state_dict(&own)
+                .map_err(|e| StageError::failed(K, format!("codebook state: {e}")))?;
+        }
+        t.pg = Some(pg);
+        Ok(())
+    }
+    /// `quantizer` (the task layer), its optimiser's state and `codebook` (the codebook's
+    /// full state, EMA statistics included).
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        let t = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
+        let mut parts = t.optim.parts(K, PART, &sorted_vars(&self.vs))?;
+        let cb: StateDict = self
+            .quantize
+            .state_dict()
+            .map_err(|e| StageError::failed(K, format!("codebook state: {e}")))?
+            .into_iter()
+            .collect();
+        parts.push((CODEBOOK_PART.into(), cb));
+        Ok(parts)
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let t = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
+        let rest = t.optim.load_parts(K, PART, &sorted_vars(&self.vs), parts)?;
+        let mut codebook = false;
+        for (p, sd) in rest {
+            if p != CODEBOOK_PART {
+                return Err(StageError::Invalid(format!(
+                    "stage {K}: no training part `{p}`"
+                )));
+            }
+            let cb: Vec<(String, Tensor)> = sd.into_iter().collect();
+            self.quantize
+                .load_state_dict(&cb)
+                .map_err(|e| StageError::Invalid(format!("checkpoint part `{p}`: {e}")))?;
+            codebook = true;
+        }
+        if !codebook {
+            return Err(StageError::Invalid(format!(
+                "stage {K}: the checkpoint lacks `{CODEBOOK_PART}`"
+            )));
         }
         Ok(())
     }
@@ -242,6 +338,11 @@ impl Trainable for QuantizerStageModel {
         self.train = train;
     }
 }
+
+const K: StageKind = StageKind::Quantizer;
+/// Checkpoint parts of this stage: the task layer's variables and the codebook's state.
+const PART: &str = "quantizer";
+const CODEBOOK_PART: &str = "codebook";
 
 impl QuantizerStage for QuantizerStageModel {
     fn quantize(&mut self, merged: &Tensor, decisions: &Tensor) -> StageResult<Vec<Vec<i64>>> {

@@ -75,7 +75,17 @@ pub fn gumbel_noise(shape: &[i64], rng: &mut StdRng, device: tch::Device) -> Ten
 /// `F.gumbel_softmax(logits, tau, hard=True)` with noise from `seed`: the forward value is
 /// one-hot, the gradient that of the soft sample (straight-through). Returns [.., 2].
 pub fn gumbel_softmax_hard(logits: &Tensor, tau: f64, seed: u64) -> Tensor {
+    gumbel_softmax_hard_from_row(logits, tau, seed, 0)
+}
+
+/// [`gumbel_softmax_hard`] for rows `row0..` of a larger batch: the noise the whole batch
+/// draws for those rows (the draws of the `row0` rows before are skipped).
+pub fn gumbel_softmax_hard_from_row(logits: &Tensor, tau: f64, seed: u64, row0: i64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
+    let per_row: i64 = logits.size().iter().skip(1).product();
+    for _ in 0..row0.max(0).saturating_mul(per_row) {
+        let _: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+    }
     let g = gumbel_noise(&logits.size(), &mut rng, logits.device()).to_kind(logits.kind());
     let y_soft = ((logits + g) / tau).softmax(-1, logits.kind());
     let index = y_soft.argmax(-1, true);
@@ -87,10 +97,16 @@ impl SelectionMode {
     /// log-probs [B, N, 2] → keep decisions [B, N] (differentiable in Gumbel mode), at
     /// least [`MIN_KEPT`] per image.
     pub fn decide(&self, log_probs: &Tensor) -> Tensor {
+        self.decide_from_row(log_probs, 0)
+    }
+
+    /// [`decide`](Self::decide) for rows `row0..` of a larger batch (Gumbel noise as the
+    /// whole batch draws it for them).
+    pub fn decide_from_row(&self, log_probs: &Tensor, row0: i64) -> Tensor {
         let raw = match *self {
             SelectionMode::Argmax => keep_argmax(log_probs),
             SelectionMode::Gumbel { seed, tau } => {
-                gumbel_softmax_hard(log_probs, tau, seed).select(-1, 0)
+                gumbel_softmax_hard_from_row(log_probs, tau, seed, row0).select(-1, 0)
             }
         };
         keep_at_least(&raw, log_probs, MIN_KEPT)

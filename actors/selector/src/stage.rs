@@ -15,9 +15,9 @@ use std::path::Path;
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::layout::{self, files, resolve_file};
 use lavit_runtime::manifest::{LavitManifest, Selection};
-use lavit_runtime::messages::{train_keys, TrainBatch};
-use lavit_runtime::stage::{SelectorMergerStage, StageKind, StageResult, Trainable};
-use lavit_runtime::train::{need_train, not_trainable, StageOptim};
+use lavit_runtime::messages::{train_keys, StepControl, StepReport, TrainBatch, TrainParts};
+use lavit_runtime::stage::{SelectorMergerStage, StageError, StageKind, StageResult, Trainable};
+use lavit_runtime::train::{need_train, not_trainable, sorted_vars, StageOptim};
 use lavit_runtime::Result;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
@@ -220,10 +220,21 @@ impl SelectorMergerStageModel {
 
     /// Selector on patch features: (log-probs [B, N, 2], decisions [B, N]).
     pub fn select(&self, features: &Tensor, mode: SelectionMode) -> (Tensor, Tensor) {
+        self.select_from_row(features, mode, 0)
+    }
+
+    /// [`select`](Self::select) for rows `row0..` of a larger batch: Gumbel noise as the
+    /// whole batch draws it for those rows.
+    pub fn select_from_row(
+        &self,
+        features: &Tensor,
+        mode: SelectionMode,
+        row0: i64,
+    ) -> (Tensor, Tensor) {
         let (b, n) = (features.size()[0], features.size()[1]);
         let policy = Tensor::ones([b, n, 1], (Kind::Float, features.device()));
         let log_probs = self.token_predictor.forward(features, &policy);
-        let decisions = mode.decide(&log_probs);
+        let decisions = mode.decide_from_row(&log_probs, row0);
         (log_probs, decisions)
     }
 
@@ -263,17 +274,12 @@ impl Trainable for SelectorMergerStageModel {
         let feats = batch.take(train_keys::PATCH_FEATURES, K)?;
         let seed = batch.get(train_keys::GUMBEL_SEED, K)?.int64_value(&[]) as u64;
         let tau = batch.get(train_keys::TAU, K)?.double_value(&[]);
-        let lr = batch
-            .get(train_keys::LR, K)
-            .ok()
-            .map(|t| t.double_value(&[]));
+        // Data parallel: the Gumbel noise of this rank's rows of the global batch.
+        let (row0, _) = batch.rows(feats.size()[0], K)?;
         let mode = SelectionMode::Gumbel { seed, tau };
-        let (log_probs, dec) = self.select(&feats, mode); // (B, N, 2), (B, N)
+        let (log_probs, dec) = self.select_from_row(&feats, mode, row0);
         let merged = self.causal_encoder.forward(&feats, &dec); // (B, N, C)
-        let (optim, loss) = self.training.as_mut().ok_or_else(|| not_trainable(K))?;
-        if lr.is_some() {
-            optim.lr = lr;
-        }
+        let (_, loss) = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
         let (ratio, confidence) = selector_loss(&log_probs, &dec, loss);
         batch.losses.push((train_keys::LOSS_RATIO.into(), ratio));
         batch
@@ -286,17 +292,37 @@ impl Trainable for SelectorMergerStageModel {
         batch.tensors.insert(train_keys::MERGED.into(), merged);
         Ok(batch)
     }
-    fn optimizer_step(&mut self) -> StageResult<()> {
-        let (optim, _) = self
-            .training
-            .as_mut()
-            .ok_or_else(|| not_trainable(StageKind::SelectorMerger))?;
-        optim.step(StageKind::SelectorMerger)
+    fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
+        let (optim, _) = self.training.as_mut().ok_or_else(|| not_trainable(K))?;
+        optim.step_with(K, ctl)
+    }
+    fn trained_params(&mut self) -> StageResult<Vec<(String, Tensor)>> {
+        let (optim, _) = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
+        Ok(optim.params())
+    }
+    /// `selector_merger` (every variable, `vit_proj` included) and its optimiser's state.
+    fn train_state(&mut self) -> StageResult<TrainParts> {
+        let (optim, _) = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
+        optim.parts(K, PART, &sorted_vars(&self.vs))
+    }
+    fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
+        let (optim, _) = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
+        let rest = optim.load_parts(K, PART, &sorted_vars(&self.vs), parts)?;
+        match rest.first() {
+            None => Ok(()),
+            Some((p, _)) => Err(StageError::Invalid(format!(
+                "stage {K}: no training part `{p}`"
+            ))),
+        }
     }
     fn set_train(&mut self, train: bool) {
         self.train = train;
     }
 }
+
+const K: StageKind = StageKind::SelectorMerger;
+/// The checkpoint part of this stage's variables.
+const PART: &str = "selector_merger";
 
 impl SelectorMergerStage for SelectorMergerStageModel {
     fn select_merge(&mut self, features: &Tensor) -> StageResult<(Tensor, Tensor)> {

@@ -106,6 +106,46 @@ pub fn mean_scalar(pg: &ProcessGroup, v: f64) -> Result<f64> {
     Ok(t.double_value(&[0]) / pg.world_size() as f64)
 }
 
+/// Means over ranks of several scalars in one collective (identity for one rank).
+pub fn mean_scalars(pg: &ProcessGroup, v: &[f64]) -> Result<Vec<f64>> {
+    if pg.world_size() == 1 || v.is_empty() {
+        return Ok(v.to_vec());
+    }
+    let mut t = Tensor::from_slice(v);
+    pg.all_reduce(&mut t, ReduceOp::Sum)?;
+    let sums: Vec<f64> = Vec::<f64>::try_from(&t).ctx("mean of scalars")?;
+    Ok(sums.iter().map(|s| s / pg.world_size() as f64).collect())
+}
+
+/// Concatenation over ranks (in rank order) of each rank's rows `t` (R_r, …): the row
+/// counts are exchanged first, then one sum of zero-padded slots. Every rank gets the whole.
+pub fn all_gather_rows(pg: &ProcessGroup, t: &Tensor) -> Result<Tensor> {
+    let w = pg.world_size();
+    if w == 1 {
+        return Ok(t.shallow_clone());
+    }
+    let rows = t.size().first().copied().unwrap_or(0);
+    let mut counts = vec![0i64; w];
+    counts[pg.rank()] = rows;
+    let mut c = Tensor::from_slice(&counts);
+    pg.all_reduce(&mut c, ReduceOp::Sum)?;
+    let counts: Vec<i64> = Vec::<i64>::try_from(&c).ctx("row counts")?;
+    let total: i64 = counts.iter().sum();
+    let before: i64 = counts[..pg.rank()].iter().sum();
+    let mut shape = t.size();
+    shape[0] = total;
+    let mut buf = t
+        .f_new_zeros(shape.as_slice(), (t.kind(), t.device()))
+        .ctx("all-gather buffer")?;
+    if rows > 0 {
+        buf.f_narrow(0, before, rows)
+            .and_then(|mut s| s.f_copy_(t))
+            .ctx("all-gather slot")?;
+    }
+    pg.all_reduce(&mut buf, ReduceOp::Sum)?;
+    Ok(buf)
+}
+
 /// Gradient averaging for a fixed list of parameters (PyTorch DDP's reducer, run after the
 /// backward rather than overlapped with it).
 pub struct GradSync {

@@ -74,8 +74,8 @@ mod ffi;
 mod group;
 
 pub use ddp::{
-    all_reduce_mean, all_reduce_tensors, broadcast_named, broadcast_var_store, local_slice,
-    mean_scalar, var_store_tensors, GradSync, DEFAULT_BUCKET_BYTES,
+    all_gather_rows, all_reduce_mean, all_reduce_tensors, broadcast_named, broadcast_var_store,
+    local_slice, mean_scalar, mean_scalars, var_store_tensors, GradSync, DEFAULT_BUCKET_BYTES,
 };
 pub use env::{expand_hostlist, first_host, shard_range, DistEnv, Launcher};
 pub use group::{has_nccl, Backend, CommStats, GroupOptions, ProcessGroup, ReduceOp};

@@ -7,34 +7,138 @@ use std::sync::{Arc, Mutex};
 use tch::{nn, Tensor};
 
 use super::{splitmix64, AdamW, AdamWConfig};
+use crate::checkpoint::StateDict;
+use crate::messages::{StepControl, StepReport, TrainParts};
 use crate::stage::{StageError, StageKind, StageResult};
 
-/// A stage's optimiser, shared with the training driver, and the learning rate the last
-/// training batch named.
+/// A stage's optimiser (shared with whoever built the stage, e.g. a test that calls the
+/// stage directly). The training driver reaches it through the stage's messages:
+/// `OptimizerStepWith`, `GetTrainedParams`, `GetTrainState`, `SetTrainState`.
 pub struct StageOptim {
     pub opt: Arc<Mutex<AdamW>>,
-    pub lr: Option<f64>,
 }
 
 impl StageOptim {
     pub fn new(opt: AdamW) -> Self {
         StageOptim {
             opt: Arc::new(Mutex::new(opt)),
-            lr: None,
         }
     }
-    /// Step at the last named learning rate, then zero the gradients.
-    pub fn step(&mut self, kind: StageKind) -> StageResult<()> {
-        let lr = self.lr.ok_or_else(|| {
-            StageError::Invalid(format!(
-                "stage {kind}: optimiser step without a learning rate (the training batch names none)"
-            ))
-        })?;
-        let mut opt = self.opt.lock().unwrap_or_else(|e| e.into_inner());
-        opt.step(lr).map_err(|e| StageError::failed(kind, e))?;
-        opt.zero_grad();
-        Ok(())
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AdamW> {
+        self.opt.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The driver's step: AdamW at `ctl.lr` when `ctl.apply`, then zero the gradients.
+    pub fn step_with(&mut self, kind: StageKind, ctl: &StepControl) -> StageResult<StepReport> {
+        let mut opt = self.lock();
+        if ctl.apply {
+            opt.step(ctl.lr).map_err(|e| StageError::failed(kind, e))?;
+        }
+        opt.zero_grad();
+        Ok(StepReport::default())
+    }
+
+    /// The parameters this optimiser updates (shallow, with the names it was given).
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        self.lock().params()
+    }
+
+    /// A stage's training parts: `name` (the stage's variables `vars`, shallow) and
+    /// `name_optimizer` (this optimiser's state).
+    pub fn parts(
+        &self,
+        kind: StageKind,
+        name: &str,
+        vars: &[(String, Tensor)],
+    ) -> StageResult<TrainParts> {
+        let sd: StateDict = vars
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        let opt = self
+            .lock()
+            .state_dict()
+            .map_err(|e| StageError::failed(kind, e))?;
+        Ok(vec![
+            (name.to_string(), sd),
+            (format!("{name}_optimizer"), opt),
+        ])
+    }
+
+    /// Load the parts [`parts`](Self::parts) wrote (strict); returns the parts it did not
+    /// know, for the stage's own (e.g. the codebook).
+    pub fn load_parts(
+        &self,
+        kind: StageKind,
+        name: &str,
+        vars: &[(String, Tensor)],
+        parts: TrainParts,
+    ) -> StageResult<TrainParts> {
+        let opt_name = format!("{name}_optimizer");
+        let mut rest = Vec::new();
+        let (mut got_vars, mut got_opt) = (false, false);
+        for (part, sd) in parts {
+            if part == name {
+                load_vars(vars, &sd, &format!("checkpoint part `{part}`"))
+                    .map_err(StageError::Invalid)?;
+                got_vars = true;
+            } else if part == opt_name {
+                self.lock()
+                    .load_state_dict(&sd, &format!("checkpoint part `{part}`"))
+                    .map_err(|e| StageError::Invalid(e.to_string()))?;
+                got_opt = true;
+            } else {
+                rest.push((part, sd));
+            }
+        }
+        if !(got_vars && got_opt) {
+            return Err(StageError::Invalid(format!(
+                "stage {kind}: the checkpoint lacks `{name}` or `{opt_name}`"
+            )));
+        }
+        Ok(rest)
+    }
+}
+
+/// Copy `sd` into the variables `vars` (strict: the same names and shapes; the error lists
+/// every difference, naming `src`).
+pub fn load_vars(vars: &[(String, Tensor)], sd: &StateDict, src: &str) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for (n, v) in vars {
+        match sd.get(n) {
+            None => problems.push(format!("missing `{n}`")),
+            Some(t) if t.size() != v.size() => problems.push(format!(
+                "`{n}`: saved {:?}, the model {:?}",
+                t.size(),
+                v.size()
+            )),
+            Some(_) => {}
+        }
+    }
+    for k in sd.keys() {
+        if !vars.iter().any(|(n, _)| n == k) {
+            problems.push(format!("unexpected `{k}`"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(format!(
+            "{src}: the state does not fit: {}",
+            problems.join("; ")
+        ));
+    }
+    tch::no_grad(|| {
+        for (n, v) in vars {
+            let t = sd[n]
+                .f_to_kind(v.kind())
+                .and_then(|t| t.f_to_device(v.device()))
+                .map_err(|e| format!("{src}: `{n}`: {e}"))?;
+            v.shallow_clone()
+                .f_copy_(&t)
+                .map_err(|e| format!("{src}: `{n}`: {e}"))?;
+        }
+        Ok(())
+    })
 }
 
 /// AdamW for a stage-1 stage: no weight decay on biases, norms, embeddings and codebook
