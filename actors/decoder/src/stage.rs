@@ -47,11 +47,7 @@ pub struct DecoderStageModel {
 }
 
 fn stage_err(e: Error) -> StageError {
-    match e {
-        Error::Invalid(m) => StageError::Invalid(m),
-        Error::Cancelled => StageError::Cancelled,
-        e => StageError::failed(K, e),
-    }
+    StageError::from_error(K, e)
 }
 
 impl DecoderStageModel {
