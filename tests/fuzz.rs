@@ -330,16 +330,22 @@ pub fn config_target(dir: &Path, kind: ConfigKind, data: &[u8]) -> bool {
 /// decode).
 pub fn http_target(data: &[u8]) -> bool {
     use lavit::serve::validate::*;
-    let lim = http_limits();
-    let info = lavit::pipeline::ModelInfo {
-        image_size: 28,
-        default_size: (64, 64),
-        size_multiple: 8,
-        generate_defaults: Default::default(),
-    };
+    use std::sync::OnceLock;
+    // Built once for the whole loop.
+    static LIMITS: OnceLock<(lavit::serve::Limits, lavit::pipeline::ModelInfo)> = OnceLock::new();
+    let (lim, info) = LIMITS.get_or_init(|| {
+        let info = lavit::pipeline::ModelInfo {
+            image_size: 28,
+            default_size: (64, 64),
+            size_multiple: 8,
+            max_steps: 100,
+            generate_defaults: Default::default(),
+        };
+        (http_limits(), info)
+    });
     let mut ok = false;
     if let Ok(r) = parse_json::<GenerationRequest>(data) {
-        if let Ok(o) = generation_options(&r, &lim, &info) {
+        if let Ok(o) = generation_options(&r, lim, info) {
             assert!(
                 generation_cost(&o, 64) <= lim.max_request_cost,
                 "over budget: {o:?}"
@@ -352,14 +358,14 @@ pub fn http_target(data: &[u8]) -> bool {
         }
     }
     if let Ok(r) = parse_json::<ChatRequest>(data) {
-        if let Ok(plan) = chat_plan(r, &lim) {
-            ok |= decode_image("image", &plan.image, &lim).is_ok();
+        if let Ok(plan) = chat_plan(r, lim) {
+            ok |= decode_image("image", &plan.image, lim).is_ok();
         }
     }
     if let Ok(r) = parse_json::<TokenizeRequest>(data) {
-        if let Ok(list) = tokenize_images(r, &lim) {
+        if let Ok(list) = tokenize_images(r, lim) {
             for (i, b) in list.iter().enumerate() {
-                ok |= decode_image(&format!("images[{i}]"), b, &lim).is_ok();
+                ok |= decode_image(&format!("images[{i}]"), b, lim).is_ok();
             }
         }
     }
@@ -379,7 +385,11 @@ fn http_limits() -> lavit::serve::Limits {
 
 /// The image decoder front: magic, size caps before decoding, decode, resize.
 pub fn image_target(data: &[u8]) -> bool {
-    let p = lavit_encoder::LaVITImageProcessor::new(32);
+    image_target_with(&lavit_encoder::LaVITImageProcessor::new(32), data)
+}
+
+/// [`image_target`] with a processor built once for the whole loop.
+pub fn image_target_with(p: &lavit_encoder::LaVITImageProcessor, data: &[u8]) -> bool {
     p.load_bytes(data).is_ok()
 }
 
@@ -622,10 +632,16 @@ fn fast_tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
+// One #[test] per target, so that the harness runs them in parallel (the whole set finishes in
+// about the time of the slowest target, `torch_zip`).
+
 #[test]
 fn fuzz_pickle_reader() {
-    let seeds = pickle_seeds();
-    run_target("pickle", 1, &seeds, cases(), pickle_target);
+    run_target("pickle", 1, &pickle_seeds(), cases(), pickle_target);
+}
+
+#[test]
+fn fuzz_torch_zip_reader() {
     let zips = torch_zip_seeds();
     let tmp = fast_tmp();
     run_target("torch_zip", 2, &zips, cases(), |d| {
@@ -634,12 +650,16 @@ fn fuzz_pickle_reader() {
 }
 
 #[test]
-fn fuzz_safetensors_and_index_loader() {
+fn fuzz_safetensors_loader() {
     let tmp = fast_tmp();
     let seeds = safetensors_seeds(tmp.path());
     run_target("safetensors", 3, &seeds, cases(), |d| {
         safetensors_target(tmp.path(), d)
     });
+}
+
+#[test]
+fn fuzz_shard_index_loader() {
     let dir = fast_tmp();
     let seeds = index_seeds(dir.path());
     run_target("index", 4, &seeds, cases(), |d| index_target(dir.path(), d));
@@ -651,33 +671,47 @@ fn fuzz_sentencepiece_reader_and_normaliser() {
     run_target("sentencepiece", 5, &seeds, cases(), sentencepiece_target);
 }
 
-#[test]
-fn fuzz_config_validators() {
+/// One config validator: half the cases hostile numbers in valid JSON, half raw byte
+/// mutations.
+fn fuzz_config(kind: ConfigKind, i: u64) {
     let tmp = fast_tmp();
-    for (i, kind) in [
-        ConfigKind::Manifest,
-        ConfigKind::Llama,
-        ConfigKind::UNet,
-        ConfigKind::Vae,
-        ConfigKind::Scheduler,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let seeds = config_seeds(kind);
-        let mut rng = Rng::new(100 + i as u64);
-        let name = format!("config-{kind:?}").to_lowercase();
-        // Half the cases hostile numbers in valid JSON, half raw byte mutations.
-        run_target(&name, 6 + i as u64, &seeds, cases(), |d| {
-            let input = if rng.below(2) == 0 {
-                let s = rng.below(seeds.len());
-                mutate_json_numbers(&mut rng, &seeds[s])
-            } else {
-                d.to_vec()
-            };
-            config_target(tmp.path(), kind, &input)
-        });
-    }
+    let seeds = config_seeds(kind);
+    let mut rng = Rng::new(100 + i);
+    let name = format!("config-{kind:?}").to_lowercase();
+    run_target(&name, 6 + i, &seeds, cases(), |d| {
+        let input = if rng.below(2) == 0 {
+            let s = rng.below(seeds.len());
+            mutate_json_numbers(&mut rng, &seeds[s])
+        } else {
+            d.to_vec()
+        };
+        config_target(tmp.path(), kind, &input)
+    });
+}
+
+#[test]
+fn fuzz_config_manifest() {
+    fuzz_config(ConfigKind::Manifest, 0);
+}
+
+#[test]
+fn fuzz_config_llama() {
+    fuzz_config(ConfigKind::Llama, 1);
+}
+
+#[test]
+fn fuzz_config_unet() {
+    fuzz_config(ConfigKind::UNet, 2);
+}
+
+#[test]
+fn fuzz_config_vae() {
+    fuzz_config(ConfigKind::Vae, 3);
+}
+
+#[test]
+fn fuzz_config_scheduler() {
+    fuzz_config(ConfigKind::Scheduler, 4);
 }
 
 #[test]
@@ -698,7 +732,8 @@ fn fuzz_http_request_validators() {
 #[test]
 fn fuzz_image_decoder_front() {
     let seeds = image_seeds();
-    run_target("image", 11, &seeds, cases(), image_target);
+    let p = lavit_encoder::LaVITImageProcessor::new(32);
+    run_target("image", 11, &seeds, cases(), |d| image_target_with(&p, d));
 }
 
 /// Every input that once crashed a target, replayed (`tests/data/fuzz/<target>/*`).

@@ -427,6 +427,7 @@ fn training_steps_through_the_actor_graph_lower_the_loss() {
         image_size: 28,
         default_size: (16, 16),
         size_multiple: 1,
+        max_steps: usize::MAX,
         generate_defaults: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
@@ -1252,6 +1253,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
         image_size: 28,
         default_size: (16, 16),
         size_multiple: 1,
+        max_steps: usize::MAX,
         generate_defaults: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
@@ -2108,4 +2110,54 @@ fn fault_injection_hook_gives_a_500_with_an_error_object() {
         "one 500 counted by the prometheus counter"
     );
     s.stop();
+}
+
+#[test]
+fn generation_options_follow_the_decoder_geometry() {
+    use lavit::serve::validate::{generation_options, GenerationRequest};
+    // A decoder of native side 64, sides in multiples of 16, a scheduler of 50 steps.
+    let info = lavit::pipeline::ModelInfo {
+        image_size: 28,
+        default_size: (64, 64),
+        size_multiple: 16,
+        max_steps: 50,
+        generate_defaults: Default::default(),
+    };
+    let lim = Limits::default();
+    let check = |body: serde_json::Value| {
+        let r: GenerationRequest = serde_json::from_value(body).unwrap();
+        generation_options(&r, &lim, &info)
+    };
+    let o = check(serde_json::json!({"prompt": "x", "size": "128x16", "steps": 50})).unwrap();
+    assert_eq!((o.width, o.height, o.steps), (128, 16, 50));
+    for (body, needle) in [
+        (
+            serde_json::json!({"prompt": "x", "steps": 51}),
+            "at most 50 steps",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "size": "40x64"}),
+            "multiple of 16",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "size": "144x64"}),
+            "[16, 128]",
+        ),
+        // 4 × 50 × (128×128 / 64²) = 800 > 200
+        (
+            serde_json::json!({"prompt": "x", "n": 4, "steps": 50, "size": "128x128"}),
+            "server.max_request_cost = 200",
+        ),
+    ] {
+        let e = check(body.clone()).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400, "{body}");
+        assert!(e.message.contains(needle), "{body}: {}", e.message);
+    }
+    // The fixture's scheduler: 1000 training timesteps.
+    let g = lavit_decoder::stage::DecoderGeometry::read(
+        &crate::common::fixture_dir(),
+        lavit_decoder::pixel_decoder::Resolution::Lowres,
+    )
+    .unwrap();
+    assert_eq!(g.max_steps, 1000);
 }

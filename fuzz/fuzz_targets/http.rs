@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
         image_size: 28,
         default_size: (64, 64),
         size_multiple: 8,
+        max_steps: usize::MAX,
         generate_defaults: Default::default(),
     };
     if let Ok(r) = parse_json::<GenerationRequest>(data) {

@@ -239,6 +239,13 @@ pub fn generation_options(
         opts.llm_guidance = check_range("llm_guidance", g, 0.0, lim.max_guidance)?;
     }
     if let Some(s) = r.steps {
+        if s > info.max_steps as u64 {
+            return Err(ApiError::bad(format!(
+                "`steps` = {s}: this model's scheduler takes at most {} steps",
+                info.max_steps
+            ))
+            .with_param("steps"));
+        }
         opts.steps = check_int("steps", s, 1, lim.max_steps)?;
     }
     if let Some(f) = &r.response_format {

@@ -311,10 +311,12 @@ pub struct DecoderGeometry {
     pub native: i64,
     /// Output sides must be multiples of this (VAE downscale × U-Net downsampling).
     pub multiple: i64,
+    /// Most diffusion steps the scheduler takes: its `num_train_timesteps`.
+    pub max_steps: i64,
 }
 
 impl DecoderGeometry {
-    /// Read `dir/<resolution folder>/{unet,vae}/config.json`.
+    /// Read `dir/<resolution folder>/{unet,vae}/config.json` and `scheduler/scheduler_config.json`.
     pub fn read(dir: &Path, resolution: Resolution) -> Result<Self> {
         let folder = dir.join(resolution.folder());
         let read = |p: std::path::PathBuf| -> Result<serde_json::Value> {
@@ -350,9 +352,16 @@ impl DecoderGeometry {
         } else {
             1
         };
+        let sched = folder.join("scheduler/scheduler_config.json");
+        let max_steps = if sched.exists() {
+            crate::schedulers::SchedulerConfig::from_json_file(&sched)?.num_train_timesteps
+        } else {
+            crate::schedulers::SchedulerConfig::default().num_train_timesteps
+        };
         Ok(DecoderGeometry {
             native: sample * scale,
             multiple: scale << (levels - 1),
+            max_steps,
         })
     }
 }
