@@ -5,7 +5,8 @@
 //!
 //! Each target mutates real seeds (the tiny fixture's files, crafted ones) with a fixed
 //! seed, so a run is reproducible; ≥ 10,000 cases per target (`LAVIT_FUZZ_CASES` raises it
-//! for long runs). A case passes when the reader returns (Ok or Err) without a panic. A
+//! for long runs, `LAVIT_FUZZ_SEED=k` starts every target on another stream). One `#[test]`
+//! per target: the harness runs them in parallel, the set takes about as long as `torch_zip`. A case passes when the reader returns (Ok or Err) without a panic. A
 //! panicking input is written to `target/fuzz-crashes/<target>/` and the test fails; such
 //! files are then moved to `tests/data/fuzz/<target>/`, which [`fuzz_regressions_replay`]
 //! replays forever. The `fuzz/` folder holds the same targets for `cargo fuzz` (long runs).
@@ -162,6 +163,14 @@ pub fn run_target(
 ) -> (usize, usize, usize) {
     assert!(!seeds.is_empty(), "{name}: no seeds");
     let _quiet = QuietPanics::on();
+    // `LAVIT_FUZZ_SEED` moves every target to another stream (long runs explore further).
+    let seed = seed.wrapping_add(
+        std::env::var("LAVIT_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            .wrapping_mul(1_000_003),
+    );
     let mut rng = Rng::new(seed);
     let (mut ok, mut err) = (0, 0);
     let start = Instant::now();
