@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         image_size: m.image_size,
         default_size: (16, 16),
         size_multiple: 1,
+        max_steps: usize::MAX,
         generate_defaults: Default::default(),
     };
     let pipe = Pipeline::from_builders(

@@ -302,6 +302,9 @@ pub struct ModelInfo {
     pub default_size: (usize, usize),
     /// Generated sides must be multiples of this.
     pub size_multiple: usize,
+    /// Most diffusion steps the pixel decoder's scheduler takes (its `num_train_timesteps`);
+    /// `usize::MAX` when nothing but `server.max_steps` bounds them.
+    pub max_steps: usize,
     /// The checkpoint's recommended generation settings (manifest `generation`: LLM
     /// guidance, top-k, decoder guidance and steps of the pixel decoder this pipeline runs),
     /// at the native size: the defaults of `lavit generate` and the server.
@@ -375,6 +378,7 @@ impl Pipeline {
             image_size: m.image_size,
             default_size: (m.pixel_size as usize, m.pixel_size as usize),
             size_multiple: 1,
+            max_steps: usize::MAX,
             generate_defaults: GenerateOptions {
                 width: m.pixel_size as usize,
                 height: m.pixel_size as usize,

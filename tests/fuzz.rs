@@ -1,10 +1,12 @@
 //! Seeded mutation fuzzing of every reader of untrusted bytes (issue 14): the pickle/zip
 //! reader, the safetensors and shard-index loader, the SentencePiece model reader and
-//! normaliser, the manifest / HF / diffusers config validators and the image decoder front.
+//! normaliser, the manifest / HF / diffusers config validators, the image decoder front and
+//! the HTTP request validators.
 //!
 //! Each target mutates real seeds (the tiny fixture's files, crafted ones) with a fixed
 //! seed, so a run is reproducible; ≥ 10,000 cases per target (`LAVIT_FUZZ_CASES` raises it
-//! for long runs). A case passes when the reader returns (Ok or Err) without a panic. A
+//! for long runs, `LAVIT_FUZZ_SEED=k` starts every target on another stream). One `#[test]`
+//! per target: the harness runs them in parallel, the set takes about as long as `torch_zip`. A case passes when the reader returns (Ok or Err) without a panic. A
 //! panicking input is written to `target/fuzz-crashes/<target>/` and the test fails; such
 //! files are then moved to `tests/data/fuzz/<target>/`, which [`fuzz_regressions_replay`]
 //! replays forever. The `fuzz/` folder holds the same targets for `cargo fuzz` (long runs).
@@ -119,6 +121,37 @@ pub fn cases() -> usize {
         .max(10_000)
 }
 
+thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, panics on this thread print nothing (the fuzz loop catches thousands); other
+/// threads (tests running in parallel) keep the normal hook. The hook is installed once, so
+/// parallel fuzz tests never swap it under each other.
+struct QuietPanics;
+
+impl QuietPanics {
+    fn on() -> Self {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let prev = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if !QUIET.with(|q| q.get()) {
+                    prev(info);
+                }
+            }));
+        });
+        QUIET.with(|q| q.set(true));
+        QuietPanics
+    }
+}
+
+impl Drop for QuietPanics {
+    fn drop(&mut self) {
+        QUIET.with(|q| q.set(false));
+    }
+}
+
 /// Run `n` mutated cases of `seeds` through `f`; a panic saves the input and fails.
 /// Returns (cases, Ok results, Err results).
 pub fn run_target(
@@ -129,8 +162,15 @@ pub fn run_target(
     mut f: impl FnMut(&[u8]) -> bool,
 ) -> (usize, usize, usize) {
     assert!(!seeds.is_empty(), "{name}: no seeds");
-    let prev = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    let _quiet = QuietPanics::on();
+    // `LAVIT_FUZZ_SEED` moves every target to another stream (long runs explore further).
+    let seed = seed.wrapping_add(
+        std::env::var("LAVIT_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            .wrapping_mul(1_000_003),
+    );
     let mut rng = Rng::new(seed);
     let (mut ok, mut err) = (0, 0);
     let start = Instant::now();
@@ -156,7 +196,7 @@ pub fn run_target(
             }
         }
     }
-    std::panic::set_hook(prev);
+    drop(_quiet);
     if let Some((i, input, msg)) = crash {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("target/fuzz-crashes")
@@ -293,9 +333,72 @@ pub fn config_target(dir: &Path, kind: ConfigKind, data: &[u8]) -> bool {
     }
 }
 
+/// The HTTP request validators: the body parsed and checked as each route's request (the
+/// generation options with the size rule and cost budget, the chat plan, the tokenize list),
+/// and every image it carries through the server's image front (base64, magic, header caps,
+/// decode).
+pub fn http_target(data: &[u8]) -> bool {
+    use lavit::serve::validate::*;
+    use std::sync::OnceLock;
+    // Built once for the whole loop.
+    static LIMITS: OnceLock<(lavit::serve::Limits, lavit::pipeline::ModelInfo)> = OnceLock::new();
+    let (lim, info) = LIMITS.get_or_init(|| {
+        let info = lavit::pipeline::ModelInfo {
+            image_size: 28,
+            default_size: (64, 64),
+            size_multiple: 8,
+            max_steps: 100,
+            generate_defaults: Default::default(),
+        };
+        (http_limits(), info)
+    });
+    let mut ok = false;
+    if let Ok(r) = parse_json::<GenerationRequest>(data) {
+        if let Ok(o) = generation_options(&r, lim, info) {
+            assert!(
+                generation_cost(&o, 64) <= lim.max_request_cost,
+                "over budget: {o:?}"
+            );
+            assert!(
+                o.width <= 128 && o.height <= 128,
+                "size outside the rule: {o:?}"
+            );
+            ok = true;
+        }
+    }
+    if let Ok(r) = parse_json::<ChatRequest>(data) {
+        if let Ok(plan) = chat_plan(r, lim) {
+            ok |= decode_image("image", &plan.image, lim).is_ok();
+        }
+    }
+    if let Ok(r) = parse_json::<TokenizeRequest>(data) {
+        if let Ok(list) = tokenize_images(r, lim) {
+            for (i, b) in list.iter().enumerate() {
+                ok |= decode_image(&format!("images[{i}]"), b, lim).is_ok();
+            }
+        }
+    }
+    ok
+}
+
+/// Small caps, so that a mutated header never makes a case decode a big picture.
+fn http_limits() -> lavit::serve::Limits {
+    lavit::serve::Limits {
+        max_image_side: 256,
+        max_image_pixels: 128 * 128,
+        max_image_bytes: 64 << 10,
+        max_request_cost: 400.0,
+        ..Default::default()
+    }
+}
+
 /// The image decoder front: magic, size caps before decoding, decode, resize.
 pub fn image_target(data: &[u8]) -> bool {
-    let p = lavit_encoder::LaVITImageProcessor::new(32);
+    image_target_with(&lavit_encoder::LaVITImageProcessor::new(32), data)
+}
+
+/// [`image_target`] with a processor built once for the whole loop.
+pub fn image_target_with(p: &lavit_encoder::LaVITImageProcessor, data: &[u8]) -> bool {
     p.load_bytes(data).is_ok()
 }
 
@@ -497,6 +600,33 @@ pub fn image_seeds() -> Vec<Vec<u8>> {
     .collect()
 }
 
+/// Request bodies of each route (a small PNG and GIF inline).
+pub fn http_seeds() -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let imgs = image_seeds();
+    let (png, gif) = (b64(&imgs[0]), b64(&imgs[3]));
+    [
+        serde_json::json!({"prompt": "a red cat", "n": 2, "size": "64x128", "steps": 30,
+                           "seed": 4, "guidance": 7.5, "llm_guidance": 3.0,
+                           "response_format": "b64_json", "model": "lavit"}),
+        serde_json::json!({"prompt": "x", "n": 4, "size": "128x128", "steps": 150}),
+        serde_json::json!({"model": "lavit", "stream": true, "max_tokens": 5,
+                           "stream_options": {"include_usage": true}, "temperature": 0.7,
+                           "top_p": 0.9, "top_k": 40, "seed": 1,
+                           "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in the image? café"},
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{png}")}}]}]}),
+        serde_json::json!({"messages": [{"role": "system", "content": "be brief"},
+                           {"role": "user", "content": [{"type": "image", "image": gif}]}]}),
+        serde_json::json!({"images": [png, gif], "keep_mask": true}),
+        serde_json::json!({"image": format!("data:image/gif;base64,{gif}")}),
+    ]
+    .iter()
+    .map(|v| v.to_string().into_bytes())
+    .collect()
+}
+
 // ------------------------------------------------------------------------- tests
 
 /// A temp folder in memory when the machine has one (`/dev/shm`): the file targets write
@@ -511,10 +641,16 @@ fn fast_tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
+// One #[test] per target, so that the harness runs them in parallel (the whole set finishes in
+// about the time of the slowest target, `torch_zip`).
+
 #[test]
 fn fuzz_pickle_reader() {
-    let seeds = pickle_seeds();
-    run_target("pickle", 1, &seeds, cases(), pickle_target);
+    run_target("pickle", 1, &pickle_seeds(), cases(), pickle_target);
+}
+
+#[test]
+fn fuzz_torch_zip_reader() {
     let zips = torch_zip_seeds();
     let tmp = fast_tmp();
     run_target("torch_zip", 2, &zips, cases(), |d| {
@@ -523,12 +659,16 @@ fn fuzz_pickle_reader() {
 }
 
 #[test]
-fn fuzz_safetensors_and_index_loader() {
+fn fuzz_safetensors_loader() {
     let tmp = fast_tmp();
     let seeds = safetensors_seeds(tmp.path());
     run_target("safetensors", 3, &seeds, cases(), |d| {
         safetensors_target(tmp.path(), d)
     });
+}
+
+#[test]
+fn fuzz_shard_index_loader() {
     let dir = fast_tmp();
     let seeds = index_seeds(dir.path());
     run_target("index", 4, &seeds, cases(), |d| index_target(dir.path(), d));
@@ -540,39 +680,69 @@ fn fuzz_sentencepiece_reader_and_normaliser() {
     run_target("sentencepiece", 5, &seeds, cases(), sentencepiece_target);
 }
 
-#[test]
-fn fuzz_config_validators() {
+/// One config validator: half the cases hostile numbers in valid JSON, half raw byte
+/// mutations.
+fn fuzz_config(kind: ConfigKind, i: u64) {
     let tmp = fast_tmp();
-    for (i, kind) in [
-        ConfigKind::Manifest,
-        ConfigKind::Llama,
-        ConfigKind::UNet,
-        ConfigKind::Vae,
-        ConfigKind::Scheduler,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let seeds = config_seeds(kind);
-        let mut rng = Rng::new(100 + i as u64);
-        let name = format!("config-{kind:?}").to_lowercase();
-        // Half the cases hostile numbers in valid JSON, half raw byte mutations.
-        run_target(&name, 6 + i as u64, &seeds, cases(), |d| {
-            let input = if rng.below(2) == 0 {
-                let s = rng.below(seeds.len());
-                mutate_json_numbers(&mut rng, &seeds[s])
-            } else {
-                d.to_vec()
-            };
-            config_target(tmp.path(), kind, &input)
-        });
-    }
+    let seeds = config_seeds(kind);
+    let mut rng = Rng::new(100 + i);
+    let name = format!("config-{kind:?}").to_lowercase();
+    run_target(&name, 6 + i, &seeds, cases(), |d| {
+        let input = if rng.below(2) == 0 {
+            let s = rng.below(seeds.len());
+            mutate_json_numbers(&mut rng, &seeds[s])
+        } else {
+            d.to_vec()
+        };
+        config_target(tmp.path(), kind, &input)
+    });
+}
+
+#[test]
+fn fuzz_config_manifest() {
+    fuzz_config(ConfigKind::Manifest, 0);
+}
+
+#[test]
+fn fuzz_config_llama() {
+    fuzz_config(ConfigKind::Llama, 1);
+}
+
+#[test]
+fn fuzz_config_unet() {
+    fuzz_config(ConfigKind::UNet, 2);
+}
+
+#[test]
+fn fuzz_config_vae() {
+    fuzz_config(ConfigKind::Vae, 3);
+}
+
+#[test]
+fn fuzz_config_scheduler() {
+    fuzz_config(ConfigKind::Scheduler, 4);
+}
+
+#[test]
+fn fuzz_http_request_validators() {
+    let seeds = http_seeds();
+    let mut rng = Rng::new(200);
+    // Half the cases hostile numbers in valid JSON, half raw byte mutations.
+    run_target("http", 12, &seeds, cases(), |d| {
+        if rng.below(2) == 0 {
+            let s = rng.below(seeds.len());
+            http_target(&mutate_json_numbers(&mut rng, &seeds[s]))
+        } else {
+            http_target(d)
+        }
+    });
 }
 
 #[test]
 fn fuzz_image_decoder_front() {
     let seeds = image_seeds();
-    run_target("image", 11, &seeds, cases(), image_target);
+    let p = lavit_encoder::LaVITImageProcessor::new(32);
+    run_target("image", 11, &seeds, cases(), |d| image_target_with(&p, d));
 }
 
 /// Every input that once crashed a target, replayed (`tests/data/fuzz/<target>/*`).
@@ -607,6 +777,7 @@ fn fuzz_regressions_replay() {
                 "config-vae" => config_target(tmp.path(), ConfigKind::Vae, &data),
                 "config-scheduler" => config_target(tmp.path(), ConfigKind::Scheduler, &data),
                 "image" => image_target(&data),
+                "http" => http_target(&data),
                 other => panic!("tests/data/fuzz/{other}: unknown target"),
             };
             n += 1;

@@ -427,6 +427,7 @@ fn training_steps_through_the_actor_graph_lower_the_loss() {
         image_size: 28,
         default_size: (16, 16),
         size_multiple: 1,
+        max_steps: usize::MAX,
         generate_defaults: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
@@ -469,6 +470,8 @@ fn limits() -> Limits {
         bind: "127.0.0.1:0".into(),
         warmup: true,
         max_steps: 100_000_000,
+        // The long-running requests of the cancellation tests are far over the default budget.
+        max_request_cost: 1e12,
         drain_timeout_s: 10,
         ..Limits::default()
     }
@@ -768,20 +771,49 @@ fn forced_stage_error_and_panic_give_500_then_recovery_or_unhealthy() {
     let r = gen();
     assert_eq!(r.status, 500);
     assert!(r.body.contains("panicked"), "{}", r.body);
-    // Recovery: the stage keeps serving.
+    // Recovery: the stage keeps serving, and stays ready.
     assert_eq!(gen().status, 200);
     assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 200);
+    assert_eq!(request(s.addr, "GET", "/ready", b"", &[]).status, 200);
+    let m = request(s.addr, "GET", "/metrics", b"", &[]).body;
+    assert!(m.contains("lavit_healthy 1"), "{m}");
+    assert!(m.contains("lavit_stage_up{stage=\"llm\"} 1"), "{m}");
+    assert!(
+        m.contains("lavit_internal_errors_total{kind=\"panic\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("lavit_internal_errors_total{kind=\"stage\"} 1"),
+        "{m}"
+    );
     // Policy limit: 3 panics in a row → the stage exits, health and readiness fail.
     for _ in 0..3 {
         g.inject_fault(StageKind::Llm, Fault::Panic);
         assert_eq!(gen().status, 500);
     }
     assert_eq!(request(s.addr, "GET", "/health", b"", &[]).status, 503);
-    assert_eq!(request(s.addr, "GET", "/ready", b"", &[]).status, 503);
+    let r = request(s.addr, "GET", "/ready", b"", &[]);
+    assert_eq!(r.status, 503);
+    // /ready says why: unhealthy, and which stage exited how.
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert!(v["reason"].as_str().unwrap().contains("unhealthy"), "{v}");
+    assert_eq!(v["exited"]["llm"], "Panicked", "{v}");
     assert_eq!(gen().status, 503);
     let m = request(s.addr, "GET", "/metrics", b"", &[]).body;
     assert!(
         m.contains("lavit_stage_panics_total{stage=\"llm\"} 4"),
+        "{m}"
+    );
+    assert!(m.contains("lavit_healthy 0"), "{m}");
+    assert!(m.contains("lavit_stage_up{stage=\"llm\"} 0"), "{m}");
+    assert!(m.contains("lavit_stage_up{stage=\"decoder\"} 1"), "{m}");
+    assert!(
+        m.contains("lavit_internal_errors_total{kind=\"panic\"} 4"),
+        "{m}"
+    );
+    // The request after the death reached a stage that is gone.
+    assert!(
+        m.contains("lavit_internal_errors_total{kind=\"stage_down\"} 1"),
         "{m}"
     );
     // 5 × 500 (1 error, 4 panics) + 3 × 503 (the request after the death, /health, /ready).
@@ -951,6 +983,185 @@ fn malformed_requests_get_4xx_never_5xx() {
         m.contains("lavit_http_responses_total{class=\"5xx\"} 0"),
         "{m}"
     );
+    // Client mistakes are never counted as the server's failures.
+    for k in serve::metrics::INTERNAL_KINDS {
+        assert!(
+            m.contains(&format!("lavit_internal_errors_total{{kind=\"{k}\"}} 0")),
+            "{k}: {m}"
+        );
+    }
+    s.stop();
+}
+
+/// The LLM stage's processed count and the stage records: both stay at zero while requests
+/// are refused before admission.
+fn llm_work(s: &RunningServer) -> (u64, usize) {
+    let g = s.state.pipe.graph();
+    let llm = g.shared().metrics[StageKind::Llm.index()]
+        .processed
+        .load(std::sync::atomic::Ordering::SeqCst);
+    (llm, g.records().len())
+}
+
+#[test]
+fn cost_budget_and_native_geometry_are_checked_before_the_llm() {
+    // The mock decoder's native side is 16: sizes are multiples of 8 up to 32, and a cost
+    // unit is one 16x16 diffusion step.
+    let s = server(
+        2,
+        2,
+        None,
+        Limits {
+            warmup: false,
+            max_request_cost: 12.0,
+            ..limits()
+        },
+    );
+    ready(&s);
+    let gen = |body: serde_json::Value| post(s.addr, "/v1/images/generations", &body);
+    let refused = [
+        // 2 × 7 × 1 = 14 > 12
+        (
+            serde_json::json!({"prompt": "x", "n": 2, "steps": 7}),
+            "max_request_cost",
+        ),
+        // 1 × 4 × (32×32 / 16²) = 16 > 12
+        (
+            serde_json::json!({"prompt": "x", "steps": 4, "size": "32x32"}),
+            "max_request_cost",
+        ),
+        // Over twice the native side, though under max_image_side.
+        (
+            serde_json::json!({"prompt": "x", "steps": 1, "size": "40x16"}),
+            "native side is 16",
+        ),
+        // Not a multiple of 8.
+        (
+            serde_json::json!({"prompt": "x", "steps": 1, "size": "12x16"}),
+            "multiple of 8",
+        ),
+    ];
+    for (body, needle) in &refused {
+        let r = gen(body.clone());
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert!(r.body.contains(needle), "{body}: {}", r.body);
+    }
+    // Nothing reached the stages: no LLM pass, no stage record, no admission.
+    assert_eq!(llm_work(&s), (0, 0));
+    assert_eq!(s.state.pipe.graph().admission().rejected(), 0);
+    let m = request(s.addr, "GET", "/metrics", b"", &[]).body;
+    assert!(
+        m.contains("lavit_stage_processed_total{stage=\"llm\"} 0"),
+        "{m}"
+    );
+    // At the budget exactly: served. 1 × 3 × (32×32 / 16²) = 12.
+    let r = gen(serde_json::json!({"prompt": "x", "steps": 3, "size": "32x32"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(llm_work(&s).0, 1);
+    s.stop();
+}
+
+#[test]
+fn request_cost_budget_is_a_validated_config_key() {
+    use lavit_runtime::config::Validate;
+    let cfg = serve::ServeConfig::default();
+    assert_eq!(cfg.server.max_request_cost, 200.0);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let mut c = cfg.clone();
+        c.server.max_request_cost = bad;
+        let e = c.validate("serve.toml").unwrap_err().to_string();
+        assert!(e.contains("server.max_request_cost"), "{e}");
+    }
+    // configs/serve.toml sets it (the documented default).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("configs/serve.toml")).unwrap();
+    assert!(text.contains("max_request_cost = 200.0"), "{text}");
+}
+
+#[test]
+fn internal_failures_are_500s_counted_by_kind() {
+    use lavit::serve::ApiError;
+    use lavit_runtime::Error;
+    let torch = tch::Tensor::zeros([2], (Kind::Float, Device::Cpu))
+        .f_reshape([3])
+        .unwrap_err();
+    let cases = [
+        (
+            Error::io("weights.bin", std::io::Error::other("disk gone")),
+            "io",
+        ),
+        (
+            Error::Torch {
+                context: "attention".into(),
+                source: torch,
+            },
+            "libtorch",
+        ),
+        (
+            Error::Plugin {
+                part: "backbone",
+                name: "convnet".into(),
+                msg: "returned rank 3".into(),
+            },
+            "plugin",
+        ),
+        (Error::ckpt("x.bin", "torn"), "stage"),
+    ];
+    for (e, kind) in cases {
+        let a = ApiError::from(StageError::from_error(StageKind::Encoder, e));
+        assert_eq!(a.status.as_u16(), 500, "{kind}: {}", a.message);
+        assert_eq!(a.internal, Some(kind));
+    }
+    // A client's mistake found inside a stage stays a 400 and is not counted.
+    let a = ApiError::from(StageError::from_error(
+        StageKind::Llm,
+        Error::invalid("prompt too long for the context"),
+    ));
+    assert_eq!((a.status.as_u16(), a.internal), (400, None));
+    let a = ApiError::from(StageError::Busy("full".into()));
+    assert_eq!((a.status.as_u16(), a.internal), (429, None));
+
+    // Over HTTP: an injected stage error is a 500 counted as `stage`; image work ran on the
+    // blocking pool.
+    let s = server(
+        2,
+        2,
+        None,
+        Limits {
+            warmup: false,
+            ..limits()
+        },
+    );
+    ready(&s);
+    s.state
+        .pipe
+        .graph()
+        .inject_fault(StageKind::Encoder, Fault::Error);
+    let img = png_b64(20, 20);
+    let r = post(s.addr, "/v1/tokenize", &serde_json::json!({ "image": img }));
+    assert_eq!(r.status, 500, "{}", r.body);
+    let r = post(s.addr, "/v1/chat/completions", &chat_body(&img, false));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(
+        s.addr,
+        "/v1/images/generations",
+        &serde_json::json!({"prompt": "x", "steps": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = request(s.addr, "GET", "/metrics", b"", &[]).body;
+    assert!(
+        m.contains("lavit_internal_errors_total{kind=\"stage\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("lavit_blocking_jobs_total{job=\"image_decode\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("lavit_blocking_jobs_total{job=\"png_encode\"} 1"),
+        "{m}"
+    );
+    assert_eq!(s.state.metrics.internal_count("stage"), 1);
     s.stop();
 }
 
@@ -1042,6 +1253,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
         image_size: 28,
         default_size: (16, 16),
         size_multiple: 1,
+        max_steps: usize::MAX,
         generate_defaults: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
@@ -1898,4 +2110,54 @@ fn fault_injection_hook_gives_a_500_with_an_error_object() {
         "one 500 counted by the prometheus counter"
     );
     s.stop();
+}
+
+#[test]
+fn generation_options_follow_the_decoder_geometry() {
+    use lavit::serve::validate::{generation_options, GenerationRequest};
+    // A decoder of native side 64, sides in multiples of 16, a scheduler of 50 steps.
+    let info = lavit::pipeline::ModelInfo {
+        image_size: 28,
+        default_size: (64, 64),
+        size_multiple: 16,
+        max_steps: 50,
+        generate_defaults: Default::default(),
+    };
+    let lim = Limits::default();
+    let check = |body: serde_json::Value| {
+        let r: GenerationRequest = serde_json::from_value(body).unwrap();
+        generation_options(&r, &lim, &info)
+    };
+    let o = check(serde_json::json!({"prompt": "x", "size": "128x16", "steps": 50})).unwrap();
+    assert_eq!((o.width, o.height, o.steps), (128, 16, 50));
+    for (body, needle) in [
+        (
+            serde_json::json!({"prompt": "x", "steps": 51}),
+            "at most 50 steps",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "size": "40x64"}),
+            "multiple of 16",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "size": "144x64"}),
+            "[16, 128]",
+        ),
+        // 4 × 50 × (128×128 / 64²) = 800 > 200
+        (
+            serde_json::json!({"prompt": "x", "n": 4, "steps": 50, "size": "128x128"}),
+            "server.max_request_cost = 200",
+        ),
+    ] {
+        let e = check(body.clone()).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400, "{body}");
+        assert!(e.message.contains(needle), "{body}: {}", e.message);
+    }
+    // The fixture's scheduler: 1000 training timesteps.
+    let g = lavit_decoder::stage::DecoderGeometry::read(
+        &crate::common::fixture_dir(),
+        lavit_decoder::pixel_decoder::Resolution::Lowres,
+    )
+    .unwrap();
+    assert_eq!(g.max_steps, 1000);
 }

@@ -43,6 +43,14 @@ pub enum Error {
     /// the ranks disagree); the job must stop.
     #[error("collective {op} failed: {msg}")]
     Collective { op: String, msg: String },
+    /// A backbone or codebook behind the plugin API failed on a request (its error, or an
+    /// output of the wrong rank, shape or dtype).
+    #[error("plugin API {part} `{name}`: {msg}")]
+    Plugin {
+        part: &'static str,
+        name: String,
+        msg: String,
+    },
     /// Invalid input (an image, a request field, a tensor shape) with what was expected.
     #[error("{0}")]
     Invalid(String),

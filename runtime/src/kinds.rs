@@ -73,9 +73,13 @@ pub enum StageError {
     /// The request is invalid for this stage (a shape, a length, an option); a 4xx.
     #[error("invalid request: {0}")]
     Invalid(String),
-    /// A forward pass returned an error.
+    /// A forward pass returned an error (an internal failure: a 5xx, counted by `kind`).
     #[error("stage {stage} failed: {msg}")]
-    Failed { stage: StageKind, msg: String },
+    Failed {
+        stage: StageKind,
+        kind: FailureKind,
+        msg: String,
+    },
     /// A forward pass panicked; the panic was caught.
     #[error("stage {stage} panicked: {msg}")]
     Panicked { stage: StageKind, msg: String },
@@ -90,12 +94,58 @@ pub enum StageError {
     Draining,
 }
 
+/// What an internal failure came from (the `kind` label of the server's
+/// `lavit_internal_errors_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Reading or writing a file.
+    Io,
+    /// A libtorch operation (a `f_*` call returned an error).
+    Libtorch,
+    /// A backbone or codebook behind the plugin API returned an error.
+    Plugin,
+    /// Anything else a stage reported.
+    Stage,
+}
+
+impl FailureKind {
+    /// The metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Io => "io",
+            FailureKind::Libtorch => "libtorch",
+            FailureKind::Plugin => "plugin",
+            FailureKind::Stage => "stage",
+        }
+    }
+}
+
 impl StageError {
+    /// A stage failure of no more specific kind.
     pub fn failed(stage: StageKind, e: impl fmt::Display) -> Self {
+        Self::failed_as(stage, FailureKind::Stage, e)
+    }
+
+    pub fn failed_as(stage: StageKind, kind: FailureKind, e: impl fmt::Display) -> Self {
         StageError::Failed {
             stage,
+            kind,
             msg: e.to_string(),
         }
+    }
+
+    /// A runtime error met by `stage` while serving a request: invalid input stays a client
+    /// error, a cancellation stays one, everything else is an internal failure of its kind.
+    pub fn from_error(stage: StageKind, e: crate::Error) -> Self {
+        let kind = match &e {
+            crate::Error::Invalid(m) => return StageError::Invalid(m.clone()),
+            crate::Error::Cancelled => return StageError::Cancelled,
+            crate::Error::Io { .. } => FailureKind::Io,
+            crate::Error::Torch { .. } => FailureKind::Libtorch,
+            crate::Error::Plugin { .. } => FailureKind::Plugin,
+            _ => FailureKind::Stage,
+        };
+        Self::failed_as(stage, kind, e)
     }
 }
 

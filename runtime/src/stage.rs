@@ -24,7 +24,7 @@ use crate::messages::{
 /// It also counts the call as one unit of progress for the request (`/metrics`, tests).
 pub type ShouldStop<'a> = &'a dyn Fn() -> bool;
 
-pub use crate::kinds::{ExitStatus, StageError, StageKind, StageResult};
+pub use crate::kinds::{ExitStatus, FailureKind, StageError, StageKind, StageResult};
 
 /// Training hooks shared by every stage (stage-1/1b/2 run through the same actors).
 /// The default says the stage has nothing to train.

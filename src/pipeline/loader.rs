@@ -99,6 +99,7 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
         DecoderGeometry {
             native: m.tokenizer.img_size,
             multiple: 1,
+            max_steps: i64::MAX,
         }
     };
     let g = &m.generation;
@@ -108,6 +109,7 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
         image_size: m.tokenizer.img_size,
         default_size: (native, native),
         size_multiple: geometry.multiple as usize,
+        max_steps: usize::try_from(geometry.max_steps).unwrap_or(usize::MAX),
         generate_defaults: GenerateOptions {
             llm_guidance: g.llm_guidance,
             top_k: g.top_k.max(0) as usize,

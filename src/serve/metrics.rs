@@ -22,10 +22,36 @@ use super::AppState;
 pub struct Metrics {
     registry: Registry,
     http: IntCounterVec,
+    internal: IntCounterVec,
+    blocking: IntCounterVec,
 }
 
 /// Response classes of `lavit_http_responses_total`.
 pub const CLASSES: [&str; 4] = ["2xx", "429", "4xx", "5xx"];
+
+/// Jobs of `lavit_blocking_jobs_total`: decoding and resizing a request's images, encoding
+/// generated images as PNG.
+pub const BLOCKING_JOBS: [&str; 2] = ["image_decode", "png_encode"];
+
+/// Kinds of `lavit_internal_errors_total` (failures that are the server's, never the
+/// client's: each is a 5xx):
+/// - `io`, `libtorch`, `plugin`, `stage`: a stage's forward pass returned an error of that
+///   kind ([`lavit_runtime::kinds::FailureKind`]);
+/// - `panic`: a stage's forward pass, or the server's own blocking work (image decoding, PNG
+///   encoding), panicked and the panic was caught;
+/// - `stage_down`: the request reached a stage that had exited (503);
+/// - `output`: the pipeline's output could not be turned into a reply;
+/// - `metrics`: `/metrics` itself failed.
+pub const INTERNAL_KINDS: [&str; 8] = [
+    "io",
+    "libtorch",
+    "plugin",
+    "stage",
+    "panic",
+    "stage_down",
+    "output",
+    "metrics",
+];
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
@@ -38,7 +64,49 @@ impl Metrics {
         for c in CLASSES {
             http.with_label_values(&[c]); // every class present from the start, at 0
         }
-        Ok(Metrics { registry, http })
+        let internal = IntCounterVec::new(
+            Opts::new(
+                "lavit_internal_errors_total",
+                "Requests failed by the server's fault (5xx), by kind.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(internal.clone()))?;
+        for k in INTERNAL_KINDS {
+            internal.with_label_values(&[k]);
+        }
+        let blocking = IntCounterVec::new(
+            Opts::new(
+                "lavit_blocking_jobs_total",
+                "CPU-bound request work run on the blocking pool, off the async workers, by job.",
+            ),
+            &["job"],
+        )?;
+        registry.register(Box::new(blocking.clone()))?;
+        for j in BLOCKING_JOBS {
+            blocking.with_label_values(&[j]);
+        }
+        Ok(Metrics {
+            registry,
+            http,
+            internal,
+            blocking,
+        })
+    }
+
+    /// Count one job of `job` (one of [`BLOCKING_JOBS`]) sent to the blocking pool.
+    pub fn blocking_job(&self, job: &str) {
+        self.blocking.with_label_values(&[job]).inc();
+    }
+
+    /// Count one internal failure of `kind` (one of [`INTERNAL_KINDS`]).
+    pub fn internal_error(&self, kind: &str) {
+        self.internal.with_label_values(&[kind]).inc();
+    }
+
+    /// The value of `lavit_internal_errors_total{kind}`.
+    pub fn internal_count(&self, kind: &str) -> u64 {
+        self.internal.with_label_values(&[kind]).get()
     }
 
     /// Count one response of `class` (one of [`CLASSES`]).
@@ -197,6 +265,15 @@ fn pipeline_families(st: &AppState) -> Vec<MetricFamily> {
             .collect();
         out.push(family(name, help, kind, metrics));
     }
+    out.push(family(
+        "lavit_stage_up",
+        "1 while a stage runs, 0 once it exited (failed to load, or panicked too often in a row).",
+        MetricType::GAUGE,
+        StageKind::ALL
+            .iter()
+            .map(|k| gauge(flag(g.exit_status(*k).is_none()), &[("stage", k.name())]))
+            .collect(),
+    ));
     out.push(family(
         "lavit_stage_mailbox_depth",
         "Messages queued for or being processed by a stage.",

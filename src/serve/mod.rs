@@ -15,12 +15,22 @@
 //! - Admission: `max_in_flight` requests in the stages plus `max_queue` waiting; the next one gets
 //!   429 at once (counted in `/metrics`).
 //! - Validation before work: body cap (413), JSON, prompt and token limits, numeric ranges
-//!   (NaN, negative, huge), image checks from the header before decoding; all 4xx with a message.
+//!   (NaN, negative, huge), `size` within the model's geometry (multiples of its decoder's
+//!   multiple, at most twice its native side), and the per-request cost budget
+//!   `max_request_cost` (see [`validate::generation_cost`]), all before admission; image checks
+//!   from the header before decoding; all 4xx with a message.
+//! - Blocking work off the async workers: image decoding and resizing, and PNG encoding of the
+//!   results, run on actix's blocking pool (`web::block`).
+//! - Internal failures (a stage's I/O, libtorch or plugin error, a caught panic, a stage that
+//!   exited) are 5xx and counted in `lavit_internal_errors_total{kind}`; client mistakes are
+//!   4xx and never counted there.
 //! - Cancellation: a client that disconnects cancels its request; the stage loops see it at
 //!   their next token / diffusion step and the slot frees.
 //! - Faults: the recovery policy of [`lavit_runtime::actors`]: an error or caught panic fails
 //!   that request with 500; a stage that panics `max_consecutive_panics` times in a row makes
-//!   the server unhealthy (`/health` 503) and `lavit serve` drains and exits non-zero.
+//!   the server unhealthy (`/health` and `/ready` 503, `/ready` naming the exited stage;
+//!   `lavit_healthy 0` and `lavit_stage_up{stage} 0` in `/metrics`) and `lavit serve` drains
+//!   and exits non-zero.
 //! - Drain: [`RunningServer::drain`] (SIGTERM / SIGINT in `lavit serve`) refuses new requests
 //!   with 503, lets the admitted ones finish (up to `drain_timeout_s`), then stops.
 //! - API key: when `api_key` is set, or the environment variable named by `api_key_env` (which
@@ -81,6 +91,12 @@ pub struct Limits {
     /// Largest image side (input images and generated sizes).
     #[serde(default = "d_side")]
     pub max_image_side: usize,
+    /// Per-request cost budget of a generation, in native-image diffusion steps:
+    /// `n × steps × (width × height) / native²` (native = the decoder's native side) must not
+    /// exceed it; checked before admission, so a refused request never reaches the LLM. The
+    /// default, 200, allows e.g. 4 native images of 50 steps or 1 of 150 steps.
+    #[serde(default = "d_cost")]
+    pub max_request_cost: f64,
     /// Largest input image pixel count (checked from the header before decoding).
     #[serde(default = "d_pixels")]
     pub max_image_pixels: u64,
@@ -152,6 +168,9 @@ fn d_steps() -> u64 {
 fn d_guidance() -> f64 {
     50.0
 }
+fn d_cost() -> f64 {
+    200.0
+}
 fn d_side() -> usize {
     2048
 }
@@ -203,7 +222,7 @@ impl lavit_runtime::config::Validate for ServeConfig {
 }
 
 impl Limits {
-    /// Range checks (every limit at least 1; guidance finite and positive).
+    /// Range checks (every limit at least 1; guidance and cost budget finite and positive).
     pub fn validate(&self, origin: &str) -> lavit_runtime::Result<()> {
         let positive = |key: &str, v: u64| {
             if v == 0 {
@@ -226,12 +245,17 @@ impl Limits {
         positive("max_image_pixels", self.max_image_pixels)?;
         positive("max_image_bytes", self.max_image_bytes as u64)?;
         positive("max_images", self.max_images as u64)?;
-        if !(self.max_guidance.is_finite() && self.max_guidance > 0.0) {
-            return Err(lavit_runtime::Error::config(
-                origin,
-                "server.max_guidance",
-                format!("must be finite and positive, got {}", self.max_guidance),
-            ));
+        for (key, v) in [
+            ("max_guidance", self.max_guidance),
+            ("max_request_cost", self.max_request_cost),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(lavit_runtime::Error::config(
+                    origin,
+                    format!("server.{key}"),
+                    format!("must be finite and positive, got {v}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -259,7 +283,14 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, when there is one.
     pub param: Option<String>,
+    /// For an internal failure (a 5xx that is the server's fault): its kind, counted in
+    /// `lavit_internal_errors_total{kind}` ([`metrics::INTERNAL_KINDS`]).
+    pub internal: Option<&'static str>,
 }
+
+/// The kind of internal failure a response carries (read by the metrics middleware).
+#[derive(Clone, Copy, Debug)]
+pub struct InternalFailure(pub &'static str);
 
 impl ApiError {
     pub fn new(status: StatusCode, m: impl Into<String>) -> Self {
@@ -267,6 +298,7 @@ impl ApiError {
             status,
             message: m.into(),
             param: None,
+            internal: None,
         }
     }
     pub fn bad(m: impl Into<String>) -> Self {
@@ -281,8 +313,11 @@ impl ApiError {
     pub fn not_found(m: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, m)
     }
-    pub fn internal(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, m)
+    /// A 500 of `kind` (one of [`metrics::INTERNAL_KINDS`]).
+    pub fn internal(kind: &'static str, m: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::INTERNAL_SERVER_ERROR, m);
+        e.internal = Some(kind);
+        e
     }
     /// Name the request field at fault (`param` in the body).
     pub fn with_param(mut self, p: &str) -> Self {
@@ -312,7 +347,11 @@ impl ApiError {
         json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": code}})
     }
     pub fn response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(self.body())
+        let mut r = HttpResponse::build(self.status).json(self.body());
+        if let Some(k) = self.internal {
+            r.extensions_mut().insert(InternalFailure(k));
+        }
+        r
     }
 }
 
@@ -328,7 +367,14 @@ impl From<StageError> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        ApiError::new(status, e.to_string())
+        let mut a = ApiError::new(status, e.to_string());
+        a.internal = match &e {
+            StageError::Failed { kind, .. } => Some(kind.name()),
+            StageError::Panicked { .. } => Some("panic"),
+            StageError::Closed { .. } => Some("stage_down"),
+            _ => None,
+        };
+        a
     }
 }
 
@@ -459,7 +505,7 @@ fn now_secs() -> u64 {
 fn png_base64(img: &image::RgbImage) -> Result<String, ApiError> {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| ApiError::internal(format!("PNG encoding failed: {e}")))?;
+        .map_err(|e| ApiError::internal("output", format!("PNG encoding failed: {e}")))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(buf.into_inner()))
 }
 
@@ -473,40 +519,10 @@ async fn generations(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>
 
 async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> Reply {
     st.authorize(&req)?;
-    let lim = &st.limits;
     let r: GenerationRequest = parse_json(&body)?;
     st.check_model(r.model.as_deref())?;
-    check_prompt("prompt", &r.prompt, lim)?;
-    // The checkpoint's recommended settings (manifest `generation`), then the request's.
-    let mut opts = GenerateOptions {
-        n: check_int("n", r.n, 1, lim.max_n)?,
-        ..st.pipe.info().generate_defaults.clone()
-    };
-    let (w, h) = match &r.size {
-        Some(s) => parse_size(s, lim)?,
-        None => st.pipe.info().default_size,
-    };
-    (opts.width, opts.height) = (w, h);
-    if let Some(s) = r.seed {
-        opts.seed = s;
-    }
-    if let Some(g) = r.guidance {
-        opts.guidance = check_range("guidance", g, 0.0, lim.max_guidance)?;
-    }
-    if let Some(g) = r.llm_guidance {
-        opts.llm_guidance = check_range("llm_guidance", g, 0.0, lim.max_guidance)?;
-    }
-    if let Some(s) = r.steps {
-        opts.steps = check_int("steps", s, 1, lim.max_steps)?;
-    }
-    if let Some(f) = &r.response_format {
-        if f != "b64_json" {
-            return Err(ApiError::bad(format!(
-                "`response_format` = {f:?}: only \"b64_json\" is served"
-            ))
-            .with_param("response_format"));
-        }
-    }
+    // Everything, the per-request cost budget included, is checked before admission.
+    let opts = generation_options(&r, &st.limits, st.pipe.info())?;
     let graph = st.pipe.graph();
     let ticket = graph.admit()?;
     let mut handle = graph
@@ -514,14 +530,54 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
         .await?;
     let out = wait_watching(&req, &mut handle).await?;
     let Output::Pixels { images: px, .. } = out else {
-        return Err(StageError::Invalid("unexpected output".into()).into());
+        return Err(ApiError::internal(
+            "stage",
+            "the pipeline returned no pixels",
+        ));
     };
-    let images = crate::pipeline::to_images(&px)?;
-    let data = images
-        .iter()
-        .map(|im| png_base64(im).map(|b| json!({ "b64_json": b })))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Pixels → PNG → base64 is CPU work: off the async workers.
+    let data = off_worker(&st, "png_encode", move || {
+        let images = crate::pipeline::to_images(&px)
+            .map_err(|e| ApiError::internal("output", format!("generated pixels: {e}")))?;
+        images
+            .iter()
+            .map(|im| png_base64(im).map(|b| json!({ "b64_json": b })))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(json!({ "created": now_secs(), "data": data })))
+}
+
+/// Run CPU-bound request work (image decoding and resizing, PNG encoding) on actix's
+/// blocking thread pool, never on an async worker; counted per `job` in
+/// `lavit_blocking_jobs_total`. A panic in it is a 500 of kind `panic`.
+async fn off_worker<T: Send + 'static>(
+    st: &AppState,
+    job: &'static str,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    st.metrics.blocking_job(job);
+    web::block(f)
+        .await
+        .map_err(|e| ApiError::internal("panic", format!("{job} failed: {e}")))?
+}
+
+/// Decode base64 images (each named by its request field in errors) and preprocess them to the encoder's
+/// input tensor, off the async workers.
+async fn decode_and_preprocess(
+    st: &web::Data<AppState>,
+    named: Vec<(String, String)>,
+) -> Result<tch::Tensor, ApiError> {
+    let pipe = st.pipe.clone();
+    let lim = st.limits.clone();
+    off_worker(st, "image_decode", move || {
+        let images = named
+            .iter()
+            .map(|(name, b64)| decode_image(name, b64, &lim))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(pipe.preprocess(&images))
+    })
+    .await
 }
 
 async fn tokenize(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> HttpResponse {
@@ -536,34 +592,22 @@ async fn tokenize(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -
 async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> Reply {
     st.authorize(&req)?;
     let r: TokenizeRequest = parse_json(&body)?;
-    let list: Vec<String> = match (r.image, r.images) {
-        (Some(one), None) => vec![one],
-        (None, Some(many)) => many,
-        _ => return Err(ApiError::bad("give exactly one of `image` or `images`")),
-    };
-    if list.is_empty() || list.len() > st.limits.max_images {
-        return Err(ApiError::bad(format!(
-            "`images` must hold 1 to {} images, got {}",
-            st.limits.max_images,
-            list.len()
-        ))
-        .with_param("images"));
-    }
+    let keep_mask = r.keep_mask;
+    let list = tokenize_images(r, &st.limits)?;
     let graph = st.pipe.graph();
     let ticket = graph.admit()?;
-    let images = list
-        .iter()
+    let named = list
+        .into_iter()
         .enumerate()
-        .map(|(i, b)| decode_image(&format!("images[{i}]"), b, &st.limits))
-        .collect::<Result<Vec<_>, _>>()?;
-    let task = if r.keep_mask {
+        .map(|(i, b)| (format!("images[{i}]"), b))
+        .collect();
+    let pixels = decode_and_preprocess(&st, named).await?;
+    let task = if keep_mask {
         Task::Select
     } else {
         Task::Tokenize
     };
-    let mut handle = graph
-        .start(ticket, task, Input::Images(st.pipe.preprocess(&images)))
-        .await?;
+    let mut handle = graph.start(ticket, task, Input::Images(pixels)).await?;
     match wait_watching(&req, &mut handle).await? {
         Output::VisualIds(ids) => {
             let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
@@ -586,7 +630,10 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
                 "tokens": ids, "counts": counts, "keep": keep, "grid": grid, "patches": n,
             })))
         }
-        _ => Err(StageError::Invalid("unexpected output".into()).into()),
+        _ => Err(ApiError::internal(
+            "stage",
+            "the pipeline returned no visual ids",
+        )),
     }
 }
 
@@ -631,63 +678,28 @@ fn finish_reason(ids: &[i64], max_new_tokens: usize) -> &'static str {
 
 async fn chat_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> Reply {
     st.authorize(&req)?;
-    let lim = &st.limits;
     let r: ChatRequest = parse_json(&body)?;
     st.check_model(r.model.as_deref())?;
-    if let Some(n) = r.n {
-        check_int("n", n, 1, 1)?;
-    }
-    let (question, images) = chat_inputs(&r)?;
-    if images.len() != 1 {
-        return Err(ApiError::bad(format!(
-            "the user message must hold exactly one image part, it holds {}",
-            images.len()
-        ))
-        .with_param("messages"));
-    }
-    if !question.is_empty() {
-        check_prompt("text", &question, lim)?;
-    }
-    let mut opts = CaptionOptions::default();
-    if let Some(m) = r.max_completion_tokens.or(r.max_tokens) {
-        opts.max_new_tokens = check_int("max_tokens", m, 1, lim.max_new_tokens)?;
-    }
-    if let Some(t) = r.temperature {
-        opts.temperature = check_range("temperature", t, 0.0, 2.0)?;
-    }
-    if let Some(p) = r.top_p {
-        opts.top_p = check_range("top_p", p, 0.0, 1.0)?;
-        if opts.top_p == 0.0 {
-            return Err(ApiError::bad("`top_p` must be > 0").with_param("top_p"));
-        }
-    }
-    if let Some(k) = r.top_k {
-        opts.top_k = check_int("top_k", k, 0, 100_000)?;
-    }
-    if let Some(s) = r.seed {
-        opts.seed = s;
-    }
-    let include_usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    if r.stream_options.is_some() && !r.stream {
-        return Err(
-            ApiError::bad("`stream_options` is only allowed with `stream: true`")
-                .with_param("stream_options"),
-        );
-    }
+    let ChatPlan {
+        question,
+        image,
+        opts,
+        stream,
+        include_usage,
+    } = chat_plan(r, &st.limits)?;
     let graph = st.pipe.graph();
     let ticket = graph.admit()?;
-    let image = decode_image("image", &images[0], lim)?;
-    let input = Input::Images(st.pipe.preprocess(std::slice::from_ref(&image)));
+    let pixels = decode_and_preprocess(&st, vec![("image".into(), image)]).await?;
     let max_new_tokens = opts.max_new_tokens;
     let task = Task::Caption {
         prompt: question,
         opts,
     };
-    let mut handle = graph.start(ticket, task, input).await?;
+    let mut handle = graph.start(ticket, task, Input::Images(pixels)).await?;
     let id = format!("chatcmpl-{}", handle.id);
     let model = st.limits.model_id.clone();
     let created = now_secs();
-    if !r.stream {
+    if !stream {
         return match wait_watching(&req, &mut handle).await? {
             Output::Text {
                 text,
@@ -700,7 +712,7 @@ async fn chat_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>)
                              "logprobs": null}],
                 "usage": usage(prompt_tokens, ids.len()),
             }))),
-            _ => Err(StageError::Invalid("unexpected output".into()).into()),
+            _ => Err(ApiError::internal("stage", "the pipeline returned no text")),
         };
     }
     // SSE: a role chunk, one chunk per token, a finish chunk, the usage chunk (empty choices)
@@ -723,12 +735,14 @@ async fn chat_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>)
         handle: RequestHandle,
         chunk: F,
         phase: Phase,
+        st: web::Data<AppState>,
     }
     let stream = futures::stream::unfold(
         S {
             handle,
             chunk,
             phase: Phase::Start,
+            st: st.clone(),
         },
         move |mut s| async move {
             let out = match s.phase {
@@ -775,8 +789,14 @@ async fn chat_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>)
                             other => {
                                 let e = match other {
                                     Err(e) => ApiError::from(e),
-                                    Ok(_) => ApiError::internal("unexpected pipeline output"),
+                                    Ok(_) => {
+                                        ApiError::internal("stage", "unexpected pipeline output")
+                                    }
                                 };
+                                // The 200 head is sent: count the failure here.
+                                if let Some(kind) = e.internal {
+                                    s.st.metrics.internal_error(kind);
+                                }
                                 format!("data: {}\n\ndata: [DONE]\n\n", e.body())
                             }
                         }
@@ -835,13 +855,30 @@ async fn health(st: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// `GET /ready`: 200 once warmed up, 503 with the reason otherwise: still warming up,
+/// draining, or unhealthy (a stage exited, e.g. after `max_consecutive_panics` panics in a
+/// row; `exited` names it and how it ended). The same transition shows in `/metrics` as
+/// `lavit_healthy 0` and `lavit_stage_up{stage} 0`.
 async fn ready(st: web::Data<AppState>) -> HttpResponse {
     let g = st.pipe.graph();
-    if st.ready.load(Ordering::SeqCst) && g.healthy() && !g.admission().is_draining() {
-        HttpResponse::Ok().json(json!({"status": "ready"}))
+    let reason = if !g.healthy() {
+        "unhealthy: a stage exited"
+    } else if g.admission().is_draining() {
+        "draining"
+    } else if !st.ready.load(Ordering::SeqCst) {
+        "warming up"
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({"status": "not ready"}))
-    }
+        return HttpResponse::Ok().json(json!({"status": "ready"}));
+    };
+    let exited: serde_json::Map<String, serde_json::Value> = lavit_runtime::stage::StageKind::ALL
+        .into_iter()
+        .filter_map(|k| {
+            g.exit_status(k)
+                .map(|x| (k.name().to_string(), json!(format!("{x:?}"))))
+        })
+        .collect();
+    HttpResponse::ServiceUnavailable()
+        .json(json!({"status": "not ready", "reason": reason, "exited": exited}))
 }
 
 async fn metrics_route(st: web::Data<AppState>) -> HttpResponse {
@@ -849,11 +886,14 @@ async fn metrics_route(st: web::Data<AppState>) -> HttpResponse {
         Ok(text) => HttpResponse::Ok()
             .content_type(prometheus::TEXT_FORMAT)
             .body(text),
-        Err(e) => ApiError::internal(format!("metrics: {e}")).response(),
+        Err(e) => ApiError::internal("metrics", format!("metrics: {e}")).response(),
     }
 }
 
 fn count<B: MessageBody>(st: &AppState, res: &ServiceResponse<B>) {
+    if let Some(InternalFailure(kind)) = res.response().extensions().get::<InternalFailure>() {
+        st.metrics.internal_error(kind);
+    }
     let class = match res.status().as_u16() {
         200..=399 => "2xx",
         429 => "429",

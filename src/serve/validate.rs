@@ -1,5 +1,6 @@
 //! Request bodies of the HTTP API and their validation. Everything here runs before any model
-//! work and answers bad input with a 4xx and a message naming the field; it never panics.
+//! work (before admission) and answers bad input with a 4xx and a message naming the field;
+//! it never panics (`tests/fuzz.rs` mutates request bodies through it).
 
 use std::io::Cursor;
 
@@ -9,6 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{ApiError, Limits};
+use crate::pipeline::ModelInfo;
+use lavit_runtime::messages::{CaptionOptions, GenerateOptions};
 
 /// POST /v1/images/generations
 #[derive(Deserialize, Debug)]
@@ -141,25 +144,206 @@ fn check_prompt_inner(name: &str, p: &str, lim: &Limits) -> Result<(), ApiError>
     Ok(())
 }
 
-/// "WxH" with both sides multiples of 8 in `[8, max_image_side]`.
-pub fn parse_size(s: &str, lim: &Limits) -> Result<(usize, usize), ApiError> {
-    parse_size_inner(s, lim).map_err(|e| e.with_param("size"))
+/// The sides a generated image may have: multiples of `multiple` (8 and the decoder's own
+/// multiple) from `multiple` to `max` (the smaller of `server.max_image_side` and twice the
+/// decoder's native side: the decoder is trained at its native size, and the official aspect
+/// ratios stay within 1.32× of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeRule {
+    pub multiple: usize,
+    pub max: usize,
+    /// The decoder's native side (the cost unit's image).
+    pub native: usize,
 }
 
-fn parse_size_inner(s: &str, lim: &Limits) -> Result<(usize, usize), ApiError> {
+impl SizeRule {
+    pub fn new(lim: &Limits, info: &ModelInfo) -> Self {
+        let native = info.default_size.0.max(info.default_size.1).max(1);
+        let m = info.size_multiple.max(1);
+        let multiple = m / gcd(m, 8) * 8; // lcm(m, 8)
+        let max = lim.max_image_side.min(native.saturating_mul(2));
+        SizeRule {
+            multiple,
+            max: max - max % multiple,
+            native,
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// "WxH" with both sides allowed by `rule`.
+pub fn parse_size(s: &str, rule: SizeRule) -> Result<(usize, usize), ApiError> {
+    parse_size_inner(s, rule).map_err(|e| e.with_param("size"))
+}
+
+fn parse_size_inner(s: &str, rule: SizeRule) -> Result<(usize, usize), ApiError> {
     let bad = || ApiError::bad(format!("`size` = {s:?}: expected \"WIDTHxHEIGHT\""));
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
     let w: usize = w.trim().parse().map_err(|_| bad())?;
     let h: usize = h.trim().parse().map_err(|_| bad())?;
+    let m = rule.multiple;
     for (name, v) in [("width", w), ("height", h)] {
-        if v < 8 || v > lim.max_image_side || v % 8 != 0 {
+        if v < m || v > rule.max || v % m != 0 {
             return Err(ApiError::bad(format!(
-                "`size` {name} {v} must be a multiple of 8 in [8, {}]",
-                lim.max_image_side
+                "`size` {name} {v} must be a multiple of {m} in [{m}, {}] (this model's \
+                 native side is {}; at most twice that, and at most server.max_image_side)",
+                rule.max, rule.native
             )));
         }
     }
     Ok((w, h))
+}
+
+/// The cost of a generation request in native-image diffusion steps:
+/// `n × steps × (width × height) / native²`. The diffusion loop dominates a generation (the
+/// LLM part, `n` sequences of at most the manifest's `t2i_max_new_tokens`, is bounded by
+/// `max_n` and the model); `server.max_request_cost` caps this number per request.
+pub fn generation_cost(opts: &GenerateOptions, native: usize) -> f64 {
+    let area = (opts.width as f64 * opts.height as f64) / (native as f64 * native as f64);
+    opts.n as f64 * opts.steps as f64 * area
+}
+
+/// A generation request checked and turned into options, before admission and before any
+/// model work: prompt, `n`, `size` (against the model's geometry), guidance, `steps`, the
+/// response format, then the per-request cost budget.
+pub fn generation_options(
+    r: &GenerationRequest,
+    lim: &Limits,
+    info: &ModelInfo,
+) -> Result<GenerateOptions, ApiError> {
+    check_prompt("prompt", &r.prompt, lim)?;
+    // The checkpoint's recommended settings (manifest `generation`), then the request's.
+    let mut opts = GenerateOptions {
+        n: check_int("n", r.n, 1, lim.max_n)?,
+        ..info.generate_defaults.clone()
+    };
+    let rule = SizeRule::new(lim, info);
+    (opts.width, opts.height) = match &r.size {
+        Some(s) => parse_size(s, rule)?,
+        None => info.default_size,
+    };
+    if let Some(s) = r.seed {
+        opts.seed = s;
+    }
+    if let Some(g) = r.guidance {
+        opts.guidance = check_range("guidance", g, 0.0, lim.max_guidance)?;
+    }
+    if let Some(g) = r.llm_guidance {
+        opts.llm_guidance = check_range("llm_guidance", g, 0.0, lim.max_guidance)?;
+    }
+    if let Some(s) = r.steps {
+        if s > info.max_steps as u64 {
+            return Err(ApiError::bad(format!(
+                "`steps` = {s}: this model's scheduler takes at most {} steps",
+                info.max_steps
+            ))
+            .with_param("steps"));
+        }
+        opts.steps = check_int("steps", s, 1, lim.max_steps)?;
+    }
+    if let Some(f) = &r.response_format {
+        if f != "b64_json" {
+            return Err(ApiError::bad(format!(
+                "`response_format` = {f:?}: only \"b64_json\" is served"
+            ))
+            .with_param("response_format"));
+        }
+    }
+    let cost = generation_cost(&opts, rule.native);
+    if cost > lim.max_request_cost {
+        return Err(ApiError::bad(format!(
+            "this request costs {cost:.1} (n × steps × width×height / native² = {} × {} × \
+             {}x{} / {}²), over the per-request budget server.max_request_cost = {}; ask for \
+             fewer images, fewer steps or a smaller size",
+            opts.n, opts.steps, opts.width, opts.height, rule.native, lim.max_request_cost
+        )));
+    }
+    Ok(opts)
+}
+
+/// A chat request checked: the question, the one image (base64, decoded later off the async
+/// workers), the caption options, and whether to stream (with a usage chunk).
+#[derive(Debug)]
+pub struct ChatPlan {
+    pub question: String,
+    pub image: String,
+    pub opts: CaptionOptions,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+pub fn chat_plan(r: ChatRequest, lim: &Limits) -> Result<ChatPlan, ApiError> {
+    if let Some(n) = r.n {
+        check_int("n", n, 1, 1)?;
+    }
+    let (question, mut images) = chat_inputs(&r)?;
+    if images.len() != 1 {
+        return Err(ApiError::bad(format!(
+            "the user message must hold exactly one image part, it holds {}",
+            images.len()
+        ))
+        .with_param("messages"));
+    }
+    if !question.is_empty() {
+        check_prompt("text", &question, lim)?;
+    }
+    let mut opts = CaptionOptions::default();
+    if let Some(m) = r.max_completion_tokens.or(r.max_tokens) {
+        opts.max_new_tokens = check_int("max_tokens", m, 1, lim.max_new_tokens)?;
+    }
+    if let Some(t) = r.temperature {
+        opts.temperature = check_range("temperature", t, 0.0, 2.0)?;
+    }
+    if let Some(p) = r.top_p {
+        opts.top_p = check_range("top_p", p, 0.0, 1.0)?;
+        if opts.top_p == 0.0 {
+            return Err(ApiError::bad("`top_p` must be > 0").with_param("top_p"));
+        }
+    }
+    if let Some(k) = r.top_k {
+        opts.top_k = check_int("top_k", k, 0, 100_000)?;
+    }
+    if let Some(s) = r.seed {
+        opts.seed = s;
+    }
+    if r.stream_options.is_some() && !r.stream {
+        return Err(
+            ApiError::bad("`stream_options` is only allowed with `stream: true`")
+                .with_param("stream_options"),
+        );
+    }
+    Ok(ChatPlan {
+        question,
+        image: images.pop().unwrap_or_default(),
+        opts,
+        stream: r.stream,
+        include_usage: r.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+/// The images of a tokenize request (1 to `max_images` base64 strings).
+pub fn tokenize_images(r: TokenizeRequest, lim: &Limits) -> Result<Vec<String>, ApiError> {
+    let list: Vec<String> = match (r.image, r.images) {
+        (Some(one), None) => vec![one],
+        (None, Some(many)) => many,
+        _ => return Err(ApiError::bad("give exactly one of `image` or `images`")),
+    };
+    if list.is_empty() || list.len() > lim.max_images {
+        return Err(ApiError::bad(format!(
+            "`images` must hold 1 to {} images, got {}",
+            lim.max_images,
+            list.len()
+        ))
+        .with_param("images"));
+    }
+    Ok(list)
 }
 
 /// An image given as base64 (or a `data:image/...;base64,` URL), checked before decoding:

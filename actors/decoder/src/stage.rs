@@ -47,11 +47,7 @@ pub struct DecoderStageModel {
 }
 
 fn stage_err(e: Error) -> StageError {
-    match e {
-        Error::Invalid(m) => StageError::Invalid(m),
-        Error::Cancelled => StageError::Cancelled,
-        e => StageError::failed(K, e),
-    }
+    StageError::from_error(K, e)
 }
 
 impl DecoderStageModel {
@@ -332,10 +328,12 @@ pub struct DecoderGeometry {
     pub native: i64,
     /// Output sides must be multiples of this (VAE downscale × U-Net downsampling).
     pub multiple: i64,
+    /// Most diffusion steps the scheduler takes: its `num_train_timesteps`.
+    pub max_steps: i64,
 }
 
 impl DecoderGeometry {
-    /// Read `dir/<resolution folder>/{unet,vae}/config.json`.
+    /// Read `dir/<resolution folder>/{unet,vae}/config.json` and `scheduler/scheduler_config.json`.
     pub fn read(dir: &Path, resolution: Resolution) -> Result<Self> {
         let folder = dir.join(resolution.folder());
         let read = |p: std::path::PathBuf| -> Result<serde_json::Value> {
@@ -371,9 +369,16 @@ impl DecoderGeometry {
         } else {
             1
         };
+        let sched = folder.join("scheduler/scheduler_config.json");
+        let max_steps = if sched.exists() {
+            crate::schedulers::SchedulerConfig::from_json_file(&sched)?.num_train_timesteps
+        } else {
+            crate::schedulers::SchedulerConfig::default().num_train_timesteps
+        };
         Ok(DecoderGeometry {
             native: sample * scale,
             multiple: scale << (levels - 1),
+            max_steps,
         })
     }
 }

@@ -77,7 +77,11 @@ impl EncoderStageModel {
         let f = self
             .backbone
             .forward(&images.to_device(self.device))
-            .map_err(|e| Error::invalid(format!("encoder {}: {e}", self.backbone.name())))?;
+            .map_err(|e| Error::Plugin {
+                part: "backbone",
+                name: self.backbone.name(),
+                msg: e.to_string(),
+            })?;
         // A backbone built elsewhere (a plugin, another stage's device) may answer on its own
         // device: the features leave on this stage's.
         Ok(f.to_kind(Kind::Float).to_device(self.device))
@@ -85,11 +89,7 @@ impl EncoderStageModel {
 }
 
 fn stage_err(e: Error) -> StageError {
-    match e {
-        Error::Invalid(m) => StageError::Invalid(m),
-        Error::Cancelled => StageError::Cancelled,
-        e => StageError::failed(StageKind::Encoder, e),
-    }
+    StageError::from_error(StageKind::Encoder, e)
 }
 
 impl Trainable for EncoderStageModel {

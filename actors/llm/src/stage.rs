@@ -48,11 +48,7 @@ fn fail(e: impl std::fmt::Display) -> StageError {
 
 /// A generation error as a stage error: bad options are the caller's (4xx), a stop is a cancel.
 fn stage_err(e: lavit_runtime::Error) -> StageError {
-    match e {
-        lavit_runtime::Error::Invalid(m) => StageError::Invalid(m),
-        lavit_runtime::Error::Cancelled => StageError::Cancelled,
-        e => fail(e),
-    }
+    StageError::from_error(StageKind::Llm, e)
 }
 
 impl LlmStageModel {

@@ -144,9 +144,13 @@ impl QuantizerStageModel {
     /// Kept merged tokens [T, C] → code ids [T] (no offset).
     pub fn code_ids(&self, kept: &Tensor) -> Result<Tensor> {
         let z = self.encode_task_layer.forward(kept);
-        self.quantize.quantize(&z).map_err(|e| {
-            lavit_runtime::Error::invalid(format!("codebook {}: {e}", self.quantize.name()))
-        })
+        self.quantize
+            .quantize(&z)
+            .map_err(|e| lavit_runtime::Error::Plugin {
+                part: "codebook",
+                name: self.quantize.name(),
+                msg: e.to_string(),
+            })
     }
 }
 
@@ -350,7 +354,7 @@ impl QuantizerStage for QuantizerStageModel {
         let (kept, counts) = gather_kept(merged, decisions);
         let ids = self
             .code_ids(&kept)
-            .map_err(|e| StageError::failed(StageKind::Quantizer, e))?;
+            .map_err(|e| StageError::from_error(StageKind::Quantizer, e))?;
         let off = self.visual_token_offset;
         let flat = Vec::<i64>::try_from(&ids.to_device(Device::Cpu))
             .map_err(|e| StageError::failed(StageKind::Quantizer, e))?;
