@@ -278,6 +278,7 @@ def mock_checks(lavit):
 bind = "127.0.0.1:0"
 workers = 2
 max_steps = 100000000
+max_request_cost = 1e12
 api_key = "mock-key"
 warmup = true
 fault_injection = true
