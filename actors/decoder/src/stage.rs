@@ -284,6 +284,18 @@ impl Trainable for DecoderStageModel {
             .ok_or_else(not_training)?
             .load(pixels, parts)
     }
+    /// Stage 1b: start from rank 0's EMA copy (not a trained parameter, so the driver's
+    /// broadcast does not reach it).
+    fn set_process_group(
+        &mut self,
+        pg: std::sync::Arc<lavit_runtime::dist::ProcessGroup>,
+    ) -> StageResult<()> {
+        if let Some(t) = self.train.as_ref() {
+            lavit_runtime::dist::broadcast_named(&pg, &t.ema_tensors())
+                .map_err(|e| StageError::failed(K, e))?;
+        }
+        Ok(())
+    }
     fn set_train(&mut self, train: bool) {
         self.train_mode = train;
     }

@@ -327,12 +327,18 @@ impl DecoderTrainer {
         Ok(report)
     }
 
-    /// `model`, `optimizer` and `ema`, as the checkpoints store them.
     /// The U-Net's parameters the optimiser updates (shallow).
     pub fn params(&self) -> Vec<(String, Tensor)> {
         self.opt.params()
     }
 
+    /// The EMA copy's weights (shallow): buffers of data-parallel training, broadcast from
+    /// rank 0 before the first step.
+    pub fn ema_tensors(&self) -> Vec<(String, Tensor)> {
+        self.ema_vs.variables().into_iter().collect()
+    }
+
+    /// `model`, `optimizer` and `ema`, as the checkpoints store them.
     pub fn state(&self, pixels: &PixelDecoder) -> StageResult<TrainParts> {
         Ok(vec![
             ("model".into(), var_store_state_dict(&pixels.unet_vs)),
