@@ -580,7 +580,7 @@ pub(crate) mod stage2 {
                 vs,
                 model,
                 tiny_vocab(),
-                sp,
+                Box::new(sp),
                 &Default::default(),
             );
             Ok(LlmModelParts {
@@ -834,4 +834,51 @@ fn decode_loops_stop_within_one_token_and_stream_what_they_return() {
         generate_image_tokens(&m, &v, &[vec![3, 4]], &icfg).unwrap()
     );
     assert_eq!(calls.get(), -100 + 10);
+}
+
+/// A language-model folder that ships `tokenizer.json` instead of `tokenizer.model` loads
+/// through the same loader (read by the `tokenizers` crate); one with more pieces than the
+/// manifest's text vocabulary is refused, naming the file.
+#[test]
+fn llm_folder_with_tokenizer_json_loads_through_the_same_loader() {
+    let write_folder = |dir: &std::path::Path, words: usize| {
+        let lm = dir.join("language_model");
+        std::fs::create_dir_all(&lm).unwrap();
+        std::fs::copy(
+            fixture_dir().join("manifest.json"),
+            dir.join("manifest.json"),
+        )
+        .unwrap();
+        for e in std::fs::read_dir(fixture_dir().join("language_model")).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap() != "tokenizer.model" {
+                std::fs::copy(&p, lm.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        let mut vocab = serde_json::json!({"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "cat": 4});
+        for i in 0..words {
+            vocab[format!("w{i}")] = (5 + i).into();
+        }
+        let tj = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        std::fs::write(lm.join("tokenizer.json"), tj.to_string()).unwrap();
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ok = tmp.path().join("ok");
+    write_folder(&ok, 0);
+    let m = lavit_llm::LlmStageModel::load(&ok, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(m.tokenizer.encode("a cat"), vec![3, 4]);
+    assert_eq!((m.tokenizer.bos_id(), m.tokenizer.eos_id()), (1, 2));
+    assert!(m.tokenizer.decode(&[3, 4]).contains("cat"));
+    let big = tmp.path().join("big");
+    write_folder(&big, 300);
+    let e = lavit_llm::LlmStageModel::load(&big, Device::Cpu, Kind::Float)
+        .err()
+        .expect("a tokenizer larger than the text vocabulary is refused")
+        .to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("pieces"), "{e}");
 }

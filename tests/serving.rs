@@ -1316,7 +1316,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
         panic!()
     };
     assert_eq!(ids, want);
-    assert_eq!(text, direct.sp.decode(&want));
+    assert_eq!(text, direct.tokenizer.decode(&want));
 }
 
 /// Kills the child process if the test ends early (a failing assertion), so no server is

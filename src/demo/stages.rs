@@ -529,7 +529,7 @@ pub fn run_stage2(
             vs,
             model,
             UnifiedVocab::from(&m2.llm),
-            sp2,
+            Box::new(sp2),
             &m2.generation,
         );
         drop(turn);

@@ -506,7 +506,7 @@ pub fn run(args: Args) -> Result<()> {
             None => None,
         };
         Ok(LlmModelParts {
-            llm: LlmStageModel::from_parts(vs, model, vocab, sp, &manifest.generation),
+            llm: LlmStageModel::from_parts(vs, model, vocab, Box::new(sp), &manifest.generation),
             vit_proj,
         })
     });

@@ -23,18 +23,19 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::generate::{
     generate_image_tokens_with, generate_text_with, ImageTokenConfig, Sampling, TextConfig,
 };
-use crate::sentencepiece::SentencePiece;
+use crate::hf_tokenizer::{load_text_tokenizer, TextTokenizer};
 use crate::train::LlmTrainer;
 use crate::vocab::{build_sequence, Segment, UnifiedVocab};
 use crate::LlamaForCausalLM;
 
-/// The LLM stage: weights, unified vocabulary, SentencePiece, generation limits.
+/// The LLM stage: weights, unified vocabulary, text tokenizer, generation limits.
 pub struct LlmStageModel {
     /// The model's variables (stage-2 training steps them; checkpoints save them).
     pub vs: nn::VarStore,
     pub model: LlamaForCausalLM,
     pub vocab: UnifiedVocab,
-    pub sp: SentencePiece,
+    /// `tokenizer.model` (SentencePiece) or `tokenizer.json` (the `tokenizers` crate).
+    pub tokenizer: Box<dyn TextTokenizer>,
     /// Image-token length limits (manifest `generation.t2i_{min,max}_new_tokens`).
     pub t2i_min_new_tokens: i64,
     pub t2i_max_new_tokens: i64,
@@ -52,7 +53,8 @@ fn stage_err(e: lavit_runtime::Error) -> StageError {
 }
 
 impl LlmStageModel {
-    /// Load `dir/language_model/` (HF LLaMA + `tokenizer.model`) with `dir/manifest.json`'s
+    /// Load `dir/language_model/` (HF LLaMA + `tokenizer.model`, or `tokenizer.json` when the
+    /// folder has no `tokenizer.model`) with `dir/manifest.json`'s
     /// vocabulary layout (official values when absent), strictly, on `device` in `kind`; the
     /// model's rows must equal the unified vocabulary and the tokenizer must fit its text part.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> lavit_runtime::Result<Self> {
@@ -63,7 +65,12 @@ impl LlmStageModel {
             &dir.join("manifest.json").display().to_string(),
             model.config.max_position_embeddings,
         )?;
-        let sp = SentencePiece::from_file(&lm.join("tokenizer.model"))?;
+        let tokenizer = load_text_tokenizer(&lm)?;
+        let tokenizer_file = if lm.join("tokenizer.model").is_file() {
+            "tokenizer.model"
+        } else {
+            "tokenizer.json"
+        };
         let vocab = UnifiedVocab::from(&manifest.llm);
         if model.config.vocab_size != vocab.vocab_size {
             return Err(Error::config(
@@ -75,18 +82,24 @@ impl LlmStageModel {
                 ),
             ));
         }
-        if sp.vocab_size() as i64 > vocab.text_vocab_size {
+        if tokenizer.vocab_size() as i64 > vocab.text_vocab_size {
             return Err(Error::config(
-                lm.join("tokenizer.model").display().to_string(),
+                lm.join(tokenizer_file).display().to_string(),
                 "pieces",
                 format!(
                     "{} pieces, more than text_vocab_size {}",
-                    sp.vocab_size(),
+                    tokenizer.vocab_size(),
                     vocab.text_vocab_size
                 ),
             ));
         }
-        Ok(Self::from_parts(vs, model, vocab, sp, &manifest.generation))
+        Ok(Self::from_parts(
+            vs,
+            model,
+            vocab,
+            tokenizer,
+            &manifest.generation,
+        ))
     }
 
     /// A stage over a model built elsewhere (e.g. a fresh model to train), with the
@@ -95,14 +108,14 @@ impl LlmStageModel {
         vs: nn::VarStore,
         model: LlamaForCausalLM,
         vocab: UnifiedVocab,
-        sp: SentencePiece,
+        tokenizer: Box<dyn TextTokenizer>,
         generation: &lavit_runtime::manifest::GenerationManifest,
     ) -> Self {
         LlmStageModel {
             vs,
             model,
             vocab,
-            sp,
+            tokenizer,
             t2i_min_new_tokens: generation.t2i_min_new_tokens,
             t2i_max_new_tokens: generation.t2i_max_new_tokens,
             train: None,
@@ -169,7 +182,7 @@ impl LlmStage for LlmStageModel {
     ) -> StageResult<Vec<i64>> {
         let mut segments = vec![Segment::ImageEmbeds(prefix.shallow_clone())];
         if !prompt.is_empty() {
-            segments.push(Segment::Text(self.sp.encode(prompt)));
+            segments.push(Segment::Text(self.tokenizer.encode(prompt)));
         }
         let _g = tch::no_grad_guard();
         let built = build_sequence(&self.model, &self.vocab, &segments).map_err(fail)?;
@@ -185,7 +198,7 @@ impl LlmStage for LlmStageModel {
         // Stream each new id with its text piece as it is generated (one host read per
         // token, the one the loop makes anyway); `on_token` answering `false` stops the loop.
         let eos = self.vocab.eos_id;
-        let sp = &self.sp;
+        let tok = &self.tokenizer;
         let mut sofar: Vec<i64> = Vec::new();
         let mut prev = String::new();
         let mut stream = |ids: &[i64]| {
@@ -194,7 +207,7 @@ impl LlmStage for LlmStageModel {
                 return true;
             }
             sofar.push(id);
-            let text = sp.decode(&sofar);
+            let text = tok.decode(&sofar);
             let piece = text.get(prev.len()..).unwrap_or("").to_string();
             prev = text;
             on_token(id, &piece)
@@ -225,7 +238,7 @@ impl LlmStage for LlmStageModel {
     }
 
     fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
-        Ok(self.sp.decode(ids))
+        Ok(self.tokenizer.decode(ids))
     }
 
     fn caption_prompt_len(&mut self, prefix: &Tensor, prompt: &str) -> Option<usize> {
@@ -233,7 +246,7 @@ impl LlmStage for LlmStageModel {
         let _g = tch::no_grad_guard();
         let mut segments = vec![Segment::ImageEmbeds(prefix.shallow_clone())];
         if !prompt.is_empty() {
-            segments.push(Segment::Text(self.sp.encode(prompt)));
+            segments.push(Segment::Text(self.tokenizer.encode(prompt)));
         }
         let built = build_sequence(&self.model, &self.vocab, &segments).ok()?;
         built.embeds.size().first().map(|&l| l as usize)
@@ -258,7 +271,7 @@ impl LlmStage for LlmStageModel {
             num_return_sequences: opts.n as i64,
             seed: Some(opts.seed),
         };
-        let prompt_ids = self.sp.encode(prompt);
+        let prompt_ids = self.tokenizer.encode(prompt);
         let out =
             generate_image_tokens_with(&self.model, &self.vocab, &[prompt_ids], &cfg, should_stop)
                 .map_err(stage_err)?;
