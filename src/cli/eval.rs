@@ -57,12 +57,13 @@ pub struct Args {
     /// Images generated per prompt.
     #[arg(long, default_value_t = 1)]
     pub images_per_prompt: usize,
-    /// LLM classifier-free guidance of the image tokens.
-    #[arg(long, default_value_t = 4.0)]
-    pub llm_guidance: f64,
-    /// Top-k / temperature of the image-token sampling.
-    #[arg(long, default_value_t = 50)]
-    pub top_k: usize,
+    /// LLM classifier-free guidance of the image tokens (default: the checkpoint's
+    /// `generation.llm_guidance`, as `lavit generate` and the server use).
+    #[arg(long)]
+    pub llm_guidance: Option<f64>,
+    /// Top-k / temperature of the image-token sampling (top-k default: the checkpoint's).
+    #[arg(long)]
+    pub top_k: Option<usize>,
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Diffusion steps and decoder guidance (default: the manifest's).
@@ -136,7 +137,9 @@ pub fn run(a: Args) -> Result<()> {
     let pipe = Pipeline::build(&cfg)
         .with_context(|| format!("building the pipeline on {}", a.checkpoint.display()))?;
     let (width, height) = pipe.info().default_size;
-    let highres = a.checkpoint.join("highres_pixel_decoding").is_dir();
+    // The checkpoint's recommended settings (manifest `generation`), then the flags: the
+    // defaults `lavit generate` and the server use.
+    let d = pipe.info().generate_defaults.clone();
     let opts = EvalOptions {
         checkpoint: a.checkpoint.clone(),
         captions,
@@ -157,16 +160,12 @@ pub fn run(a: Args) -> Result<()> {
         generate: GenerateOptions {
             n: a.images_per_prompt.max(1),
             seed: a.seed,
-            llm_guidance: a.llm_guidance,
-            guidance: a.guidance.unwrap_or(if highres {
-                g.decoder_guidance
-            } else {
-                g.lowres_decoder_guidance
-            }),
-            steps: a.steps.unwrap_or(g.ddim_steps.max(1) as usize),
+            llm_guidance: a.llm_guidance.unwrap_or(d.llm_guidance),
+            guidance: a.guidance.unwrap_or(d.guidance),
+            steps: a.steps.unwrap_or(d.steps),
             width,
             height,
-            top_k: a.top_k,
+            top_k: a.top_k.unwrap_or(d.top_k),
             temperature: a.temperature,
             ..Default::default()
         },
