@@ -437,7 +437,13 @@ pub async fn drive<J: TrainJob>(
             log.log(step, &rec)?;
         }
         if let Some(b) = &bar {
-            let shown: Vec<(&str, f64)> = rec.iter().take(4).copied().collect();
+            // The loss and the job's first metrics (the learning rate is in the log).
+            let shown: Vec<(&str, f64)> = rec
+                .iter()
+                .filter(|(k, _)| *k != "lr")
+                .take(4)
+                .copied()
+                .collect();
             b.step(step as u64, &shown);
         }
         if rank0 && (state.step % cfg.save_every == 0 || state.step == cfg.end) {
