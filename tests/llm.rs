@@ -881,4 +881,19 @@ fn llm_folder_with_tokenizer_json_loads_through_the_same_loader() {
         .expect("a tokenizer larger than the text vocabulary is refused")
         .to_string();
     assert!(e.contains("tokenizer.json") && e.contains("pieces"), "{e}");
+    // A FIFO in its place is refused by name, never read (it would block forever).
+    let fifo = tmp.path().join("fifo");
+    write_folder(&fifo, 0);
+    let tj = fifo.join("language_model/tokenizer.json");
+    std::fs::remove_file(&tj).unwrap();
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&tj)
+        .status()
+        .unwrap()
+        .success());
+    let e = lavit_llm::LlmStageModel::load(&fifo, Device::Cpu, Kind::Float)
+        .err()
+        .expect("a FIFO tokenizer.json is refused")
+        .to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("FIFO"), "{e}");
 }

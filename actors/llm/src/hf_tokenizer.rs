@@ -48,6 +48,9 @@ impl TextTokenizer for SentencePiece {
     }
 }
 
+/// Largest `tokenizer.json` read (LLaMA-3's is 9 MB, the largest common ones ~20 MB).
+pub const MAX_TOKENIZER_JSON: u64 = 256 << 20;
+
 /// A `tokenizer.json` (any model the `tokenizers` crate reads: BPE, Unigram, WordPiece, …).
 pub struct HfTokenizer {
     inner: Tokenizer,
@@ -67,17 +70,17 @@ fn config_token(cfg: &serde_json::Value, key: &str) -> Option<String> {
 impl HfTokenizer {
     /// Read `tokenizer.json` (and `tokenizer_config.json` beside it, when present).
     pub fn from_file(path: &Path) -> Result<Self> {
-        if !path.is_file() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            ));
-        }
-        let inner = Tokenizer::from_file(path).map_err(|e| Error::ckpt(path, e.to_string()))?;
+        // A regular file, size-capped before it is read (never a FIFO or a device).
+        let text = lavit_runtime::fsread::read_to_string_capped(path, MAX_TOKENIZER_JSON)?;
+        let inner: Tokenizer = text
+            .parse()
+            .map_err(|e: tokenizers::Error| Error::ckpt(path, e.to_string()))?;
         let cfg_path = path.with_file_name("tokenizer_config.json");
-        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::ckpt(&cfg_path, e.to_string()))?,
-            Err(_) => serde_json::Value::Null,
+        let cfg: serde_json::Value = if cfg_path.symlink_metadata().is_ok() {
+            let t = lavit_runtime::fsread::read_config(&cfg_path)?;
+            serde_json::from_str(&t).map_err(|e| Error::ckpt(&cfg_path, e.to_string()))?
+        } else {
+            serde_json::Value::Null
         };
         let id_of = |key: &str, default: &str| -> Result<i64> {
             let name = config_token(&cfg, key).unwrap_or_else(|| default.to_string());
@@ -146,15 +149,26 @@ impl TextTokenizer for HfTokenizer {
     }
 }
 
+/// The file [`load_text_tokenizer`] reads in `dir`: `tokenizer.model` whenever an entry of
+/// that name exists (whatever it is: the reader refuses links to devices, FIFOs, …, naming
+/// it), else `tokenizer.json`.
+pub fn text_tokenizer_file(dir: &Path) -> &'static str {
+    if dir.join("tokenizer.model").symlink_metadata().is_ok() {
+        "tokenizer.model"
+    } else {
+        "tokenizer.json"
+    }
+}
+
 /// The text tokenizer of a language-model folder: `tokenizer.model` (SentencePiece) when it is
 /// there, else `tokenizer.json`.
 pub fn load_text_tokenizer(dir: &Path) -> Result<Box<dyn TextTokenizer>> {
     let sp = dir.join("tokenizer.model");
-    if sp.is_file() {
+    if text_tokenizer_file(dir) == "tokenizer.model" {
         return Ok(Box::new(SentencePiece::from_file(&sp)?));
     }
     let hf = dir.join("tokenizer.json");
-    if hf.is_file() {
+    if hf.symlink_metadata().is_ok() {
         return Ok(Box::new(HfTokenizer::from_file(&hf)?));
     }
     Err(Error::io(

@@ -23,7 +23,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::generate::{
     generate_image_tokens_with, generate_text_with, ImageTokenConfig, Sampling, TextConfig,
 };
-use crate::hf_tokenizer::{load_text_tokenizer, TextTokenizer};
+use crate::hf_tokenizer::{load_text_tokenizer, text_tokenizer_file, TextTokenizer};
 use crate::train::LlmTrainer;
 use crate::vocab::{build_sequence, Segment, UnifiedVocab};
 use crate::LlamaForCausalLM;
@@ -66,11 +66,7 @@ impl LlmStageModel {
             model.config.max_position_embeddings,
         )?;
         let tokenizer = load_text_tokenizer(&lm)?;
-        let tokenizer_file = if lm.join("tokenizer.model").is_file() {
-            "tokenizer.model"
-        } else {
-            "tokenizer.json"
-        };
+        let tokenizer_file = text_tokenizer_file(&lm);
         let vocab = UnifiedVocab::from(&manifest.llm);
         if model.config.vocab_size != vocab.vocab_size {
             return Err(Error::config(
