@@ -159,4 +159,12 @@ impl From<crate::Error> for StageError {
     }
 }
 
+/// A stage's error where a driver or the library reports it (its message, as an invalid
+/// request or run).
+impl From<StageError> for crate::Error {
+    fn from(e: StageError) -> Self {
+        crate::Error::invalid(e.to_string())
+    }
+}
+
 pub type StageResult<T> = std::result::Result<T, StageError>;

@@ -280,6 +280,17 @@ impl TrainBatch {
             StageError::Invalid(format!("stage {kind}: the training batch has no `{key}`"))
         })
     }
+    /// Remove the loss term `key` a stage added; a clear error naming the stage when absent.
+    pub fn take_loss(&mut self, key: &str, kind: StageKind) -> Result<Tensor, StageError> {
+        let i = self
+            .losses
+            .iter()
+            .position(|(k, _)| k == key)
+            .ok_or_else(|| {
+                StageError::Invalid(format!("stage {kind}: returned no `{key}` loss"))
+            })?;
+        Ok(self.losses.swap_remove(i).1)
+    }
     /// A tensor (usually a 0-d setting) a stage reads without consuming it.
     pub fn get(&self, key: &str, kind: StageKind) -> Result<&Tensor, StageError> {
         self.tensors.get(key).ok_or_else(|| {

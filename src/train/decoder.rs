@@ -539,13 +539,7 @@ impl TrainJob for DecoderJob<'_> {
         if world > 1 {
             batch.set_rows(rows.start as i64, b * world);
         }
-        let out = s.forward(batch).await?;
-        let loss = out
-            .losses
-            .into_iter()
-            .find(|(k, _)| k == keys::LOSS)
-            .map(|(_, l)| l)
-            .ok_or_else(|| lavit_runtime::Error::invalid("the Decoder stage returned no loss"))?;
+        let loss = s.forward(batch).await?.take_loss(keys::LOSS, DEC)?;
         s.backward(DEC, loss).await?;
         Ok(Vec::new())
     }
@@ -593,6 +587,7 @@ async fn run_job(
         schedule,
         steps: t.steps as i64,
         end: end as i64,
+        run_steps: 0,
         save_every: t.save_every.max(1) as i64,
         keep: t.keep_checkpoints.max(1),
         max_nan_steps: 5,

@@ -29,7 +29,6 @@ use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::dist::ProcessGroup;
 use lavit_runtime::manifest::LavitManifest;
 use lavit_runtime::stage::{LlmStage, Placement, StageKind};
-use lavit_runtime::train::driver::checkpoint_dir;
 use lavit_runtime::train::{
     drive, splitmix64, DriverConfig, LrSchedule, Metrics, Step, TrainJob, TrainState,
 };
@@ -138,7 +137,8 @@ struct LlmJob<'a> {
     text_corpus: &'a [Sample],
     cfg: &'a LlmTrainConfig,
     order: Vec<(bool, usize)>,
-    history: Vec<(f64, f64, f64)>,
+    /// (text loss, visual loss) of every step of this call.
+    history: Vec<(f64, f64)>,
 }
 
 impl LlmJob<'_> {
@@ -207,23 +207,18 @@ impl TrainJob for LlmJob<'_> {
             batch
                 .tensors
                 .insert(keys::TARGETS.into(), Tensor::from(per_rank as f32));
-            let out = s.forward(batch).await?;
+            let mut out = s.forward(batch).await?;
             let stat = |k: &str| out.tensors.get(k).map_or(0.0, |t| t.double_value(&[]));
             ts += stat(keys::TEXT_SUM);
             tn += stat(keys::TEXT_N);
             vsum += stat(keys::VISUAL_SUM);
             vn += stat(keys::VISUAL_N);
-            let loss = out
-                .losses
-                .into_iter()
-                .find(|(k, _)| k == keys::LOSS)
-                .map(|(_, l)| l)
-                .ok_or_else(|| lavit_runtime::Error::invalid("the Llm stage returned no loss"))?;
+            let loss = out.take_loss(keys::LOSS, LLM)?;
             s.backward(LLM, loss).await?;
         }
         let text_loss = if tn > 0.0 { ts / tn } else { f64::NAN };
         let vis_loss = if vn > 0.0 { vsum / vn } else { f64::NAN };
-        self.history.push((f64::NAN, text_loss, vis_loss));
+        self.history.push((text_loss, vis_loss));
         let mut m: Metrics = vec![("targets", total as f64)];
         if tn > 0.0 {
             m.push(("loss_text", text_loss));
@@ -245,25 +240,14 @@ async fn run_job(
     cfg: &LlmTrainConfig,
     out_dir: &Path,
 ) -> Result<TrainSummary> {
-    let end_of = |start: i64| {
-        if cfg.run_steps > 0 {
-            (start + cfg.run_steps).min(cfg.steps)
-        } else {
-            cfg.steps
-        }
-    };
-    // The stop step depends on where the run resumes: peek at the newest checkpoint.
-    let start = match lavit_runtime::train::latest(&checkpoint_dir(out_dir))? {
-        Some(p) => lavit_runtime::train::load(&p)?.state.step,
-        None => 0,
-    };
     let driver = DriverConfig {
         name: "stage-2 llm".into(),
         out_dir: out_dir.to_path_buf(),
         stages: vec![LLM],
         schedule: LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr),
         steps: cfg.steps,
-        end: end_of(start),
+        end: cfg.steps,
+        run_steps: cfg.run_steps.max(0),
         save_every: cfg.save_every,
         keep: cfg.keep,
         max_nan_steps: 5,
@@ -287,7 +271,7 @@ async fn run_job(
         .losses
         .iter()
         .zip(&job.history)
-        .map(|(l, (_, t, v))| (*l, *t, *v))
+        .map(|(l, (t, v))| (*l, *t, *v))
         .collect();
     let mean = |h: &[(f64, f64, f64)]| {
         let avg = |f: fn(&(f64, f64, f64)) -> f64| {

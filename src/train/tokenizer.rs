@@ -596,14 +596,6 @@ fn missing(what: &str) -> lavit_runtime::Error {
     lavit_runtime::Error::invalid(format!("the stage-1 stages returned no `{what}`"))
 }
 
-fn loss_term(b: &TrainBatch, name: &str) -> lavit_runtime::Result<Tensor> {
-    b.losses
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, l)| l.shallow_clone())
-        .ok_or_else(|| missing(name))
-}
-
 fn out_tensor(b: &mut TrainBatch, name: &str) -> lavit_runtime::Result<Tensor> {
     b.tensors.remove(name).ok_or_else(|| missing(name))
 }
@@ -656,12 +648,13 @@ impl TrainJob for TokenizerJob<'_> {
             .index_select(0, &Tensor::from_slice(mine).to_device(fdev));
         let rows = (world > 1).then(|| (mine.len() as i64 * s.pg.rank() as i64, global as i64));
         let mut out = forward(s, &fb, tau, quantize, rows).await?;
-        let rec_loss = loss_term(&out, keys::LOSS_RECONSTRUCTION)?;
+        const D: StageKind = StageKind::Decoder;
+        let rec_loss = out.take_loss(keys::LOSS_RECONSTRUCTION, D)?;
         let ldev = rec_loss.device();
         let loss = &rec_loss
-            + loss_term(&out, keys::LOSS_RATIO)?.to_device(ldev)
-            + loss_term(&out, keys::LOSS_COMMITMENT)?.to_device(ldev)
-            + loss_term(&out, keys::LOSS_CONFIDENCE)?.to_device(ldev);
+            + out.take_loss(keys::LOSS_RATIO, D)?.to_device(ldev)
+            + out.take_loss(keys::LOSS_COMMITMENT, D)?.to_device(ldev)
+            + out.take_loss(keys::LOSS_CONFIDENCE, D)?.to_device(ldev);
         let rec = rec_loss.double_value(&[]);
         let cos = out_tensor(&mut out, keys::COS)?.double_value(&[]);
         let kept = out_tensor(&mut out, keys::DECISIONS)?
@@ -828,6 +821,7 @@ pub fn train_with_images(
         schedule: LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr),
         steps: cfg.steps,
         end: cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps),
+        run_steps: 0,
         save_every: cfg.save_every,
         keep: cfg.keep_checkpoints,
         max_nan_steps: cfg.max_nan_steps,

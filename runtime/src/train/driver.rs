@@ -33,7 +33,7 @@ use crate::actors::StageGraph;
 use crate::checkpoint::StateDict;
 use crate::dist::{self, GradSync, ProcessGroup};
 use crate::messages::{StepControl, TrainBatch};
-use crate::stage::{StageError, StageKind};
+use crate::stage::StageKind;
 use crate::{Error, Result};
 
 /// What the driver does around a job.
@@ -51,6 +51,8 @@ pub struct DriverConfig {
     pub steps: i64,
     /// This call stops at this step (≤ `steps`; a later call resumes).
     pub end: i64,
+    /// At most this many steps in this call, counted from where it resumed (0: no limit).
+    pub run_steps: i64,
     /// A checkpoint every this many steps, and at `end`.
     pub save_every: i64,
     /// Committed checkpoints kept.
@@ -88,6 +90,9 @@ impl DriverConfig {
                 self.steps, self.end
             ));
         }
+        if self.run_steps < 0 {
+            return bad(format!("run_steps {} must be ≥ 0", self.run_steps));
+        }
         if self.save_every < 1 || self.keep < 1 {
             return bad("save_every and keep must be ≥ 1".into());
         }
@@ -114,13 +119,12 @@ pub struct Step<'a> {
     pub state: &'a mut TrainState,
     loss: f64,
     finite: bool,
-    backwards: usize,
 }
 
 impl Step<'_> {
     /// Forward a training batch along its route.
     pub async fn forward(&self, batch: TrainBatch) -> Result<TrainBatch> {
-        self.graph.train_forward(batch).await.map_err(stage_error)
+        self.graph.train_forward(batch).await.map_err(Error::from)
     }
 
     /// Backward from `loss` on `stage` (the stage whose device holds it), adding its value to
@@ -138,8 +142,7 @@ impl Step<'_> {
             self.graph
                 .backward(stage, loss)
                 .await
-                .map_err(stage_error)?;
-            self.backwards += 1;
+                .map_err(Error::from)?;
         }
         Ok(v)
     }
@@ -196,15 +199,11 @@ pub struct DriveOutcome {
     pub loop_seconds: f64,
 }
 
-fn stage_error(e: StageError) -> Error {
-    Error::invalid(e.to_string())
-}
-
 /// Every trained stage's training state, for a checkpoint (part names must be unique).
 async fn collect_state(g: &StageGraph, stages: &[StageKind]) -> Result<Vec<(String, StateDict)>> {
     let mut parts: Vec<(String, StateDict)> = Vec::new();
     for &k in stages {
-        for (name, sd) in g.train_state(k).await.map_err(stage_error)? {
+        for (name, sd) in g.train_state(k).await.map_err(Error::from)? {
             if parts.iter().any(|(n, _)| *n == name) {
                 return Err(Error::invalid(format!(
                     "stage {k}: training part `{name}` is also another stage's"
@@ -241,7 +240,7 @@ async fn resume(
         let names: Vec<String> = g
             .train_state(k)
             .await
-            .map_err(stage_error)?
+            .map_err(Error::from)?
             .into_iter()
             .map(|(n, _)| n)
             .collect();
@@ -261,7 +260,7 @@ async fn resume(
 async fn trained_params(g: &StageGraph, stages: &[StageKind]) -> Result<Vec<(String, Tensor)>> {
     let mut all = Vec::new();
     for &k in stages {
-        all.extend(g.trained_params(k).await.map_err(stage_error)?);
+        all.extend(g.trained_params(k).await.map_err(Error::from)?);
     }
     all.sort_by(|a, b| a.0.cmp(&b.0));
     for w in all.windows(2) {
@@ -320,7 +319,7 @@ pub async fn drive<J: TrainJob>(
 ) -> Result<DriveOutcome> {
     cfg.validate()?;
     let rank0 = pg.is_rank0();
-    let ck = Checkpointer::new(cfg.out_dir.join("checkpoints"), cfg.keep)?;
+    let ck = Checkpointer::new(checkpoint_dir(&cfg.out_dir), cfg.keep)?;
     let mut state = TrainState {
         seed: cfg.seed,
         ..Default::default()
@@ -331,13 +330,18 @@ pub async fn drive<J: TrainJob>(
         }
     }
     let start_step = state.step;
+    let end = if cfg.run_steps > 0 {
+        cfg.end.min(start_step.saturating_add(cfg.run_steps))
+    } else {
+        cfg.end
+    };
     // Every rank starts from rank 0's parameters (they match already when every rank built
     // from the same seed or resumed from the same checkpoint; this makes it so).
     let params = trained_params(g, &cfg.stages).await?;
     for &k in &cfg.stages {
         g.set_process_group(k, pg.clone())
             .await
-            .map_err(stage_error)?;
+            .map_err(Error::from)?;
     }
     dist::broadcast_named(pg, &params)?;
     let shallow = params
@@ -368,7 +372,7 @@ pub async fn drive<J: TrainJob>(
     let comm_before = pg.stats().seconds;
     let t0 = Instant::now();
     g.set_train(true);
-    while state.step < cfg.end {
+    while state.step < end {
         let step = state.step;
         let seed = if cfg.torch_rng {
             rng.begin_step(step)
@@ -386,7 +390,6 @@ pub async fn drive<J: TrainJob>(
                 state: &mut state,
                 loss: 0.0,
                 finite: true,
-                backwards: 0,
             };
             let metrics = job.step(&mut s).await?;
             let local = if s.finite { s.loss } else { f64::NAN };
@@ -416,7 +419,7 @@ pub async fn drive<J: TrainJob>(
         }
         let ctl = StepControl { lr, apply, step };
         for &k in &cfg.stages {
-            let r = g.optimizer_step_with(k, ctl).await.map_err(stage_error)?;
+            let r = g.optimizer_step_with(k, ctl).await.map_err(Error::from)?;
             grad_norm = grad_norm.or(r.grad_norm);
         }
         state.step += 1;
@@ -446,7 +449,7 @@ pub async fn drive<J: TrainJob>(
                 .collect();
             b.step(step as u64, &shown);
         }
-        if rank0 && (state.step % cfg.save_every == 0 || state.step == cfg.end) {
+        if rank0 && (state.step % cfg.save_every == 0 || state.step == end) {
             checkpoint = Some(save(g, &cfg.stages, &ck, &state).await?);
         }
         if rank0 {

@@ -11,8 +11,8 @@
 //!     async fn step(&mut self, s: &mut Step<'_>) -> Result<Metrics> {
 //!         let mut b = TrainBatch::new(vec![StageKind::Decoder]);
 //!         b.tensors.insert("images".into(), self.data[s.step as usize % self.data.len()].shallow_clone());
-//!         let out = s.forward(b).await?;
-//!         s.backward(StageKind::Decoder, out.total_loss(Device::Cpu).unwrap()).await?;
+//!         let mut out = s.forward(b).await?;
+//!         s.backward(StageKind::Decoder, out.take_loss("loss", StageKind::Decoder)?).await?;
 //!         Ok(vec![])
 //!     }
 //! }
