@@ -53,39 +53,46 @@ pub const INTERNAL_KINDS: [&str; 8] = [
     "metrics",
 ];
 
+/// A counter with one label, registered, every value of `values` present from the start at 0.
+fn labelled_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    registry.register(Box::new(c.clone()))?;
+    for v in values {
+        c.with_label_values(&[v]);
+    }
+    Ok(c)
+}
+
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let http = IntCounterVec::new(
-            Opts::new("lavit_http_responses_total", "HTTP responses by class."),
-            &["class"],
+        let http = labelled_counter(
+            &registry,
+            "lavit_http_responses_total",
+            "HTTP responses by class.",
+            "class",
+            &CLASSES,
         )?;
-        registry.register(Box::new(http.clone()))?;
-        for c in CLASSES {
-            http.with_label_values(&[c]); // every class present from the start, at 0
-        }
-        let internal = IntCounterVec::new(
-            Opts::new(
-                "lavit_internal_errors_total",
-                "Requests failed by the server's fault (5xx), by kind.",
-            ),
-            &["kind"],
+        let internal = labelled_counter(
+            &registry,
+            "lavit_internal_errors_total",
+            "Requests failed by the server's fault (5xx), by kind.",
+            "kind",
+            &INTERNAL_KINDS,
         )?;
-        registry.register(Box::new(internal.clone()))?;
-        for k in INTERNAL_KINDS {
-            internal.with_label_values(&[k]);
-        }
-        let blocking = IntCounterVec::new(
-            Opts::new(
-                "lavit_blocking_jobs_total",
-                "CPU-bound request work run on the blocking pool, off the async workers, by job.",
-            ),
-            &["job"],
+        let blocking = labelled_counter(
+            &registry,
+            "lavit_blocking_jobs_total",
+            "CPU-bound request work run on the blocking pool, off the async workers, by job.",
+            "job",
+            &BLOCKING_JOBS,
         )?;
-        registry.register(Box::new(blocking.clone()))?;
-        for j in BLOCKING_JOBS {
-            blocking.with_label_values(&[j]);
-        }
         Ok(Metrics {
             registry,
             http,
