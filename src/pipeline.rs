@@ -21,6 +21,7 @@ use std::sync::Arc;
 use image::DynamicImage;
 use lavit_runtime::actors::{GraphOptions, Input, StageBuilders, StageGraph};
 use lavit_runtime::messages::{CaptionOptions, GenerateOptions, Output, Task, TokenEvent};
+#[cfg(feature = "testing")]
 use lavit_runtime::mock::{self, MockConfig};
 use lavit_runtime::stage::{Placement, StageError};
 use serde::Deserialize;
@@ -29,7 +30,9 @@ use tch::{Kind, Tensor};
 mod loader;
 pub use loader::builders;
 
-pub use lavit_runtime::actors::{Fault, RequestHandle};
+#[cfg(feature = "testing")]
+pub use lavit_runtime::actors::Fault;
+pub use lavit_runtime::actors::RequestHandle;
 pub use lavit_runtime::messages;
 pub use lavit_runtime::stage::{ExitStatus, StageKind};
 
@@ -52,7 +55,8 @@ pub enum StageSet {
     Language,
     /// The tokenizer stages and the Decoder (image → tokens → pixels).
     Reconstruction,
-    /// The deterministic mock stages of `lavit_runtime::mock` (tests, wiring checks).
+    /// The deterministic mock stages of `lavit_runtime::mock` (tests, wiring checks; only in
+    /// a build with the `testing` feature, which tests, examples and benches turn on).
     Mock,
 }
 
@@ -237,6 +241,9 @@ impl PipelineConfig {
             lavit_runtime::device::parse_dtype(&self.dtype)
                 .map_err(|e| Error::config(origin, "pipeline.dtype", e.to_string()))?;
         }
+        if self.stages == StageSet::Mock && !cfg!(feature = "testing") {
+            return Err(mock_unavailable(origin));
+        }
         if self.mock_work > 1 << 16 {
             return Err(Error::config(
                 origin,
@@ -329,6 +336,16 @@ pub struct Pipeline {
     stages: StageSet,
 }
 
+/// `pipeline.stages = "mock"` in a build without the mock stages.
+fn mock_unavailable(origin: &str) -> lavit_runtime::Error {
+    lavit_runtime::Error::config(
+        origin,
+        "pipeline.stages",
+        "\"mock\" needs a build with the `testing` feature (tests, examples and benches have it; \
+         `cargo build --features testing` for a binary)",
+    )
+}
+
 /// Errors of the pipeline API: the pipeline's own ([`StageError`]).
 pub type PipelineResult<T> = Result<T, StageError>;
 
@@ -336,6 +353,7 @@ impl Pipeline {
     /// Build from a config: the real stages from `checkpoint`, or the mock stages.
     pub fn build(cfg: &PipelineConfig) -> crate::Result<Self> {
         match cfg.stages {
+            #[cfg(feature = "testing")]
             StageSet::Mock => {
                 let m = MockConfig {
                     work: cfg.mock_work,
@@ -343,6 +361,8 @@ impl Pipeline {
                 };
                 Self::mock(&m, None, cfg)
             }
+            #[cfg(not(feature = "testing"))]
+            StageSet::Mock => Err(mock_unavailable("the pipeline config").into()),
             _ => {
                 let (builders, info) = builders(cfg)?;
                 let mut pipe =
@@ -369,6 +389,7 @@ impl Pipeline {
     }
 
     /// The mock stages (optionally holding the LLM and decoder loops at a gate).
+    #[cfg(feature = "testing")]
     pub fn mock(
         m: &MockConfig,
         gate: Option<mock::Gate>,
@@ -448,6 +469,24 @@ impl Pipeline {
             .await?
         {
             Output::Text { text, .. } => Ok(text),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Images (CLIP-normalised, (B, 3, S, S): [`Pipeline::preprocess`]) + one question → one
+    /// text per image, decoded as one batch in the Llm stage.
+    pub async fn captions(
+        &self,
+        images: Tensor,
+        prompt: &str,
+        opts: CaptionOptions,
+    ) -> PipelineResult<Vec<String>> {
+        let task = Task::Captions {
+            prompt: prompt.to_string(),
+            opts,
+        };
+        match self.run(task, Input::Images(images)).await? {
+            Output::Texts(t) => Ok(t.into_iter().map(|(_, text)| text).collect()),
             other => Err(unexpected(other)),
         }
     }

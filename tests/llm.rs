@@ -747,6 +747,42 @@ fn llm_stage_reproduces_the_fixture_references() {
         .collect();
     assert_eq!(got, ids);
     assert_eq!(streamed, llm.decode_text(&ids).unwrap());
+    // Several images as one left-padded batch (`captions`): each equals its own caption, and
+    // the first the reference.
+    let counts: Vec<i64> = Vec::try_from(&expected["understanding_counts"]).unwrap();
+    let mut at = 0;
+    let prefixes: Vec<Tensor> = counts
+        .iter()
+        .map(|&n| {
+            let e = expected["understanding_embeddings"].narrow(0, at, n);
+            at += n;
+            e
+        })
+        .collect();
+    assert!(prefixes.len() >= 2);
+    let batched = llm.captions(&prefixes, "", &copts, &|| false).unwrap();
+    assert_eq!(batched.len(), prefixes.len());
+    for (p, b) in prefixes.iter().zip(&batched) {
+        let one = llm.caption(p, "", &copts, &mut |_, _| true).unwrap();
+        let strip = |v: &[i64]| -> Vec<i64> {
+            v.iter()
+                .copied()
+                .take_while(|&i| i != manifest.llm.eos_id)
+                .collect()
+        };
+        assert_eq!(strip(b), strip(&one));
+    }
+    assert_eq!(
+        batched[0]
+            .iter()
+            .copied()
+            .take_while(|&i| i != manifest.llm.eos_id)
+            .collect::<Vec<_>>(),
+        ids
+    );
+    // A stop request ends the batch with `Cancelled`.
+    let e = llm.captions(&prefixes, "", &copts, &|| true).unwrap_err();
+    assert_eq!(e, lavit_runtime::stage::StageError::Cancelled);
 }
 
 #[test]

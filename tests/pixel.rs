@@ -1,8 +1,8 @@
 //! Integration tests: pixel decoding (U-Nets, VAE, schedulers, LaVIT decoding, parity).
 
 use lavit::generate::{
-    aspect_ratio_sizes, save_pngs, Condition, DecodeOptions, PixelDecoder, Resolution,
-    ASPECT_RATIOS,
+    aspect_ratio_sizes, save_pngs, visual_ids_only, Condition, DecodeOptions, PixelDecoder,
+    Resolution, ASPECT_RATIOS,
 };
 use lavit_decoder::schedulers::{
     DDIMScheduler, EulerDiscreteScheduler, Scheduler, SchedulerConfig,
@@ -586,86 +586,53 @@ pub(crate) mod training {
     }
 }
 
-/// A stand-in for the tokenizer's feature decoders that records what it was asked.
-struct RecordingDecoders {
-    seen: std::cell::RefCell<Vec<Vec<i64>>>,
-}
-
-impl lavit::generate::FeatureDecoders for RecordingDecoders {
-    fn decode_lowres(&self, ids: &[Vec<i64>]) -> lavit_runtime::Result<Tensor> {
-        self.seen.borrow_mut().extend(ids.iter().cloned());
-        Ok(Tensor::ones(
-            [ids.len() as i64, 6, 32],
-            (Kind::Float, Device::Cpu),
-        ))
-    }
-    fn decode_highres(&self, ids: &[Vec<i64>]) -> lavit_runtime::Result<(Tensor, Tensor)> {
-        self.seen.borrow_mut().extend(ids.iter().cloned());
-        let b = ids.len() as i64;
-        Ok((
-            Tensor::ones([b, 6, 80], (Kind::Float, Device::Cpu)) * 0.1,
-            Tensor::ones([b, 48], (Kind::Float, Device::Cpu)) * 0.1,
-        ))
-    }
-}
-
-/// Prompt → LLM image tokens (CFG) → feature decoder → U-Net → VAE on the fixture: the
-/// feature decoder receives exactly the visual ids the LLM produced (greedy = the reference).
+/// Prompt → LLM image tokens (CFG) → feature decoder → U-Net → VAE on the fixture, through
+/// the pipeline with either pixel decoder: the Decoder stage draws from exactly the visual
+/// ids the LLM produced (greedy = the reference), and a fixed seed draws the same pixels.
 #[test]
 fn text_to_image_runs_llm_tokens_through_the_pixel_decoder() {
-    use lavit::generate::{text_to_image, visual_ids_only, TextToImageOptions};
-    use lavit_llm::generate::{ImageTokenConfig, Sampling};
+    use lavit::pipeline::{Pipeline, PipelineConfig, StageSet};
+    use lavit_runtime::messages::GenerateOptions;
     let dir = fixture_dir();
     let manifest = lavit_runtime::manifest::LavitManifest::for_checkpoint(&dir).unwrap();
-    let lm = dir.join("language_model");
-    let (_vs, llm) =
-        lavit_llm::LlamaForCausalLM::from_pretrained(&lm, Device::Cpu, Kind::Float).unwrap();
-    let sp =
-        lavit_llm::sentencepiece::SentencePiece::from_file(&lm.join("tokenizer.model")).unwrap();
-    let vocab = lavit_llm::vocab::UnifiedVocab::from(&manifest.llm);
-    let g = &manifest.generation;
-    let fd = RecordingDecoders {
-        seen: Default::default(),
-    };
-    for res in [Resolution::Highres, Resolution::Lowres] {
-        fd.seen.borrow_mut().clear();
-        let pixels = PixelDecoder::load(&dir, res, Device::Cpu).unwrap();
-        let opts = TextToImageOptions {
-            tokens: ImageTokenConfig {
-                cfg_scale: 2.0,
-                max_new_tokens: g.t2i_max_new_tokens,
-                min_new_tokens: g.t2i_min_new_tokens,
-                sampling: Sampling::greedy(),
-                num_return_sequences: 1,
-                seed: None,
-            },
-            decode: DecodeOptions {
-                steps: 2,
-                seed: Some(3),
-                ..Default::default()
-            },
-        };
-        let out = text_to_image(
-            &llm,
-            &sp,
-            &vocab,
-            &fd,
-            &pixels,
-            std::slice::from_ref(&g.t2i_prompt),
-            &opts,
-        )
+    let reference =
+        lavit_runtime::checkpoint::load_file(&dir.join("reference/expected.safetensors")).unwrap();
+    let want: Vec<i64> = Vec::try_from(&reference["t2i_greedy_cfg_2"]).unwrap();
+    let want = visual_ids_only(&want, manifest.llm.visual_token_offset);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .unwrap();
-        let reference =
-            lavit_runtime::checkpoint::load_file(&dir.join("reference/expected.safetensors"))
-                .unwrap();
-        let want: Vec<i64> = Vec::try_from(&reference["t2i_greedy_cfg_2"]).unwrap();
-        assert_eq!(out.token_ids, vec![want.clone()]);
+    for decoder in ["highres", "lowres"] {
+        let pipe = Pipeline::build(&PipelineConfig {
+            checkpoint: Some(dir.clone()),
+            stages: StageSet::Generation,
+            pixel_decoding: decoder.into(),
+            ..PipelineConfig::default()
+        })
+        .unwrap();
+        let (w, h) = pipe.info().default_size;
+        let opts = GenerateOptions {
+            n: 1,
+            llm_guidance: 2.0,
+            temperature: 0.0,
+            steps: 2,
+            seed: 3,
+            width: w,
+            height: h,
+            ..GenerateOptions::default()
+        };
+        let prompt = &manifest.generation.t2i_prompt;
+        let a = rt
+            .block_on(pipe.generate_with_ids(prompt, opts.clone()))
+            .unwrap();
+        assert_eq!(a.ids, vec![want.clone()], "{decoder}");
         assert_eq!(
-            *fd.seen.borrow(),
-            vec![visual_ids_only(&want, vocab.visual_token_offset)]
+            (a.images[0].width(), a.images[0].height()),
+            (w as u32, h as u32)
         );
-        assert!(fd.seen.borrow()[0].iter().all(|&i| vocab.is_visual(i)));
-        assert_eq!(out.images.size(), vec![1, 3, 16, 16]);
+        let b = rt.block_on(pipe.generate_with_ids(prompt, opts)).unwrap();
+        assert_eq!(a.images[0].as_raw(), b.images[0].as_raw(), "{decoder}");
     }
 }
 

@@ -11,7 +11,9 @@ use base64::Engine;
 use lavit::pipeline::{Fault, Pipeline, PipelineConfig, StageKind};
 use lavit::serve::{self, Limits, RunningServer};
 use lavit_runtime::actors::Input;
-use lavit_runtime::messages::{CaptionOptions, GenerateOptions, Output, Task, TrainBatch};
+use lavit_runtime::messages::{
+    train_keys, CaptionOptions, GenerateOptions, Output, Task, TrainBatch,
+};
 use lavit_runtime::mock::{self, Gate, MockConfig};
 use lavit_runtime::stage::*;
 use tch::{Device, Kind, Tensor};
@@ -356,8 +358,8 @@ struct TrainSm {
 }
 impl Trainable for TrainSm {
     fn train_forward(&mut self, mut b: TrainBatch) -> StageResult<TrainBatch> {
-        let x = b.tensors["patch_features"].shallow_clone();
-        b.tensors.insert("merged".into(), x.matmul(&self.w));
+        let x = b.tensors[&train_keys::PATCH_FEATURES].shallow_clone();
+        b.tensors.insert(train_keys::MERGED, x.matmul(&self.w));
         Ok(b)
     }
     fn optimizer_step(&mut self) -> StageResult<()> {
@@ -383,10 +385,10 @@ struct TrainDec {
 }
 impl Trainable for TrainDec {
     fn train_forward(&mut self, mut b: TrainBatch) -> StageResult<TrainBatch> {
-        let rec = b.tensors["merged"].matmul(&self.w);
-        let target = &b.tensors["patch_features"];
+        let rec = b.tensors[&train_keys::MERGED].matmul(&self.w);
+        let target = &b.tensors[&train_keys::PATCH_FEATURES];
         let loss = (-Tensor::cosine_similarity(&rec, target, -1, 1e-8) + 1.0).mean(Kind::Float);
-        b.losses.push(("reconstruction".into(), loss));
+        b.losses.push((train_keys::LOSS_RECONSTRUCTION, loss));
         Ok(b)
     }
     fn optimizer_step(&mut self) -> StageResult<()> {
@@ -446,7 +448,7 @@ fn training_steps_through_the_actor_graph_lower_the_loss() {
             ]);
             batch
                 .tensors
-                .insert("patch_features".into(), feats.shallow_clone());
+                .insert(train_keys::PATCH_FEATURES, feats.shallow_clone());
             let out = g.train_forward(batch).await.unwrap();
             let loss = out.total_loss(Device::Cpu).unwrap();
             losses.push(g.backward(StageKind::Decoder, loss).await.unwrap());
@@ -1307,7 +1309,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
         .unwrap();
     let task = Task::Caption {
         prompt: "describe".into(),
-        opts: copts,
+        opts: copts.clone(),
     };
     let Output::Text { ids, text, .. } = rt
         .block_on(pipe.graph().run(task, Input::Images(x)))
@@ -1317,6 +1319,36 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
     };
     assert_eq!(ids, want);
     assert_eq!(text, direct.tokenizer.decode(&want));
+    // Several images, one question (`Task::Captions`): one batch through the actors, each
+    // caption the one the stage gives that image alone.
+    let x = images(3, 4);
+    let prefixes = sm.understanding(&enc.encode(&x).unwrap()).unwrap();
+    assert_eq!(prefixes.len(), 3);
+    let task = Task::Captions {
+        prompt: "describe".into(),
+        opts: copts.clone(),
+    };
+    let Output::Texts(texts) = rt
+        .block_on(pipe.graph().run(task, Input::Images(x)))
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(texts.len(), 3);
+    for (p, (ids, text)) in prefixes.iter().zip(&texts) {
+        let one = direct
+            .caption(p, "describe", &copts, &mut |_, _| true)
+            .unwrap();
+        let eos = direct.vocab.eos_id;
+        let strip = |v: &[i64]| {
+            v.iter()
+                .copied()
+                .take_while(|&i| i != eos)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(ids), strip(&one));
+        assert_eq!(*text, direct.tokenizer.decode(ids));
+    }
 }
 
 /// Kills the child process if the test ends early (a failing assertion), so no server is

@@ -641,8 +641,8 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
     d.set_train(true);
     let (images, _) = load_image_folder(&cfg.data_dir, m.tokenizer.img_size, 0).unwrap();
     let mut b = TrainBatch::new(vec![]);
-    b.tensors.insert(k::IMAGES.into(), images);
-    let feats = enc.train_forward(b).unwrap().tensors[k::PATCH_FEATURES].shallow_clone();
+    b.tensors.insert(k::IMAGES, images);
+    let feats = enc.train_forward(b).unwrap().tensors[&k::PATCH_FEATURES].shallow_clone();
     let n = feats.size()[0] as usize;
     let forward = |sm: &mut Box<dyn lavit_runtime::stage::SelectorMergerStage>,
                    q: &mut Box<dyn lavit_runtime::stage::QuantizerStage>,
@@ -653,12 +653,10 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
                    quantize: bool| {
         let mut b = TrainBatch::new(vec![]);
         let x = feats.index_select(0, &Tensor::from_slice(&idx));
-        b.tensors.insert(k::PATCH_FEATURES.into(), x);
-        b.tensors
-            .insert(k::GUMBEL_SEED.into(), Tensor::from(seed as i64));
-        b.tensors.insert(k::TAU.into(), Tensor::from(tau));
-        b.tensors
-            .insert(k::QUANTIZE.into(), Tensor::from(quantize as i64));
+        b.tensors.insert(k::PATCH_FEATURES, x);
+        b.tensors.insert(k::GUMBEL_SEED, Tensor::from(seed as i64));
+        b.tensors.insert(k::TAU, Tensor::from(tau));
+        b.tensors.insert(k::QUANTIZE, Tensor::from(quantize as i64));
         d.train_forward(q.train_forward(sm.train_forward(b).unwrap()).unwrap())
             .unwrap()
     };
@@ -672,7 +670,7 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
             let z: Vec<Tensor> = (0..cfg.kmeans_batches as i64)
                 .map(|j| {
                     let idx = batch_indices(cfg.seed ^ 0xc0de, j, n, cfg.batch_size);
-                    forward(&mut sm, &mut q, &mut d, idx, seed, tau, false).tensors[k::CODES_Z]
+                    forward(&mut sm, &mut q, &mut d, idx, seed, tau, false).tensors[&k::CODES_Z]
                         .shallow_clone()
                 })
                 .collect();
@@ -690,10 +688,10 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
             tau,
             step >= cfg.steps_no_quant,
         );
-        let term = |name: &str| {
+        let term = |name: lavit_runtime::messages::TrainKey| {
             out.losses
                 .iter()
-                .find(|(n, _)| n == name)
+                .find(|(n, _)| *n == name)
                 .unwrap()
                 .1
                 .shallow_clone()

@@ -39,7 +39,9 @@ use crate::inflight::{
 use crate::messages::*;
 use crate::stage::*;
 
-/// A fault to inject into the next call of a stage (chaos testing of the recovery policy).
+/// A fault to inject into the next call of a stage (chaos testing of the recovery policy;
+/// only with the `testing` feature).
+#[cfg(feature = "testing")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// The forward pass returns an error.
@@ -78,12 +80,14 @@ pub struct Shared {
     pub exits: ExitBoard,
     pub slots: [MailboxSlots; 5],
     pub devices: [Device; 5],
+    #[cfg(feature = "testing")]
     faults: Mutex<Vec<(StageKind, Fault)>>,
     healthy: AtomicBool,
     next_id: AtomicU64,
     opts: GraphOptions,
 }
 
+#[cfg(feature = "testing")]
 impl Shared {
     fn take_fault(&self, kind: StageKind) -> Option<Fault> {
         let mut f = self.faults.lock().unwrap_or_else(|e| e.into_inner());
@@ -165,9 +169,11 @@ impl Core {
         let span = meta.span.clone();
         let _req = span.enter();
         let _stage = tracing::info_span!("stage", stage = kind.name()).entered();
+        #[cfg(feature = "testing")]
         let fault = self.shared.take_fault(kind);
         let start = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(feature = "testing")]
             match fault {
                 Some(Fault::Panic) => panic!("injected panic in stage {kind}"),
                 Some(Fault::Error) => {
@@ -490,9 +496,11 @@ impl Handler<Envelope<PatchFeatures>> for SelectorMergerActor {
         let out = self.core.run(env, |meta, b| {
             let x = b.features.to_device(dev);
             match meta.task {
-                Task::Caption { .. } => Ok(SmOut::Understanding(UnderstandingEmbeds {
-                    embeds: stage.understanding(&x)?,
-                })),
+                Task::Caption { .. } | Task::Captions { .. } => {
+                    Ok(SmOut::Understanding(UnderstandingEmbeds {
+                        embeds: stage.understanding(&x)?,
+                    }))
+                }
                 _ => {
                     let (decisions, merged) = stage.select_merge(&x)?;
                     Ok(SmOut::Merged(MergedFeatures { decisions, merged }))
@@ -562,6 +570,20 @@ impl Handler<Envelope<UnderstandingEmbeds>> for LlmActor {
         };
         let dev = self.core.device;
         let out = self.core.run(env, |meta, b| {
+            if let Task::Captions { prompt, opts } = &meta.task {
+                let prefixes: Vec<Tensor> = b.embeds.iter().map(|e| e.to_device(dev)).collect();
+                let stop = || meta.tick();
+                let all = stage.captions(&prefixes, prompt, opts, &stop)?;
+                if meta.cancel.is_cancelled() {
+                    return Err(StageError::Cancelled);
+                }
+                let mut texts = Vec::with_capacity(all.len());
+                for ids in all {
+                    let text = stage.decode_text(&ids)?;
+                    texts.push((ids, text));
+                }
+                return Ok(Output::Texts(texts));
+            }
             let Task::Caption { prompt, opts } = &meta.task else {
                 return Err(StageError::Invalid(
                     "understanding embeds without a caption task".into(),
@@ -892,6 +914,7 @@ impl StageGraph {
             exits: Arc::new(DashMap::new()),
             slots: StageKind::ALL.map(|_| MailboxSlots::new(placement.mailbox)),
             devices,
+            #[cfg(feature = "testing")]
             faults: Mutex::new(Vec::new()),
             healthy: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
@@ -1050,7 +1073,9 @@ impl StageGraph {
     pub fn exit_status(&self, kind: StageKind) -> Option<ExitStatus> {
         self.shared.exits.get(&kind).map(|e| *e)
     }
-    /// The next call of `stage` fails with `fault` (chaos testing of the recovery policy).
+    /// The next call of `stage` fails with `fault` (chaos testing of the recovery policy;
+    /// only with the `testing` feature).
+    #[cfg(feature = "testing")]
     pub fn inject_fault(&self, stage: StageKind, fault: Fault) {
         self.shared
             .faults
@@ -1118,7 +1143,7 @@ impl StageGraph {
                     .forward_async(meta, GeneratePrompt { prompt })
                     .await
             }
-            (Task::Caption { .. }, Input::Embeds(embeds)) => {
+            (Task::Caption { .. } | Task::Captions { .. }, Input::Embeds(embeds)) => {
                 addrs
                     .llm
                     .forward_async(meta, UnderstandingEmbeds { embeds })

@@ -20,5 +20,7 @@ pub mod actors;
 pub mod inflight;
 pub mod kinds;
 pub mod messages;
+/// Deterministic mock stages (tests, wiring checks, examples): only with the `testing` feature.
+#[cfg(feature = "testing")]
 pub mod mock;
 pub mod stage;

@@ -161,6 +161,12 @@ pub enum Task {
         prompt: String,
         opts: CaptionOptions,
     },
+    /// Every image of the batch + the same question → one text each, decoded as one batch
+    /// in the Llm (Encoder → SelectorMerger → Llm; not streamed).
+    Captions {
+        prompt: String,
+        opts: CaptionOptions,
+    },
     /// Text → image tokens → pixels (Llm → Decoder).
     Generate { opts: GenerateOptions },
     /// Image → tokens → pixels (Encoder → SelectorMerger → Quantizer → Decoder).
@@ -173,6 +179,7 @@ impl Task {
             Task::Tokenize => "tokenize",
             Task::Select => "select",
             Task::Caption { .. } => "caption",
+            Task::Captions { .. } => "captions",
             Task::Generate { .. } => "generate",
             Task::Reconstruct { .. } => "reconstruct",
         }
@@ -195,6 +202,8 @@ pub enum Output {
         text: String,
         prompt_tokens: Option<usize>,
     },
+    /// [`Task::Captions`]: per image, in order, its generated ids and text.
+    Texts(Vec<(Vec<i64>, String)>),
     /// (n, 3, H, W) float32 in [0, 1] on the CPU, and the visual ids each image was drawn
     /// from.
     Pixels {
@@ -215,47 +224,70 @@ pub type Reply = tokio::sync::oneshot::Sender<Result<Output, StageError>>;
 // ---------------------------------------------------------------------------------------------
 // Training, through the same actors.
 
+/// The name of a tensor or loss term in a [`TrainBatch`], declared once as a constant by
+/// the stage code that writes or reads it ([`train_keys`] for the stage-1 stages,
+/// `lavit_llm::train::keys`, `lavit_decoder::train::keys`): a batch is keyed by these, never
+/// by a string made up at the call site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TrainKey(&'static str);
+
+impl TrainKey {
+    pub const fn new(name: &'static str) -> Self {
+        TrainKey(name)
+    }
+    pub const fn name(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for TrainKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 /// Names of the tensors and loss terms a stage-1 [`TrainBatch`] carries between the stages
 /// (Encoder → SelectorMerger → Quantizer → Decoder).
 pub mod train_keys {
+    use super::TrainKey;
     /// In (Encoder): images (B, 3, S, S), CLIP-normalised.
-    pub const IMAGES: &str = "images";
+    pub const IMAGES: TrainKey = TrainKey::new("images");
     /// Encoder → SelectorMerger → Quantizer → Decoder: patch features (B, N, C), no grad
     /// (frozen); the Decoder's reconstruction target.
-    pub const PATCH_FEATURES: &str = "patch_features";
+    pub const PATCH_FEATURES: TrainKey = TrainKey::new("patch_features");
     /// In (SelectorMerger): the step's Gumbel seed (0-d int64, the u64's bits).
-    pub const GUMBEL_SEED: &str = "gumbel_seed";
+    pub const GUMBEL_SEED: TrainKey = TrainKey::new("gumbel_seed");
     /// In (SelectorMerger): the Gumbel temperature (0-d double).
-    pub const TAU: &str = "tau";
+    pub const TAU: TrainKey = TrainKey::new("tau");
     /// In (Quantizer): 1 = quantise with the codebook, 0 = l2-normalised codes (0-d int64).
-    pub const QUANTIZE: &str = "quantize";
+    pub const QUANTIZE: TrainKey = TrainKey::new("quantize");
     /// SelectorMerger → Quantizer → out: keep decisions (B, N), hard, with grad.
-    pub const DECISIONS: &str = "decisions";
+    pub const DECISIONS: TrainKey = TrainKey::new("decisions");
     /// SelectorMerger → Quantizer: merged features (B, N, C), with grad.
-    pub const MERGED: &str = "merged";
+    pub const MERGED: TrainKey = TrainKey::new("merged");
     /// Quantizer → Decoder: the kept tokens' codes, padded per image (B, L, D), scaled by the
     /// keep decisions (the straight-through factor that carries the selector's gradient).
-    pub const CODES: &str = "codes";
+    pub const CODES: TrainKey = TrainKey::new("codes");
     /// Quantizer → Decoder: 1 where `codes` holds a kept token (B, L).
-    pub const CODES_MASK: &str = "codes_mask";
+    pub const CODES_MASK: TrainKey = TrainKey::new("codes_mask");
     /// Out (Decoder): mean cosine of reconstruction and features (0-d, no grad).
-    pub const COS: &str = "cos";
+    pub const COS: TrainKey = TrainKey::new("cos");
     /// Out (Quantizer): the kept tokens' codes before quantisation (T, D), no grad.
-    pub const CODES_Z: &str = "codes_z";
+    pub const CODES_Z: TrainKey = TrainKey::new("codes_z");
     /// Out (Quantizer, when quantising): code ids (T,).
-    pub const IDS: &str = "ids";
+    pub const IDS: TrainKey = TrainKey::new("ids");
     /// Loss terms: reconstruction (Decoder), kept ratio and confidence (SelectorMerger),
     /// codebook/commitment (Quantizer).
-    pub const LOSS_RECONSTRUCTION: &str = "reconstruction";
-    pub const LOSS_RATIO: &str = "ratio";
-    pub const LOSS_CONFIDENCE: &str = "confidence";
-    pub const LOSS_COMMITMENT: &str = "commitment";
+    pub const LOSS_RECONSTRUCTION: TrainKey = TrainKey::new("reconstruction");
+    pub const LOSS_RATIO: TrainKey = TrainKey::new("ratio");
+    pub const LOSS_CONFIDENCE: TrainKey = TrainKey::new("confidence");
+    pub const LOSS_COMMITMENT: TrainKey = TrainKey::new("commitment");
     /// In (optional, data-parallel training): this rank's first row in the step's global
     /// batch and the global batch's row count (0-d int64 each). A stage that draws per-row
     /// randomness (Gumbel noise, diffusion noise and timesteps) draws it for the global batch
     /// and keeps its own rows, so N ranks draw what one rank with the whole batch draws.
-    pub const ROW_OFFSET: &str = "row_offset";
-    pub const GLOBAL_ROWS: &str = "global_rows";
+    pub const ROW_OFFSET: TrainKey = TrainKey::new("row_offset");
+    pub const GLOBAL_ROWS: TrainKey = TrainKey::new("global_rows");
 }
 
 /// A training micro-batch as it flows through the stages with autograd on. Each stage adds its
@@ -266,34 +298,34 @@ pub struct TrainBatch {
     /// Named tensors: `images` (B,3,H,W), `patch_features` (B,N,C, detached: the encoder is
     /// frozen), `decisions` (B,N), `merged` (B,N,C), `quantized` (B,N,D), `reconstruction`
     /// (B,N,C), … on the device of the stage that wrote them.
-    pub tensors: std::collections::BTreeMap<String, Tensor>,
+    pub tensors: std::collections::BTreeMap<TrainKey, Tensor>,
     /// Scalar loss terms added by stages (e.g. `ratio`, `commitment`, `reconstruction`).
-    pub losses: Vec<(String, Tensor)>,
+    pub losses: Vec<(TrainKey, Tensor)>,
     /// The stages this batch still has to visit, in order.
     pub route: Vec<StageKind>,
 }
 
 impl TrainBatch {
     /// Remove a tensor a stage consumes; a clear error naming the stage when it is missing.
-    pub fn take(&mut self, key: &str, kind: StageKind) -> Result<Tensor, StageError> {
-        self.tensors.remove(key).ok_or_else(|| {
+    pub fn take(&mut self, key: TrainKey, kind: StageKind) -> Result<Tensor, StageError> {
+        self.tensors.remove(&key).ok_or_else(|| {
             StageError::Invalid(format!("stage {kind}: the training batch has no `{key}`"))
         })
     }
     /// Remove the loss term `key` a stage added; a clear error naming the stage when absent.
-    pub fn take_loss(&mut self, key: &str, kind: StageKind) -> Result<Tensor, StageError> {
+    pub fn take_loss(&mut self, key: TrainKey, kind: StageKind) -> Result<Tensor, StageError> {
         let i = self
             .losses
             .iter()
-            .position(|(k, _)| k == key)
+            .position(|(k, _)| *k == key)
             .ok_or_else(|| {
                 StageError::Invalid(format!("stage {kind}: returned no `{key}` loss"))
             })?;
         Ok(self.losses.swap_remove(i).1)
     }
     /// A tensor (usually a 0-d setting) a stage reads without consuming it.
-    pub fn get(&self, key: &str, kind: StageKind) -> Result<&Tensor, StageError> {
-        self.tensors.get(key).ok_or_else(|| {
+    pub fn get(&self, key: TrainKey, kind: StageKind) -> Result<&Tensor, StageError> {
+        self.tensors.get(&key).ok_or_else(|| {
             StageError::Invalid(format!("stage {kind}: the training batch has no `{key}`"))
         })
     }
@@ -301,9 +333,9 @@ impl TrainBatch {
     /// [`train_keys::ROW_OFFSET`] and [`train_keys::GLOBAL_ROWS`], or `(0, local)` when the
     /// batch names none (one rank). An error when the rows do not fit.
     pub fn rows(&self, local: i64, kind: StageKind) -> Result<(i64, i64), StageError> {
-        let read = |k: &str| -> Result<Option<i64>, StageError> {
+        let read = |k: TrainKey| -> Result<Option<i64>, StageError> {
             self.tensors
-                .get(k)
+                .get(&k)
                 .map(|t| {
                     t.f_int64_value(&[]).map_err(|e| {
                         StageError::Invalid(format!("stage {kind}: training batch `{k}`: {e}"))
@@ -323,9 +355,9 @@ impl TrainBatch {
     /// Name this batch's rows in the step's global batch (see [`rows`](Self::rows)).
     pub fn set_rows(&mut self, offset: i64, global: i64) {
         self.tensors
-            .insert(train_keys::ROW_OFFSET.into(), tch::Tensor::from(offset));
+            .insert(train_keys::ROW_OFFSET, tch::Tensor::from(offset));
         self.tensors
-            .insert(train_keys::GLOBAL_ROWS.into(), tch::Tensor::from(global));
+            .insert(train_keys::GLOBAL_ROWS, tch::Tensor::from(global));
     }
     pub fn new(route: Vec<StageKind>) -> Self {
         TrainBatch {

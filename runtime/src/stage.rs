@@ -183,6 +183,25 @@ pub trait LlmStage: Trainable + Send {
         opts: &CaptionOptions,
         on_token: &mut dyn FnMut(i64, &str) -> bool,
     ) -> StageResult<Vec<i64>>;
+    /// [`LlmStage::caption`] for several images with one question, not streamed: one id list
+    /// per prefix, in order. The default captions them one by one; a stage that can decode
+    /// them as one batch overrides it. `should_stop` is asked once per token.
+    fn captions(
+        &mut self,
+        prefixes: &[Tensor],
+        prompt: &str,
+        opts: &CaptionOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        let mut out = Vec::with_capacity(prefixes.len());
+        for p in prefixes {
+            out.push(self.caption(p, prompt, opts, &mut |_, _| !should_stop())?);
+            if should_stop() {
+                return Err(StageError::Cancelled);
+            }
+        }
+        Ok(out)
+    }
     /// Text ids → text.
     fn decode_text(&mut self, ids: &[i64]) -> StageResult<String>;
     /// How many positions the LLM reads before generating a caption of `prefix` and `prompt`

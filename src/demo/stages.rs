@@ -7,9 +7,8 @@
 //! - stage 2: the LLM trainer (`lavit::train::llm::train_llm`) on [image, text], [text, image]
 //!   and [text] samples;
 //! - the checkpoint folder (official LaVIT layout) that `lavit caption`, `lavit generate` and
-//!   `lavit serve` load, and the evaluation through the normal inference path
-//!   ([`VisualTokenizer::from_checkpoint`], `LlamaForCausalLM::from_pretrained`,
-//!   `lavit_llm::generate`, [`crate::generate::text_to_image`]).
+//!   `lavit serve` load, and the evaluation through the one inference path, a
+//!   [`crate::pipeline::Pipeline`] of that folder's five stages.
 
 use std::path::{Path, PathBuf};
 
@@ -26,7 +25,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::data::{self, caption, to_model_input, to_pixel_space, Split, TEMPLATES};
 use super::vocab;
-use crate::generate::{DecodeOptions, FeatureDecoders, PixelDecoder, Resolution};
+use crate::generate::FeatureDecoders;
 use crate::tokenizer::{files, LoadParts, VisualTokenizer};
 
 /// Stage-1 budget (the rest of `TokenizerTrainConfig` keeps the trainer's defaults).
@@ -679,8 +678,10 @@ pub struct EvalResult {
     pub mean_kept_ratio: f64,
 }
 
-/// Evaluates the assembled checkpoint through the normal inference code and writes the
-/// report's image grids into `report_dir`.
+/// Evaluates the assembled checkpoint through the one inference path, a [`Pipeline`] of its
+/// five stages (each loaded by its own stage loader, as `lavit serve` loads them), and writes
+/// the report's image grids into `report_dir`. The judge and the reranker (stage 0's class
+/// head on the checkpoint's frozen ViT) are the demo's own classifiers, not LaVIT inference.
 pub fn evaluate(
     ckpt: &Path,
     cfg: &EvalConfig,
@@ -690,31 +691,52 @@ pub fn evaluate(
     seed: u64,
     report_dir: &Path,
 ) -> anyhow::Result<EvalResult> {
-    use lavit_llm::generate::{generate_text, ImageTokenConfig, Sampling, TextConfig};
+    use crate::pipeline::{Pipeline, PipelineConfig, StageSet};
+    use lavit_runtime::actors::Input;
+    use lavit_runtime::messages::{CaptionOptions, GenerateOptions, Output, Task};
     let _g = tch::no_grad_guard();
-    let tok = VisualTokenizer::from_checkpoint(
-        ckpt,
-        Device::Cpu,
-        LoadParts {
-            understanding: true,
-            lowres_decoder: true,
-            highres_decoder: false,
-        },
-    )?;
-    let m = tok.manifest.clone();
+    let m = LavitManifest::for_checkpoint(ckpt)?;
     let size = m.tokenizer.img_size;
-    let lm_dir = ckpt.join("language_model");
-    let (_lvs, llm) = LlamaForCausalLM::from_pretrained(&lm_dir, Device::Cpu, Kind::Float)?;
-    let sp = SentencePiece::from_file(&lm_dir.join("tokenizer.model"))?;
-    let uv = UnifiedVocab::from(&m.llm);
-    let pixels = PixelDecoder::load(ckpt, Resolution::Lowres, Device::Cpu)?;
+    let pipe = Pipeline::build(&PipelineConfig {
+        checkpoint: Some(ckpt.to_path_buf()),
+        stages: StageSet::Checkpoint,
+        pixel_decoding: "lowres".into(),
+        ..PipelineConfig::default()
+    })
+    .with_context(|| format!("loading {}", ckpt.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let run = |task: Task, input: Input| -> anyhow::Result<Output> {
+        let what = task.name();
+        rt.block_on(pipe.run(task, input))
+            .map_err(|e| anyhow::anyhow!("evaluation {what}: {e}"))
+    };
+    let tokenize = |x: Tensor| -> anyhow::Result<Vec<Vec<i64>>> {
+        match run(Task::Tokenize, Input::Images(x))? {
+            Output::VisualIds(ids) => Ok(ids),
+            other => anyhow::bail!("tokenize answered {other:?}"),
+        }
+    };
+    let pixels_of = |out: Output| -> anyhow::Result<Tensor> {
+        match out {
+            // (b, 3, S, S) float32 in [0, 1]
+            Output::Pixels { images, .. } => Ok(images),
+            other => anyhow::bail!("expected images, got {other:?}"),
+        }
+    };
     let mut res = EvalResult {
         token_counts: vec![Vec::new(); 10],
         per_class: vec![(0.0, 0.0); 10],
         ..Default::default()
     };
 
-    // Captions + token counts on every held-out image.
+    // Captions + token counts on every held-out image, 64 images per request (the Llm stage
+    // decodes a request's captions as one batch).
+    let copts = CaptionOptions {
+        max_new_tokens: m.generation.caption_max_new_tokens.max(1) as usize,
+        ..CaptionOptions::default()
+    };
     let all: Vec<usize> = (0..eval.len()).collect();
     let mut ok = [0usize; 10];
     let n_class = eval.class_counts();
@@ -722,32 +744,22 @@ pub fn evaluate(
     let mut kept_total = 0i64;
     for chunk in all.chunks(64) {
         let x = to_model_input(&eval.batch_unit(chunk), size);
-        let counts = tok.tokenize(&x)?.counts;
-        let (feats, fcounts) = tok.encode_features(&x, tok.selection)?;
-        let mut prefixes = Vec::with_capacity(chunk.len());
-        let mut at = 0;
-        for &c in &fcounts {
-            let img = feats.narrow(0, at, c); // (T, H)
-            at += c;
-            let ids = Tensor::from_slice(&[uv.bos_id, uv.image_start_id]);
-            let pre = llm.f_embed(&ids)?;
-            let post = llm.f_embed(&Tensor::from_slice(&[uv.image_end_id]))?;
-            prefixes.push(Tensor::cat(&[pre, img.to_kind(Kind::Float), post], 0));
-        }
-        let out = generate_text(
-            &llm,
-            &uv,
-            &prefixes,
-            &TextConfig {
-                max_new_tokens: m.generation.caption_max_new_tokens,
-                ..Default::default()
-            },
-        )?;
-        for (j, &i) in chunk.iter().enumerate() {
+        let ids = tokenize(x.shallow_clone())?;
+        let texts = rt
+            .block_on(pipe.captions(x, "", copts.clone()))
+            .map_err(|e| anyhow::anyhow!("evaluation captions: {e}"))?;
+        anyhow::ensure!(
+            ids.len() == chunk.len() && texts.len() == chunk.len(),
+            "{} images gave {} token lists and {} captions",
+            chunk.len(),
+            ids.len(),
+            texts.len()
+        );
+        for ((&i, v), text) in chunk.iter().zip(&ids).zip(texts) {
             let label = eval.labels[i] as usize;
-            res.token_counts[label].push(counts[j]);
-            kept_total += counts[j];
-            let text = sp.decode(&out[j]);
+            let n = v.len() as i64;
+            res.token_counts[label].push(n);
+            kept_total += n;
             if data::class_of_caption(&text) == Some(label) {
                 ok[label] += 1;
             }
@@ -775,35 +787,37 @@ pub fn evaluate(
                 .map(|(i, _)| i)
         })
         .collect();
-    let x = to_model_input(&eval.batch_unit(&pick), size);
-    let all_ids = tok.tokenize(&x)?.ids;
     // an image whose selector kept no patch has nothing to decode: it counts as wrong and is
     // left out of the grid
-    let (kept_pick, ids): (Vec<usize>, Vec<Vec<i64>>) = pick
+    let all_ids = tokenize(to_model_input(&eval.batch_unit(&pick), size))?;
+    let kept_pick: Vec<usize> = pick
         .iter()
-        .copied()
-        .zip(all_ids)
+        .zip(&all_ids)
         .filter(|(_, v)| !v.is_empty())
-        .unzip();
+        .map(|(&i, _)| i)
+        .collect();
     anyhow::ensure!(
-        !ids.is_empty(),
+        !kept_pick.is_empty(),
         "the tokenizer kept no token of any held-out image"
     );
-    let dopts = DecodeOptions {
+    let (width, height) = pipe.info().default_size;
+    let decode = GenerateOptions {
         steps: cfg.ddim_steps,
         guidance: cfg.decoder_guidance,
-        seed: Some(seed as i64),
-        ..Default::default()
+        seed,
+        width,
+        height,
+        ..GenerateOptions::default()
     };
     let mut rec = Vec::new();
-    let bar = super::progress::Progress::new("eval reconstruct", ids.len().div_ceil(50) as u64);
-    for chunk in ids.chunks(50) {
-        // (b, 3, S, S) in [0, 1]
-        rec.push(
-            pixels
-                .decode_ids(&TokenizerDecoders(&tok), chunk, &dopts)?
-                .to_kind(Kind::Float),
-        );
+    let bar =
+        super::progress::Progress::new("eval reconstruct", kept_pick.len().div_ceil(50) as u64);
+    for chunk in kept_pick.chunks(50) {
+        let x = to_model_input(&eval.batch_unit(chunk), size);
+        let task = Task::Reconstruct {
+            opts: decode.clone(),
+        };
+        rec.push(pixels_of(run(task, Input::Images(x))?)?);
         bar.tick(String::new());
     }
     bar.finish();
@@ -840,45 +854,32 @@ pub fn evaluate(
     super::report::write_grid(&report_dir.join("reconstructions.png"), &both, 8, 3)?;
 
     // Text → image: per class prompt, LLM tokens with CFG → feature decoder → U-Net; k
-    // candidates per image reranked by stage 0's class head; judged.
+    // candidates per image reranked by stage 0's class head on the frozen ViT; judged.
+    let eva = lavit_encoder::stage::load_eva(ckpt, Device::Cpu)?;
     let k = cfg.rerank_candidates.max(1);
-    let opts = crate::generate::TextToImageOptions {
-        tokens: ImageTokenConfig {
-            cfg_scale: cfg.llm_guidance,
-            max_new_tokens: m.generation.t2i_max_new_tokens,
-            min_new_tokens: m.generation.t2i_min_new_tokens,
-            sampling: Sampling {
-                do_sample: true,
-                top_k: cfg.top_k,
-                temperature: cfg.temperature,
-                ..Sampling::default()
-            },
-            num_return_sequences: cfg.images_per_class * k,
-            seed: Some(seed),
-        },
-        decode: dopts,
+    let gen = GenerateOptions {
+        n: (cfg.images_per_class.max(1) * k) as usize,
+        llm_guidance: cfg.llm_guidance,
+        top_k: cfg.top_k.max(0) as usize,
+        temperature: cfg.temperature,
+        top_p: 1.0,
+        max_tokens: Some(m.generation.t2i_max_new_tokens.max(1) as usize),
+        min_tokens: Some(m.generation.t2i_min_new_tokens.max(0) as usize),
+        ..decode.clone()
     };
     let mut grids = Vec::new();
     let (mut t2i_ok, mut unranked_ok) = (0usize, 0usize);
     let bar = super::progress::Progress::new("eval generate", 10);
     for c in 0..10 {
         let prompt = caption(c, 0);
-        let g = crate::generate::text_to_image(
-            &llm,
-            &sp,
-            &uv,
-            &TokenizerDecoders(&tok),
-            &pixels,
-            std::slice::from_ref(&prompt),
-            &opts,
-        )?;
-        let images = g.images.to_kind(Kind::Float); // (n·k, 3, S, S) in [0, 1]
+        let task = Task::Generate { opts: gen.clone() };
+        let images = pixels_of(run(task, Input::Prompt(prompt.clone()))?)?; // (n·k, 3, S, S)
         let gray = images.mean_dim(1, true, Kind::Float); // (n·k, 1, S, S)
         let unit = data::from_pixel_space(&gray, size); // (n·k, 1, 28, 28)
         let pred = judge.predict(&unit);
         unranked_ok += pred.iter().filter(|&&p| p == c).count();
         // the reranker sees the images as the tokenizer does (its frozen ViT + stage-0 head)
-        let feats = tok.encoder_features(&to_model_input(&unit, size))?;
+        let feats = eva.patch_features(&to_model_input(&unit, size))?;
         let score = reranker
             .class_logits(&feats)
             .log_softmax(-1, Kind::Float)

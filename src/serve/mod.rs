@@ -127,7 +127,8 @@ pub struct Limits {
     #[serde(default = "d_true")]
     pub playground: bool,
     /// Test hook: `POST /admin/fault {"stage", "fault": "error" | "panic"}` makes a stage's next
-    /// forward pass fail. Off by default; never turn it on for a real deployment.
+    /// forward pass fail. Off by default, and refused by a build without the `testing`
+    /// feature; never turn it on for a real deployment.
     #[serde(default)]
     pub fault_injection: bool,
 }
@@ -256,6 +257,14 @@ impl Limits {
                     format!("must be finite and positive, got {v}"),
                 ));
             }
+        }
+        if self.fault_injection && !cfg!(feature = "testing") {
+            return Err(lavit_runtime::Error::config(
+                origin,
+                "server.fault_injection",
+                "needs a build with the `testing` feature (`cargo build --features testing`); \
+                 a release build has no fault injection",
+            ));
         }
         Ok(())
     }
@@ -812,6 +821,7 @@ async fn chat_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>)
         .streaming(stream))
 }
 
+#[cfg(feature = "testing")]
 /// `POST /admin/fault` (only with `fault_injection = true`): the named stage's next forward
 /// pass returns an error or panics, to check how clients see a 500.
 async fn fault(body: web::Bytes, st: web::Data<AppState>) -> HttpResponse {
@@ -1011,6 +1021,7 @@ pub fn spawn(pipe: Arc<Pipeline>, limits: Limits) -> anyhow::Result<RunningServe
                         .route("/health", web::get().to(health))
                         .route("/ready", web::get().to(ready))
                         .route("/metrics", web::get().to(metrics_route));
+                    #[cfg(feature = "testing")]
                     let app = if st2.limits.fault_injection {
                         app.route("/admin/fault", web::post().to(fault))
                     } else {

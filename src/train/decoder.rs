@@ -32,7 +32,7 @@ use lavit_decoder::AutoencoderKL;
 use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::dist::ProcessGroup;
-use lavit_runtime::messages::TrainBatch;
+use lavit_runtime::messages::{TrainBatch, TrainKey};
 use lavit_runtime::stage::{DecoderStage, Placement, StageKind};
 use lavit_runtime::train::driver::checkpoint_dir;
 use lavit_runtime::train::{drive, DriverConfig, LrSchedule, Metrics, Step, TrainJob, TrainState};
@@ -472,10 +472,10 @@ pub fn train_placed(
 const DEC: StageKind = StageKind::Decoder;
 
 /// Send one forward message to the Decoder stage.
-async fn forward(g: &StageGraph, tensors: Vec<(&str, Tensor)>) -> Result<TrainBatch> {
+async fn forward(g: &StageGraph, tensors: Vec<(TrainKey, Tensor)>) -> Result<TrainBatch> {
     let mut b = TrainBatch::new(vec![DEC]);
     for (k, t) in tensors {
-        b.tensors.insert(k.into(), t);
+        b.tensors.insert(k, t);
     }
     Ok(g.train_forward(b).await?)
 }
@@ -508,7 +508,7 @@ async fn eval_loss(g: &StageGraph, eval: &(Tensor, Tensor, Tensor)) -> Result<f6
     .await?;
     let l = out
         .tensors
-        .get(keys::EVAL_LOSS)
+        .get(&keys::EVAL_LOSS)
         .context("the Decoder stage returned no eval_loss")?;
     Ok(l.double_value(&[]))
 }
@@ -534,8 +534,8 @@ impl TrainJob for DecoderJob<'_> {
         // TrainForward: the noise, timesteps and condition dropout are drawn on the stage,
         // for the global batch (this rank keeps its rows).
         let mut batch = TrainBatch::new(vec![DEC]);
-        batch.tensors.insert(keys::IMAGES.into(), img);
-        batch.tensors.insert(keys::COND.into(), cond);
+        batch.tensors.insert(keys::IMAGES, img);
+        batch.tensors.insert(keys::COND, cond);
         if world > 1 {
             batch.set_rows(rows.start as i64, b * world);
         }
@@ -715,7 +715,7 @@ async fn sample_grid(
     let out = forward(g, vec![(keys::SAMPLE_COND, cond), (keys::SAMPLE_HW, hw)]).await?;
     let samples = out
         .tensors
-        .get(keys::SAMPLES)
+        .get(&keys::SAMPLES)
         .context("the Decoder stage returned no samples")?
         .to_device(img.device());
     let _g = tch::no_grad_guard();

@@ -28,6 +28,7 @@ use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::dist::ProcessGroup;
 use lavit_runtime::manifest::LavitManifest;
+use lavit_runtime::messages::TrainKey;
 use lavit_runtime::stage::{LlmStage, Placement, StageKind};
 use lavit_runtime::train::{
     drive, splitmix64, DriverConfig, LrSchedule, Metrics, Step, TrainJob, TrainState,
@@ -206,9 +207,9 @@ impl TrainJob for LlmJob<'_> {
             let mut batch = p.to_batch();
             batch
                 .tensors
-                .insert(keys::TARGETS.into(), Tensor::from(per_rank as f32));
+                .insert(keys::TARGETS, Tensor::from(per_rank as f32));
             let mut out = s.forward(batch).await?;
-            let stat = |k: &str| out.tensors.get(k).map_or(0.0, |t| t.double_value(&[]));
+            let stat = |k: TrainKey| out.tensors.get(&k).map_or(0.0, |t| t.double_value(&[]));
             ts += stat(keys::TEXT_SUM);
             tn += stat(keys::TEXT_N);
             vsum += stat(keys::VISUAL_SUM);

@@ -45,7 +45,7 @@ use lavit_runtime::actors::{GraphOptions, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::dist::ProcessGroup;
 use lavit_runtime::manifest::LavitManifest;
-use lavit_runtime::messages::TrainBatch;
+use lavit_runtime::messages::{TrainBatch, TrainKey};
 use lavit_runtime::plugin_host::PluginsConfig;
 use lavit_runtime::stage::{Placement, StageKind};
 use lavit_runtime::train::{
@@ -580,12 +580,12 @@ async fn forward(
         StageKind::Decoder,
     ]);
     b.tensors
-        .insert(keys::PATCH_FEATURES.into(), feats.shallow_clone());
+        .insert(keys::PATCH_FEATURES, feats.shallow_clone());
     b.tensors
-        .insert(keys::GUMBEL_SEED.into(), Tensor::from(s.seed as i64));
-    b.tensors.insert(keys::TAU.into(), Tensor::from(tau));
+        .insert(keys::GUMBEL_SEED, Tensor::from(s.seed as i64));
+    b.tensors.insert(keys::TAU, Tensor::from(tau));
     b.tensors
-        .insert(keys::QUANTIZE.into(), Tensor::from(quantize as i64));
+        .insert(keys::QUANTIZE, Tensor::from(quantize as i64));
     if let Some((offset, global)) = rows {
         b.set_rows(offset, global);
     }
@@ -596,8 +596,8 @@ fn missing(what: &str) -> lavit_runtime::Error {
     lavit_runtime::Error::invalid(format!("the stage-1 stages returned no `{what}`"))
 }
 
-fn out_tensor(b: &mut TrainBatch, name: &str) -> lavit_runtime::Result<Tensor> {
-    b.tensors.remove(name).ok_or_else(|| missing(name))
+fn out_tensor(b: &mut TrainBatch, name: TrainKey) -> lavit_runtime::Result<Tensor> {
+    b.tensors.remove(&name).ok_or_else(|| missing(name.name()))
 }
 
 /// Stage 1 as a job of the shared driver: every step draws `batch_size × world` images (by
@@ -660,7 +660,7 @@ impl TrainJob for TokenizerJob<'_> {
         let kept = out_tensor(&mut out, keys::DECISIONS)?
             .mean(Kind::Float)
             .double_value(&[]);
-        let ids = out.tensors.remove(keys::IDS);
+        let ids = out.tensors.remove(&keys::IDS);
         drop(out);
         s.backward(StageKind::Decoder, loss).await?;
         let (usage, ppl) = match &ids {
@@ -803,7 +803,7 @@ pub fn train_with_images(
         let mut v = Vec::new();
         for c in images.split(16, 0) {
             let mut b = TrainBatch::new(vec![StageKind::Encoder]);
-            b.tensors.insert(keys::IMAGES.into(), c);
+            b.tensors.insert(keys::IMAGES, c);
             let mut out = futures::executor::block_on(graph.train_forward(b))?;
             v.push(out_tensor(&mut out, keys::PATCH_FEATURES)?);
         }

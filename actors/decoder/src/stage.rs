@@ -161,10 +161,10 @@ impl DecoderStageModel {
         let rec_loss = (cos.neg() + 1.0).mean(Kind::Float);
         batch
             .losses
-            .push((train_keys::LOSS_RECONSTRUCTION.into(), rec_loss));
+            .push((train_keys::LOSS_RECONSTRUCTION, rec_loss));
         batch
             .tensors
-            .insert(train_keys::COS.into(), cos.mean(Kind::Float).detach());
+            .insert(train_keys::COS, cos.mean(Kind::Float).detach());
         Ok(batch)
     }
 }

@@ -8,7 +8,7 @@
 //! `OptimizerStepWith` messages; this holds what the stage needs between them.
 
 use lavit_runtime::checkpoint;
-use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainParts};
+use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainKey, TrainParts};
 use lavit_runtime::stage::{StageError, StageKind, StageResult};
 use lavit_runtime::train::{is_no_decay, var_store_state_dict, AdamW, AdamWConfig};
 use lavit_runtime::TchContext;
@@ -21,21 +21,22 @@ use crate::unet_2d_condition::UNet2DConditionModel;
 
 /// Names of the tensors a stage-1b [`TrainBatch`] carries to and from the Decoder stage.
 pub mod keys {
+    use lavit_runtime::messages::TrainKey;
     /// In (a training step): images (B, C, H, W) in [-1, 1] and their conditions (B, L, dim).
-    pub const IMAGES: &str = "images";
-    pub const COND: &str = "cond";
+    pub const IMAGES: TrainKey = TrainKey::new("images");
+    pub const COND: TrainKey = TrainKey::new("cond");
     /// Out (a training step): the loss term.
-    pub const LOSS: &str = "loss";
+    pub const LOSS: TrainKey = TrainKey::new("loss");
     /// In (an evaluation): images, `COND`, and the seed of the noise and timesteps (0-d).
-    pub const EVAL_IMAGES: &str = "eval_images";
-    pub const EVAL_SEED: &str = "eval_seed";
+    pub const EVAL_IMAGES: TrainKey = TrainKey::new("eval_images");
+    pub const EVAL_SEED: TrainKey = TrainKey::new("eval_seed");
     /// Out (an evaluation): the denoising loss (0-d, no grad).
-    pub const EVAL_LOSS: &str = "eval_loss";
+    pub const EVAL_LOSS: TrainKey = TrainKey::new("eval_loss");
     /// In (sampling): conditions (n, L, dim) and the output size [H, W].
-    pub const SAMPLE_COND: &str = "sample_cond";
-    pub const SAMPLE_HW: &str = "sample_hw";
+    pub const SAMPLE_COND: TrainKey = TrainKey::new("sample_cond");
+    pub const SAMPLE_HW: TrainKey = TrainKey::new("sample_hw");
     /// Out (sampling): the EMA U-Net's samples (n, C, H, W) in [-1, 1].
-    pub const SAMPLES: &str = "samples";
+    pub const SAMPLES: TrainKey = TrainKey::new("samples");
 }
 
 /// Optimisation and bookkeeping.
@@ -201,8 +202,8 @@ impl DecoderTrainer {
     /// - `sample_cond` (n, L, dim) + `sample_hw` ([H, W]): DDIM samples of the EMA U-Net with
     ///   decoder guidance and zero negative conditions (`samples`, (n, C, H, W) in [-1, 1]).
     pub fn forward(&self, pixels: &PixelDecoder, mut b: TrainBatch) -> StageResult<TrainBatch> {
-        let get = |k: &str| b.tensors.get(k).map(Tensor::shallow_clone);
-        let need = |k: &str| {
+        let get = |k: TrainKey| b.tensors.get(&k).map(Tensor::shallow_clone);
+        let need = |k: TrainKey| {
             get(k).ok_or_else(|| StageError::Invalid(format!("training batch has no `{k}`")))
         };
         let dev = pixels.device;
@@ -235,10 +236,8 @@ impl DecoderTrainer {
             let pred = unet
                 .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
                 .map_err(stage_fail)?;
-            b.losses.push((
-                keys::LOSS.into(),
-                pred.mse_loss(&target, tch::Reduction::Mean),
-            ));
+            b.losses
+                .push((keys::LOSS, pred.mse_loss(&target, tch::Reduction::Mean)));
         } else if let Some(img) = get(keys::EVAL_IMAGES) {
             let _g = tch::no_grad_guard();
             let cond = need(keys::COND)?;
@@ -256,14 +255,14 @@ impl DecoderTrainer {
                 .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
                 .map_err(stage_fail)?;
             b.tensors.insert(
-                keys::EVAL_LOSS.into(),
+                keys::EVAL_LOSS,
                 pred.mse_loss(&target, tch::Reduction::Mean),
             );
         } else if let Some(cond) = get(keys::SAMPLE_COND) {
             let hw = Vec::<i64>::try_from(&need(keys::SAMPLE_HW)?.to_device(Device::Cpu))
                 .map_err(stage_fail)?;
             let samples = self.sample(pixels, &cond, hw[0], hw[1])?;
-            b.tensors.insert(keys::SAMPLES.into(), samples);
+            b.tensors.insert(keys::SAMPLES, samples);
         } else {
             return Err(StageError::Invalid(
                 "decoder training batch: needs `images`, `eval_images` or `sample_cond`".into(),

@@ -98,7 +98,7 @@ impl Trainable for EncoderStageModel {
         let images = batch.take(train_keys::IMAGES, StageKind::Encoder)?;
         let _g = tch::no_grad_guard();
         let f = self.patch_features(&images).map_err(stage_err)?;
-        batch.tensors.insert(train_keys::PATCH_FEATURES.into(), f);
+        batch.tensors.insert(train_keys::PATCH_FEATURES, f);
         Ok(batch)
     }
     fn set_train(&mut self, train: bool) {

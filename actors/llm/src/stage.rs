@@ -122,6 +122,18 @@ impl LlmStageModel {
         self.train.as_mut().ok_or_else(not_training)
     }
 
+    fn text_config(opts: &CaptionOptions) -> TextConfig {
+        TextConfig {
+            max_new_tokens: opts.max_new_tokens as i64,
+            min_new_tokens: opts.min_new_tokens as i64,
+            sampling: Self::sampling(opts.temperature, opts.top_k, opts.top_p),
+            num_beams: opts.num_beams as i64,
+            repetition_penalty: opts.repetition_penalty,
+            seed: Some(opts.seed),
+            ..TextConfig::default()
+        }
+    }
+
     fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
         if temperature <= 0.0 || top_k == 1 {
             Sampling::greedy()
@@ -182,15 +194,7 @@ impl LlmStage for LlmStageModel {
         }
         let _g = tch::no_grad_guard();
         let built = build_sequence(&self.model, &self.vocab, &segments).map_err(fail)?;
-        let cfg = TextConfig {
-            max_new_tokens: opts.max_new_tokens as i64,
-            min_new_tokens: opts.min_new_tokens as i64,
-            sampling: Self::sampling(opts.temperature, opts.top_k, opts.top_p),
-            num_beams: opts.num_beams as i64,
-            repetition_penalty: opts.repetition_penalty,
-            seed: Some(opts.seed),
-            ..TextConfig::default()
-        };
+        let cfg = Self::text_config(opts);
         // Stream each new id with its text piece as it is generated (one host read per
         // token, the one the loop makes anyway); `on_token` answering `false` stops the loop.
         let eos = self.vocab.eos_id;
@@ -231,6 +235,39 @@ impl LlmStage for LlmStageModel {
             }
         }
         Ok(ids)
+    }
+
+    fn captions(
+        &mut self,
+        prefixes: &[Tensor],
+        prompt: &str,
+        opts: &CaptionOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        let question = (!prompt.is_empty()).then(|| self.tokenizer.encode(prompt));
+        let _g = tch::no_grad_guard();
+        let mut seqs = Vec::with_capacity(prefixes.len());
+        for p in prefixes {
+            let mut segments = vec![Segment::ImageEmbeds(p.shallow_clone())];
+            if let Some(q) = &question {
+                segments.push(Segment::Text(q.clone()));
+            }
+            seqs.push(
+                build_sequence(&self.model, &self.vocab, &segments)
+                    .map_err(fail)?
+                    .embeds,
+            );
+        }
+        // One left-padded batch through the same loop as `caption`.
+        generate_text_with(
+            &self.model,
+            &self.vocab,
+            &seqs,
+            &Self::text_config(opts),
+            should_stop,
+            None,
+        )
+        .map_err(stage_err)
     }
 
     fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {

@@ -11,7 +11,7 @@
 //! - [text, image] (generation): `[BOS] text [IMG] visual ids [/IMG]`, all targets.
 
 use lavit_runtime::checkpoint;
-use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainParts};
+use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainKey, TrainParts};
 use lavit_runtime::stage::{StageError, StageKind, StageResult};
 use lavit_runtime::train::{is_no_decay, var_store_state_dict, AdamW, AdamWConfig, LrSchedule};
 use serde::Deserialize;
@@ -26,27 +26,28 @@ use crate::vocab::{UnifiedVocab, IGNORE};
 /// stage (the driver writes the packed rows and `TARGETS`, the stage adds `LOSS` and the
 /// per-kind statistics).
 pub mod keys {
+    use lavit_runtime::messages::TrainKey;
     /// In: packed token ids (R, L), 0 where the input is continuous.
-    pub const IDS: &str = "ids";
+    pub const IDS: TrainKey = TrainKey::new("ids");
     /// In: next-token labels (R, L), `IGNORE` where there is none.
-    pub const LABELS: &str = "labels";
+    pub const LABELS: TrainKey = TrainKey::new("labels");
     /// In: positions restarting at 0 per sample (R, L).
-    pub const POSITION_IDS: &str = "position_ids";
+    pub const POSITION_IDS: TrainKey = TrainKey::new("position_ids");
     /// In: sample index of each position (R, L) (block-diagonal attention).
-    pub const SEGMENTS: &str = "segments";
+    pub const SEGMENTS: TrainKey = TrainKey::new("segments");
     /// In (optional): continuous blocks as (row, start) pairs, their lengths, their features.
-    pub const CONT_AT: &str = "cont_at";
-    pub const CONT_LEN: &str = "cont_len";
-    pub const CONT_FEATURES: &str = "cont_features";
+    pub const CONT_AT: TrainKey = TrainKey::new("cont_at");
+    pub const CONT_LEN: TrainKey = TrainKey::new("cont_len");
+    pub const CONT_FEATURES: TrainKey = TrainKey::new("cont_features");
     /// In: the step's target count over all its micro-batches (0-d).
-    pub const TARGETS: &str = "targets";
+    pub const TARGETS: TrainKey = TrainKey::new("targets");
     /// Out: the loss term (summed cross-entropy / targets).
-    pub const LOSS: &str = "loss";
+    pub const LOSS: TrainKey = TrainKey::new("loss");
     /// Out: summed loss and target counts of the text and the visual targets (0-d, no grad).
-    pub const TEXT_SUM: &str = "text_sum";
-    pub const TEXT_N: &str = "text_n";
-    pub const VISUAL_SUM: &str = "visual_sum";
-    pub const VISUAL_N: &str = "visual_n";
+    pub const TEXT_SUM: TrainKey = TrainKey::new("text_sum");
+    pub const TEXT_N: TrainKey = TrainKey::new("text_n");
+    pub const VISUAL_SUM: TrainKey = TrainKey::new("visual_sum");
+    pub const VISUAL_N: TrainKey = TrainKey::new("visual_n");
 }
 
 /// One training sample.
@@ -234,17 +235,17 @@ impl Packed {
     pub fn to_batch(&self) -> TrainBatch {
         let mut b = TrainBatch::new(vec![StageKind::Llm]);
         let t = &mut b.tensors;
-        t.insert(keys::IDS.into(), self.ids.shallow_clone());
-        t.insert(keys::LABELS.into(), self.labels.shallow_clone());
-        t.insert(keys::POSITION_IDS.into(), self.position_ids.shallow_clone());
-        t.insert(keys::SEGMENTS.into(), self.segments.shallow_clone());
+        t.insert(keys::IDS, self.ids.shallow_clone());
+        t.insert(keys::LABELS, self.labels.shallow_clone());
+        t.insert(keys::POSITION_IDS, self.position_ids.shallow_clone());
+        t.insert(keys::SEGMENTS, self.segments.shallow_clone());
         if !self.cont.is_empty() {
             let at: Vec<i64> = self.cont.iter().flat_map(|(r, s, _)| [*r, *s]).collect();
             let len: Vec<i64> = self.cont.iter().map(|(_, _, f)| f.size()[0]).collect();
             let feats: Vec<&Tensor> = self.cont.iter().map(|(_, _, f)| f).collect();
-            t.insert(keys::CONT_AT.into(), Tensor::from_slice(&at).view([-1, 2]));
-            t.insert(keys::CONT_LEN.into(), Tensor::from_slice(&len));
-            t.insert(keys::CONT_FEATURES.into(), Tensor::cat(&feats, 0));
+            t.insert(keys::CONT_AT, Tensor::from_slice(&at).view([-1, 2]));
+            t.insert(keys::CONT_LEN, Tensor::from_slice(&len));
+            t.insert(keys::CONT_FEATURES, Tensor::cat(&feats, 0));
         }
         b
     }
@@ -286,15 +287,15 @@ impl Packed {
 
     /// The micro-batch back from a training message (see [`Packed::to_batch`]).
     pub fn from_batch(b: &TrainBatch) -> StageResult<Packed> {
-        let get = |k: &str| {
+        let get = |k: TrainKey| {
             b.tensors
-                .get(k)
+                .get(&k)
                 .map(Tensor::shallow_clone)
                 .ok_or_else(|| StageError::Invalid(format!("training batch has no `{k}`")))
         };
         let labels = get(keys::LABELS)?;
         let mut cont = Vec::new();
-        if b.tensors.contains_key(keys::CONT_AT) {
+        if b.tensors.contains_key(&keys::CONT_AT) {
             let host = |t: Tensor| {
                 Vec::<i64>::try_from(&t.to_device(Device::Cpu))
                     .map_err(|e| StageError::Invalid(format!("training batch: {e}")))
@@ -531,7 +532,7 @@ impl LlmTrainer {
         let p = Packed::from_batch(&b)?;
         let targets = b
             .tensors
-            .get(keys::TARGETS)
+            .get(&keys::TARGETS)
             .map(Tensor::shallow_clone)
             .ok_or_else(|| StageError::Invalid("training batch has no `targets`".into()))?;
         let run = || packed_loss(&llm.model, self.vit_proj.as_ref(), &llm.vocab, &p);
@@ -541,14 +542,14 @@ impl LlmTrainer {
             run()
         };
         let loss = sum / targets.to_device(llm.model.device());
-        b.losses.push((keys::LOSS.into(), loss));
+        b.losses.push((keys::LOSS, loss));
         for (k, v) in [
             (keys::TEXT_SUM, ts),
             (keys::TEXT_N, tn),
             (keys::VISUAL_SUM, vs),
             (keys::VISUAL_N, vn),
         ] {
-            b.tensors.insert(k.into(), v);
+            b.tensors.insert(k, v);
         }
         Ok(b)
     }

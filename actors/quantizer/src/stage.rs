@@ -240,15 +240,13 @@ impl Trainable for QuantizerStageModel {
         t.last = ids
             .as_ref()
             .map(|i| (z_flat.shallow_clone(), i.shallow_clone()));
-        batch
-            .losses
-            .push((train_keys::LOSS_COMMITMENT.into(), qloss));
-        batch.tensors.insert(train_keys::CODES.into(), codes);
-        batch.tensors.insert(train_keys::CODES_MASK.into(), mask);
-        batch.tensors.insert(train_keys::DECISIONS.into(), dec);
-        batch.tensors.insert(train_keys::CODES_Z.into(), z_flat);
+        batch.losses.push((train_keys::LOSS_COMMITMENT, qloss));
+        batch.tensors.insert(train_keys::CODES, codes);
+        batch.tensors.insert(train_keys::CODES_MASK, mask);
+        batch.tensors.insert(train_keys::DECISIONS, dec);
+        batch.tensors.insert(train_keys::CODES_Z, z_flat);
         if let Some(ids) = ids {
-            batch.tensors.insert(train_keys::IDS.into(), ids);
+            batch.tensors.insert(train_keys::IDS, ids);
         }
         Ok(batch)
     }

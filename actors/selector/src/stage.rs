@@ -281,15 +281,11 @@ impl Trainable for SelectorMergerStageModel {
         let merged = self.causal_encoder.forward(&feats, &dec); // (B, N, C)
         let (_, loss) = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
         let (ratio, confidence) = selector_loss(&log_probs, &dec, loss);
-        batch.losses.push((train_keys::LOSS_RATIO.into(), ratio));
-        batch
-            .losses
-            .push((train_keys::LOSS_CONFIDENCE.into(), confidence));
-        batch
-            .tensors
-            .insert(train_keys::PATCH_FEATURES.into(), feats);
-        batch.tensors.insert(train_keys::DECISIONS.into(), dec);
-        batch.tensors.insert(train_keys::MERGED.into(), merged);
+        batch.losses.push((train_keys::LOSS_RATIO, ratio));
+        batch.losses.push((train_keys::LOSS_CONFIDENCE, confidence));
+        batch.tensors.insert(train_keys::PATCH_FEATURES, feats);
+        batch.tensors.insert(train_keys::DECISIONS, dec);
+        batch.tensors.insert(train_keys::MERGED, merged);
         Ok(batch)
     }
     fn optimizer_step_with(&mut self, ctl: &StepControl) -> StageResult<StepReport> {

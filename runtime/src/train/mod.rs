@@ -10,9 +10,9 @@
 //! impl TrainJob for MyJob {
 //!     async fn step(&mut self, s: &mut Step<'_>) -> Result<Metrics> {
 //!         let mut b = TrainBatch::new(vec![StageKind::Decoder]);
-//!         b.tensors.insert("images".into(), self.data[s.step as usize % self.data.len()].shallow_clone());
+//!         b.tensors.insert(keys::IMAGES, self.data[s.step as usize % self.data.len()].shallow_clone());
 //!         let mut out = s.forward(b).await?;
-//!         s.backward(StageKind::Decoder, out.take_loss("loss", StageKind::Decoder)?).await?;
+//!         s.backward(StageKind::Decoder, out.take_loss(keys::LOSS, StageKind::Decoder)?).await?;
 //!         Ok(vec![])
 //!     }
 //! }
