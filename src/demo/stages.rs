@@ -809,7 +809,7 @@ pub fn evaluate(
     bar.finish();
     let rec = Tensor::cat(&rec, 0);
     let gray = rec.mean_dim(1, true, Kind::Float);
-    let pred = judge.predict(&data::from_pixel_space(&gray, size));
+    let pred = judge.predict(&data::from_pixel_space(&gray, size))?;
     let hits = kept_pick
         .iter()
         .zip(&pred)
@@ -875,7 +875,7 @@ pub fn evaluate(
         let images = g.images.to_kind(Kind::Float); // (n·k, 3, S, S) in [0, 1]
         let gray = images.mean_dim(1, true, Kind::Float); // (n·k, 1, S, S)
         let unit = data::from_pixel_space(&gray, size); // (n·k, 1, 28, 28)
-        let pred = judge.predict(&unit);
+        let pred = judge.predict(&unit)?;
         unranked_ok += pred.iter().filter(|&&p| p == c).count();
         // the reranker sees the images as the tokenizer does (its frozen ViT + stage-0 head)
         let feats = tok.encoder_features(&to_model_input(&unit, size))?;
