@@ -13,6 +13,9 @@
 //! ```
 //! `LAVIT_BENCH_THREADS` sets libtorch's intra-op threads (default 2).
 
+// A benchmark stops at the first failure: unwrap/expect (denied in library code) are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

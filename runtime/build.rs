@@ -26,10 +26,17 @@ fn main() {
     if env::var("CARGO_FEATURE_DOC_ONLY").is_ok() {
         return;
     }
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest = PathBuf::from(
+        env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|e| fail(format!("CARGO_MANIFEST_DIR: {e}"))),
+    );
     let root = manifest
         .parent()
-        .expect("runtime/ lives in the workspace")
+        .unwrap_or_else(|| {
+            fail(format!(
+                "{}: runtime/ has no parent folder (the workspace)",
+                manifest.display()
+            ))
+        })
         .to_path_buf();
 
     let libtorch = var("LIBTORCH").map(PathBuf::from).unwrap_or_else(|| {

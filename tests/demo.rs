@@ -138,8 +138,8 @@ fn judge_learns_from_real_images_only() {
         ..DemoConfig::quick().judge
     };
     let mut j = demo::judge::Judge::new(&cfg, 0);
-    j.train(&cfg, &train, 0);
-    let acc = j.accuracy(&held);
+    j.train(&cfg, &train, 0).unwrap();
+    let acc = j.accuracy(&held).unwrap();
     assert!(acc > 0.5, "judge held-out accuracy {acc:.3} (chance 0.1)");
 
     // The judge trains beside another stage in the demo: its training (dropout included)
@@ -150,7 +150,7 @@ fn judge_learns_from_real_images_only() {
         let mut j = demo::judge::Judge::new(&cfg, 3);
         j.vs.copy(&start.vs).unwrap();
         tch::manual_seed(global);
-        j.train(&cfg, &train, seed);
+        j.train(&cfg, &train, seed).unwrap();
         j.vs.variables()["fc1.weight"].copy()
     };
     let (a, b, c) = (trained(3, 1), trained(3, 2), trained(4, 1));

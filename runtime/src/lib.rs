@@ -13,6 +13,7 @@ pub mod layout;
 pub mod manifest;
 pub mod parity;
 pub mod plugin_host;
+pub mod shape;
 pub mod train;
 
 pub use error::{Error, Result, TchContext};

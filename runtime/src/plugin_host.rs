@@ -300,8 +300,9 @@ impl PluginHost {
             backbones = ?info.backbones,
             "loaded plugin"
         );
+        let index = self.plugins.len();
         self.plugins.push(info);
-        Ok(self.plugins.last().expect("just pushed"))
+        Ok(&self.plugins[index])
     }
 
     /// The plugins loaded so far, in load order.

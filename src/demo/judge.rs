@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use anyhow::Context;
 use lavit_runtime::train::{torch_rng_turn, StepRng};
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
@@ -103,8 +104,15 @@ impl Judge {
     }
 
     /// Trains on `train` (real images only) and returns the loss per step.
-    pub fn train(&mut self, cfg: &JudgeConfig, train: &Split, seed: u64) -> Vec<f64> {
-        let mut opt = nn::Adam::default().build(&self.vs, cfg.lr).expect("adam");
+    pub fn train(
+        &mut self,
+        cfg: &JudgeConfig,
+        train: &Split,
+        seed: u64,
+    ) -> anyhow::Result<Vec<f64>> {
+        let mut opt = nn::Adam::default()
+            .build(&self.vs, cfg.lr)
+            .context("judge: building the Adam optimiser")?;
         let dropout = StepRng::new(seed);
         let mut order = Order::new(train.len(), seed);
         let mut losses = Vec::with_capacity(cfg.steps);
@@ -126,7 +134,7 @@ impl Judge {
             bar.tick(format!("loss {l:.3}"));
         }
         bar.finish();
-        losses
+        Ok(losses)
     }
 
     /// The hidden layer (after `fc1` and ReLU) of [B, 1, 28, 28] images in [0, 1]: [B, hidden],
@@ -143,32 +151,32 @@ impl Judge {
     }
 
     /// Predicted classes of [B, 1, 28, 28] images in [0, 1].
-    pub fn predict(&self, x: &Tensor) -> Vec<usize> {
+    pub fn predict(&self, x: &Tensor) -> anyhow::Result<Vec<usize>> {
         tch::no_grad(|| {
             let mut out = Vec::with_capacity(x.size()[0] as usize);
             for chunk in x.split(512, 0) {
                 let p = self.logits(&chunk, None).argmax(-1, false);
                 out.extend(
                     Vec::<i64>::try_from(&p)
-                        .unwrap()
+                        .context("judge: reading the predicted classes")?
                         .into_iter()
                         .map(|v| v as usize),
                 );
             }
-            out
+            Ok(out)
         })
     }
 
     /// Accuracy on a split.
-    pub fn accuracy(&self, split: &Split) -> f64 {
+    pub fn accuracy(&self, split: &Split) -> anyhow::Result<f64> {
         let idx: Vec<usize> = (0..split.len()).collect();
-        let pred = self.predict(&split.batch_unit(&idx));
+        let pred = self.predict(&split.batch_unit(&idx))?;
         let ok = pred
             .iter()
             .zip(&split.labels)
             .filter(|(p, l)| **p == **l as usize)
             .count();
-        ok as f64 / split.len().max(1) as f64
+        Ok(ok as f64 / split.len().max(1) as f64)
     }
 
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {

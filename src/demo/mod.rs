@@ -73,12 +73,16 @@ impl lavit_runtime::config::Validate for DemoConfig {}
 
 impl DemoConfig {
     /// `configs/demo.toml` (compiled in, so the binary runs from any folder).
+    // why: the text is compiled in and parsed by tests/demo.rs, so it cannot fail at run time.
+    #[allow(clippy::expect_used)]
     pub fn full() -> Self {
         Self::parse(include_str!("../../configs/demo.toml"), "configs/demo.toml")
             .expect("configs/demo.toml is valid")
     }
 
     /// `configs/demo-quick.toml`: the CI-sized run.
+    // why: the text is compiled in and parsed by tests/demo.rs, so it cannot fail at run time.
+    #[allow(clippy::expect_used)]
     pub fn quick() -> Self {
         Self::parse(
             include_str!("../../configs/demo-quick.toml"),
@@ -412,9 +416,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
             // evaluation alone.
             let judged = st.run("judge", &(&cfg.judge, &cfg.data, cfg.seed), |dir| {
                 let mut j = fresh_judge;
-                let losses = j.train(&cfg.judge, train, cfg.seed);
+                let losses = j.train(&cfg.judge, train, cfg.seed)?;
                 j.save(&dir.join("judge.safetensors"))?;
-                let accuracy = j.accuracy(&data.eval);
+                let accuracy = j.accuracy(&data.eval)?;
                 tracing::info!(
                     "judge accuracy on held-out real images: {:.1} %",
                     accuracy * 100.0

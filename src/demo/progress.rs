@@ -23,7 +23,7 @@ impl Progress {
             ProgressStyle::with_template(
                 "{prefix:>12} [{elapsed_precise}] {bar:30} {pos}/{len} ({eta}) {msg}",
             )
-            .expect("static template")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
         bar.set_prefix(name.to_string());

@@ -823,7 +823,7 @@ pub fn evaluate(
     bar.finish();
     let rec = Tensor::cat(&rec, 0);
     let gray = rec.mean_dim(1, true, Kind::Float);
-    let pred = judge.predict(&data::from_pixel_space(&gray, size));
+    let pred = judge.predict(&data::from_pixel_space(&gray, size))?;
     let hits = kept_pick
         .iter()
         .zip(&pred)
@@ -876,7 +876,7 @@ pub fn evaluate(
         let images = pixels_of(run(task, Input::Prompt(prompt.clone()))?)?; // (n·k, 3, S, S)
         let gray = images.mean_dim(1, true, Kind::Float); // (n·k, 1, S, S)
         let unit = data::from_pixel_space(&gray, size); // (n·k, 1, 28, 28)
-        let pred = judge.predict(&unit);
+        let pred = judge.predict(&unit)?;
         unranked_ok += pred.iter().filter(|&&p| p == c).count();
         // the reranker sees the images as the tokenizer does (its frozen ViT + stage-0 head)
         let feats = eva.patch_features(&to_model_input(&unit, size))?;

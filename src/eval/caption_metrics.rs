@@ -81,7 +81,9 @@ fn split_chunk(chunk: &str, out: &mut Vec<String>) {
             s = r;
             continue;
         }
-        let c = s.chars().next_back().expect("non-empty");
+        let Some(c) = s.chars().next_back() else {
+            break;
+        };
         let tok = match c {
             '"' => "''".to_string(),
             ')' => "-rrb-".to_string(),

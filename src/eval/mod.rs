@@ -207,10 +207,10 @@ impl Embedder {
     }
 
     /// Judge labels of images (a judge embedding only).
-    fn labels(&self, images: &[DynamicImage]) -> Option<Vec<usize>> {
+    fn labels(&self, images: &[DynamicImage]) -> Result<Option<Vec<usize>>> {
         match self {
-            Embedder::Judge(j) => Some(j.predict(&self.to_gray(images))),
-            Embedder::Pixels(_) => None,
+            Embedder::Judge(j) => j.predict(&self.to_gray(images)).map(Some),
+            Embedder::Pixels(_) => Ok(None),
         }
     }
 }
@@ -624,7 +624,7 @@ async fn text_to_image(
     let fid = fid::fid(&fake, &real)?;
     let label_accuracy = match (
         labels.iter().all(Option::is_some),
-        embedder.labels(&generated),
+        embedder.labels(&generated)?,
     ) {
         (true, Some(pred)) => {
             let ok = pred

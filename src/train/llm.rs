@@ -450,8 +450,12 @@ pub fn run(args: Args) -> Result<()> {
                     .init
                     .clone()
                     .unwrap_or_else(|| serde_json::json!({}));
-                let base_cfg = serde_json::to_value(LlamaConfigInit::tiny()).expect("serialisable");
-                for (k, x) in base_cfg.as_object().unwrap() {
+                let base_cfg = serde_json::to_value(LlamaConfigInit::tiny())
+                    .context("serialising the tiny LLaMA config")?;
+                let base_cfg = base_cfg
+                    .as_object()
+                    .context("the tiny LLaMA config is not a JSON object")?;
+                for (k, x) in base_cfg {
                     v.as_object_mut()
                         .context("model.init must be a table")?
                         .entry(k.clone())

@@ -4,6 +4,7 @@
 //! `diffusers/models/activations.py` `GEGLU`). Attention runs through libtorch's
 //! `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU).
 
+use lavit_runtime::shape::dims;
 use tch::{nn, nn::Module, Tensor};
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v`, `to_out.0`.
@@ -48,7 +49,7 @@ impl Attention {
     /// `bias` an additive attention bias broadcastable to (B, heads, Lq, Lk), e.g. the
     /// (B, 1, 1, Lk) bias made from an encoder attention mask.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, bias: Option<&Tensor>) -> Tensor {
-        let (b, lq, _) = xs.size3().expect("attention input (B, L, C)");
+        let [b, lq, _] = dims(xs, "attention input (B, L, C)");
         let ctx = context.unwrap_or(xs);
         let lk = ctx.size()[1];
         let split = |t: Tensor, l: i64| t.view([b, l, self.heads, self.dim_head]).transpose(1, 2); // (B, nh, L, hd)

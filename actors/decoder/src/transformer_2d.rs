@@ -2,6 +2,7 @@
 //! `diffusers/models/transformers/transformer_2d.py`): GroupNorm, `proj_in` (1×1 conv, or
 //! linear with `use_linear_projection`), `transformer_blocks`, `proj_out`, residual.
 
+use lavit_runtime::shape::dims;
 use tch::{nn, nn::Module, Tensor};
 
 use crate::attention::BasicTransformerBlock;
@@ -86,7 +87,7 @@ impl Transformer2DModel {
 
     /// `xs` (B, C, H, W), `context` (B, Lk, cross_dim), `context_bias` (B, 1, 1, Lk).
     pub fn forward(&self, xs: &Tensor, context: &Tensor, context_bias: Option<&Tensor>) -> Tensor {
-        let (b, c, h, w) = xs.size4().expect("transformer input (B, C, H, W)");
+        let [b, c, h, w] = dims(xs, "transformer input (B, C, H, W)");
         let normed = self.norm.forward(xs);
         let mut hs = match &self.proj_in {
             Proj::Conv(conv) => {

@@ -3,6 +3,7 @@
 //! `UNetMidBlock2DCrossAttn`, `UpBlock2D`, `CrossAttnUpBlock2D`). A block with an empty
 //! `attentions` list is the plain variant.
 
+use lavit_runtime::{Error, Result};
 use tch::{nn, nn::Module, Tensor};
 
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
@@ -122,11 +123,14 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    /// `config.num_layers` = the number of (transformer, resnet) pairs (1 in diffusers).
-    pub fn new(vs: nn::Path, channels: i64, config: BlockConfig) -> Self {
-        let t = config
-            .transformer
-            .expect("UNetMidBlock2DCrossAttn has transformers");
+    /// `config.num_layers` = the number of (transformer, resnet) pairs (1 in diffusers);
+    /// `config.transformer` must be set (this block always has transformers).
+    pub fn new(vs: nn::Path, channels: i64, config: BlockConfig) -> Result<Self> {
+        let Some(t) = config.transformer else {
+            return Err(Error::invalid(
+                "UNetMidBlock2DCrossAttn: the block config has no transformer",
+            ));
+        };
         let mut resnets = vec![ResnetBlock2D::new(
             &vs / "resnets" / 0,
             channels,
@@ -141,10 +145,10 @@ impl MidBlock {
                 config.resnet(channels),
             ));
         }
-        Self {
+        Ok(Self {
             resnets,
             attentions,
-        }
+        })
     }
 
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Context<'_>) -> Tensor {

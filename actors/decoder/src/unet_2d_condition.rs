@@ -700,14 +700,18 @@ impl UNet2DConditionModel {
             ));
         }
 
-        let mid_block = config.mid_block_type.as_ref().map(|_| {
-            let t = transformer(true, n - 1, tlayers[n - 1]);
-            MidBlock::new(
-                &vs / "mid_block",
-                boc[n - 1],
-                block(1, t, config.mid_block_scale_factor),
-            )
-        });
+        let mid_block = config
+            .mid_block_type
+            .as_ref()
+            .map(|_| {
+                let t = transformer(true, n - 1, tlayers[n - 1]);
+                MidBlock::new(
+                    &vs / "mid_block",
+                    boc[n - 1],
+                    block(1, t, config.mid_block_scale_factor),
+                )
+            })
+            .transpose()?;
 
         let rev_boc: Vec<i64> = boc.iter().rev().copied().collect();
         let rev_layers: Vec<i64> = layers.iter().rev().copied().collect();

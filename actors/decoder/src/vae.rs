@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use lavit_runtime::shape::dims;
 use lavit_runtime::{checkpoint, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Device, Tensor};
@@ -276,7 +277,7 @@ impl VaeMidBlock {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let mut h = self.resnets[0].forward(xs, None);
         if let Some((norm, attn)) = &self.attention {
-            let (b, c, hh, ww) = h.size4().expect("(B, C, H, W)");
+            let [b, c, hh, ww] = dims(&h, "(B, C, H, W)");
             let seq = norm.forward(&h).view([b, c, hh * ww]).transpose(1, 2); // (B, HW, C)
             let out = attn.forward(&seq, None, None);
             h = out.transpose(1, 2).reshape([b, c, hh, ww]) + h; // (B, C, H, W)
@@ -300,6 +301,15 @@ fn vae_resnet(vs: nn::Path, inc: i64, out: i64, groups: i64) -> ResnetBlock2D {
     )
 }
 
+/// `block_out_channels` is empty (`AutoencoderKLConfig::validate` refuses that first).
+fn empty_block_out_channels() -> Error {
+    Error::config(
+        "AutoencoderKL config",
+        "block_out_channels",
+        "needs at least one entry",
+    )
+}
+
 /// The VAE encoder (`encoder.*`): image → 2·latent moments.
 #[derive(Debug)]
 pub struct Encoder {
@@ -311,8 +321,11 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let boc = &cfg.block_out_channels;
+        let Some(&last) = boc.last() else {
+            return Err(empty_block_out_channels());
+        };
         let pad1 = nn::ConvConfig {
             padding: 1,
             ..Default::default()
@@ -338,7 +351,6 @@ impl Encoder {
                 .then(|| Downsample2D::new(&b / "downsamplers" / 0, out, out, 0));
             down_blocks.push((resnets, down));
         }
-        let last = *boc.last().expect("validated");
         let mid_block = VaeMidBlock::new(
             &vs / "mid_block",
             last,
@@ -347,13 +359,13 @@ impl Encoder {
         );
         let conv_norm_out = group_norm(&vs / "conv_norm_out", cfg.norm_num_groups, last, 1e-6);
         let conv_out = nn::conv2d(&vs / "conv_out", last, 2 * cfg.latent_channels, 3, pad1);
-        Self {
+        Ok(Self {
             conv_in,
             down_blocks,
             mid_block,
             conv_norm_out,
             conv_out,
-        }
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
@@ -383,13 +395,15 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let boc = &cfg.block_out_channels;
         let pad1 = nn::ConvConfig {
             padding: 1,
             ..Default::default()
         };
-        let last = *boc.last().expect("validated");
+        let Some(&last) = boc.last() else {
+            return Err(empty_block_out_channels());
+        };
         let conv_in = nn::conv2d(&vs / "conv_in", cfg.latent_channels, last, 3, pad1);
         let mid_block = VaeMidBlock::new(
             &vs / "mid_block",
@@ -419,13 +433,13 @@ impl Decoder {
         }
         let conv_norm_out = group_norm(&vs / "conv_norm_out", cfg.norm_num_groups, boc[0], 1e-6);
         let conv_out = nn::conv2d(&vs / "conv_out", boc[0], cfg.out_channels, 3, pad1);
-        Self {
+        Ok(Self {
             conv_in,
             mid_block,
             up_blocks,
             conv_norm_out,
             conv_out,
-        }
+        })
     }
 
     pub fn forward(&self, z: &Tensor) -> Tensor {
@@ -475,8 +489,8 @@ impl AutoencoderKL {
     pub fn new(vs: nn::Path, config: AutoencoderKLConfig) -> Result<Self> {
         config.validate("AutoencoderKL config")?;
         let l = config.latent_channels;
-        let encoder = Encoder::new(&vs / "encoder", &config);
-        let decoder = Decoder::new(&vs / "decoder", &config);
+        let encoder = Encoder::new(&vs / "encoder", &config)?;
+        let decoder = Decoder::new(&vs / "decoder", &config)?;
         let quant_conv = config
             .use_quant_conv
             .then(|| nn::conv2d(&vs / "quant_conv", 2 * l, 2 * l, 1, Default::default()));

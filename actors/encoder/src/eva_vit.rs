@@ -9,6 +9,7 @@
 //! `forward(x, return_all_features=True)`: every token after the last block, no final norm.
 
 use lavit_plugin_api::{Backbone, PluginError, PluginResult};
+use lavit_runtime::shape::dims;
 use lavit_runtime::{checkpoint, Error, Result, TchContext};
 use std::path::Path;
 use tch::{nn, nn::Module, Device, Tensor};
@@ -139,7 +140,7 @@ impl Attention {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, n, _) = x.size3().expect("attention input [B, N, C]");
+        let [b, n, _] = dims(x, "attention input [B, N, C]");
         // qkv_bias = cat(q_bias, zeros_like(v_bias), v_bias)
         let qkv_bias = Tensor::cat(&[&self.q_bias, &self.v_bias.zeros_like(), &self.v_bias], 0);
         let qkv = x.linear(&self.qkv.ws, Some(&qkv_bias));

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use lavit_runtime::checkpoint::{self, LoadOptions};
+use lavit_runtime::shape::dims;
 use lavit_runtime::{Error, Result, TchContext};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -139,7 +140,7 @@ impl LlamaAttention {
         past: Option<&(Tensor, Tensor)>,
         mask: Option<&Tensor>,
     ) -> (Tensor, (Tensor, Tensor)) {
-        let (b, t, _) = xs.size3().expect("hidden states are (B, T, H)");
+        let [b, t, _] = dims(xs, "hidden states are (B, T, H)");
         let q = self
             .q_proj
             .forward(xs)
@@ -179,7 +180,7 @@ impl LlamaAttention {
 
 /// HF `repeat_kv`: (B, nkv, T, hd) → (B, nkv·n_rep, T, hd), each kv head repeated n_rep times.
 fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
-    let (b, nkv, t, hd) = x.size4().expect("(B, nkv, T, hd)");
+    let [b, nkv, t, hd] = dims(x, "(B, nkv, T, hd)");
     x.unsqueeze(2)
         .expand([b, nkv, n_rep, t, hd], false)
         .reshape([b, nkv * n_rep, t, hd])
@@ -285,7 +286,7 @@ pub fn positions_from_mask(key_mask: &Tensor, t: i64) -> Tensor {
 /// causal by cache index, real keys only; each query may always see itself (so rows of
 /// padding never become all-masked, which would make NaNs).
 pub fn causal_padding_mask(key_mask: &Tensor, t: i64) -> Tensor {
-    let (b, tk) = key_mask.size2().expect("key mask is (B, Tk)");
+    let [b, tk] = dims(key_mask, "key mask is (B, Tk)");
     let dev = key_mask.device();
     let past = tk - t;
     let qi = Tensor::arange(t, (Kind::Int64, dev)).view([t, 1]) + past; // (T, 1)
@@ -472,7 +473,7 @@ impl LlamaForCausalLM {
         args: &ForwardArgs,
         cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let (b, t, _) = inputs_embeds.size3().expect("inputs_embeds are (B, T, H)");
+        let [b, t, _] = dims(inputs_embeds, "inputs_embeds are (B, T, H)");
         let dev = inputs_embeds.device();
         let new_mask = match args.attention_mask {
             Some(m) => m.to_kind(Kind::Bool),

@@ -132,6 +132,13 @@ mod proto {
             Ok(s)
         }
 
+        /// The next `N` bytes as an array.
+        fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+            let mut a = [0u8; N];
+            a.copy_from_slice(self.take(N)?);
+            Ok(a)
+        }
+
         /// Next (field number, value), or None at the end.
         pub fn field(&mut self) -> Result<Option<(u64, Value<'a>)>, String> {
             if self.pos >= self.buf.len() {
@@ -148,7 +155,7 @@ mod proto {
                     let n = usize::try_from(self.varint()?).map_err(|e| e.to_string())?;
                     Value::Bytes(self.take(n)?)
                 }
-                5 => Value::Fixed32(u32::from_le_bytes(self.take(4)?.try_into().unwrap())),
+                5 => Value::Fixed32(u32::from_le_bytes(self.array()?)),
                 w => return Err(format!("unsupported wire type {w} at byte {}", self.pos)),
             };
             Ok(Some((key >> 3, v)))
@@ -168,19 +175,17 @@ struct CharsMap {
 
 impl CharsMap {
     fn parse(blob: &[u8]) -> std::result::Result<Self, String> {
-        if blob.len() < 4 {
+        let Some((&head, _)) = blob.split_first_chunk::<4>() else {
             return Err("precompiled_charsmap shorter than 4 bytes".into());
-        }
-        let trie_size = u32::from_le_bytes(blob[..4].try_into().unwrap()) as usize;
+        };
+        let trie_size = u32::from_le_bytes(head) as usize;
         if !trie_size.is_multiple_of(4) || 4 + trie_size > blob.len() {
             return Err(format!(
                 "precompiled_charsmap trie size {trie_size} is invalid"
             ));
         }
-        let units = blob[4..4 + trie_size]
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let (units, _) = blob[4..4 + trie_size].as_chunks::<4>();
+        let units = units.iter().map(|&c| u32::from_le_bytes(c)).collect();
         Ok(Self {
             units,
             normalized: blob[4 + trie_size..].to_vec(),

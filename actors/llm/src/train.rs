@@ -12,6 +12,7 @@
 
 use lavit_runtime::checkpoint;
 use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainKey, TrainParts};
+use lavit_runtime::shape::dims;
 use lavit_runtime::stage::{StageError, StageKind, StageResult};
 use lavit_runtime::train::{is_no_decay, var_store_state_dict, AdamW, AdamWConfig, LrSchedule};
 use serde::Deserialize;
@@ -323,23 +324,26 @@ impl Packed {
 /// Pack samples greedily into rows of at most `max_len` positions (a sample that does not fit
 /// starts a new row), `rows` rows at most. Returns the batch and how many samples it used.
 pub fn pack(samples: &[&Sample], v: &UnifiedVocab, max_len: usize, rows: usize) -> (Packed, usize) {
-    let mut out: Vec<Vec<(Laid, usize)>> = vec![Vec::new()];
+    // The finished rows, and the row being filled (its samples with their start).
+    let mut out: Vec<Vec<(Laid, usize)>> = Vec::new();
+    let mut row: Vec<(Laid, usize)> = Vec::new();
     let mut used = 0;
     let mut len = 0;
     for s in samples {
         let l = lay_out(s, v, max_len);
         if len + l.ids.len() > max_len && len > 0 {
-            if out.len() == rows {
+            if out.len() + 1 == rows {
                 break;
             }
-            out.push(Vec::new());
+            out.push(std::mem::take(&mut row));
             len = 0;
         }
         let n = l.ids.len();
-        out.last_mut().unwrap().push((l, len));
+        row.push((l, len));
         len += n;
         used += 1;
     }
+    out.push(row);
     let width = out
         .iter()
         .map(|r| r.iter().map(|(l, _)| l.ids.len()).sum::<usize>())
@@ -384,7 +388,7 @@ pub fn pack(samples: &[&Sample], v: &UnifiedVocab, max_len: usize, rows: usize) 
 /// Block-diagonal causal "may attend" mask (B, 1, L, L) from segment ids (B, L): a position
 /// sees earlier positions of its own sample only; padding sees itself.
 pub fn packed_mask(segments: &Tensor) -> Tensor {
-    let (_, l) = segments.size2().expect("segments are (B, L)");
+    let [_, l] = dims(segments, "segments are (B, L)");
     let dev = segments.device();
     let same = segments.unsqueeze(2).eq_tensor(&segments.unsqueeze(1)); // (B, L, L)
     let i = Tensor::arange(l, (Kind::Int64, dev));

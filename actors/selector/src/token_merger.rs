@@ -9,6 +9,7 @@
 //! the policy, then `(attn + eps/N) / (sum + eps)` with eps = 1e-6.
 
 use lavit_encoder::layers::{linear, mlp_hidden, LayerNorm, Mlp};
+use lavit_runtime::shape::dims;
 use tch::{nn, nn::Module, Kind, Tensor};
 
 /// Hyper-parameters of `TokenMerger` (defaults: LaVIT-7B-v2).
@@ -86,7 +87,7 @@ impl TokenCausalAttention {
 
     /// `softmax_with_policy`: keys = kept tokens plus the query itself, causal.
     pub fn softmax_with_policy(attn: &Tensor, policy: &Tensor) -> Tensor {
-        let (b, n) = policy.size2().expect("policy [B, N]");
+        let [b, n] = dims(policy, "policy [B, N]");
         let attn_policy = policy.reshape([b, 1, 1, n]);
         let eye = Tensor::eye(n, (attn_policy.kind(), attn_policy.device())).view([1, 1, n, n]);
         let attn_policy: Tensor = &attn_policy + (attn_policy.neg() + 1.0) * eye; // (B, 1, N, N)
@@ -98,7 +99,7 @@ impl TokenCausalAttention {
 
     /// x [B, N, C], decisions [B, N] (None: plain softmax).
     pub fn forward(&self, x: &Tensor, decisions: Option<&Tensor>) -> Tensor {
-        let (b, n, c) = x.size3().expect("[B, N, C]");
+        let [b, n, c] = dims(x, "[B, N, C]");
         let qkv = self
             .qkv
             .forward(x)
@@ -140,14 +141,14 @@ impl TokenCrossAttention {
 
     /// `softmax_with_policy`: keys = dropped tokens (1 − policy).
     pub fn softmax_with_policy(attn: &Tensor, policy: &Tensor) -> Tensor {
-        let (b, n) = policy.size2().expect("policy [B, N]");
+        let [b, n] = dims(policy, "policy [B, N]");
         let attn_policy = (policy.neg() + 1.0).reshape([b, 1, 1, n]); // (B, 1, 1, N)
         masked_softmax(attn, &attn_policy)
     }
 
     /// x [B, N, C] queries, x_origin [B, N, C] keys/values, decisions [B, N].
     pub fn forward(&self, x: &Tensor, x_origin: &Tensor, decisions: &Tensor) -> Tensor {
-        let (b, n, c) = x.size3().expect("[B, N, C]");
+        let [b, n, c] = dims(x, "[B, N, C]");
         let h = self.num_heads;
         let heads = |t: Tensor| t.reshape([b, n, h, c / h]).permute([0, 2, 1, 3]); // (B, nh, N, hs)
         let q = heads(self.query.forward(x));

@@ -7,6 +7,7 @@
 //! LogSoftmax. Index 0 of the output is log p(keep), index 1 log p(drop).
 
 use lavit_encoder::layers::{gelu, linear, LayerNorm};
+use lavit_runtime::shape::dims;
 use tch::{nn, nn::Module, Kind, Tensor};
 
 #[derive(Debug)]
@@ -38,7 +39,7 @@ impl TokenPredictor {
     /// x [B, N, C] (float32), policy [B, N, 1] → log-probs [B, N, 2] (0 = keep).
     pub fn forward(&self, x: &Tensor, policy: &Tensor) -> Tensor {
         let x = gelu(&self.in_conv_linear.forward(&self.in_conv_norm.forward(x)));
-        let (b, n, c) = x.size3().expect("token predictor input [B, N, C]");
+        let [b, n, c] = dims(&x, "token predictor input [B, N, C]");
         let local_x = x.narrow(2, 0, c / 2); // (B, N, C/2)
         let global_x = (x.narrow(2, c / 2, c - c / 2) * policy).sum_dim_intlist(1, true, None)
             / policy.sum_dim_intlist(1, true, None); // (B, 1, C/2)

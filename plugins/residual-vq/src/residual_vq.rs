@@ -325,7 +325,10 @@ impl Codebook for ResidualVq {
         tch::no_grad(|| -> PluginResult<()> {
             for (l, c) in self.codebooks.iter_mut().enumerate() {
                 let key = format!("codebooks.{l}");
-                let (_, t) = state.iter().find(|(k, _)| *k == key).expect("checked");
+                let (_, t) = state
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .ok_or_else(|| PluginError(format!("residual-vq: state has no `{key}`")))?;
                 c.f_copy_(&t.f_to_kind(c.kind())?.f_to_device(c.device())?)?;
             }
             Ok(())

@@ -60,8 +60,8 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict> {
     // SAFETY: the map is read-only and dropped before this function returns; a file
     // truncated under us would fault, which is the usual mmap caveat for model files.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    if map.len() >= 8 {
-        let n = u64::from_le_bytes(map[..8].try_into().unwrap());
+    if let Some(&head) = map.first_chunk::<8>() {
+        let n = u64::from_le_bytes(head);
         if n > MAX_SAFETENSORS_HEADER {
             return Err(Error::ckpt(
                 path,

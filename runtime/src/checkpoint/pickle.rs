@@ -207,14 +207,20 @@ impl<'a> Unpickler<'a> {
         self.pos += n;
         Ok(s)
     }
+    /// The next `N` bytes as an array.
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
     fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+        Ok(u16::from_le_bytes(self.array()?))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+        Ok(u32::from_le_bytes(self.array()?))
     }
     fn line(&mut self) -> Result<String> {
         let rest = &self.data[self.pos..];
@@ -340,7 +346,7 @@ impl<'a> Unpickler<'a> {
                 0x88 => self.push(Value::Bool(true))?,
                 0x89 => self.push(Value::Bool(false))?,
                 b'J' => {
-                    let v = i32::from_le_bytes(self.take(4)?.try_into().unwrap());
+                    let v = i32::from_le_bytes(self.array()?);
                     self.push(Value::Int(v as i64))?
                 }
                 b'K' => {
@@ -367,7 +373,7 @@ impl<'a> Unpickler<'a> {
                     self.push(Value::Int(i64::from_le_bytes(buf)))?
                 }
                 b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                    let v = f64::from_be_bytes(self.array()?);
                     self.push(Value::Float(v))?
                 }
                 b'X' => {

@@ -271,13 +271,16 @@ fn plan_buckets<'a>(ts: impl Iterator<Item = &'a Tensor>, bucket_bytes: usize) -
         let key = (t.kind(), t.device());
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
         let fits = cur_key == Some(key) && cur_bytes < bucket_bytes;
-        if fits {
-            buckets.last_mut().expect("a current bucket").push(i);
-            cur_bytes += bytes;
-        } else {
-            buckets.push(vec![i]);
-            cur_key = Some(key);
-            cur_bytes = bytes;
+        match buckets.last_mut() {
+            Some(bucket) if fits => {
+                bucket.push(i);
+                cur_bytes += bytes;
+            }
+            _ => {
+                buckets.push(vec![i]);
+                cur_key = Some(key);
+                cur_bytes = bytes;
+            }
         }
     }
     buckets

@@ -169,6 +169,8 @@ impl std::fmt::Debug for ProcessGroup {
 /// Raw C++ handles, moved into the group's thread.
 struct Handles {
     stores: Vec<*mut c_void>,
+    /// The store the group talks to: the last of `stores`.
+    top: *mut c_void,
     group: *mut c_void,
 }
 // SAFETY: the handles are used by the one thread that owns them after the move; c10d
@@ -483,6 +485,7 @@ fn connect(env: &DistEnv, opts: &GroupOptions) -> std::result::Result<Handles, S
         )
     })?;
     stores.push(store);
+    let mut top = store;
     if env.agent_store {
         // torch.distributed's key space for an elastic attempt; the agent's own keys stay apart.
         let prefix = cstring("prefix", &format!("/worker/attempt_{}", env.restart_count))?;
@@ -496,8 +499,8 @@ fn connect(env: &DistEnv, opts: &GroupOptions) -> std::result::Result<Handles, S
             return Err(e);
         }
         stores.push(prefixed);
+        top = prefixed;
     }
-    let top = *stores.last().expect("one store at least");
     let mut group: *mut c_void = std::ptr::null_mut();
     let r = match opts.backend {
         Backend::Gloo => {
@@ -541,7 +544,7 @@ fn connect(env: &DistEnv, opts: &GroupOptions) -> std::result::Result<Handles, S
         free_stores(&stores);
         return Err(e);
     }
-    Ok(Handles { stores, group })
+    Ok(Handles { stores, top, group })
 }
 
 fn free_stores(stores: &[*mut c_void]) {
@@ -561,7 +564,7 @@ fn set_grad_now(mut param: Tensor, mut grad: Tensor) -> std::result::Result<(), 
 /// The group's thread: one job at a time, in arrival order, until the channel closes.
 fn serve(h: Handles, rx: mpsc::Receiver<Job>, timeout: Duration) {
     let timeout_ms = timeout.as_millis().min(i64::MAX as u128) as i64;
-    let store = *h.stores.last().expect("one store at least");
+    let store = h.top;
     let mut failed = false;
     for Job { op, reply } in rx {
         // SAFETY (all arms): `h.group` / `store` are live handles owned by this thread;

@@ -3,6 +3,7 @@
 //! (`lavit_encoder::layers`), the same classes in the official code.
 
 pub use lavit_encoder::layers::{linear, LayerNorm, Mlp};
+use lavit_runtime::shape::dims;
 use tch::{nn, nn::Module, Tensor};
 
 /// `SelfAttention` over the learned queries.
@@ -25,7 +26,7 @@ impl SelfAttention {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, n, c) = x.size3().expect("[B, N, C]");
+        let [b, n, c] = dims(x, "[B, N, C]");
         let qkv = self
             .qkv
             .forward(x)
@@ -64,7 +65,7 @@ impl CrossAttention {
 
     /// x [B, Nx, C], codebook_embeds [B, N, C], codebook_mask [B, N] (1 = real).
     pub fn forward(&self, x: &Tensor, codebook_embeds: &Tensor, codebook_mask: &Tensor) -> Tensor {
-        let (b, n, c) = codebook_embeds.size3().expect("[B, N, C]");
+        let [b, n, c] = dims(codebook_embeds, "[B, N, C]");
         let nx = x.size()[1];
         let h = self.num_heads;
         let q = self
