@@ -413,9 +413,11 @@ impl LlamaForCausalLM {
         // The shapes the config implies must be the checkpoint's before anything is
         // allocated from the config (a hostile `vocab_size` never reaches the VarStore).
         check_shapes(&Self::param_shapes(&cfg), &sd, &cfg_path, dir)?;
+        // Variables are created in `kind` (an empty store's `set_kind` only sets the kind of
+        // new variables): a bf16 model never exists in float32 first.
         let mut vs = nn::VarStore::new(device);
-        let model = Self::new(vs.root(), &cfg);
         vs.set_kind(kind);
+        let model = Self::new(vs.root(), &cfg);
         let opts = LoadOptions {
             allow_unexpected: if cfg.tie_word_embeddings {
                 vec!["lm_head.weight".into()]
