@@ -85,16 +85,25 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * &cos + rotate_half(x) * &sin
 }
 
-fn linear(vs: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
-    nn::linear(
-        vs,
-        i,
-        o,
-        nn::LinearConfig {
-            bias,
-            ..Default::default()
-        },
-    )
+/// How a new model's weights start: drawn as PyTorch does (training from scratch), or
+/// zeros when a checkpoint overwrites every one of them right away (loading; drawing 7 B
+/// random numbers on a CPU takes longer than reading the file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightInit {
+    Random,
+    Zeros,
+}
+
+fn linear(vs: nn::Path, i: i64, o: i64, bias: bool, init: WeightInit) -> nn::Linear {
+    let mut c = nn::LinearConfig {
+        bias,
+        ..Default::default()
+    };
+    if init == WeightInit::Zeros {
+        c.ws_init = nn::Init::Const(0.0);
+        c.bs_init = Some(nn::Init::Const(0.0));
+    }
+    nn::linear(vs, i, o, c)
 }
 
 /// `LlamaAttention`: grouped-query attention with RoPE.
@@ -111,6 +120,10 @@ pub struct LlamaAttention {
 
 impl LlamaAttention {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        Self::with_init(vs, cfg, WeightInit::Random)
+    }
+
+    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         let (h, hd, nh, nkv) = (
             cfg.hidden_size,
             cfg.head_dim(),
@@ -119,10 +132,10 @@ impl LlamaAttention {
         );
         let b = cfg.attention_bias;
         Self {
-            q_proj: linear(&vs / "q_proj", h, nh * hd, b),
-            k_proj: linear(&vs / "k_proj", h, nkv * hd, b),
-            v_proj: linear(&vs / "v_proj", h, nkv * hd, b),
-            o_proj: linear(&vs / "o_proj", nh * hd, h, b),
+            q_proj: linear(&vs / "q_proj", h, nh * hd, b, init),
+            k_proj: linear(&vs / "k_proj", h, nkv * hd, b, init),
+            v_proj: linear(&vs / "v_proj", h, nkv * hd, b, init),
+            o_proj: linear(&vs / "o_proj", nh * hd, h, b, init),
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
@@ -196,11 +209,15 @@ pub struct LlamaMLP {
 
 impl LlamaMLP {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        Self::with_init(vs, cfg, WeightInit::Random)
+    }
+
+    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Self {
-            gate_proj: linear(&vs / "gate_proj", h, i, b),
-            up_proj: linear(&vs / "up_proj", h, i, b),
-            down_proj: linear(&vs / "down_proj", i, h, b),
+            gate_proj: linear(&vs / "gate_proj", h, i, b, init),
+            up_proj: linear(&vs / "up_proj", h, i, b, init),
+            down_proj: linear(&vs / "down_proj", i, h, b, init),
         }
     }
 }
@@ -223,9 +240,13 @@ pub struct LlamaDecoderLayer {
 
 impl LlamaDecoderLayer {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        Self::with_init(vs, cfg, WeightInit::Random)
+    }
+
+    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         Self {
-            self_attn: LlamaAttention::new(&vs / "self_attn", cfg),
-            mlp: LlamaMLP::new(&vs / "mlp", cfg),
+            self_attn: LlamaAttention::with_init(&vs / "self_attn", cfg, init),
+            mlp: LlamaMLP::with_init(&vs / "mlp", cfg, init),
             input_layernorm: LlamaRMSNorm::new(
                 &vs / "input_layernorm",
                 cfg.hidden_size,
@@ -310,16 +331,19 @@ pub struct LlamaModel {
 
 impl LlamaModel {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        Self::with_init(vs, cfg, WeightInit::Random)
+    }
+
+    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         let layers_vs = &vs / "layers";
+        let mut emb = nn::EmbeddingConfig::default();
+        if init == WeightInit::Zeros {
+            emb.ws_init = nn::Init::Const(0.0);
+        }
         Self {
-            embed_tokens: nn::embedding(
-                &vs / "embed_tokens",
-                cfg.vocab_size,
-                cfg.hidden_size,
-                Default::default(),
-            ),
+            embed_tokens: nn::embedding(&vs / "embed_tokens", cfg.vocab_size, cfg.hidden_size, emb),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| LlamaDecoderLayer::new(&layers_vs / i, cfg))
+                .map(|i| LlamaDecoderLayer::with_init(&layers_vs / i, cfg, init))
                 .collect(),
             norm: LlamaRMSNorm::new(&vs / "norm", cfg.hidden_size, cfg.rms_norm_eps),
             rotary_emb: LlamaRotaryEmbedding::new(cfg, vs.device()),
@@ -352,9 +376,20 @@ pub struct LlamaForCausalLM {
 
 impl LlamaForCausalLM {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
-        let model = LlamaModel::new(&vs / "model", cfg);
-        let lm_head = (!cfg.tie_word_embeddings)
-            .then(|| linear(&vs / "lm_head", cfg.hidden_size, cfg.vocab_size, false));
+        Self::with_init(vs, cfg, WeightInit::Random)
+    }
+
+    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
+        let model = LlamaModel::with_init(&vs / "model", cfg, init);
+        let lm_head = (!cfg.tie_word_embeddings).then(|| {
+            linear(
+                &vs / "lm_head",
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                init,
+            )
+        });
         Self {
             model,
             lm_head,
@@ -417,7 +452,8 @@ impl LlamaForCausalLM {
         // new variables): a bf16 model never exists in float32 first.
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
-        let model = Self::new(vs.root(), &cfg);
+        // Zeros, not random draws: the strict load below overwrites every variable.
+        let model = Self::with_init(vs.root(), &cfg, WeightInit::Zeros);
         let opts = LoadOptions {
             allow_unexpected: if cfg.tie_word_embeddings {
                 vec!["lm_head.weight".into()]
