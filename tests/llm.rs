@@ -760,26 +760,19 @@ fn llm_stage_reproduces_the_fixture_references() {
         })
         .collect();
     assert!(prefixes.len() >= 2);
+    let strip = |v: &[i64]| -> Vec<i64> {
+        v.iter()
+            .copied()
+            .take_while(|&i| i != manifest.llm.eos_id)
+            .collect()
+    };
     let batched = llm.captions(&prefixes, "", &copts, &|| false).unwrap();
     assert_eq!(batched.len(), prefixes.len());
     for (p, b) in prefixes.iter().zip(&batched) {
         let one = llm.caption(p, "", &copts, &mut |_, _| true).unwrap();
-        let strip = |v: &[i64]| -> Vec<i64> {
-            v.iter()
-                .copied()
-                .take_while(|&i| i != manifest.llm.eos_id)
-                .collect()
-        };
         assert_eq!(strip(b), strip(&one));
     }
-    assert_eq!(
-        batched[0]
-            .iter()
-            .copied()
-            .take_while(|&i| i != manifest.llm.eos_id)
-            .collect::<Vec<_>>(),
-        ids
-    );
+    assert_eq!(strip(&batched[0]), ids);
     // A stop request ends the batch with `Cancelled`.
     let e = llm.captions(&prefixes, "", &copts, &|| true).unwrap_err();
     assert_eq!(e, lavit_runtime::stage::StageError::Cancelled);

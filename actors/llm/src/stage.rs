@@ -122,6 +122,23 @@ impl LlmStageModel {
         self.train.as_mut().ok_or_else(not_training)
     }
 
+    /// The question's text ids (none for an empty prompt: a plain caption).
+    fn question_ids(&self, prompt: &str) -> Option<Vec<i64>> {
+        (!prompt.is_empty()).then(|| self.tokenizer.encode(prompt))
+    }
+
+    /// What a caption / VQA request reads before generating: the image's embeddings between
+    /// [IMG] and [/IMG], then the question's ids, as embeddings (T, H).
+    fn caption_sequence(&self, prefix: &Tensor, question: Option<&[i64]>) -> StageResult<Tensor> {
+        let mut segments = vec![Segment::ImageEmbeds(prefix.shallow_clone())];
+        if let Some(q) = question {
+            segments.push(Segment::Text(q.to_vec()));
+        }
+        Ok(build_sequence(&self.model, &self.vocab, &segments)
+            .map_err(fail)?
+            .embeds)
+    }
+
     fn text_config(opts: &CaptionOptions) -> TextConfig {
         TextConfig {
             max_new_tokens: opts.max_new_tokens as i64,
@@ -188,12 +205,9 @@ impl LlmStage for LlmStageModel {
         opts: &CaptionOptions,
         on_token: &mut dyn FnMut(i64, &str) -> bool,
     ) -> StageResult<Vec<i64>> {
-        let mut segments = vec![Segment::ImageEmbeds(prefix.shallow_clone())];
-        if !prompt.is_empty() {
-            segments.push(Segment::Text(self.tokenizer.encode(prompt)));
-        }
         let _g = tch::no_grad_guard();
-        let built = build_sequence(&self.model, &self.vocab, &segments).map_err(fail)?;
+        let question = self.question_ids(prompt);
+        let seq = self.caption_sequence(prefix, question.as_deref())?;
         let cfg = Self::text_config(opts);
         // Stream each new id with its text piece as it is generated (one host read per
         // token, the one the loop makes anyway); `on_token` answering `false` stops the loop.
@@ -218,7 +232,7 @@ impl LlmStage for LlmStageModel {
         let ids = generate_text_with(
             &self.model,
             &self.vocab,
-            &[built.embeds],
+            &[seq],
             &cfg,
             &|| false,
             if beams { None } else { Some(&mut stream) },
@@ -244,20 +258,12 @@ impl LlmStage for LlmStageModel {
         opts: &CaptionOptions,
         should_stop: ShouldStop,
     ) -> StageResult<Vec<Vec<i64>>> {
-        let question = (!prompt.is_empty()).then(|| self.tokenizer.encode(prompt));
         let _g = tch::no_grad_guard();
-        let mut seqs = Vec::with_capacity(prefixes.len());
-        for p in prefixes {
-            let mut segments = vec![Segment::ImageEmbeds(p.shallow_clone())];
-            if let Some(q) = &question {
-                segments.push(Segment::Text(q.clone()));
-            }
-            seqs.push(
-                build_sequence(&self.model, &self.vocab, &segments)
-                    .map_err(fail)?
-                    .embeds,
-            );
-        }
+        let question = self.question_ids(prompt);
+        let seqs = prefixes
+            .iter()
+            .map(|p| self.caption_sequence(p, question.as_deref()))
+            .collect::<StageResult<Vec<_>>>()?;
         // One left-padded batch through the same loop as `caption`.
         generate_text_with(
             &self.model,
@@ -277,12 +283,9 @@ impl LlmStage for LlmStageModel {
     fn caption_prompt_len(&mut self, prefix: &Tensor, prompt: &str) -> Option<usize> {
         // The same sequence `caption` builds (an embedding lookup, no forward pass).
         let _g = tch::no_grad_guard();
-        let mut segments = vec![Segment::ImageEmbeds(prefix.shallow_clone())];
-        if !prompt.is_empty() {
-            segments.push(Segment::Text(self.tokenizer.encode(prompt)));
-        }
-        let built = build_sequence(&self.model, &self.vocab, &segments).ok()?;
-        built.embeds.size().first().map(|&l| l as usize)
+        let question = self.question_ids(prompt);
+        let seq = self.caption_sequence(prefix, question.as_deref()).ok()?;
+        seq.size().first().map(|&l| l as usize)
     }
 
     fn image_tokens(
