@@ -460,8 +460,8 @@ fn fixture_model_loads_strictly_and_bad_ids_are_errors() {
 pub(crate) mod stage2 {
     use super::*;
     use lavit::train::llm::{
-        pack, packed_embeds, packed_mask, train_llm, LlmModelBuilder, LlmModelParts,
-        LlmTrainConfig, Sample,
+        pack, packed_embeds, packed_mask, train_llm, LlmModelBuilder, LlmTrainConfig,
+        ProjectorBuilder, Sample, Stage2Models,
     };
     use lavit_llm::vocab::IGNORE;
     use lavit_runtime::stage::Placement;
@@ -473,7 +473,7 @@ pub(crate) mod stage2 {
     ) -> (Tensor, lavit::train::llm::Packed) {
         let (p, used) = pack(samples, &tiny_vocab(), 64, 1);
         assert_eq!(used, samples.len());
-        let e = packed_embeds(m, None, &p);
+        let e = packed_embeds(m, &p);
         let mask = packed_mask(&p.segments);
         let args = ForwardArgs {
             position_ids: Some(&p.position_ids),
@@ -583,10 +583,7 @@ pub(crate) mod stage2 {
                 Box::new(sp),
                 &Default::default(),
             );
-            Ok(LlmModelParts {
-                llm,
-                vit_proj: None,
-            })
+            Ok(llm)
         })
     }
 
@@ -694,6 +691,153 @@ pub(crate) mod stage2 {
             hash_state_dict(&init).unwrap(),
             hash_state_dict(&second.weights).unwrap(),
             "training changed nothing"
+        );
+    }
+
+    /// Features of width 16 (not the LLM's 32): each caption word has a fixed feature row.
+    fn image_text_set() -> Vec<Sample> {
+        let mut out = Vec::new();
+        let mut z = 777u64;
+        let row = |w: i64| {
+            let v: Vec<f32> = (0..16)
+                .map(|k| ((w * 16 + k) as f32 * 0.37).sin())
+                .collect();
+            Tensor::from_slice(&v).view([1, 16])
+        };
+        for _ in 0..24 {
+            let mut words = Vec::new();
+            for _ in 0..3 {
+                z = lavit_runtime::train::splitmix64(z);
+                words.push(3 + (z % 8) as i64);
+            }
+            let feats: Vec<Tensor> = words.iter().map(|&w| row(w)).collect();
+            out.push(Sample::ImageText {
+                features: Tensor::cat(&feats, 0),
+                text: words,
+            });
+        }
+        out
+    }
+
+    /// `vit_proj` 16 → 32 from fixed weights (made on the test thread).
+    fn projector_from(weights: lavit_runtime::checkpoint::StateDict) -> ProjectorBuilder {
+        Box::new(move |dev| {
+            let p = lavit_selector::ProjectorStage::new(16, 32, dev);
+            lavit_runtime::checkpoint::load_into(&p.vs, "", &weights, "test", &Default::default())?;
+            Ok(p)
+        })
+    }
+
+    fn projector_init() -> lavit_runtime::checkpoint::StateDict {
+        let _turn = lavit_runtime::train::torch_rng_turn(91);
+        let p = lavit_selector::ProjectorStage::new(16, 32, Device::Cpu);
+        copied(&p.vs)
+    }
+
+    #[test]
+    fn stage2_trains_vit_proj_in_the_selector_merger_stage_and_resumes_exactly() {
+        let (vs0, _m) = tiny_model(9);
+        let (llm0, proj0) = (copied(&vs0), projector_init());
+        let data = image_text_set();
+        let v = tiny_vocab();
+        let p = Placement::default();
+        let one = std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single());
+        let models = |l: &lavit_runtime::checkpoint::StateDict,
+                      j: &lavit_runtime::checkpoint::StateDict| Stage2Models {
+            llm: from_weights(copy_sd(l)),
+            projector: Some(projector_from(copy_sd(j))),
+        };
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let straight = train_llm(
+            models(&llm0, &proj0),
+            &v,
+            &data,
+            &[],
+            &cfg(16, 0),
+            da.path(),
+            &p,
+            &one,
+        )
+        .unwrap();
+        // The projector trained in its own stage; the Llm stage holds no vit_proj.
+        for k in ["vit_proj.weight", "vit_proj.bias"] {
+            let d = max_diff(&straight.weights[k], &proj0[k]);
+            assert!(d > 1e-4, "{k} did not train ({d})");
+        }
+        assert_eq!(
+            straight.weights.len(),
+            llm0.len() + 2,
+            "the LLM's variables and the projector's two"
+        );
+        let mut ck = lavit_runtime::train::load(straight.checkpoint.as_deref().unwrap()).unwrap();
+        let model = ck.take("model").unwrap();
+        assert!(model.keys().all(|k| !k.starts_with("vit_proj")));
+        let projector = ck.take("projector").unwrap();
+        assert_eq!(projector.len(), 2);
+        ck.take("projector_optimizer").unwrap();
+        ck.take("optimizer").unwrap();
+        assert!(
+            straight.last.1 < straight.first.1,
+            "text loss {:?} → {:?}",
+            straight.first,
+            straight.last
+        );
+
+        // 8 steps, then a fresh run from scrambled weights of both stages resumes to the same end.
+        let first = train_llm(
+            models(&llm0, &proj0),
+            &v,
+            &data,
+            &[],
+            &cfg(16, 8),
+            db.path(),
+            &p,
+            &one,
+        )
+        .unwrap();
+        assert_eq!(first.final_step, 8);
+        let scramble = |sd: &lavit_runtime::checkpoint::StateDict| {
+            sd.iter()
+                .map(|(k, t)| (k.clone(), t.full_like(0.5)))
+                .collect()
+        };
+        let second = train_llm(
+            models(&scramble(&llm0), &scramble(&proj0)),
+            &v,
+            &data,
+            &[],
+            &cfg(16, 0),
+            db.path(),
+            &p,
+            &one,
+        )
+        .unwrap();
+        assert_eq!((second.final_step, second.steps_run), (16, 8));
+        assert_eq!(
+            hash_state_dict(&straight.weights).unwrap(),
+            hash_state_dict(&second.weights).unwrap()
+        );
+    }
+
+    #[test]
+    fn stage2_refuses_features_the_llm_cannot_take_without_a_projector() {
+        let (vs0, _m) = tiny_model(10);
+        let dir = tempfile::tempdir().unwrap();
+        let err = train_llm(
+            from_weights(copied(&vs0)),
+            &tiny_vocab(),
+            &image_text_set(),
+            &[],
+            &cfg(2, 0),
+            dir.path(),
+            &Placement::default(),
+            &std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single()),
+        )
+        .expect_err("16-wide features into a 32-wide LLM");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("hidden size is 32") && msg.contains("vit_proj"),
+            "{msg}"
         );
     }
 }

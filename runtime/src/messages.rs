@@ -272,6 +272,11 @@ pub mod train_keys {
     pub const CODES_MASK: TrainKey = TrainKey::new("codes_mask");
     /// Out (Decoder): mean cosine of reconstruction and features (0-d, no grad).
     pub const COS: TrainKey = TrainKey::new("cos");
+    /// Stage 2, in (the SelectorMerger stage's projector, or the Llm stage when no projector
+    /// is trained): the continuous blocks' features before `vit_proj` (ΣT, C).
+    pub const CONT_FEATURES: TrainKey = TrainKey::new("cont_features");
+    /// Stage 2, SelectorMerger → Llm: those blocks through `vit_proj` (ΣT, hidden), with grad.
+    pub const CONT_EMBEDS: TrainKey = TrainKey::new("cont_embeds");
     /// Out (Quantizer): the kept tokens' codes before quantisation (T, D), no grad.
     pub const CODES_Z: TrainKey = TrainKey::new("codes_z");
     /// Out (Quantizer, when quantising): code ids (T,).

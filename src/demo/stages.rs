@@ -518,12 +518,6 @@ pub fn run_stage2(
         let turn = lavit_runtime::train::torch_rng_turn(seed);
         let vs = nn::VarStore::new(device);
         let model = LlamaForCausalLM::new(vs.root(), &c2);
-        let vit_proj = nn::linear(
-            vs.root() / "vit_proj",
-            m2.tokenizer.encoder_width,
-            c2.hidden_size,
-            Default::default(),
-        );
         let llm = lavit_llm::LlmStageModel::from_parts(
             vs,
             model,
@@ -536,10 +530,14 @@ pub fn run_stage2(
             // the demo's receiver may have given up waiting (its own stage failed): nothing to do
             let _ = tx.send(());
         }
-        Ok(crate::train::llm::LlmModelParts {
-            llm,
-            vit_proj: Some(vit_proj),
-        })
+        Ok(llm)
+    });
+    // vit_proj is built (and trained) on the SelectorMerger stage's: libtorch's default
+    // initialisation drawn from its own seed.
+    let (width, hidden) = (manifest.tokenizer.encoder_width, lcfg.hidden_size);
+    let projector: crate::train::llm::ProjectorBuilder = Box::new(move |device| {
+        let _turn = lavit_runtime::train::torch_rng_turn(seed ^ 0x7072_6f6a);
+        Ok(lavit_selector::ProjectorStage::new(width, hidden, device))
     });
     let tcfg = LlmTrainConfig {
         steps: cfg.steps,
@@ -556,7 +554,10 @@ pub fn run_stage2(
     };
     let run_dir = dir.join("run");
     let summary = train_llm(
-        build,
+        crate::train::llm::Stage2Models {
+            llm: build,
+            projector: Some(projector),
+        },
         &uv,
         &samples,
         &corpus,

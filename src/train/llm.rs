@@ -6,10 +6,14 @@
 //! `lavit train llm --config FILE` ([`run`]).
 //!
 //! The model lives in the pipeline's Llm stage actor ([`LlmStageModel`], on the device
-//! `placement.llm` names) and trains there: each step is `TrainForward` (packed micro-batch →
-//! loss, [`LlmTrainer::forward`]) → `Backward` → `OptimizerStepWith` (learning rate or skip,
-//! [`LlmTrainer::step`]) messages through [`StageGraph`]; checkpoints come from the stage
-//! (`GetTrainState`) and resume into it (`SetTrainState`). The loop is the shared driver's
+//! `placement.llm` names) and trains there; `vit_proj`, the projector of [image, text]
+//! samples' continuous features, lives in the SelectorMerger stage ([`ProjectorStage`], on
+//! `placement.selector_merger`) as it does when serving, and trains there. Each step is
+//! `TrainForward` (packed micro-batch → SelectorMerger: features through `vit_proj` → Llm:
+//! loss, [`LlmTrainer::forward`]) → `Backward` (one pass across both stages) →
+//! `OptimizerStepWith` (learning rate or skip, after the driver's global clipping) messages
+//! through [`StageGraph`]; checkpoints come from the stages (`GetTrainState`) and resume
+//! into them (`SetTrainState`). The loop is the shared driver's
 //! (`lavit_runtime::train::drive`: schedule, NaN policy, data parallelism, checkpoints,
 //! metrics, progress); this file keeps the data: the sample mix and the packing.
 
@@ -29,10 +33,11 @@ use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::dist::ProcessGroup;
 use lavit_runtime::manifest::LavitManifest;
 use lavit_runtime::messages::TrainKey;
-use lavit_runtime::stage::{LlmStage, Placement, StageKind};
+use lavit_runtime::stage::{LlmStage, Placement, SelectorMergerStage, StageKind};
 use lavit_runtime::train::{
     drive, splitmix64, DriverConfig, LrSchedule, Metrics, Step, TrainJob, TrainState,
 };
+use lavit_selector::ProjectorStage;
 use serde::Deserialize;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
@@ -75,29 +80,44 @@ pub struct TrainSummary {
     pub last: (f64, f64, f64),
     pub skipped: u64,
     pub checkpoint: Option<PathBuf>,
-    /// The trained variables (model, and `vit_proj.*` when trained with it) as the stage
-    /// holds them at the end.
+    /// The trained variables as the stages hold them at the end: the Llm stage's, and
+    /// `vit_proj.*` when the SelectorMerger stage trained it.
     pub weights: StateDict,
-}
-
-/// What the Llm stage trains: the stage's model (`LlmStageModel`, whose `vs` also holds
-/// `vit_proj.*` when given) and the projector of continuous image features.
-pub struct LlmModelParts {
-    pub llm: LlmStageModel,
-    pub vit_proj: Option<nn::Linear>,
 }
 
 /// Builds the model to train on the device the placement gives the Llm stage (runs on the
 /// stage's own thread).
-pub type LlmModelBuilder = Box<dyn FnOnce(Device) -> Result<LlmModelParts> + Send>;
+pub type LlmModelBuilder = Box<dyn FnOnce(Device) -> Result<LlmStageModel> + Send>;
 
-/// Train the LLM that `build` makes (and `vit_proj` with it) on `data` mixed with
-/// `text_corpus`, through the Llm stage actor on the device `placement.llm` names,
-/// data-parallel over `pg` (world size 1: one process). Resumes from `out_dir/checkpoints`
-/// when it holds a checkpoint; writes metrics there (rank 0).
+/// Builds `vit_proj` on the device the placement gives the SelectorMerger stage (on the
+/// stage's own thread).
+pub type ProjectorBuilder = Box<dyn FnOnce(Device) -> Result<ProjectorStage> + Send>;
+
+/// The stages a stage-2 run builds: the LLM, and the projector of continuous image features
+/// when [image, text] samples come as features before `vit_proj`.
+pub struct Stage2Models {
+    pub llm: LlmModelBuilder,
+    pub projector: Option<ProjectorBuilder>,
+}
+
+impl From<LlmModelBuilder> for Stage2Models {
+    /// The LLM alone ([image, text] features already at its hidden size).
+    fn from(llm: LlmModelBuilder) -> Self {
+        Stage2Models {
+            llm,
+            projector: None,
+        }
+    }
+}
+
+/// Train the LLM that `models.llm` makes (in the Llm stage, on the device `placement.llm`
+/// names) and `vit_proj` with it when `models.projector` makes one and `cfg.train` names it
+/// (in the SelectorMerger stage, on `placement.selector_merger`) on `data` mixed with
+/// `text_corpus`, data-parallel over `pg` (world size 1: one process). Resumes from
+/// `out_dir/checkpoints` when it holds a checkpoint; writes metrics there (rank 0).
 #[allow(clippy::too_many_arguments)]
 pub fn train_llm(
-    build: LlmModelBuilder,
+    models: impl Into<Stage2Models>,
     vocab: &UnifiedVocab,
     data: &[Sample],
     text_corpus: &[Sample],
@@ -110,19 +130,47 @@ pub fn train_llm(
     if data.is_empty() && text_corpus.is_empty() {
         bail!("no training samples");
     }
+    let models = models.into();
+    let project = models.projector.is_some();
+    let projector_trains =
+        project && (cfg.trains("vit_proj.weight") || cfg.trains("vit_proj.bias"));
+    let invalid = |e: anyhow::Error| lavit_runtime::Error::invalid(format!("{e:#}"));
     let mut builders = StageBuilders::unused();
     let tcfg = cfg.clone();
+    let build = models.llm;
     builders.llm = Box::new(move |dev| {
-        let parts = build(dev).map_err(|e| lavit_runtime::Error::invalid(format!("{e:#}")))?;
-        let mut llm = parts.llm;
-        llm.train = Some(LlmTrainer::new(&llm, parts.vit_proj, &tcfg)?);
+        let mut llm = build(dev).map_err(invalid)?;
+        llm.train = Some(LlmTrainer::new(&llm, &tcfg, projector_trains)?);
         Ok(Box::new(llm) as Box<dyn LlmStage>)
     });
+    if let Some(build) = models.projector {
+        let tcfg = cfg.clone();
+        builders.selector_merger = Box::new(move |dev| {
+            let p = build(dev).map_err(invalid)?;
+            let p = p.with_training(tcfg.weight_decay, |n| tcfg.trains(n))?;
+            Ok(Box::new(p) as Box<dyn SelectorMergerStage>)
+        });
+    }
     let graph = StageGraph::spawn(builders, placement, GraphOptions::default())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let r = rt.block_on(run_job(&graph, pg, vocab, data, text_corpus, cfg, out_dir));
+    let stages = if projector_trains {
+        vec![StageKind::SelectorMerger, LLM]
+    } else {
+        vec![LLM]
+    };
+    let r = rt.block_on(run_job(
+        &graph,
+        pg,
+        vocab,
+        data,
+        text_corpus,
+        cfg,
+        out_dir,
+        project,
+        &stages,
+    ));
     drop(graph);
     r
 }
@@ -140,6 +188,8 @@ struct LlmJob<'a> {
     order: Vec<(bool, usize)>,
     /// (text loss, visual loss) of every step of this call.
     history: Vec<(f64, f64)>,
+    /// Micro-batches go through the SelectorMerger stage's `vit_proj` first.
+    project: bool,
 }
 
 impl LlmJob<'_> {
@@ -205,6 +255,9 @@ impl TrainJob for LlmJob<'_> {
                 continue;
             }
             let mut batch = p.to_batch();
+            if self.project && !p.cont.is_empty() {
+                batch.route = vec![StageKind::SelectorMerger, LLM];
+            }
             batch
                 .tensors
                 .insert(keys::TARGETS, Tensor::from(per_rank as f32));
@@ -231,7 +284,8 @@ impl TrainJob for LlmJob<'_> {
     }
 }
 
-/// The stage-2 run: the driver's loop, then the trained weights.
+/// The stage-2 run: the driver's loop over the trained `stages`, then the trained weights.
+#[allow(clippy::too_many_arguments)]
 async fn run_job(
     g: &StageGraph,
     pg: &Arc<ProcessGroup>,
@@ -240,11 +294,13 @@ async fn run_job(
     text_corpus: &[Sample],
     cfg: &LlmTrainConfig,
     out_dir: &Path,
+    project: bool,
+    stages: &[StageKind],
 ) -> Result<TrainSummary> {
     let driver = DriverConfig {
         name: "stage-2 llm".into(),
         out_dir: out_dir.to_path_buf(),
-        stages: vec![LLM],
+        stages: stages.to_vec(),
         schedule: LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr),
         steps: cfg.steps,
         end: cfg.steps,
@@ -256,7 +312,7 @@ async fn run_job(
         seed: cfg.seed,
         resume: true,
         progress: true,
-        grad_clip: 0.0,   // the stage clips (after the driver averaged over ranks)
+        grad_clip: cfg.clip_grad, // over both stages' parameters, after averaging over ranks
         torch_rng: false, // LLaMA has no dropout; the data order is a function of (seed, epoch)
     };
     let mut job = LlmJob {
@@ -266,6 +322,7 @@ async fn run_job(
         cfg,
         order: Vec::new(),
         history: Vec::new(),
+        project,
     };
     let outcome = drive(g, pg, &driver, &mut job).await?;
     let history: Vec<(f64, f64, f64)> = outcome
@@ -286,13 +343,13 @@ async fn run_job(
         (avg(|x| x.0), avg(|x| x.1), avg(|x| x.2))
     };
     let k = (history.len() / 10).max(1).min(history.len());
-    let weights = g
-        .train_state(LLM)
-        .await?
-        .into_iter()
-        .find(|(k, _)| k == "model")
-        .map(|(_, sd)| sd)
-        .unwrap_or_default();
+    let mut weights = StateDict::new();
+    for &k in stages {
+        let part = if k == LLM { "model" } else { "projector" };
+        if let Some((_, sd)) = g.train_state(k).await?.into_iter().find(|(n, _)| n == part) {
+            weights.extend(sd);
+        }
+    }
     Ok(TrainSummary {
         final_step: outcome.state.step,
         steps_run: outcome.state.step - outcome.start_step,
@@ -381,8 +438,9 @@ pub fn run(args: Args) -> Result<()> {
     };
     lavit_runtime::device::resolve_device(&device)
         .with_context(|| format!("{}: model.device", args.config.display()))?;
-    // The Llm stage's placement (the other stages are unused in stage 2).
+    // The Llm stage and the projector beside it (the other stages are unused in stage 2).
     let placement = Placement {
+        selector_merger: device.clone(),
         llm: device,
         ..Placement::default()
     };
@@ -424,6 +482,28 @@ pub fn run(args: Args) -> Result<()> {
     };
     let out_dir = rel(&base, &fc.out_dir);
     tracing::info!(samples = data.len(), text = text_corpus.len(), out = %out_dir.display(), "stage-2 training");
+    // The projector is built on the SelectorMerger stage's thread and device.
+    let projector: Option<ProjectorBuilder> = fc.model.vit_proj.as_ref().map(|p| {
+        let p = rel(&base, p);
+        Box::new(move |device| {
+            let sd = checkpoint::sub_dict(&checkpoint::load_path(&p)?, "vit_proj");
+            let w = sd
+                .get("weight")
+                .with_context(|| format!("{}: no vit_proj.weight", p.display()))?;
+            let proj = match w.size().as_slice() {
+                [o, i] => ProjectorStage::new(*i, *o, device),
+                other => bail!("{}: vit_proj.weight is {other:?}, not 2-D", p.display()),
+            };
+            checkpoint::load_into(
+                &proj.vs,
+                "vit_proj.",
+                &sd,
+                &p.display().to_string(),
+                &Default::default(),
+            )?;
+            Ok(proj)
+        }) as ProjectorBuilder
+    });
     // The model is built on the Llm stage's thread and device.
     let (model_sec, v2) = (fc.model.clone(), vocab);
     let build: LlmModelBuilder = Box::new(move |device| {
@@ -474,33 +554,19 @@ pub fn run(args: Args) -> Result<()> {
                 vocab.vocab_size
             );
         }
-        let vit_proj = match &model_sec.vit_proj {
-            Some(p) => {
-                let p = rel(&base, p);
-                let sd = checkpoint::sub_dict(&checkpoint::load_path(&p)?, "vit_proj");
-                let w = sd
-                    .get("weight")
-                    .with_context(|| format!("{}: no vit_proj.weight", p.display()))?;
-                let (o, i) = (w.size()[0], w.size()[1]);
-                let l = nn::linear(vs.root() / "vit_proj", i, o, Default::default());
-                checkpoint::load_into(
-                    &vs,
-                    "vit_proj.",
-                    &sd,
-                    &p.display().to_string(),
-                    &Default::default(),
-                )?;
-                Some(l)
-            }
-            None => None,
-        };
-        Ok(LlmModelParts {
-            llm: LlmStageModel::from_parts(vs, model, vocab, Box::new(sp), &manifest.generation),
-            vit_proj,
-        })
+        Ok(LlmStageModel::from_parts(
+            vs,
+            model,
+            vocab,
+            Box::new(sp),
+            &manifest.generation,
+        ))
     });
     let s = train_llm(
-        build,
+        Stage2Models {
+            llm: build,
+            projector,
+        },
         &vocab,
         &data,
         &text_corpus,

@@ -16,7 +16,6 @@ use lavit_runtime::shape::dims;
 use lavit_runtime::stage::{StageError, StageKind, StageResult};
 use lavit_runtime::train::{is_no_decay, var_store_state_dict, AdamW, AdamWConfig, LrSchedule};
 use serde::Deserialize;
-use tch::nn::{self, Module};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::modeling_llama::{ForwardArgs, LlamaForCausalLM};
@@ -39,7 +38,10 @@ pub mod keys {
     /// In (optional): continuous blocks as (row, start) pairs, their lengths, their features.
     pub const CONT_AT: TrainKey = TrainKey::new("cont_at");
     pub const CONT_LEN: TrainKey = TrainKey::new("cont_len");
-    pub const CONT_FEATURES: TrainKey = TrainKey::new("cont_features");
+    pub const CONT_FEATURES: TrainKey = lavit_runtime::messages::train_keys::CONT_FEATURES;
+    /// In (optional, instead of `CONT_FEATURES`): the blocks already through the SelectorMerger
+    /// stage's `vit_proj` (ΣT, hidden), with grad.
+    pub const CONT_EMBEDS: TrainKey = lavit_runtime::messages::train_keys::CONT_EMBEDS;
     /// In: the step's target count over all its micro-batches (0-d).
     pub const TARGETS: TrainKey = TrainKey::new("targets");
     /// Out: the loss term (summed cross-entropy / targets).
@@ -126,6 +128,11 @@ impl Default for LlmTrainConfig {
 }
 
 impl LlmTrainConfig {
+    /// Whether `train` names the variable `name` (a prefix of it).
+    pub fn trains(&self, name: &str) -> bool {
+        self.train.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
     pub fn validate(&self, origin: &str) -> lavit_runtime::Result<()> {
         let bad = |k: &str, m: String| Err(lavit_runtime::Error::config(origin, k, m));
         if self.steps < 1 || self.batch_size < 1 || self.grad_accum < 1 || self.max_len < 2 {
@@ -303,7 +310,8 @@ impl Packed {
             };
             let at = host(get(keys::CONT_AT)?.view([-1]))?;
             let len = host(get(keys::CONT_LEN)?)?;
-            let feats = get(keys::CONT_FEATURES)?;
+            // projected by the SelectorMerger stage when it trains `vit_proj`, else as given
+            let feats = get(keys::CONT_EMBEDS).or_else(|_| get(keys::CONT_FEATURES))?;
             let mut pos = 0;
             for (k, n) in len.into_iter().enumerate() {
                 cont.push((at[2 * k], at[2 * k + 1], feats.narrow(0, pos, n)));
@@ -401,13 +409,9 @@ pub fn packed_mask(segments: &Tensor) -> Tensor {
         .unsqueeze(1)
 }
 
-/// Input embeddings of a packed batch: token embeddings with the continuous blocks
-/// (through `vit_proj` when given) written in.
-pub fn packed_embeds(
-    model: &LlamaForCausalLM,
-    vit_proj: Option<&nn::Linear>,
-    p: &Packed,
-) -> Tensor {
+/// Input embeddings of a packed batch: token embeddings with the continuous blocks (already
+/// at the hidden size: projected by the SelectorMerger stage) written in.
+pub fn packed_embeds(model: &LlamaForCausalLM, p: &Packed) -> Tensor {
     let dev = model.device();
     let e = model.embed(&p.ids.to_device(dev));
     if p.cont.is_empty() {
@@ -420,12 +424,7 @@ pub fn packed_embeds(
         let n = f.size()[0];
         rows.extend(std::iter::repeat_n(*r, n as usize));
         cols.extend(*s..*s + n);
-        let f = f.to_device(dev);
-        let f = match vit_proj {
-            Some(l) => l.forward(&f.to_kind(l.ws.kind())),
-            None => f,
-        };
-        vals.push(f.to_kind(e.kind()));
+        vals.push(f.to_device(dev).to_kind(e.kind()));
     }
     let idx = [
         Some(Tensor::from_slice(&rows).to_device(dev)),
@@ -438,12 +437,11 @@ pub fn packed_embeds(
 /// kind: (total, text_sum, text_n, visual_sum, visual_n).
 pub fn packed_loss(
     model: &LlamaForCausalLM,
-    vit_proj: Option<&nn::Linear>,
     vocab: &UnifiedVocab,
     p: &Packed,
 ) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
     let dev = model.device();
-    let embeds = packed_embeds(model, vit_proj, p);
+    let embeds = packed_embeds(model, p);
     let seg = p.segments.to_device(dev);
     let pos = p.position_ids.to_device(dev);
     let mask = packed_mask(&seg);
@@ -478,12 +476,11 @@ pub fn packed_loss(
     (ce.sum(Kind::Float), ts, tn, vs, vn)
 }
 
-/// The stage-2 training state the Llm stage holds: the optimiser over the trained variables,
-/// the projector, clipping and autocast.
+/// The stage-2 training state the Llm stage holds: the optimiser over its trained variables
+/// and autocast. `vit_proj` is the SelectorMerger stage's; the driver clips the gradients of
+/// both stages globally.
 pub struct LlmTrainer {
     opt: AdamW,
-    vit_proj: Option<nn::Linear>,
-    clip_grad: f64,
     autocast: bool,
 }
 
@@ -492,13 +489,14 @@ fn stage_fail(e: impl std::fmt::Display) -> StageError {
 }
 
 impl LlmTrainer {
-    /// Freeze what `cfg.train` does not name and build the optimiser over the rest.
+    /// Freeze what `cfg.train` does not name and build the optimiser over the rest. An LLM
+    /// with nothing to train is an error unless `projector_trains` (only `vit_proj` trains).
     pub fn new(
         llm: &LlmStageModel,
-        vit_proj: Option<nn::Linear>,
         cfg: &LlmTrainConfig,
+        projector_trains: bool,
     ) -> lavit_runtime::Result<Self> {
-        let trains = |n: &str| cfg.train.iter().any(|p| n.starts_with(p.as_str()));
+        let trains = |n: &str| cfg.trains(n);
         for (name, t) in llm.vs.variables() {
             if !trains(&name) {
                 let _ = t.set_requires_grad(false);
@@ -513,7 +511,7 @@ impl LlmTrainer {
             },
         )?
         .no_decay(|n| is_no_decay(n) || n.contains("embed_tokens"));
-        if opt.names().next().is_none() {
+        if opt.names().next().is_none() && !projector_trains {
             return Err(lavit_runtime::Error::config(
                 "llm training config",
                 "train.train",
@@ -522,8 +520,6 @@ impl LlmTrainer {
         }
         Ok(Self {
             opt,
-            vit_proj,
-            clip_grad: cfg.clip_grad,
             autocast: cfg.autocast,
         })
     }
@@ -539,7 +535,19 @@ impl LlmTrainer {
             .get(&keys::TARGETS)
             .map(Tensor::shallow_clone)
             .ok_or_else(|| StageError::Invalid("training batch has no `targets`".into()))?;
-        let run = || packed_loss(&llm.model, self.vit_proj.as_ref(), &llm.vocab, &p);
+        let hidden = llm.model.config.hidden_size;
+        if let Some((_, _, f)) = p
+            .cont
+            .iter()
+            .find(|(_, _, f)| f.size().get(1) != Some(&hidden))
+        {
+            return Err(StageError::Invalid(format!(
+                "continuous image features are {:?} but the LLM's hidden size is {hidden}: \
+                 train with a `vit_proj` (model.vit_proj) to project them",
+                f.size()
+            )));
+        }
+        let run = || packed_loss(&llm.model, &llm.vocab, &p);
         let (sum, ts, tn, vs, vn) = if self.autocast && llm.model.device().is_cuda() {
             tch::autocast(true, run)
         } else {
@@ -558,26 +566,18 @@ impl LlmTrainer {
         Ok(b)
     }
 
-    /// The parameters the optimiser updates (shallow): the model's, and `vit_proj.*`.
+    /// The parameters the optimiser updates (shallow): the model's that `train` names.
     pub fn params(&self) -> Vec<(String, Tensor)> {
         self.opt.params()
     }
 
-    /// Apply (clip + AdamW at `ctl.lr`) or skip, then zero the gradients.
+    /// Apply (AdamW at `ctl.lr`; the driver clipped) or skip, then zero the gradients.
     pub fn step(&mut self, ctl: &StepControl) -> StageResult<StepReport> {
-        let mut report = StepReport::default();
         if ctl.apply {
-            if self.clip_grad > 0.0 {
-                report.grad_norm = Some(
-                    self.opt
-                        .clip_grad_norm(self.clip_grad)
-                        .map_err(stage_fail)?,
-                );
-            }
             self.opt.step(ctl.lr).map_err(stage_fail)?;
         }
         self.opt.zero_grad();
-        Ok(report)
+        Ok(StepReport::default())
     }
 
     /// `model` (every variable of the stage's var store) and `optimizer`, as
