@@ -576,3 +576,90 @@ fn bad_model_configs_refused() {
         }
     }
 }
+
+// ---- loading without copies ------------------------------------------------------------
+
+/// A safetensors file whose header is padded to 8 bytes (as writers do), so the data starts
+/// aligned.
+fn padded_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.to_string();
+    while !h.len().is_multiple_of(8) {
+        h.push(' ');
+    }
+    safetensors_bytes(&h, data)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn safetensors_load_as_views_of_one_mapping_and_models_take_them_copy_on_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = ([1.5f32, -2.0, 3.25, 4.0], [0.5f32, 0.25]);
+    let mut data = f32_bytes(&a);
+    data.extend(f32_bytes(&b));
+    let header = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}"#;
+    let path = write(
+        dir.path(),
+        "w.safetensors",
+        &padded_safetensors(header, &data),
+    );
+    let sd = checkpoint::load_safetensors(&path).unwrap();
+    assert_eq!(Vec::<f32>::try_from(sd["a"].view([-1])).unwrap(), a);
+    assert_eq!(Vec::<f32>::try_from(&sd["b"]).unwrap(), b);
+    // One buffer: `b` sits 16 bytes after `a`, as in the file (separate copies would not).
+    assert_eq!(
+        sd["b"].data_ptr() as usize - sd["a"].data_ptr() as usize,
+        16
+    );
+
+    // A model moved onto them holds the same memory, and writing to it leaves the file as it was.
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let root = vs.root();
+    let va = root.zeros("a", &[2, 2]);
+    let vb = root.zeros("b", &[2]);
+    let (pa, pb) = (sd["a"].data_ptr(), sd["b"].data_ptr());
+    checkpoint::load_into_owned(&vs, "", sd, "w", &Default::default()).unwrap();
+    assert_eq!((va.data_ptr(), vb.data_ptr()), (pa, pb));
+    tch::no_grad(|| {
+        let _ = va.shallow_clone().fill_(9.0);
+    });
+    let again = checkpoint::load_safetensors(&path).unwrap();
+    assert_eq!(Vec::<f32>::try_from(again["a"].view([-1])).unwrap(), a);
+    assert_eq!(
+        std::fs::read(&path).unwrap()[..8],
+        padded_safetensors(header, &data)[..8]
+    );
+
+    // A model of another dtype gets converted copies.
+    let mut vs16 = tch::nn::VarStore::new(tch::Device::Cpu);
+    vs16.set_kind(Kind::Half);
+    let (ha, hb) = (
+        vs16.root().zeros("a", &[2, 2]),
+        vs16.root().zeros("b", &[2]),
+    );
+    let pa = again["a"].data_ptr();
+    checkpoint::load_into_owned(&vs16, "", again, "w", &Default::default()).unwrap();
+    assert_eq!((ha.kind(), hb.kind()), (Kind::Half, Kind::Half));
+    assert_ne!(ha.data_ptr(), pa);
+    assert_eq!(Vec::<f32>::try_from(hb.to_kind(Kind::Float)).unwrap(), b);
+}
+
+#[test]
+fn misaligned_safetensors_tensors_are_copied_with_the_right_values() {
+    let dir = tempfile::tempdir().unwrap();
+    // a 1-byte tensor first: the f32 tensor after it starts at an odd offset
+    let mut data = vec![7u8];
+    data.extend(f32_bytes(&[1.5, -2.0]));
+    let header = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}}"#;
+    let path = write(
+        dir.path(),
+        "odd.safetensors",
+        &padded_safetensors(header, &data),
+    );
+    let sd = checkpoint::load_safetensors(&path).unwrap();
+    assert_eq!(Vec::<u8>::try_from(&sd["a"]).unwrap(), vec![7]);
+    assert_eq!(Vec::<f32>::try_from(&sd["b"]).unwrap(), vec![1.5, -2.0]);
+    assert_eq!(sd["b"].data_ptr() as usize % 4, 0, "an aligned copy");
+}

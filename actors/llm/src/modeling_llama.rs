@@ -86,24 +86,63 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 }
 
 /// How a new model's weights start: drawn as PyTorch does (training from scratch), or
-/// zeros when a checkpoint overwrites every one of them right away (loading; drawing 7 B
-/// random numbers on a CPU takes longer than reading the file).
+/// uninitialised memory when a checkpoint replaces every one of them right away (loading:
+/// drawing 7 B random numbers on a CPU takes longer than reading the file, and untouched
+/// memory is never resident, so the model does not exist twice while it loads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightInit {
     Random,
-    Zeros,
+    Uninit,
 }
 
 fn linear(vs: nn::Path, i: i64, o: i64, bias: bool, init: WeightInit) -> nn::Linear {
-    let mut c = nn::LinearConfig {
+    if init == WeightInit::Uninit {
+        let opts = (vs.kind(), vs.device());
+        return nn::Linear {
+            ws: vs.add("weight", Tensor::empty([o, i], opts), true),
+            bs: bias.then(|| vs.add("bias", Tensor::empty([o], opts), true)),
+        };
+    }
+    let c = nn::LinearConfig {
         bias,
         ..Default::default()
     };
-    if init == WeightInit::Zeros {
-        c.ws_init = nn::Init::Const(0.0);
-        c.bs_init = Some(nn::Init::Const(0.0));
-    }
     nn::linear(vs, i, o, c)
+}
+
+/// `embed_tokens`: the (vocab, hidden) table looked up by token id.
+#[derive(Debug)]
+pub struct Embedding {
+    pub ws: Tensor,
+}
+
+impl Embedding {
+    fn new(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
+        let dims = [cfg.vocab_size, cfg.hidden_size];
+        let ws = match init {
+            // as `nn::embedding` draws it
+            WeightInit::Random => vs.var(
+                "weight",
+                &dims,
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            ),
+            WeightInit::Uninit => vs.add(
+                "weight",
+                Tensor::empty(dims, (vs.kind(), vs.device())),
+                true,
+            ),
+        };
+        Embedding { ws }
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.ws, ids, -1, false, false)
+    }
 }
 
 /// `LlamaAttention`: grouped-query attention with RoPE.
@@ -323,7 +362,7 @@ pub fn causal_padding_mask(key_mask: &Tensor, t: i64) -> Tensor {
 /// `LlamaModel`: embeddings, decoder layers, final norm.
 #[derive(Debug)]
 pub struct LlamaModel {
-    pub embed_tokens: nn::Embedding,
+    pub embed_tokens: Embedding,
     pub layers: Vec<LlamaDecoderLayer>,
     pub norm: LlamaRMSNorm,
     pub rotary_emb: LlamaRotaryEmbedding,
@@ -336,12 +375,8 @@ impl LlamaModel {
 
     pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         let layers_vs = &vs / "layers";
-        let mut emb = nn::EmbeddingConfig::default();
-        if init == WeightInit::Zeros {
-            emb.ws_init = nn::Init::Const(0.0);
-        }
         Self {
-            embed_tokens: nn::embedding(&vs / "embed_tokens", cfg.vocab_size, cfg.hidden_size, emb),
+            embed_tokens: Embedding::new(&vs / "embed_tokens", cfg, init),
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| LlamaDecoderLayer::with_init(&layers_vs / i, cfg, init))
                 .collect(),
@@ -452,8 +487,8 @@ impl LlamaForCausalLM {
         // new variables): a bf16 model never exists in float32 first.
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
-        // Zeros, not random draws: the strict load below overwrites every variable.
-        let model = Self::with_init(vs.root(), &cfg, WeightInit::Zeros);
+        // Uninitialised, not random draws: the strict load below replaces every variable.
+        let model = Self::with_init(vs.root(), &cfg, WeightInit::Uninit);
         let opts = LoadOptions {
             allow_unexpected: if cfg.tie_word_embeddings {
                 vec!["lm_head.weight".into()]
@@ -462,7 +497,9 @@ impl LlamaForCausalLM {
             },
             ..Default::default()
         };
-        let report = checkpoint::load_into(&vs, "", &sd, &dir.display().to_string(), &opts)?;
+        // The model takes the checkpoint's tensors where their dtype is `kind` (safetensors:
+        // views of the mapped file, so the weights are never in memory twice).
+        let report = checkpoint::load_into_owned(&vs, "", sd, &dir.display().to_string(), &opts)?;
         tracing::info!(tensors = report.loaded, dir = %dir.display(), "loaded LLaMA");
         Ok((vs, model))
     }

@@ -55,6 +55,15 @@ pub fn load_file(path: &Path) -> Result<StateDict> {
 /// Largest safetensors header accepted (the `safetensors` crate enforces its own cap too).
 const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
 
+/// Every tensor of a safetensors file, without copying the data: the file is mapped once
+/// (copy-on-write, through libtorch's own file mapping, which lives as long as any tensor
+/// of it) and each tensor is a view of its bytes; the header is validated first (offsets
+/// inside the file, sizes matching shapes). A tensor whose bytes are not aligned for its
+/// dtype is copied out instead. Pages are read from disk when first used.
+///
+/// The views alias the file: replace a checkpoint by writing a new file and renaming it
+/// over the old one (as every writer here does), never by rewriting it in place while a
+/// process has it loaded.
 pub fn load_safetensors(path: &Path) -> Result<StateDict> {
     let file = crate::fsread::open_regular(path)?;
     // SAFETY: the map is read-only and dropped before this function returns; a file
@@ -73,6 +82,7 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict> {
     }
     let st = safetensors::SafeTensors::deserialize(&map)
         .map_err(|e| Error::ckpt(path, format!("invalid safetensors: {e}")))?;
+    let bytes = file_bytes(&file, path, map.len());
     let mut out = StateDict::new();
     for (name, view) in st.tensors() {
         let kind = st_kind(view.dtype()).ok_or_else(|| {
@@ -82,11 +92,62 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict> {
             )
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .map_err(|e| Error::ckpt(path, format!("tensor `{name}`: {e}")))?;
+        let data = view.data();
+        let start = data.as_ptr() as usize - map.as_ptr() as usize;
+        let viewed = bytes
+            .as_ref()
+            .filter(|_| !data.is_empty())
+            .and_then(|b| byte_view(b, start, data.len(), kind, &shape).ok());
+        let t = match viewed {
+            Some(t) => t,
+            None => Tensor::f_from_data_size(data, &shape, kind)
+                .map_err(|e| Error::ckpt(path, format!("tensor `{name}`: {e}")))?,
+        };
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// The whole file as one uint8 tensor over libtorch's private file mapping, or None where
+/// libtorch cannot map it (the caller copies then). Opened through `/proc/self/fd` on
+/// Linux, so it is the very file `file` checked as regular.
+fn file_bytes(file: &std::fs::File, path: &Path, len: usize) -> Option<Tensor> {
+    #[cfg(target_os = "linux")]
+    let name = {
+        use std::os::unix::io::AsRawFd;
+        format!("/proc/self/fd/{}", file.as_raw_fd())
+    };
+    #[cfg(not(target_os = "linux"))]
+    let name = {
+        let _ = file;
+        path.to_str()?.to_string()
+    };
+    let len = i64::try_from(len).ok()?;
+    match Tensor::f_from_file(&name, false, Some(len), (Kind::Uint8, Device::Cpu)) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "not mapped; copying tensors");
+            None
+        }
+    }
+}
+
+/// Bytes `start..start + len` of `bytes` seen as a tensor of `kind` and `shape` (no copy).
+fn byte_view(
+    bytes: &Tensor,
+    start: usize,
+    len: usize,
+    kind: Kind,
+    shape: &[i64],
+) -> std::result::Result<Tensor, tch::TchError> {
+    let (start, len) = (start as i64, len as i64);
+    let flat = bytes.f_narrow(0, start, len)?;
+    let typed = if kind == Kind::Uint8 {
+        flat
+    } else {
+        flat.f_view_dtype(kind)?
+    };
+    typed.f_view(shape)
 }
 
 fn st_kind(d: safetensors::Dtype) -> Option<Kind> {
@@ -397,6 +458,33 @@ pub fn load_into(
     source: &str,
     opts: &LoadOptions,
 ) -> Result<LoadReport> {
+    load_vars(vs, vs_prefix, sd, source, opts, false)
+}
+
+/// [`load_into`] that moves `sd` into the model instead of copying it: a variable whose
+/// dtype, device and shape the checkpoint tensor already has takes that tensor's storage
+/// (for [`load_safetensors`]' tensors: the file mapping, so a real-size model never exists
+/// twice in memory); the others are converted and copied as [`load_into`] does. Build the
+/// model with uninitialised variables first. Other handles to `sd`'s tensors (e.g. a
+/// [`sub_dict`] of it) then alias the model's variables.
+pub fn load_into_owned(
+    vs: &nn::VarStore,
+    vs_prefix: &str,
+    sd: StateDict,
+    source: &str,
+    opts: &LoadOptions,
+) -> Result<LoadReport> {
+    load_vars(vs, vs_prefix, &sd, source, opts, true)
+}
+
+fn load_vars(
+    vs: &nn::VarStore,
+    vs_prefix: &str,
+    sd: &StateDict,
+    source: &str,
+    opts: &LoadOptions,
+    share: bool,
+) -> Result<LoadReport> {
     let vars = vs.variables();
     let mut report = LoadReport::default();
     let ends = |list: &[String], k: &str| {
@@ -427,12 +515,21 @@ pub fn load_into(
                     continue;
                 }
                 let mut v = var.shallow_clone();
-                let src = t
-                    .f_to_kind(var.kind())
-                    .and_then(|x| x.f_to_device(var.device()))
-                    .map_err(|e| Error::ckpt(source, format!("`{key}`: {e}")))?;
-                v.f_copy_(&src)
-                    .map_err(|e| Error::ckpt(source, format!("`{key}`: {e}")))?;
+                let fail = |e: tch::TchError| Error::ckpt(source, format!("`{key}`: {e}"));
+                if share
+                    && t.kind() == var.kind()
+                    && t.device() == var.device()
+                    && t.is_contiguous()
+                    && !t.requires_grad()
+                {
+                    v.f_set_data(t).map_err(fail)?;
+                } else {
+                    let src = t
+                        .f_to_kind(var.kind())
+                        .and_then(|x| x.f_to_device(var.device()))
+                        .map_err(fail)?;
+                    v.f_copy_(&src).map_err(fail)?;
+                }
                 report.loaded += 1;
             }
         }
