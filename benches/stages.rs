@@ -1,0 +1,200 @@
+//! Benchmark (a bench binary): every stage side by side with PyTorch eager on the same
+//! computation, the same weights and the same thread count. `scripts/dev/bench_reference.py`
+//! builds the reference modules (transformers, diffusers) at the tiny and mid sizes, saves
+//! their folders, inputs and outputs, and times them; this binary loads the same folders with
+//! lavit's loaders, checks its outputs against theirs, times the same computation, and prints
+//! one line per measurement:
+//!
+//! ```text
+//! bench NAME lavit_ms torch_ms ratio
+//! ```
+//!
+//! Run through `scripts/bench.sh` (which runs both sides), or by hand:
+//! `cargo bench --bench stages -- DIR [--threads 2] [--only NAME-PREFIX]`.
+//!
+//! Cases: `llm_prefill_b1` (a 64-token prompt), `llm_decode_b1` / `llm_decode_b2` (ms per new
+//! token, greedy with the KV cache, 1 and 2 streams), `unet_cfg_step` (CFG batch of 2),
+//! `vae_decode` (one latent). Outputs: last-position prefill logits and U-Net/VAE outputs
+//! within a tolerance (the run stops otherwise); decoded tokens are compared and the share
+//! that agrees is printed (argmax ties may flip in the last bits).
+
+// A benchmark stops at the first failure: unwrap/expect (denied in library code) are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Instant;
+
+use lavit_decoder::{AddedCond, AutoencoderKL, UNet2DConditionModel};
+use lavit_llm::modeling_llama::{ForwardArgs, KvCache};
+use lavit_llm::LlamaForCausalLM;
+use lavit_runtime::checkpoint::{self, StateDict};
+use tch::{Device, Kind, Tensor};
+
+/// Median of `runs` timed calls after one warm-up, in ms.
+fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn max_err(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+fn line(name: &str, ours: f64, torch: &serde_json::Value) {
+    let theirs = torch[name].as_f64().unwrap_or(f64::NAN);
+    println!("bench {name} {ours:.3} {theirs:.3} {:.2}", ours / theirs);
+}
+
+fn io(d: &Path) -> StateDict {
+    checkpoint::load_file(&d.join("io.safetensors"))
+        .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+}
+
+const NEW: usize = 32;
+
+/// Prefill `ids`, then NEW greedy tokens with the KV cache: (tokens, ms of the NEW − 1 steps).
+fn greedy(m: &LlamaForCausalLM, ids: &Tensor) -> (Tensor, f64) {
+    let mut cache = KvCache::new();
+    let args = ForwardArgs::default();
+    let mut next = m
+        .forward_last(&m.embed(ids), &args, Some(&mut cache))
+        .argmax(-1, true);
+    let mut toks = vec![next.shallow_clone()];
+    let t0 = Instant::now();
+    for _ in 1..NEW {
+        next = m
+            .forward_last(&m.embed(&next), &args, Some(&mut cache))
+            .argmax(-1, true);
+        toks.push(next.shallow_clone());
+    }
+    (Tensor::cat(&toks, 1), t0.elapsed().as_secs_f64() * 1000.0)
+}
+
+fn llm(dir: &Path, size: &str, torch: &serde_json::Value) {
+    let d = dir.join(format!("llm_{size}"));
+    let (_vs, m) = LlamaForCausalLM::from_pretrained(&d, Device::Cpu, Kind::Float)
+        .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    let io = io(&d);
+    let runs = if size == "tiny" { 20 } else { 5 };
+    let ids1 = &io["ids_b1"];
+    let logits = m.forward_last(&m.embed(ids1), &ForwardArgs::default(), None);
+    let err = max_err(&logits, &io["prefill_logits"]);
+    assert!(err < 1e-3, "llm_{size}: prefill logits differ from transformers by {err}");
+    let ms = median_ms(runs, || {
+        let _ = m.forward_ids(ids1, &ForwardArgs::default(), None);
+    });
+    line(&format!("llm_prefill_b1_{size}"), ms, torch);
+    for b in ["b1", "b2"] {
+        let ids = &io[&format!("ids_{b}")];
+        let (toks, _) = greedy(&m, ids);
+        let want = &io[&format!("tokens_{b}")];
+        let agree = toks.eq_tensor(want).to_kind(Kind::Float).mean(Kind::Float);
+        let mut steps: Vec<f64> = (0..3).map(|_| greedy(&m, ids).1).collect();
+        steps.sort_by(f64::total_cmp);
+        println!(
+            "check llm_{size} {b}: prefill logits max|err| {err:.1e}; greedy tokens agree {:.0} %",
+            100.0 * agree.double_value(&[])
+        );
+        line(
+            &format!("llm_decode_{b}_{size}"),
+            steps[1] / (NEW - 1) as f64,
+            torch,
+        );
+    }
+}
+
+fn unet(dir: &Path, size: &str, torch: &serde_json::Value) {
+    let d = dir.join(format!("unet_{size}"));
+    let (_vs, unet) = UNet2DConditionModel::from_pretrained(&d, Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    let io = io(&d);
+    let added = match (io.get("text_embeds"), io.get("time_ids")) {
+        (Some(text_embeds), Some(time_ids)) => Some(AddedCond {
+            text_embeds,
+            time_ids,
+        }),
+        _ => None,
+    };
+    let run = || {
+        unet.forward(
+            &io["sample"],
+            &io["timestep"],
+            &io["encoder_hidden_states"],
+            None,
+            added.as_ref(),
+        )
+        .expect("U-Net forward")
+    };
+    let err = max_err(&run(), &io["out"]);
+    println!("check unet_{size}: max|err| vs diffusers {err:.1e}");
+    assert!(err < 1e-3, "unet_{size}: output differs from diffusers by {err}");
+    let ms = median_ms(if size == "tiny" { 20 } else { 5 }, || {
+        let _ = run();
+    });
+    line(&format!("unet_cfg_step_{size}"), ms, torch);
+}
+
+fn vae(dir: &Path, size: &str, torch: &serde_json::Value) {
+    let d = dir.join(format!("vae_{size}"));
+    let (_vs, vae) = AutoencoderKL::from_pretrained(&d, Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    let io = io(&d);
+    let err = max_err(&vae.decode(&io["latent"]), &io["out"]);
+    println!("check vae_{size}: max|err| vs diffusers {err:.1e}");
+    assert!(err < 1e-3, "vae_{size}: output differs from diffusers by {err}");
+    let ms = median_ms(if size == "tiny" { 20 } else { 5 }, || {
+        let _ = vae.decode(&io["latent"]);
+    });
+    line(&format!("vae_decode_{size}"), ms, torch);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    // `cargo bench` passes `--bench`; the folder is the first other argument that is no value.
+    let values: Vec<String> = ["--threads", "--only"].iter().filter_map(|k| opt(k)).collect();
+    let Some(dir) = args
+        .iter()
+        .find(|a| !a.starts_with("--") && !values.contains(a))
+    else {
+        eprintln!("usage: cargo bench --bench stages -- DIR [--threads N] [--only PREFIX] (DIR from scripts/dev/bench_reference.py)");
+        return;
+    };
+    let dir = Path::new(dir);
+    let threads = opt("--threads").and_then(|t| t.parse().ok()).unwrap_or(2);
+    tch::set_num_threads(threads);
+    let only = opt("--only").unwrap_or_default();
+    let torch: serde_json::Value = std::fs::read_to_string(dir.join("torch_ms.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| panic!("{}: no torch_ms.json (run scripts/dev/bench_reference.py)", dir.display()));
+    let _g = tch::no_grad_guard();
+    for size in ["tiny", "mid"] {
+        if !dir.join(format!("llm_{size}")).is_dir() {
+            continue;
+        }
+        let cases: [(&str, fn(&Path, &str, &serde_json::Value)); 3] =
+            [("llm", llm), ("unet", unet), ("vae", vae)];
+        for (name, run) in cases {
+            if name.starts_with(only.as_str()) || only.starts_with(name) {
+                run(dir, size, &torch);
+            }
+        }
+    }
+}
