@@ -62,6 +62,9 @@ fn io(d: &Path) -> StateDict {
 
 const NEW: usize = 32;
 
+/// One stage's measurements at one size: (folder, size, PyTorch's times).
+type Case = fn(&Path, &str, &serde_json::Value);
+
 /// Prefill `ids`, then NEW greedy tokens with the KV cache: (tokens, ms of the NEW − 1 steps).
 fn greedy(m: &LlamaForCausalLM, ids: &Tensor) -> (Tensor, f64) {
     let mut cache = KvCache::new();
@@ -206,8 +209,7 @@ fn main() {
         if !dir.join(format!("llm_{size}")).is_dir() {
             continue;
         }
-        let cases: [(&str, fn(&Path, &str, &serde_json::Value)); 3] =
-            [("llm", llm), ("unet", unet), ("vae", vae)];
+        let cases: [(&str, Case); 3] = [("llm", llm), ("unet", unet), ("vae", vae)];
         for (name, run) in cases {
             if name.starts_with(only.as_str()) || only.starts_with(name) {
                 run(dir, size, &torch);
