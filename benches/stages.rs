@@ -12,7 +12,8 @@
 //! Run through `scripts/bench.sh` (which runs both sides), or by hand:
 //! `cargo bench --bench stages -- DIR [--threads 2] [--only NAME-PREFIX]`.
 //!
-//! Cases: `llm_prefill_b1` (a 64-token prompt), `llm_decode_b1` / `llm_decode_b2` (ms per new
+//! Cases: `tokenizer_b1` / `tokenizer_b8` (ViT → selector/merger → quantizer, arg-max
+//! selection, 1 and 8 images; counts must be equal), `llm_prefill_b1` (a 64-token prompt), `llm_decode_b1` / `llm_decode_b2` (ms per new
 //! token, greedy with the KV cache, 1 and 2 streams), `unet_cfg_step` (CFG batch of 2),
 //! `vae_decode` (one latent). Outputs: last-position prefill logits and U-Net/VAE outputs
 //! within a tolerance (the run stops otherwise); decoded tokens are compared and the share
@@ -171,6 +172,39 @@ fn vae(dir: &Path, size: &str, torch: &serde_json::Value) {
     line(&format!("vae_decode_{size}"), ms, torch);
 }
 
+fn tokenizer(dir: &Path, size: &str, torch: &serde_json::Value) {
+    use lavit::tokenizer::{LoadParts, VisualTokenizer};
+    use lavit_selector::SelectionMode;
+    let d = dir.join(format!("tokenizer_{size}"));
+    let tok = VisualTokenizer::from_checkpoint(&d, Device::Cpu, LoadParts::tokenize_only())
+        .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    let io = io(&d);
+    let runs = if size == "tiny" { 20 } else { 8 };
+    for b in ["b1", "b8"] {
+        let images = &io[&format!("images_{b}")];
+        let got = tok
+            .tokenize_with(images, SelectionMode::Argmax)
+            .expect("tokenize");
+        let counts: Vec<i64> = Vec::try_from(&io[&format!("token_counts_{b}")]).unwrap();
+        let ids: Vec<i64> = Vec::try_from(&io[&format!("token_ids_{b}")]).unwrap();
+        let flat: Vec<i64> = got.ids.concat();
+        let same = flat.iter().zip(&ids).filter(|(a, b)| a == b).count();
+        println!(
+            "check tokenizer_{size} {b}: counts equal {}; ids agree {same}/{}",
+            got.counts == counts,
+            ids.len()
+        );
+        assert_eq!(
+            got.counts, counts,
+            "tokenizer_{size} {b}: token counts differ"
+        );
+        let ms = best_ms(runs, || {
+            let _ = tok.tokenize_with(images, SelectionMode::Argmax);
+        });
+        line(&format!("tokenizer_{b}_{size}"), ms, torch);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |k: &str| {
@@ -209,9 +243,15 @@ fn main() {
         if !dir.join(format!("llm_{size}")).is_dir() {
             continue;
         }
-        let cases: [(&str, Case); 3] = [("llm", llm), ("unet", unet), ("vae", vae)];
+        let has = |name: &str| dir.join(format!("{name}_{size}")).is_dir();
+        let cases: [(&str, Case); 4] = [
+            ("tokenizer", tokenizer),
+            ("llm", llm),
+            ("unet", unet),
+            ("vae", vae),
+        ];
         for (name, run) in cases {
-            if name.starts_with(only.as_str()) || only.starts_with(name) {
+            if has(name) && (name.starts_with(only.as_str()) || only.starts_with(name)) {
                 run(dir, size, &torch);
             }
         }

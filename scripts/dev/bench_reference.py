@@ -11,10 +11,15 @@ same computation lavit's bench (benches/stages.rs) times on the same files:
   llm_decode_b2    the same with 2 streams in one batch (CFG's conditional + unconditional)
   unet_cfg_step    one U-Net step on a CFG batch of 2
   vae_decode       the VAE decoder on one latent
+  tokenizer_b1     the visual tokenizer on 1 image (EVA ViT -> selector + merger -> quantizer ->
+  tokenizer_b8     visual ids), and on 8 images; scripts/dev/tokenizer_reference.py is the
+                   PyTorch side (own nn.Modules, checked against the fixture's official outputs)
 
     .venv/bin/python scripts/dev/bench_reference.py OUT [--threads 2] [--only tiny|mid]
 
 Writes OUT/<case>/ (weights, config, io.safetensors) and OUT/torch_ms.json (best-of-N ms).
+OUT/tokenizer_<size>/ is a LaVIT folder (manifest.json, visual_tokenizer/eva_vitg_psz14.safetensors,
+visual_tokenizer/tokenizer_encoder.safetensors) that lavit's VisualTokenizer::from_checkpoint loads.
 """
 import json
 import os
@@ -57,6 +62,35 @@ VAE = {
                 norm_num_groups=32, sample_size=256,
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
 }
+
+# The visual tokenizer's manifest sections. tiny: the fixture's (tiny-lavit/manifest.json) with
+# arg-max selection; mid: a 224 px / 14 px ViT (256 patches) of width 384.
+_TOK_TINY = dict(img_size=112, patch_size=14, encoder_width=64, encoder_depth=2, encoder_heads=4,
+                 encoder_mlp_ratio=4.3637, encoder_norm_eps=1e-6, encoder_head_dim_out=32,
+                 merger_depth=2, merger_heads=4, merger_mlp_ratio=4.3637, merger_qkv_bias=True,
+                 merger_norm_eps=1e-5, n_code=256, code_dim=16, llm_hidden=96, selection="argmax")
+TOKENIZER = {
+    "tiny": dict(
+        tokenizer=_TOK_TINY,
+        feature_decoder=dict(depth=2, heads=4, embed_dim=64, mlp_ratio=4.3637, in_chans=16,
+                             decoder_out_dim=96, lowres_unet_proj=32, highres_unet_proj_1=32,
+                             highres_unet_proj_2=48, highres_attnpool_heads=4, num_patches=64),
+        llm=dict(text_vocab_size=200, image_start_id=200, image_end_id=201, visual_token_offset=202,
+                 vocab_size=458, bos_id=1, eos_id=2)),
+    "mid": dict(
+        tokenizer=dict(_TOK_TINY, img_size=224, encoder_width=384, encoder_depth=6,
+                       encoder_heads=6, encoder_head_dim_out=256, merger_heads=6, n_code=1024,
+                       code_dim=32, llm_hidden=256),
+        # unused by tokenize (no decoder files); in_chans must equal code_dim
+        feature_decoder=dict(depth=2, heads=6, embed_dim=384, mlp_ratio=4.3637, in_chans=32,
+                             decoder_out_dim=384, lowres_unet_proj=256, highres_unet_proj_1=256,
+                             highres_unet_proj_2=384, highres_attnpool_heads=6, num_patches=256),
+        # the official ids (visual ids 32002..32002+n_code)
+        llm=dict(text_vocab_size=32000, image_start_id=32000, image_end_id=32001,
+                 visual_token_offset=32002, vocab_size=48386, bos_id=1, eos_id=2)),
+}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def best_ms(fn, runs):
@@ -145,6 +179,81 @@ def vae(out, size, res):
     save_file({"latent": z, "out": y.contiguous()}, os.path.join(d, "io.safetensors"))
 
 
+def tokenizer(out, size, res):
+    """The visual tokenizer: EVA ViT -> token selector (arg-max) + merger -> encode_task_layer ->
+    codebook -> visual ids, with PyTorch's default initialisation (cls/pos embeddings 0.02
+    normal, an l2-normalised normal codebook), saved as a LaVIT folder."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tokenizer_reference as ref
+    man = TOKENIZER[size]
+    t = dict(man["tokenizer"])
+    torch.manual_seed(0)
+    tok = ref.VisualTokenizer(t, man["llm"]["visual_token_offset"])
+    with torch.no_grad():
+        torch.nn.init.trunc_normal_(tok.eva.cls_token, std=0.02)
+        torch.nn.init.trunc_normal_(tok.eva.pos_embed, std=0.02)
+        cb = tok.enc.quantize.embedding.weight
+        cb.copy_(torch.nn.functional.normalize(torch.randn_like(cb), dim=-1))
+    s = t["img_size"]
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    # uniform pixels in [0, 1], CLIP-normalised (the model input lavit's processor produces)
+    images = {b: (torch.rand(b, 3, s, s, generator=g) - mean) / std for b in (1, 8)}
+    with torch.no_grad():
+        # Random weights make the selector keep every patch (its last bias dominates the keep/drop
+        # margin). Rescale its last layer, out_conv.4, on the b8 images' activations: the weight
+        # so the margin log p(keep) - log p(drop) has a spread (std) of 4, far above float error,
+        # and the bias so the threshold lies mid-way in the widest gap between sorted margins
+        # within the middle fifth (40-60 % kept) -- about half the patches kept, some dropped in
+        # every image, and no margin near 0. The saved file holds the rescaled layer.
+        feats = tok.eva.patch_features(images[8])
+        pol = torch.ones(*feats.shape[:2], 1)
+        last = tok.enc.token_predictor.out_conv[4]
+        seen = {}
+        hook = last.register_forward_hook(lambda m, i, o: seen.update(h=i[0]))
+        tok.enc.token_predictor(feats, pol)
+        hook.remove()
+        dw = last.weight[0] - last.weight[1]
+        m = seen["h"] @ dw  # weight part of the margin, (8, N)
+        k = 4.0 / m.std().item()
+        last.weight.mul_(k)
+        srt = (m * k).flatten().sort().values
+        lo, hi = int(0.4 * srt.numel()), int(0.6 * srt.numel())
+        i = lo + int((srt[lo + 1:hi + 1] - srt[lo:hi]).argmax())
+        thr = ((srt[i] + srt[i + 1]) / 2).item()
+        last.bias.copy_(torch.tensor([-thr / 2, thr / 2]))
+    d = os.path.join(out, f"tokenizer_{size}")
+    os.makedirs(os.path.join(d, "visual_tokenizer"), exist_ok=True)
+    json.dump({"about": f"lavit-rs stage bench ({size}): random weights, arg-max selection",
+               **man}, open(os.path.join(d, "manifest.json"), "w"), indent=1)
+    eva_sd, enc_sd = tok.state_dicts()
+    for name, sd in ((ref.EVA_FILE, eva_sd), (ref.ENCODER_FILE, enc_sd)):
+        save_file({k: v.contiguous() for k, v in sd.items()},
+                  os.path.join(d, name + ".safetensors"), metadata={"format": "pt"})
+    # the folder as lavit loads it: the same modules, strictly
+    tok = ref.VisualTokenizer.from_folder(d)
+    runs = 20 if size == "tiny" else 8
+    io = {"images_b1": images[1], "images_b8": images[8]}
+    with torch.no_grad():
+        for b in (1, 8):
+            o = tok.tokenize(images[b], trace=True)
+            io[f"token_ids_b{b}"], io[f"token_counts_b{b}"] = o["token_ids"], o["token_counts"]
+            if b == 8:
+                io["patch_features_b8"] = o["patch_features"]
+            margin = (o["log_probs"][..., 0] - o["log_probs"][..., 1]).abs().min().item()
+            # how far the arg-max decisions and the nearest codes are from a tie (vs float error)
+            kept = o["merged"][o["decisions"] > 0.5]
+            z = torch.nn.functional.normalize(tok.enc.encode_task_layer(kept), dim=-1)
+            w = tok.enc.quantize.embedding.weight
+            dist = (z.pow(2).sum(1, keepdim=True) + w.pow(2).sum(1) - 2 * z @ w.t()).sort(1).values
+            gap = (dist[:, 1] - dist[:, 0]).min().item()
+            print(f"tokenizer_{size} b{b}: kept {o['token_counts'].tolist()} of "
+                  f"{o['decisions'].shape[1]}; smallest keep margin {margin:.2e}, "
+                  f"smallest nearest-code gap {gap:.2e}")
+            res[f"tokenizer_b{b}_{size}"] = best_ms(lambda: tok.tokenize(images[b]), runs)
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"))
+
+
 def main():
     out = sys.argv[1]
     threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
@@ -153,7 +262,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     res = {}
     for size in sizes:
-        for stage in (llm, unet, vae):
+        for stage in (llm, unet, vae, tokenizer):
             stage(out, size, res)
     for k, v in res.items():
         print(f"torch {k} {v:.3f} ms ({threads} threads)")
