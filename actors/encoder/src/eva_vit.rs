@@ -148,9 +148,18 @@ impl Attention {
             .reshape([b, n, 3, self.num_heads, -1])
             .permute([2, 0, 3, 1, 4]); // (3, B, nh, N, hs)
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let q = q * self.scale;
-        let attn = q.matmul(&k.transpose(-2, -1)).softmax(-1, q.kind()); // (B, nh, N, N)
-        let y = attn.matmul(&v).transpose(1, 2).reshape([b, n, -1]); // (B, N, C)
+        // softmax(q·scale·kᵀ)·v, fused (the official code spells it out as matmul, softmax, matmul)
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<&Tensor>,
+            0.0,
+            false,
+            Some(self.scale),
+            false,
+        ); // (B, nh, N, hs)
+        let y = y.transpose(1, 2).reshape([b, n, -1]); // (B, N, C)
         self.proj.forward(&y)
     }
 }
