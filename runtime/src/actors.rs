@@ -133,7 +133,12 @@ impl Core {
             if matches!(status, ExitStatus::Panicked | ExitStatus::Failure) {
                 self.shared.healthy.store(false, Ordering::SeqCst);
             }
-            warn!(stage = %self.kind, ?status, "stage exited");
+            // an orderly end (told to quit, or its upstream finished) is no warning
+            if matches!(status, ExitStatus::Success | ExitStatus::Quit) {
+                tracing::info!(stage = %self.kind, ?status, "stage exited");
+            } else {
+                warn!(stage = %self.kind, ?status, "stage exited");
+            }
         }
     }
 
