@@ -16,7 +16,7 @@ use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::layout::{self, files, resolve_file};
 use lavit_runtime::manifest::{LavitManifest, Selection};
 use lavit_runtime::messages::{train_keys, StepControl, StepReport, TrainBatch, TrainParts};
-use lavit_runtime::stage::{SelectorMergerStage, StageError, StageKind, StageResult, Trainable};
+use lavit_runtime::stage::{SelectorMergerStage, StageKind, StageResult, Trainable};
 use lavit_runtime::train::{need_train, not_trainable, sorted_vars, StageOptim};
 use lavit_runtime::Result;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -303,13 +303,7 @@ impl Trainable for SelectorMergerStageModel {
     }
     fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
         let (optim, _) = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
-        let rest = optim.load_parts(K, PART, &sorted_vars(&self.vs), parts)?;
-        match rest.first() {
-            None => Ok(()),
-            Some((p, _)) => Err(StageError::Invalid(format!(
-                "stage {K}: no training part `{p}`"
-            ))),
-        }
+        optim.load_exact(K, PART, &sorted_vars(&self.vs), parts)
     }
     fn set_train(&mut self, train: bool) {
         self.train = train;

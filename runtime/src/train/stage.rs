@@ -101,6 +101,25 @@ impl StageOptim {
     }
 }
 
+impl StageOptim {
+    /// [`load_parts`](Self::load_parts) for a stage whose training state is only these two
+    /// parts: any other part is an error naming it.
+    pub fn load_exact(
+        &self,
+        kind: StageKind,
+        name: &str,
+        vars: &[(String, Tensor)],
+        parts: TrainParts,
+    ) -> StageResult<()> {
+        match self.load_parts(kind, name, vars, parts)?.first() {
+            None => Ok(()),
+            Some((p, _)) => Err(StageError::Invalid(format!(
+                "stage {kind}: no training part `{p}`"
+            ))),
+        }
+    }
+}
+
 /// Copy `sd` into the variables `vars` (strict: the same names and shapes; the error lists
 /// every difference, naming `src`).
 pub fn load_vars(vars: &[(String, Tensor)], sd: &StateDict, src: &str) -> Result<(), String> {
