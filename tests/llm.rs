@@ -461,7 +461,7 @@ pub(crate) mod stage2 {
     use super::*;
     use lavit::train::llm::{
         pack, packed_embeds, packed_mask, train_llm, LlmModelBuilder, LlmTrainConfig,
-        ProjectorBuilder, Sample, Stage2Models,
+        ProjectorBuilder, Sample, Stage2Models, TrainSummary,
     };
     use lavit_llm::vocab::IGNORE;
     use lavit_runtime::stage::Placement;
@@ -634,59 +634,53 @@ pub(crate) mod stage2 {
         sd.iter().map(|(k, v)| (k.clone(), v.copy())).collect()
     }
 
-    #[test]
-    fn resume_is_exact() {
-        let (vs0, _m) = tiny_model(8);
-        let init = copied(&vs0);
-        let data = caption_set();
-        let v = tiny_vocab();
-        let p = Placement::default();
-        let one = std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single());
-        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let straight = train_llm(
-            from_weights(copy_sd(&init)),
-            &v,
-            &data,
-            &[],
-            &cfg(16, 0),
-            da.path(),
-            &p,
-            &one,
-        )
-        .unwrap();
-        let first = train_llm(
-            from_weights(copy_sd(&init)),
-            &v,
-            &data,
-            &[],
-            &cfg(16, 8),
-            db.path(),
-            &p,
-            &one,
-        )
-        .unwrap();
-        assert_eq!(first.final_step, 8);
-        // A fresh process rebuilds the model: start from scrambled weights, then resume.
-        let scrambled = init
-            .iter()
+    fn scrambled(
+        sd: &lavit_runtime::checkpoint::StateDict,
+    ) -> lavit_runtime::checkpoint::StateDict {
+        sd.iter()
             .map(|(k, t)| (k.clone(), t.full_like(0.5)))
-            .collect();
-        let second = train_llm(
-            from_weights(scrambled),
-            &v,
-            &data,
-            &[],
-            &cfg(16, 0),
-            db.path(),
-            &p,
-            &one,
-        )
-        .unwrap();
+            .collect()
+    }
+
+    /// 16 steps straight, and 8 steps then a fresh call that rebuilds the stages from
+    /// scrambled weights (`models(true)`, as a new process would) and resumes to 16: both end
+    /// on the same weights. The straight run writes to `straight_dir`. Returns (straight,
+    /// resumed).
+    fn assert_resume_is_exact(
+        models: impl Fn(bool) -> Stage2Models,
+        data: &[Sample],
+        straight_dir: &std::path::Path,
+    ) -> (TrainSummary, TrainSummary) {
+        let (v, p) = (tiny_vocab(), Placement::default());
+        let one = std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single());
+        let db = tempfile::tempdir().unwrap();
+        let run = |scramble: bool, c: LlmTrainConfig, dir: &std::path::Path| {
+            train_llm(models(scramble), &v, data, &[], &c, dir, &p, &one).unwrap()
+        };
+        let straight = run(false, cfg(16, 0), straight_dir);
+        assert_eq!(run(false, cfg(16, 8), db.path()).final_step, 8);
+        let second = run(true, cfg(16, 0), db.path());
         assert_eq!((second.final_step, second.steps_run), (16, 8));
         assert_eq!(
             hash_state_dict(&straight.weights).unwrap(),
             hash_state_dict(&second.weights).unwrap()
         );
+        (straight, second)
+    }
+
+    #[test]
+    fn resume_is_exact() {
+        let (vs0, _m) = tiny_model(8);
+        let init = copied(&vs0);
+        let models = |scramble: bool| {
+            Stage2Models::from(from_weights(if scramble {
+                scrambled(&init)
+            } else {
+                copy_sd(&init)
+            }))
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (_, second) = assert_resume_is_exact(models, &caption_set(), dir.path());
         assert_ne!(
             hash_state_dict(&init).unwrap(),
             hash_state_dict(&second.weights).unwrap(),
@@ -738,27 +732,16 @@ pub(crate) mod stage2 {
     fn stage2_trains_vit_proj_in_the_selector_merger_stage_and_resumes_exactly() {
         let (vs0, _m) = tiny_model(9);
         let (llm0, proj0) = (copied(&vs0), projector_init());
-        let data = image_text_set();
-        let v = tiny_vocab();
-        let p = Placement::default();
-        let one = std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single());
-        let models = |l: &lavit_runtime::checkpoint::StateDict,
-                      j: &lavit_runtime::checkpoint::StateDict| Stage2Models {
-            llm: from_weights(copy_sd(l)),
-            projector: Some(projector_from(copy_sd(j))),
+        let models = |scramble: bool| {
+            let sd = |x| if scramble { scrambled(x) } else { copy_sd(x) };
+            Stage2Models {
+                llm: from_weights(sd(&llm0)),
+                projector: Some(projector_from(sd(&proj0))),
+            }
         };
-        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let straight = train_llm(
-            models(&llm0, &proj0),
-            &v,
-            &data,
-            &[],
-            &cfg(16, 0),
-            da.path(),
-            &p,
-            &one,
-        )
-        .unwrap();
+        // 8 + 8 steps from scrambled weights of both stages end where 16 straight do.
+        let dir = tempfile::tempdir().unwrap();
+        let (straight, _) = assert_resume_is_exact(models, &image_text_set(), dir.path());
         // The projector trained in its own stage; the Llm stage holds no vit_proj.
         for k in ["vit_proj.weight", "vit_proj.bias"] {
             let d = max_diff(&straight.weights[k], &proj0[k]);
@@ -782,40 +765,32 @@ pub(crate) mod stage2 {
             straight.first,
             straight.last
         );
+    }
 
-        // 8 steps, then a fresh run from scrambled weights of both stages resumes to the same end.
-        let first = train_llm(
-            models(&llm0, &proj0),
-            &v,
-            &data,
+    #[test]
+    fn stage2_refuses_a_train_list_that_matches_nothing() {
+        let (vs0, _m) = tiny_model(11);
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(2, 0);
+        c.train = vec!["nothing.".into()];
+        let err = train_llm(
+            Stage2Models {
+                llm: from_weights(copied(&vs0)),
+                projector: Some(projector_from(projector_init())),
+            },
+            &tiny_vocab(),
+            &image_text_set(),
             &[],
-            &cfg(16, 8),
-            db.path(),
-            &p,
-            &one,
+            &c,
+            dir.path(),
+            &Placement::default(),
+            &std::sync::Arc::new(lavit_runtime::dist::ProcessGroup::single()),
         )
-        .unwrap();
-        assert_eq!(first.final_step, 8);
-        let scramble = |sd: &lavit_runtime::checkpoint::StateDict| {
-            sd.iter()
-                .map(|(k, t)| (k.clone(), t.full_like(0.5)))
-                .collect()
-        };
-        let second = train_llm(
-            models(&scramble(&llm0), &scramble(&proj0)),
-            &v,
-            &data,
-            &[],
-            &cfg(16, 0),
-            db.path(),
-            &p,
-            &one,
-        )
-        .unwrap();
-        assert_eq!((second.final_step, second.steps_run), (16, 8));
-        assert_eq!(
-            hash_state_dict(&straight.weights).unwrap(),
-            hash_state_dict(&second.weights).unwrap()
+        .expect_err("nothing to train");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("train.train") && msg.contains("matches no variable"),
+            "{msg}"
         );
     }
 

@@ -132,15 +132,13 @@ pub fn train_llm(
     }
     let models = models.into();
     let project = models.projector.is_some();
-    let projector_trains =
-        project && (cfg.trains("vit_proj.weight") || cfg.trains("vit_proj.bias"));
     let invalid = |e: anyhow::Error| lavit_runtime::Error::invalid(format!("{e:#}"));
     let mut builders = StageBuilders::unused();
     let tcfg = cfg.clone();
     let build = models.llm;
     builders.llm = Box::new(move |dev| {
         let mut llm = build(dev).map_err(invalid)?;
-        llm.train = Some(LlmTrainer::new(&llm, &tcfg, projector_trains)?);
+        llm.train = Some(LlmTrainer::new(&llm, &tcfg)?);
         Ok(Box::new(llm) as Box<dyn LlmStage>)
     });
     if let Some(build) = models.projector {
@@ -155,11 +153,6 @@ pub fn train_llm(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let stages = if projector_trains {
-        vec![StageKind::SelectorMerger, LLM]
-    } else {
-        vec![LLM]
-    };
     let r = rt.block_on(run_job(
         &graph,
         pg,
@@ -169,7 +162,6 @@ pub fn train_llm(
         cfg,
         out_dir,
         project,
-        &stages,
     ));
     drop(graph);
     r
@@ -284,7 +276,8 @@ impl TrainJob for LlmJob<'_> {
     }
 }
 
-/// The stage-2 run: the driver's loop over the trained `stages`, then the trained weights.
+/// The stage-2 run: the driver's loop over the stages that train something (the Llm stage,
+/// the projector's when `project`), then the trained weights.
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
     g: &StageGraph,
@@ -295,12 +288,34 @@ async fn run_job(
     cfg: &LlmTrainConfig,
     out_dir: &Path,
     project: bool,
-    stages: &[StageKind],
 ) -> Result<TrainSummary> {
+    let built = if project {
+        vec![StageKind::SelectorMerger, LLM]
+    } else {
+        vec![LLM]
+    };
+    let mut stages = Vec::new();
+    for k in built {
+        if !g.trained_params(k).await?.is_empty() {
+            stages.push(k);
+        }
+    }
+    if stages.is_empty() {
+        return Err(lavit_runtime::Error::config(
+            "llm training config",
+            "train.train",
+            format!(
+                "{:?} matches no variable of the model{}",
+                cfg.train,
+                if project { " or of vit_proj" } else { "" }
+            ),
+        )
+        .into());
+    }
     let driver = DriverConfig {
         name: "stage-2 llm".into(),
         out_dir: out_dir.to_path_buf(),
-        stages: stages.to_vec(),
+        stages: stages.clone(),
         schedule: LrSchedule::warmup_cosine(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr),
         steps: cfg.steps,
         end: cfg.steps,
@@ -344,8 +359,12 @@ async fn run_job(
     };
     let k = (history.len() / 10).max(1).min(history.len());
     let mut weights = StateDict::new();
-    for &k in stages {
-        let part = if k == LLM { "model" } else { "projector" };
+    for &k in &stages {
+        let part = if k == LLM {
+            "model"
+        } else {
+            ProjectorStage::PART
+        };
         if let Some((_, sd)) = g.train_state(k).await?.into_iter().find(|(n, _)| n == part) {
             weights.extend(sd);
         }

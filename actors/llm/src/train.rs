@@ -489,13 +489,10 @@ fn stage_fail(e: impl std::fmt::Display) -> StageError {
 }
 
 impl LlmTrainer {
-    /// Freeze what `cfg.train` does not name and build the optimiser over the rest. An LLM
-    /// with nothing to train is an error unless `projector_trains` (only `vit_proj` trains).
-    pub fn new(
-        llm: &LlmStageModel,
-        cfg: &LlmTrainConfig,
-        projector_trains: bool,
-    ) -> lavit_runtime::Result<Self> {
+    /// Freeze what `cfg.train` does not name and build the optimiser over the rest (none when
+    /// only `vit_proj`, in the SelectorMerger stage, trains; the driver refuses a run in which
+    /// no stage trains anything).
+    pub fn new(llm: &LlmStageModel, cfg: &LlmTrainConfig) -> lavit_runtime::Result<Self> {
         let trains = |n: &str| cfg.trains(n);
         for (name, t) in llm.vs.variables() {
             if !trains(&name) {
@@ -511,13 +508,6 @@ impl LlmTrainer {
             },
         )?
         .no_decay(|n| is_no_decay(n) || n.contains("embed_tokens"));
-        if opt.names().next().is_none() && !projector_trains {
-            return Err(lavit_runtime::Error::config(
-                "llm training config",
-                "train.train",
-                format!("{:?} matches no variable of the model", cfg.train),
-            ));
-        }
         Ok(Self {
             opt,
             autocast: cfg.autocast,

@@ -15,8 +15,6 @@ use lavit_runtime::Result;
 use tch::{nn, nn::Module, Tensor};
 
 const K: StageKind = StageKind::SelectorMerger;
-/// The checkpoint part of the projector's variables.
-const PART: &str = "projector";
 
 /// `vit_proj` (C → hidden) as the SelectorMerger stage of a stage-2 run.
 pub struct ProjectorStage {
@@ -28,6 +26,9 @@ pub struct ProjectorStage {
 }
 
 impl ProjectorStage {
+    /// The checkpoint part of the projector's variables (its optimiser's is `projector_optimizer`).
+    pub const PART: &'static str = "projector";
+
     /// A projector from `c` to `hidden` features under `vit_proj.*` of a new var store on
     /// `device` (libtorch's default initialisation; load or initialise it afterwards).
     pub fn new(c: i64, hidden: i64, device: tch::Device) -> Self {
@@ -50,7 +51,6 @@ impl ProjectorStage {
         weight_decay: f64,
         trains: impl Fn(&str) -> bool,
     ) -> Result<Self> {
-        let _g = tch::no_grad_guard();
         for (name, t) in self.vs.variables() {
             if !trains(&name) {
                 let _ = t.set_requires_grad(false);
@@ -124,17 +124,11 @@ impl Trainable for ProjectorStage {
     /// `projector` (`vit_proj.*`) and `projector_optimizer`.
     fn train_state(&mut self) -> StageResult<TrainParts> {
         let optim = self.optim.as_ref().ok_or_else(|| not_trainable(K))?;
-        optim.parts(K, PART, &sorted_vars(&self.vs))
+        optim.parts(K, Self::PART, &sorted_vars(&self.vs))
     }
     fn load_train_state(&mut self, parts: TrainParts) -> StageResult<()> {
         let optim = self.optim.as_ref().ok_or_else(|| not_trainable(K))?;
-        let rest = optim.load_parts(K, PART, &sorted_vars(&self.vs), parts)?;
-        match rest.first() {
-            None => Ok(()),
-            Some((p, _)) => Err(StageError::Invalid(format!(
-                "stage {K}: no training part `{p}`"
-            ))),
-        }
+        optim.load_exact(K, Self::PART, &sorted_vars(&self.vs), parts)
     }
     fn set_train(&mut self, train: bool) {
         self.train = train;
