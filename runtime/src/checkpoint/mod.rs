@@ -141,13 +141,10 @@ fn byte_view(
     shape: &[i64],
 ) -> std::result::Result<Tensor, tch::TchError> {
     let (start, len) = (start as i64, len as i64);
-    let flat = bytes.f_narrow(0, start, len)?;
-    let typed = if kind == Kind::Uint8 {
-        flat
-    } else {
-        flat.f_view_dtype(kind)?
-    };
-    typed.f_view(shape)
+    bytes
+        .f_narrow(0, start, len)?
+        .f_view_dtype(kind)?
+        .f_view(shape)
 }
 
 fn st_kind(d: safetensors::Dtype) -> Option<Kind> {
