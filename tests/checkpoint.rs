@@ -589,6 +589,11 @@ fn padded_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     safetensors_bytes(&h, data)
 }
 
+/// [`padded_safetensors`] written to `dir/name`.
+fn write_padded(dir: &Path, name: &str, header: &str, data: &[u8]) -> PathBuf {
+    write(dir, name, &padded_safetensors(header, data))
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -600,11 +605,7 @@ fn safetensors_load_as_views_of_one_mapping_and_models_take_them_copy_on_write()
     let mut data = f32_bytes(&a);
     data.extend(f32_bytes(&b));
     let header = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}"#;
-    let path = write(
-        dir.path(),
-        "w.safetensors",
-        &padded_safetensors(header, &data),
-    );
+    let path = write_padded(dir.path(), "w.safetensors", header, &data);
     let sd = checkpoint::load_safetensors(&path).unwrap();
     assert_eq!(Vec::<f32>::try_from(sd["a"].view([-1])).unwrap(), a);
     assert_eq!(Vec::<f32>::try_from(&sd["b"]).unwrap(), b);
@@ -628,8 +629,9 @@ fn safetensors_load_as_views_of_one_mapping_and_models_take_them_copy_on_write()
     let again = checkpoint::load_safetensors(&path).unwrap();
     assert_eq!(Vec::<f32>::try_from(again["a"].view([-1])).unwrap(), a);
     assert_eq!(
-        std::fs::read(&path).unwrap()[..8],
-        padded_safetensors(header, &data)[..8]
+        std::fs::read(&path).unwrap(),
+        padded_safetensors(header, &data),
+        "the model's write reached the file"
     );
 
     // A model of another dtype gets converted copies.
@@ -653,11 +655,7 @@ fn misaligned_safetensors_tensors_are_copied_with_the_right_values() {
     let mut data = vec![7u8];
     data.extend(f32_bytes(&[1.5, -2.0]));
     let header = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}}"#;
-    let path = write(
-        dir.path(),
-        "odd.safetensors",
-        &padded_safetensors(header, &data),
-    );
+    let path = write_padded(dir.path(), "odd.safetensors", header, &data);
     let sd = checkpoint::load_safetensors(&path).unwrap();
     assert_eq!(Vec::<u8>::try_from(&sd["a"]).unwrap(), vec![7]);
     assert_eq!(Vec::<f32>::try_from(&sd["b"]).unwrap(), vec![1.5, -2.0]);
