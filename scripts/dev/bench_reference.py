@@ -105,6 +105,24 @@ def best_ms(fn, runs):
     return min(times) * 1000
 
 
+def runs_for(size):
+    """Timed calls per measurement (the PyTorch and lavit sides take the same count)."""
+    return 20 if size == "tiny" else 8
+
+
+def seeded_folder(make, out, name):
+    """`make()` with the weights of seed 0, saved as the folder OUT/name; returns (model, folder)."""
+    torch.manual_seed(0)
+    model = make().eval()
+    d = os.path.join(out, name)
+    model.save_pretrained(d, safe_serialization=True)
+    return model, d
+
+
+def save_io(d, tensors):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(d, "io.safetensors"))
+
+
 def greedy(model, ids):
     """Prefill `ids`, then NEW greedy tokens with the KV cache; returns (tokens, decode seconds)."""
     out = model(ids, use_cache=True)
@@ -120,16 +138,13 @@ def greedy(model, ids):
 
 def llm(out, size, res):
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
     cfg = LlamaConfig(**LLM[size], max_position_embeddings=256, rms_norm_eps=1e-5,
                       tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
-    d = os.path.join(out, f"llm_{size}")
-    model.save_pretrained(d, safe_serialization=True)
+    model, d = seeded_folder(lambda: LlamaForCausalLM(cfg), out, f"llm_{size}")
     g = torch.Generator().manual_seed(1)
     ids1 = torch.randint(3, cfg.vocab_size, (1, PROMPT), generator=g)
     ids2 = torch.randint(3, cfg.vocab_size, (2, PROMPT), generator=g)
-    runs = 20 if size == "tiny" else 8
+    runs = runs_for(size)
     with torch.no_grad():
         io = dict(ids_b1=ids1, ids_b2=ids2, prefill_logits=model(ids1).logits[:, -1])
         res[f"llm_prefill_b1_{size}"] = best_ms(lambda: model(ids1), runs)
@@ -137,16 +152,13 @@ def llm(out, size, res):
             io[f"tokens_{name}"] = greedy(model, ids)[0]
             secs = [greedy(model, ids)[1] for _ in range(5)]
             res[f"llm_decode_{name}_{size}"] = min(secs) * 1000 / (NEW - 1)
-    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"))
+    save_io(d, io)
 
 
 def unet(out, size, res):
     from diffusers import UNet2DConditionModel
     cfg = UNET[size]
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(**cfg).eval()
-    d = os.path.join(out, f"unet_{size}")
-    model.save_pretrained(d, safe_serialization=True)
+    model, d = seeded_folder(lambda: UNet2DConditionModel(**cfg), out, f"unet_{size}")
     s = cfg["sample_size"]
     x = torch.randn(2, 4, s, s)
     t = torch.tensor(701)
@@ -160,23 +172,20 @@ def unet(out, size, res):
         tensors.update(text_embeds=te, time_ids=ids)
     with torch.no_grad():
         tensors["out"] = model(x, t, **kw).sample
-        res[f"unet_cfg_step_{size}"] = best_ms(lambda: model(x, t, **kw), 20 if size == "tiny" else 8)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(d, "io.safetensors"))
+        res[f"unet_cfg_step_{size}"] = best_ms(lambda: model(x, t, **kw), runs_for(size))
+    save_io(d, tensors)
 
 
 def vae(out, size, res):
     from diffusers import AutoencoderKL
     cfg = VAE[size]
-    torch.manual_seed(0)
-    model = AutoencoderKL(**cfg).eval()
-    d = os.path.join(out, f"vae_{size}")
-    model.save_pretrained(d, safe_serialization=True)
+    model, d = seeded_folder(lambda: AutoencoderKL(**cfg), out, f"vae_{size}")
     f = 2 ** (len(cfg["block_out_channels"]) - 1)
     z = torch.randn(1, cfg["latent_channels"], cfg["sample_size"] // f, cfg["sample_size"] // f)
     with torch.no_grad():
         y = model.decode(z).sample
-        res[f"vae_decode_{size}"] = best_ms(lambda: model.decode(z), 20 if size == "tiny" else 8)
-    save_file({"latent": z, "out": y.contiguous()}, os.path.join(d, "io.safetensors"))
+        res[f"vae_decode_{size}"] = best_ms(lambda: model.decode(z), runs_for(size))
+    save_io(d, {"latent": z, "out": y})
 
 
 def tokenizer(out, size, res):
@@ -232,7 +241,7 @@ def tokenizer(out, size, res):
                   os.path.join(d, name + ".safetensors"), metadata={"format": "pt"})
     # the folder as lavit loads it: the same modules, strictly
     tok = ref.VisualTokenizer.from_folder(d)
-    runs = 20 if size == "tiny" else 8
+    runs = runs_for(size)
     io = {"images_b1": images[1], "images_b8": images[8]}
     with torch.no_grad():
         for b in (1, 8):
@@ -251,7 +260,7 @@ def tokenizer(out, size, res):
                   f"{o['decisions'].shape[1]}; smallest keep margin {margin:.2e}, "
                   f"smallest nearest-code gap {gap:.2e}")
             res[f"tokenizer_b{b}_{size}"] = best_ms(lambda: tok.tokenize(images[b]), runs)
-    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"))
+    save_io(d, io)
 
 
 def main():
