@@ -232,6 +232,18 @@ mod pkl {
 
 /// A torch.save-style zip: `archive/data.pkl` + `archive/data/<key>` records.
 fn torch_zip(pickle: &[u8], storages: &[(&str, &[u8])], deflate_pkl: bool) -> Vec<u8> {
+    torch_zip_as("archive", 1, pickle, storages, deflate_pkl)
+}
+
+/// [`torch_zip`] with the archive's folder name and the storage records' alignment
+/// (`torch.save` aligns them to 64 bytes).
+fn torch_zip_as(
+    archive: &str,
+    align: u16,
+    pickle: &[u8],
+    storages: &[(&str, &[u8])],
+    deflate_pkl: bool,
+) -> Vec<u8> {
     use zip::write::SimpleFileOptions;
     let mut buf = std::io::Cursor::new(Vec::new());
     {
@@ -242,15 +254,17 @@ fn torch_zip(pickle: &[u8], storages: &[(&str, &[u8])], deflate_pkl: bool) -> Ve
             zip::CompressionMethod::Stored
         };
         z.start_file(
-            "archive/data.pkl",
+            format!("{archive}/data.pkl"),
             SimpleFileOptions::default().compression_method(method),
         )
         .unwrap();
         z.write_all(pickle).unwrap();
         for (k, data) in storages {
             z.start_file(
-                format!("archive/data/{k}"),
-                SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored),
+                format!("{archive}/data/{k}"),
+                SimpleFileOptions::default()
+                    .compression_method(zip::CompressionMethod::Stored)
+                    .with_alignment(align),
             )
             .unwrap();
             z.write_all(data).unwrap();
@@ -646,6 +660,49 @@ fn safetensors_load_as_views_of_one_mapping_and_models_take_them_copy_on_write()
     assert_eq!((ha.kind(), hb.kind()), (Kind::Half, Kind::Half));
     assert_ne!(ha.data_ptr(), pa);
     assert_eq!(Vec::<f32>::try_from(hb.to_kind(Kind::Float)).unwrap(), b);
+}
+
+/// Where `needle` starts in `hay` (once).
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("bytes in the file")
+}
+
+#[test]
+fn pickled_tensors_are_views_of_the_file_where_torch_save_aligned_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // `w`: elements 2..6 of an 8-float storage, as a [2, 2] (a contiguous part: a view).
+    let pk = pkl::state_dict("w", pkl::tensor(8, 2, &[2, 2], &[2, 1]));
+    let storage = floats(8);
+    let bytes = torch_zip_as("archive", 64, &pk, &[("0", &storage)], false);
+    let start = find(&bytes, &storage);
+    assert_eq!(start % 64, 0);
+    let path = write(dir.path(), "aligned.bin", &bytes);
+    let sd = checkpoint::load_path(&path).unwrap();
+    let want = Tensor::arange_start(2, 6, (Kind::Float, tch::Device::Cpu)).view([2, 2]);
+    assert!(sd["w"].equal(&want));
+    // The mapping starts on a page: a view sits at the record's page offset + 8 bytes
+    // (a fresh allocation would be 64-byte aligned, never 8 past it).
+    assert_eq!(sd["w"].data_ptr() as usize % 4096, (start + 8) % 4096);
+    // A model moved onto it writes to its own pages, not to the file.
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let var = vs.root().zeros("w", &[2, 2]);
+    checkpoint::load_into_owned(&vs, "", sd, "w", &Default::default()).unwrap();
+    tch::no_grad(|| {
+        let _ = var.shallow_clone().fill_(9.0);
+    });
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+
+    // A record at an offset not aligned for f32 is copied, with the right values.
+    let odd = (1..8)
+        .map(|n| torch_zip_as(&"a".repeat(n), 1, &pk, &[("0", &storage)], false))
+        .find(|b| find(b, &storage) % 4 != 0)
+        .expect("some archive name misaligns the record");
+    let path = write(dir.path(), "odd.bin", &odd);
+    let sd = checkpoint::load_path(&path).unwrap();
+    assert!(sd["w"].equal(&want));
+    assert_eq!(sd["w"].data_ptr() as usize % 4, 0, "an aligned copy");
 }
 
 #[test]

@@ -111,7 +111,7 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict> {
 /// The whole file as one uint8 tensor over libtorch's private file mapping, or None where
 /// libtorch cannot map it (the caller copies then). Opened through `/proc/self/fd` on
 /// Linux, so it is the very file `file` checked as regular.
-fn file_bytes(file: &std::fs::File, path: &Path, len: usize) -> Option<Tensor> {
+pub(crate) fn file_bytes(file: &std::fs::File, path: &Path, len: usize) -> Option<Tensor> {
     #[cfg(target_os = "linux")]
     let name = {
         use std::os::unix::io::AsRawFd;
@@ -133,7 +133,7 @@ fn file_bytes(file: &std::fs::File, path: &Path, len: usize) -> Option<Tensor> {
 }
 
 /// Bytes `start..start + len` of `bytes` seen as a tensor of `kind` and `shape` (no copy).
-fn byte_view(
+pub(crate) fn byte_view(
     bytes: &Tensor,
     start: usize,
     len: usize,

@@ -671,12 +671,19 @@ pub struct TorchArchive {
     /// records' total size (tied weights share a storage) plus a slack, so a pickle that
     /// points a million tensors at one storage cannot multiply it.
     budget: u64,
+    /// The whole file as bytes over libtorch's copy-on-write mapping of it (None where it
+    /// cannot be mapped): stored records (what `torch.save` writes) are viewed in place.
+    mapped: Option<Tensor>,
+    file_len: u64,
 }
 
 impl TorchArchive {
     pub fn open(path: &Path) -> Result<Self> {
         let file = crate::fsread::open_regular(path)?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mapped = usize::try_from(file_len)
+            .ok()
+            .and_then(|len| super::file_bytes(&file, path, len));
         let mut zip = zip::ZipArchive::new(file).map_err(|e| {
             Error::ckpt(
                 path,
@@ -731,10 +738,14 @@ impl TorchArchive {
             prefix,
             root,
             budget: total.saturating_mul(2).saturating_add(DECOMPRESSED_SLACK),
+            mapped,
+            file_len,
         })
     }
 
-    /// Materialise one tensor reference as a contiguous CPU tensor of its stored dtype.
+    /// One tensor reference as a contiguous CPU tensor of its stored dtype: a view of the
+    /// file's mapping where its storage is a stored (uncompressed), aligned record and the
+    /// tensor covers it in order (as `torch.save` writes a state dict), else a copy.
     pub fn tensor(&mut self, t: &TensorRef) -> Result<Tensor> {
         let name = format!("{}data/{}", self.prefix, t.storage.key);
         let elem = kind_size(t.storage.kind);
@@ -743,8 +754,12 @@ impl TorchArchive {
                 Error::ckpt(&self.path, format!("storage `{name}`: size overflows"))
             })?;
         self.spend(want, &name)?;
-        let bytes = read_record(&mut self.zip, &name, want, &self.path)?;
-        if (bytes.len() as u64) < want {
+        let record = self.stored_view(&name, want, t.storage.kind)?;
+        let bytes = match record {
+            Some(_) => Vec::new(),
+            None => read_record(&mut self.zip, &name, want, &self.path)?,
+        };
+        if record.is_none() && (bytes.len() as u64) < want {
             return Err(Error::ckpt(
                 &self.path,
                 format!(
@@ -796,24 +811,65 @@ impl TorchArchive {
             ));
         }
         self.spend(numel_view.saturating_mul(elem), &name)?;
-        let storage = Tensor::f_from_data_size(
-            &bytes[..want as usize],
-            &[t.storage.numel as i64],
-            t.storage.kind,
-        )
-        .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")))?;
         if empty || numel_view == 0 {
             return Tensor::f_zeros(&t.size, (t.storage.kind, tch::Device::Cpu))
                 .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")));
         }
+        // `base`: where the storage starts in the tensor's underlying storage (for a view:
+        // the whole file), from which `as_strided` counts its offset.
+        let (storage, base) = match record {
+            Some(view) => view,
+            None => (
+                Tensor::f_from_data_size(
+                    &bytes[..want as usize],
+                    &[t.storage.numel as i64],
+                    t.storage.kind,
+                )
+                .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")))?,
+                0,
+            ),
+        };
+        // `contiguous` of a view that already is contiguous is that view (no copy).
+        let offset = base + t.offset as i64;
         storage
-            .f_as_strided(&t.size, &t.stride, Some(t.offset as i64))
+            .f_as_strided(&t.size, &t.stride, Some(offset))
             .and_then(|v| v.f_contiguous())
             .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Storage record `name` as a 1-D tensor of `kind` viewing the file's mapping, when the
+    /// record is stored uncompressed, holds at least `want` bytes inside the file, and its
+    /// offset is aligned for `kind`; None otherwise (the caller reads and copies it). With
+    /// it, the record's offset in the file in elements of `kind`.
+    fn stored_view(&mut self, name: &str, want: u64, kind: Kind) -> Result<Option<(Tensor, i64)>> {
+        let Some(bytes) = &self.mapped else {
+            return Ok(None);
+        };
+        let f = self
+            .zip
+            .by_name(name)
+            .map_err(|e| Error::ckpt(&self.path, format!("record `{name}`: {e}")))?;
+        let (start, size) = (f.data_start(), f.size());
+        let fits = f.compression() == zip::CompressionMethod::Stored
+            && size >= want
+            && want > 0
+            && start
+                .checked_add(want)
+                .is_some_and(|end| end <= self.file_len);
+        if !fits {
+            return Ok(None);
+        }
+        let elem = kind_size(kind);
+        let numel = (want / elem) as i64;
+        Ok(
+            super::byte_view(bytes, start as usize, want as usize, kind, &[numel])
+                .ok()
+                .map(|v| (v, (start / elem) as i64)),
+        )
     }
 
     fn spend(&mut self, bytes: u64, name: &str) -> Result<()> {
