@@ -34,7 +34,7 @@ pub use lavit_runtime::plugin_host::{check_geometry, plugins_section, TokenizerP
 use lavit_runtime::{Error, Result};
 pub use lavit_selector::stage::{gather_kept, UnderstandingHead};
 use lavit_selector::{SelectionMode, SelectorMergerStageModel};
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 pub use lavit_encoder::load_eva;
 
@@ -48,6 +48,9 @@ pub struct LoadParts {
     pub lowres_decoder: bool,
     /// `highres_tokenizer_decoder.*` (highres U-Net condition).
     pub highres_decoder: bool,
+    /// The kind of the ViT's, the selector/merger's and the feature decoders' weights
+    /// (float32, or bf16 on a GPU); images and features come and go in float32.
+    pub kind: Kind,
 }
 
 impl LoadParts {
@@ -57,6 +60,7 @@ impl LoadParts {
             understanding: true,
             lowres_decoder: true,
             highres_decoder: true,
+            kind: Kind::Float,
         }
     }
     /// Only what `tokenize` needs.
@@ -65,6 +69,7 @@ impl LoadParts {
             understanding: false,
             lowres_decoder: false,
             highres_decoder: false,
+            kind: Kind::Float,
         }
     }
 }
@@ -100,6 +105,8 @@ pub struct Tokenized {
 pub struct VisualTokenizer {
     pub manifest: LavitManifest,
     pub device: Device,
+    /// The kind of the ViT's, selector/merger's and feature decoders' weights.
+    pub kind: Kind,
     pub processor: LaVITImageProcessor,
     /// The Encoder stage (the built-in EVA ViT or a plugin backbone).
     pub encoder: EncoderStageModel,
@@ -144,6 +151,7 @@ impl VisualTokenizer {
         Ok(Self {
             manifest: manifest.clone(),
             device,
+            kind: Kind::Float,
             processor: LaVITImageProcessor::new(manifest.tokenizer.img_size as u32),
             encoder: EncoderStageModel::new(manifest, encoder, device)?,
             selection: selector.selection,
@@ -171,7 +179,7 @@ impl VisualTokenizer {
     ) -> Result<Self> {
         let encoder = match plugins.backbone(Some(dir), device)? {
             Some(b) => b,
-            None => Box::new(load_eva(dir, device)?),
+            None => Box::new(load_eva(dir, device, parts.kind)?),
         };
         Self::assemble(dir, device, parts, encoder, plugins)
     }
@@ -203,19 +211,28 @@ impl VisualTokenizer {
             resolve_file(dir, files::VISUAL_WEIGHT)?;
         }
         let codebook = load_codebook(dir, &manifest, device, plugins, &sd, &src)?;
-        let selector = SelectorMergerStageModel::load_state(dir, &manifest, device, &sd, &src)?;
+        let selector =
+            SelectorMergerStageModel::load_state(dir, &manifest, device, parts.kind, &sd, &src)?;
         let dcfg = FeatureDecoderConfig::from_manifest(&manifest.feature_decoder);
         let mut lowres_decoder = None;
         if parts.lowres_decoder {
-            let (mut vs, m) =
-                VQDecoder::load(&resolve_file(dir, files::LOWRES_DECODER)?, &dcfg, device)?;
+            let (mut vs, m) = VQDecoder::load(
+                &resolve_file(dir, files::LOWRES_DECODER)?,
+                &dcfg,
+                device,
+                parts.kind,
+            )?;
             vs.freeze();
             lowres_decoder = Some((vs, m));
         }
         let mut highres_decoder = None;
         if parts.highres_decoder {
-            let (mut vs, m) =
-                HighresVQDecoder::load(&resolve_file(dir, files::HIGHRES_DECODER)?, &dcfg, device)?;
+            let (mut vs, m) = HighresVQDecoder::load(
+                &resolve_file(dir, files::HIGHRES_DECODER)?,
+                &dcfg,
+                device,
+                parts.kind,
+            )?;
             vs.freeze();
             highres_decoder = Some((vs, m));
         }
@@ -229,6 +246,7 @@ impl VisualTokenizer {
             highres_decoder,
             manifest,
             device,
+            kind: parts.kind,
         };
         tracing::info!(
             dir = %dir.display(),
@@ -241,8 +259,12 @@ impl VisualTokenizer {
 
     /// Load `visual_weight.bin` (`causal_encoder.*`, `vit_proj.*`) as the understanding head.
     pub fn load_understanding(&mut self, path: &Path) -> Result<()> {
-        self.selector.understanding =
-            Some(UnderstandingHead::load(&self.manifest, path, self.device)?);
+        self.selector.understanding = Some(UnderstandingHead::load(
+            &self.manifest,
+            path,
+            self.device,
+            self.kind,
+        )?);
         Ok(())
     }
 

@@ -697,7 +697,7 @@ fn pickled_tensors_are_views_of_the_file_where_torch_save_aligned_them() {
     // A record at an offset not aligned for f32 is copied, with the right values.
     let odd = (1..8)
         .map(|n| torch_zip_as(&"a".repeat(n), 1, &pk, &[("0", &storage)], false))
-        .find(|b| find(b, &storage) % 4 != 0)
+        .find(|b| !find(b, &storage).is_multiple_of(4))
         .expect("some archive name misaligns the record");
     let path = write(dir.path(), "odd.bin", &odd);
     let sd = checkpoint::load_path(&path).unwrap();

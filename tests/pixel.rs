@@ -264,7 +264,8 @@ fn batched_cfg_equals_two_forwards() {
 #[test]
 fn lowres_decoding_equals_two_forward_loop() {
     let _g = tch::no_grad_guard();
-    let dec = PixelDecoder::load(&fixture_dir(), Resolution::Lowres, Device::Cpu).unwrap();
+    let dec =
+        PixelDecoder::load(&fixture_dir(), Resolution::Lowres, Device::Cpu, Kind::Float).unwrap();
     tch::manual_seed(5);
     let (b, n, c) = (2, 7, dec.unet.config.cross_attention_dim);
     let hidden = Tensor::randn([b, n, c], (Kind::Float, Device::Cpu));
@@ -340,7 +341,13 @@ fn aspect_ratio_sizes_are_valid() {
     assert!(ASPECT_RATIOS.iter().any(|(n, _)| *n == "16:9"));
 
     // On the fixture decoder every offered size passes validation and decodes to that size.
-    let dec = PixelDecoder::load(&fixture_dir(), Resolution::Highres, Device::Cpu).unwrap();
+    let dec = PixelDecoder::load(
+        &fixture_dir(),
+        Resolution::Highres,
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
     let sizes = dec.aspect_ratio_sizes();
     for (_, (h, w)) in &sizes {
         dec.validate_size(*h, *w).unwrap();
@@ -371,7 +378,13 @@ fn aspect_ratio_sizes_are_valid() {
 
 #[test]
 fn seeded_decoding_is_reproducible_and_writes_png() {
-    let dec = PixelDecoder::load(&fixture_dir(), Resolution::Highres, Device::Cpu).unwrap();
+    let dec = PixelDecoder::load(
+        &fixture_dir(),
+        Resolution::Highres,
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
     tch::manual_seed(9);
     let cond = || Condition::Highres {
         prompt_embeds: Tensor::ones([2, 4, 80], (Kind::Float, Device::Cpu)),
@@ -491,12 +504,21 @@ pub(crate) mod training {
         );
         assert!(s.train_loss_last < s.train_loss_first);
         // the exported EMA U-Net loads as a diffusers folder, and a grid was written
-        let (_vs, unet) =
-            lavit_decoder::UNet2DConditionModel::from_pretrained(&s.exported_unet, Device::Cpu)
-                .unwrap();
+        let (_vs, unet) = lavit_decoder::UNet2DConditionModel::from_pretrained(
+            &s.exported_unet,
+            Device::Cpu,
+            tch::Kind::Float,
+        )
+        .unwrap();
         assert_eq!(unet.config.cross_attention_dim, 16);
         // the run folder is a pixel-space decoder that `PixelDecoder` loads and samples from
-        let dec = PixelDecoder::load_folder(dir.path(), Resolution::Lowres, Device::Cpu).unwrap();
+        let dec = PixelDecoder::load_folder(
+            dir.path(),
+            Resolution::Lowres,
+            Device::Cpu,
+            tch::Kind::Float,
+        )
+        .unwrap();
         assert!(dec.vae.is_none() && dec.uncond_embeddings.is_none());
         assert_eq!(dec.native_size(), (32, 32));
         let cond = Condition::Lowres {

@@ -1528,7 +1528,7 @@ fn real_pipeline_from_the_fixture_equals_direct_calls() {
         .image_tokens("a photo of a cat", &gopts, &|| false)
         .unwrap();
     let (pe, pooled) = tok.decode_highres(&toks).unwrap();
-    let px = PixelDecoder::load(&dir, Resolution::Highres, Device::Cpu).unwrap();
+    let px = PixelDecoder::load(&dir, Resolution::Highres, Device::Cpu, Kind::Float).unwrap();
     let dopts = DecodeOptions {
         steps: 3,
         guidance: gopts.guidance,

@@ -427,9 +427,8 @@ fn stage1_training_on_real_photos_lowers_the_loss_and_uses_the_codebook() {
     // The exported folder loads with the normal loader and tokenizes.
     let dir = r.export_dir.as_ref().unwrap();
     let parts = LoadParts {
-        understanding: false,
         lowres_decoder: true,
-        highres_decoder: false,
+        ..LoadParts::tokenize_only()
     };
     let tok = VisualTokenizer::from_checkpoint(dir, Device::Cpu, parts).unwrap();
     let imgs = tok
@@ -739,6 +738,82 @@ fn stage1_through_the_actors_equals_direct_stage_calls() {
             a.to_bits(),
             d.to_bits(),
             "step {s}: {through_actors:?} vs {direct:?}"
+        );
+    }
+}
+
+/// Largest |a − b| over the largest |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_kind(Kind::Float) - b).abs().max().double_value(&[]);
+    d / b.abs().max().double_value(&[])
+}
+
+#[test]
+fn tokenizer_stages_load_in_bf16_and_agree_with_the_reference() {
+    use lavit_runtime::stage::SelectorMergerStage;
+    let dir = fixture_dir();
+    let exp = checkpoint::load_file(&dir.join("reference/expected.safetensors")).unwrap();
+    let manifest = LavitManifest::for_checkpoint(&dir).unwrap();
+    let enc_path = dir.join("visual_tokenizer/tokenizer_encoder.bin");
+    let sd = checkpoint::load_path(&enc_path).unwrap();
+    let dcfg = FeatureDecoderConfig::from_manifest(&manifest.feature_decoder);
+    let features = exp["encoder_features"].narrow(1, 1, 64);
+    // float32 must meet the reference closely, so the bf16 bound below measures bf16.
+    for (kind, tol) in [(Kind::Float, 1e-4), (Kind::BFloat16, 5e-2)] {
+        let plugins = lavit::tokenizer::TokenizerPlugins::none();
+        let enc =
+            lavit_encoder::EncoderStageModel::load(&dir, Device::Cpu, kind, &plugins).unwrap();
+        let f = enc.patch_features(&exp["images"]).unwrap();
+        assert_eq!(f.kind(), Kind::Float, "features leave the stage in float32");
+        assert!(
+            rel_err(&f, &features) < tol,
+            "{kind:?} encoder: {}",
+            rel_err(&f, &features)
+        );
+
+        let mut sel = lavit_selector::SelectorMergerStageModel::load_state(
+            &dir,
+            &manifest,
+            Device::Cpu,
+            kind,
+            &sd,
+            "tokenizer_encoder",
+        )
+        .unwrap();
+        assert!(sel.vs.variables().values().all(|t| t.kind() == kind));
+        let (decisions, merged) = sel.select_merge(&features).unwrap();
+        let agree = decisions
+            .to_kind(Kind::Float)
+            .eq_tensor(&exp["keep_decisions"])
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(agree >= 0.95, "{kind:?}: decisions agree on {agree}");
+        let keep = exp["keep_decisions"].gt(0.5).unsqueeze(-1);
+        let (ours, theirs) = (
+            merged.masked_select(&keep),
+            exp["merged_features"].masked_select(&keep),
+        );
+        assert!(
+            rel_err(&ours, &theirs) < tol,
+            "{kind:?} merger: {}",
+            rel_err(&ours, &theirs)
+        );
+
+        let (_vs, dec) = VQDecoder::load(
+            &dir.join("visual_tokenizer/tokenizer_decoder.bin"),
+            &dcfg,
+            Device::Cpu,
+            kind,
+        )
+        .unwrap();
+        let counts = Vec::<i64>::try_from(&exp["token_counts"]).unwrap();
+        let out = dec.forward(&exp["quantized_embeddings"], &counts).unwrap();
+        let want = &exp["lowres_decoder_out"];
+        assert!(
+            rel_err(&out, want) < tol,
+            "{kind:?} decoder: {}",
+            rel_err(&out, want)
         );
     }
 }

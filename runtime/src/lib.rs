@@ -9,6 +9,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod fsread;
+pub mod layers;
 pub mod layout;
 pub mod manifest;
 pub mod parity;

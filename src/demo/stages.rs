@@ -284,6 +284,7 @@ pub fn run_stage1(
         eva_file,
         &EvaVitConfig::from_manifest(&manifest.tokenizer),
         Device::Cpu,
+        Kind::Float,
     )?;
     let tcfg = TokenizerTrainConfig {
         out_dir: dir.to_path_buf(),
@@ -362,7 +363,7 @@ pub fn run_stage1b(
         LoadParts {
             understanding: false,
             lowres_decoder: true,
-            highres_decoder: false,
+            ..LoadParts::tokenize_only()
         },
     )?;
     let size = tok.manifest.tokenizer.img_size;
@@ -856,7 +857,7 @@ pub fn evaluate(
 
     // Text → image: per class prompt, LLM tokens with CFG → feature decoder → U-Net; k
     // candidates per image reranked by stage 0's class head on the frozen ViT; judged.
-    let eva = lavit_encoder::stage::load_eva(ckpt, Device::Cpu)?;
+    let eva = lavit_encoder::stage::load_eva(ckpt, Device::Cpu, Kind::Float)?;
     let k = cfg.rerank_candidates.max(1);
     let gen = GenerateOptions {
         n: (cfg.images_per_class.max(1) * k) as usize,

@@ -56,7 +56,8 @@ pub fn rows(dir: &Path, expected: &StateDict) -> Result<Vec<ParityRow>> {
     let highres_dir = dir.join(Resolution::Highres.folder());
 
     row("unet_lowres_out", &|| {
-        let (_vs, unet) = UNet2DConditionModel::from_pretrained(&lowres_dir.join("unet"), dev)?;
+        let (_vs, unet) =
+            UNet2DConditionModel::from_pretrained(&lowres_dir.join("unet"), dev, Kind::Float)?;
         Ok(unet.forward(
             &get("initial_latents")?,
             &get("unet_timestep")?,
@@ -66,7 +67,8 @@ pub fn rows(dir: &Path, expected: &StateDict) -> Result<Vec<ParityRow>> {
         )?)
     });
     row("unet_highres_out", &|| {
-        let (_vs, unet) = UNet2DConditionModel::from_pretrained(&highres_dir.join("unet"), dev)?;
+        let (_vs, unet) =
+            UNet2DConditionModel::from_pretrained(&highres_dir.join("unet"), dev, Kind::Float)?;
         let (te, ti) = (get("highres_pooled_embeds")?, get("unet_highres_time_ids")?);
         let added = AddedCond {
             text_embeds: &te,
@@ -109,7 +111,7 @@ pub fn rows(dir: &Path, expected: &StateDict) -> Result<Vec<ParityRow>> {
         Ok(Tensor::stack(&traj, 0))
     });
     row("pixels_highres", &|| {
-        let dec = PixelDecoder::load(dir, Resolution::Highres, dev)
+        let dec = PixelDecoder::load(dir, Resolution::Highres, dev, Kind::Float)
             .with_context(|| format!("loading {}", highres_dir.display()))?;
         let cond = Condition::Highres {
             prompt_embeds: get("highres_prompt_embeds")?,
@@ -128,7 +130,7 @@ pub fn rows(dir: &Path, expected: &StateDict) -> Result<Vec<ParityRow>> {
         )?)
     });
     row("pixels_lowres", &|| {
-        let dec = PixelDecoder::load(dir, Resolution::Lowres, dev)
+        let dec = PixelDecoder::load(dir, Resolution::Lowres, dev, Kind::Float)
             .with_context(|| format!("loading {}", lowres_dir.display()))?;
         let cond = Condition::Lowres {
             hidden: get("lowres_decoder_out")?,

@@ -44,6 +44,7 @@ pub fn rows(dir: &Path, expected: &StateDict) -> Result<Vec<ParityRow>> {
         &eva_path,
         &EvaVitConfig::from_manifest(&manifest.tokenizer),
         device,
+        tch::Kind::Float,
     )?;
     let encoder_features = eva.model.forward_all_features(images)?;
     let tok =

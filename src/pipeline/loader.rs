@@ -133,11 +133,12 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
     let dtype = cfg.dtype.clone();
     let mut b = StageBuilders::unused();
     if let (true, Some(s)) = (tokenizer, enc_state.clone()) {
-        let (d1, p1) = (d.clone(), plugins.clone());
+        let (d1, p1, dt) = (d.clone(), plugins.clone(), dtype.clone());
         b.encoder = Box::new(move |dev| {
-            Ok(Box::new(EncoderStageModel::load(&d1, dev, &p1)?) as Box<dyn EncoderStage>)
+            let kind = kind_for(&dt, dev)?;
+            Ok(Box::new(EncoderStageModel::load(&d1, dev, kind, &p1)?) as Box<dyn EncoderStage>)
         });
-        let (d2, m2, s2) = (d.clone(), m.clone(), s.clone());
+        let (d2, m2, s2, dt2) = (d.clone(), m.clone(), s.clone(), dtype.clone());
         let selection = match cfg.selection.as_str() {
             "argmax" => Some(SelectionMode::Argmax),
             "gumbel" => Some(SelectionMode::Gumbel {
@@ -148,7 +149,14 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
         };
         b.selector_merger = Box::new(move |dev| {
             let sd = s2.get();
-            let mut st = SelectorMergerStageModel::load_state(&d2, &m2, dev, &sd, &s2.source)?;
+            let mut st = SelectorMergerStageModel::load_state(
+                &d2,
+                &m2,
+                dev,
+                kind_for(&dt2, dev)?,
+                &sd,
+                &s2.source,
+            )?;
             if let Some(mode) = selection {
                 st.selection = mode;
             }
@@ -174,13 +182,8 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
         b.decoder = Box::new(move |dev| {
             let sd = s.get();
             let codebook = load_codebook(&d5, &m5, dev, &p5, &sd, &s.source)?;
-            let mut st = DecoderStageModel::load(&d5, dev, codebook, resolution)?;
             let kind = kind_for(&dtype, dev)?;
-            if let Some(p) = st.pixels.as_mut() {
-                if kind != Kind::Float {
-                    p.set_unet_kind(kind);
-                }
-            }
+            let st = DecoderStageModel::load(&d5, dev, codebook, resolution, kind)?;
             Ok(Box::new(st) as Box<dyn DecoderStage>)
         });
     }

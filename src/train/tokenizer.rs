@@ -723,7 +723,7 @@ pub fn train_in_group(cfg: &TokenizerTrainConfig, pg: &Arc<ProcessGroup>) -> Res
         (None, Some(dir)) => {
             let p = resolve_file(dir, files::EVA)?;
             let cfg = EvaVitConfig::from_manifest(&manifest.tokenizer);
-            Box::new(EvaBackbone::load(&p, &cfg, enc_device)?)
+            Box::new(EvaBackbone::load(&p, &cfg, enc_device, Kind::Float)?)
         }
         (None, None) => {
             let mut e = EvaBackbone::new(

@@ -4,6 +4,7 @@
 //! `diffusers/models/activations.py` `GEGLU`). Attention runs through libtorch's
 //! `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU).
 
+use lavit_runtime::layers;
 use lavit_runtime::shape::dims;
 use tch::{nn, nn::Module, Tensor};
 
@@ -36,10 +37,10 @@ impl Attention {
             ..Default::default()
         };
         Self {
-            to_q: nn::linear(&vs / "to_q", query_dim, inner, cfg),
-            to_k: nn::linear(&vs / "to_k", kv_dim, inner, cfg),
-            to_v: nn::linear(&vs / "to_v", kv_dim, inner, cfg),
-            to_out: nn::linear(&vs / "to_out" / 0, inner, query_dim, Default::default()),
+            to_q: layers::linear(&vs / "to_q", query_dim, inner, cfg),
+            to_k: layers::linear(&vs / "to_k", kv_dim, inner, cfg),
+            to_v: layers::linear(&vs / "to_v", kv_dim, inner, cfg),
+            to_out: layers::linear(&vs / "to_out" / 0, inner, query_dim, Default::default()),
             heads,
             dim_head,
         }
@@ -83,8 +84,8 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn new(vs: nn::Path, dim: i64, mult: i64) -> Self {
         let inner = dim * mult;
-        let proj = nn::linear(&vs / "net" / 0 / "proj", dim, inner * 2, Default::default());
-        let out = nn::linear(&vs / "net" / 2, inner, dim, Default::default());
+        let proj = layers::linear(&vs / "net" / 0 / "proj", dim, inner * 2, Default::default());
+        let out = layers::linear(&vs / "net" / 2, inner, dim, Default::default());
         Self { proj, out }
     }
 }
@@ -101,11 +102,11 @@ impl Module for FeedForward {
 /// each pre-normed and residual.
 #[derive(Debug)]
 pub struct BasicTransformerBlock {
-    norm1: nn::LayerNorm,
+    norm1: layers::LayerNorm,
     attn1: Attention,
-    norm2: nn::LayerNorm,
+    norm2: layers::LayerNorm,
     attn2: Attention,
-    norm3: nn::LayerNorm,
+    norm3: layers::LayerNorm,
     ff: FeedForward,
 }
 
@@ -118,7 +119,7 @@ impl BasicTransformerBlock {
         cross_attention_dim: i64,
     ) -> Self {
         let ln = |name: &str| {
-            nn::layer_norm(
+            layers::layer_norm(
                 &vs / name,
                 vec![dim],
                 nn::LayerNormConfig {

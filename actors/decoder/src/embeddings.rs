@@ -2,6 +2,7 @@
 //! (Ho et al. 2020 sinusoidal embedding; reference: `diffusers/models/embeddings.py`:
 //! `get_timestep_embedding`, `Timesteps`, `TimestepEmbedding`).
 
+use lavit_runtime::layers;
 use tch::{nn, nn::Module, Kind, Tensor};
 
 /// Sinusoidal embedding of 1-D `timesteps` (fractional allowed) into `dim` channels.
@@ -60,13 +61,13 @@ pub struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     pub fn new(vs: nn::Path, in_channels: i64, time_embed_dim: i64) -> Self {
-        let linear_1 = nn::linear(
+        let linear_1 = layers::linear(
             &vs / "linear_1",
             in_channels,
             time_embed_dim,
             Default::default(),
         );
-        let linear_2 = nn::linear(
+        let linear_2 = layers::linear(
             &vs / "linear_2",
             time_embed_dim,
             time_embed_dim,
@@ -96,7 +97,8 @@ pub struct AttentionPooling {
 
 impl AttentionPooling {
     pub fn new(vs: nn::Path, num_heads: i64, embed_dim: i64) -> Self {
-        let positional_embedding = vs.var(
+        let positional_embedding = layers::var(
+            &vs,
             "positional_embedding",
             &[1, embed_dim],
             nn::Init::Randn {
@@ -104,7 +106,7 @@ impl AttentionPooling {
                 stdev: 1.0 / (embed_dim as f64).sqrt(),
             },
         );
-        let lin = |name: &str| nn::linear(&vs / name, embed_dim, embed_dim, Default::default());
+        let lin = |name: &str| layers::linear(&vs / name, embed_dim, embed_dim, Default::default());
         Self {
             positional_embedding,
             k_proj: lin("k_proj"),
@@ -147,24 +149,24 @@ impl AttentionPooling {
 /// to the time-embedding width → `norm2`; added to the timestep embedding.
 #[derive(Debug)]
 pub struct TextTimeEmbedding {
-    norm1: nn::LayerNorm,
+    norm1: layers::LayerNorm,
     pool: AttentionPooling,
     proj: nn::Linear,
-    norm2: nn::LayerNorm,
+    norm2: layers::LayerNorm,
 }
 
 impl TextTimeEmbedding {
     pub fn new(vs: nn::Path, encoder_dim: i64, time_embed_dim: i64, num_heads: i64) -> Self {
         Self {
-            norm1: nn::layer_norm(&vs / "norm1", vec![encoder_dim], Default::default()),
+            norm1: layers::layer_norm(&vs / "norm1", vec![encoder_dim], Default::default()),
             pool: AttentionPooling::new(&vs / "pool", num_heads, encoder_dim),
-            proj: nn::linear(
+            proj: layers::linear(
                 &vs / "proj",
                 encoder_dim,
                 time_embed_dim,
                 Default::default(),
             ),
-            norm2: nn::layer_norm(&vs / "norm2", vec![time_embed_dim], Default::default()),
+            norm2: layers::layer_norm(&vs / "norm2", vec![time_embed_dim], Default::default()),
         }
     }
 }

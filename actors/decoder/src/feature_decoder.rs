@@ -14,7 +14,7 @@ pub mod layers;
 
 use lavit_runtime::{checkpoint, Error, Result};
 use std::path::Path;
-use tch::{nn, nn::Module, Device, Tensor};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 pub use attention_pool::AttentionPool2d;
 use layers::{linear, Block, LayerNorm};
@@ -267,8 +267,13 @@ impl DecoderTrunk {
         let dtl = vs / "decode_task_layer";
         Self {
             in_proj: linear(vs / "in_proj", cfg.in_chans, d, true),
-            pos_embed: vs.var("pos_embed", &[1, cfg.num_patches, d], init),
-            query_embed: vs.var("query_embed", &[1, cfg.num_patches, d], init),
+            pos_embed: lavit_runtime::layers::var(vs, "pos_embed", &[1, cfg.num_patches, d], init),
+            query_embed: lavit_runtime::layers::var(
+                vs,
+                "query_embed",
+                &[1, cfg.num_patches, d],
+                init,
+            ),
             blocks: (0..cfg.depth)
                 .map(|i| Block::new(vs / "blocks" / i, d, cfg.num_heads, hidden, cfg.norm_eps))
                 .collect(),
@@ -333,8 +338,9 @@ fn read_checked(
     Ok(sd)
 }
 
-fn load_strict(vs: &nn::VarStore, path: &Path, sd: &checkpoint::StateDict) -> Result<()> {
-    checkpoint::load_into(vs, "", sd, &path.display().to_string(), &Default::default())?;
+/// Moves `sd` into `vs` (a model built in [`lavit_runtime::layers::uninit`]), strictly.
+fn load_strict(vs: &nn::VarStore, path: &Path, sd: checkpoint::StateDict) -> Result<()> {
+    checkpoint::load_into_owned(vs, "", sd, &path.display().to_string(), &Default::default())?;
     Ok(())
 }
 
@@ -360,23 +366,31 @@ impl VQDecoder {
         }
     }
 
-    /// Build on `device` and load `tokenizer_decoder.bin` strictly → (weights, model).
+    /// Build on `device` in `kind` and load `tokenizer_decoder.bin` strictly → (weights,
+    /// model).
     pub fn load(
         path: &Path,
         cfg: &FeatureDecoderConfig,
         device: Device,
+        kind: Kind,
     ) -> Result<(nn::VarStore, Self)> {
         let sd = read_checked(path, cfg, false)?;
-        let vs = nn::VarStore::new(device);
-        let m = Self::new(vs.root(), cfg);
-        load_strict(&vs, path, &sd)?;
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(kind);
+        let m = lavit_runtime::layers::uninit(|| Self::new(vs.root(), cfg));
+        load_strict(&vs, path, sd)?;
         Ok((vs, m))
     }
 
     /// `forward(x, token_num)`: codes [T, in_chans] of all images + per-image counts →
-    /// U-Net condition [B, num_patches, lowres_unet_proj].
+    /// U-Net condition [B, num_patches, lowres_unet_proj] (float32; computed in the
+    /// weights' kind).
     pub fn forward(&self, x: &Tensor, token_counts: &[i64]) -> Result<Tensor> {
-        Ok(self.unet_proj.forward(&self.trunk.decode(x, token_counts)?))
+        let x = x.to_kind(self.unet_proj.ws.kind());
+        let out = self
+            .unet_proj
+            .forward(&self.trunk.decode(&x, token_counts)?);
+        Ok(out.to_kind(Kind::Float))
     }
 }
 
@@ -408,22 +422,26 @@ impl HighresVQDecoder {
         }
     }
 
-    /// Build on `device` and load `highres_tokenizer_decoder.bin` strictly.
+    /// Build on `device` in `kind` and load `highres_tokenizer_decoder.bin` strictly.
     pub fn load(
         path: &Path,
         cfg: &FeatureDecoderConfig,
         device: Device,
+        kind: Kind,
     ) -> Result<(nn::VarStore, Self)> {
         let sd = read_checked(path, cfg, true)?;
-        let vs = nn::VarStore::new(device);
-        let m = Self::new(vs.root(), cfg);
-        load_strict(&vs, path, &sd)?;
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(kind);
+        let m = lavit_runtime::layers::uninit(|| Self::new(vs.root(), cfg));
+        load_strict(&vs, path, sd)?;
         Ok((vs, m))
     }
 
-    /// codes [T, in_chans] + per-image counts → (prompt_embeds, pooled_prompt_embeds).
+    /// codes [T, in_chans] + per-image counts → (prompt_embeds, pooled_prompt_embeds),
+    /// float32 (computed in the weights' kind).
     pub fn forward(&self, x: &Tensor, token_counts: &[i64]) -> Result<(Tensor, Tensor)> {
-        let rec = self.trunk.decode(x, token_counts)?;
+        let x = x.to_kind(self.unet_proj_1.ws.kind());
+        let rec = self.trunk.decode(&x, token_counts)?;
         let prompt = Tensor::cat(
             &[
                 self.unet_proj_1.forward(&rec),
@@ -432,6 +450,6 @@ impl HighresVQDecoder {
             -1,
         );
         let pooled = self.unet_attnpool.forward(&rec)?;
-        Ok((prompt, pooled))
+        Ok((prompt.to_kind(Kind::Float), pooled.to_kind(Kind::Float)))
     }
 }

@@ -157,15 +157,27 @@ pub struct PixelDecoder {
 
 impl PixelDecoder {
     /// Load `checkpoint_dir/{highres_,}pixel_decoding/{unet,vae,scheduler}` (and
-    /// `uncond_embeddings.bin` for lowres) onto `device`, strictly.
-    pub fn load(checkpoint_dir: &Path, resolution: Resolution, device: Device) -> Result<Self> {
+    /// `uncond_embeddings.bin` for lowres) onto `device`, strictly, the U-Net in `unet_kind`
+    /// (e.g. bf16 on a GPU; the VAE stays float32 as the official code upcasts it).
+    pub fn load(
+        checkpoint_dir: &Path,
+        resolution: Resolution,
+        device: Device,
+        unet_kind: Kind,
+    ) -> Result<Self> {
         let dir = checkpoint_dir.join(resolution.folder());
-        Self::load_folder(&dir, resolution, device)
+        Self::load_folder(&dir, resolution, device, unet_kind)
     }
 
     /// Load from the pixel-decoding folder itself.
-    pub fn load_folder(dir: &Path, resolution: Resolution, device: Device) -> Result<Self> {
-        let (unet_vs, unet) = UNet2DConditionModel::from_pretrained(&dir.join("unet"), device)?;
+    pub fn load_folder(
+        dir: &Path,
+        resolution: Resolution,
+        device: Device,
+        unet_kind: Kind,
+    ) -> Result<Self> {
+        let (unet_vs, unet) =
+            UNet2DConditionModel::from_pretrained(&dir.join("unet"), device, unet_kind)?;
         let vae = if dir.join("vae").is_dir() {
             Some(AutoencoderKL::from_pretrained(&dir.join("vae"), device)?)
         } else {
@@ -199,12 +211,6 @@ impl PixelDecoder {
             uncond_embeddings,
             device,
         })
-    }
-
-    /// Run the U-Net in `kind` (e.g. bf16 on a GPU); the VAE stays float32 as the official
-    /// code upcasts it.
-    pub fn set_unet_kind(&mut self, kind: Kind) {
-        self.unet_vs.set_kind(kind);
     }
 
     fn unet_kind(&self) -> Kind {

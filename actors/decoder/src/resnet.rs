@@ -1,6 +1,7 @@
 //! `ResnetBlock2D`, `Downsample2D` and `Upsample2D` as diffusers builds them (reference:
 //! `diffusers/models/resnet.py`, `downsampling.py`, `upsampling.py`).
 
+use lavit_runtime::layers;
 use tch::{nn, nn::Module, Tensor};
 
 /// Configuration of a [`ResnetBlock2D`].
@@ -36,12 +37,12 @@ impl Default for ResnetBlock2DConfig {
 /// GroupNorm → SiLU → conv, twice, with the time embedding added in between.
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
+    norm1: layers::GroupNorm,
+    conv1: layers::Conv2d,
     time_emb_proj: Option<nn::Linear>,
-    norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
-    conv_shortcut: Option<nn::Conv2D>,
+    norm2: layers::GroupNorm,
+    conv2: layers::Conv2d,
+    conv_shortcut: Option<layers::Conv2d>,
     output_scale_factor: f64,
 }
 
@@ -53,15 +54,15 @@ impl ResnetBlock2D {
             ..Default::default()
         };
         let norm1 = group_norm(&vs / "norm1", config.groups, in_channels, config.eps);
-        let conv1 = nn::conv2d(&vs / "conv1", in_channels, out, 3, conv3);
+        let conv1 = layers::conv2d(&vs / "conv1", in_channels, out, 3, conv3);
         let time_emb_proj = config
             .temb_channels
-            .map(|t| nn::linear(&vs / "time_emb_proj", t, out, Default::default()));
+            .map(|t| layers::linear(&vs / "time_emb_proj", t, out, Default::default()));
         let groups_out = config.groups_out.unwrap_or(config.groups);
         let norm2 = group_norm(&vs / "norm2", groups_out, out, config.eps);
-        let conv2 = nn::conv2d(&vs / "conv2", out, out, 3, conv3);
+        let conv2 = layers::conv2d(&vs / "conv2", out, out, 3, conv3);
         let conv_shortcut = (in_channels != out).then(|| {
-            nn::conv2d(
+            layers::conv2d(
                 &vs / "conv_shortcut",
                 in_channels,
                 out,
@@ -100,8 +101,8 @@ impl ResnetBlock2D {
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.
-pub fn group_norm(vs: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
-    nn::group_norm(
+pub fn group_norm(vs: nn::Path, groups: i64, channels: i64, eps: f64) -> layers::GroupNorm {
+    layers::group_norm(
         vs,
         groups,
         channels,
@@ -116,13 +117,13 @@ pub fn group_norm(vs: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::Gro
 /// (the VAE) the input is padded by one on the right and bottom first, as diffusers does.
 #[derive(Debug)]
 pub struct Downsample2D {
-    conv: nn::Conv2D,
+    conv: layers::Conv2d,
     padding: i64,
 }
 
 impl Downsample2D {
     pub fn new(vs: nn::Path, channels: i64, out_channels: i64, padding: i64) -> Self {
-        let conv = nn::conv2d(
+        let conv = layers::conv2d(
             &vs / "conv",
             channels,
             out_channels,
@@ -150,12 +151,12 @@ impl Module for Downsample2D {
 /// `Upsample2D`: nearest ×2 (or to `size`) then a 3×3 conv (`upsamplers.0.conv`).
 #[derive(Debug)]
 pub struct Upsample2D {
-    conv: nn::Conv2D,
+    conv: layers::Conv2d,
 }
 
 impl Upsample2D {
     pub fn new(vs: nn::Path, channels: i64, out_channels: i64) -> Self {
-        let conv = nn::conv2d(
+        let conv = layers::conv2d(
             &vs / "conv",
             channels,
             out_channels,

@@ -52,12 +52,14 @@ fn stage_err(e: Error) -> StageError {
 
 impl DecoderStageModel {
     /// The checkpoint's decoder for `resolution`: its feature decoder (frozen) and pixel
-    /// decoder, around `codebook` (the checkpoint's, see `lavit_quantizer::load_codebook`).
+    /// decoder, their weights in `kind` but the VAE's (float32, as the official code
+    /// upcasts it), around `codebook` (the checkpoint's, see `lavit_quantizer::load_codebook`).
     pub fn load(
         dir: &Path,
         device: Device,
         codebook: Box<dyn Codebook>,
         resolution: Resolution,
+        kind: Kind,
     ) -> Result<Self> {
         let manifest = LavitManifest::for_checkpoint(dir)?;
         let dcfg = FeatureDecoderConfig::from_manifest(&manifest.feature_decoder);
@@ -65,8 +67,12 @@ impl DecoderStageModel {
         me.codebook = Some(codebook);
         match resolution {
             Resolution::Lowres => {
-                let (mut vs, m) =
-                    VQDecoder::load(&resolve_file(dir, files::LOWRES_DECODER)?, &dcfg, device)?;
+                let (mut vs, m) = VQDecoder::load(
+                    &resolve_file(dir, files::LOWRES_DECODER)?,
+                    &dcfg,
+                    device,
+                    kind,
+                )?;
                 vs.freeze();
                 me.lowres = Some((vs, m));
             }
@@ -75,12 +81,13 @@ impl DecoderStageModel {
                     &resolve_file(dir, files::HIGHRES_DECODER)?,
                     &dcfg,
                     device,
+                    kind,
                 )?;
                 vs.freeze();
                 me.highres = Some((vs, m));
             }
         }
-        me.pixels = Some(PixelDecoder::load(dir, resolution, device)?);
+        me.pixels = Some(PixelDecoder::load(dir, resolution, device, kind)?);
         Ok(me)
     }
 

@@ -2,6 +2,7 @@
 //! `diffusers/models/transformers/transformer_2d.py`): GroupNorm, `proj_in` (1×1 conv, or
 //! linear with `use_linear_projection`), `transformer_blocks`, `proj_out`, residual.
 
+use lavit_runtime::layers;
 use lavit_runtime::shape::dims;
 use tch::{nn, nn::Module, Tensor};
 
@@ -40,14 +41,14 @@ impl Default for Transformer2DModelConfig {
 
 #[derive(Debug)]
 enum Proj {
-    Conv(nn::Conv2D),
+    Conv(layers::Conv2d),
     Linear(nn::Linear),
 }
 
 /// Spatial transformer over a (B, C, H, W) feature map.
 #[derive(Debug)]
 pub struct Transformer2DModel {
-    norm: nn::GroupNorm,
+    norm: layers::GroupNorm,
     proj_in: Proj,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
@@ -59,9 +60,9 @@ impl Transformer2DModel {
         let norm = group_norm(&vs / "norm", config.norm_num_groups, in_channels, 1e-6);
         let proj = |name: &str, i: i64, o: i64| {
             if config.use_linear_projection {
-                Proj::Linear(nn::linear(&vs / name, i, o, Default::default()))
+                Proj::Linear(layers::linear(&vs / name, i, o, Default::default()))
             } else {
-                Proj::Conv(nn::conv2d(&vs / name, i, o, 1, Default::default()))
+                Proj::Conv(layers::conv2d(&vs / name, i, o, 1, Default::default()))
             }
         };
         let proj_in = proj("proj_in", in_channels, inner);

@@ -5,6 +5,7 @@
 //! Reference: `diffusers/models/unets/unet_2d_condition.py`. Variable names are the diffusers
 //! state-dict keys, so the official folders load as they are.
 
+use lavit_runtime::layers;
 use std::path::Path;
 
 use lavit_runtime::checkpoint::{self, Implied};
@@ -589,15 +590,15 @@ enum AddEmbedding {
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     pub config: UNet2DConditionModelConfig,
-    conv_in: nn::Conv2D,
+    conv_in: layers::Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     add_embedding: Option<AddEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_norm_out: layers::GroupNorm,
+    conv_out: layers::Conv2d,
 }
 
 impl UNet2DConditionModel {
@@ -623,7 +624,7 @@ impl UNet2DConditionModel {
             .unwrap_or_else(|| tlayers.iter().rev().copied().collect());
         let temb = config.time_embed_dim();
 
-        let conv_in = nn::conv2d(
+        let conv_in = layers::conv2d(
             &vs / "conv_in",
             config.conv_in_channels(),
             boc[0],
@@ -740,7 +741,7 @@ impl UNet2DConditionModel {
             boc[0],
             config.norm_eps,
         );
-        let conv_out = nn::conv2d(
+        let conv_out = layers::conv2d(
             &vs / "conv_out",
             boc[0],
             config.out_channels,
@@ -765,22 +766,19 @@ impl UNet2DConditionModel {
     }
 
     /// Build from a diffusers folder (`config.json` + `diffusion_pytorch_model.{bin,safetensors}`)
-    /// and load its weights strictly. Returns the var store holding the weights.
-    pub fn from_pretrained(dir: &Path, device: Device) -> Result<(nn::VarStore, Self)> {
+    /// in `kind` and load its weights strictly, taking the file's tensors where they
+    /// already are `kind` (no copy; nothing drawn first). Returns the var store holding
+    /// the weights.
+    pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<(nn::VarStore, Self)> {
         let cfg_path = dir.join("config.json");
         let config = UNet2DConditionModelConfig::from_json_file(&cfg_path)?;
         let sd = checkpoint::load_path(dir)?;
         let origin = cfg_path.display().to_string();
         checkpoint::check_implied(&sd, &config.implied(&origin)?, &origin)?;
         let mut vs = nn::VarStore::new(device);
-        let unet = Self::new(vs.root(), config)?;
-        checkpoint::load_into(
-            &vs,
-            "",
-            &sd,
-            &dir.display().to_string(),
-            &Default::default(),
-        )?;
+        vs.set_kind(kind);
+        let unet = layers::uninit(|| Self::new(vs.root(), config))?;
+        checkpoint::load_into_owned(&vs, "", sd, &dir.display().to_string(), &Default::default())?;
         vs.freeze();
         Ok((vs, unet))
     }

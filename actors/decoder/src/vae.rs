@@ -3,6 +3,7 @@
 //! `diffusers/models/autoencoders/autoencoder_kl.py`, `vae.py` (`Encoder`, `Decoder`),
 //! `unet_2d_blocks.py` (`DownEncoderBlock2D`, `UpDecoderBlock2D`, `UNetMidBlock2D`).
 
+use lavit_runtime::layers;
 use std::path::Path;
 
 use lavit_runtime::shape::dims;
@@ -247,7 +248,7 @@ impl AutoencoderKLConfig {
 #[derive(Debug)]
 struct VaeMidBlock {
     resnets: Vec<ResnetBlock2D>,
-    attention: Option<(nn::GroupNorm, Attention)>,
+    attention: Option<(layers::GroupNorm, Attention)>,
 }
 
 impl VaeMidBlock {
@@ -313,11 +314,11 @@ fn empty_block_out_channels() -> Error {
 /// The VAE encoder (`encoder.*`): image → 2·latent moments.
 #[derive(Debug)]
 pub struct Encoder {
-    conv_in: nn::Conv2D,
+    conv_in: layers::Conv2d,
     down_blocks: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
     mid_block: VaeMidBlock,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_norm_out: layers::GroupNorm,
+    conv_out: layers::Conv2d,
 }
 
 impl Encoder {
@@ -330,7 +331,7 @@ impl Encoder {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = nn::conv2d(&vs / "conv_in", cfg.in_channels, boc[0], 3, pad1);
+        let conv_in = layers::conv2d(&vs / "conv_in", cfg.in_channels, boc[0], 3, pad1);
         let mut down_blocks = Vec::new();
         let mut out = boc[0];
         for i in 0..boc.len() {
@@ -358,7 +359,7 @@ impl Encoder {
             cfg.mid_block_add_attention,
         );
         let conv_norm_out = group_norm(&vs / "conv_norm_out", cfg.norm_num_groups, last, 1e-6);
-        let conv_out = nn::conv2d(&vs / "conv_out", last, 2 * cfg.latent_channels, 3, pad1);
+        let conv_out = layers::conv2d(&vs / "conv_out", last, 2 * cfg.latent_channels, 3, pad1);
         Ok(Self {
             conv_in,
             down_blocks,
@@ -387,11 +388,11 @@ impl Encoder {
 /// The VAE decoder (`decoder.*`): latents → image.
 #[derive(Debug)]
 pub struct Decoder {
-    conv_in: nn::Conv2D,
+    conv_in: layers::Conv2d,
     mid_block: VaeMidBlock,
     up_blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_norm_out: layers::GroupNorm,
+    conv_out: layers::Conv2d,
 }
 
 impl Decoder {
@@ -404,7 +405,7 @@ impl Decoder {
         let Some(&last) = boc.last() else {
             return Err(empty_block_out_channels());
         };
-        let conv_in = nn::conv2d(&vs / "conv_in", cfg.latent_channels, last, 3, pad1);
+        let conv_in = layers::conv2d(&vs / "conv_in", cfg.latent_channels, last, 3, pad1);
         let mid_block = VaeMidBlock::new(
             &vs / "mid_block",
             last,
@@ -432,7 +433,7 @@ impl Decoder {
             up_blocks.push((resnets, up));
         }
         let conv_norm_out = group_norm(&vs / "conv_norm_out", cfg.norm_num_groups, boc[0], 1e-6);
-        let conv_out = nn::conv2d(&vs / "conv_out", boc[0], cfg.out_channels, 3, pad1);
+        let conv_out = layers::conv2d(&vs / "conv_out", boc[0], cfg.out_channels, 3, pad1);
         Ok(Self {
             conv_in,
             mid_block,
@@ -481,8 +482,8 @@ pub struct AutoencoderKL {
     pub config: AutoencoderKLConfig,
     pub encoder: Encoder,
     pub decoder: Decoder,
-    quant_conv: Option<nn::Conv2D>,
-    post_quant_conv: Option<nn::Conv2D>,
+    quant_conv: Option<layers::Conv2d>,
+    post_quant_conv: Option<layers::Conv2d>,
 }
 
 impl AutoencoderKL {
@@ -493,10 +494,10 @@ impl AutoencoderKL {
         let decoder = Decoder::new(&vs / "decoder", &config)?;
         let quant_conv = config
             .use_quant_conv
-            .then(|| nn::conv2d(&vs / "quant_conv", 2 * l, 2 * l, 1, Default::default()));
+            .then(|| layers::conv2d(&vs / "quant_conv", 2 * l, 2 * l, 1, Default::default()));
         let post_quant_conv = config
             .use_post_quant_conv
-            .then(|| nn::conv2d(&vs / "post_quant_conv", l, l, 1, Default::default()));
+            .then(|| layers::conv2d(&vs / "post_quant_conv", l, l, 1, Default::default()));
         Ok(Self {
             config,
             encoder,
@@ -506,21 +507,16 @@ impl AutoencoderKL {
         })
     }
 
-    /// Build from a diffusers `vae/` folder and load its weights strictly.
+    /// Build from a diffusers `vae/` folder and load its weights strictly (float32, as the
+    /// official code runs it; the file's float32 tensors are taken without a copy).
     pub fn from_pretrained(dir: &Path, device: Device) -> Result<(nn::VarStore, Self)> {
         let cfg_path = dir.join("config.json");
         let config = AutoencoderKLConfig::from_json_file(&cfg_path)?;
         let sd = checkpoint::load_path(dir)?;
         checkpoint::check_implied(&sd, &config.implied(), &cfg_path.display().to_string())?;
         let mut vs = nn::VarStore::new(device);
-        let vae = Self::new(vs.root(), config)?;
-        checkpoint::load_into(
-            &vs,
-            "",
-            &sd,
-            &dir.display().to_string(),
-            &Default::default(),
-        )?;
+        let vae = layers::uninit(|| Self::new(vs.root(), config))?;
+        checkpoint::load_into_owned(&vs, "", sd, &dir.display().to_string(), &Default::default())?;
         vs.freeze();
         Ok((vs, vae))
     }

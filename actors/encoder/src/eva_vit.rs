@@ -9,10 +9,11 @@
 //! `forward(x, return_all_features=True)`: every token after the last block, no final norm.
 
 use lavit_plugin_api::{Backbone, PluginError, PluginResult};
+use lavit_runtime::layers;
 use lavit_runtime::shape::dims;
 use lavit_runtime::{checkpoint, Error, Result, TchContext};
 use std::path::Path;
-use tch::{nn, nn::Module, Device, Tensor};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use crate::layers::{linear, mlp_hidden, LayerNorm, Mlp};
 
@@ -79,7 +80,7 @@ impl EvaVitConfig {
 /// `PatchEmbed`: a stride-`patch_size` convolution.
 #[derive(Debug)]
 pub struct PatchEmbed {
-    pub proj: nn::Conv2D,
+    pub proj: layers::Conv2d,
     img_size: i64,
 }
 
@@ -90,7 +91,7 @@ impl PatchEmbed {
             ..Default::default()
         };
         Self {
-            proj: nn::conv2d(
+            proj: layers::conv2d(
                 &vs / "proj",
                 cfg.in_chans,
                 cfg.embed_dim,
@@ -131,8 +132,8 @@ impl Attention {
         let head_dim = dim / num_heads;
         Self {
             qkv: linear(&vs / "qkv", dim, 3 * dim, false),
-            q_bias: vs.zeros("q_bias", &[dim]),
-            v_bias: vs.zeros("v_bias", &[dim]),
+            q_bias: layers::zeros(&vs, "q_bias", &[dim]),
+            v_bias: layers::zeros(&vs, "v_bias", &[dim]),
             proj: linear(&vs / "proj", dim, dim, true),
             num_heads,
             scale: (head_dim as f64).powf(-0.5),
@@ -210,7 +211,8 @@ impl EVAVisionTransformer {
             .collect();
         Self {
             patch_embed: PatchEmbed::new(&vs / "patch_embed", cfg),
-            cls_token: vs.var(
+            cls_token: layers::var(
+                &vs,
                 "cls_token",
                 &[1, 1, d],
                 nn::Init::Randn {
@@ -218,7 +220,8 @@ impl EVAVisionTransformer {
                     stdev: 0.02,
                 },
             ),
-            pos_embed: vs.var(
+            pos_embed: layers::var(
+                &vs,
                 "pos_embed",
                 &[1, cfg.num_patches() + 1, d],
                 nn::Init::Randn {
@@ -273,20 +276,24 @@ impl EvaBackbone {
         Self { vs, model }
     }
 
-    /// Build and load `eva_vitg_psz14.bin` (or any file/format the runtime loader reads),
-    /// strictly: every key of the file must be a variable of the model and vice versa.
-    pub fn load(path: &Path, cfg: &EvaVitConfig, device: Device) -> Result<Self> {
-        let mut me = Self::new(cfg, device);
+    /// Build in `kind` and load `eva_vitg_psz14.bin` (or any file/format the runtime
+    /// loader reads), strictly: every key of the file must be a variable of the model and
+    /// vice versa. The model takes the file's tensors where they already are `kind`
+    /// (views of the file, no copy); it is never drawn at random first.
+    pub fn load(path: &Path, cfg: &EvaVitConfig, device: Device, kind: Kind) -> Result<Self> {
         let sd = checkpoint::load_path(path)?;
-        checkpoint::load_into(
-            &me.vs,
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(kind);
+        let model = layers::uninit(|| EVAVisionTransformer::new(vs.root(), cfg));
+        checkpoint::load_into_owned(
+            &vs,
             "",
-            &sd,
+            sd,
             &path.display().to_string(),
             &Default::default(),
         )?;
-        me.vs.freeze();
-        Ok(me)
+        vs.freeze();
+        Ok(Self { vs, model })
     }
 
     /// Patch features [B, N, C] (cls token dropped), as LaVIT's `encoder_features[:, 1:, :]`.

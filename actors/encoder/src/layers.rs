@@ -2,6 +2,7 @@
 //! the fp32 `LayerNorm` subclass (`modeling_visual_encoder.py::LayerNorm`) and the
 //! two-layer GELU `Mlp` (`fc1`, `fc2`).
 
+use lavit_runtime::layers;
 use tch::{nn, nn::Module, Kind, Tensor};
 
 /// `LayerNorm(nn.LayerNorm)` of the official code: normalises in float32 and casts back.
@@ -17,8 +18,8 @@ impl LayerNorm {
     /// Builds `weight` (ones) and `bias` (zeros) under `vs`.
     pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
         Self {
-            weight: vs.ones("weight", &[dim]),
-            bias: vs.zeros("bias", &[dim]),
+            weight: layers::ones(&vs, "weight", &[dim]),
+            bias: layers::zeros(&vs, "bias", &[dim]),
             eps,
             dim,
         }
@@ -41,7 +42,7 @@ impl Module for LayerNorm {
 
 /// `nn.Linear` with the PyTorch names (`weight` [out, in], `bias`).
 pub fn linear(vs: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> nn::Linear {
-    nn::linear(
+    layers::linear(
         vs,
         in_dim,
         out_dim,

@@ -18,14 +18,16 @@ use tch::{Device, Kind, Tensor};
 
 use crate::eva_vit::{EvaBackbone, EvaVitConfig};
 
-/// The checkpoint's EVA encoder (`visual_tokenizer/eva_vitg_psz14.*`) at the manifest's sizes.
-pub fn load_eva(dir: &Path, device: Device) -> Result<EvaBackbone> {
+/// The checkpoint's EVA encoder (`visual_tokenizer/eva_vitg_psz14.*`) at the manifest's
+/// sizes, its weights in `kind`.
+pub fn load_eva(dir: &Path, device: Device, kind: Kind) -> Result<EvaBackbone> {
     let manifest = LavitManifest::for_checkpoint(dir)?;
     let eva_path = resolve_file(dir, files::EVA)?;
     EvaBackbone::load(
         &eva_path,
         &EvaVitConfig::from_manifest(&manifest.tokenizer),
         device,
+        kind,
     )
 }
 
@@ -53,12 +55,18 @@ impl EncoderStageModel {
         })
     }
 
-    /// The checkpoint's backbone on `device`: the plugin the config names, else EVA-CLIP.
-    pub fn load(dir: &Path, device: Device, plugins: &TokenizerPlugins) -> Result<Self> {
+    /// The checkpoint's backbone on `device`: the plugin the config names, else EVA-CLIP
+    /// with its weights in `kind` (features leave in float32 either way).
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        plugins: &TokenizerPlugins,
+    ) -> Result<Self> {
         let manifest = LavitManifest::for_checkpoint(dir)?;
         let backbone = match plugins.backbone(Some(dir), device)? {
             Some(b) => b,
-            None => Box::new(load_eva(dir, device)?),
+            None => Box::new(load_eva(dir, device, kind)?),
         };
         Self::new(&manifest, backbone, device)
     }

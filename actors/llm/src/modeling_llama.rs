@@ -6,6 +6,7 @@
 //! kernels on GPU). A [`KvCache`] holds per-layer keys/values for a batch of streams; each
 //! stream has its own key mask (left padding) and its own position ids.
 
+use lavit_runtime::layers;
 use std::path::Path;
 
 use lavit_runtime::checkpoint::{self, LoadOptions};
@@ -26,7 +27,7 @@ pub struct LlamaRMSNorm {
 impl LlamaRMSNorm {
     pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
         Self {
-            weight: vs.ones("weight", &[dim]),
+            weight: layers::ones(&vs, "weight", &[dim]),
             eps,
         }
     }
@@ -85,29 +86,12 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * &cos + rotate_half(x) * &sin
 }
 
-/// How a new model's weights start: drawn as PyTorch does (training from scratch), or
-/// uninitialised memory when a checkpoint replaces every one of them right away (loading:
-/// drawing 7 B random numbers on a CPU takes longer than reading the file, and untouched
-/// memory is never resident, so the model does not exist twice while it loads).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightInit {
-    Random,
-    Uninit,
-}
-
-fn linear(vs: nn::Path, i: i64, o: i64, bias: bool, init: WeightInit) -> nn::Linear {
-    if init == WeightInit::Uninit {
-        let opts = (vs.kind(), vs.device());
-        return nn::Linear {
-            ws: vs.add("weight", Tensor::empty([o, i], opts), true),
-            bs: bias.then(|| vs.add("bias", Tensor::empty([o], opts), true)),
-        };
-    }
+fn linear(vs: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
     let c = nn::LinearConfig {
         bias,
         ..Default::default()
     };
-    nn::linear(vs, i, o, c)
+    layers::linear(vs, i, o, c)
 }
 
 /// `embed_tokens`: the (vocab, hidden) table looked up by token id.
@@ -117,24 +101,13 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    fn new(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
-        let dims = [cfg.vocab_size, cfg.hidden_size];
-        let ws = match init {
-            // as `nn::embedding` draws it
-            WeightInit::Random => vs.var(
-                "weight",
-                &dims,
-                nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 1.0,
-                },
-            ),
-            WeightInit::Uninit => vs.add(
-                "weight",
-                Tensor::empty(dims, (vs.kind(), vs.device())),
-                true,
-            ),
+    fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+        // as `nn::embedding` draws it
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
         };
+        let ws = layers::var(&vs, "weight", &[cfg.vocab_size, cfg.hidden_size], init);
         Embedding { ws }
     }
 }
@@ -159,10 +132,6 @@ pub struct LlamaAttention {
 
 impl LlamaAttention {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
-        Self::with_init(vs, cfg, WeightInit::Random)
-    }
-
-    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         let (h, hd, nh, nkv) = (
             cfg.hidden_size,
             cfg.head_dim(),
@@ -171,10 +140,10 @@ impl LlamaAttention {
         );
         let b = cfg.attention_bias;
         Self {
-            q_proj: linear(&vs / "q_proj", h, nh * hd, b, init),
-            k_proj: linear(&vs / "k_proj", h, nkv * hd, b, init),
-            v_proj: linear(&vs / "v_proj", h, nkv * hd, b, init),
-            o_proj: linear(&vs / "o_proj", nh * hd, h, b, init),
+            q_proj: linear(&vs / "q_proj", h, nh * hd, b),
+            k_proj: linear(&vs / "k_proj", h, nkv * hd, b),
+            v_proj: linear(&vs / "v_proj", h, nkv * hd, b),
+            o_proj: linear(&vs / "o_proj", nh * hd, h, b),
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
@@ -248,15 +217,11 @@ pub struct LlamaMLP {
 
 impl LlamaMLP {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
-        Self::with_init(vs, cfg, WeightInit::Random)
-    }
-
-    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Self {
-            gate_proj: linear(&vs / "gate_proj", h, i, b, init),
-            up_proj: linear(&vs / "up_proj", h, i, b, init),
-            down_proj: linear(&vs / "down_proj", i, h, b, init),
+            gate_proj: linear(&vs / "gate_proj", h, i, b),
+            up_proj: linear(&vs / "up_proj", h, i, b),
+            down_proj: linear(&vs / "down_proj", i, h, b),
         }
     }
 }
@@ -279,13 +244,9 @@ pub struct LlamaDecoderLayer {
 
 impl LlamaDecoderLayer {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
-        Self::with_init(vs, cfg, WeightInit::Random)
-    }
-
-    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         Self {
-            self_attn: LlamaAttention::with_init(&vs / "self_attn", cfg, init),
-            mlp: LlamaMLP::with_init(&vs / "mlp", cfg, init),
+            self_attn: LlamaAttention::new(&vs / "self_attn", cfg),
+            mlp: LlamaMLP::new(&vs / "mlp", cfg),
             input_layernorm: LlamaRMSNorm::new(
                 &vs / "input_layernorm",
                 cfg.hidden_size,
@@ -370,15 +331,11 @@ pub struct LlamaModel {
 
 impl LlamaModel {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
-        Self::with_init(vs, cfg, WeightInit::Random)
-    }
-
-    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
         let layers_vs = &vs / "layers";
         Self {
-            embed_tokens: Embedding::new(&vs / "embed_tokens", cfg, init),
+            embed_tokens: Embedding::new(&vs / "embed_tokens", cfg),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| LlamaDecoderLayer::with_init(&layers_vs / i, cfg, init))
+                .map(|i| LlamaDecoderLayer::new(&layers_vs / i, cfg))
                 .collect(),
             norm: LlamaRMSNorm::new(&vs / "norm", cfg.hidden_size, cfg.rms_norm_eps),
             rotary_emb: LlamaRotaryEmbedding::new(cfg, vs.device()),
@@ -411,20 +368,9 @@ pub struct LlamaForCausalLM {
 
 impl LlamaForCausalLM {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
-        Self::with_init(vs, cfg, WeightInit::Random)
-    }
-
-    pub fn with_init(vs: nn::Path, cfg: &LlamaConfig, init: WeightInit) -> Self {
-        let model = LlamaModel::with_init(&vs / "model", cfg, init);
-        let lm_head = (!cfg.tie_word_embeddings).then(|| {
-            linear(
-                &vs / "lm_head",
-                cfg.hidden_size,
-                cfg.vocab_size,
-                false,
-                init,
-            )
-        });
+        let model = LlamaModel::new(&vs / "model", cfg);
+        let lm_head = (!cfg.tie_word_embeddings)
+            .then(|| linear(&vs / "lm_head", cfg.hidden_size, cfg.vocab_size, false));
         Self {
             model,
             lm_head,
@@ -488,7 +434,7 @@ impl LlamaForCausalLM {
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
         // Uninitialised, not random draws: the strict load below replaces every variable.
-        let model = Self::with_init(vs.root(), &cfg, WeightInit::Uninit);
+        let model = layers::uninit(|| Self::new(vs.root(), &cfg));
         let opts = LoadOptions {
             allow_unexpected: if cfg.tie_word_embeddings {
                 vec!["lm_head.weight".into()]

@@ -1,6 +1,7 @@
 //! `encode_task_layer = nn.Sequential(Linear(C, C), Tanh(), Linear(C, code_dim))`
 //! (reference `LaVIT/models/modeling_visual_tokenzier.py::DynamicVisualTokenizer`).
 
+use lavit_runtime::layers;
 use tch::{nn, nn::Module, Tensor};
 
 #[derive(Debug)]
@@ -14,8 +15,8 @@ pub struct EncodeTaskLayer {
 impl EncodeTaskLayer {
     pub fn new(vs: nn::Path, dim: i64, code_dim: i64) -> Self {
         Self {
-            l0: nn::linear(&vs / 0, dim, dim, Default::default()),
-            l2: nn::linear(&vs / 2, dim, code_dim, Default::default()),
+            l0: layers::linear(&vs / 0, dim, dim, Default::default()),
+            l2: layers::linear(&vs / 2, dim, code_dim, Default::default()),
         }
     }
 }

@@ -118,9 +118,9 @@ impl QuantizerStageModel {
         sd: &StateDict,
         source: &str,
     ) -> Result<Self> {
-        let mut me = Self::new(manifest, device, codebook)?;
+        let mut me = lavit_runtime::layers::uninit(|| Self::new(manifest, device, codebook))?;
         let mine = layout::subset(sd, &["encode_task_layer."]);
-        checkpoint::load_into(&me.vs, "", &mine, source, &Default::default())?;
+        checkpoint::load_into_owned(&me.vs, "", mine, source, &Default::default())?;
         me.vs.freeze();
         Ok(me)
     }

@@ -7,6 +7,7 @@
 //! BEiT v2's normalised EMA quantiser), so the codebook is not trained by the optimiser.
 
 use lavit_plugin_api::{Codebook, PluginError, PluginResult, QuantizeOut};
+use lavit_runtime::layers;
 use lavit_runtime::{checkpoint, checkpoint::StateDict, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{nn, Device, Kind, Tensor};
@@ -73,7 +74,8 @@ impl VectorQuantizer {
     /// A random l2-normalised codebook (`CodebookEmbedding.__init__`).
     pub fn new(n_embed: i64, dim: i64, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
-        let weight = (&vs.root() / "embedding").var(
+        let weight = layers::var(
+            &(&vs.root() / "embedding"),
             "weight",
             &[n_embed, dim],
             nn::Init::Randn {

@@ -6,6 +6,7 @@
 //! projector's optimiser state and its checkpoint part. The Llm stage writes them into its
 //! input embeddings; one backward crosses both stages.
 
+use lavit_runtime::layers;
 use lavit_runtime::messages::{train_keys, StepControl, StepReport, TrainBatch, TrainParts};
 use lavit_runtime::stage::{SelectorMergerStage, StageError, StageKind, StageResult, Trainable};
 use lavit_runtime::train::{
@@ -33,7 +34,7 @@ impl ProjectorStage {
     /// `device` (libtorch's default initialisation; load or initialise it afterwards).
     pub fn new(c: i64, hidden: i64, device: tch::Device) -> Self {
         let vs = nn::VarStore::new(device);
-        let vit_proj = nn::linear(vs.root() / "vit_proj", c, hidden, Default::default());
+        let vit_proj = layers::linear(vs.root() / "vit_proj", c, hidden, Default::default());
         ProjectorStage {
             vs,
             vit_proj,

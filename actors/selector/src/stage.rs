@@ -10,6 +10,7 @@
 //! [`selector_loss`]: the per-image kept ratio (with a KL anchor on the keep probabilities, so
 //! a collapsing image is pulled back) and the confidence term.
 
+use lavit_runtime::layers;
 use std::path::Path;
 
 use lavit_runtime::checkpoint::{self, StateDict};
@@ -51,14 +52,19 @@ pub struct UnderstandingHead {
 impl UnderstandingHead {
     /// Random weights at the sizes of `manifest` (names as in `visual_weight.bin`).
     pub fn new(manifest: &LavitManifest, device: Device) -> Self {
+        Self::new_in(manifest, device, Kind::Float)
+    }
+
+    fn new_in(manifest: &LavitManifest, device: Device, kind: Kind) -> Self {
         let t = &manifest.tokenizer;
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(kind);
         let root = vs.root();
         let causal_encoder = TokenMerger::new(
             &root / "causal_encoder",
             &TokenMergerConfig::from_manifest(t),
         );
-        let vit_proj = nn::linear(
+        let vit_proj = layers::linear(
             &root / "vit_proj",
             t.encoder_width,
             t.llm_hidden,
@@ -71,14 +77,14 @@ impl UnderstandingHead {
         }
     }
 
-    /// `visual_weight.*` (`causal_encoder.*`, `vit_proj.*`), strictly, frozen.
-    pub fn load(manifest: &LavitManifest, path: &Path, device: Device) -> Result<Self> {
-        let mut head = Self::new(manifest, device);
+    /// `visual_weight.*` (`causal_encoder.*`, `vit_proj.*`) in `kind`, strictly, frozen.
+    pub fn load(manifest: &LavitManifest, path: &Path, device: Device, kind: Kind) -> Result<Self> {
         let sd = checkpoint::load_path(path)?;
-        checkpoint::load_into(
+        let mut head = layers::uninit(|| Self::new_in(manifest, device, kind));
+        checkpoint::load_into_owned(
             &head.vs,
             "",
-            &sd,
+            sd,
             &path.display().to_string(),
             &Default::default(),
         )?;
@@ -162,8 +168,13 @@ pub struct SelectorMergerStageModel {
 impl SelectorMergerStageModel {
     /// Random weights at the sizes of `manifest`.
     pub fn new(manifest: &LavitManifest, device: Device) -> Self {
+        Self::new_in(manifest, device, Kind::Float)
+    }
+
+    fn new_in(manifest: &LavitManifest, device: Device, kind: Kind) -> Self {
         let t = &manifest.tokenizer;
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(kind);
         let root = vs.root();
         let c = t.encoder_width;
         let token_predictor = TokenPredictor::new(&root / "token_predictor", c);
@@ -171,7 +182,7 @@ impl SelectorMergerStageModel {
             &root / "causal_encoder",
             &TokenMergerConfig::from_manifest(t),
         );
-        let vit_proj = nn::linear(&root / "vit_proj", c, t.llm_hidden, Default::default());
+        let vit_proj = layers::linear(&root / "vit_proj", c, t.llm_hidden, Default::default());
         Self {
             vs,
             token_predictor,
@@ -185,20 +196,22 @@ impl SelectorMergerStageModel {
     }
 
     /// This stage's keys of a `tokenizer_encoder` state dict (`source` names it in errors),
-    /// strictly and frozen, plus `language_model/visual_weight` when `dir` has it.
+    /// strictly and frozen, plus `language_model/visual_weight` when `dir` has it, with
+    /// its weights in `kind` (features come and go in float32 either way).
     pub fn load_state(
         dir: &Path,
         manifest: &LavitManifest,
         device: Device,
+        kind: Kind,
         sd: &StateDict,
         source: &str,
     ) -> Result<Self> {
-        let mut me = Self::new(manifest, device);
+        let mut me = layers::uninit(|| Self::new_in(manifest, device, kind));
         let mine = layout::subset(sd, &layout::SELECTOR_MERGER_PREFIXES);
-        checkpoint::load_into(&me.vs, "", &mine, source, &Default::default())?;
+        checkpoint::load_into_owned(&me.vs, "", mine, source, &Default::default())?;
         me.vs.freeze();
         if let Ok(path) = resolve_file(dir, files::VISUAL_WEIGHT) {
-            me.understanding = Some(UnderstandingHead::load(manifest, &path, device)?);
+            me.understanding = Some(UnderstandingHead::load(manifest, &path, device, kind)?);
         }
         Ok(me)
     }
@@ -232,7 +245,7 @@ impl SelectorMergerStageModel {
         row0: i64,
     ) -> (Tensor, Tensor) {
         let (b, n) = (features.size()[0], features.size()[1]);
-        let policy = Tensor::ones([b, n, 1], (Kind::Float, features.device()));
+        let policy = Tensor::ones([b, n, 1], (features.kind(), features.device()));
         let log_probs = self.token_predictor.forward(features, &policy);
         let decisions = mode.decide_from_row(&log_probs, row0);
         (log_probs, decisions)
@@ -318,20 +331,28 @@ impl SelectorMergerStage for SelectorMergerStageModel {
     fn select_merge(&mut self, features: &Tensor) -> StageResult<(Tensor, Tensor)> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
-        let (_, decisions) = self.select(features, self.selection);
-        let merged = self.causal_encoder.forward(features, &decisions);
-        Ok((decisions, merged))
+        let features = features.to_kind(self.kind());
+        let (_, decisions) = self.select(&features, self.selection);
+        let merged = self.causal_encoder.forward(&features, &decisions);
+        Ok((decisions, merged.to_kind(Kind::Float)))
     }
     fn understanding(&mut self, features: &Tensor) -> StageResult<Vec<Tensor>> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
-        let (_, decisions) = self.select(features, self.selection);
-        Ok(self.understanding_embeds(features, &decisions))
+        let features = features.to_kind(self.kind());
+        let (_, decisions) = self.select(&features, self.selection);
+        let embeds = self.understanding_embeds(&features, &decisions);
+        Ok(embeds.iter().map(|e| e.to_kind(Kind::Float)).collect())
     }
 }
 
 impl SelectorMergerStageModel {
     fn token_predictor_width(&self) -> i64 {
         self.vit_proj.ws.size()[1]
+    }
+
+    /// The kind the weights are in (the features are cast to it on the way in).
+    fn kind(&self) -> Kind {
+        self.vit_proj.ws.kind()
     }
 }

@@ -27,7 +27,8 @@ impl AttentionPool2d {
         output_dim: i64,
     ) -> Self {
         Self {
-            positional_embedding: vs.var(
+            positional_embedding: lavit_runtime::layers::var(
+                &vs,
                 "positional_embedding",
                 &[seq_len + 1, embed_dim],
                 nn::Init::Randn {
