@@ -290,11 +290,15 @@ impl VisualTokenizer {
         self.selector.select(features, mode)
     }
 
-    /// The full forward up to the merger.
+    /// The full forward up to the merger (float32 results; the merger runs in `kind`).
     pub fn trace(&self, images: &Tensor, mode: SelectionMode) -> Result<TokenizerTrace> {
         let features = self.encoder_features(images)?;
         let (log_probs, decisions) = self.select(&features, mode);
-        let merged = self.selector.causal_encoder.forward(&features, &decisions);
+        let merged = self
+            .selector
+            .causal_encoder
+            .forward(&features.to_kind(self.kind), &decisions)
+            .to_kind(Kind::Float);
         Ok(TokenizerTrace {
             features,
             log_probs,

@@ -12,10 +12,20 @@ same computation lavit's bench (benches/stages.rs) times on the same files:
   unet_cfg_step    one U-Net step on a CFG batch of 2
   vae_decode       the VAE decoder on one latent
   tokenizer_b1     the visual tokenizer on 1 image (EVA ViT -> selector + merger -> quantizer ->
-  tokenizer_b8     visual ids), and on 8 images; scripts/dev/tokenizer_reference.py is the
+  tokenizer_b8     visual ids), and on 8 images (64 at the official size);
+                   scripts/dev/tokenizer_reference.py is the
                    PyTorch side (own nn.Modules, checked against the fixture's official outputs)
 
-    .venv/bin/python scripts/dev/bench_reference.py OUT [--threads 2] [--only tiny|mid]
+  llm_cfg_token    ms per image token with classifier-free guidance: the conditional and the
+                   unconditional stream, one token each; PyTorch runs them one after the other
+                   as the official LaVIT code does (two batch-1 forwards), lavit as one batch of 2
+
+    .venv/bin/python scripts/dev/bench_reference.py OUT [--threads 2] [--only tiny|mid|official]
+                                                        [--device cpu|cuda] [--dtype f32|bf16]
+
+`official` is LaVIT-7B-v2's sizes (LLaMA-7B with the 48,386-row vocabulary, SDXL's U-Net at
+1024 px and SD-1.5's at 512 px, SDXL's VAE at 1024 px, EVA-CLIP-G + the 12-block merger on 1 and
+64 images): for scripts/gpu-bench.sh on a GPU, in bf16. Modules are built on --device in --dtype.
 
 Writes OUT/<case>/ (weights, config, io.safetensors) and OUT/torch_ms.json (best-of-N ms).
 OUT/tokenizer_<size>/ is a LaVIT folder (manifest.json, visual_tokenizer/eva_vitg_psz14.safetensors,
@@ -36,6 +46,9 @@ LLM = {
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
     "mid": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                 num_attention_heads=8, num_key_value_heads=4, vocab_size=8192),
+    # LLaMA-2-7B with LaVIT's vocabulary
+    "official": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, vocab_size=48386),
 }
 
 UNET = {
@@ -52,6 +65,19 @@ UNET = {
                 cross_attention_dim=256, use_linear_projection=True,
                 addition_embed_type="text_time", addition_time_embed_dim=32,
                 projection_class_embeddings_input_dim=128 + 6 * 32, norm_num_groups=32),
+    # LaVIT-7B-v2's highres decoder: SDXL's U-Net at 1024 px (128 x 128 latents)
+    "official": dict(sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2,
+                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
+                                       "CrossAttnDownBlock2D"],
+                     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                     attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
+                     cross_attention_dim=2048, use_linear_projection=True,
+                     addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=1280 + 6 * 256, norm_num_groups=32),
+    # its lowres decoder: SD-1.5's U-Net at 512 px, cross-attention 768
+    "official_sd15": dict(sample_size=64, block_out_channels=[320, 640, 1280, 1280],
+                          layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+                          norm_num_groups=32),
 }
 
 VAE = {
@@ -61,6 +87,11 @@ VAE = {
     "mid": dict(block_out_channels=[64, 128, 256, 256], layers_per_block=2, latent_channels=4,
                 norm_num_groups=32, sample_size=256,
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
+    # SDXL's VAE at 1024 px
+    "official": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                     norm_num_groups=32, sample_size=1024, scaling_factor=0.13025,
+                     down_block_types=["DownEncoderBlock2D"] * 4,
+                     up_block_types=["UpDecoderBlock2D"] * 4),
 }
 
 # The visual tokenizer's manifest sections. tiny: the fixture's (tiny-lavit/manifest.json) with
@@ -89,6 +120,24 @@ TOKENIZER = {
         llm=dict(text_vocab_size=32000, image_start_id=32000, image_end_id=32001,
                  visual_token_offset=32002, vocab_size=48386, bos_id=1, eos_id=2)),
 }
+# LaVIT-7B-v2's tokenizer (the official manifest; the decoder section is unused by tokenize)
+TOKENIZER["official"] = dict(
+    tokenizer=dict(_TOK_TINY, img_size=224, encoder_width=1408, encoder_depth=40,
+                   encoder_heads=16, encoder_head_dim_out=1024, merger_depth=12, merger_heads=16,
+                   n_code=16384, code_dim=32, llm_hidden=4096),
+    feature_decoder=dict(depth=12, heads=16, embed_dim=1408, mlp_ratio=4.3637, in_chans=32,
+                         decoder_out_dim=1408, lowres_unet_proj=768, highres_unet_proj_1=768,
+                         highres_unet_proj_2=1280, highres_attnpool_heads=16, num_patches=256),
+    llm=TOKENIZER["mid"]["llm"])
+# images per tokenizer batch ("many": the throughput batch)
+TOKENIZER_BATCH = {"tiny": 8, "mid": 8, "official": 64}
+# Where and in what the modules run (main sets them from --device / --dtype).
+DEVICE, DTYPE = "cpu", torch.float32
+
+
+def sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -97,30 +146,41 @@ def best_ms(fn, runs):
     """Best of `runs` timed calls after one warm-up (the least disturbed by other processes on
     a shared machine; lavit's side takes the same statistic)."""
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times) * 1000
 
 
 def runs_for(size):
     """Timed calls per measurement (the PyTorch and lavit sides take the same count)."""
-    return 20 if size == "tiny" else 8
+    return {"tiny": 20, "mid": 8}.get(size, 5)
 
 
-def seeded_folder(make, out, name):
-    """`make()` with the weights of seed 0, saved as the folder OUT/name; returns (model, folder)."""
+def seeded_folder(make, out, name, dtype=None):
+    """`make()` with the weights of seed 0 on DEVICE in `dtype` (DTYPE), saved as the folder
+    OUT/name; returns (model, folder)."""
     torch.manual_seed(0)
-    model = make().eval()
+    with torch.device(DEVICE):
+        model = make()
+    model = model.to(dtype or DTYPE).eval()
     d = os.path.join(out, name)
     model.save_pretrained(d, safe_serialization=True)
     return model, d
 
 
 def save_io(d, tensors):
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(d, "io.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+              os.path.join(d, "io.safetensors"))
+
+
+def randn(*shape, g=None):
+    """Normal inputs, drawn on the CPU (the same on every device), in DTYPE on DEVICE."""
+    return torch.randn(*shape, generator=g).to(DEVICE, DTYPE)
 
 
 def greedy(model, ids):
@@ -128,12 +188,38 @@ def greedy(model, ids):
     out = model(ids, use_cache=True)
     past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     toks = [nxt]
+    sync()
     t0 = time.perf_counter()
     for _ in range(NEW - 1):
         out = model(nxt, past_key_values=past, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         toks.append(nxt)
+    sync()
     return torch.cat(toks, 1), time.perf_counter() - t0
+
+
+def cfg_unbatched(model, cond, uncond):
+    """Seconds for NEW - 1 image tokens with CFG run as the official code runs it: the
+    conditional and the unconditional stream each a batch-1 forward per token, one after the
+    other (the guided choice feeds both)."""
+    streams = []
+    for ids in (cond, uncond):
+        out = model(ids, use_cache=True)
+        streams.append(out)
+    nxt = streams[0].logits[:, -1].argmax(-1, keepdim=True)
+    past = [o.past_key_values for o in streams]
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(NEW - 1):
+        logits = []
+        for i in range(2):
+            o = model(nxt, past_key_values=past[i], use_cache=True)
+            past[i] = o.past_key_values
+            logits.append(o.logits[:, -1].float().log_softmax(-1))
+        guided = logits[1] + 4.0 * (logits[0] - logits[1])
+        nxt = guided.argmax(-1, keepdim=True)
+    sync()
+    return time.perf_counter() - t0
 
 
 def llm(out, size, res):
@@ -142,8 +228,8 @@ def llm(out, size, res):
                       tie_word_embeddings=False)
     model, d = seeded_folder(lambda: LlamaForCausalLM(cfg), out, f"llm_{size}")
     g = torch.Generator().manual_seed(1)
-    ids1 = torch.randint(3, cfg.vocab_size, (1, PROMPT), generator=g)
-    ids2 = torch.randint(3, cfg.vocab_size, (2, PROMPT), generator=g)
+    ids1 = torch.randint(3, cfg.vocab_size, (1, PROMPT), generator=g).to(DEVICE)
+    ids2 = torch.randint(3, cfg.vocab_size, (2, PROMPT), generator=g).to(DEVICE)
     runs = runs_for(size)
     with torch.no_grad():
         io = dict(ids_b1=ids1, ids_b2=ids2, prefill_logits=model(ids1).logits[:, -1])
@@ -152,36 +238,45 @@ def llm(out, size, res):
             io[f"tokens_{name}"] = greedy(model, ids)[0]
             secs = [greedy(model, ids)[1] for _ in range(5)]
             res[f"llm_decode_{name}_{size}"] = min(secs) * 1000 / (NEW - 1)
+        # CFG: the two rows of ids2 as the conditional and the unconditional stream
+        secs = [cfg_unbatched(model, ids2[:1], ids2[1:]) for _ in range(3)]
+        res[f"llm_cfg_token_{size}"] = min(secs) * 1000 / (NEW - 1)
     save_io(d, io)
 
 
-def unet(out, size, res):
+def unet(out, size, res, name=None):
     from diffusers import UNet2DConditionModel
-    cfg = UNET[size]
-    model, d = seeded_folder(lambda: UNet2DConditionModel(**cfg), out, f"unet_{size}")
+    name = name or size
+    cfg = UNET[name]
+    model, d = seeded_folder(lambda: UNet2DConditionModel(**cfg), out, f"unet_{name}")
     s = cfg["sample_size"]
-    x = torch.randn(2, 4, s, s)
-    t = torch.tensor(701)
-    ehs = torch.randn(2, 16, cfg["cross_attention_dim"])
+    x = randn(2, 4, s, s)
+    t = torch.tensor(701, device=DEVICE)
+    ehs = randn(2, 16, cfg["cross_attention_dim"])
     kw = dict(encoder_hidden_states=ehs)
     tensors = dict(sample=x, timestep=t.reshape(1), encoder_hidden_states=ehs)
     if cfg.get("addition_embed_type") == "text_time":
-        te = torch.randn(2, 128)
-        ids = torch.tensor([[s * 8.0, s * 8.0, 0, 0, s * 8.0, s * 8.0]] * 2)
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        te = randn(2, pooled)
+        ids = torch.tensor([[s * 8.0, s * 8.0, 0, 0, s * 8.0, s * 8.0]] * 2).to(DEVICE, DTYPE)
         kw["added_cond_kwargs"] = {"text_embeds": te, "time_ids": ids}
         tensors.update(text_embeds=te, time_ids=ids)
     with torch.no_grad():
         tensors["out"] = model(x, t, **kw).sample
-        res[f"unet_cfg_step_{size}"] = best_ms(lambda: model(x, t, **kw), runs_for(size))
+        res[f"unet_cfg_step_{name}"] = best_ms(lambda: model(x, t, **kw), runs_for(size))
     save_io(d, tensors)
+    if size == "official" and name == "official":
+        unet(out, size, res, "official_sd15")
 
 
 def vae(out, size, res):
     from diffusers import AutoencoderKL
     cfg = VAE[size]
-    model, d = seeded_folder(lambda: AutoencoderKL(**cfg), out, f"vae_{size}")
+    # float32 in any --dtype: the official pipeline upcasts the VAE (force_upcast), as lavit does
+    model, d = seeded_folder(lambda: AutoencoderKL(**cfg), out, f"vae_{size}", torch.float32)
     f = 2 ** (len(cfg["block_out_channels"]) - 1)
-    z = torch.randn(1, cfg["latent_channels"], cfg["sample_size"] // f, cfg["sample_size"] // f)
+    z = randn(1, cfg["latent_channels"], cfg["sample_size"] // f, cfg["sample_size"] // f)
+    z = z.float()
     with torch.no_grad():
         y = model.decode(z).sample
         res[f"vae_decode_{size}"] = best_ms(lambda: model.decode(z), runs_for(size))
@@ -197,7 +292,9 @@ def tokenizer(out, size, res):
     man = TOKENIZER[size]
     t = dict(man["tokenizer"])
     torch.manual_seed(0)
-    tok = ref.VisualTokenizer(t, man["llm"]["visual_token_offset"])
+    with torch.device(DEVICE):
+        tok = ref.VisualTokenizer(t, man["llm"]["visual_token_offset"])
+    tok.to(DEVICE, DTYPE)
     with torch.no_grad():
         torch.nn.init.trunc_normal_(tok.eva.cls_token, std=0.02)
         torch.nn.init.trunc_normal_(tok.eva.pos_embed, std=0.02)
@@ -207,7 +304,9 @@ def tokenizer(out, size, res):
     g = torch.Generator().manual_seed(1)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     # uniform pixels in [0, 1], CLIP-normalised (the model input lavit's processor produces)
-    images = {b: (torch.rand(b, 3, s, s, generator=g) - mean) / std for b in (1, 8)}
+    many = TOKENIZER_BATCH[size]
+    images = {b: ((torch.rand(b, 3, s, s, generator=g) - mean) / std).to(DEVICE, DTYPE)
+              for b in (1, many)}
     with torch.no_grad():
         # Random weights make the selector keep every patch (its last bias dominates the keep/drop
         # margin). Rescale its last layer, out_conv.4, on the b8 images' activations: the weight
@@ -215,8 +314,8 @@ def tokenizer(out, size, res):
         # and the bias so the threshold lies mid-way in the widest gap between sorted margins
         # within the middle fifth (40-60 % kept) -- about half the patches kept, some dropped in
         # every image, and no margin near 0. The saved file holds the rescaled layer.
-        feats = tok.eva.patch_features(images[8])
-        pol = torch.ones(*feats.shape[:2], 1)
+        feats = tok.eva.patch_features(images[many])
+        pol = torch.ones(*feats.shape[:2], 1, dtype=feats.dtype, device=feats.device)
         last = tok.enc.token_predictor.out_conv[4]
         seen = {}
         hook = last.register_forward_hook(lambda m, i, o: seen.update(h=i[0]))
@@ -237,18 +336,18 @@ def tokenizer(out, size, res):
                **man}, open(os.path.join(d, "manifest.json"), "w"), indent=1)
     eva_sd, enc_sd = tok.state_dicts()
     for name, sd in ((ref.EVA_FILE, eva_sd), (ref.ENCODER_FILE, enc_sd)):
-        save_file({k: v.contiguous() for k, v in sd.items()},
+        save_file({k: v.cpu().contiguous() for k, v in sd.items()},
                   os.path.join(d, name + ".safetensors"), metadata={"format": "pt"})
     # the folder as lavit loads it: the same modules, strictly
-    tok = ref.VisualTokenizer.from_folder(d)
+    tok = ref.VisualTokenizer.from_folder(d).to(DEVICE, DTYPE)
     runs = runs_for(size)
-    io = {"images_b1": images[1], "images_b8": images[8]}
+    io = {f"images_b{b}": images[b] for b in (1, many)}
     with torch.no_grad():
-        for b in (1, 8):
+        for b in (1, many):
             o = tok.tokenize(images[b], trace=True)
             io[f"token_ids_b{b}"], io[f"token_counts_b{b}"] = o["token_ids"], o["token_counts"]
-            if b == 8:
-                io["patch_features_b8"] = o["patch_features"]
+            if b == many:
+                io[f"patch_features_b{b}"] = o["patch_features"]
             margin = (o["log_probs"][..., 0] - o["log_probs"][..., 1]).abs().min().item()
             # how far the arg-max decisions and the nearest codes are from a tie (vs float error)
             kept = o["merged"][o["decisions"] > 0.5]
@@ -264,9 +363,15 @@ def tokenizer(out, size, res):
 
 
 def main():
+    global DEVICE, DTYPE
     out = sys.argv[1]
-    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 2
-    sizes = [sys.argv[sys.argv.index("--only") + 1]] if "--only" in sys.argv else ["tiny", "mid"]
+
+    def opt(k, default):
+        return sys.argv[sys.argv.index(k) + 1] if k in sys.argv else default
+    threads = int(opt("--threads", 2))
+    sizes = [opt("--only", None)] if "--only" in sys.argv else ["tiny", "mid"]
+    DEVICE = opt("--device", "cpu")
+    DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16}[opt("--dtype", "f32")]
     torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
     res = {}
@@ -274,7 +379,7 @@ def main():
         for stage in (llm, unet, vae, tokenizer):
             stage(out, size, res)
     for k, v in res.items():
-        print(f"torch {k} {v:.3f} ms ({threads} threads)")
+        print(f"torch {k} {v:.3f} ms ({DEVICE}, {threads} threads)")
     json.dump(res, open(os.path.join(out, "torch_ms.json"), "w"), indent=1)
 
 

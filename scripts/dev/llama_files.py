@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a LLaMA-2-7B-shaped Hugging Face folder with random bf16 weights (for load benchmarks).
 
-    .venv/bin/python scripts/dev/llama_files.py OUT [--layers 32] [--shard-gb 5]
+    .venv/bin/python scripts/dev/llama_files.py OUT [--layers 32] [--shard-gb 5] [--vocab 32000]
 
 OUT gets `config.json`, `model-0000K-of-0000N.safetensors` shards and
 `model.safetensors.index.json`, as `save_pretrained` writes them. With the default 32 layers
@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 HIDDEN, INTER, HEADS, VOCAB = 4096, 11008, 32, 32000
 
 
-def shapes(layers):
-    yield "model.embed_tokens.weight", (VOCAB, HIDDEN)
+def shapes(layers, vocab):
+    yield "model.embed_tokens.weight", (vocab, HIDDEN)
     for i in range(layers):
         p = f"model.layers.{i}."
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -31,20 +31,16 @@ def shapes(layers):
         yield p + "input_layernorm.weight", (HIDDEN,)
         yield p + "post_attention_layernorm.weight", (HIDDEN,)
     yield "model.norm.weight", (HIDDEN,)
-    yield "lm_head.weight", (VOCAB, HIDDEN)
+    yield "lm_head.weight", (vocab, HIDDEN)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--shard-gb", type=float, default=5.0)
-    a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+def write(out, layers=32, shard_gb=5.0, vocab=VOCAB):
+    """Write the folder; returns the bytes of weights written."""
+    os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
-    cap = int(a.shard_gb * 2**30)
+    cap = int(shard_gb * 2**30)
     groups, cur, size = [], [], 0
-    for name, shape in shapes(a.layers):
+    for name, shape in shapes(layers, vocab):
         n = 2 * int(torch.tensor(shape).prod())
         if cur and size + n > cap:
             groups.append(cur)
@@ -65,10 +61,10 @@ def main():
             tensors[name] = t
             weight_map[name] = fname
             total += t.numel() * 2
-        save_file(tensors, os.path.join(a.out, fname), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(out, fname), metadata={"format": "pt"})
         del tensors
         print(f"wrote {fname}", flush=True)
-    with open(os.path.join(a.out, "model.safetensors.index.json"), "w") as f:
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -77,8 +73,8 @@ def main():
         "intermediate_size": INTER,
         "num_attention_heads": HEADS,
         "num_key_value_heads": HEADS,
-        "num_hidden_layers": a.layers,
-        "vocab_size": VOCAB,
+        "num_hidden_layers": layers,
+        "vocab_size": vocab,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -88,9 +84,20 @@ def main():
         "eos_token_id": 2,
         "torch_dtype": "bfloat16",
     }
-    with open(os.path.join(a.out, "config.json"), "w") as f:
+    with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    print(f"{a.out}: {total / 1e9:.2f} GB of bf16 weights, {len(groups)} shards")
+    print(f"{out}: {total / 1e9:.2f} GB of bf16 weights, {len(groups)} shards")
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--shard-gb", type=float, default=5.0)
+    ap.add_argument("--vocab", type=int, default=VOCAB)
+    a = ap.parse_args()
+    write(a.out, a.layers, a.shard_gb, a.vocab)
 
 
 if __name__ == "__main__":

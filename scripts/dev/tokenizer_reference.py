@@ -381,13 +381,20 @@ class VisualTokenizer:
         head.load_state_dict(load_state(resolve(folder, VISUAL_WEIGHT_FILE)), strict=True)
         self.understanding = head
 
+    def to(self, device, dtype):
+        """Move both modules (the official code runs the whole tokenizer in one dtype)."""
+        self.eva.to(device, dtype)
+        self.enc.to(device, dtype)
+        return self
+
     def state_dicts(self):
         """(eva state dict, tokenizer_encoder state dict) with the official key names."""
         return self.eva.state_dict(), self.enc.state_dict()
 
     @torch.no_grad()
     def select(self, features):
-        policy = torch.ones(features.shape[0], features.shape[1], 1, dtype=features.dtype)
+        policy = torch.ones(features.shape[0], features.shape[1], 1, dtype=features.dtype,
+                            device=features.device)
         log_probs = self.enc.token_predictor(features, policy)
         return log_probs, keep_argmax(log_probs)
 

@@ -245,21 +245,25 @@ impl SelectorMergerStageModel {
         row0: i64,
     ) -> (Tensor, Tensor) {
         let (b, n) = (features.size()[0], features.size()[1]);
+        let features = features.to_kind(self.kind());
         let policy = Tensor::ones([b, n, 1], (features.kind(), features.device()));
-        let log_probs = self.token_predictor.forward(features, &policy);
+        let log_probs = self.token_predictor.forward(&features, &policy);
         let decisions = mode.decide_from_row(&log_probs, row0);
         (log_probs, decisions)
     }
 
     /// The understanding path: kept merged features through the projector → one
     /// (T_i, llm_hidden) tensor per image (the `visual_weight` merger and projector when
-    /// loaded, else this stage's own).
+    /// loaded, else this stage's own), float32 whatever the weights' kind.
     pub fn understanding_embeds(&self, features: &Tensor, decisions: &Tensor) -> Vec<Tensor> {
+        let features = features.to_kind(self.kind());
         let (merger, proj) = match &self.understanding {
             Some(u) => (&u.causal_encoder, &u.vit_proj),
             None => (&self.causal_encoder, &self.vit_proj),
         };
-        let updated = proj.forward(&merger.forward(features, decisions)); // (B, N, H)
+        let updated = proj
+            .forward(&merger.forward(&features, decisions))
+            .to_kind(Kind::Float); // (B, N, H)
         let (kept, counts) = gather_kept(&updated, decisions); // (T, H)
         let mut out = Vec::with_capacity(counts.len());
         let mut pos = 0;
@@ -331,18 +335,17 @@ impl SelectorMergerStage for SelectorMergerStageModel {
     fn select_merge(&mut self, features: &Tensor) -> StageResult<(Tensor, Tensor)> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
-        let features = features.to_kind(self.kind());
-        let (_, decisions) = self.select(&features, self.selection);
-        let merged = self.causal_encoder.forward(&features, &decisions);
+        let (_, decisions) = self.select(features, self.selection);
+        let merged = self
+            .causal_encoder
+            .forward(&features.to_kind(self.kind()), &decisions);
         Ok((decisions, merged.to_kind(Kind::Float)))
     }
     fn understanding(&mut self, features: &Tensor) -> StageResult<Vec<Tensor>> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
-        let features = features.to_kind(self.kind());
-        let (_, decisions) = self.select(&features, self.selection);
-        let embeds = self.understanding_embeds(&features, &decisions);
-        Ok(embeds.iter().map(|e| e.to_kind(Kind::Float)).collect())
+        let (_, decisions) = self.select(features, self.selection);
+        Ok(self.understanding_embeds(features, &decisions))
     }
 }
 
