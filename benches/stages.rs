@@ -19,7 +19,9 @@
 //! token, greedy with the KV cache, 1 and 2 streams), `llm_cfg_token` (ms per image token
 //! with classifier-free guidance: lavit's one batch of 2 against PyTorch's two batch-1
 //! forwards, as the official code runs it), `unet_cfg_step` (CFG batch of 2), `vae_decode`
-//! (one latent, float32). Outputs: last-position prefill logits and U-Net/VAE outputs within
+//! (one latent, float32), `generate` (text → image end to end through `Pipeline::generate`
+//! of a LaVIT folder, as `lavit serve` runs it; CPU float32 runs; the picture must match
+//! PyTorch's within 2/255 per pixel value). Outputs: last-position prefill logits and U-Net/VAE outputs within
 //! a tolerance (1e-3 in float32, 5 % of the largest reference value in bf16; the run stops
 //! otherwise); decoded tokens are compared and the share that agrees is printed (argmax ties
 //! may flip in the last bits).
@@ -310,6 +312,68 @@ fn tokenizer(c: &Ctx) {
     }
 }
 
+/// Text → image end to end: `Pipeline::generate` of OUT/lavit_<size> (the whole stage graph,
+/// as `lavit serve` runs it) with the settings PyTorch's side used (`generate.json`), greedy
+/// image tokens, the picture compared with PyTorch's.
+fn generate(c: &Ctx) {
+    use lavit::pipeline::messages::GenerateOptions;
+    use lavit::pipeline::{Pipeline, PipelineConfig};
+    let size = c.size;
+    let d = c.dir.join(format!("lavit_{size}"));
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("generate.json")).unwrap()).unwrap();
+    let num = |k: &str| {
+        p[k].as_f64()
+            .unwrap_or_else(|| panic!("generate.json: no {k}"))
+    };
+    let cfg = PipelineConfig {
+        checkpoint: Some(d.clone()),
+        ..PipelineConfig::default()
+    };
+    let pipe = Pipeline::build(&cfg).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    let side = num("side") as usize;
+    let opts = GenerateOptions {
+        steps: num("steps") as usize,
+        width: side,
+        height: side,
+        llm_guidance: num("llm_guidance"),
+        guidance: num("guidance"),
+        top_k: 1,
+        min_tokens: Some(num("tokens") as usize),
+        max_tokens: Some(num("tokens") as usize),
+        seed: num("seed") as u64,
+        ..pipe.info().generate_defaults.clone()
+    };
+    let prompt = p["prompt"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let run = || {
+        rt.block_on(pipe.generate(&prompt, opts.clone()))
+            .expect("generate")
+    };
+    let img = &run()[0];
+    let ours = Tensor::from_slice(img.as_raw())
+        .view([side as i64, side as i64, 3])
+        .permute([2, 0, 1])
+        .to_kind(Kind::Float)
+        / 255.0;
+    let io = c.io(&d);
+    let err = max_err(&ours, &io["pixels"].get(0));
+    println!("check generate_{size}: picture max|err| vs PyTorch {err:.1e}");
+    assert!(
+        err <= 2.0 / 255.0 + 1e-6,
+        "generate_{size}: the picture differs from PyTorch's by {err}"
+    );
+    let runs = num("runs") as usize;
+    let best = (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            let _ = run();
+            t0.elapsed().as_secs_f64() * 1000.0
+        })
+        .fold(f64::INFINITY, f64::min);
+    line(&format!("generate_{size}"), best, c.torch);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |k: &str| {
@@ -375,6 +439,9 @@ fn main() {
             if has(name) && (name.starts_with(only.as_str()) || only.starts_with(name)) {
                 run(&c);
             }
+        }
+        if has("lavit") && "generate".starts_with(only.as_str()) {
+            generate(&c);
         }
     }
 }

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Every stage side by side with PyTorch eager (issue 17): the same computation, the same
 # weights, the same thread count, in one run. The reference side (scripts/dev/bench_reference.py:
-# transformers' LLaMA, diffusers' U-Net and VAE) builds tiny and mid-size modules with seeded
+# transformers' LLaMA, diffusers' U-Net and VAE, the visual tokenizer and LaVIT's text -> image
+# generation in eager PyTorch of our own) builds tiny and mid-size modules with seeded
 # random weights, saves them with their inputs and outputs, and times them; then lavit's bench
 # (benches/stages.rs) loads the same folders, checks its outputs against theirs and times the
 # same calls. One line per measurement:
 #   bench NAME lavit_ms torch_ms ratio
 #   bash scripts/bench.sh [OUT] [THREADS]      (OUT: target/stage-bench, THREADS: 2; ROUNDS=2)
-# Needs the venv's torch plus transformers and diffusers (installed here if missing).
+# Needs the venv's torch plus transformers, diffusers and sentencepiece (installed here if
+# missing). On a GPU at the official sizes: scripts/gpu-bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/stage-bench}
 THREADS=${2:-2}
 PY=.venv/bin/python
-"$PY" -c 'import transformers, diffusers, safetensors' 2>/dev/null ||
+"$PY" -c 'import transformers, diffusers, safetensors, sentencepiece' 2>/dev/null ||
   .venv/bin/pip install --quiet --disable-pip-version-check \
-    "transformers==4.57.1" "diffusers==0.35.2" safetensors
+    "transformers==4.57.1" "diffusers==0.35.2" safetensors "sentencepiece==0.2.3"
 cargo bench --quiet --bench stages --no-run
 # The two sides alternate ROUNDS times (a shared machine's noise hits both alike); each side's
 # time is its best over the rounds (each round: best of 8-20 calls, decoding best of 5 runs).

@@ -815,5 +815,36 @@ fn tokenizer_stages_load_in_bf16_and_agree_with_the_reference() {
             "{kind:?} decoder: {}",
             rel_err(&out, want)
         );
+
+        // The library's tokenizer in that kind: the same selection, the understanding path.
+        let parts = LoadParts {
+            kind,
+            ..LoadParts::all()
+        };
+        let tok = VisualTokenizer::from_checkpoint(&dir, Device::Cpu, parts).unwrap();
+        let tr = tok.trace(&exp["images"], SelectionMode::Argmax).unwrap();
+        assert_eq!(tr.merged.kind(), Kind::Float);
+        let agree = tr
+            .decisions
+            .to_kind(Kind::Float)
+            .eq_tensor(&exp["keep_decisions"])
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(
+            agree >= 0.95,
+            "{kind:?} tokenizer: decisions agree on {agree}"
+        );
+        let (emb, _) = tok
+            .encode_features(&exp["images"], SelectionMode::Argmax)
+            .unwrap();
+        if agree == 1.0 {
+            let want = &exp["understanding_embeddings"];
+            assert!(
+                rel_err(&emb, want) < tol,
+                "{kind:?} understanding: {}",
+                rel_err(&emb, want)
+            );
+        }
     }
 }

@@ -16,6 +16,10 @@ same computation lavit's bench (benches/stages.rs) times on the same files:
                    scripts/dev/tokenizer_reference.py is the
                    PyTorch side (own nn.Modules, checked against the fixture's official outputs)
 
+  generate         text -> image end to end (lavit: `Pipeline::generate` of a LaVIT folder, the
+                   same path as `lavit serve`): image tokens with CFG, the highres feature
+                   decoder, DDIM steps of the U-Net with CFG, the VAE; PyTorch:
+                   scripts/dev/generate_reference.py on the same files (the pictures compared)
   llm_cfg_token    ms per image token with classifier-free guidance: the conditional and the
                    unconditional stream, one token each; PyTorch runs them one after the other
                    as the official LaVIT code does (two batch-1 forwards), lavit as one batch of 2
@@ -118,7 +122,7 @@ TOKENIZER = {
                              highres_unet_proj_2=384, highres_attnpool_heads=6, num_patches=256),
         # the official ids (visual ids 32002..32002+n_code)
         llm=dict(text_vocab_size=32000, image_start_id=32000, image_end_id=32001,
-                 visual_token_offset=32002, vocab_size=48386, bos_id=1, eos_id=2)),
+                 visual_token_offset=32002, vocab_size=32002 + 1024, bos_id=1, eos_id=2)),
 }
 # LaVIT-7B-v2's tokenizer (the official manifest; the decoder section is unused by tokenize)
 TOKENIZER["official"] = dict(
@@ -128,7 +132,7 @@ TOKENIZER["official"] = dict(
     feature_decoder=dict(depth=12, heads=16, embed_dim=1408, mlp_ratio=4.3637, in_chans=32,
                          decoder_out_dim=1408, lowres_unet_proj=768, highres_unet_proj_1=768,
                          highres_unet_proj_2=1280, highres_attnpool_heads=16, num_patches=256),
-    llm=TOKENIZER["mid"]["llm"])
+    llm=dict(TOKENIZER["mid"]["llm"], vocab_size=48386))
 # images per tokenizer batch ("many": the throughput batch)
 TOKENIZER_BATCH = {"tiny": 8, "mid": 8, "official": 64}
 # Where and in what the modules run (main sets them from --device / --dtype).
@@ -362,6 +366,91 @@ def tokenizer(out, size, res):
     save_io(d, io)
 
 
+# The LaVIT folder of `generate`: the tokenizer case's folder (manifest, codebook) plus a
+# LLaMA over the manifest's unified vocabulary, the highres feature decoder and an
+# SDXL-shaped U-Net (cross-attention proj_1 + proj_2, pooled proj_2) and VAE.
+GENERATE = {
+    "tiny": dict(tokens=16, steps=5, runs=10,
+                 unet=dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1,
+                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                           up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                           attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+                           use_linear_projection=True, addition_embed_type="text_time",
+                           addition_time_embed_dim=8, norm_num_groups=8)),
+    "mid": dict(tokens=64, steps=10, runs=3,
+                unet={k: v for k, v in UNET["mid"].items()
+                      if k not in ("cross_attention_dim", "projection_class_embeddings_input_dim")}),
+}
+PROMPT_TEXT = "a photo of a cat sitting on a chair"
+
+
+def generate(out, size, res):
+    """Text -> image end to end on OUT/lavit_<size> (needs the tokenizer case's folder)."""
+    import shutil
+    import sentencepiece
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import generate_reference as ref
+    g, man = GENERATE[size], TOKENIZER[size]
+    f, llm_man = man["feature_decoder"], man["llm"]
+    d = os.path.join(out, f"lavit_{size}")
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(os.path.join(out, f"tokenizer_{size}"), d)
+    os.remove(os.path.join(d, "io.safetensors"))
+    fixture = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures",
+                           "tiny-lavit")
+    cfg = LlamaConfig(**dict(LLM[size], vocab_size=llm_man["vocab_size"]),
+                      max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    llm, lm_dir = seeded_folder(lambda: LlamaForCausalLM(cfg), d, "language_model")
+    shutil.copy(os.path.join(fixture, "language_model", "tokenizer.model"), lm_dir)
+    torch.manual_seed(0)
+    dec = ref.HighresDecoder(f).eval()
+    torch.save(dec.state_dict(), os.path.join(d, "visual_tokenizer",
+                                              "highres_tokenizer_decoder.bin"))
+    hi = os.path.join(d, "highres_pixel_decoding")
+    ucfg = dict(g["unet"], cross_attention_dim=f["highres_unet_proj_1"] + f["highres_unet_proj_2"],
+                projection_class_embeddings_input_dim=f["highres_unet_proj_2"]
+                + 6 * g["unet"]["addition_time_embed_dim"])
+    unet_m, _ = seeded_folder(lambda: UNet2DConditionModel(**ucfg), hi, "unet")
+    vae_m, _ = seeded_folder(lambda: AutoencoderKL(**VAE[size]), hi, "vae", torch.float32)
+    os.makedirs(os.path.join(hi, "scheduler"), exist_ok=True)
+    sched_file = os.path.join(fixture, "highres_pixel_decoding", "scheduler",
+                              "scheduler_config.json")
+    shutil.copy(sched_file, os.path.join(hi, "scheduler"))
+    sched = DDIMScheduler.from_config(json.load(open(sched_file)))
+    from safetensors.torch import load_file
+    codebook = load_file(os.path.join(d, ref_file(d, "tokenizer_encoder")))[
+        "quantize.embedding.weight"]
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(lm_dir, "tokenizer.model"))
+    prompt_ids = sp.encode(PROMPT_TEXT)
+    side = ucfg["sample_size"] * 2 ** (len(VAE[size]["block_out_channels"]) - 1)
+    params = dict(prompt=PROMPT_TEXT, tokens=g["tokens"], steps=g["steps"], runs=g["runs"],
+                  llm_guidance=4.0, guidance=7.0, seed=7, side=side)
+    offset = llm_man["visual_token_offset"]
+
+    def run():
+        toks = ref.image_tokens(llm, prompt_ids, llm_man["image_start_id"],
+                                llm_man["image_end_id"], offset, llm_man["vocab_size"],
+                                g["tokens"], params["llm_guidance"])
+        codes = torch.tensor(toks) - offset
+        px = ref.pixels(dec, unet_m, vae_m, sched, codebook, codes, g["steps"],
+                        params["guidance"], params["seed"], side)
+        return toks, px
+    toks, px = run()
+    json.dump(params, open(os.path.join(d, "generate.json"), "w"), indent=1)
+    save_io(d, {"tokens": torch.tensor(toks), "pixels": px})
+    res[f"generate_{size}"] = best_ms(run, g["runs"])
+
+
+def ref_file(folder, name):
+    for ext in ("safetensors", "bin"):
+        p = os.path.join("visual_tokenizer", f"{name}.{ext}")
+        if os.path.isfile(os.path.join(folder, p)):
+            return p
+    raise FileNotFoundError(f"{folder}: no visual_tokenizer/{name}")
+
+
 def main():
     global DEVICE, DTYPE
     out = sys.argv[1]
@@ -378,6 +467,9 @@ def main():
     for size in sizes:
         for stage in (llm, unet, vae, tokenizer):
             stage(out, size, res)
+        if size in GENERATE and DEVICE == "cpu" and DTYPE == torch.float32:
+            with torch.no_grad():
+                generate(out, size, res)
     for k, v in res.items():
         print(f"torch {k} {v:.3f} ms ({DEVICE}, {threads} threads)")
     json.dump(res, open(os.path.join(out, "torch_ms.json"), "w"), indent=1)

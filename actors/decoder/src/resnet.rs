@@ -82,21 +82,36 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs).silu());
+        let mut h = self.conv1.forward(&silu_fresh(self.norm1.forward(xs)));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             h += proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1); // (B, C, 1, 1)
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(xs),
-            None => xs.shallow_clone(),
+        let mut h = self.conv2.forward(&silu_fresh(self.norm2.forward(&h)));
+        let out = match (&self.conv_shortcut, h.requires_grad()) {
+            (Some(c), _) => c.forward(xs) + h,
+            // inference: add into the conv's fresh output instead of a new tensor
+            (None, false) => {
+                h += xs;
+                h
+            }
+            (None, true) => xs + h,
         };
-        let out = shortcut + h;
         if self.output_scale_factor == 1.0 {
             out
         } else {
             out / self.output_scale_factor
         }
+    }
+}
+
+/// SiLU of a tensor nothing else holds (a norm's fresh output): in place when no gradient
+/// flows (inference saves a pass over memory), else as a new tensor (autograd needs the input).
+pub fn silu_fresh(mut x: Tensor) -> Tensor {
+    if x.requires_grad() {
+        x.silu()
+    } else {
+        let _ = x.silu_();
+        x
     }
 }
 

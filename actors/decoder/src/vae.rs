@@ -381,7 +381,7 @@ impl Encoder {
         }
         let h = self.mid_block.forward(&h);
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu())
+            .forward(&crate::resnet::silu_fresh(self.conv_norm_out.forward(&h)))
     }
 }
 
@@ -455,7 +455,7 @@ impl Decoder {
             }
         }
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu())
+            .forward(&crate::resnet::silu_fresh(self.conv_norm_out.forward(&h)))
     }
 }
 
