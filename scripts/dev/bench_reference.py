@@ -182,9 +182,9 @@ def save_io(d, tensors):
               os.path.join(d, "io.safetensors"))
 
 
-def randn(*shape, g=None):
+def randn(*shape):
     """Normal inputs, drawn on the CPU (the same on every device), in DTYPE on DEVICE."""
-    return torch.randn(*shape, generator=g).to(DEVICE, DTYPE)
+    return torch.randn(*shape).to(DEVICE, DTYPE)
 
 
 def greedy(model, ids):
@@ -392,6 +392,7 @@ def generate(out, size, res):
     from transformers import LlamaConfig, LlamaForCausalLM
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import generate_reference as ref
+    import tokenizer_reference as tref
     g, man = GENERATE[size], TOKENIZER[size]
     f, llm_man = man["feature_decoder"], man["llm"]
     d = os.path.join(out, f"lavit_{size}")
@@ -419,9 +420,7 @@ def generate(out, size, res):
                               "scheduler_config.json")
     shutil.copy(sched_file, os.path.join(hi, "scheduler"))
     sched = DDIMScheduler.from_config(json.load(open(sched_file)))
-    from safetensors.torch import load_file
-    codebook = load_file(os.path.join(d, ref_file(d, "tokenizer_encoder")))[
-        "quantize.embedding.weight"]
+    codebook = tref.load_state(tref.resolve(d, tref.ENCODER_FILE))["quantize.embedding.weight"]
     sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(lm_dir, "tokenizer.model"))
     prompt_ids = sp.encode(PROMPT_TEXT)
     side = ucfg["sample_size"] * 2 ** (len(VAE[size]["block_out_channels"]) - 1)
@@ -441,14 +440,6 @@ def generate(out, size, res):
     json.dump(params, open(os.path.join(d, "generate.json"), "w"), indent=1)
     save_io(d, {"tokens": torch.tensor(toks), "pixels": px})
     res[f"generate_{size}"] = best_ms(run, g["runs"])
-
-
-def ref_file(folder, name):
-    for ext in ("safetensors", "bin"):
-        p = os.path.join("visual_tokenizer", f"{name}.{ext}")
-        if os.path.isfile(os.path.join(folder, p)):
-            return p
-    raise FileNotFoundError(f"{folder}: no visual_tokenizer/{name}")
 
 
 def main():

@@ -10,23 +10,18 @@ actors/decoder/src/feature_decoder*.rs, actors/decoder/src/pixel_decoder.rs), wr
 independently of the official modules; the bench checks both sides give the same picture.
 """
 import math
+import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tokenizer_reference import Mlp  # noqa: E402  (the same fc1 -> GELU -> fc2)
+
 NORM_EPS = 1e-5  # FeatureDecoderConfig::norm_eps
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SelfAttention(nn.Module):

@@ -68,16 +68,8 @@ SDXL_VAE = {
 
 
 def random_state(shapes):
-    """name → random bf16 tensor of that shape (vectors: ones, as norms start)."""
-    out = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape, dtype=torch.bfloat16)
-        if len(shape) <= 1:
-            t.fill_(1.0)
-        else:
-            t.normal_(0.0, 0.02)
-        out[name] = t
-    return out
+    """name → random bf16 tensor of that shape (llama_files.random_tensor)."""
+    return {name: llama_files.random_tensor(shape) for name, shape in shapes.items()}
 
 
 def diffusers_folder(cls, config, folder, safetensors):

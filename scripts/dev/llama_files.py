@@ -34,6 +34,12 @@ def shapes(layers, vocab):
     yield "lm_head.weight", (vocab, HIDDEN)
 
 
+def random_tensor(shape):
+    """A bf16 weight: normal(0, 0.02), or ones for a vector (as norms start)."""
+    t = torch.empty(shape, dtype=torch.bfloat16)
+    return t.fill_(1.0) if len(shape) <= 1 else t.normal_(0.0, 0.02)
+
+
 def write(out, layers=32, shard_gb=5.0, vocab=VOCAB):
     """Write the folder; returns the bytes of weights written."""
     os.makedirs(out, exist_ok=True)
@@ -53,11 +59,7 @@ def write(out, layers=32, shard_gb=5.0, vocab=VOCAB):
         fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for name, shape in group:
-            t = torch.empty(shape, dtype=torch.bfloat16)
-            if len(shape) == 1:
-                t.fill_(1.0)
-            else:
-                t.normal_(0.0, 0.02)
+            t = random_tensor(shape)
             tensors[name] = t
             weight_map[name] = fname
             total += t.numel() * 2
