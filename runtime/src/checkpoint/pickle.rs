@@ -754,21 +754,31 @@ impl TorchArchive {
                 Error::ckpt(&self.path, format!("storage `{name}`: size overflows"))
             })?;
         self.spend(want, &name)?;
-        let record = self.stored_view(&name, want, t.storage.kind)?;
-        let bytes = match record {
-            Some(_) => Vec::new(),
-            None => read_record(&mut self.zip, &name, want, &self.path)?,
+        // The storage as a 1-D tensor and where it starts in its underlying storage (for a
+        // view: the whole file), from which `as_strided` counts its offset.
+        let (storage, base) = match self.stored_view(&name, want, t.storage.kind)? {
+            Some(view) => view,
+            None => {
+                let bytes = read_record(&mut self.zip, &name, want, &self.path)?;
+                if (bytes.len() as u64) < want {
+                    return Err(Error::ckpt(
+                        &self.path,
+                        format!(
+                            "storage `{name}` declares {} elements ({want} bytes) but its record holds {} bytes",
+                            t.storage.numel,
+                            bytes.len()
+                        ),
+                    ));
+                }
+                let copied = Tensor::f_from_data_size(
+                    &bytes[..want as usize],
+                    &[t.storage.numel as i64],
+                    t.storage.kind,
+                )
+                .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")))?;
+                (copied, 0)
+            }
         };
-        if record.is_none() && (bytes.len() as u64) < want {
-            return Err(Error::ckpt(
-                &self.path,
-                format!(
-                    "storage `{name}` declares {} elements ({want} bytes) but its record holds {} bytes",
-                    t.storage.numel,
-                    bytes.len()
-                ),
-            ));
-        }
         // The largest element index the view touches must lie inside the storage.
         let mut last: u64 = t.offset;
         let mut empty = false;
@@ -815,20 +825,6 @@ impl TorchArchive {
             return Tensor::f_zeros(&t.size, (t.storage.kind, tch::Device::Cpu))
                 .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")));
         }
-        // `base`: where the storage starts in the tensor's underlying storage (for a view:
-        // the whole file), from which `as_strided` counts its offset.
-        let (storage, base) = match record {
-            Some(view) => view,
-            None => (
-                Tensor::f_from_data_size(
-                    &bytes[..want as usize],
-                    &[t.storage.numel as i64],
-                    t.storage.kind,
-                )
-                .map_err(|e| Error::ckpt(&self.path, format!("`{name}`: {e}")))?,
-                0,
-            ),
-        };
         // `contiguous` of a view that already is contiguous is that view (no copy).
         let offset = base + t.offset as i64;
         storage
