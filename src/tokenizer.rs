@@ -293,12 +293,9 @@ impl VisualTokenizer {
     /// The full forward up to the merger (float32 results; the merger runs in `kind`).
     pub fn trace(&self, images: &Tensor, mode: SelectionMode) -> Result<TokenizerTrace> {
         let features = self.encoder_features(images)?;
-        let (log_probs, decisions) = self.select(&features, mode);
-        let merged = self
-            .selector
-            .causal_encoder
-            .forward(&features.to_kind(self.kind), &decisions)
-            .to_kind(Kind::Float);
+        let x = features.to_kind(self.kind);
+        let (log_probs, decisions) = self.select(&x, mode);
+        let merged = self.selector.merge(&x, &decisions);
         Ok(TokenizerTrace {
             features,
             log_probs,
@@ -359,9 +356,9 @@ impl VisualTokenizer {
         mode: SelectionMode,
     ) -> Result<(Tensor, Vec<i64>)> {
         let _g = tch::no_grad_guard();
-        let features = self.encoder_features(images)?;
-        let (_, decisions) = self.select(&features, mode);
-        let per_image = self.selector.understanding_embeds(&features, &decisions);
+        let x = self.encoder_features(images)?.to_kind(self.kind);
+        let (_, decisions) = self.select(&x, mode);
+        let per_image = self.selector.understanding_embeds(&x, &decisions);
         let counts = per_image.iter().map(|t| t.size()[0]).collect();
         Ok((Tensor::cat(&per_image, 0), counts))
     }

@@ -252,6 +252,14 @@ impl SelectorMergerStageModel {
         (log_probs, decisions)
     }
 
+    /// The merger on patch features and decisions: merged features [B, N, C], float32
+    /// whatever the weights' kind.
+    pub fn merge(&self, features: &Tensor, decisions: &Tensor) -> Tensor {
+        self.causal_encoder
+            .forward(&features.to_kind(self.kind()), decisions)
+            .to_kind(Kind::Float)
+    }
+
     /// The understanding path: kept merged features through the projector → one
     /// (T_i, llm_hidden) tensor per image (the `visual_weight` merger and projector when
     /// loaded, else this stage's own), float32 whatever the weights' kind.
@@ -335,17 +343,17 @@ impl SelectorMergerStage for SelectorMergerStageModel {
     fn select_merge(&mut self, features: &Tensor) -> StageResult<(Tensor, Tensor)> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
-        let (_, decisions) = self.select(features, self.selection);
-        let merged = self
-            .causal_encoder
-            .forward(&features.to_kind(self.kind()), &decisions);
-        Ok((decisions, merged.to_kind(Kind::Float)))
+        let x = features.to_kind(self.kind());
+        let (_, decisions) = self.select(&x, self.selection);
+        let merged = self.merge(&x, &decisions);
+        Ok((decisions, merged))
     }
     fn understanding(&mut self, features: &Tensor) -> StageResult<Vec<Tensor>> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
-        let (_, decisions) = self.select(features, self.selection);
-        Ok(self.understanding_embeds(features, &decisions))
+        let x = features.to_kind(self.kind());
+        let (_, decisions) = self.select(&x, self.selection);
+        Ok(self.understanding_embeds(&x, &decisions))
     }
 }
 
@@ -354,8 +362,9 @@ impl SelectorMergerStageModel {
         self.vit_proj.ws.size()[1]
     }
 
-    /// The kind the weights are in (the features are cast to it on the way in).
-    fn kind(&self) -> Kind {
+    /// The kind the weights are in (the features are cast to it on the way in; cast once
+    /// before [`Self::select`] and [`Self::merge`] of the same features, and theirs is free).
+    pub fn kind(&self) -> Kind {
         self.vit_proj.ws.kind()
     }
 }
