@@ -30,6 +30,11 @@ fn sd_config() -> SchedulerConfig {
     }
 }
 
+/// The fixture's pixel decoder at `res`, float32 on the CPU.
+fn fixture_decoder(res: Resolution) -> PixelDecoder {
+    PixelDecoder::load(&fixture_dir(), res, Device::Cpu, Kind::Float).unwrap()
+}
+
 #[test]
 fn alphas_cumprod_match_closed_form() {
     for schedule in ["linear", "scaled_linear"] {
@@ -264,8 +269,7 @@ fn batched_cfg_equals_two_forwards() {
 #[test]
 fn lowres_decoding_equals_two_forward_loop() {
     let _g = tch::no_grad_guard();
-    let dec =
-        PixelDecoder::load(&fixture_dir(), Resolution::Lowres, Device::Cpu, Kind::Float).unwrap();
+    let dec = fixture_decoder(Resolution::Lowres);
     tch::manual_seed(5);
     let (b, n, c) = (2, 7, dec.unet.config.cross_attention_dim);
     let hidden = Tensor::randn([b, n, c], (Kind::Float, Device::Cpu));
@@ -341,13 +345,7 @@ fn aspect_ratio_sizes_are_valid() {
     assert!(ASPECT_RATIOS.iter().any(|(n, _)| *n == "16:9"));
 
     // On the fixture decoder every offered size passes validation and decodes to that size.
-    let dec = PixelDecoder::load(
-        &fixture_dir(),
-        Resolution::Highres,
-        Device::Cpu,
-        Kind::Float,
-    )
-    .unwrap();
+    let dec = fixture_decoder(Resolution::Highres);
     let sizes = dec.aspect_ratio_sizes();
     for (_, (h, w)) in &sizes {
         dec.validate_size(*h, *w).unwrap();
@@ -378,13 +376,7 @@ fn aspect_ratio_sizes_are_valid() {
 
 #[test]
 fn seeded_decoding_is_reproducible_and_writes_png() {
-    let dec = PixelDecoder::load(
-        &fixture_dir(),
-        Resolution::Highres,
-        Device::Cpu,
-        Kind::Float,
-    )
-    .unwrap();
+    let dec = fixture_decoder(Resolution::Highres);
     tch::manual_seed(9);
     let cond = || Condition::Highres {
         prompt_embeds: Tensor::ones([2, 4, 80], (Kind::Float, Device::Cpu)),

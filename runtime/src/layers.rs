@@ -138,6 +138,26 @@ impl Module for Conv2d {
     }
 }
 
+/// A norm's `weight` and `bias` of `shape` when `affine`: uninitialised inside [`uninit`],
+/// else what `draw` (tch's own layer) made.
+fn affine_pair(
+    vs: &nn::Path,
+    shape: &[i64],
+    affine: bool,
+    draw: impl FnOnce() -> (Option<Tensor>, Option<Tensor>),
+) -> (Option<Tensor>, Option<Tensor>) {
+    if !affine {
+        (None, None)
+    } else if is_uninit() {
+        (
+            Some(empty(vs, "weight", shape, true)),
+            Some(empty(vs, "bias", shape, true)),
+        )
+    } else {
+        draw()
+    }
+}
+
 /// `nn.LayerNorm` over the trailing `normalized_shape`, as tch's `nn::LayerNorm`.
 #[derive(Debug)]
 pub struct LayerNorm {
@@ -155,17 +175,10 @@ pub fn layer_norm<'a>(
     c: nn::LayerNormConfig,
 ) -> LayerNorm {
     let vs = vs.borrow();
-    let (ws, bs) = if !c.elementwise_affine {
-        (None, None)
-    } else if is_uninit() {
-        (
-            Some(empty(vs, "weight", &normalized_shape, true)),
-            Some(empty(vs, "bias", &normalized_shape, true)),
-        )
-    } else {
+    let (ws, bs) = affine_pair(vs, &normalized_shape, c.elementwise_affine, || {
         let ln = nn::layer_norm(vs, normalized_shape.clone(), c);
         (ln.ws, ln.bs)
-    };
+    });
     LayerNorm {
         ws,
         bs,
@@ -207,17 +220,10 @@ pub fn group_norm<'a>(
     c: nn::GroupNormConfig,
 ) -> GroupNorm {
     let vs = vs.borrow();
-    let (ws, bs) = if !c.affine {
-        (None, None)
-    } else if is_uninit() {
-        (
-            Some(empty(vs, "weight", &[num_channels], true)),
-            Some(empty(vs, "bias", &[num_channels], true)),
-        )
-    } else {
+    let (ws, bs) = affine_pair(vs, &[num_channels], c.affine, || {
         let gn = nn::group_norm(vs, num_groups, num_channels, c);
         (gn.ws, gn.bs)
-    };
+    });
     GroupNorm {
         ws,
         bs,
