@@ -176,7 +176,7 @@ def keep_argmax(log_probs):
         margin = margin.masked_fill(dec > 0.5, float("-inf"))
         best = margin.topk(need_min, dim=1).indices  # (B, min), dropped patches first
         need = (need_min - counts).clamp_min(0)
-        take = (torch.arange(need_min).unsqueeze(0) < need).to(dec.dtype)
+        take = (torch.arange(need_min, device=dec.device).unsqueeze(0) < need).to(dec.dtype)
         dec = dec + torch.zeros_like(dec).scatter(1, best, take)
     return dec
 
@@ -206,9 +206,9 @@ class TokenCausalAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         attn = (q @ k.transpose(-2, -1)) * self.scale
         pol = decisions.reshape(b, 1, 1, n)
-        eye = torch.eye(n, dtype=pol.dtype).view(1, 1, n, n)
+        eye = torch.eye(n, dtype=pol.dtype, device=pol.device).view(1, 1, n, n)
         pol = pol + (1.0 - pol) * eye
-        causal = torch.ones(n, n, dtype=pol.dtype).tril().view(1, 1, n, n)
+        causal = torch.ones(n, n, dtype=pol.dtype, device=pol.device).tril().view(1, 1, n, n)
         attn = policy_softmax(attn, pol * causal)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
