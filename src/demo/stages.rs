@@ -470,6 +470,27 @@ pub fn run_stage2(
     } else {
         cfg.max_images.min(train.len())
     };
+    // The initial weights are drawn first, each on its torch RNG turn, so that stage 1b (which
+    // holds the turn for its whole run) can start while the cache below is computed: the
+    // cache draws nothing from libtorch (the Gumbel selection has its own seeded noise). The
+    // stage actors' builders then copy these values in, the same numbers as drawing there.
+    let lcfg = llm_config(&manifest, sizes);
+    let (width, hidden) = (manifest.tokenizer.encoder_width, lcfg.hidden_size);
+    let llm_init = {
+        let _turn = lavit_runtime::train::torch_rng_turn(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = LlamaForCausalLM::new(vs.root(), &lcfg);
+        vs
+    };
+    // vit_proj: libtorch's default initialisation drawn from its own seed
+    let proj_init = {
+        let _turn = lavit_runtime::train::torch_rng_turn(seed ^ 0x7072_6f6a);
+        lavit_selector::ProjectorStage::new(width, hidden, Device::Cpu).vs
+    };
+    if let Some(tx) = built {
+        // the demo's receiver may have given up waiting (its own stage failed): nothing to do
+        let _ = tx.send(());
+    }
     // Cache the frozen tokenizer's outputs once: continuous kept features (the understanding
     // input before `vit_proj`) and the discrete ids (the generation target).
     let mut samples = Vec::with_capacity(2 * n);
@@ -512,33 +533,27 @@ pub fn run_stage2(
         .map(|(c, t)| Sample::Text(sp.encode(&caption(c, t))))
         .collect();
 
-    let lcfg = llm_config(&manifest, sizes);
     // The model is built (and trained) on the Llm stage actor's thread and device.
     let (c2, m2, sp2) = (lcfg.clone(), manifest.clone(), sp.clone());
     let build: crate::train::llm::LlmModelBuilder = Box::new(move |device| {
-        let turn = lavit_runtime::train::torch_rng_turn(seed);
-        let vs = nn::VarStore::new(device);
-        let model = LlamaForCausalLM::new(vs.root(), &c2);
-        let llm = lavit_llm::LlmStageModel::from_parts(
+        let mut vs = nn::VarStore::new(device);
+        let model = lavit_runtime::layers::uninit(|| LlamaForCausalLM::new(vs.root(), &c2));
+        vs.copy(&llm_init)?;
+        Ok(lavit_llm::LlmStageModel::from_parts(
             vs,
             model,
             UnifiedVocab::from(&m2.llm),
             Box::new(sp2),
             &m2.generation,
-        );
-        drop(turn);
-        if let Some(tx) = built {
-            // the demo's receiver may have given up waiting (its own stage failed): nothing to do
-            let _ = tx.send(());
-        }
-        Ok(llm)
+        ))
     });
-    // vit_proj is built (and trained) on the SelectorMerger stage's: libtorch's default
-    // initialisation drawn from its own seed.
-    let (width, hidden) = (manifest.tokenizer.encoder_width, lcfg.hidden_size);
+    // vit_proj is built (and trained) on the SelectorMerger stage's thread and device.
     let projector: crate::train::llm::ProjectorBuilder = Box::new(move |device| {
-        let _turn = lavit_runtime::train::torch_rng_turn(seed ^ 0x7072_6f6a);
-        Ok(lavit_selector::ProjectorStage::new(width, hidden, device))
+        let mut p = lavit_runtime::layers::uninit(|| {
+            lavit_selector::ProjectorStage::new(width, hidden, device)
+        });
+        p.vs.copy(&proj_init)?;
+        Ok(p)
     });
     let tcfg = LlmTrainConfig {
         steps: cfg.steps,
