@@ -93,7 +93,10 @@ impl Ctx<'_> {
                 self.kind != Kind::Float,
                 "{what}: differs from the reference by {err} (> {tol})"
             );
-            println!("check {what}: beyond the tolerance in {:?}, reported only", self.kind);
+            println!(
+                "check {what}: beyond the tolerance in {:?}, reported only",
+                self.kind
+            );
         }
     }
 
@@ -182,7 +185,11 @@ fn llm(c: &Ctx) {
     let logits = m.forward_last(&m.embed(ids1), &ForwardArgs::default(), None);
     let err = max_err(&logits, &io["prefill_logits"]);
     let tol = c.tolerance(&io["prefill_logits"], c.kind);
-    c.agree(&format!("llm_{size} prefill logits vs transformers"), err, tol);
+    c.agree(
+        &format!("llm_{size} prefill logits vs transformers"),
+        err,
+        tol,
+    );
     let ms = c.best_ms(|| {
         let _ = m.forward_ids(ids1, &ForwardArgs::default(), None);
     });
