@@ -9,13 +9,16 @@
 #
 # On a machine without cargo (the GPU machine), carry a stripped release `lavit` and the four
 # Fashion-MNIST .gz files in a gitignored folder; the binary finds libtorch through
-# LD_LIBRARY_PATH (set here from the machine's PyTorch when `python3 -c 'import torch'` works).
+# LD_LIBRARY_PATH (set here from the project's .venv, or the machine's PyTorch).
 # Prints the CPU, the time taken and report/metrics.json's accuracies.
 set -euo pipefail
 bin=${1:?lavit binary}
 data=${2:?Fashion-MNIST folder}
 out=${3:?output folder}
-if lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null); then
+# the project's .venv (scripts/setup.sh) where it exists, else the machine's python3
+py=python3
+[ -x .venv/bin/python ] && py=.venv/bin/python
+if lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null); then
   export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2

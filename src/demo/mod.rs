@@ -386,8 +386,8 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
 
     // Stage 2 (the LLM on [image, text], [text, image] and [text]) beside stage 1b (the pixel
     // decoder on the tokenizer's reconstructions). Stage 1b draws from libtorch's generator
-    // at every step, stage 2 only while drawing its initial weights: stage 1b starts once that is done
-    // (or once stage 2 is skipped or failed, which drops the sender).
+    // at every step, stage 2 only while drawing its initial weights: stage 1b starts once
+    // that is done (or once stage 2 is skipped or failed, which drops the sender).
     let key1b = (&key1, &cfg.stage1b);
     let key2 = (&key1, &cfg.llm, &cfg.stage2);
     let (built_tx, built_rx) = std::sync::mpsc::channel::<()>();
