@@ -65,7 +65,7 @@ use lavit_runtime::stage::{DecoderStage, EncoderStage, QuantizerStage, SelectorM
 pub use lavit_runtime::train::init_weights;
 use lavit_runtime::train::{prefixed, sorted_vars, stage1_adamw, StageOptim};
 use lavit_selector::SelectorMergerStageModel;
-pub use lavit_selector::Stage1Loss;
+pub use lavit_selector::{RatioScope, Stage1Loss};
 
 /// Stage-1 configuration (`lavit train tokenizer --config FILE`, TOML). Defaults are a
 /// small CPU run.
@@ -109,6 +109,12 @@ pub struct TokenizerTrainConfig {
     /// Target kept ratio ρ and its weight λ.
     pub rho: f64,
     pub lambda: f64,
+    /// Where ρ applies: `batch` (the batch's mean kept ratio; each image keeps what its
+    /// reconstruction needs) or `image` (every image's ratio, DynamicViT's form).
+    pub ratio_scope: RatioScope,
+    /// With `ratio_scope = "batch"`: an image whose mean keep probability falls below this
+    /// is pulled back (against collapse); 0: no floor.
+    pub floor: f64,
     /// Gumbel temperature, annealed exponentially from start to end over the run.
     pub tau_start: f64,
     pub tau_end: f64,
@@ -165,6 +171,8 @@ impl Default for TokenizerTrainConfig {
             grad_clip: 1.0,
             rho: 1.0 / 3.0,
             lambda: 2.0,
+            ratio_scope: RatioScope::Batch,
+            floor: 0.1,
             tau_start: 1.0,
             tau_end: 0.3,
             beta: 0.25,
@@ -227,6 +235,9 @@ impl TokenizerTrainConfig {
         pos("save_every", self.save_every > 0)?;
         if !(0.0..=1.0).contains(&self.rho) {
             bail!("key `rho`: must be in [0, 1], got {}", self.rho);
+        }
+        if !(0.0..1.0).contains(&self.floor) {
+            bail!("key `floor`: must be in [0, 1), got {}", self.floor);
         }
         if self.steps_no_quant < 0 || self.steps_no_quant > self.steps {
             bail!(
@@ -533,6 +544,8 @@ pub fn stage1_spec(
             rho: cfg.rho,
             lambda: cfg.lambda,
             confidence_weight: cfg.confidence_weight,
+            ratio_scope: cfg.ratio_scope,
+            floor: cfg.floor,
         },
         adamw: AdamWConfig {
             weight_decay: cfg.weight_decay,
