@@ -1,9 +1,12 @@
 //! Keep/drop decisions from the selector's log-probs.
 //!
 //! The official code samples `F.gumbel_softmax(pred_score, hard=True)[:, :, 0]`; serving
-//! defaults to the deterministic arg-max (keep where log p(keep) > log p(drop)) so the same
+//! defaults to the deterministic arg-max (keep where log p(keep) ≥ log p(drop)) so the same
 //! image always gives the same tokens. Gumbel noise here comes from a seeded Rust RNG, so a
-//! seed reproduces the same decisions on any device.
+//! seed reproduces the same decisions on any device. Every choice between keep and drop, and
+//! between tied candidates, is taken as torch takes it: `torch.argmax` over [keep, drop]
+//! returns the first index of the largest value, so an exact tie keeps, and NaN counts as the
+//! largest value.
 //!
 //! Either way an image keeps at least [`MIN_KEPT`] patches ([`keep_at_least`]): a selector that
 //! scores every patch of an image below "drop" would otherwise hand the merger, the LLM and
@@ -15,18 +18,21 @@ use tch::{Kind, Tensor};
 /// How keep/drop decisions are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum SelectionMode {
-    /// keep where log p(keep) > log p(drop).
+    /// keep where `torch.argmax([log p(keep), log p(drop)]) == 0`: log p(keep) ≥ log p(drop).
     #[default]
     Argmax,
     /// Gumbel-softmax hard sample (temperature `tau`) with noise from `seed`.
     Gumbel { seed: u64, tau: f64 },
 }
 
-/// log-probs [B, N, 2] → decisions [B, N] in {0., 1.} (1 = keep), no gradient.
+/// log-probs [B, N, 2] → decisions [B, N] in {0., 1.} (1 = keep), no gradient: keep where
+/// `torch.argmax` over [keep, drop] picks keep — log p(keep) ≥ log p(drop) (an exact tie
+/// keeps, the first index), and a NaN log p(keep) keeps while a NaN log p(drop) beside a
+/// number drops (torch's argmax takes NaN for the maximum).
 pub fn keep_argmax(log_probs: &Tensor) -> Tensor {
     log_probs
-        .select(-1, 0)
-        .gt_tensor(&log_probs.select(-1, 1))
+        .argmax(-1, false)
+        .eq(0i64)
         .to_kind(log_probs.kind())
 }
 
@@ -36,8 +42,9 @@ pub const MIN_KEPT: i64 = 1;
 
 /// Decisions [B, N] in which every image keeps at least `min` patches (clamped to N): an image
 /// that keeps fewer also keeps its best-scoring dropped patches, by the margin
-/// log p(keep) − log p(drop) of `log_probs` [B, N, 2]. The added keeps are constants; every
-/// other decision (and its straight-through gradient) is unchanged.
+/// log p(keep) − log p(drop) of `log_probs` [B, N, 2], equal margins in raster order (the
+/// first position first, as `torch.argmax` breaks ties). The added keeps are constants;
+/// every other decision (and its straight-through gradient) is unchanged.
 pub fn keep_at_least(decisions: &Tensor, log_probs: &Tensor, min: i64) -> Tensor {
     let n = decisions.size().last().copied().unwrap_or(0);
     let min = min.clamp(0, n);
@@ -51,7 +58,9 @@ pub fn keep_at_least(decisions: &Tensor, log_probs: &Tensor, min: i64) -> Tensor
     }
     let margin = (log_probs.select(-1, 0) - log_probs.select(-1, 1)).detach(); // (B, N)
     let dropped_margin = margin.masked_fill(&kept, f64::NEG_INFINITY);
-    let (_, best) = dropped_margin.topk(min, 1, true, true); // (B, min): dropped patches first
+    // A stable descending sort: the best margins first, equal margins by position.
+    let (_, order) = dropped_margin.sort_stable(true, 1, true); // (B, N)
+    let best = order.narrow(1, 0, min); // (B, min): dropped patches first
     let need = (-counts + min).clamp_min(0); // (B, 1)
     let rank = Tensor::arange(min, (Kind::Int64, decisions.device())).unsqueeze(0); // (1, min)
     let take = rank.lt_tensor(&need).to_kind(decisions.kind()); // (B, min)
@@ -88,7 +97,7 @@ pub fn gumbel_softmax_hard_from_row(logits: &Tensor, tau: f64, seed: u64, row0: 
     }
     let g = gumbel_noise(&logits.size(), &mut rng, logits.device()).to_kind(logits.kind());
     let y_soft = ((logits + g) / tau).softmax(-1, logits.kind());
-    let index = y_soft.argmax(-1, true);
+    let index = y_soft.argmax(-1, true); // `torch.max`'s first index on a tie
     let y_hard = y_soft.zeros_like().scatter_value(-1, &index, 1.0);
     &y_hard - y_soft.detach() + &y_soft
 }
@@ -119,4 +128,72 @@ pub fn kept_ratio(decisions: &Tensor) -> f64 {
         .to_kind(Kind::Double)
         .mean(Kind::Double)
         .double_value(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// log-probs [1, N, 2] from (keep, drop) pairs.
+    fn lp(pairs: &[(f32, f32)]) -> Tensor {
+        let flat: Vec<f32> = pairs.iter().flat_map(|&(k, d)| [k, d]).collect();
+        Tensor::from_slice(&flat).view([1, pairs.len() as i64, 2])
+    }
+
+    fn row(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.reshape([-1])).unwrap()
+    }
+
+    /// torch.argmax over [keep, drop]: the first index on an exact tie (keep), NaN the maximum.
+    #[test]
+    fn keep_argmax_decides_ties_and_nan_as_torch_argmax() {
+        let nan = f32::NAN;
+        let x = lp(&[
+            (-0.7, -0.7), // exact tie → keep
+            (-0.5, -0.9), // keep
+            (-0.9, -0.5), // drop
+            (0.0, -0.0),  // +0 and −0 are equal → keep
+            (nan, -0.1),  // NaN keep → keep
+            (-0.1, nan),  // NaN drop → drop
+            (nan, nan),   // both NaN → the first → keep
+        ]);
+        assert_eq!(row(&keep_argmax(&x)), vec![1., 1., 0., 1., 1., 0., 1.]);
+        // the same as libtorch's own argmax == 0, row by row
+        let torch = x.argmax(-1, false).eq(0i64).to_kind(Kind::Float);
+        assert_eq!(row(&keep_argmax(&x)), row(&torch));
+    }
+
+    /// The floor adds the best dropped patches; equal margins go in raster order.
+    #[test]
+    fn keep_at_least_breaks_margin_ties_by_position() {
+        let x = lp(&[
+            (-2.0, -0.1),
+            (-1.0, -0.2),
+            (-1.0, -0.2),
+            (-3.0, -0.1),
+            (-1.0, -0.2),
+        ]);
+        let none = Tensor::zeros([1, 5], (Kind::Float, tch::Device::Cpu));
+        assert_eq!(row(&keep_at_least(&none, &x, 1)), vec![0., 1., 0., 0., 0.]);
+        assert_eq!(row(&keep_at_least(&none, &x, 2)), vec![0., 1., 1., 0., 0.]);
+        assert_eq!(row(&keep_at_least(&none, &x, 4)), vec![1., 1., 1., 0., 1.]);
+        // every margin equal: the first positions
+        let flat = lp(&[(-1.0, -0.5); 6]);
+        let none = Tensor::zeros([1, 6], (Kind::Float, tch::Device::Cpu));
+        assert_eq!(
+            row(&keep_at_least(&none, &flat, 3)),
+            vec![1., 1., 1., 0., 0., 0.]
+        );
+    }
+
+    /// A Gumbel sample whose perturbed logits tie exactly (the log-probs are minus the noise
+    /// the seed draws, so logits + noise = 0) keeps, as `y_soft.max(-1)` takes the first index.
+    #[test]
+    fn gumbel_hard_sample_ties_keep() {
+        let (n, seed) = (16, 5);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let g = gumbel_noise(&[3, n, 2], &mut rng, tch::Device::Cpu); // (3, N, 2)
+        let hard = gumbel_softmax_hard(&g.neg(), 1.0, seed).select(-1, 0);
+        assert_eq!(row(&hard), vec![1.0; 3 * n as usize]);
+    }
 }
