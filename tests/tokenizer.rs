@@ -893,7 +893,7 @@ fn tokenizer_stages_load_in_bf16_and_agree_with_the_reference() {
         )
         .unwrap();
         assert!(sel.vs.variables().values().all(|t| t.kind() == kind));
-        let (decisions, merged) = sel.select_merge(&features).unwrap();
+        let (decisions, merged) = sel.select_merge(&features, None).unwrap();
         let agree = decisions
             .to_kind(Kind::Float)
             .eq_tensor(&exp["keep_decisions"])

@@ -28,6 +28,7 @@ TOKENIZER_DEFAULTS = dict(
     encoder_mlp_ratio=4.3637, encoder_norm_eps=1e-6, encoder_head_dim_out=1024,
     merger_depth=12, merger_heads=16, merger_mlp_ratio=4.3637, merger_qkv_bias=True,
     merger_norm_eps=1e-5, n_code=16384, code_dim=32, llm_hidden=4096, selection="argmax",
+    selection_seed=0, selection_note=None,
 )
 LLM_DEFAULTS = dict(text_vocab_size=32000, image_start_id=32000, image_end_id=32001,
                     visual_token_offset=32002, vocab_size=48386, bos_id=1, eos_id=2)

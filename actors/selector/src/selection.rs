@@ -1,17 +1,24 @@
 //! Keep/drop decisions from the selector's log-probs.
 //!
-//! The official code samples `F.gumbel_softmax(pred_score, hard=True)[:, :, 0]`; serving
-//! defaults to the deterministic arg-max (keep where log p(keep) ≥ log p(drop)) so the same
-//! image always gives the same tokens. Gumbel noise here comes from a seeded Rust RNG, so a
-//! seed reproduces the same decisions on any device. Every choice between keep and drop, and
-//! between tied candidates, is taken as torch takes it: `torch.argmax` over [keep, drop]
-//! returns the first index of the largest value, so an exact tie keeps, and NaN counts as the
-//! largest value.
+//! The official code samples `F.gumbel_softmax(pred_score, hard=True)[:, :, 0]`; a checkpoint's
+//! manifest says which of that and the deterministic arg-max it is served with
+//! (`tokenizer.selection`, `tokenizer.selection_seed`). Gumbel noise comes from a seeded Rust
+//! RNG, so a seed reproduces the same decisions on any device. Every choice between keep and
+//! drop, and between tied candidates, is taken as torch takes it: `torch.argmax` over
+//! [keep, drop] returns the first index of the largest value, so an exact tie keeps, and NaN
+//! counts as the largest value.
+//!
+//! At inference ([`SelectionMode::decide`]) an image's Gumbel noise is a function of the seed
+//! alone: every image of a batch draws the same noise rows, so its tokens do not depend on
+//! its position in the batch or on what it is batched with. Stage-1 training
+//! ([`SelectionMode::decide_from_row`]) draws distinct noise for every row of the global
+//! batch, as `F.gumbel_softmax` does.
 //!
 //! Either way an image keeps at least [`MIN_KEPT`] patches ([`keep_at_least`]): a selector that
 //! scores every patch of an image below "drop" would otherwise hand the merger, the LLM and
 //! the pixel decoder an empty sequence.
 
+use lavit_runtime::manifest::{Selection, SelectionChoice};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{Kind, Tensor};
 
@@ -23,6 +30,20 @@ pub enum SelectionMode {
     Argmax,
     /// Gumbel-softmax hard sample (temperature `tau`) with noise from `seed`.
     Gumbel { seed: u64, tau: f64 },
+}
+
+impl From<SelectionChoice> for SelectionMode {
+    /// A manifest's (or a request's) selection: arg-max, or Gumbel from its seed at τ = 1
+    /// (`F.gumbel_softmax`'s default, as the official code calls it).
+    fn from(c: SelectionChoice) -> Self {
+        match c.selection {
+            Selection::Argmax => SelectionMode::Argmax,
+            Selection::Gumbel => SelectionMode::Gumbel {
+                seed: c.seed,
+                tau: 1.0,
+            },
+        }
+    }
 }
 
 /// log-probs [B, N, 2] → decisions [B, N] in {0., 1.} (1 = keep), no gradient: keep where
@@ -82,13 +103,14 @@ pub fn gumbel_noise(shape: &[i64], rng: &mut StdRng, device: tch::Device) -> Ten
 }
 
 /// `F.gumbel_softmax(logits, tau, hard=True)` with noise from `seed`: the forward value is
-/// one-hot, the gradient that of the soft sample (straight-through). Returns [.., 2].
+/// one-hot, the gradient that of the soft sample (straight-through). Returns [.., 2]. The
+/// noise has the shape of `logits` (distinct for every row), as in stage-1 training.
 pub fn gumbel_softmax_hard(logits: &Tensor, tau: f64, seed: u64) -> Tensor {
     gumbel_softmax_hard_from_row(logits, tau, seed, 0)
 }
 
 /// [`gumbel_softmax_hard`] for rows `row0..` of a larger batch: the noise the whole batch
-/// draws for those rows (the draws of the `row0` rows before are skipped).
+/// draws for those rows (the draws of the `row0` rows before are skipped). Stage-1 training.
 pub fn gumbel_softmax_hard_from_row(logits: &Tensor, tau: f64, seed: u64, row0: i64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
     let per_row: i64 = logits.size().iter().skip(1).product();
@@ -96,21 +118,49 @@ pub fn gumbel_softmax_hard_from_row(logits: &Tensor, tau: f64, seed: u64, row0: 
         let _: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
     }
     let g = gumbel_noise(&logits.size(), &mut rng, logits.device()).to_kind(logits.kind());
+    hard_sample(logits, &g, tau)
+}
+
+/// [`gumbel_softmax_hard`] with the noise of one row, drawn from `seed` alone and added to
+/// every row of `logits` [B, ..]: an image's sample depends on its log-probs and the seed,
+/// not on its place in the batch or on the other images. Inference.
+pub fn gumbel_softmax_hard_per_image(logits: &Tensor, tau: f64, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let row = logits
+        .size()
+        .get(1..)
+        .map(<[i64]>::to_vec)
+        .unwrap_or_default();
+    let g = gumbel_noise(&row, &mut rng, logits.device()).to_kind(logits.kind()); // (N, 2)
+    hard_sample(logits, &g, tau)
+}
+
+/// softmax((logits + g) / τ), its arg-max (`torch.max`'s first index on a tie) as a one-hot
+/// forward value, the soft sample's gradient (straight-through); `g` broadcasts.
+fn hard_sample(logits: &Tensor, g: &Tensor, tau: f64) -> Tensor {
     let y_soft = ((logits + g) / tau).softmax(-1, logits.kind());
-    let index = y_soft.argmax(-1, true); // `torch.max`'s first index on a tie
+    let index = y_soft.argmax(-1, true);
     let y_hard = y_soft.zeros_like().scatter_value(-1, &index, 1.0);
     &y_hard - y_soft.detach() + &y_soft
 }
 
 impl SelectionMode {
-    /// log-probs [B, N, 2] → keep decisions [B, N] (differentiable in Gumbel mode), at
-    /// least [`MIN_KEPT`] per image.
+    /// Inference: log-probs [B, N, 2] → keep decisions [B, N] (differentiable in Gumbel
+    /// mode), at least [`MIN_KEPT`] per image. Gumbel noise as
+    /// [`gumbel_softmax_hard_per_image`] draws it: the same rows for every image, so each
+    /// image's decisions depend on the seed and its own log-probs only.
     pub fn decide(&self, log_probs: &Tensor) -> Tensor {
-        self.decide_from_row(log_probs, 0)
+        let raw = match *self {
+            SelectionMode::Argmax => keep_argmax(log_probs),
+            SelectionMode::Gumbel { seed, tau } => {
+                gumbel_softmax_hard_per_image(log_probs, tau, seed).select(-1, 0)
+            }
+        };
+        keep_at_least(&raw, log_probs, MIN_KEPT)
     }
 
-    /// [`decide`](Self::decide) for rows `row0..` of a larger batch (Gumbel noise as the
-    /// whole batch draws it for them).
+    /// Stage-1 training: [`decide`](Self::decide) for rows `row0..` of a larger batch, with
+    /// distinct Gumbel noise for every row (as the whole batch draws it for them).
     pub fn decide_from_row(&self, log_probs: &Tensor, row0: i64) -> Tensor {
         let raw = match *self {
             SelectionMode::Argmax => keep_argmax(log_probs),
@@ -192,8 +242,42 @@ mod tests {
     fn gumbel_hard_sample_ties_keep() {
         let (n, seed) = (16, 5);
         let mut rng = StdRng::seed_from_u64(seed);
+        let g = gumbel_noise(&[n, 2], &mut rng, tch::Device::Cpu); // (N, 2)
+        let x = g.neg().unsqueeze(0).repeat([3, 1, 1]); // (3, N, 2)
+        let dec = SelectionMode::Gumbel { seed, tau: 1.0 }.decide(&x);
+        assert_eq!(row(&dec), vec![1.0; 3 * n as usize]);
+        // training draws other noise for rows after the first: no tie there
+        let mut rng = StdRng::seed_from_u64(seed);
         let g = gumbel_noise(&[3, n, 2], &mut rng, tch::Device::Cpu); // (3, N, 2)
         let hard = gumbel_softmax_hard(&g.neg(), 1.0, seed).select(-1, 0);
         assert_eq!(row(&hard), vec![1.0; 3 * n as usize]);
+    }
+
+    /// At inference an image's Gumbel decisions depend on its own log-probs and the seed only:
+    /// batched with others, alone, or at another position, the same.
+    #[test]
+    fn gumbel_decisions_do_not_depend_on_the_batch() {
+        let x = (Tensor::arange(3 * 49 * 2, (Kind::Float, tch::Device::Cpu)) * 0.7)
+            .sin()
+            .view([3, 49, 2])
+            .log_softmax(-1, Kind::Float);
+        let mode = SelectionMode::Gumbel { seed: 11, tau: 1.0 };
+        let together = mode.decide(&x);
+        for i in 0..3 {
+            let alone = mode.decide(&x.narrow(0, i, 1));
+            assert!(alone.equal(&together.narrow(0, i, 1)), "image {i}");
+        }
+        let reversed = mode.decide(&x.flip([0]));
+        assert!(reversed.flip([0]).equal(&together));
+        // the same log-probs in two rows: the same decisions
+        let twice = mode.decide(&Tensor::cat(&[x.narrow(0, 0, 1), x.narrow(0, 0, 1)], 0));
+        assert!(twice.get(0).equal(&twice.get(1)));
+        // training: distinct noise per row of the global batch
+        let train =
+            mode.decide_from_row(&Tensor::cat(&[x.narrow(0, 0, 1), x.narrow(0, 0, 1)], 0), 0);
+        assert!(!train.get(0).equal(&train.get(1)));
+        // and another seed decides otherwise
+        let other = SelectionMode::Gumbel { seed: 12, tau: 1.0 }.decide(&x);
+        assert!(!other.equal(&together));
     }
 }
