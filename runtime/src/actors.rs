@@ -506,8 +506,12 @@ impl Handler<Envelope<PatchFeatures>> for SelectorMergerActor {
                         embeds: stage.understanding(&x)?,
                     }))
                 }
+                Task::Select { selection } => {
+                    let (decisions, merged) = stage.select_merge(&x, selection)?;
+                    Ok(SmOut::Merged(MergedFeatures { decisions, merged }))
+                }
                 _ => {
-                    let (decisions, merged) = stage.select_merge(&x)?;
+                    let (decisions, merged) = stage.select_merge(&x, None)?;
                     Ok(SmOut::Merged(MergedFeatures { decisions, merged }))
                 }
             }
@@ -533,7 +537,7 @@ impl Handler<Envelope<MergedFeatures>> for QuantizerActor {
         let out = self.core.run(env, |meta, b| {
             let ids = stage.quantize(&b.merged.to_device(dev), &b.decisions.to_device(dev))?;
             let keep = match meta.task {
-                Task::Select => Some(keep_masks(&b.decisions)?),
+                Task::Select { .. } => Some(keep_masks(&b.decisions)?),
                 _ => None,
             };
             Ok((ids, keep))

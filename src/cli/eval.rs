@@ -74,6 +74,15 @@ pub struct Args {
     /// Seed of the first prompt (prompt i uses seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep/drop decisions of the tokenizer: `manifest` (the checkpoint's
+    /// `tokenizer.selection`), `argmax` or `gumbel`. Default: the config's
+    /// `pipeline.selection`, else `manifest`.
+    #[arg(long, value_parser = ["manifest", "argmax", "gumbel"])]
+    pub selection: Option<String>,
+    /// Seed of the Gumbel selection noise. Default: the config's `pipeline.selection_seed`,
+    /// else the manifest's `tokenizer.selection_seed`.
+    #[arg(long)]
+    pub selection_seed: Option<u64>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
@@ -134,6 +143,12 @@ pub fn run(a: Args) -> Result<()> {
         None => PipelineConfig::default(),
     };
     cfg.checkpoint = Some(a.checkpoint.clone());
+    if let Some(s) = &a.selection {
+        cfg.selection = s.clone();
+    }
+    if let Some(seed) = a.selection_seed {
+        cfg.selection_seed = Some(seed);
+    }
     let pipe = Pipeline::build(&cfg)
         .with_context(|| format!("building the pipeline on {}", a.checkpoint.display()))?;
     let (width, height) = pipe.info().default_size;

@@ -362,6 +362,7 @@ pub async fn evaluate(pipe: &Pipeline, opts: &EvalOptions) -> Result<EvalReport>
             "caption": format!("{:?}", opts.caption),
             "generate": format!("{:?}", opts.generate),
             "limit": opts.limit,
+            "selection": pipe.info().selection,
         }),
         ..Default::default()
     };

@@ -595,13 +595,17 @@ async fn tokenize(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -
         .unwrap_or_else(|e| e.response())
 }
 
-/// `POST /v1/tokenize`: per image its visual ids and their count; with `"keep_mask": true`
-/// also the selector's keep mask over the patch grid (`keep`: 0/1 per patch in raster order,
-/// `grid`: [rows, cols]), which the playground draws.
+/// `POST /v1/tokenize`: per image its visual ids and their count, and the `selection` the
+/// decisions were taken with (`{"selection": "argmax"|"gumbel", "seed": N}`: the request's
+/// `selection` / `seed`, else the served default, the checkpoint manifest's); with
+/// `"keep_mask": true` also the selector's keep mask over the patch grid (`keep`: 0/1 per
+/// patch in raster order, `grid`: [rows, cols]), which the playground draws.
 async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> Reply {
     st.authorize(&req)?;
     let r: TokenizeRequest = parse_json(&body)?;
     let keep_mask = r.keep_mask;
+    let selection = tokenize_selection(&r, st.pipe.info().selection)?;
+    let used = selection.unwrap_or(st.pipe.info().selection);
     let list = tokenize_images(r, &st.limits)?;
     let graph = st.pipe.graph();
     let ticket = graph.admit()?;
@@ -611,8 +615,8 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
         .map(|(i, b)| (format!("images[{i}]"), b))
         .collect();
     let pixels = decode_and_preprocess(&st, named).await?;
-    let task = if keep_mask {
-        Task::Select
+    let task = if keep_mask || selection.is_some() {
+        Task::Select { selection }
     } else {
         Task::Tokenize
     };
@@ -620,7 +624,13 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
     match wait_watching(&req, &mut handle).await? {
         Output::VisualIds(ids) => {
             let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
-            Ok(HttpResponse::Ok().json(json!({ "tokens": ids, "counts": counts })))
+            Ok(HttpResponse::Ok()
+                .json(json!({ "tokens": ids, "counts": counts, "selection": used })))
+        }
+        Output::Selection { ids, .. } if !keep_mask => {
+            let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
+            Ok(HttpResponse::Ok()
+                .json(json!({ "tokens": ids, "counts": counts, "selection": used })))
         }
         Output::Selection { ids, keep } => {
             let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
@@ -637,6 +647,7 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
                 .collect();
             Ok(HttpResponse::Ok().json(json!({
                 "tokens": ids, "counts": counts, "keep": keep, "grid": grid, "patches": n,
+                "selection": used,
             })))
         }
         _ => Err(ApiError::internal(

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::{ApiError, Limits};
 use crate::pipeline::ModelInfo;
+use lavit_runtime::manifest::{Selection, SelectionChoice};
 use lavit_runtime::messages::{CaptionOptions, GenerateOptions};
 
 /// POST /v1/images/generations
@@ -56,6 +57,13 @@ pub struct TokenizeRequest {
     /// Also return the selector's keep mask per image (`keep`, `grid`).
     #[serde(default)]
     pub keep_mask: bool,
+    /// Keep/drop decisions: `argmax` or `gumbel`; absent: the served default (the checkpoint
+    /// manifest's `tokenizer.selection`, unless the server's `[pipeline]` config overrides it).
+    #[serde(default)]
+    pub selection: Option<String>,
+    /// Seed of the Gumbel noise; absent: the served default's.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 /// POST /v1/chat/completions (the fields this server uses; others are ignored).
@@ -326,6 +334,31 @@ pub fn chat_plan(r: ChatRequest, lim: &Limits) -> Result<ChatPlan, ApiError> {
         stream: r.stream,
         include_usage: r.stream_options.as_ref().is_some_and(|o| o.include_usage),
     })
+}
+
+/// The selection a tokenize request asks for: `None` when it names neither `selection` nor
+/// `seed` (the SelectorMerger stage's default, `default`), else `default` with the fields it
+/// names replaced. An unknown `selection` is a 400 naming the field.
+pub fn tokenize_selection(
+    r: &TokenizeRequest,
+    default: SelectionChoice,
+) -> Result<Option<SelectionChoice>, ApiError> {
+    let selection = match r.selection.as_deref() {
+        None => default.selection,
+        Some(s) => Selection::parse(s).ok_or_else(|| {
+            ApiError::bad(format!(
+                "`selection` = {s:?} is not one of \"argmax\", \"gumbel\""
+            ))
+            .with_param("selection")
+        })?,
+    };
+    if r.selection.is_none() && r.seed.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(SelectionChoice {
+        selection,
+        seed: r.seed.unwrap_or(default.seed),
+    }))
 }
 
 /// The images of a tokenize request (1 to `max_images` base64 strings).

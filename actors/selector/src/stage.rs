@@ -15,7 +15,7 @@ use std::path::Path;
 
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::layout::{self, files, resolve_file};
-use lavit_runtime::manifest::{LavitManifest, Selection};
+use lavit_runtime::manifest::{LavitManifest, SelectionChoice};
 use lavit_runtime::messages::{train_keys, StepControl, StepReport, TrainBatch, TrainParts};
 use lavit_runtime::stage::{SelectorMergerStage, StageKind, StageResult, Trainable};
 use lavit_runtime::train::{need_train, not_trainable, sorted_vars, StageOptim};
@@ -23,14 +23,6 @@ use lavit_runtime::Result;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use crate::{SelectionMode, TokenMerger, TokenMergerConfig, TokenPredictor};
-
-/// The manifest's default selection: arg-max, or Gumbel as the official code samples.
-pub fn selection_mode(s: Selection) -> SelectionMode {
-    match s {
-        Selection::Argmax => SelectionMode::Argmax,
-        Selection::Gumbel => SelectionMode::Gumbel { seed: 0, tau: 1.0 },
-    }
-}
 
 /// Kept rows of `x` [B, N, C] in raster order → ([T, C], per-image counts).
 pub fn gather_kept(x: &Tensor, decisions: &Tensor) -> (Tensor, Vec<i64>) {
@@ -193,7 +185,7 @@ pub struct SelectorMergerStageModel {
     pub causal_encoder: TokenMerger,
     pub vit_proj: nn::Linear,
     pub understanding: Option<UnderstandingHead>,
-    /// Default selection mode (from the manifest; arg-max unless it says `gumbel`).
+    /// Default selection mode: the manifest's `selection` and `selection_seed`.
     pub selection: SelectionMode,
     training: Option<(StageOptim, Stage1Loss)>,
     train: bool,
@@ -223,7 +215,7 @@ impl SelectorMergerStageModel {
             causal_encoder,
             vit_proj,
             understanding: None,
-            selection: selection_mode(t.selection),
+            selection: SelectionMode::from(t.selection_choice()),
             training: None,
             train: false,
         }
@@ -265,25 +257,34 @@ impl SelectorMergerStageModel {
         })
     }
 
-    /// Selector on patch features: (log-probs [B, N, 2], decisions [B, N]).
+    /// Selector on patch features at inference: (log-probs [B, N, 2], decisions [B, N]),
+    /// each image's decisions a function of its own features (and the Gumbel seed) only
+    /// ([`SelectionMode::decide`]).
     pub fn select(&self, features: &Tensor, mode: SelectionMode) -> (Tensor, Tensor) {
-        self.select_from_row(features, mode, 0)
+        let log_probs = self.log_probs(features);
+        let decisions = mode.decide(&log_probs);
+        (log_probs, decisions)
     }
 
-    /// [`select`](Self::select) for rows `row0..` of a larger batch: Gumbel noise as the
-    /// whole batch draws it for those rows.
+    /// Stage-1 training: the selector on rows `row0..` of a larger batch, Gumbel noise as
+    /// the whole batch draws it for those rows ([`SelectionMode::decide_from_row`]).
     pub fn select_from_row(
         &self,
         features: &Tensor,
         mode: SelectionMode,
         row0: i64,
     ) -> (Tensor, Tensor) {
+        let log_probs = self.log_probs(features);
+        let decisions = mode.decide_from_row(&log_probs, row0);
+        (log_probs, decisions)
+    }
+
+    /// `token_predictor(features, ones)`: log-probs [B, N, 2] (index 0 = keep).
+    fn log_probs(&self, features: &Tensor) -> Tensor {
         let (b, n) = (features.size()[0], features.size()[1]);
         let features = features.to_kind(self.kind());
         let policy = Tensor::ones([b, n, 1], (features.kind(), features.device()));
-        let log_probs = self.token_predictor.forward(&features, &policy);
-        let decisions = mode.decide_from_row(&log_probs, row0);
-        (log_probs, decisions)
+        self.token_predictor.forward(&features, &policy)
     }
 
     /// The merger on patch features and decisions: merged features [B, N, C], float32
@@ -374,11 +375,16 @@ const K: StageKind = StageKind::SelectorMerger;
 const PART: &str = "selector_merger";
 
 impl SelectorMergerStage for SelectorMergerStageModel {
-    fn select_merge(&mut self, features: &Tensor) -> StageResult<(Tensor, Tensor)> {
+    fn select_merge(
+        &mut self,
+        features: &Tensor,
+        selection: Option<SelectionChoice>,
+    ) -> StageResult<(Tensor, Tensor)> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
         let x = features.to_kind(self.kind());
-        let (_, decisions) = self.select(&x, self.selection);
+        let mode = selection.map_or(self.selection, SelectionMode::from);
+        let (_, decisions) = self.select(&x, mode);
         let merged = self.merge(&x, &decisions);
         Ok((decisions, merged))
     }
