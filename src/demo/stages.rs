@@ -763,7 +763,7 @@ pub fn evaluate(
     };
     // ids and keep masks, as `/v1/tokenize` with `keep_mask` answers
     let select = |x: Tensor| -> anyhow::Result<(Vec<Vec<i64>>, Vec<Vec<u8>>)> {
-        match run(Task::Select, Input::Images(x))? {
+        match run(Task::Select { selection: None }, Input::Images(x))? {
             Output::Selection { ids, keep } => Ok((
                 ids,
                 keep.iter()
