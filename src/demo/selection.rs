@@ -182,7 +182,11 @@ pub fn keep_masks(
     for chunk in all.chunks(batch.max(1)) {
         let x = to_model_input(&split.batch_unit(chunk), size).to_device(tok.device);
         let trace = tok.trace(&x, mode)?;
-        let d = trace.decisions.gt(0.5).to_kind(Kind::Uint8).to_device(tch::Device::Cpu);
+        let d = trace
+            .decisions
+            .gt(0.5)
+            .to_kind(Kind::Uint8)
+            .to_device(tch::Device::Cpu);
         for row in 0..chunk.len() as i64 {
             out.push(Vec::<u8>::try_from(d.get(row))?);
         }
@@ -197,7 +201,10 @@ pub fn measure(tok: &VisualTokenizer, split: &Split, seed: u64) -> anyhow::Resul
         "selection figures need the 28 px photo as the tokenizer input"
     );
     let garment = split_garment(split, tok.manifest.tokenizer.patch_size as usize);
-    let argmax = figures(&keep_masks(tok, split, SelectionMode::Argmax, 250)?, &garment);
+    let argmax = figures(
+        &keep_masks(tok, split, SelectionMode::Argmax, 250)?,
+        &garment,
+    );
     let gumbel = figures(
         &keep_masks(tok, split, SelectionMode::Gumbel { seed, tau: 1.0 }, 250)?,
         &garment,
@@ -275,10 +282,7 @@ mod tests {
         let mut px = vec![0.0f32; 16];
         px[0] = 0.5; // top-left patch mean 0.125 > 0.098
         px[3] = 0.3; // top-right patch mean 0.075 < 0.098
-        assert_eq!(
-            garment_patches(&px, 4, 2),
-            vec![true, false, false, false]
-        );
+        assert_eq!(garment_patches(&px, 4, 2), vec![true, false, false, false]);
     }
 
     #[test]

@@ -96,7 +96,12 @@ impl Heads {
     }
 
     /// Reads heads saved with [`super::save_vs`].
-    pub fn load(width: i64, patch: i64, pool: Pool, path: &std::path::Path) -> anyhow::Result<Self> {
+    pub fn load(
+        width: i64,
+        patch: i64,
+        pool: Pool,
+        path: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         let mut h = Self::new(width, patch, pool);
         super::load_vs(&mut h.vs, path)?;
         Ok(h)
