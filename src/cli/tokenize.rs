@@ -14,7 +14,8 @@ pub struct Args {
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// A config file whose `[plugins]` / `[pipeline]` sections name the plugin backbone /
-    /// codebook and placement (the serving config); without it, the built-in parts.
+    /// codebook and placement (the serving config); without it, the built-in parts. The
+    /// plugins named there are native code loaded into this process, trusted like any shared library.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Sample keep/drop decisions with Gumbel-softmax (the official behaviour) instead of
