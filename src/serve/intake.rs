@@ -8,10 +8,11 @@
 //!   body limit looks at the size (a 40 KB gzip request became 1.2 GiB), so nothing here
 //!   inflates anything;
 //! - the body: a declared length over `server.body_limit_bytes` is refused at once (413);
-//!   the bytes are buffered under one server-wide budget, `server.max_buffered_body_bytes`
-//!   (503 when it is spent: many slow uploads at once cannot hold more than that), and must
-//!   all arrive within `server.body_timeout_s` (408), so a connection that sends half a body
-//!   and goes quiet holds its share for at most that long.
+//!   the bytes are buffered under one server-wide budget, `server.max_buffered_body_bytes`,
+//!   charged for each buffer's capacity — a declared length whole before reading, a chunked
+//!   body as its buffer grows — (503 when it is spent: many slow uploads at once cannot hold
+//!   more than that), and must all arrive within `server.body_timeout_s` (408), so a
+//!   connection that sends half a body and goes quiet holds its share for at most that long.
 //!
 //! Connection-level limits (count, backlog, head timeout, keep-alive) are set on the
 //! `HttpServer` in [`super::spawn`] from the same `[server]` section.
@@ -46,6 +47,37 @@ pub struct Intake {
 /// A buffered body's share of the budget; released when the request ends (it lives in the
 /// request's extensions).
 struct BodyPermit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+/// What one body holds of the budget, grown as its buffer grows.
+struct Charge<'a> {
+    intake: &'a Intake,
+    permit: Option<OwnedSemaphorePermit>,
+    /// Units held.
+    held: usize,
+}
+
+impl Charge<'_> {
+    /// Hold at least `bytes` of the budget (503 when the server's budget is spent).
+    fn cover(&mut self, bytes: usize) -> Result<(), ApiError> {
+        let need = bytes.div_ceil(UNIT);
+        if need <= self.held {
+            return Ok(());
+        }
+        let more = u32::try_from(need - self.held).map_err(|_| Intake::busy())?;
+        let got = self
+            .intake
+            .budget
+            .clone()
+            .try_acquire_many_owned(more)
+            .map_err(|_| Intake::busy())?;
+        match self.permit.as_mut() {
+            Some(p) => p.merge(got),
+            None => self.permit = Some(got),
+        }
+        self.held = need;
+        Ok(())
+    }
+}
 
 /// The body of a refusal (the JSON error object) holding the refused request's unread
 /// payload until the body is sent: actix then sees an unread payload and closes the
@@ -102,11 +134,6 @@ impl Intake {
         }
     }
 
-    /// Bytes of the body budget free now (for tests and `/metrics`).
-    pub fn free_body_bytes(&self) -> usize {
-        self.budget.available_permits() * UNIT
-    }
-
     /// Head size and `Content-Encoding`, from the head alone.
     fn check_head(&self, req: &ServiceRequest) -> Result<(), ApiError> {
         let uri = req.uri();
@@ -141,7 +168,7 @@ impl Intake {
 
     /// Read the whole body under the limits, put it back as the request's payload, and keep
     /// its share of the budget in the request until the request ends. On a refusal, the
-    /// payload is handed back with the error (see [`HeldPayload`]).
+    /// payload is handed back with the error (see [`RefusalBody`]).
     async fn buffer_body(&self, req: &mut ServiceRequest) -> Result<(), (ApiError, Payload)> {
         let mut payload = req.take_payload();
         match self.read_body(req, &mut payload).await {
@@ -174,9 +201,19 @@ impl Intake {
             req.set_payload(std::mem::replace(payload, Payload::None));
             return Ok(());
         }
-        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(64 << 10));
-        let mut permit: Option<OwnedSemaphorePermit> = None;
-        let mut held = 0usize;
+        // The budget is charged for the buffer's capacity, not only its length: a declared
+        // length is charged (and allocated) whole before anything is read, a chunked body as
+        // its buffer grows.
+        let mut budget = Charge {
+            intake: self,
+            permit: None,
+            held: 0,
+        };
+        let mut buf = BytesMut::new();
+        if let Some(n) = declared {
+            budget.cover(n)?;
+            buf = BytesMut::with_capacity(n);
+        }
         let deadline = tokio::time::Instant::now() + self.body_timeout;
         loop {
             let next = tokio::time::timeout_at(deadline, payload.next())
@@ -199,31 +236,25 @@ impl Intake {
             if total > self.body_limit {
                 return Err(self.too_large(total));
             }
-            let need = total.div_ceil(UNIT);
-            if need > held {
-                let more = u32::try_from(need - held).unwrap_or(u32::MAX);
-                let got = self
-                    .budget
-                    .clone()
-                    .try_acquire_many_owned(more)
-                    .map_err(|_| {
-                        ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "the server is receiving too many request bodies at once \
-                             (server.max_buffered_body_bytes); retry shortly",
-                        )
-                    })?;
-                match permit.as_mut() {
-                    Some(p) => p.merge(got),
-                    None => permit = Some(got),
-                }
-                held = need;
+            if total > buf.capacity() {
+                // The buffer grows (by doubling): charge what it now holds, or give it up.
+                buf.reserve(chunk.len());
+                budget.cover(buf.capacity())?;
             }
             buf.extend_from_slice(&chunk);
         }
+        let permit = budget.permit.take();
         req.extensions_mut().insert(BodyPermit(permit));
         req.set_payload(Payload::from(buf.freeze()));
         Ok(())
+    }
+
+    fn busy() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is receiving too many request bodies at once \
+             (server.max_buffered_body_bytes); retry shortly",
+        )
     }
 
     fn too_large(&self, n: usize) -> ApiError {
