@@ -340,7 +340,7 @@ fn png16(path: &Path, w: u32, h: u32) {
     chunk(&mut out, b"IHDR", &ihdr);
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
     let row: Vec<u8> = std::iter::once(0u8)
-        .chain(std::iter::repeat(0x80).take(w as usize * 8))
+        .chain(std::iter::repeat_n(0x80, w as usize * 8))
         .collect();
     for _ in 0..h {
         z.write_all(&row).unwrap();

@@ -457,7 +457,7 @@ mod tests {
 
     fn z_rows(h: usize, row_bytes: usize) -> Vec<u8> {
         let rows: Vec<u8> = (0..h)
-            .flat_map(|_| std::iter::once(0u8).chain(std::iter::repeat(0x40).take(row_bytes)))
+            .flat_map(|_| std::iter::once(0u8).chain(std::iter::repeat_n(0x40, row_bytes)))
             .collect();
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut z, &rows).unwrap();
