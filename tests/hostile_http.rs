@@ -232,14 +232,14 @@ fn slow_bodies_time_out_and_share_one_budget() {
         stalled.push(c);
     }
     std::thread::sleep(Duration::from_millis(300));
-    // A third upload finds the budget spent: 503 before its body is complete.
+    // A third upload finds the budget spent: 429 (busy) before its body is complete.
     let start = Instant::now();
     let (status, body) = exchange(
         s.addr,
         &post_head("/v1/tokenize", 256 << 10, ""),
         &vec![b' '; 200 << 10],
     );
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 429, "{body}");
     assert!(body.contains("server.max_buffered_body_bytes"), "{body}");
     assert!(start.elapsed() < Duration::from_secs(2));
     // The stalled ones are answered 408 after server.body_timeout_s …

@@ -81,7 +81,9 @@ pub enum DecodeErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{msg}")]
 pub struct DecodeError {
+    /// What class of problem (the HTTP status follows from it).
     pub kind: DecodeErrorKind,
+    /// What was wrong, for the user.
     pub msg: String,
 }
 

@@ -10,8 +10,8 @@
 //! - the body: a declared length over `server.body_limit_bytes` is refused at once (413);
 //!   the bytes are buffered under one server-wide budget, `server.max_buffered_body_bytes`,
 //!   charged for each buffer's capacity — a declared length whole before reading, a chunked
-//!   body as its buffer grows — (503 when it is spent: many slow uploads at once cannot hold
-//!   more than that), and must all arrive within `server.body_timeout_s` (408), so a
+//!   body as its buffer grows — (429 when it is spent, like a full admission queue: many slow
+//!   uploads at once cannot hold more than that), and must all arrive within `server.body_timeout_s` (408), so a
 //!   connection that sends half a body and goes quiet holds its share for at most that long.
 //!
 //! Connection-level limits (count, backlog, head timeout, keep-alive) are set on the
@@ -57,7 +57,7 @@ struct Charge<'a> {
 }
 
 impl Charge<'_> {
-    /// Hold at least `bytes` of the budget (503 when the server's budget is spent).
+    /// Hold at least `bytes` of the budget (429 when the server's budget is spent).
     fn cover(&mut self, bytes: usize) -> Result<(), ApiError> {
         let need = bytes.div_ceil(UNIT);
         if need <= self.held {
@@ -124,6 +124,7 @@ fn refusal(e: &ApiError, unread: Payload) -> HttpResponse<RefusalBody> {
 }
 
 impl Intake {
+    /// The intake of a server with limits `l` (its body budget starts whole).
     pub fn new(l: &Limits) -> Self {
         let units = (l.max_buffered_body_bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS);
         Intake {
@@ -251,8 +252,8 @@ impl Intake {
 
     fn busy() -> ApiError {
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is receiving too many request bodies at once \
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy: the server is receiving too many request bodies at once \
              (server.max_buffered_body_bytes); retry shortly",
         )
     }

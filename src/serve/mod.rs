@@ -75,7 +75,7 @@ pub struct Limits {
     /// refused (415), never inflated ([`intake`]).
     #[serde(default = "d_body")]
     pub body_limit_bytes: usize,
-    /// Bytes of request bodies the server buffers at once, over all connections (503 when
+    /// Bytes of request bodies the server buffers at once, over all connections (429 when
     /// spent); at least `body_limit_bytes`.
     #[serde(default = "d_buffered")]
     pub max_buffered_body_bytes: usize,
