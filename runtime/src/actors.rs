@@ -17,7 +17,8 @@
 //! An error returned by a forward pass, or a panic inside one (caught with `catch_unwind`), fails
 //! only the request that stage was working on, with the stage's message; the stage keeps its
 //! weights and serves the next request. A stage that panics `max_consecutive_panics` times in a
-//! row exits with [`ExitStatus::Panicked`]: the graph reports itself unhealthy
+//! row (requests refused as invalid input — [`StageError::Invalid`], a 4xx — are the request's
+//! fault: they neither count nor break the row) exits with [`ExitStatus::Panicked`]: the graph reports itself unhealthy
 //! ([`StageGraph::healthy`] false), every request that reaches that stage fails as `Closed`, and
 //! `lavit serve` drains and exits non-zero so that its supervisor restarts it.
 
@@ -211,7 +212,11 @@ impl Core {
                 Some((meta, v))
             }
             Ok(Err(e)) => {
-                self.panics_in_a_row = 0;
+                // A request the stage refused as invalid input says nothing about the
+                // stage's health: it neither counts toward nor resets the panic streak.
+                if !matches!(e, StageError::Invalid(_)) {
+                    self.panics_in_a_row = 0;
+                }
                 let e = if meta.cancel.is_cancelled() {
                     m.cancelled.fetch_add(1, Ordering::Relaxed);
                     StageError::Cancelled

@@ -18,7 +18,8 @@ pub struct Args {
     pub checkpoint: PathBuf,
     /// A config file whose `[plugins]` / `[pipeline]` sections name the plugin backbone /
     /// codebook, the placement and the selection (the serving config); without it, the
-    /// built-in parts.
+    /// built-in parts. The plugins named there are native code loaded into this process,
+    /// trusted like any shared library.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Keep/drop decisions: `manifest` (the checkpoint's `tokenizer.selection`), `argmax`

@@ -212,7 +212,7 @@ impl Stages {
         let dir = self.dir(name);
         let marker = dir.join("done.json");
         let config = serde_json::to_value(config)?;
-        if let Ok(text) = std::fs::read_to_string(&marker) {
+        if let Ok(text) = lavit_runtime::fsread::read_config(&marker) {
             match serde_json::from_str::<DoneMarker<T>>(&text) {
                 Ok(m) if m.config == config => {
                     tracing::info!(stage = name, "already done ({:.0} s), skipped", m.seconds);

@@ -145,7 +145,8 @@ pub struct TokenizerTrainConfig {
     pub placement_file: Option<PathBuf>,
     /// Plugin libraries and the backbone / codebook taken from them instead of EVA-CLIP and
     /// the built-in VQ (the same `[plugins]` section `lavit serve` and `lavit tokenize`
-    /// read). A plugin backbone replaces `encoder_dir`'s EVA.
+    /// read). A plugin backbone replaces `encoder_dir`'s EVA. Plugins are native code loaded
+    /// into this process, trusted like any shared library.
     pub plugins: PluginsConfig,
 }
 
@@ -283,25 +284,14 @@ impl TrainReport {
 }
 
 /// Read every image under `dir` (recursively, sorted). Unreadable images are skipped with a
-/// warning and counted. Returns ([M, 3, S, S], skipped).
+/// warning and counted; link loops and special files are refused by name
+/// ([`lavit_runtime::fsread::walk_files`]). Returns ([M, 3, S, S], skipped).
 pub fn load_image_folder(dir: &Path, size: i64, max_images: usize) -> Result<(Tensor, usize)> {
-    let mut paths = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))?;
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Some(ext) = p.extension().and_then(|e| e.to_str()) {
-                if ["png", "jpg", "jpeg", "bmp", "gif"].contains(&ext.to_ascii_lowercase().as_str())
-                {
-                    paths.push(p);
-                }
-            }
-        }
-    }
-    paths.sort();
+    use lavit_runtime::fsread;
+    let paths = fsread::walk_files(dir, fsread::MAX_WALK_DEPTH, |p| {
+        fsread::has_extension(p, &["png", "jpg", "jpeg", "bmp", "gif"])
+    })
+    .with_context(|| format!("data_dir {}", dir.display()))?;
     let proc = LaVITImageProcessor::new(size as u32);
     let mut images = Vec::new();
     let mut skipped = 0;
@@ -969,7 +959,7 @@ pub fn export(
 /// Arguments of `lavit train tokenizer`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Training config (TOML, keys of [`TokenizerTrainConfig`]).
+    /// Training config (TOML, keys of [`TokenizerTrainConfig`]); the plugins named there are native code loaded into this process, trusted like any shared library.
     #[arg(long)]
     pub config: PathBuf,
 }

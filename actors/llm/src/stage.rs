@@ -122,9 +122,13 @@ impl LlmStageModel {
         self.train.as_mut().ok_or_else(not_training)
     }
 
-    /// The question's text ids (none for an empty prompt: a plain caption).
-    fn question_ids(&self, prompt: &str) -> Option<Vec<i64>> {
-        (!prompt.is_empty()).then(|| self.tokenizer.encode(prompt))
+    /// The question's text ids (none for an empty prompt: a plain caption); a text the
+    /// tokenizer cannot split fails this request as invalid input.
+    fn question_ids(&self, prompt: &str) -> StageResult<Option<Vec<i64>>> {
+        if prompt.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.tokenizer.try_encode(prompt).map_err(stage_err)?))
     }
 
     /// What a caption / VQA request reads before generating: the image's embeddings between
@@ -206,7 +210,7 @@ impl LlmStage for LlmStageModel {
         on_token: &mut dyn FnMut(i64, &str) -> bool,
     ) -> StageResult<Vec<i64>> {
         let _g = tch::no_grad_guard();
-        let question = self.question_ids(prompt);
+        let question = self.question_ids(prompt)?;
         let seq = self.caption_sequence(prefix, question.as_deref())?;
         let cfg = Self::text_config(opts);
         // Stream each new id with its text piece as it is generated (one host read per
@@ -259,7 +263,7 @@ impl LlmStage for LlmStageModel {
         should_stop: ShouldStop,
     ) -> StageResult<Vec<Vec<i64>>> {
         let _g = tch::no_grad_guard();
-        let question = self.question_ids(prompt);
+        let question = self.question_ids(prompt)?;
         let seqs = prefixes
             .iter()
             .map(|p| self.caption_sequence(p, question.as_deref()))
@@ -283,7 +287,7 @@ impl LlmStage for LlmStageModel {
     fn caption_prompt_len(&mut self, prefix: &Tensor, prompt: &str) -> Option<usize> {
         // The same sequence `caption` builds (an embedding lookup, no forward pass).
         let _g = tch::no_grad_guard();
-        let question = self.question_ids(prompt);
+        let question = self.question_ids(prompt).ok()?;
         let seq = self.caption_sequence(prefix, question.as_deref()).ok()?;
         seq.size().first().map(|&l| l as usize)
     }
@@ -307,7 +311,7 @@ impl LlmStage for LlmStageModel {
             num_return_sequences: opts.n as i64,
             seed: Some(opts.seed),
         };
-        let prompt_ids = self.tokenizer.encode(prompt);
+        let prompt_ids = self.tokenizer.try_encode(prompt).map_err(stage_err)?;
         let out =
             generate_image_tokens_with(&self.model, &self.vocab, &[prompt_ids], &cfg, should_stop)
                 .map_err(stage_err)?;
