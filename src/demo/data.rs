@@ -74,7 +74,7 @@ pub const HELD_OUT_TEMPLATES: [&str; 4] = [
     "a small picture of {}",
     "a black and white image of {}",
     "picture of {}",
-    "an image of black and white {}",
+    "a small image of {}",
 ];
 
 /// A prompt as users write it, drawn by `variant` (any number: the draw is a hash of it):

@@ -122,7 +122,9 @@ pub struct TokenizerTrainConfig {
     pub beta: f64,
     /// Weight of the mean binary entropy of the selector's keep probability (not in the
     /// paper): pushes decisions to be confident so that the deterministic arg-max used for
-    /// serving keeps about as many tokens as Gumbel sampling does in training.
+    /// serving keeps about as many tokens as Gumbel sampling does in training. 0.3: on the
+    /// demo's held-out photos the arg-max and the sampled selection then keep the same patches
+    /// (kept ratio 0.340 | 0.341); at 0.05 the arg-max kept 0.203 against 0.337 sampled.
     pub confidence_weight: f64,
     /// EMA decay and dead-code threshold of the codebook.
     pub ema_decay: f64,
@@ -177,7 +179,7 @@ impl Default for TokenizerTrainConfig {
             tau_start: 1.0,
             tau_end: 0.3,
             beta: 0.25,
-            confidence_weight: 0.05,
+            confidence_weight: 0.3,
             ema_decay: 0.95,
             dead_threshold: 0.02,
             save_every: 50,
