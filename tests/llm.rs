@@ -820,7 +820,6 @@ pub(crate) mod stage2 {
 #[test]
 fn llm_stage_reproduces_the_fixture_references() {
     use lavit_runtime::messages::{CaptionOptions, GenerateOptions};
-    use lavit_runtime::stage::LlmStage;
     let dir = fixture_dir();
     let expected =
         lavit_runtime::checkpoint::load_file(&dir.join("reference/expected.safetensors")).unwrap();
