@@ -130,10 +130,10 @@ pub struct PipelineConfig {
 }
 
 fn d_in_flight() -> usize {
-    4
+    32
 }
 fn d_queue() -> usize {
-    16
+    64
 }
 fn d_panics() -> u64 {
     3

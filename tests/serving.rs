@@ -276,6 +276,13 @@ fn requests_overlap_across_stages() {
         overlaps > 0,
         "no two stages ever worked at the same time: {recs:?}"
     );
+    // The encoder batched the images of concurrent requests: some step took more than one.
+    let enc = &pipe.graph().shared().metrics[StageKind::Encoder.index()].batch_size;
+    let steps = enc.count(lavit_runtime::inflight::BATCH_BUCKETS.len());
+    assert!(
+        enc.count(0) < steps,
+        "every encoder step took one request ({steps} steps)"
+    );
     // Each stage runs one step at a time (its own thread): the requests of one step (a batch)
     // share its interval, and two steps never overlap.
     for k in [
@@ -331,6 +338,151 @@ fn cancellation_stops_the_diffusion_loop_within_one_step() {
         assert!(p1 <= p0 + 1, "ran {} steps after the cancel", p1 - p0);
         assert_eq!(g.admission().admitted(), 0, "the slot was not freed");
     });
+}
+
+/// Control messages overtake the data queued in a stage's mailbox: with the Llm's step held
+/// at a closed gate and requests queued behind it, `stats` is answered at once (the held
+/// step gives way), and the requests finish, batched, once the gate opens.
+#[test]
+fn control_messages_overtake_queued_requests() {
+    let gate = Gate::closed();
+    // Mailboxes deep enough for the six requests (the held one and five queued).
+    let mut cfg = pcfg(8, 0);
+    cfg.placement.mailbox = 8;
+    let pipe = Pipeline::mock(&MockConfig::default(), Some(gate.clone()), &cfg).unwrap();
+    let rt = rt();
+    let g = pipe.graph();
+    let gen = |i: u64| Task::Generate {
+        opts: GenerateOptions {
+            steps: 2,
+            seed: i,
+            ..Default::default()
+        },
+    };
+    rt.block_on(async {
+        let t0 = Instant::now();
+        let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what}: stages {:?}",
+                g.in_flight()
+                    .iter()
+                    .map(|e| e.current_stage())
+                    .collect::<Vec<_>>()
+            );
+            !ok()
+        };
+        // The first reaches the Llm, whose step waits at the gate (it has ticked once)...
+        let mut handles = vec![g
+            .start(g.admit().unwrap(), gen(0), Input::Prompt("p0".into()))
+            .await
+            .unwrap()];
+        let stepping = || {
+            g.in_flight().iter().any(|e| {
+                e.current_stage() == Some(StageKind::Llm)
+                    && e.progress.load(std::sync::atomic::Ordering::SeqCst) > 0
+            })
+        };
+        while wait_for("the first request never reached the Llm's step", &stepping) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // ... and the others queue behind that step in its mailbox.
+        for i in 1..6 {
+            handles.push(
+                g.start(g.admit().unwrap(), gen(i), Input::Prompt(format!("p{i}")))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let llm_slots = &g.shared().slots[StageKind::Llm.index()];
+        while wait_for("nothing queued at the Llm", &|| llm_slots.depth() >= 1) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let s = tokio::time::timeout(Duration::from_secs(5), g.stats(StageKind::Llm))
+            .await
+            .expect("stats waited behind the held step")
+            .unwrap();
+        assert!(s.held >= 1 && s.queued >= 1, "{s:?}");
+        gate.open();
+        for mut h in handles {
+            let out = tokio::time::timeout(Duration::from_secs(20), h.wait())
+                .await
+                .expect("a request hung")
+                .unwrap();
+            assert!(matches!(out, Output::Pixels { .. }));
+        }
+        // They advanced together: some Llm step held several of them.
+        let llm = &g.shared().metrics[StageKind::Llm.index()].batch_size;
+        assert!(llm.count(0) < llm.count(lavit_runtime::inflight::BATCH_BUCKETS.len()));
+    });
+}
+
+/// The Decoder denoises the images of concurrent requests in shared U-Net calls (different
+/// seeds, step counts and guidance; one joining later), and each gets the pixels it gets
+/// alone (the fixture's highres decoder, float32).
+#[test]
+fn decoder_batches_denoising_steps_and_each_request_gets_what_it_gets_alone() {
+    let dir = crate::common::fixture_dir();
+    let cfg = PipelineConfig {
+        checkpoint: Some(dir.clone()),
+        ..Default::default()
+    };
+    let (b, info) = lavit::pipeline::builders(&cfg).unwrap();
+    let mut dec = (b.decoder)(Device::Cpu).unwrap();
+    let m = lavit_runtime::manifest::LavitManifest::for_checkpoint(&dir).unwrap();
+    let (off, k) = (m.llm.visual_token_offset, m.tokenizer.n_code);
+    let (w, h) = info.default_size;
+    let req = |i: i64| {
+        let ids: Vec<Vec<i64>> = (0..1 + i % 2)
+            .map(|s| {
+                (0..5 + 3 * i + s)
+                    .map(|j| off + (j * 7 + i * 31 + s) % k)
+                    .collect()
+            })
+            .collect();
+        DecodeRequest {
+            ids,
+            opts: GenerateOptions {
+                seed: 10 + i as u64,
+                steps: [3, 5, 3, 4][i as usize],
+                guidance: [2.0, 1.0, 7.0, 2.0][i as usize],
+                width: w,
+                height: h,
+                ..Default::default()
+            },
+        }
+    };
+    let alone: Vec<Tensor> = (0..4)
+        .map(|i| {
+            run_alone(&mut *dec, req(i), &|| false)
+                .unwrap()
+                .pop()
+                .unwrap()
+        })
+        .collect();
+    let mut got: Vec<Option<Tensor>> = (0..4).map(|_| None).collect();
+    dec.join(0, req(0)).unwrap();
+    dec.join(1, req(1)).unwrap();
+    let mut most = 0;
+    let mut steps = 0;
+    while dec.held() > 0 {
+        if steps == 1 {
+            dec.join(2, req(2)).unwrap();
+            dec.join(3, req(3)).unwrap();
+        }
+        most = most.max(dec.plan().len());
+        dec.step(&|| false, &mut |key, px| got[key as usize] = Some(px))
+            .unwrap();
+        steps += 1;
+        assert!(steps < 100);
+    }
+    assert_eq!(most, 4, "the four requests never shared a step");
+    for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
+        let b = b.as_ref().unwrap();
+        assert_eq!(a.size(), b.size());
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d < 1e-4, "request {i}: batched differs from alone by {d}");
+    }
 }
 
 #[test]
@@ -697,6 +849,16 @@ fn http_endpoints_work_and_streaming_matches() {
     );
     assert!(m.contains("lavit_http_responses_total{class=\"2xx\"}"));
     assert!(m.contains("lavit_queue_depth 0"));
+    // Continuous batching: per-stage batch size, queue wait and step time, KV blocks.
+    for family in [
+        "lavit_stage_batch_size_bucket{stage=\"encoder\",le=\"1\"}",
+        "lavit_stage_queue_wait_seconds_bucket{stage=\"llm\",le=\"+Inf\"}",
+        "lavit_stage_step_seconds_sum{stage=\"decoder\"}",
+        "lavit_kv_blocks_in_use 0",
+        "lavit_kv_blocks_total",
+    ] {
+        assert!(m.contains(family), "{family}: {m}");
+    }
     s.stop();
 }
 

@@ -338,9 +338,12 @@ impl StageActor {
         let m = &self.shared.metrics[kind.index()];
         m.step_time
             .observe(&LATENCY_BUCKETS, (end - start).as_secs_f64());
-        if let Some((used, total)) = self.worker.as_ref().and_then(|w| w.kv_blocks()) {
-            m.kv_blocks_used.store(used as u64, Ordering::Relaxed);
-            m.kv_blocks_total.store(total as u64, Ordering::Relaxed);
+        if let Some(w) = self.worker.as_ref() {
+            if let Some((used, total)) = w.kv_blocks() {
+                m.kv_blocks_used.store(used as u64, Ordering::Relaxed);
+                m.kv_blocks_total.store(total as u64, Ordering::Relaxed);
+            }
+            m.tokens.store(w.tokens(), Ordering::Relaxed);
         }
         match result {
             Ok(Ok(())) => {

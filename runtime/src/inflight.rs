@@ -369,6 +369,8 @@ pub struct StageMetrics {
     /// KV cache blocks reserved by running requests, and in the pool (the Llm).
     pub kv_blocks_used: AtomicU64,
     pub kv_blocks_total: AtomicU64,
+    /// Tokens generated (the Llm: every sample, caption and beam).
+    pub tokens: AtomicU64,
 }
 
 impl StageMetrics {

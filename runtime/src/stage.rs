@@ -230,6 +230,10 @@ pub trait LlmStage: Trainable + Iterative<LlmRequest, LlmEvent> {
     fn kv_blocks(&self) -> Option<(usize, usize)> {
         None
     }
+    /// Tokens generated so far, over every request (`/metrics`).
+    fn tokens_generated(&self) -> u64 {
+        0
+    }
 }
 
 /// Feature decoder + U-Net + VAE: visual ids → pixels, the denoising steps of every

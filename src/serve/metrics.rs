@@ -342,6 +342,12 @@ fn pipeline_families(st: &AppState) -> Vec<MetricFamily> {
             vec![gauge(v as f64, &[])],
         ));
     }
+    out.push(family(
+        "lavit_llm_tokens_total",
+        "Tokens the Llm generated (every sample, caption and beam).",
+        MetricType::COUNTER,
+        vec![counter(llm.tokens.load(Ordering::Relaxed) as f64, &[])],
+    ));
     out
 }
 

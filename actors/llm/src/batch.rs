@@ -160,7 +160,6 @@ impl Group {
         seed: u64,
         min_new: i64,
         max_new: i64,
-        limits: &EngineLimits,
     ) -> Self {
         let seqs: Vec<Seq> = prompts
             .into_iter()
@@ -178,10 +177,6 @@ impl Group {
                 }
             })
             .collect();
-        let blocks_needed = seqs
-            .iter()
-            .map(|s| limits.blocks_for(s.prompt_len + max_new))
-            .sum();
         let outs = match &kind {
             GroupKind::Image { n, .. } => *n,
             GroupKind::Text { prompts, .. } => *prompts,
@@ -197,7 +192,7 @@ impl Group {
             step: 0,
             out: vec![Vec::new(); outs],
             done: vec![false; outs],
-            blocks_needed,
+            blocks_needed: 0,
             beam: None,
             scores: (0..outs).map(|_| Vec::new()).collect(),
         }
@@ -208,9 +203,12 @@ impl Group {
         self.seqs.len()
     }
 
-    /// KV blocks it reserves.
-    pub fn blocks_needed(&self) -> usize {
-        self.blocks_needed
+    /// KV blocks it reserves in an engine of `limits`.
+    pub fn blocks_needed(&self, limits: &EngineLimits) -> usize {
+        self.seqs
+            .iter()
+            .map(|s| limits.blocks_for(s.prompt_len + self.max_new))
+            .sum()
     }
 
     /// The ids generated so far, per sample / prompt.
@@ -242,6 +240,8 @@ pub struct Engine {
     running_seqs: usize,
     /// (4, V) additive biases: visual only, visual or [/IMG], text only, text but EOS.
     biases: Option<Tensor>,
+    /// Tokens picked so far (every sample, caption and beam).
+    tokens: u64,
     /// Keep every pick's scores in its group (tests of batched against alone).
     trace: bool,
     /// Finished requests kept for [`Engine::take_traced`] when tracing.
@@ -273,6 +273,7 @@ impl Engine {
             running: Vec::new(),
             running_seqs: 0,
             biases: None,
+            tokens: 0,
             trace: false,
             traced: HashMap::new(),
         }
@@ -315,6 +316,11 @@ impl Engine {
         )
     }
 
+    /// Tokens picked so far, over every request (every sample, caption and beam).
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     /// A request's group (its progress).
     pub fn group(&self, key: u64) -> Option<&Group> {
         self.groups.get(&key)
@@ -322,7 +328,8 @@ impl Engine {
 
     /// Queue a request. One that could never run (more sequences than the running set
     /// takes, more blocks than the pool has) is refused now.
-    pub fn add(&mut self, key: u64, group: Group) -> Result<()> {
+    pub fn add(&mut self, key: u64, mut group: Group) -> Result<()> {
+        group.blocks_needed = group.blocks_needed(&self.limits);
         if group.seqs.is_empty() {
             return Err(Error::invalid("a request without sequences"));
         }
@@ -594,16 +601,26 @@ impl Engine {
             .pool
             .as_ref()
             .ok_or_else(|| Error::invalid("the KV pool is not allocated"))?;
+        // Every query sees every key when each row's queries are its last t positions and
+        // all rows have tk of them: no mask for one decoding position, the causal rule for
+        // whole prompts from position 0 (a batch of one, or of equal lengths).
+        let last = |r: usize| pos[r * t as usize + t as usize - 1];
+        let full = (0..b as usize).all(|r| last(r) + 1 == tk && pos[r * t as usize] == tk - t);
+        // (SDPA's causal rule aligns the queries to the first keys: only for t == tk.)
+        let plain = full && (t == 1 || t == tk);
         let positions = self.ids(&pos, dev).view([b, t]);
-        let mask = Tensor::arange(tk, (Kind::Int64, dev))
-            .view([1, 1, 1, tk])
-            .le_tensor(&positions.view([b, 1, t, 1])); // (B, 1, T, Tk)
+        let mask = (!plain).then(|| {
+            Tensor::arange(tk, (Kind::Int64, dev))
+                .view([1, 1, 1, tk])
+                .le_tensor(&positions.view([b, 1, t, 1])) // (B, 1, T, Tk)
+        });
         let at = PagedArgs {
             positions: &positions,
             write: &self.ids(&write, dev),
             read: &self.ids(&read, dev),
             tk,
-            mask: &mask,
+            mask: mask.as_ref(),
+            causal: plain && t > 1,
         };
         model.forward_paged(embeds, pool, &at)
     }
@@ -679,6 +696,7 @@ impl Engine {
                 }
             }
         }
+        self.tokens += picked.len() as u64;
         for ((key, row), id) in rows.owners.into_iter().zip(picked) {
             self.apply(key, row, id, vocab, on_token);
         }
@@ -851,6 +869,7 @@ impl Engine {
             tokens,
         });
         g.step += 1;
+        self.tokens += s as u64;
         for (j, seq) in g.seqs.iter_mut().enumerate() {
             seq.logits = None;
             seq.next = Some(next_h[j]);

@@ -367,13 +367,7 @@ impl ImageTokenConfig {
 
     /// The engine's request for one prompt: `cond` and `uncond` (P, H) embeddings of the
     /// conditional and unconditional prompts, [IMG] included; the seed drawn when unset.
-    pub fn group(
-        &self,
-        model: &LlamaForCausalLM,
-        cond: &Tensor,
-        uncond: &Tensor,
-        limits: &EngineLimits,
-    ) -> Result<Group> {
+    pub fn group(&self, model: &LlamaForCausalLM, cond: &Tensor, uncond: &Tensor) -> Result<Group> {
         self.validate()?;
         let longest = cond.size()[0].max(uncond.size()[0]);
         check_context(model, longest, self.max_new_tokens)?;
@@ -390,7 +384,6 @@ impl ImageTokenConfig {
             self.seed.unwrap_or_else(|| SampleRng::new(None).seed()),
             self.min_new_tokens,
             self.max_new_tokens,
-            limits,
         ))
     }
 }
@@ -446,7 +439,7 @@ pub fn generate_image_tokens_with(
         let mut ids = p.clone();
         ids.push(vocab.image_start_id);
         let cond = embed(&ids)?;
-        let mut g = cfg.group(model, &cond, &uncond, &EngineLimits::unbounded())?;
+        let mut g = cfg.group(model, &cond, &uncond)?;
         g.rng_row0 = i as i64 * cfg.num_return_sequences;
         groups.push(g);
     }
@@ -470,10 +463,11 @@ fn run_groups(
     should_stop: ShouldStop,
     after_step: &mut dyn FnMut(&Engine, &[(u64, Finished)]) -> bool,
 ) -> Result<Vec<Finished>> {
+    let unbounded = EngineLimits::unbounded();
     let limits = EngineLimits {
         max_seqs: groups.iter().map(Group::seqs).sum(),
-        kv_blocks: groups.iter().map(Group::blocks_needed).sum(),
-        ..EngineLimits::unbounded()
+        kv_blocks: groups.iter().map(|g| g.blocks_needed(&unbounded)).sum(),
+        ..unbounded
     };
     let mut engine = Engine::new(limits);
     let n = groups.len();
@@ -581,7 +575,6 @@ impl TextConfig {
         model: &LlamaForCausalLM,
         prefixes: &[Tensor],
         stream: bool,
-        limits: &EngineLimits,
     ) -> Result<Group> {
         self.validate()?;
         let longest = prefixes
@@ -617,7 +610,6 @@ impl TextConfig {
             self.seed.unwrap_or_else(|| SampleRng::new(None).seed()),
             self.min_new_tokens,
             self.max_new_tokens,
-            limits,
         ))
     }
 }
@@ -644,7 +636,7 @@ pub fn generate_text_with(
         return Ok(Vec::new());
     }
     let _g = tch::no_grad_guard();
-    let group = cfg.group(model, prefixes, false, &EngineLimits::unbounded())?;
+    let group = cfg.group(model, prefixes, false)?;
     let eos = vocab.eos_id;
     let mut seen = vec![0usize; prefixes.len()];
     let mut after = |e: &Engine, fin: &[(u64, Finished)]| -> bool {

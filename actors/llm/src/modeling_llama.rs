@@ -224,14 +224,13 @@ impl LlamaAttention {
         let v = self.v_proj.forward(xs).view([b, t, nkv, hd]); // (B, T, nkv, hd)
         let q = apply_rotary(&q, cos, sin);
         let k = apply_rotary(&k, cos, sin).transpose(1, 2); // (B, T, nkv, hd)
-        let kind = pool_k.kind();
         let _ = pool_k
             .shallow_clone()
-            .f_index_copy_(0, at.write, &k.reshape([b * t, nkv, hd]).to_kind(kind))
+            .f_index_copy_(0, at.write, &k.reshape([b * t, nkv, hd]))
             .ctx("writing keys into the KV pool")?;
         let _ = pool_v
             .shallow_clone()
-            .f_index_copy_(0, at.write, &v.reshape([b * t, nkv, hd]).to_kind(kind))
+            .f_index_copy_(0, at.write, &v.reshape([b * t, nkv, hd]))
             .ctx("writing values into the KV pool")?;
         let gather = |pool: &Tensor| -> Result<Tensor> {
             Ok(pool
@@ -248,14 +247,7 @@ impl LlamaAttention {
             (kk, vv)
         };
         let y = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &kk.to_kind(q.kind()),
-            &vv.to_kind(q.kind()),
-            Some(at.mask),
-            0.0,
-            false,
-            None,
-            false,
+            &q, &kk, &vv, at.mask, 0.0, at.causal, None, false,
         )
         .ctx("attention over the KV pool")?; // (B, nh, T, hd)
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]); // (B, T, nh·hd)
@@ -275,8 +267,11 @@ pub struct PagedArgs<'a> {
     pub read: &'a Tensor,
     /// Keys per row in `read`.
     pub tk: i64,
-    /// (B, 1, T, Tk) bool: query t of row b may attend to key j.
-    pub mask: &'a Tensor,
+    /// (B, 1, T, Tk) bool: query t of row b may attend to key j. `None`: every query
+    /// attends to every key (one decoding position of rows of equal length), or, with
+    /// `causal`, to the keys up to its own (prompts from position 0, no padding).
+    pub mask: Option<&'a Tensor>,
+    pub causal: bool,
 }
 
 /// A paged KV cache: per layer (k, v), each (slots, nkv, hd); a sequence's positions live in

@@ -357,7 +357,6 @@ const WAITING_ROOM: usize = 8;
 impl Iterative<LlmRequest, LlmEvent> for LlmStageModel {
     fn join(&mut self, key: u64, req: LlmRequest) -> StageResult<()> {
         let _g = tch::no_grad_guard();
-        let limits = *self.engine.limits();
         let (group, running) = match req {
             LlmRequest::ImageTokens {
                 prompt,
@@ -369,9 +368,7 @@ impl Iterative<LlmRequest, LlmEvent> for LlmStageModel {
                 let img = [self.vocab.image_start_id];
                 let cond = self.prompt_embeds(prompt, &img)?;
                 let uncond = self.prompt_embeds(uncond, &img)?;
-                let g = cfg
-                    .group(&self.model, &cond, &uncond, &limits)
-                    .map_err(stage_err)?;
+                let g = cfg.group(&self.model, &cond, &uncond).map_err(stage_err)?;
                 let r = Running {
                     image: true,
                     stream: None,
@@ -394,9 +391,7 @@ impl Iterative<LlmRequest, LlmEvent> for LlmStageModel {
                     .map(|p| self.prompt_embeds(p, &[]))
                     .collect::<StageResult<Vec<_>>>()?;
                 let stream = stream && seqs.len() == 1;
-                let g = cfg
-                    .group(&self.model, &seqs, stream, &limits)
-                    .map_err(stage_err)?;
+                let g = cfg.group(&self.model, &seqs, stream).map_err(stage_err)?;
                 let r = Running {
                     image: false,
                     stream: (stream && cfg.num_beams == 1).then(|| (Vec::new(), String::new())),
@@ -497,5 +492,8 @@ impl Iterative<LlmRequest, LlmEvent> for LlmStageModel {
 impl LlmStage for LlmStageModel {
     fn kv_blocks(&self) -> Option<(usize, usize)> {
         Some(self.engine.kv_blocks())
+    }
+    fn tokens_generated(&self) -> u64 {
+        self.engine.tokens()
     }
 }

@@ -56,6 +56,10 @@ pub trait Worker: Send {
     fn kv_blocks(&self) -> Option<(usize, usize)> {
         None
     }
+    /// Tokens generated so far (the Llm).
+    fn tokens(&self) -> u64 {
+        0
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,6 +540,9 @@ impl Worker for LlmWorker {
     }
     fn kv_blocks(&self) -> Option<(usize, usize)> {
         self.stage.kv_blocks()
+    }
+    fn tokens(&self) -> u64 {
+        self.stage.tokens_generated()
     }
 }
 
