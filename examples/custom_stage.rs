@@ -57,6 +57,8 @@ async fn main() -> anyhow::Result<()> {
         size_multiple: 1,
         max_steps: usize::MAX,
         generate_defaults: Default::default(),
+        selection: Default::default(),
+        selection_note: None,
     };
     let pipe = Pipeline::from_builders(
         builders,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use image::DynamicImage;
 use lavit_runtime::actors::{GraphOptions, Input, StageBuilders, StageGraph};
+use lavit_runtime::manifest::{Selection, SelectionChoice, TokenizerManifest};
 use lavit_runtime::messages::{CaptionOptions, GenerateOptions, Output, Task, TokenEvent};
 #[cfg(feature = "testing")]
 use lavit_runtime::mock::{self, MockConfig};
@@ -112,8 +113,9 @@ pub struct PipelineConfig {
     /// code does, from `selection_seed`).
     #[serde(default = "d_manifest")]
     pub selection: String,
+    /// Seed of the Gumbel noise (default: the manifest's `tokenizer.selection_seed`).
     #[serde(default)]
-    pub selection_seed: u64,
+    pub selection_seed: Option<u64>,
     /// Precision of the LLM and the U-Net: `auto` (bf16 on CUDA, f32 on the CPU), `f32`,
     /// `bf16`, `f16` (the VAE and the tokenizer stay f32, as the official code runs them).
     #[serde(default = "d_auto")]
@@ -158,7 +160,7 @@ impl Default for PipelineConfig {
             mock_work: 0,
             pixel_decoding: d_auto(),
             selection: d_manifest(),
-            selection_seed: 0,
+            selection_seed: None,
             dtype: d_auto(),
             batching: Default::default(),
             plugins: Default::default(),
@@ -297,6 +299,18 @@ impl PipelineConfig {
         Ok(self)
     }
 
+    /// The selection the pipeline's SelectorMerger stage takes by default for a checkpoint
+    /// whose tokenizer manifest is `t`: the manifest's `selection` and `selection_seed`,
+    /// each replaced by this config's `selection` (unless `manifest`) and `selection_seed`
+    /// (when given).
+    pub fn selection_for(&self, t: &TokenizerManifest) -> SelectionChoice {
+        let m = t.selection_choice();
+        SelectionChoice {
+            selection: Selection::parse(&self.selection).unwrap_or(m.selection),
+            seed: self.selection_seed.unwrap_or(m.seed),
+        }
+    }
+
     fn graph_options(&self) -> GraphOptions {
         GraphOptions {
             max_in_flight: self.max_in_flight,
@@ -323,6 +337,10 @@ pub struct ModelInfo {
     /// guidance, top-k, decoder guidance and steps of the pixel decoder this pipeline runs),
     /// at the native size: the defaults of `lavit generate` and the server.
     pub generate_defaults: GenerateOptions,
+    /// The keep/drop selection the SelectorMerger stage takes when a request names none
+    /// ([`PipelineConfig::selection_for`]), and the manifest's `selection_note`.
+    pub selection: SelectionChoice,
+    pub selection_note: Option<String>,
 }
 
 impl ModelInfo {
@@ -412,6 +430,8 @@ impl Pipeline {
                 height: m.pixel_size as usize,
                 ..GenerateOptions::default()
             },
+            selection: SelectionChoice::default(),
+            selection_note: None,
         };
         Self::from_builders(
             mock::builders(m, gate),

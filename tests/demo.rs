@@ -195,6 +195,7 @@ fn finished_stages_are_skipped_and_changed_ones_rerun() {
         out: out.path().into(),
         data_dir: data_dir(),
         threads: 0,
+        stop_after: None,
     };
 }
 
@@ -237,6 +238,7 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
         out: out.path().into(),
         data_dir: data_dir(),
         threads: 0,
+        stop_after: None,
     })
     .expect("the quick demo runs");
     let msg = format!("{s:?}");
@@ -405,11 +407,13 @@ fn quick_demo_learns_and_its_checkpoint_is_served() {
 #[test]
 fn ratio_loss_pulls_a_collapsed_image_back() {
     use lavit_selector::SelectionMode;
-    use lavit_selector::{selector_loss, Stage1Loss};
+    use lavit_selector::{selector_loss, RatioScope, Stage1Loss};
     let loss = Stage1Loss {
         rho: 1.0 / 3.0,
         lambda: 2.0,
         confidence_weight: 0.0,
+        ratio_scope: RatioScope::Image,
+        floor: 0.0,
     };
     let n = 49;
     // keep-minus-drop margins: image 0 keeps with p = ρ, image 1 has collapsed (p ≈ 1e-13)

@@ -140,13 +140,26 @@ fn cider_d_rewards_consensus_and_penalises_length() {
 #[test]
 fn vqa_accuracy_official_rules() {
     let h = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    // number words, articles, punctuation and case are normalised
+    // number words, articles, punctuation, case and contractions (when normalised)
     assert_eq!(vqa::normalize_answer("Two."), "2");
     assert_eq!(vqa::normalize_answer("The Dog!"), "dog");
     assert_eq!(vqa::normalize_answer("a T-shirt/top"), "t shirt top");
     assert_eq!(vqa::normalize_answer("dont know"), "don't know");
-    // ≥ 3 other humans agree in every leave-one-out subset → 1
-    assert_eq!(vqa::vqa_accuracy("two", &h(&["2"; 10])), 1.0);
+    assert_eq!(
+        vqa::normalize_answer("whos at 3 oclock"),
+        "who's at 3 o'clock"
+    );
+    assert_eq!(
+        vqa::normalize_answer("1,000 dogs; 2.5 cats."),
+        "1000 dogs 2.5 cats"
+    );
+    // every human said "2": the raw strings are compared, so "two" is wrong and "2" right
+    assert_eq!(vqa::vqa_accuracy("two", &h(&["2"; 10])), 0.0);
+    assert_eq!(vqa::vqa_accuracy(" 2\n", &h(&["2"; 10])), 1.0);
+    // nine "2" and one "two": normalised, so all ten are "2"
+    let mut humans = h(&["2"; 9]);
+    humans.push("two".into());
+    assert_eq!(vqa::vqa_accuracy("two", &humans), 1.0);
     // 2 of 10 humans said "dog": leaving out one of them leaves 1 match (1/3), else 2 (2/3):
     // (2 · 1/3 + 8 · 2/3) / 10 = 0.6
     let mut humans = h(&["dog", "dog"]);
@@ -157,9 +170,50 @@ fn vqa_accuracy_official_rules() {
     humans.extend(h(&["cat"; 7]));
     assert!(close(vqa::vqa_accuracy("dog", &humans), 0.9, 1e-12));
     assert_eq!(vqa::vqa_accuracy("bird", &humans), 0.0);
-    // a single answer: exact match
-    assert_eq!(vqa::vqa_accuracy("A cat", &h(&["cat"])), 1.0);
+    // a single human answer: the only leave-one-out subset is empty
+    assert_eq!(vqa::vqa_accuracy("cat", &h(&["cat"])), 0.0);
     assert_eq!(vqa::vqa_accuracy("anything", &[]), 0.0);
+}
+
+/// Per-question and overall VQA accuracy equal, to 1e-12, what the official vqaEval.py
+/// algorithm computes on the crafted questions of `tests/data/vqa-cases.json`
+/// (`tests/data/vqa-references.json`, written by `scripts/dev/vqa_reference.py`).
+#[test]
+fn vqa_accuracy_matches_the_official_evaluation() {
+    let read = |name: &str| -> Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name);
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let cases = read("vqa-cases.json");
+    let refs = read("vqa-references.json");
+    let cases = cases["questions"].as_array().unwrap();
+    let want = refs["questions"].as_array().unwrap();
+    assert_eq!(cases.len(), want.len());
+    assert!(cases.len() >= 30);
+    let mut total = 0.0;
+    for (c, w) in cases.iter().zip(want) {
+        assert_eq!(c["id"], w["id"]);
+        let answers: Vec<String> = c["answers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let got = vqa::vqa_accuracy(c["prediction"].as_str().unwrap(), &answers);
+        let exp = w["accuracy"].as_f64().unwrap();
+        assert!(
+            (got - exp).abs() <= 1e-12,
+            "question {} ({}): lavit {got}, official {exp}",
+            c["id"],
+            c["why"]
+        );
+        total += got;
+    }
+    let overall = total / cases.len() as f64;
+    let exp = refs["overall"].as_f64().unwrap();
+    assert!((overall - exp).abs() <= 1e-12, "overall {overall} vs {exp}");
 }
 
 #[test]

@@ -349,6 +349,8 @@ pub fn http_target(data: &[u8]) -> bool {
             size_multiple: 8,
             max_steps: 100,
             generate_defaults: Default::default(),
+            selection: Default::default(),
+            selection_note: None,
         };
         (http_limits(), info)
     });
@@ -372,6 +374,7 @@ pub fn http_target(data: &[u8]) -> bool {
         }
     }
     if let Ok(r) = parse_json::<TokenizeRequest>(data) {
+        let _ = tokenize_selection(&r, info.selection);
         if let Ok(list) = tokenize_images(r, lim) {
             for (i, b) in list.iter().enumerate() {
                 ok |= decode_image(&format!("images[{i}]"), b, lim).is_ok();

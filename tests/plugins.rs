@@ -216,11 +216,18 @@ fn wrong_api_version_is_refused_before_any_call() {
     assert!(host.plugins().is_empty());
     // The host goes on loading good plugins.
     host.load(&dylib("lavit-plugin-rvq")).unwrap();
-    // Not a plugin at all: a clear error, no crash.
+    // Not a plugin at all: a clear error, no crash — a missing path is refused from its
+    // metadata before dlopen, a file that is no library by dlopen.
     let e = host
         .load(std::path::Path::new("/nonexistent/libnothing.so"))
         .err()
         .unwrap();
+    assert!(matches!(e, PluginHostError::File { .. }), "{e}");
+    assert!(e.to_string().contains("/nonexistent/libnothing.so"), "{e}");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("libtext.so");
+    std::fs::write(&text, "not a shared library").unwrap();
+    let e = host.load(&text).err().unwrap();
     assert!(matches!(e, PluginHostError::Open { .. }), "{e}");
 }
 

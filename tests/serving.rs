@@ -150,7 +150,7 @@ fn actors_equal_direct_calls_bit_for_bit() {
     let mut llm = mock::MockLlm::new(&m, dev, None);
     let mut dec = mock::MockDecoder::new(&m, dev, None);
     let feats = enc.encode(&x).unwrap();
-    let (keep, merged) = sm.select_merge(&feats).unwrap();
+    let (keep, merged) = sm.select_merge(&feats, None).unwrap();
     let direct_ids = q.quantize(&merged, &keep).unwrap();
 
     let out = rt
@@ -256,7 +256,7 @@ fn requests_overlap_across_stages() {
             panic!()
         };
         let (k, mm) = sm
-            .select_merge(&enc.encode(&images(2, 100 + i as i64)).unwrap())
+            .select_merge(&enc.encode(&images(2, 100 + i as i64)).unwrap(), None)
             .unwrap();
         assert_eq!(ids, q.quantize(&mm, &k).unwrap());
     }
@@ -578,7 +578,11 @@ impl Trainable for TrainSm {
     }
 }
 impl SelectorMergerStage for TrainSm {
-    fn select_merge(&mut self, _: &Tensor) -> StageResult<(Tensor, Tensor)> {
+    fn select_merge(
+        &mut self,
+        _: &Tensor,
+        _: Option<lavit_runtime::manifest::SelectionChoice>,
+    ) -> StageResult<(Tensor, Tensor)> {
         Err(StageError::Invalid("training-only stage".into()))
     }
     fn understanding(&mut self, _: &Tensor) -> StageResult<Vec<Tensor>> {
@@ -643,6 +647,8 @@ fn training_steps_through_the_actor_graph_lower_the_loss() {
         size_multiple: 1,
         max_steps: usize::MAX,
         generate_defaults: Default::default(),
+        selection: Default::default(),
+        selection_note: None,
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
     let g = pipe.graph();
@@ -1495,6 +1501,8 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
         size_multiple: 1,
         max_steps: usize::MAX,
         generate_defaults: Default::default(),
+        selection: Default::default(),
+        selection_note: None,
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
     let mut direct = LlmStageModel::load(&dir, Device::Cpu, tch::Kind::Float).unwrap();
@@ -2402,6 +2410,8 @@ fn generation_options_follow_the_decoder_geometry() {
         size_multiple: 16,
         max_steps: 50,
         generate_defaults: Default::default(),
+        selection: Default::default(),
+        selection_note: None,
     };
     let lim = Limits::default();
     let check = |body: serde_json::Value| {
@@ -2440,4 +2450,160 @@ fn generation_options_follow_the_decoder_geometry() {
     )
     .unwrap();
     assert_eq!(g.max_steps, 1000);
+}
+
+/// Per image the `ids` of `lavit tokenize`'s JSON lines.
+fn cli_tokenize(
+    dir: &std::path::Path,
+    images: &[std::path::PathBuf],
+    extra: &[&str],
+) -> Vec<Vec<i64>> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lavit"))
+        .args(["tokenize", "--checkpoint"])
+        .arg(dir)
+        .args(extra)
+        .args(images)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::from_value(v["ids"].clone()).unwrap()
+        })
+        .collect()
+}
+
+fn tokens_of(r: &Resp) -> Vec<Vec<i64>> {
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    serde_json::from_value(v["tokens"].clone()).unwrap()
+}
+
+/// One answer per front-end: `lavit tokenize` (run as a process), `/v1/tokenize` (the server
+/// on 127.0.0.1, also with the keep mask) and the library's `VisualTokenizer::tokenize` give
+/// the same ids for the same images and checkpoint, in both manifest modes (the fixture's
+/// `argmax`, and a copy whose manifest says `gumbel` with `selection_seed` 3). In Gumbel mode
+/// tokenizing [a, b, c] equals tokenizing each alone; the request and the CLI flags override
+/// the manifest the same way.
+#[test]
+fn cli_server_and_library_give_the_same_ids_in_both_manifest_modes() {
+    use lavit::pipeline::StageSet;
+    use lavit::tokenizer::{LoadParts, VisualTokenizer};
+    let fixture = crate::common::fixture_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let imgs = tmp.path().join("imgs");
+    crate::common::write_images(&imgs, 3);
+    let paths: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| imgs.join(format!("img{i:02}.png")))
+        .collect();
+    let b64: Vec<String> = paths
+        .iter()
+        .map(|p| base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap()))
+        .collect();
+    // The fixture's tokenizer with a manifest that samples.
+    let gumbel = tmp.path().join("gumbel");
+    std::fs::create_dir_all(gumbel.join("visual_tokenizer")).unwrap();
+    for f in ["eva_vitg_psz14.bin", "tokenizer_encoder.bin"] {
+        let p = std::path::Path::new("visual_tokenizer").join(f);
+        std::fs::copy(fixture.join(&p), gumbel.join(&p)).unwrap();
+    }
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("manifest.json")).unwrap())
+            .unwrap();
+    m["tokenizer"]["selection"] = "gumbel".into();
+    m["tokenizer"]["selection_seed"] = 3.into();
+    m["tokenizer"]["selection_note"] = "a test".into();
+    std::fs::write(gumbel.join("manifest.json"), m.to_string()).unwrap();
+
+    let mut per_mode = Vec::new();
+    for (dir, mode, seed) in [(&fixture, "argmax", 0), (&gumbel, "gumbel", 3)] {
+        let cli = cli_tokenize(dir, &paths, &[]);
+        assert_eq!(cli.len(), 3);
+        let pipe = Pipeline::build(&PipelineConfig {
+            checkpoint: Some(dir.to_path_buf()),
+            stages: StageSet::Tokenizer,
+            ..pcfg(2, 8)
+        })
+        .unwrap();
+        let s = serve::spawn(Arc::new(pipe), limits()).unwrap();
+        ready(&s);
+        let r = post(
+            s.addr,
+            "/v1/tokenize",
+            &serde_json::json!({ "images": b64 }),
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(
+            v["selection"],
+            serde_json::json!({"selection": mode, "seed": seed})
+        );
+        let served = tokens_of(&r);
+        assert_eq!(
+            served, cli,
+            "{mode}: the server and `lavit tokenize` differ"
+        );
+        let masked = post(
+            s.addr,
+            "/v1/tokenize",
+            &serde_json::json!({ "images": b64, "keep_mask": true }),
+        );
+        assert_eq!(tokens_of(&masked), cli, "{mode}: with the keep mask");
+        // Each image alone: the same ids (its Gumbel noise depends on the seed only).
+        for (i, one) in b64.iter().enumerate() {
+            let r = post(s.addr, "/v1/tokenize", &serde_json::json!({ "image": one }));
+            assert_eq!(
+                tokens_of(&r),
+                vec![cli[i].clone()],
+                "{mode}: image {i} alone"
+            );
+        }
+        assert_eq!(
+            cli_tokenize(dir, &paths[2..], &[])[0],
+            cli[2],
+            "{mode}: the CLI on one image"
+        );
+        // The library.
+        let tok =
+            VisualTokenizer::from_checkpoint(dir, Device::Cpu, LoadParts::tokenize_only()).unwrap();
+        let lib = tok.tokenize(&tok.load_images(&paths).unwrap()).unwrap();
+        assert_eq!(lib.ids, cli, "{mode}: the library");
+        // Overrides: the request's fields and the CLI's flags, the same way.
+        let other = if mode == "argmax" { "gumbel" } else { "argmax" };
+        let r = post(
+            s.addr,
+            "/v1/tokenize",
+            &serde_json::json!({ "images": b64, "selection": other, "seed": 5 }),
+        );
+        let overridden = tokens_of(&r);
+        assert_eq!(
+            overridden,
+            cli_tokenize(dir, &paths, &["--selection", other, "--seed", "5"]),
+            "{mode}: overridden to {other}"
+        );
+        let r = post(
+            s.addr,
+            "/v1/tokenize",
+            &serde_json::json!({ "images": b64, "selection": "sampled" }),
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains("selection"), "{}", r.body);
+        s.stop();
+        per_mode.push((cli, overridden));
+    }
+    // The manifest's mode is what each front-end used: the gumbel copy's default equals the
+    // fixture overridden to gumbel with seed 3 … and differs from arg-max.
+    let (argmax, _) = &per_mode[0];
+    let (gumbel_ids, _) = &per_mode[1];
+    assert_ne!(argmax, gumbel_ids, "Gumbel sampling changed nothing");
+    assert_eq!(
+        &cli_tokenize(&fixture, &paths, &["--selection", "gumbel", "--seed", "3"]),
+        gumbel_ids
+    );
 }

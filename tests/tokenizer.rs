@@ -39,6 +39,118 @@ fn parity_rows_pass_on_fixture() {
     }
 }
 
+/// The shared fixture with its selector edited so that 143 of its 192 patches score an exact
+/// keep/drop tie (`scripts/dev/tie_variant.py`, which also recomputed the tokenizer's
+/// reference tensors on it with torch): `tests/data/tie-variant.safetensors` holds the edited
+/// `token_predictor.*` tensors (as `variant.<key>`) and those rows. Written into `dir` as a
+/// checkpoint folder (the fixture's other tokenizer files, `tokenizer_encoder` as
+/// safetensors with the edit) → the expected tensors (the fixture's `images` and
+/// `encoder_features`, the variant's rows).
+fn tie_variant(dir: &std::path::Path) -> checkpoint::StateDict {
+    let fixture = fixture_dir();
+    let variant = checkpoint::load_file(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/tie-variant.safetensors"),
+    )
+    .unwrap();
+    for f in [
+        "manifest.json",
+        "visual_tokenizer/eva_vitg_psz14.bin",
+        "visual_tokenizer/tokenizer_decoder.bin",
+        "visual_tokenizer/highres_tokenizer_decoder.bin",
+        "language_model/visual_weight.bin",
+    ] {
+        let to = dir.join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture.join(f), to).unwrap();
+    }
+    let mut enc =
+        checkpoint::load_path(&fixture.join("visual_tokenizer/tokenizer_encoder.bin")).unwrap();
+    let mut expected = checkpoint::load_file(&fixture.join("reference/expected.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k == "images" || k == "encoder_features")
+        .collect::<checkpoint::StateDict>();
+    for (k, v) in variant {
+        match k.strip_prefix("variant.") {
+            Some(key) => {
+                let old = enc.insert(key.to_string(), v).unwrap();
+                assert_eq!(old.size(), enc[key].size(), "{key}");
+            }
+            None => {
+                expected.insert(k, v);
+            }
+        }
+    }
+    checkpoint::save_safetensors(
+        &dir.join("visual_tokenizer/tokenizer_encoder.safetensors"),
+        &enc,
+        None,
+    )
+    .unwrap();
+    expected
+}
+
+/// An exact keep/drop tie keeps the patch, as torch.argmax over [keep, drop] decides (the
+/// first index): every tokenizer parity row matches torch's values on the tie variant (with
+/// "keep where log p(keep) > log p(drop)" the ten rows from `keep_decisions` on failed).
+#[test]
+fn parity_rows_pass_on_a_fixture_with_exact_ties() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = tie_variant(tmp.path());
+    let lp = &expected["predictor_log_probs"];
+    let ties = lp.select(-1, 0).eq_tensor(&lp.select(-1, 1)); // (B, N)
+    let n_ties = ties.sum(Kind::Int64).int64_value(&[]);
+    assert!(n_ties > 0 && n_ties < ties.numel() as i64, "{n_ties} ties");
+    let keep = expected["keep_decisions"].gt(0.5);
+    assert_eq!(
+        keep.masked_select(&ties).all().int64_value(&[]),
+        1,
+        "torch kept every tied patch"
+    );
+    // ours: the same exact ties, and every row as torch computed it
+    let tok = VisualTokenizer::from_checkpoint(tmp.path(), Device::Cpu, LoadParts::tokenize_only())
+        .unwrap();
+    let (ours, _) = tok.select(
+        &tok.encoder_features(&expected["images"]).unwrap(),
+        SelectionMode::Argmax,
+    );
+    let ours_ties = ours.select(-1, 0).eq_tensor(&ours.select(-1, 1));
+    assert!(
+        ours_ties.equal(&ties),
+        "the edited selector ties the same patches"
+    );
+    let rows = lavit::parity::tokenizer::rows(tmp.path(), &expected).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, lavit::parity::tokenizer::ROWS);
+    for r in &rows {
+        assert!(
+            r.pass,
+            "{}: max abs err {} ({})",
+            r.name, r.max_abs_err, r.note
+        );
+    }
+}
+
+/// A selector whose last layer gives keep and drop the same weights ties every patch: arg-max
+/// selection keeps them all (torch.argmax's first index).
+#[test]
+fn a_selector_that_ties_everywhere_keeps_every_patch() {
+    let mut tok = fixture_tokenizer(LoadParts::tokenize_only());
+    let images = reference_images();
+    let last = tok.selector.token_predictor.out_conv.last().unwrap();
+    tch::no_grad(|| {
+        last.ws.get(0).copy_(&last.ws.get(1));
+        if let Some(b) = &last.bs {
+            b.get(0).copy_(&b.get(1));
+        }
+    });
+    tok.selection = SelectionMode::Argmax;
+    let out = tok.tokenize(&images).unwrap();
+    let n = tok.manifest.tokenizer.num_patches();
+    assert_eq!(out.counts, vec![n; 3]);
+}
+
 type Shapes = BTreeMap<String, Vec<i64>>;
 
 fn var_shapes(vs: &nn::VarStore, prefix: &str) -> Shapes {
@@ -781,7 +893,7 @@ fn tokenizer_stages_load_in_bf16_and_agree_with_the_reference() {
         )
         .unwrap();
         assert!(sel.vs.variables().values().all(|t| t.kind() == kind));
-        let (decisions, merged) = sel.select_merge(&features).unwrap();
+        let (decisions, merged) = sel.select_merge(&features, None).unwrap();
         let agree = decisions
             .to_kind(Kind::Float)
             .eq_tensor(&exp["keep_decisions"])

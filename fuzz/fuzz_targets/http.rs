@@ -18,6 +18,8 @@ fuzz_target!(|data: &[u8]| {
         size_multiple: 8,
         max_steps: usize::MAX,
         generate_defaults: Default::default(),
+        selection: Default::default(),
+        selection_note: None,
     };
     if let Ok(r) = parse_json::<GenerationRequest>(data) {
         if let Ok(o) = generation_options(&r, &lim, &info) {
@@ -30,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(r) = parse_json::<TokenizeRequest>(data) {
+        let _ = tokenize_selection(&r, info.selection);
         if let Ok(list) = tokenize_images(r, &lim) {
             for b in &list {
                 let _ = decode_image("images", b, &lim);

@@ -23,8 +23,11 @@
 //! # Recovery policy (the one policy, tested in `tests/serving.rs`)
 //! An error returned by a step's forward pass, or a panic inside one (caught with
 //! `catch_unwind`), fails the requests of that step, with the stage's message; the stage
-//! keeps its weights and serves the next step. A stage that panics `max_consecutive_panics`
-//! steps in a row exits with [`ExitStatus::Panicked`]: the graph reports itself unhealthy
+//! keeps its weights and serves the next step (a tokenizer stage fails only the requests of
+//! the call that failed: one call per input shape). A stage that panics
+//! `max_consecutive_panics` steps in a row (requests refused as invalid input —
+//! [`StageError::Invalid`], a 4xx — are the request's fault: they neither count nor break
+//! the row) exits with [`ExitStatus::Panicked`]: the graph reports itself unhealthy
 //! ([`StageGraph::healthy`] false), every request that reaches that stage fails as `Closed`,
 //! and `lavit serve` drains and exits non-zero so that its supervisor restarts it.
 
@@ -347,13 +350,23 @@ impl StageActor {
         }
         match result {
             Ok(Ok(())) => {
-                self.panics_in_a_row = 0;
+                // A step whose every request was refused as invalid input says nothing about
+                // the stage's health: it neither counts toward nor resets the panic row.
+                let only_invalid = members.iter().all(|id| {
+                    done.iter()
+                        .any(|(d, ev)| d == id && matches!(ev, Event::Fail(StageError::Invalid(_))))
+                });
+                if !only_invalid {
+                    self.panics_in_a_row = 0;
+                }
                 for (id, ev) in done {
                     self.settle(id, ev, end);
                 }
             }
             Ok(Err(e)) => {
-                self.panics_in_a_row = 0;
+                if !matches!(e, StageError::Invalid(_)) {
+                    self.panics_in_a_row = 0;
+                }
                 warn!(stage = %kind, error = %e, batch = members.len(), "step failed");
                 for id in members {
                     self.leave(id, Err(e.clone()), end);

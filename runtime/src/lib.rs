@@ -9,6 +9,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod fsread;
+pub mod image_input;
 pub mod layers;
 pub mod layout;
 pub mod manifest;

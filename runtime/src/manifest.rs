@@ -16,11 +16,41 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Selection {
-    /// keep where log p(keep) > log p(drop): the same image always gives the same tokens.
+    /// keep where log p(keep) ≥ log p(drop) (`torch.argmax` over [keep, drop]): the same
+    /// image always gives the same tokens.
     #[default]
     Argmax,
-    /// Gumbel-softmax hard sampling, as the official code does.
+    /// Gumbel-softmax hard sampling, as the official code does, with noise from a seed
+    /// (the same noise for every image, so an image always gives the same tokens too).
     Gumbel,
+}
+
+impl Selection {
+    /// `argmax` or `gumbel`, as the manifest, configs and requests spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Selection::Argmax => "argmax",
+            Selection::Gumbel => "gumbel",
+        }
+    }
+
+    /// [`Selection::name`] back; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "argmax" => Some(Selection::Argmax),
+            "gumbel" => Some(Selection::Gumbel),
+            _ => None,
+        }
+    }
+}
+
+/// A selection mode with its seed: the checkpoint manifest's (`tokenizer.selection`,
+/// `tokenizer.selection_seed`) unless a command flag, the pipeline config or a request
+/// overrides it. The seed only matters for [`Selection::Gumbel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct SelectionChoice {
+    pub selection: Selection,
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,7 +74,14 @@ pub struct TokenizerManifest {
     pub code_dim: i64,
     /// `vit_proj` output width (= the LLM hidden size).
     pub llm_hidden: i64,
+    /// How the checkpoint's keep/drop decisions are taken by default (every front-end: the
+    /// library, `lavit tokenize`, `lavit eval`, the server, the playground).
     pub selection: Selection,
+    /// Seed of the Gumbel noise when `selection` is `gumbel`.
+    pub selection_seed: u64,
+    /// Why the checkpoint uses that selection (free text, e.g. what training measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection_note: Option<String>,
 }
 
 impl Default for TokenizerManifest {
@@ -67,6 +104,8 @@ impl Default for TokenizerManifest {
             code_dim: 32,
             llm_hidden: 4096,
             selection: Selection::Argmax,
+            selection_seed: 0,
+            selection_note: None,
         }
     }
 }
@@ -74,6 +113,14 @@ impl Default for TokenizerManifest {
 impl TokenizerManifest {
     pub fn num_patches(&self) -> i64 {
         (self.img_size / self.patch_size).pow(2)
+    }
+
+    /// The checkpoint's default selection and seed.
+    pub fn selection_choice(&self) -> SelectionChoice {
+        SelectionChoice {
+            selection: self.selection,
+            seed: self.selection_seed,
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tch::Tensor;
 
 use crate::kinds::{ExitStatus, StageError, StageKind};
+use crate::manifest::SelectionChoice;
 
 // ---------------------------------------------------------------------------------------------
 // Inference, in pipeline order.
@@ -251,9 +252,10 @@ impl Default for GenerateOptions {
 pub enum Task {
     /// Images → visual ids (Encoder → SelectorMerger → Quantizer).
     Tokenize,
-    /// [`Task::Tokenize`], and also the selector's keep decision for every patch (to show
-    /// which patches became tokens).
-    Select,
+    /// [`Task::Tokenize`] with the keep/drop decisions taken as `selection` says (`None`:
+    /// the SelectorMerger stage's default), returning also the selector's keep decision for
+    /// every patch (to show which patches became tokens).
+    Select { selection: Option<SelectionChoice> },
     /// Image + question → text (Encoder → SelectorMerger → Llm).
     Caption {
         prompt: String,
@@ -278,7 +280,7 @@ impl Task {
     pub fn route(&self) -> &'static [StageKind] {
         use StageKind::*;
         match self {
-            Task::Tokenize | Task::Select => &[Encoder, SelectorMerger, Quantizer],
+            Task::Tokenize | Task::Select { .. } => &[Encoder, SelectorMerger, Quantizer],
             Task::Caption { .. } | Task::Captions { .. } => &[Encoder, SelectorMerger, Llm],
             Task::Generate { .. } => &[Llm, Decoder],
             Task::Reconstruct { .. } => &[Encoder, SelectorMerger, Quantizer, Decoder],
@@ -295,7 +297,7 @@ impl Task {
     pub fn name(&self) -> &'static str {
         match self {
             Task::Tokenize => "tokenize",
-            Task::Select => "select",
+            Task::Select { .. } => "select",
             Task::Caption { .. } => "caption",
             Task::Captions { .. } => "captions",
             Task::Generate { .. } => "generate",

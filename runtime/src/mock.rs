@@ -174,7 +174,12 @@ impl MockSelectorMerger {
 }
 impl Trainable for MockSelectorMerger {}
 impl SelectorMergerStage for MockSelectorMerger {
-    fn select_merge(&mut self, pf: &Tensor) -> StageResult<(Tensor, Tensor)> {
+    /// A fixed threshold: the mock has no Gumbel sampling, so `selection` changes nothing.
+    fn select_merge(
+        &mut self,
+        pf: &Tensor,
+        _: Option<SelectionChoice>,
+    ) -> StageResult<(Tensor, Tensor)> {
         busy(&self.cfg, &self.mix);
         let x = pf; // (B, N, C)
         let s = x.matmul(&self.score).squeeze_dim(-1); // (B, N)
@@ -186,7 +191,7 @@ impl SelectorMergerStage for MockSelectorMerger {
         Ok((keep, merged))
     }
     fn understanding(&mut self, pf: &Tensor) -> StageResult<Vec<Tensor>> {
-        let (keep, merged) = self.select_merge(pf)?;
+        let (keep, merged) = self.select_merge(pf, None)?;
         let b = merged.size()[0];
         Ok((0..b)
             .map(|i| {

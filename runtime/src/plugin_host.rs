@@ -1,7 +1,14 @@
 //! The plugin host: loads plugin dylibs named in the config at start-up and builds the
 //! codebooks and backbones they register.
 //!
+//! **A plugin is native code loaded into the process**, trusted like any shared library the
+//! binary links: its initialisers and factories run with the server's or trainer's
+//! privileges, and a declaration with bad pointers crashes the process (the checks below
+//! catch a wrong build, not a malicious one). Name only plugins you would link yourself.
+//!
 //! Loading a plugin (see docs/plugins.md and `lavit_plugin_api`):
+//! 0. the path must be a regular file under [`crate::fsread::MAX_PLUGIN_BYTES`] (never a
+//!    FIFO, a device or a link loop: checked from its metadata before `dlopen` opens it);
 //! 1. `dlopen` the file (libloading);
 //! 2. read the one symbol `LAVIT_PLUGIN_DECLARATION` and check, before touching anything
 //!    else, its magic, plugin API version, rustc version, tch version and libtorch version
@@ -39,7 +46,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
-    /// Plugin dylibs to load at start-up, in order (`lib<crate>.so` on Linux).
+    /// Plugin dylibs to load at start-up, in order (`lib<crate>.so` on Linux). A plugin is
+    /// native code loaded into this process, trusted like any shared library: name only
+    /// files you would link yourself.
     #[serde(default)]
     pub load: Vec<PathBuf>,
     /// The vision backbone to take from a plugin instead of EVA-CLIP.
@@ -98,6 +107,8 @@ fn empty_object() -> serde_json::Value {
 /// Why a plugin could not be loaded or used. Every variant names the plugin (file or name).
 #[derive(Debug, thiserror::Error)]
 pub enum PluginHostError {
+    #[error("plugin {path}: {msg}")]
+    File { path: PathBuf, msg: String },
     #[error("plugin {path}: cannot load: {source}")]
     Open {
         path: PathBuf,
@@ -196,6 +207,22 @@ impl PluginHost {
         {
             tracing::debug!(path = %canonical.display(), "plugin already loaded");
             return Ok(&self.plugins[i]);
+        }
+        // A regular file of a plugin's size, from its metadata, before dlopen opens it.
+        // Errors name the path as configured (the file checked may be a link's target).
+        let meta = crate::fsread::check_regular(&canonical).map_err(|e| PluginHostError::File {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        if meta.len() > crate::fsread::MAX_PLUGIN_BYTES {
+            return Err(PluginHostError::File {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "{} bytes, over the {}-byte cap for a plugin library",
+                    meta.len(),
+                    crate::fsread::MAX_PLUGIN_BYTES
+                ),
+            });
         }
         // SAFETY: loading a library runs its initialisers; plugins are trusted code named
         // by the operator's config (the same trust as the host binary).
@@ -369,6 +396,10 @@ fn build<T>(
     component: &PluginComponent,
     device: tch::Device,
 ) -> PluginResult<T> {
+    if let Some(w) = &component.weights {
+        // The plugin reads its weights itself: refuse a FIFO, a device or a link loop here.
+        crate::fsread::check_regular(w).map_err(|e| PluginError(e.to_string()))?;
+    }
     let args = PluginArgs {
         config: component.config.to_string(),
         device,

@@ -20,6 +20,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Tensor};
 
+pub use crate::manifest::SelectionChoice;
 use crate::messages::{
     DecodeRequest, LlmEvent, LlmRequest, StepControl, StepReport, TrainBatch, TrainParts,
 };
@@ -109,7 +110,11 @@ impl EncoderStage for Unused {
     }
 }
 impl SelectorMergerStage for Unused {
-    fn select_merge(&mut self, _: &Tensor) -> StageResult<(Tensor, Tensor)> {
+    fn select_merge(
+        &mut self,
+        _: &Tensor,
+        _: Option<SelectionChoice>,
+    ) -> StageResult<(Tensor, Tensor)> {
         self.refuse()
     }
     fn understanding(&mut self, _: &Tensor) -> StageResult<Vec<Tensor>> {
@@ -148,8 +153,14 @@ pub trait EncoderStage: Trainable + Send {
 /// Token selector + merger.
 pub trait SelectorMergerStage: Trainable + Send {
     /// (B, N, C) patch features → (decisions (B, N) float 0/1 with 1 = keep,
-    /// merged (B, N, C) at all positions).
-    fn select_merge(&mut self, patch_features: &Tensor) -> StageResult<(Tensor, Tensor)>;
+    /// merged (B, N, C) at all positions), the decisions taken as `selection` says (a
+    /// request's choice), or as the stage's default (the checkpoint manifest's, unless the
+    /// pipeline config overrides it) when `None`.
+    fn select_merge(
+        &mut self,
+        patch_features: &Tensor,
+        selection: Option<SelectionChoice>,
+    ) -> StageResult<(Tensor, Tensor)>;
     /// (B, N, C) → one (T_i, D_llm) tensor per image: the kept merged features through the
     /// understanding merger and `vit_proj` (continuous LLM input for captioning).
     fn understanding(&mut self, patch_features: &Tensor) -> StageResult<Vec<Tensor>>;

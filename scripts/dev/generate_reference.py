@@ -13,7 +13,6 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,8 +94,9 @@ class AttentionPool(nn.Module):
         return self.c_proj(y[:, 0])
 
 
-class HighresDecoder(nn.Module):
-    """`HighresVQDecoder` at the sizes of a manifest's `feature_decoder` section."""
+class FeatureDecoderTrunk(nn.Module):
+    """The part `VQDecoder` and `HighresVQDecoder` share: learned queries cross-attending to
+    the codebook vectors of the kept tokens, then `decode_task_layer`."""
 
     def __init__(self, f):
         super().__init__()
@@ -109,13 +109,9 @@ class HighresDecoder(nn.Module):
         self.norm = nn.LayerNorm(d, eps=NORM_EPS)
         o = f["decoder_out_dim"]
         self.decode_task_layer = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, o))
-        self.unet_proj_1 = nn.Linear(o, f["highres_unet_proj_1"])
-        self.unet_proj_2 = nn.Linear(o, f["highres_unet_proj_2"])
-        self.unet_attnpool = AttentionPool(n, o, f["highres_attnpool_heads"],
-                                           f["highres_unet_proj_2"])
 
-    def forward(self, codes, counts):
-        """codes [T, in_chans] of all images + per-image counts -> (prompt, pooled)."""
+    def decode(self, codes, counts):
+        """codes [T, in_chans] of all images + per-image counts -> [B, N, decoder_out_dim]."""
         x = self.in_proj(codes)
         longest = max(max(counts), 1)
         rows, masks, off = [], [], 0
@@ -128,12 +124,42 @@ class HighresDecoder(nn.Module):
         q = self.query_embed.expand(x.shape[0], -1, -1)
         for blk in self.blocks:
             q = blk(q, x, mask)
-        rec = self.decode_task_layer(self.norm(q))
+        return self.decode_task_layer(self.norm(q))
+
+
+class LowresDecoder(FeatureDecoderTrunk):
+    """`VQDecoder` (tokenizer_decoder) at the sizes of a manifest's `feature_decoder`."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.unet_proj = nn.Linear(f["decoder_out_dim"], f["lowres_unet_proj"])
+
+    def forward(self, codes, counts):
+        """codes [T, in_chans] + per-image counts -> [B, N, lowres_unet_proj]."""
+        return self.unet_proj(self.decode(codes, counts))
+
+
+class HighresDecoder(FeatureDecoderTrunk):
+    """`HighresVQDecoder` at the sizes of a manifest's `feature_decoder` section."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        d, n = f["embed_dim"], f["num_patches"]
+        o = f["decoder_out_dim"]
+        self.unet_proj_1 = nn.Linear(o, f["highres_unet_proj_1"])
+        self.unet_proj_2 = nn.Linear(o, f["highres_unet_proj_2"])
+        self.unet_attnpool = AttentionPool(n, o, f["highres_attnpool_heads"],
+                                           f["highres_unet_proj_2"])
+
+    def forward(self, codes, counts):
+        """codes [T, in_chans] of all images + per-image counts -> (prompt, pooled)."""
+        rec = self.decode(codes, counts)
         prompt = torch.cat([self.unet_proj_1(rec), self.unet_proj_2(rec)], -1)
         return prompt, self.unet_attnpool(rec)
 
 
 def _splitmix64(x):
+    import numpy as np  # only the seeded latents need numpy
     x = (x + np.uint64(0x9E3779B97F4A7C15))
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -143,6 +169,7 @@ def _splitmix64(x):
 def seeded_gaussian(seed, shape):
     """lavit's initial latents of a seed (pixel_decoder.rs `seeded_gaussian`): splitmix64 of
     (seed, index) through Box-Muller, float32."""
+    import numpy as np
     n = math.prod(shape)
     with np.errstate(over="ignore"):
         key = _splitmix64(np.uint64(seed) ^ np.uint64(0x6C617669745F6E6F))

@@ -28,6 +28,7 @@ TOKENIZER_DEFAULTS = dict(
     encoder_mlp_ratio=4.3637, encoder_norm_eps=1e-6, encoder_head_dim_out=1024,
     merger_depth=12, merger_heads=16, merger_mlp_ratio=4.3637, merger_qkv_bias=True,
     merger_norm_eps=1e-5, n_code=16384, code_dim=32, llm_hidden=4096, selection="argmax",
+    selection_seed=0, selection_note=None,
 )
 LLM_DEFAULTS = dict(text_vocab_size=32000, image_start_id=32000, image_end_id=32001,
                     visual_token_offset=32002, vocab_size=48386, bos_id=1, eos_id=2)
@@ -165,16 +166,18 @@ class TokenPredictor(nn.Module):
 
 
 def keep_argmax(log_probs):
-    """Decisions [B, N] in {0., 1.}: keep where log p(keep) > log p(drop), then every image
-    keeps at least MIN_KEPT patches (its best-margin dropped ones)."""
-    dec = (log_probs[..., 0] > log_probs[..., 1]).to(log_probs.dtype)
+    """Decisions [B, N] in {0., 1.}: keep where torch.argmax over [keep, drop] is 0 (an exact
+    tie keeps, NaN counts as the maximum), then every image keeps at least MIN_KEPT patches
+    (its best-margin dropped ones, equal margins in raster order)."""
+    dec = (log_probs.argmax(-1) == 0).to(log_probs.dtype)
     n = dec.shape[1]
     need_min = min(MIN_KEPT, n)
     counts = (dec > 0.5).sum(1, keepdim=True)
     if need_min > 0 and int(counts.min()) < need_min:
         margin = log_probs[..., 0] - log_probs[..., 1]
         margin = margin.masked_fill(dec > 0.5, float("-inf"))
-        best = margin.topk(need_min, dim=1).indices  # (B, min), dropped patches first
+        order = margin.sort(dim=1, descending=True, stable=True).indices
+        best = order[:, :need_min]  # (B, min), dropped patches first
         need = (need_min - counts).clamp_min(0)
         take = (torch.arange(need_min, device=dec.device).unsqueeze(0) < need).to(dec.dtype)
         dec = dec + torch.zeros_like(dec).scatter(1, best, take)

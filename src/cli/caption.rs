@@ -56,7 +56,8 @@ pub struct Args {
     /// Precision of the LLM: auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// A serving config whose `[pipeline]` / `[plugins]` sections apply (placement, plugins).
+    /// A serving config whose `[pipeline]` / `[plugins]` sections apply (placement, plugins;
+    /// plugins named there are native code loaded into this process, trusted like any shared library).
     #[arg(long)]
     pub config: Option<PathBuf>,
 }

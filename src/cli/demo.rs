@@ -23,6 +23,10 @@ pub struct Args {
     /// Torch CPU threads of each stage that runs beside another or has small ops (0 = half the cores, at least one); stage 0 and the evaluation use every core
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Stop after this stage: `stage1` trains stage 0 and the tokenizer and prints what its
+    /// selector keeps on the held-out photos
+    #[arg(long, value_parser = ["stage1"])]
+    pub stop_after: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -36,6 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out: args.out.clone(),
         data_dir: args.data,
         threads: args.threads,
+        stop_after: args.stop_after,
     })?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     println!(

@@ -54,7 +54,7 @@ pub struct Args {
     /// Most text tokens per caption / answer (default: the manifest's).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// Images generated per prompt.
+    /// Images generated per prompt (1 to 64, as `lavit generate --num-images`).
     #[arg(long, default_value_t = 1)]
     pub images_per_prompt: usize,
     /// LLM classifier-free guidance of the image tokens (default: the checkpoint's
@@ -74,11 +74,21 @@ pub struct Args {
     /// Seed of the first prompt (prompt i uses seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep/drop decisions of the tokenizer: `manifest` (the checkpoint's
+    /// `tokenizer.selection`), `argmax` or `gumbel`. Default: the config's
+    /// `pipeline.selection`, else `manifest`.
+    #[arg(long, value_parser = ["manifest", "argmax", "gumbel"])]
+    pub selection: Option<String>,
+    /// Seed of the Gumbel selection noise. Default: the config's `pipeline.selection_seed`,
+    /// else the manifest's `tokenizer.selection_seed`.
+    #[arg(long)]
+    pub selection_seed: Option<u64>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
     /// A pipeline config (configs/serve.toml's `[pipeline]`: placement of the stages on
-    /// devices); its checkpoint is replaced by --checkpoint.
+    /// devices; its `[plugins]`: the plugins named there are native code loaded into this process, trusted like any shared library); its checkpoint is replaced by
+    /// --checkpoint.
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -89,6 +99,14 @@ fn in_data(data: Option<&Path>, name: &str) -> Option<PathBuf> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Checked before anything is loaded: each image is a diffusion run held in memory.
+    let most = super::MAX_IMAGES_PER_PROMPT;
+    if !(1..=most).contains(&a.images_per_prompt) {
+        bail!(
+            "--images-per-prompt = {}: must be in 1..={most}",
+            a.images_per_prompt
+        );
+    }
     if let Some(d) = &a.data {
         if !d.is_dir() {
             bail!("--data {}: not a folder", d.display());
@@ -134,6 +152,12 @@ pub fn run(a: Args) -> Result<()> {
         None => PipelineConfig::default(),
     };
     cfg.checkpoint = Some(a.checkpoint.clone());
+    if let Some(s) = &a.selection {
+        cfg.selection = s.clone();
+    }
+    if let Some(seed) = a.selection_seed {
+        cfg.selection_seed = Some(seed);
+    }
     let pipe = Pipeline::build(&cfg)
         .with_context(|| format!("building the pipeline on {}", a.checkpoint.display()))?;
     let (width, height) = pipe.info().default_size;
@@ -158,7 +182,7 @@ pub fn run(a: Args) -> Result<()> {
             ..CaptionOptions::default()
         },
         generate: GenerateOptions {
-            n: a.images_per_prompt.max(1),
+            n: a.images_per_prompt,
             seed: a.seed,
             llm_guidance: a.llm_guidance.unwrap_or(d.llm_guidance),
             guidance: a.guidance.unwrap_or(d.guidance),

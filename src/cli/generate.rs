@@ -72,14 +72,18 @@ pub struct Args {
     /// Precision of the LLM and the U-Net: auto (bf16 on CUDA, f32 on the CPU), f32, bf16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// A serving config whose `[pipeline]` / `[plugins]` sections apply.
+    /// A serving config whose `[pipeline]` / `[plugins]` sections apply (the
+    /// plugins named there are native code loaded into this process, trusted like any shared library).
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.num_images < 1 || a.num_images > 64 {
-        bail!("--num-images must be in 1..=64");
+    if a.num_images < 1 || a.num_images > super::MAX_IMAGES_PER_PROMPT as i64 {
+        bail!(
+            "--num-images must be in 1..={}",
+            super::MAX_IMAGES_PER_PROMPT
+        );
     }
     if a.top_k.is_some_and(|k| k < 0) {
         bail!("--top-k must be at least 0");

@@ -54,16 +54,16 @@ pub fn one_shot(
     Ok((pipe, rt))
 }
 
+/// Most images one prompt may ask for on the command line (`lavit generate --num-images`,
+/// `lavit eval --images-per-prompt`): each is a full diffusion run held in memory.
+pub const MAX_IMAGES_PER_PROMPT: usize = 64;
+
 /// Read and decode an image file for a command through the same checks the server applies:
-/// the capped regular-file reader (never a FIFO or a device), then the size and pixel caps
-/// before decoding.
+/// the capped regular-file reader (never a FIFO or a device), then the one limited decoder
+/// ([`lavit_runtime::image_input`]).
 pub fn read_image(path: &Path) -> anyhow::Result<image::DynamicImage> {
-    let bytes =
-        lavit_runtime::fsread::read_capped(path, lavit_runtime::fsread::MAX_IMAGE_FILE_BYTES)?;
-    let rgb = lavit_encoder::LaVITImageProcessor::new(1)
-        .decode(&bytes)
-        .with_context(|| format!("{}", path.display()))?;
-    Ok(image::DynamicImage::ImageRgb8(rgb))
+    let lim = lavit_runtime::image_input::ImageLimits::default();
+    Ok(lavit_runtime::image_input::read(path, &lim)?)
 }
 
 /// `lavit completions SHELL`: the completion script for `cmd` on stdout.

@@ -41,7 +41,8 @@ pub struct Args {
     /// Device of every stage: cpu, cuda or cuda:N (default: the config's placement, else cpu).
     #[arg(long)]
     pub device: Option<String>,
-    /// A serving config whose `[pipeline]` / `[plugins]` sections apply.
+    /// A serving config whose `[pipeline]` / `[plugins]` sections apply (the
+    /// plugins named there are native code loaded into this process, trusted like any shared library).
     #[arg(long)]
     pub config: Option<PathBuf>,
 }

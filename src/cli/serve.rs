@@ -20,8 +20,8 @@ use lavit::serve::{self, ServeConfig};
 /// Arguments of `lavit serve`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Server config (configs/serve.toml): `[server]` limits, `[pipeline]`, `[plugins]`;
-    /// without it, the built-in defaults.
+    /// Server config (configs/serve.toml): `[server]` limits, `[pipeline]`, `[plugins]`
+    /// (plugins named there are native code loaded into this process, trusted like any shared library); without it, the built-in defaults.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Checkpoint folder (overrides `pipeline.checkpoint`).

@@ -182,21 +182,38 @@ impl FashionMnist {
     }
 }
 
-/// Reads a whole file, gunzipping it when it starts with the gzip magic.
+/// Reads a whole file through the capped regular-file reader (never a FIFO or a device),
+/// gunzipping it when it starts with the gzip magic; file and inflated data are each at
+/// most [`fsread::MAX_DATA_FILE_BYTES`] (a gzip bomb is refused after that many bytes).
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
-    let io = |source| DataError::Io {
+    use lavit_runtime::fsread;
+    let cap = fsread::MAX_DATA_FILE_BYTES;
+    let format = |msg: String| DataError::Format {
         path: path.to_path_buf(),
-        source,
+        msg,
     };
-    let raw = std::fs::read(path).map_err(io)?;
+    let raw = match fsread::read_capped(path, cap) {
+        Ok(raw) => raw,
+        Err(lavit_runtime::Error::Io { source, .. }) => {
+            return Err(DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(lavit_runtime::Error::Checkpoint { msg, .. }) => return Err(format(msg)),
+        Err(e) => return Err(format(e.to_string())),
+    };
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
+            .take(cap + 1)
             .read_to_end(&mut out)
-            .map_err(|e| DataError::Format {
-                path: path.to_path_buf(),
-                msg: format!("bad gzip stream: {e}"),
-            })?;
+            .map_err(|e| format(format!("bad gzip stream: {e}")))?;
+        if out.len() as u64 > cap {
+            return Err(format(format!(
+                "inflates to more than the {cap}-byte cap for a data file"
+            )));
+        }
         Ok(out)
     } else {
         Ok(raw)

@@ -45,6 +45,11 @@ pub struct Judge {
     head: nn::Linear,
 }
 
+/// Most channels of a judge's conv blocks read from a file.
+pub const MAX_JUDGE_CHANNELS: i64 = 1024;
+/// Most hidden units of a judge read from a file.
+pub const MAX_JUDGE_HIDDEN: i64 = 1 << 16;
+
 /// Dropout rate before the last layer while training.
 const DROPOUT: f64 = 0.25;
 
@@ -184,20 +189,50 @@ impl Judge {
     }
 
     /// Loads a judge file whose sizes are read from its tensors (`conv1.weight`
-    /// [c1, 1, 3, 3], `conv2.weight` [c2, c1, 3, 3], `fc1.weight` [hidden, c2·49]).
+    /// [c1, 1, 3, 3], `conv2.weight` [c2, c1, 3, 3], `fc1.weight` [hidden, c2·49],
+    /// `fc2.weight` [10, hidden]). Every size is bounded ([`MAX_JUDGE_CHANNELS`],
+    /// [`MAX_JUDGE_HIDDEN`]) and every tensor's whole shape checked against the layout
+    /// before the judge is built, so a file cannot make it allocate more than it holds.
     pub fn load_file(path: &Path) -> anyhow::Result<Self> {
         let sd = lavit_runtime::checkpoint::load_path(path)?;
-        let dim = |key: &str, i: usize| -> anyhow::Result<i64> {
-            let t = sd.get(key).ok_or_else(|| {
+        let shape = |key: &str| -> anyhow::Result<Vec<i64>> {
+            sd.get(key).map(|t| t.size()).ok_or_else(|| {
                 anyhow::anyhow!("{}: no `{key}` tensor (not a judge file)", path.display())
-            })?;
-            t.size().get(i).copied().ok_or_else(|| {
-                anyhow::anyhow!("{}: `{key}` has shape {:?}", path.display(), t.size())
             })
         };
+        let first = |key: &str, cap: i64| -> anyhow::Result<i64> {
+            let s = shape(key)?;
+            match s.first() {
+                Some(&d) if (1..=cap).contains(&d) => Ok(d),
+                _ => anyhow::bail!(
+                    "{}: `{key}` has shape {s:?}; its first size must be in 1..={cap}",
+                    path.display()
+                ),
+            }
+        };
+        let c1 = first("conv1.weight", MAX_JUDGE_CHANNELS)?;
+        let c2 = first("conv2.weight", MAX_JUDGE_CHANNELS)?;
+        let hidden = first("fc1.weight", MAX_JUDGE_HIDDEN)?;
+        for (key, want) in [
+            ("conv1.weight", vec![c1, 1, 3, 3]),
+            ("conv1.bias", vec![c1]),
+            ("conv2.weight", vec![c2, c1, 3, 3]),
+            ("conv2.bias", vec![c2]),
+            ("fc1.weight", vec![hidden, c2 * 49]),
+            ("fc1.bias", vec![hidden]),
+            ("fc2.weight", vec![10, hidden]),
+            ("fc2.bias", vec![10]),
+        ] {
+            let got = shape(key)?;
+            anyhow::ensure!(
+                got == want,
+                "{}: `{key}` has shape {got:?}, the judge layout needs {want:?}",
+                path.display()
+            );
+        }
         let cfg = JudgeConfig {
-            channels: (dim("conv1.weight", 0)?, dim("conv2.weight", 0)?),
-            hidden: dim("fc1.weight", 0)?,
+            channels: (c1, c2),
+            hidden,
             ..Default::default()
         };
         Self::load(&cfg, path)

@@ -12,6 +12,7 @@ pub mod judge;
 pub mod machine;
 pub mod progress;
 pub mod report;
+pub mod selection;
 pub mod stage0;
 pub mod stages;
 pub mod vocab;
@@ -113,6 +114,8 @@ pub struct DemoOptions {
     /// Torch intra-op threads of each stage that runs beside another or has small ops (0 = half
     /// the cores, at least one); stage 0 and the evaluation use every core.
     pub threads: usize,
+    /// Stop after this stage (`stage1`: the tokenizer only); None: the whole run.
+    pub stop_after: Option<String>,
 }
 
 /// The numbers the demo measured (also written to `report/metrics.json`).
@@ -136,6 +139,13 @@ pub struct DemoSummary {
     pub mean_kept_ratio: f64,
     /// Mean kept-token count per class.
     pub mean_tokens_per_class: Vec<f64>,
+    /// What the selector keeps on the held-out photos, and where: the checkpoint's default
+    /// selection through the pipeline (as `lavit serve` answers `/v1/tokenize`).
+    #[serde(default)]
+    pub selection: selection::SelectionFigures,
+    /// The same for the arg-max and the sampled (Gumbel) selection, measured after stage 1.
+    #[serde(default)]
+    pub selection_modes: selection::ModeFigures,
     /// The checkpoint folder `lavit caption/generate/serve` load.
     pub checkpoint: PathBuf,
     /// Seconds per stage, in the order they finished (0 for a stage skipped as already done);
@@ -202,7 +212,7 @@ impl Stages {
         let dir = self.dir(name);
         let marker = dir.join("done.json");
         let config = serde_json::to_value(config)?;
-        if let Ok(text) = std::fs::read_to_string(&marker) {
+        if let Ok(text) = lavit_runtime::fsread::read_config(&marker) {
             match serde_json::from_str::<DoneMarker<T>>(&text) {
                 Ok(m) if m.config == config => {
                     tracing::info!(stage = name, "already done ({:.0} s), skipped", m.seconds);
@@ -316,6 +326,14 @@ struct CurvesSummary {
     curves: Vec<(String, Vec<f64>)>,
 }
 
+#[derive(Serialize, Deserialize)]
+struct Stage1Summary {
+    export: PathBuf,
+    curves: Vec<(String, Vec<f64>)>,
+    /// What the trained selector keeps on the held-out photos, and where.
+    selection: selection::ModeFigures,
+}
+
 /// Runs the demo end to end.
 pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
     // Threads (measured on 2 cores): stage 0 (batches of 128 images × 49 patches) and the
@@ -374,15 +392,40 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
             cfg.seed,
             dir,
         )?;
-        Ok(CurvesSummary {
-            export: Some(export),
+        let tok = crate::tokenizer::VisualTokenizer::from_checkpoint(
+            &export,
+            tch::Device::Cpu,
+            crate::tokenizer::LoadParts::tokenize_only(),
+        )?;
+        let selection = selection::measure(&tok, &data.eval, cfg.seed)?;
+        tracing::info!(
+            "stage 1 selection on held-out photos (arg-max | Gumbel): kept ratio {:.3} | {:.3}, on the garment {:.3} | {:.3} (chance {:.3}), Spearman(kept, garment) {:.2} | {:.2}, images with a mask of their own {:.3} | {:.3}",
+            selection.argmax.mean_kept_ratio,
+            selection.gumbel.mean_kept_ratio,
+            selection.argmax.garment_share,
+            selection.gumbel.garment_share,
+            selection.argmax.garment_share_chance,
+            selection.argmax.spearman_kept_garment,
+            selection.gumbel.spearman_kept_garment,
+            selection.argmax.own_mask_share,
+            selection.gumbel.own_mask_share,
+        );
+        Ok(Stage1Summary {
+            export,
             curves,
+            selection,
         })
     })?;
-    let tok_dir = s1
-        .export
-        .clone()
-        .context("stage 1 left no tokenizer folder")?;
+    let tok_dir = s1.export.clone();
+    if opts.stop_after.as_deref() == Some("stage1") {
+        return Ok(DemoSummary {
+            stage0_accuracy: s0.accuracy,
+            selection_modes: s1.selection.clone(),
+            seconds: st.seconds(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        });
+    }
 
     // Stage 2 (the LLM on [image, text], [text, image] and [text]) beside stage 1b (the pixel
     // decoder on the tokenizer's reconstructions). Stage 1b draws from libtorch's generator
@@ -462,6 +505,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
     let reranker = stage0::Heads::load(
         cfg.tokenizer.encoder_width,
         cfg.tokenizer.patch_size,
+        cfg.stage0.pool,
         &stages::stage0_heads(&st.dir("stage0")),
     )?;
     let key_eval = (&key1b, &key2, &cfg.eval);
@@ -487,6 +531,8 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         t2i_accuracy_unranked: ev.t2i_accuracy_unranked,
         reconstruction_accuracy: ev.reconstruction_accuracy,
         mean_kept_ratio: ev.mean_kept_ratio,
+        selection: ev.selection.clone(),
+        selection_modes: s1.selection.clone(),
         mean_tokens_per_class: ev
             .token_counts
             .iter()
@@ -533,7 +579,7 @@ fn write_report(
 ) -> anyhow::Result<()> {
     let dir = opts.out.join("report");
     std::fs::create_dir_all(&dir)?;
-    for png in ["reconstructions.png", "generated.png"] {
+    for png in ["reconstructions.png", "generated.png", "selection.png"] {
         std::fs::copy(eval_dir.join(png), dir.join(png))
             .with_context(|| format!("copying {png}"))?;
     }
@@ -605,6 +651,34 @@ fn write_report(
         ]);
     }
     html.table(&rows);
+    html.h2("What the selector keeps, and where");
+    html.p("Held-out photos: as they are, then with the patches the selector keeps tinted and outlined and the dropped ones darkened (the checkpoint's default selection, through the pipeline, as lavit serve answers /v1/tokenize). A patch is on the garment when its mean pixel value is above 25/255.");
+    html.img("selection.png", "kept patches");
+    let sel_row = |name: &str, f: &selection::SelectionFigures| {
+        vec![
+            name.to_string(),
+            format!("{:.3}", f.mean_kept_ratio),
+            format!("{:.1} %", f.garment_share * 100.0),
+            format!("{:.1} %", f.garment_share_chance * 100.0),
+            format!("{:.2}", f.spearman_kept_garment),
+            format!("{:.1} %", f.own_mask_share * 100.0),
+            f.distinct_masks.to_string(),
+        ]
+    };
+    html.table(&[
+        vec![
+            "selection".into(),
+            "kept ratio".into(),
+            "kept patches on the garment".into(),
+            "… by chance".into(),
+            "Spearman(kept count, garment patches)".into(),
+            "images with a mask of their own".into(),
+            "distinct masks".into(),
+        ],
+        sel_row("checkpoint default (pipeline)", &summary.selection),
+        sel_row("arg-max", &summary.selection_modes.argmax),
+        sel_row("sampled (Gumbel)", &summary.selection_modes.gumbel),
+    ]);
     html.h2("Token count per class (held-out images, dynamic length)");
     let groups: Vec<(String, Vec<i64>)> = (0..10)
         .map(|c| (data::CLASS_NAMES[c].to_string(), ev.token_counts[c].clone()))

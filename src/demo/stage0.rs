@@ -28,6 +28,23 @@ pub struct Stage0Config {
     pub weight_decay: f64,
     /// Weight of the per-patch pixel loss next to the class loss.
     pub pixel_weight: f64,
+    /// How the class head pools the patch features (see [`Pool`]).
+    pub pool: Pool,
+}
+
+/// How stage 0's class head summarises the patch features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// A learned score per patch, softmax over the patches, the weighted mean (attention
+    /// pooling, as CLIP's image embedding is a pooled summary rather than every patch's
+    /// average): the class evidence may sit on the garment's patches alone, so the
+    /// background's features stay about the background.
+    #[default]
+    Attention,
+    /// The plain mean of all patches: every patch, background included, is pushed to carry
+    /// the class.
+    Mean,
 }
 
 impl Default for Stage0Config {
@@ -38,6 +55,7 @@ impl Default for Stage0Config {
             lr: 2e-3,
             weight_decay: 0.05,
             pixel_weight: 4.0,
+            pool: Pool::Attention,
         }
     }
 }
@@ -56,33 +74,50 @@ pub struct Stage0Row {
 pub struct Heads {
     pub vs: nn::VarStore,
     norm: nn::LayerNorm,
+    /// Attention pooling's per-patch score.
+    score: nn::Linear,
     class: nn::Linear,
     pixel: nn::Linear,
+    pool: Pool,
 }
 
 impl Heads {
-    pub fn new(width: i64, patch: i64) -> Self {
+    pub fn new(width: i64, patch: i64, pool: Pool) -> Self {
         let vs = nn::VarStore::new(Device::Cpu);
         let p = vs.root();
         Self {
             norm: nn::layer_norm(&p / "norm", vec![width], Default::default()),
+            score: nn::linear(&p / "score", width, 1, Default::default()),
             class: nn::linear(&p / "class", width, 10, Default::default()),
             pixel: nn::linear(&p / "pixel", width, patch * patch, Default::default()),
+            pool,
             vs,
         }
     }
 
     /// Reads heads saved with [`super::save_vs`].
-    pub fn load(width: i64, patch: i64, path: &std::path::Path) -> anyhow::Result<Self> {
-        let mut h = Self::new(width, patch);
+    pub fn load(
+        width: i64,
+        patch: i64,
+        pool: Pool,
+        path: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let mut h = Self::new(width, patch, pool);
         super::load_vs(&mut h.vs, path)?;
         Ok(h)
     }
 
     /// Class logits [B, 10] from patch features [B, N, C].
     pub fn class_logits(&self, feats: &Tensor) -> Tensor {
-        self.class
-            .forward(&self.norm.forward(&feats.mean_dim(1, false, Kind::Float)))
+        let pooled = match self.pool {
+            Pool::Mean => self.norm.forward(&feats.mean_dim(1, false, Kind::Float)),
+            Pool::Attention => {
+                let x = self.norm.forward(feats); // (B, N, C)
+                let w = self.score.forward(&x).softmax(1, Kind::Float); // (B, N, 1)
+                (x * w).sum_dim_intlist(1, false, Kind::Float) // (B, C)
+            }
+        };
+        self.class.forward(&pooled)
     }
 }
 
@@ -108,7 +143,7 @@ pub fn pretrain(
     let patch = backbone.patch_size();
     let heads = {
         let _turn = lavit_runtime::train::torch_rng_turn(seed);
-        Heads::new(backbone.width(), patch)
+        Heads::new(backbone.width(), patch, cfg.pool)
     };
     let params = backbone.trainable_parameters();
     anyhow::ensure!(

@@ -39,16 +39,32 @@ pub struct Stage1Config {
     pub lr: f64,
     /// Target kept ratio ρ.
     pub rho: f64,
+    /// Its weight λ, where it applies and the per-image floor (see `TokenizerTrainConfig`).
+    pub lambda: f64,
+    pub ratio_scope: crate::train::tokenizer::RatioScope,
+    pub floor: f64,
+    /// Weight of the selector's entropy term.
+    pub confidence_weight: f64,
+    /// Gumbel temperature, annealed from start to end.
+    pub tau_start: f64,
+    pub tau_end: f64,
 }
 
 impl Default for Stage1Config {
     fn default() -> Self {
+        let t = crate::train::tokenizer::TokenizerTrainConfig::default();
         Self {
             steps: 300,
             batch_size: 64,
             steps_no_quant: 120,
             lr: 2e-3,
-            rho: 1.0 / 3.0,
+            rho: t.rho,
+            lambda: t.lambda,
+            ratio_scope: t.ratio_scope,
+            floor: t.floor,
+            confidence_weight: t.confidence_weight,
+            tau_start: t.tau_start,
+            tau_end: t.tau_end,
         }
     }
 }
@@ -294,6 +310,12 @@ pub fn run_stage1(
         steps_no_quant: cfg.steps_no_quant,
         lr: cfg.lr,
         rho: cfg.rho,
+        lambda: cfg.lambda,
+        ratio_scope: cfg.ratio_scope,
+        floor: cfg.floor,
+        confidence_weight: cfg.confidence_weight,
+        tau_start: cfg.tau_start,
+        tau_end: cfg.tau_end,
         save_every: cfg.steps,
         ..Default::default()
     };
@@ -693,6 +715,10 @@ pub struct EvalResult {
     /// Held-out token counts per class.
     pub token_counts: Vec<Vec<i64>>,
     pub mean_kept_ratio: f64,
+    /// What the selector keeps on the held-out photos, and where, with the checkpoint's
+    /// default selection, through the pipeline.
+    #[serde(default)]
+    pub selection: super::selection::SelectionFigures,
 }
 
 /// Evaluates the assembled checkpoint through the one inference path, a [`Pipeline`] of its
@@ -735,6 +761,18 @@ pub fn evaluate(
             other => anyhow::bail!("tokenize answered {other:?}"),
         }
     };
+    // ids and keep masks, as `/v1/tokenize` with `keep_mask` answers
+    let select = |x: Tensor| -> anyhow::Result<(Vec<Vec<i64>>, Vec<Vec<u8>>)> {
+        match run(Task::Select { selection: None }, Input::Images(x))? {
+            Output::Selection { ids, keep } => Ok((
+                ids,
+                keep.iter()
+                    .map(|row| row.iter().map(|&k| k as u8).collect())
+                    .collect(),
+            )),
+            other => anyhow::bail!("select answered {other:?}"),
+        }
+    };
     let pixels_of = |out: Output| -> anyhow::Result<Tensor> {
         match out {
             // (b, 3, S, S) float32 in [0, 1]
@@ -759,9 +797,11 @@ pub fn evaluate(
     let n_class = eval.class_counts();
     let bar = super::progress::Progress::new("eval caption", eval.len().div_ceil(64) as u64);
     let mut kept_total = 0i64;
+    let mut masks = Vec::with_capacity(eval.len());
     for chunk in all.chunks(64) {
         let x = to_model_input(&eval.batch_unit(chunk), size);
-        let ids = tokenize(x.shallow_clone())?;
+        let (ids, keep) = select(x.shallow_clone())?;
+        masks.extend(keep);
         let texts = rt
             .block_on(pipe.captions(x, "", copts.clone()))
             .map_err(|e| anyhow::anyhow!("evaluation captions: {e}"))?;
@@ -790,6 +830,15 @@ pub fn evaluate(
     res.mean_kept_ratio =
         kept_total as f64 / (eval.len() as f64 * m.tokenizer.num_patches() as f64);
     res.caption_accuracy = ok.iter().sum::<usize>() as f64 / eval.len().max(1) as f64;
+    let garment = super::selection::split_garment(eval, m.tokenizer.patch_size as usize);
+    res.selection = super::selection::figures(&masks, &garment);
+    super::selection::write_kept_grid(
+        &report_dir.join("selection.png"),
+        eval,
+        &masks,
+        m.tokenizer.patch_size as usize,
+        3,
+    )?;
 
     // Reconstructions: image → tokens → feature decoder → U-Net, judged; the first two of
     // each class go into the grid next to their originals.

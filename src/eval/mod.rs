@@ -34,10 +34,8 @@ use crate::demo::judge::Judge;
 use crate::demo::report;
 use crate::pipeline::messages::{CaptionOptions, GenerateOptions};
 use crate::pipeline::Pipeline;
-
-/// Largest image file read (bytes) and side (pixels) accepted from a data file.
-const MAX_IMAGE_BYTES: u64 = 64 << 20;
-const MAX_IMAGE_SIDE: u32 = 8192;
+use lavit_runtime::fsread;
+use lavit_runtime::image_input::{self, ImageLimits};
 
 /// One reference-captioned image.
 #[derive(Debug, Clone, Deserialize)]
@@ -66,50 +64,37 @@ pub struct PromptItem {
 }
 
 /// Reads a JSON-lines file of `T`; image paths are made relative to its folder. Blank lines
-/// are skipped; a bad line is an error naming the file, the line and serde's reason.
+/// are skipped; a bad line is an error naming the file, the line and serde's reason (quoting
+/// at most 80 characters of it). The file goes through the capped reader: a regular file of
+/// at most [`fsread::MAX_JSONL_BYTES`], each line at most [`fsread::MAX_JSONL_LINE_BYTES`]
+/// (a longer one is refused by number without being read whole).
 pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let item = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: {}", path.display(), i + 1, line.trim()))?;
+    let lines =
+        fsread::read_lines_capped(path, fsread::MAX_JSONL_BYTES, fsread::MAX_JSONL_LINE_BYTES)?;
+    let mut out = Vec::with_capacity(lines.len());
+    for (number, line) in lines {
+        let item = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{} line {number}: {}",
+                path.display(),
+                fsread::excerpt(&line, 80)
+            )
+        })?;
         out.push(item);
     }
     ensure!(!out.is_empty(), "{}: no entries", path.display());
     Ok(out)
 }
 
-/// Loads an image named by a data file (relative paths against `base`), with size caps.
+/// Loads an image named by a data file (relative paths against `base`) through the one
+/// limited decoder (the capped regular-file reader, then the size caps before decoding).
 pub fn load_image(base: &Path, rel: &Path, what: &str) -> Result<DynamicImage> {
     let p = if rel.is_absolute() {
         rel.to_path_buf()
     } else {
         base.join(rel)
     };
-    let len = std::fs::metadata(&p)
-        .with_context(|| format!("{what}: image {}", p.display()))?
-        .len();
-    ensure!(
-        len <= MAX_IMAGE_BYTES,
-        "{what}: image {} is {len} bytes (at most {MAX_IMAGE_BYTES})",
-        p.display()
-    );
-    let reader = image::ImageReader::open(&p)
-        .and_then(|r| r.with_guessed_format())
-        .with_context(|| format!("{what}: image {}", p.display()))?;
-    let (w, h) = reader
-        .into_dimensions()
-        .with_context(|| format!("{what}: image {}", p.display()))?;
-    ensure!(
-        w.max(h) <= MAX_IMAGE_SIDE && w > 0 && h > 0,
-        "{what}: image {} is {w}×{h} (sides 1..={MAX_IMAGE_SIDE})",
-        p.display()
-    );
-    image::open(&p).with_context(|| format!("{what}: image {}", p.display()))
+    image_input::read(&p, &ImageLimits::default()).with_context(|| format!("{what}: image"))
 }
 
 /// The embedding FID is computed over.
@@ -362,6 +347,7 @@ pub async fn evaluate(pipe: &Pipeline, opts: &EvalOptions) -> Result<EvalReport>
             "caption": format!("{:?}", opts.caption),
             "generate": format!("{:?}", opts.generate),
             "limit": opts.limit,
+            "selection": pipe.info().selection,
         }),
         ..Default::default()
     };
@@ -531,19 +517,13 @@ pub async fn evaluate(pipe: &Pipeline, opts: &EvalOptions) -> Result<EvalReport>
     Ok(report)
 }
 
-/// Every PNG / JPEG / BMP file of a folder, sorted by name.
+/// Every PNG / JPEG / BMP file of a folder (not its subfolders), sorted by name; a FIFO or
+/// a device with such a name is refused by name ([`fsread::walk_files`]).
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("real images folder {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| ["png", "jpg", "jpeg", "bmp"].contains(&e.to_lowercase().as_str()))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
+    fsread::walk_files(dir, 0, |p| {
+        fsread::has_extension(p, &["png", "jpg", "jpeg", "bmp"])
+    })
+    .with_context(|| format!("real images folder {}", dir.display()))
 }
 
 async fn text_to_image(

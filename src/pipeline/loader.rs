@@ -128,6 +128,8 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
             height: native,
             ..GenerateOptions::default()
         },
+        selection: cfg.selection_for(&m.tokenizer),
+        selection_note: m.tokenizer.selection_note.clone(),
     };
     let d: PathBuf = dir.to_path_buf();
     let dtype = cfg.dtype.clone();
@@ -139,14 +141,7 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
             Ok(Box::new(EncoderStageModel::load(&d1, dev, kind, &p1)?) as Box<dyn EncoderStage>)
         });
         let (d2, m2, s2, dt2) = (d.clone(), m.clone(), s.clone(), dtype.clone());
-        let selection = match cfg.selection.as_str() {
-            "argmax" => Some(SelectionMode::Argmax),
-            "gumbel" => Some(SelectionMode::Gumbel {
-                seed: cfg.selection_seed,
-                tau: 1.0,
-            }),
-            _ => None,
-        };
+        let selection = SelectionMode::from(info.selection);
         b.selector_merger = Box::new(move |dev| {
             let sd = s2.get();
             let mut st = SelectorMergerStageModel::load_state(
@@ -157,9 +152,7 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
                 &sd,
                 &s2.source,
             )?;
-            if let Some(mode) = selection {
-                st.selection = mode;
-            }
+            st.selection = selection;
             Ok(Box::new(st) as Box<dyn SelectorMergerStage>)
         });
         let (d3, m3, p3) = (d.clone(), m.clone(), plugins.clone());

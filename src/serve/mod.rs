@@ -36,6 +36,7 @@
 //! - API key: when `api_key` is set, or the environment variable named by `api_key_env` (which
 //!   overrides it), `/v1/*` requires `Authorization: Bearer <key>` (401 otherwise).
 
+pub mod intake;
 pub mod metrics;
 pub mod playground;
 pub mod validate;
@@ -67,12 +68,36 @@ pub struct Limits {
     /// Address to listen on.
     #[serde(default = "d_bind")]
     pub bind: String,
-    /// HTTP worker threads.
+    /// HTTP worker threads (1 to [`MAX_WORKERS`]).
     #[serde(default = "d_workers")]
     pub workers: usize,
-    /// Largest request body in bytes (413 above).
+    /// Largest request body in bytes (413 above). Bodies with a `Content-Encoding` are
+    /// refused (415), never inflated ([`intake`]).
     #[serde(default = "d_body")]
     pub body_limit_bytes: usize,
+    /// Bytes of request bodies the server buffers at once, over all connections (429 when
+    /// spent); at least `body_limit_bytes`.
+    #[serde(default = "d_buffered")]
+    pub max_buffered_body_bytes: usize,
+    /// Seconds a request body may take to arrive (408 after).
+    #[serde(default = "d_body_timeout")]
+    pub body_timeout_s: u64,
+    /// Largest request head (path, query and headers) in bytes (431 above).
+    #[serde(default = "d_header")]
+    pub max_header_bytes: usize,
+    /// Most open connections, all workers together (more wait in the backlog).
+    #[serde(default = "d_connections")]
+    pub max_connections: usize,
+    /// Connections the kernel queues before they are accepted.
+    #[serde(default = "d_backlog")]
+    pub backlog: u32,
+    /// Milliseconds a client has to send a request head once connected (or once its
+    /// previous request is answered), else the connection is closed.
+    #[serde(default = "d_head_timeout")]
+    pub request_head_timeout_ms: u64,
+    /// Seconds an idle keep-alive connection stays open (0: no keep-alive).
+    #[serde(default = "d_keep_alive")]
+    pub keep_alive_s: u64,
     /// Longest prompt / question in characters.
     #[serde(default = "d_prompt")]
     pub max_prompt_chars: usize,
@@ -134,6 +159,16 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The caps of an input image for the one limited decoder.
+    pub fn image_limits(&self) -> lavit_runtime::image_input::ImageLimits {
+        let side = u32::try_from(self.max_image_side).unwrap_or(u32::MAX);
+        lavit_runtime::image_input::ImageLimits::new(
+            side,
+            self.max_image_pixels,
+            self.max_image_bytes as u64,
+        )
+    }
+
     /// The API key in force: the environment variable named by `api_key_env` when it is set
     /// and not empty, else `api_key`.
     pub fn effective_api_key(&self) -> Option<String> {
@@ -153,6 +188,27 @@ fn d_workers() -> usize {
 }
 fn d_body() -> usize {
     8 << 20
+}
+fn d_buffered() -> usize {
+    64 << 20
+}
+fn d_body_timeout() -> u64 {
+    30
+}
+fn d_header() -> usize {
+    16 << 10
+}
+fn d_connections() -> usize {
+    1024
+}
+fn d_backlog() -> u32 {
+    1024
+}
+fn d_head_timeout() -> u64 {
+    5000
+}
+fn d_keep_alive() -> u64 {
+    5
 }
 fn d_prompt() -> usize {
     2000
@@ -222,8 +278,12 @@ impl lavit_runtime::config::Validate for ServeConfig {
     }
 }
 
+/// Most HTTP workers (`server.workers`): actix-web refuses (panics on) more than 512.
+pub const MAX_WORKERS: usize = 512;
+
 impl Limits {
-    /// Range checks (every limit at least 1; guidance and cost budget finite and positive).
+    /// Range checks (every limit at least 1; workers at most [`MAX_WORKERS`]; guidance and
+    /// cost budget finite and positive; the body budget holds at least one largest body).
     pub fn validate(&self, origin: &str) -> lavit_runtime::Result<()> {
         let positive = |key: &str, v: u64| {
             if v == 0 {
@@ -237,7 +297,32 @@ impl Limits {
             }
         };
         positive("workers", self.workers as u64)?;
+        if self.workers > MAX_WORKERS {
+            return Err(lavit_runtime::Error::config(
+                origin,
+                "server.workers",
+                format!(
+                    "{} is over the {MAX_WORKERS} HTTP workers actix-web runs",
+                    self.workers
+                ),
+            ));
+        }
         positive("body_limit_bytes", self.body_limit_bytes as u64)?;
+        positive("body_timeout_s", self.body_timeout_s)?;
+        positive("max_header_bytes", self.max_header_bytes as u64)?;
+        positive("max_connections", self.max_connections as u64)?;
+        positive("backlog", self.backlog as u64)?;
+        positive("request_head_timeout_ms", self.request_head_timeout_ms)?;
+        if self.max_buffered_body_bytes < self.body_limit_bytes {
+            return Err(lavit_runtime::Error::config(
+                origin,
+                "server.max_buffered_body_bytes",
+                format!(
+                    "{} is less than server.body_limit_bytes = {}: one largest body must fit",
+                    self.max_buffered_body_bytes, self.body_limit_bytes
+                ),
+            ));
+        }
         positive("max_prompt_chars", self.max_prompt_chars as u64)?;
         positive("max_new_tokens", self.max_new_tokens)?;
         positive("max_n", self.max_n)?;
@@ -595,13 +680,17 @@ async fn tokenize(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -
         .unwrap_or_else(|e| e.response())
 }
 
-/// `POST /v1/tokenize`: per image its visual ids and their count; with `"keep_mask": true`
-/// also the selector's keep mask over the patch grid (`keep`: 0/1 per patch in raster order,
-/// `grid`: [rows, cols]), which the playground draws.
+/// `POST /v1/tokenize`: per image its visual ids and their count, and the `selection` the
+/// decisions were taken with (`{"selection": "argmax"|"gumbel", "seed": N}`: the request's
+/// `selection` / `seed`, else the served default, the checkpoint manifest's); with
+/// `"keep_mask": true` also the selector's keep mask over the patch grid (`keep`: 0/1 per
+/// patch in raster order, `grid`: [rows, cols]), which the playground draws.
 async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppState>) -> Reply {
     st.authorize(&req)?;
     let r: TokenizeRequest = parse_json(&body)?;
     let keep_mask = r.keep_mask;
+    let selection = tokenize_selection(&r, st.pipe.info().selection)?;
+    let used = selection.unwrap_or(st.pipe.info().selection);
     let list = tokenize_images(r, &st.limits)?;
     let graph = st.pipe.graph();
     let ticket = graph.admit()?;
@@ -611,8 +700,8 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
         .map(|(i, b)| (format!("images[{i}]"), b))
         .collect();
     let pixels = decode_and_preprocess(&st, named).await?;
-    let task = if keep_mask {
-        Task::Select
+    let task = if keep_mask || selection.is_some() {
+        Task::Select { selection }
     } else {
         Task::Tokenize
     };
@@ -620,7 +709,13 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
     match wait_watching(&req, &mut handle).await? {
         Output::VisualIds(ids) => {
             let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
-            Ok(HttpResponse::Ok().json(json!({ "tokens": ids, "counts": counts })))
+            Ok(HttpResponse::Ok()
+                .json(json!({ "tokens": ids, "counts": counts, "selection": used })))
+        }
+        Output::Selection { ids, .. } if !keep_mask => {
+            let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
+            Ok(HttpResponse::Ok()
+                .json(json!({ "tokens": ids, "counts": counts, "selection": used })))
         }
         Output::Selection { ids, keep } => {
             let counts: Vec<usize> = ids.iter().map(Vec::len).collect();
@@ -637,6 +732,7 @@ async fn tokenize_inner(req: HttpRequest, body: web::Bytes, st: web::Data<AppSta
                 .collect();
             Ok(HttpResponse::Ok().json(json!({
                 "tokens": ids, "counts": counts, "keep": keep, "grid": grid, "patches": n,
+                "selection": used,
             })))
         }
         _ => Err(ApiError::internal(
@@ -998,11 +1094,15 @@ pub fn spawn(pipe: Arc<Pipeline>, limits: Limits) -> anyhow::Result<RunningServe
             actix_web::rt::System::new().block_on(async move {
                 let body_limit = st.limits.body_limit_bytes;
                 let st2 = st.clone();
+                // One body budget for the whole server, shared by the workers.
+                let intake = web::Data::new(intake::Intake::new(&st.limits));
                 let server = HttpServer::new(move || {
                     let st3 = st2.clone();
                     let app = App::new()
                         .app_data(st2.clone())
+                        .app_data(intake.clone())
                         .app_data(web::PayloadConfig::new(body_limit))
+                        .wrap(actix_web::middleware::from_fn(intake::intake))
                         .wrap_fn(move |req, srv| {
                             use actix_web::dev::Service;
                             let st4 = st3.clone();
@@ -1037,7 +1137,17 @@ pub fn spawn(pipe: Arc<Pipeline>, limits: Limits) -> anyhow::Result<RunningServe
                             .response()
                     }))
                 })
-                .workers(st.limits.workers.max(1))
+                .workers(st.limits.workers.clamp(1, MAX_WORKERS))
+                // Connection limits: an idle or half-sent connection costs a few KiB for at
+                // most request_head_timeout_ms / keep_alive_s (a body is bounded by intake).
+                .max_connections(st.limits.max_connections.div_ceil(st.limits.workers.max(1)))
+                .backlog(st.limits.backlog)
+                .client_request_timeout(Duration::from_millis(st.limits.request_head_timeout_ms))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .keep_alive(match st.limits.keep_alive_s {
+                    0 => actix_web::http::KeepAlive::Disabled,
+                    s => actix_web::http::KeepAlive::Timeout(Duration::from_secs(s)),
+                })
                 .disable_signals()
                 .on_connect(on_connect)
                 .shutdown_timeout(st.limits.drain_timeout_s);

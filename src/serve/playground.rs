@@ -40,7 +40,8 @@ async fn style() -> HttpResponse {
     page("text/css; charset=utf-8", STYLE)
 }
 
-/// What the page needs to set itself up: the model id, whether a key is required, the sizes.
+/// What the page needs to set itself up: the model id, whether a key is required, the sizes,
+/// the served default selection (and the manifest's note on it).
 async fn info(st: web::Data<AppState>) -> HttpResponse {
     let i = st.pipe.info();
     HttpResponse::Ok().json(json!({
@@ -51,5 +52,7 @@ async fn info(st: web::Data<AppState>) -> HttpResponse {
         "max_n": st.limits.max_n,
         "max_steps": st.limits.max_steps,
         "generate": !st.pipe.tokenizer_only(),
+        "selection": i.selection,
+        "selection_note": i.selection_note,
     }))
 }

@@ -2,8 +2,6 @@
 //! work (before admission) and answers bad input with a 4xx and a message naming the field;
 //! it never panics (`tests/fuzz.rs` mutates request bodies through it).
 
-use std::io::Cursor;
-
 use base64::Engine;
 use image::DynamicImage;
 use serde::Deserialize;
@@ -11,6 +9,8 @@ use serde_json::Value;
 
 use super::{ApiError, Limits};
 use crate::pipeline::ModelInfo;
+use lavit_runtime::image_input::DecodeErrorKind;
+use lavit_runtime::manifest::{Selection, SelectionChoice};
 use lavit_runtime::messages::{CaptionOptions, GenerateOptions};
 
 /// POST /v1/images/generations
@@ -56,6 +56,13 @@ pub struct TokenizeRequest {
     /// Also return the selector's keep mask per image (`keep`, `grid`).
     #[serde(default)]
     pub keep_mask: bool,
+    /// Keep/drop decisions: `argmax` or `gumbel`; absent: the served default (the checkpoint
+    /// manifest's `tokenizer.selection`, unless the server's `[pipeline]` config overrides it).
+    #[serde(default)]
+    pub selection: Option<String>,
+    /// Seed of the Gumbel noise; absent: the served default's.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 /// POST /v1/chat/completions (the fields this server uses; others are ignored).
@@ -328,6 +335,31 @@ pub fn chat_plan(r: ChatRequest, lim: &Limits) -> Result<ChatPlan, ApiError> {
     })
 }
 
+/// The selection a tokenize request asks for: `None` when it names neither `selection` nor
+/// `seed` (the SelectorMerger stage's default, `default`), else `default` with the fields it
+/// names replaced. An unknown `selection` is a 400 naming the field.
+pub fn tokenize_selection(
+    r: &TokenizeRequest,
+    default: SelectionChoice,
+) -> Result<Option<SelectionChoice>, ApiError> {
+    let selection = match r.selection.as_deref() {
+        None => default.selection,
+        Some(s) => Selection::parse(s).ok_or_else(|| {
+            ApiError::bad(format!(
+                "`selection` = {s:?} is not one of \"argmax\", \"gumbel\""
+            ))
+            .with_param("selection")
+        })?,
+    };
+    if r.selection.is_none() && r.seed.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(SelectionChoice {
+        selection,
+        seed: r.seed.unwrap_or(default.seed),
+    }))
+}
+
 /// The images of a tokenize request (1 to `max_images` base64 strings).
 pub fn tokenize_images(r: TokenizeRequest, lim: &Limits) -> Result<Vec<String>, ApiError> {
     let list: Vec<String> = match (r.image, r.images) {
@@ -346,10 +378,10 @@ pub fn tokenize_images(r: TokenizeRequest, lim: &Limits) -> Result<Vec<String>, 
     Ok(list)
 }
 
-/// An image given as base64 (or a `data:image/...;base64,` URL), checked before decoding:
-/// encoded length, base64, magic bytes, then the header's width, height and pixel count against
-/// the caps (decompression bombs are refused before any pixel is decoded), then decoded with
-/// allocation limits.
+/// An image given as base64 (or a `data:image/...;base64,` URL): the encoded length, the
+/// base64, then [`lavit_runtime::image_input::decode`] under the server's caps (magic bytes,
+/// the header's width, height and pixel count before any pixel is decoded, a decode budget,
+/// ancillary chunks bounded). 413 over `max_image_bytes`, 415 for another format, else 400.
 pub fn decode_image(name: &str, b64: &str, lim: &Limits) -> Result<DynamicImage, ApiError> {
     decode_image_inner(name, b64, lim).map_err(|e| e.with_param(name))
 }
@@ -382,50 +414,15 @@ fn decode_image_inner(name: &str, b64: &str, lim: &Limits) -> Result<DynamicImag
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| ApiError::bad(format!("`{name}`: bad base64: {e}")))?;
-    if bytes.is_empty() {
-        return Err(ApiError::bad(format!("`{name}`: empty image")));
-    }
-    let format = image::guess_format(&bytes).map_err(|_| {
-        ApiError::unsupported(format!(
-            "`{name}`: not a PNG, JPEG, GIF or BMP image (unknown magic bytes)"
-        ))
-    })?;
-    if !matches!(
-        format,
-        image::ImageFormat::Png
-            | image::ImageFormat::Jpeg
-            | image::ImageFormat::Gif
-            | image::ImageFormat::Bmp
-    ) {
-        return Err(ApiError::unsupported(format!(
-            "`{name}`: {format:?} images are not accepted (PNG, JPEG, GIF, BMP)"
-        )));
-    }
-    let (w, h) = image::ImageReader::with_format(Cursor::new(&bytes), format)
-        .into_dimensions()
-        .map_err(|e| ApiError::bad(format!("`{name}`: unreadable image header: {e}")))?;
-    let side = lim.max_image_side as u64;
-    if w == 0 || h == 0 || w as u64 > side || h as u64 > side {
-        return Err(ApiError::bad(format!(
-            "`{name}`: image is {w}x{h}; each side must be in [1, {side}]"
-        )));
-    }
-    if w as u64 * h as u64 > lim.max_image_pixels {
-        return Err(ApiError::bad(format!(
-            "`{name}`: image has {} pixels, the limit is {}",
-            w as u64 * h as u64,
-            lim.max_image_pixels
-        )));
-    }
-    let mut reader = image::ImageReader::with_format(Cursor::new(&bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    limits.max_alloc = Some(lim.max_image_pixels * 4 * 2 + (1 << 20));
-    reader.limits(limits);
-    let decoded = std::panic::catch_unwind(move || reader.decode())
-        .map_err(|_| ApiError::bad(format!("`{name}`: the image decoder failed on this file")))?;
-    decoded.map_err(|e| ApiError::bad(format!("`{name}`: cannot decode the image: {e}")))
+    // The one limited decoder: the caps are in force before the header is read.
+    lavit_runtime::image_input::decode(&bytes, &lim.image_limits()).map_err(|e| {
+        let msg = format!("`{name}`: {e}");
+        match e.kind {
+            DecodeErrorKind::TooLarge => ApiError::too_large(msg),
+            DecodeErrorKind::Unsupported => ApiError::unsupported(msg),
+            DecodeErrorKind::Invalid => ApiError::bad(msg),
+        }
+    })
 }
 
 /// The question text and the images (base64 strings) of the last user message.

@@ -32,6 +32,8 @@ use lavit_decoder::AutoencoderKL;
 use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::dist::ProcessGroup;
+use lavit_runtime::fsread;
+use lavit_runtime::image_input::{self, ImageLimits};
 use lavit_runtime::messages::{TrainBatch, TrainKey};
 use lavit_runtime::stage::{DecoderStage, Placement, StageKind};
 use lavit_runtime::train::driver::checkpoint_dir;
@@ -51,7 +53,7 @@ use tch::{nn, Device, Kind, Tensor};
 pub struct DataConfig {
     /// A folder searched recursively for PNG/JPEG images.
     pub images: PathBuf,
-    /// Images are resized (squashed) to this square size.
+    /// Images are resized (squashed) to this square size ([`MAX_TRAIN_IMAGE_SIZE`] at most).
     pub image_size: u32,
     /// Use at most this many images (0 = all).
     pub max_images: usize,
@@ -167,6 +169,28 @@ impl DecoderTrainConfig {
         if self.condition.grid <= 0 || self.condition.dim <= 0 {
             bail!("condition.grid and condition.dim must be positive");
         }
+        let size = self.data.image_size;
+        if !(8..=MAX_TRAIN_IMAGE_SIZE).contains(&size) {
+            bail!("data.image_size = {size}: must be in [8, {MAX_TRAIN_IMAGE_SIZE}]");
+        }
+        let grid = self.condition.grid;
+        if grid > size as i64 || size as i64 % grid != 0 {
+            bail!("condition.grid = {grid} must divide data.image_size = {size}");
+        }
+        // The frozen projection is (3·(size/grid)², dim) floats.
+        let patch = size as i64 / grid;
+        let proj = 3 * patch * patch;
+        if proj
+            .checked_mul(self.condition.dim)
+            .is_none_or(|n| n > MAX_PROJECTION)
+        {
+            bail!(
+                "condition.dim = {} with patches of {patch}² pixels (data.image_size / \
+                 condition.grid) makes a {proj} × {} projection, over {MAX_PROJECTION} values",
+                self.condition.dim,
+                self.condition.dim
+            );
+        }
         if self.unet_from.is_none() {
             self.unet.validate("[unet]")?;
             if self.unet.cross_attention_dim != self.condition.dim {
@@ -186,6 +210,12 @@ impl DecoderTrainConfig {
         Ok(())
     }
 }
+
+/// Largest `data.image_size`: the decoder trains at most at the official 1024² (each image
+/// is held as 3 × size² floats, and resized through a size² RGBA buffer).
+pub const MAX_TRAIN_IMAGE_SIZE: u32 = 1024;
+/// Most values of the frozen patch projection (2^28 floats = 1 GiB).
+const MAX_PROJECTION: i64 = 1 << 28;
 
 /// A small pixel-space U-Net for 28–32 px images: two resolutions, transformers (self- and
 /// cross-attention) at the lower one and in the mid block.
@@ -263,28 +293,18 @@ impl Conditioner for PatchConditioner {
 
 /// Load every PNG/JPEG under `dir` (recursively, sorted), composite transparency onto
 /// white, resize to `size`², as (N, 3, size, size) in [-1, 1]. Unreadable images are
-/// skipped with a warning; returns the tensor and the number skipped.
+/// skipped with a warning; returns the tensor and the number skipped. The folder walk
+/// refuses link loops and special files by name ([`fsread::walk_files`]); each image goes
+/// through the one limited decoder.
 pub fn load_image_folder(dir: &Path, size: u32, max_images: usize) -> Result<(Tensor, usize)> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))?;
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if matches!(
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .map(|e| e.to_ascii_lowercase())
-                    .as_deref(),
-                Some("png" | "jpg" | "jpeg")
-            ) {
-                files.push(p);
-            }
-        }
+    if !(1..=MAX_TRAIN_IMAGE_SIZE).contains(&size) {
+        bail!("data.image_size = {size}: must be in [1, {MAX_TRAIN_IMAGE_SIZE}]");
     }
-    files.sort();
+    let files = fsread::walk_files(dir, fsread::MAX_WALK_DEPTH, |p| {
+        fsread::has_extension(p, &["png", "jpg", "jpeg"])
+    })
+    .with_context(|| format!("data.images {}", dir.display()))?;
+    let lim = ImageLimits::default();
     let mut data = Vec::new();
     let mut skipped = 0;
     let mut n = 0;
@@ -292,18 +312,7 @@ pub fn load_image_folder(dir: &Path, size: u32, max_images: usize) -> Result<(Te
         if max_images > 0 && n >= max_images {
             break;
         }
-        let img = match image::ImageReader::open(&f).and_then(|r| r.with_guessed_format()) {
-            Ok(mut r) => {
-                let mut limits = image::Limits::default();
-                limits.max_image_width = Some(8192);
-                limits.max_image_height = Some(8192);
-                limits.max_alloc = Some(256 << 20);
-                r.limits(limits);
-                r.decode()
-            }
-            Err(e) => Err(image::ImageError::IoError(e)),
-        };
-        let img = match img {
+        let img = match image_input::read(&f, &lim) {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!("skipping {}: {e}", f.display());

@@ -31,6 +31,7 @@ use lavit_llm::{LlamaConfig, LlamaForCausalLM};
 use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::dist::ProcessGroup;
+use lavit_runtime::fsread;
 use lavit_runtime::manifest::LavitManifest;
 use lavit_runtime::messages::TrainKey;
 use lavit_runtime::stage::{LlmStage, Placement, SelectorMergerStage, StageKind};
@@ -490,11 +491,9 @@ pub fn run(args: Args) -> Result<()> {
     let text_corpus = match &fc.data.text_corpus {
         Some(p) => {
             let p = rel(&base, p);
-            std::fs::read_to_string(&p)
-                .with_context(|| format!("reading {}", p.display()))?
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| Sample::Text(sp.encode(l)))
+            fsread::read_lines_capped(&p, fsread::MAX_JSONL_BYTES, fsread::MAX_JSONL_LINE_BYTES)?
+                .into_iter()
+                .map(|(_, l)| Sample::Text(sp.encode(&l)))
                 .collect()
         }
         None => Vec::new(),
@@ -642,16 +641,14 @@ impl LlamaConfigInit {
 
 /// Read the training JSONL (see [`DataSection::train`]).
 pub fn read_jsonl(path: &Path, sp: &SentencePiece, vocab: &UnifiedVocab) -> Result<Vec<Sample>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    // The capped line reader: a regular file, each line at most 1 MiB, never echoed whole.
+    let lines =
+        fsread::read_lines_capped(path, fsread::MAX_JSONL_BYTES, fsread::MAX_JSONL_LINE_BYTES)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{}:{}", path.display(), n + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(at)?;
+    for (n, line) in lines {
+        let at = || format!("{}:{}", path.display(), n);
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(at)?;
         let t = v
             .get("text")
             .and_then(|t| t.as_str())

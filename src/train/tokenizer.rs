@@ -65,7 +65,7 @@ use lavit_runtime::stage::{DecoderStage, EncoderStage, QuantizerStage, SelectorM
 pub use lavit_runtime::train::init_weights;
 use lavit_runtime::train::{prefixed, sorted_vars, stage1_adamw, StageOptim};
 use lavit_selector::SelectorMergerStageModel;
-pub use lavit_selector::Stage1Loss;
+pub use lavit_selector::{RatioScope, Stage1Loss};
 
 /// Stage-1 configuration (`lavit train tokenizer --config FILE`, TOML). Defaults are a
 /// small CPU run.
@@ -109,6 +109,12 @@ pub struct TokenizerTrainConfig {
     /// Target kept ratio ρ and its weight λ.
     pub rho: f64,
     pub lambda: f64,
+    /// Where ρ applies: `batch` (the batch's mean kept ratio; each image keeps what its
+    /// reconstruction needs) or `image` (every image's ratio, DynamicViT's form).
+    pub ratio_scope: RatioScope,
+    /// With `ratio_scope = "batch"`: an image whose mean keep probability falls below this
+    /// is pulled back (against collapse); 0: no floor.
+    pub floor: f64,
     /// Gumbel temperature, annealed exponentially from start to end over the run.
     pub tau_start: f64,
     pub tau_end: f64,
@@ -139,7 +145,8 @@ pub struct TokenizerTrainConfig {
     pub placement_file: Option<PathBuf>,
     /// Plugin libraries and the backbone / codebook taken from them instead of EVA-CLIP and
     /// the built-in VQ (the same `[plugins]` section `lavit serve` and `lavit tokenize`
-    /// read). A plugin backbone replaces `encoder_dir`'s EVA.
+    /// read). A plugin backbone replaces `encoder_dir`'s EVA. Plugins are native code loaded
+    /// into this process, trusted like any shared library.
     pub plugins: PluginsConfig,
 }
 
@@ -165,6 +172,8 @@ impl Default for TokenizerTrainConfig {
             grad_clip: 1.0,
             rho: 1.0 / 3.0,
             lambda: 2.0,
+            ratio_scope: RatioScope::Batch,
+            floor: 0.1,
             tau_start: 1.0,
             tau_end: 0.3,
             beta: 0.25,
@@ -228,6 +237,9 @@ impl TokenizerTrainConfig {
         if !(0.0..=1.0).contains(&self.rho) {
             bail!("key `rho`: must be in [0, 1], got {}", self.rho);
         }
+        if !(0.0..1.0).contains(&self.floor) {
+            bail!("key `floor`: must be in [0, 1), got {}", self.floor);
+        }
         if self.steps_no_quant < 0 || self.steps_no_quant > self.steps {
             bail!(
                 "key `steps_no_quant`: must be in 0..={}, got {}",
@@ -272,25 +284,14 @@ impl TrainReport {
 }
 
 /// Read every image under `dir` (recursively, sorted). Unreadable images are skipped with a
-/// warning and counted. Returns ([M, 3, S, S], skipped).
+/// warning and counted; link loops and special files are refused by name
+/// ([`lavit_runtime::fsread::walk_files`]). Returns ([M, 3, S, S], skipped).
 pub fn load_image_folder(dir: &Path, size: i64, max_images: usize) -> Result<(Tensor, usize)> {
-    let mut paths = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))?;
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Some(ext) = p.extension().and_then(|e| e.to_str()) {
-                if ["png", "jpg", "jpeg", "bmp", "gif"].contains(&ext.to_ascii_lowercase().as_str())
-                {
-                    paths.push(p);
-                }
-            }
-        }
-    }
-    paths.sort();
+    use lavit_runtime::fsread;
+    let paths = fsread::walk_files(dir, fsread::MAX_WALK_DEPTH, |p| {
+        fsread::has_extension(p, &["png", "jpg", "jpeg", "bmp", "gif"])
+    })
+    .with_context(|| format!("data_dir {}", dir.display()))?;
     let proc = LaVITImageProcessor::new(size as u32);
     let mut images = Vec::new();
     let mut skipped = 0;
@@ -533,6 +534,8 @@ pub fn stage1_spec(
             rho: cfg.rho,
             lambda: cfg.lambda,
             confidence_weight: cfg.confidence_weight,
+            ratio_scope: cfg.ratio_scope,
+            floor: cfg.floor,
         },
         adamw: AdamWConfig {
             weight_decay: cfg.weight_decay,
@@ -956,7 +959,7 @@ pub fn export(
 /// Arguments of `lavit train tokenizer`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Training config (TOML, keys of [`TokenizerTrainConfig`]).
+    /// Training config (TOML, keys of [`TokenizerTrainConfig`]); the plugins named there are native code loaded into this process, trusted like any shared library.
     #[arg(long)]
     pub config: PathBuf,
 }

@@ -8,40 +8,18 @@
 //! (antialiasing), coefficients normalised per output pixel and applied in 22-bit fixed
 //! point, horizontal pass first with an 8-bit intermediate image.
 //!
-//! Decoding runs under limits: the dimensions are read from the header and checked
-//! before any pixel buffer is allocated, so a decompression bomb is refused up front.
+//! Decoding is the runtime's one limited decoder ([`lavit_runtime::image_input`]): the limits
+//! are in force before the header is read, so a decompression bomb is refused up front.
 
-use std::io::Cursor;
 use std::path::Path;
 
-use image::{ImageReader, Limits};
-use lavit_runtime::{Error, Result};
+pub use lavit_runtime::image_input::ImageLimits;
+use lavit_runtime::Result;
 use tch::{Kind, Tensor};
 
 /// CLIP normalisation (`transform.py`).
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
-
-/// Size limits applied before decoding an untrusted image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ImageLimits {
-    /// Largest accepted width or height in pixels.
-    pub max_side: u32,
-    /// Largest accepted width × height.
-    pub max_pixels: u64,
-    /// Largest accepted encoded file size in bytes.
-    pub max_file_bytes: u64,
-}
-
-impl Default for ImageLimits {
-    fn default() -> Self {
-        Self {
-            max_side: 8192,
-            max_pixels: 40_000_000,
-            max_file_bytes: 64 << 20,
-        }
-    }
-}
 
 /// `LaVITImageProcessor(image_size)`.
 #[derive(Debug, Clone)]
@@ -59,59 +37,18 @@ impl LaVITImageProcessor {
         }
     }
 
-    /// Read and preprocess an image file → [3, S, S] float32.
+    /// Read and preprocess an image file → [3, S, S] float32 (errors name the file).
     pub fn load(&self, path: &Path) -> Result<Tensor> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta.len() > self.limits.max_file_bytes {
-            return Err(Error::invalid(format!(
-                "{}: file is {} bytes, more than the {} byte limit",
-                path.display(),
-                meta.len(),
-                self.limits.max_file_bytes
-            )));
-        }
-        let bytes = lavit_runtime::fsread::read_capped(path, self.limits.max_file_bytes)?;
-        self.load_bytes(&bytes)
-            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
+        let rgb = lavit_runtime::image_input::read_rgb8(path, &self.limits)?;
+        Ok(self.preprocess(&rgb))
     }
 
     /// Decode encoded bytes (PNG, JPEG, BMP, GIF) under the limits → RGB8.
     pub fn decode(&self, bytes: &[u8]) -> Result<image::RgbImage> {
-        if bytes.len() as u64 > self.limits.max_file_bytes {
-            return Err(Error::invalid(format!(
-                "image is {} bytes, more than the {} byte limit",
-                bytes.len(),
-                self.limits.max_file_bytes
-            )));
-        }
-        let reader = || {
-            ImageReader::new(Cursor::new(bytes))
-                .with_guessed_format()
-                .map_err(|e| Error::invalid(format!("unreadable image: {e}")))
-        };
-        let (w, h) = reader()?
-            .into_dimensions()
-            .map_err(|e| Error::invalid(format!("unreadable image header: {e}")))?;
-        let l = &self.limits;
-        if w == 0 || h == 0 {
-            return Err(Error::invalid(format!("image has an empty size {w}x{h}")));
-        }
-        if w > l.max_side || h > l.max_side || (w as u64) * (h as u64) > l.max_pixels {
-            return Err(Error::invalid(format!(
-                "image is {w}x{h} pixels, over the limit (side ≤ {}, pixels ≤ {})",
-                l.max_side, l.max_pixels
-            )));
-        }
-        let mut r = reader()?;
-        let mut lim = Limits::default();
-        lim.max_image_width = Some(l.max_side);
-        lim.max_image_height = Some(l.max_side);
-        lim.max_alloc = Some(l.max_pixels.saturating_mul(8));
-        r.limits(lim);
-        let img = r
-            .decode()
-            .map_err(|e| Error::invalid(format!("cannot decode image: {e}")))?;
-        Ok(img.to_rgb8())
+        Ok(lavit_runtime::image_input::decode_rgb8(
+            bytes,
+            &self.limits,
+        )?)
     }
 
     /// Encoded bytes → [3, S, S] float32, CLIP-normalised.

@@ -681,3 +681,18 @@ fn check_context(model: &LlamaForCausalLM, prompt_len: i64, max_new_tokens: i64)
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Greedy decoding takes `torch.argmax`'s first index on an exact tie, as transformers'
+    /// greedy search does; suppressed (−inf) ids never win.
+    #[test]
+    fn greedy_pick_takes_the_first_of_tied_ids() {
+        let inf = f32::NEG_INFINITY;
+        let logits = Tensor::from_slice(&[1.0f32, 3.0, 3.0, 2.0, inf, 0.5, 0.5, 0.5]).view([2, 4]);
+        let picked = pick(&logits, &Sampling::greedy(), &mut SampleRng::new(Some(0)));
+        assert_eq!(Vec::<i64>::try_from(picked).unwrap(), vec![1, 1]);
+    }
+}

@@ -6,18 +6,34 @@
 //! (`tokenizer.model` first, as the official LaVIT folders ship it, then `tokenizer.json`).
 //! BOS / EOS come from `tokenizer_config.json` beside the file when it names them, else from
 //! the `<s>` / `</s>` tokens LLaMA uses.
+//!
+//! A `tokenizer.json` is untrusted input, checked before the `tokenizers` crate builds
+//! anything from it ([`probe`]): its vocabulary, merges and added tokens are counted and
+//! their ids bounded ([`MAX_VOCAB`], …) in one pass that stores nothing, and every regex of
+//! its normaliser, pre-tokenizer and decoder must pass [`crate::regex_guard::check_linear`];
+//! a refusal names the file and the key. The patterns that pass run under Oniguruma's retry
+//! limits, and a matcher failure on one text fails only that request
+//! ([`TextTokenizer::try_encode`]).
 
+use std::fmt;
 use std::path::Path;
 
 use lavit_runtime::{Error, Result};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::sentencepiece::SentencePiece;
 
 /// What the LLM needs from a text tokenizer.
 pub trait TextTokenizer: Send + Sync {
-    /// Text → ids, without BOS / EOS.
+    /// Text → ids, without BOS / EOS (an empty list where the text cannot be split).
     fn encode(&self, text: &str) -> Vec<i64>;
+    /// Text from a request → ids, or an [`Error::Invalid`] when this text cannot be split
+    /// (a tokenizer regex gave up on it): the request fails, the stage does not.
+    fn try_encode(&self, text: &str) -> Result<Vec<i64>> {
+        Ok(self.encode(text))
+    }
     /// Ids → text; special tokens vanish, out-of-range ids are skipped.
     fn decode(&self, ids: &[i64]) -> String;
     fn vocab_size(&self) -> usize;
@@ -48,8 +64,246 @@ impl TextTokenizer for SentencePiece {
     }
 }
 
-/// Largest `tokenizer.json` read (LLaMA-3's is 9 MB, the largest common ones ~20 MB).
-pub const MAX_TOKENIZER_JSON: u64 = 256 << 20;
+/// Largest `tokenizer.json` read (LLaMA-3's is 9 MB, Gemma-3's 33 MB).
+pub const MAX_TOKENIZER_JSON: u64 = 64 << 20;
+/// Most entries of `model.vocab`, and the bound on every token id (Gemma's 262k is the
+/// largest real vocabulary).
+pub const MAX_VOCAB: u64 = 1 << 20;
+/// Most entries of `model.merges` (LLaMA-3 has 280k).
+pub const MAX_MERGES: u64 = 1 << 21;
+/// Most `added_tokens`.
+pub const MAX_ADDED_TOKENS: u64 = 1 << 17;
+/// Oniguruma's backtracking budget per match and per search (its default per match is 10 M,
+/// per search unlimited): a linear pattern on a prompt needs a few steps per character.
+const ONIG_RETRY_LIMIT: u64 = 1_000_000;
+
+/// What [`probe`] reads of a `tokenizer.json`: counts and ids, and the parts holding regexes.
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default, rename = "model")]
+    _model: Option<ModelProbe>,
+    #[serde(default, rename = "added_tokens")]
+    _added_tokens: Option<Counted<AddedTokens>>,
+    #[serde(default)]
+    normalizer: Option<serde_json::Value>,
+    #[serde(default)]
+    pre_tokenizer: Option<serde_json::Value>,
+    #[serde(default)]
+    decoder: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ModelProbe {
+    #[serde(default, rename = "vocab")]
+    _vocab: Option<Counted<Vocab>>,
+    #[serde(default, rename = "merges")]
+    _merges: Option<Counted<Merges>>,
+}
+
+/// A bounded list or map of a `tokenizer.json`.
+trait Bounded {
+    /// Its key, for errors.
+    const KEY: &'static str;
+    /// Most entries.
+    const CAP: u64;
+}
+
+/// `model.vocab`: a map token → id (BPE, WordPiece) or a list of [token, score] (Unigram).
+struct Vocab;
+impl Bounded for Vocab {
+    const KEY: &'static str = "model.vocab";
+    const CAP: u64 = MAX_VOCAB;
+}
+/// `model.merges`.
+struct Merges;
+impl Bounded for Merges {
+    const KEY: &'static str = "model.merges";
+    const CAP: u64 = MAX_MERGES;
+}
+/// `added_tokens`: a list of objects with an `id`.
+struct AddedTokens;
+impl Bounded for AddedTokens {
+    const KEY: &'static str = "added_tokens";
+    const CAP: u64 = MAX_ADDED_TOKENS;
+}
+
+/// A list or map of at most `B::CAP` entries, counted without being stored; every id it
+/// holds (a map's values, an `id` field of a list's objects) must be below [`MAX_VOCAB`].
+struct Counted<B>(std::marker::PhantomData<B>);
+
+/// A list entry: anything, with its `id` read when it is an object that has one.
+struct Entry(Option<u64>);
+
+impl<'de> Deserialize<'de> for Entry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "an entry")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Entry, A::Error> {
+                let mut id = None;
+                while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if k == "id" {
+                        id = Some(a.next_value::<u64>()?);
+                    } else {
+                        a.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Entry(id))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Entry, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Entry(None))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<Entry, E> {
+                Ok(Entry(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<Entry, E> {
+                Ok(Entry(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<Entry, E> {
+                Ok(Entry(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<Entry, E> {
+                Ok(Entry(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<Entry, E> {
+                Ok(Entry(None))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Entry, E> {
+                Ok(Entry(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de, B: Bounded> Deserialize<'de> for Counted<B> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        struct V<B>(std::marker::PhantomData<B>);
+        impl<'de, B: Bounded> Visitor<'de> for V<B> {
+            type Value = Counted<B>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "`{}`: a list or a map", B::KEY)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut n = 0u64;
+                while let Some(Entry(id)) = a.next_element::<Entry>()? {
+                    n += 1;
+                    if n > B::CAP {
+                        return Err(A::Error::custom(format!(
+                            "`{}` has more than {} entries",
+                            B::KEY,
+                            B::CAP
+                        )));
+                    }
+                    if let Some(id) = id.filter(|&i| i >= MAX_VOCAB) {
+                        return Err(A::Error::custom(format!(
+                            "`{}`: token id {id} is not below {MAX_VOCAB}",
+                            B::KEY
+                        )));
+                    }
+                }
+                Ok(Counted(std::marker::PhantomData))
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut n = 0u64;
+                while let Some((_, id)) = a.next_entry::<IgnoredAny, u64>()? {
+                    n += 1;
+                    if n > B::CAP {
+                        return Err(A::Error::custom(format!(
+                            "`{}` has more than {} entries",
+                            B::KEY,
+                            B::CAP
+                        )));
+                    }
+                    if id >= MAX_VOCAB {
+                        return Err(A::Error::custom(format!(
+                            "`{}`: token id {id} is not below {MAX_VOCAB}",
+                            B::KEY
+                        )));
+                    }
+                }
+                Ok(Counted(std::marker::PhantomData))
+            }
+        }
+        d.deserialize_any(V::<B>(std::marker::PhantomData))
+    }
+}
+
+/// Check a `tokenizer.json` text before it is built: sizes and ids (one pass, nothing
+/// stored), then every `Regex` pattern of the normaliser, pre-tokenizer and decoder. The
+/// error names the key.
+pub fn probe(text: &str) -> std::result::Result<(), String> {
+    let p: Probe = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    for (key, part) in [
+        ("normalizer", &p.normalizer),
+        ("pre_tokenizer", &p.pre_tokenizer),
+        ("decoder", &p.decoder),
+    ] {
+        if let Some(v) = part {
+            check_regexes(key, v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every `{"Regex": pattern}` under `v` through the linear-time check.
+fn check_regexes(key: &str, v: &serde_json::Value) -> std::result::Result<(), String> {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let here = format!("{key}.{k}");
+                if k == "Regex" {
+                    if let Some(pat) = x.as_str() {
+                        crate::regex_guard::check_linear(pat).map_err(|why| {
+                            format!(
+                                "key `{here}`: the pattern {} is not accepted: {why}",
+                                lavit_runtime::fsread::excerpt(&format!("{pat:?}"), 120)
+                            )
+                        })?;
+                    }
+                }
+                check_regexes(&here, x)?;
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                check_regexes(&format!("{key}[{i}]"), x)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Oniguruma's retry limits, once per process.
+fn bound_the_matcher() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: plain setters of two global counters, called once before any pattern of
+        // a tokenizer.json is compiled or run by this process's tokenizers.
+        unsafe {
+            onig_sys::onig_set_retry_limit_in_match(ONIG_RETRY_LIMIT as _);
+            onig_sys::onig_set_retry_limit_in_search(ONIG_RETRY_LIMIT as _);
+        }
+    });
+}
 
 /// A `tokenizer.json` (any model the `tokenizers` crate reads: BPE, Unigram, WordPiece, …).
 pub struct HfTokenizer {
@@ -72,6 +326,8 @@ impl HfTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         // A regular file, size-capped before it is read (never a FIFO or a device).
         let text = lavit_runtime::fsread::read_to_string_capped(path, MAX_TOKENIZER_JSON)?;
+        probe(&text).map_err(|e| Error::ckpt(path, e))?;
+        bound_the_matcher();
         let inner: Tokenizer = text
             .parse()
             .map_err(|e: tokenizers::Error| Error::ckpt(path, e.to_string()))?;
@@ -116,14 +372,26 @@ impl HfTokenizer {
 
 impl TextTokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Vec<i64> {
-        match self.inner.encode(text, false) {
-            Ok(enc) => enc.get_ids().iter().map(|&i| i as i64).collect(),
-            // The tokenizers crate fails only on inputs its normaliser cannot handle; an
-            // empty encoding is the conservative answer (the caller sees no tokens).
-            Err(e) => {
-                tracing::warn!("tokenizer.json: cannot encode the text: {e}");
-                Vec::new()
-            }
+        self.try_encode(text).unwrap_or_else(|e| {
+            // An empty encoding is the conservative answer (the caller sees no tokens).
+            tracing::warn!("{e}");
+            Vec::new()
+        })
+    }
+    fn try_encode(&self, text: &str) -> Result<Vec<i64>> {
+        // The `onig` binding panics when a search hits its retry limit: caught here, so
+        // the text's request fails and the stage goes on.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.encode(text, false)
+        }));
+        match r {
+            Ok(Ok(enc)) => Ok(enc.get_ids().iter().map(|&i| i as i64).collect()),
+            Ok(Err(e)) => Err(Error::invalid(format!(
+                "tokenizer.json cannot encode this text: {e}"
+            ))),
+            Err(_) => Err(Error::invalid(
+                "tokenizer.json cannot split this text: its regex gave up (backtracking limit)",
+            )),
         }
     }
     fn decode(&self, ids: &[i64]) -> String {
@@ -288,6 +556,103 @@ mod tests {
         std::fs::write(&p, "{ not json").unwrap();
         let e = HfTokenizer::from_file(&p).err().unwrap().to_string();
         assert!(e.contains("tokenizer.json"), "{e}");
+    }
+
+    /// Put a `Split` on `pattern` before the byte-level step of the saved tokenizer.json.
+    fn with_split(dir: &Path, pattern: &str) {
+        let p = dir.join("tokenizer.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+             "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": false}]});
+        std::fs::write(&p, v.to_string()).unwrap();
+    }
+
+    #[test]
+    fn backtracking_regexes_are_refused_at_load_naming_file_and_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tokenizer(tmp.path(), false);
+        for (pattern, why) in [
+            ("(a+)+$", "nested quantifiers"),
+            ("(x|xy)*z", "alternation"),
+            (r"(\w)\1", "backreference"),
+        ] {
+            with_split(tmp.path(), pattern);
+            let e = HfTokenizer::from_file(&tmp.path().join("tokenizer.json"))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("tokenizer.json"), "{e}");
+            assert!(
+                e.contains("pre_tokenizer.pretokenizers[0].pattern.Regex") && e.contains(why),
+                "{pattern}: {e}"
+            );
+        }
+        // The GPT-2 pattern is accepted.
+        with_split(
+            tmp.path(),
+            r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+        );
+        let t = HfTokenizer::from_file(&tmp.path().join("tokenizer.json")).unwrap();
+        assert_eq!(
+            t.decode(&t.try_encode("a photo of a cat").unwrap()),
+            "a photo of a cat"
+        );
+    }
+
+    #[test]
+    fn a_text_the_bounded_matcher_gives_up_on_fails_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tokenizer(tmp.path(), false);
+        // Linear enough to pass the load check, quadratic on a long run of spaces (no
+        // match at any start: each start scans the rest).
+        with_split(tmp.path(), r"\s*[\r\n]+|\S+");
+        let t = HfTokenizer::from_file(&tmp.path().join("tokenizer.json")).unwrap();
+        assert!(!t.try_encode("a cat on a mat").unwrap().is_empty());
+        let start = std::time::Instant::now();
+        let e = t.try_encode(&" ".repeat(30_000)).unwrap_err();
+        assert!(
+            matches!(e, Error::Invalid(_)) && e.to_string().contains("gave up"),
+            "{e}"
+        );
+        assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
+        // The tokenizer goes on serving other texts.
+        assert_eq!(t.decode(&t.try_encode("the dog").unwrap()), "the dog");
+    }
+
+    #[test]
+    fn vocabulary_claims_are_bounded_before_building() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_tokenizer(tmp.path(), false);
+        let p = tmp.path().join("tokenizer.json");
+        let orig: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        // A token id far past any vocabulary (an allocation of that many rows elsewhere).
+        let mut v = orig.clone();
+        v["model"]["vocab"]["zz"] = serde_json::json!(4_000_000_000u64);
+        std::fs::write(&p, v.to_string()).unwrap();
+        let e = HfTokenizer::from_file(&p).err().unwrap().to_string();
+        assert!(e.contains("model.vocab") && e.contains("4000000000"), "{e}");
+        let mut v = orig.clone();
+        v["added_tokens"][0]["id"] = serde_json::json!(1u64 << 40);
+        std::fs::write(&p, v.to_string()).unwrap();
+        let e = HfTokenizer::from_file(&p).err().unwrap().to_string();
+        assert!(e.contains("added_tokens"), "{e}");
+        // More entries than any vocabulary: refused while counting, before anything is built.
+        let mut text = String::from(r#"{"model": {"type": "BPE", "vocab": {"#);
+        for i in 0..=MAX_VOCAB {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(&format!("\"t{i}\":{}", i % 1000));
+        }
+        text.push_str("}}}");
+        std::fs::write(&p, &text).unwrap();
+        let e = HfTokenizer::from_file(&p).err().unwrap().to_string();
+        assert!(e.contains("model.vocab") && e.contains("more than"), "{e}");
     }
 
     #[test]

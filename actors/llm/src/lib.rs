@@ -17,6 +17,7 @@ pub mod config;
 pub mod generate;
 pub mod hf_tokenizer;
 pub mod modeling_llama;
+pub mod regex_guard;
 pub mod sentencepiece;
 pub mod stage;
 pub mod train;

@@ -205,18 +205,21 @@ struct Running {
 
 impl LlmStageModel {
     /// The sequence a prompt's parts make, as input embeddings (T, H): text through the
-    /// tokenizer, ids as they are, images between [IMG] and [/IMG].
+    /// tokenizer, ids as they are, images between [IMG] and [/IMG]. A text the tokenizer
+    /// cannot split fails this request as invalid input.
     fn prompt_embeds(&self, parts: Vec<PromptPart>, tail: &[i64]) -> StageResult<Tensor> {
-        let mut segments: Vec<Segment> = parts
-            .into_iter()
-            .filter_map(|p| match p {
-                PromptPart::Text(t) if t.is_empty() => None,
-                PromptPart::Text(t) => Some(Segment::Text(self.tokenizer.encode(&t))),
-                PromptPart::Ids(ids) => Some(Segment::Text(ids)),
-                PromptPart::ImageIds(ids) => Some(Segment::ImageIds(ids)),
-                PromptPart::ImageEmbeds(e) => Some(Segment::ImageEmbeds(e)),
-            })
-            .collect();
+        let mut segments: Vec<Segment> = Vec::with_capacity(parts.len() + 1);
+        for p in parts {
+            segments.push(match p {
+                PromptPart::Text(t) if t.is_empty() => continue,
+                PromptPart::Text(t) => {
+                    Segment::Text(self.tokenizer.try_encode(&t).map_err(stage_err)?)
+                }
+                PromptPart::Ids(ids) => Segment::Text(ids),
+                PromptPart::ImageIds(ids) => Segment::ImageIds(ids),
+                PromptPart::ImageEmbeds(e) => Segment::ImageEmbeds(e),
+            });
+        }
         if !tail.is_empty() {
             segments.push(Segment::Text(tail.to_vec()));
         }

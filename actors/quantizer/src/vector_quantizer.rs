@@ -359,3 +359,37 @@ impl Codebook for VectorQuantizer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(vq: &VectorQuantizer, z: &[[f32; 4]]) -> Vec<i64> {
+        let flat: Vec<f32> = z.iter().flatten().copied().collect();
+        let z = Tensor::from_slice(&flat).view([-1, 4]);
+        Vec::<i64>::try_from(vq.quantize(&z).unwrap()).unwrap()
+    }
+
+    /// The nearest code is `torch.argmin` over the distances: the first index on an exact tie
+    /// (two identical codes, or a vector halfway between two codes).
+    #[test]
+    fn nearest_code_ties_take_the_first_index() {
+        let mut vq = VectorQuantizer::new(4, 4, Device::Cpu);
+        let (c, d) = ([1.0f32, 0.0, 0.0, 0.0], [0.0f32, 1.0, 0.0, 0.0]);
+        let e = [0.0f32, 0.0, 1.0, 0.0];
+        let codes = |rows: [[f32; 4]; 4]| {
+            Tensor::from_slice(&rows.iter().flatten().copied().collect::<Vec<_>>()).view([4, 4])
+        };
+        vq.set_codes(&codes([c, c, d, e]));
+        assert_eq!(ids(&vq, &[[2.0, 0.0, 0.0, 0.0]]), vec![0]);
+        vq.set_codes(&codes([e, d, c, c]));
+        assert_eq!(ids(&vq, &[[3.0, 0.0, 0.0, 0.0]]), vec![2]);
+        // halfway between d and e: the earlier of the two
+        assert_eq!(ids(&vq, &[[0.0, 1.0, 1.0, 0.0]]), vec![0]);
+        vq.set_codes(&codes([c, d, e, e]));
+        assert_eq!(
+            ids(&vq, &[[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 5.0, 0.0]]),
+            vec![1, 2]
+        );
+    }
+}

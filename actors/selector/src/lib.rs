@@ -14,7 +14,7 @@ pub mod token_predictor;
 pub use projector::ProjectorStage;
 pub use selection::{gumbel_softmax_hard, keep_argmax, keep_at_least, SelectionMode, MIN_KEPT};
 pub use stage::{
-    gather_kept, selector_loss, SelectorMergerStageModel, Stage1Loss, UnderstandingHead,
+    gather_kept, selector_loss, RatioScope, SelectorMergerStageModel, Stage1Loss, UnderstandingHead,
 };
 pub use token_merger::{TokenMerger, TokenMergerConfig};
 pub use token_predictor::TokenPredictor;

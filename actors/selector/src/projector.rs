@@ -8,7 +8,9 @@
 
 use lavit_runtime::layers;
 use lavit_runtime::messages::{train_keys, StepControl, StepReport, TrainBatch, TrainParts};
-use lavit_runtime::stage::{SelectorMergerStage, StageError, StageKind, StageResult, Trainable};
+use lavit_runtime::stage::{
+    SelectionChoice, SelectorMergerStage, StageError, StageKind, StageResult, Trainable,
+};
 use lavit_runtime::train::{
     is_no_decay, need_train, not_trainable, sorted_vars, AdamW, AdamWConfig, StageOptim,
 };
@@ -145,7 +147,11 @@ fn projector_only() -> StageError {
 }
 
 impl SelectorMergerStage for ProjectorStage {
-    fn select_merge(&mut self, _: &Tensor) -> StageResult<(Tensor, Tensor)> {
+    fn select_merge(
+        &mut self,
+        _: &Tensor,
+        _: Option<SelectionChoice>,
+    ) -> StageResult<(Tensor, Tensor)> {
         Err(projector_only())
     }
     fn understanding(&mut self, _: &Tensor) -> StageResult<Vec<Tensor>> {

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::layout::{self, files, resolve_file};
-use lavit_runtime::manifest::{LavitManifest, Selection};
+use lavit_runtime::manifest::{LavitManifest, SelectionChoice};
 use lavit_runtime::messages::{train_keys, StepControl, StepReport, TrainBatch, TrainParts};
 use lavit_runtime::stage::{SelectorMergerStage, StageKind, StageResult, Trainable};
 use lavit_runtime::train::{need_train, not_trainable, sorted_vars, StageOptim};
@@ -23,14 +23,6 @@ use lavit_runtime::Result;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use crate::{SelectionMode, TokenMerger, TokenMergerConfig, TokenPredictor};
-
-/// The manifest's default selection: arg-max, or Gumbel as the official code samples.
-pub fn selection_mode(s: Selection) -> SelectionMode {
-    match s {
-        Selection::Argmax => SelectionMode::Argmax,
-        Selection::Gumbel => SelectionMode::Gumbel { seed: 0, tau: 1.0 },
-    }
-}
 
 /// Kept rows of `x` [B, N, C] in raster order → ([T, C], per-image counts).
 pub fn gather_kept(x: &Tensor, decisions: &Tensor) -> (Tensor, Vec<i64>) {
@@ -96,49 +88,79 @@ impl UnderstandingHead {
 /// The selector's stage-1 loss terms from its log-probs [B, N, 2] and keep decisions
 /// M [B, N]: (ratio, confidence).
 ///
-/// ratio = λ · mean_b (ρ − mean_n M_bn)² + λ ρ(1−ρ) · mean_b KL(ρ ‖ q_b),
-/// q_b = mean_n p_bn, p = the keep probability (1 − q_b = the mean drop probability).
+/// With [`RatioScope::Batch`] (the default) the ratio term is the paper's
+/// L_ratio = λ (ρ − mean M)² over the whole batch, so each image keeps as many patches as its
+/// reconstruction needs and only the batch's mean is held at ρ, plus a per-image floor
+/// against collapse: λ · mean_b max(0, ln f − ln q_b), q_b = mean_n p_bn the image's mean
+/// keep probability and f = `floor`. The floor is a hinge on the log of the probabilities,
+/// not on the sampled decisions: once every patch of an image scores far below "drop", the
+/// straight-through Gumbel sample carries no gradient, while −ln q_b does
+/// (∂/∂ logit_n ≈ −p_n / (N q_b): the image's most likely patches are pulled up first). It is
+/// zero for every image that keeps at least the floor, so it does not push each image, nor
+/// each patch, towards ρ.
 ///
-/// The first term is the paper's L_ratio = (ρ − (1/N) Σ_i M_i)² taken per image, as DynamicViT
-/// (which LaVIT's selector follows) computes it — not over the batch mean, which lets one
-/// class keep nothing while another keeps twice ρ. Its gradient reaches the selector through
-/// the straight-through Gumbel sample only, which saturates: once every patch of an image
-/// scores far below "drop" (as the trouser class did in a full demo run, 0.72 tokens per image
-/// on average), the term is large but no longer moves the selector. The second term is the
-/// same per-image target on the keep probabilities as a Bernoulli KL divergence; its gradient
-/// does not vanish as q_b → 0 (∂/∂ logit ≈ −ρ p_n / (N q_b) per patch), so a collapsing image
-/// is pulled back. Scaled by ρ(1−ρ) it equals λ (ρ − q_b)² / 2 to second order near ρ; both
-/// terms are 0 at q_b = mean_n M_bn = ρ.
+/// With [`RatioScope::Image`] the target holds per image, as DynamicViT computes it:
+/// λ · mean_b (ρ − mean_n M_bn)² + λ ρ(1−ρ) · mean_b KL(ρ ‖ q_b) (the KL anchor pulls a
+/// collapsing image back as the floor does, and holds every image's mean at ρ).
 ///
-/// confidence = weight · mean_{b,n} H(p_bn), the binary entropy of the keep probability.
+/// confidence = weight · mean_{b,n} H(p_bn), the binary entropy of the keep probability, so
+/// that the arg-max and the sampled selection keep about as many patches.
 pub fn selector_loss(
     log_probs: &Tensor,
     decisions: &Tensor,
     loss: &Stage1Loss,
 ) -> (Tensor, Tensor) {
     let rho = loss.rho;
-    let kept = decisions.mean_dim(1, false, Kind::Float); // (B,)
-    let sampled = (kept - rho).square().mean(Kind::Float);
     // ln q_b and ln(1 − q_b) from the log-probs (log-sum-exp: exact and with a gradient even
-    // where every p_bn underflows), then ρ ln(ρ/q) + (1−ρ) ln((1−ρ)/(1−q)); a term whose
-    // weight is 0 (ρ = 0 or 1) is left out.
+    // where every p_bn underflows).
     let ln_n = (log_probs.size()[1] as f64).ln();
-    let part = |w: f64, which: i64| {
-        let ln_mean = log_probs.select(-1, which).logsumexp([1], false) - ln_n; // (B,)
-        if w > 0.0 {
-            (ln_mean.neg() + w.ln()) * w
-        } else {
-            ln_mean.zeros_like()
+    let ln_mean = |which: i64| log_probs.select(-1, which).logsumexp([1], false) - ln_n; // (B,)
+    let ratio = match loss.ratio_scope {
+        RatioScope::Batch => {
+            let sampled = (decisions.mean(Kind::Float) - rho).square();
+            if loss.floor > 0.0 {
+                let floor = (ln_mean(0).neg() + loss.floor.ln())
+                    .clamp_min(0.0)
+                    .mean(Kind::Float);
+                (sampled + floor) * loss.lambda
+            } else {
+                sampled * loss.lambda
+            }
+        }
+        RatioScope::Image => {
+            let kept = decisions.mean_dim(1, false, Kind::Float); // (B,)
+            let sampled = (kept - rho).square().mean(Kind::Float);
+            // ρ ln(ρ/q) + (1−ρ) ln((1−ρ)/(1−q)); a term whose weight is 0 (ρ = 0 or 1) is
+            // left out.
+            let part = |w: f64, which: i64| {
+                let l = ln_mean(which);
+                if w > 0.0 {
+                    (l.neg() + w.ln()) * w
+                } else {
+                    l.zeros_like()
+                }
+            };
+            let kl = part(rho, 0) + part(1.0 - rho, 1); // (B,)
+            let anchor = kl.mean(Kind::Float) * (rho * (1.0 - rho));
+            (sampled + anchor) * loss.lambda
         }
     };
-    let kl = part(rho, 0) + part(1.0 - rho, 1); // (B,)
-    let anchor = kl.mean(Kind::Float) * (rho * (1.0 - rho));
-    let ratio = (sampled + anchor) * loss.lambda;
     let entropy = (log_probs.exp() * log_probs)
         .sum_dim_intlist(-1, false, Kind::Float)
         .neg(); // (B, N)
     let confidence = entropy.mean(Kind::Float) * loss.confidence_weight;
     (ratio, confidence)
+}
+
+/// Where the stage-1 ratio target ρ applies (see [`selector_loss`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RatioScope {
+    /// The batch's mean kept ratio, plus a per-image floor: token counts follow the image.
+    #[default]
+    Batch,
+    /// Every image's kept ratio (DynamicViT's per-image form).
+    Image,
 }
 
 /// Stage-1 loss weights the SelectorMerger stage applies.
@@ -149,6 +171,10 @@ pub struct Stage1Loss {
     pub lambda: f64,
     /// Weight of the selector's mean binary entropy.
     pub confidence_weight: f64,
+    /// Where ρ applies.
+    pub ratio_scope: RatioScope,
+    /// Per-image floor of the mean keep probability ([`RatioScope::Batch`]; 0: none).
+    pub floor: f64,
 }
 
 /// The SelectorMerger stage's model.
@@ -159,7 +185,7 @@ pub struct SelectorMergerStageModel {
     pub causal_encoder: TokenMerger,
     pub vit_proj: nn::Linear,
     pub understanding: Option<UnderstandingHead>,
-    /// Default selection mode (from the manifest; arg-max unless it says `gumbel`).
+    /// Default selection mode: the manifest's `selection` and `selection_seed`.
     pub selection: SelectionMode,
     training: Option<(StageOptim, Stage1Loss)>,
     train: bool,
@@ -189,7 +215,7 @@ impl SelectorMergerStageModel {
             causal_encoder,
             vit_proj,
             understanding: None,
-            selection: selection_mode(t.selection),
+            selection: SelectionMode::from(t.selection_choice()),
             training: None,
             train: false,
         }
@@ -231,25 +257,34 @@ impl SelectorMergerStageModel {
         })
     }
 
-    /// Selector on patch features: (log-probs [B, N, 2], decisions [B, N]).
+    /// Selector on patch features at inference: (log-probs [B, N, 2], decisions [B, N]),
+    /// each image's decisions a function of its own features (and the Gumbel seed) only
+    /// ([`SelectionMode::decide`]).
     pub fn select(&self, features: &Tensor, mode: SelectionMode) -> (Tensor, Tensor) {
-        self.select_from_row(features, mode, 0)
+        let log_probs = self.log_probs(features);
+        let decisions = mode.decide(&log_probs);
+        (log_probs, decisions)
     }
 
-    /// [`select`](Self::select) for rows `row0..` of a larger batch: Gumbel noise as the
-    /// whole batch draws it for those rows.
+    /// Stage-1 training: the selector on rows `row0..` of a larger batch, Gumbel noise as
+    /// the whole batch draws it for those rows ([`SelectionMode::decide_from_row`]).
     pub fn select_from_row(
         &self,
         features: &Tensor,
         mode: SelectionMode,
         row0: i64,
     ) -> (Tensor, Tensor) {
+        let log_probs = self.log_probs(features);
+        let decisions = mode.decide_from_row(&log_probs, row0);
+        (log_probs, decisions)
+    }
+
+    /// `token_predictor(features, ones)`: log-probs [B, N, 2] (index 0 = keep).
+    fn log_probs(&self, features: &Tensor) -> Tensor {
         let (b, n) = (features.size()[0], features.size()[1]);
         let features = features.to_kind(self.kind());
         let policy = Tensor::ones([b, n, 1], (features.kind(), features.device()));
-        let log_probs = self.token_predictor.forward(&features, &policy);
-        let decisions = mode.decide_from_row(&log_probs, row0);
-        (log_probs, decisions)
+        self.token_predictor.forward(&features, &policy)
     }
 
     /// The merger on patch features and decisions: merged features [B, N, C], float32
@@ -340,11 +375,16 @@ const K: StageKind = StageKind::SelectorMerger;
 const PART: &str = "selector_merger";
 
 impl SelectorMergerStage for SelectorMergerStageModel {
-    fn select_merge(&mut self, features: &Tensor) -> StageResult<(Tensor, Tensor)> {
+    fn select_merge(
+        &mut self,
+        features: &Tensor,
+        selection: Option<SelectionChoice>,
+    ) -> StageResult<(Tensor, Tensor)> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
         let x = features.to_kind(self.kind());
-        let (_, decisions) = self.select(&x, self.selection);
+        let mode = selection.map_or(self.selection, SelectionMode::from);
+        let (_, decisions) = self.select(&x, mode);
         let merged = self.merge(&x, &decisions);
         Ok((decisions, merged))
     }

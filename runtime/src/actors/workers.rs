@@ -230,6 +230,24 @@ fn split_rows(x: &Tensor, rows: &[i64]) -> Vec<Tensor> {
         .collect()
 }
 
+/// A group whose call failed: each of its requests fails with that error (the other
+/// groups of the step go on).
+fn fail_group(out: &mut [Option<Event>], group: &[usize], r: StageResult<()>) {
+    if let Err(e) = r {
+        for &i in group {
+            out[i] = Some(Event::Fail(e.clone()));
+        }
+    }
+}
+
+/// The keep/drop selection a request asks for (`None`: the stage's default).
+fn selection_of(task: &Task) -> Option<SelectionChoice> {
+    match task {
+        Task::Select { selection } => *selection,
+        _ => None,
+    }
+}
+
 fn take_all<T>(v: Vec<Option<T>>, kind: StageKind) -> StageResult<Vec<T>> {
     v.into_iter()
         .map(|e| e.ok_or_else(|| StageError::failed(kind, "a request of the step got no answer")))
@@ -253,14 +271,18 @@ impl ImageStage for Box<dyn EncoderStage> {
             .collect::<StageResult<_>>()?;
         let mut out: Vec<Option<Event>> = (0..pixels.len()).map(|_| None).collect();
         for g in groups(&pixels, |t| (t.size()[1..].to_vec(), t.kind())) {
-            let parts: Vec<&Tensor> = g.iter().map(|&i| &pixels[i]).collect();
-            let (x, rows) = cat_rows(&parts, device);
-            let features = self.encode(&x)?; // (ΣB, N, C)
-            for (&i, features) in g.iter().zip(split_rows(&features, &rows)) {
-                out[i] = Some(Event::Forward(Payload::PatchFeatures(PatchFeatures {
-                    features,
-                })));
-            }
+            let r = (|| -> StageResult<()> {
+                let parts: Vec<&Tensor> = g.iter().map(|&i| &pixels[i]).collect();
+                let (x, rows) = cat_rows(&parts, device);
+                let features = self.encode(&x)?; // (ΣB, N, C)
+                for (&i, features) in g.iter().zip(split_rows(&features, &rows)) {
+                    out[i] = Some(Event::Forward(Payload::PatchFeatures(PatchFeatures {
+                        features,
+                    })));
+                }
+                Ok(())
+            })();
+            fail_group(&mut out, &g, r);
         }
         take_all(out, StageKind::Encoder)
     }
@@ -291,40 +313,48 @@ impl ImageStage for Box<dyn SelectorMergerStage> {
             .into_iter()
             .unzip();
         let mut out: Vec<Option<Event>> = (0..feats.len()).map(|_| None).collect();
-        // Captions take the understanding path, the rest select and merge: one call each.
-        let items: Vec<(bool, &Tensor)> = tasks
+        // Captions take the understanding path, the rest select and merge: one call per
+        // selection choice (a request's own, or the stage's default).
+        let items: Vec<(bool, Option<SelectionChoice>, &Tensor)> = tasks
             .iter()
-            .map(|t| is_understanding(t))
+            .map(|t| (is_understanding(t), selection_of(t)))
             .zip(&feats)
+            .map(|((u, sel), f)| (u, sel, f))
             .collect();
-        for g in groups(&items, |(u, t)| (*u, t.size()[1..].to_vec(), t.kind())) {
-            let parts: Vec<&Tensor> = g.iter().map(|&i| items[i].1).collect();
-            let (x, rows) = cat_rows(&parts, device);
-            if items[g[0]].0 {
-                let mut embeds = self.understanding(&x)?.into_iter();
-                for (&i, &n) in g.iter().zip(&rows) {
-                    let mine: Vec<Tensor> = embeds.by_ref().take(n as usize).collect();
-                    if mine.len() != n as usize {
-                        return Err(StageError::failed(
-                            StageKind::SelectorMerger,
-                            "the understanding path returned too few images",
-                        ));
+        for g in groups(&items, |(u, sel, t)| {
+            (*u, *sel, t.size()[1..].to_vec(), t.kind())
+        }) {
+            let r = (|| -> StageResult<()> {
+                let parts: Vec<&Tensor> = g.iter().map(|&i| items[i].2).collect();
+                let (x, rows) = cat_rows(&parts, device);
+                if items[g[0]].0 {
+                    let mut embeds = self.understanding(&x)?.into_iter();
+                    for (&i, &n) in g.iter().zip(&rows) {
+                        let mine: Vec<Tensor> = embeds.by_ref().take(n as usize).collect();
+                        if mine.len() != n as usize {
+                            return Err(StageError::failed(
+                                StageKind::SelectorMerger,
+                                "the understanding path returned too few images",
+                            ));
+                        }
+                        out[i] = Some(Event::Forward(Payload::UnderstandingEmbeds(
+                            UnderstandingEmbeds { embeds: mine },
+                        )));
                     }
-                    out[i] = Some(Event::Forward(Payload::UnderstandingEmbeds(
-                        UnderstandingEmbeds { embeds: mine },
-                    )));
+                } else {
+                    let (decisions, merged) = self.select_merge(&x, items[g[0]].1)?;
+                    let d = split_rows(&decisions, &rows);
+                    let m = split_rows(&merged, &rows);
+                    for ((&i, decisions), merged) in g.iter().zip(d).zip(m) {
+                        out[i] = Some(Event::Forward(Payload::MergedFeatures(MergedFeatures {
+                            decisions,
+                            merged,
+                        })));
+                    }
                 }
-            } else {
-                let (decisions, merged) = self.select_merge(&x)?;
-                let d = split_rows(&decisions, &rows);
-                let m = split_rows(&merged, &rows);
-                for ((&i, decisions), merged) in g.iter().zip(d).zip(m) {
-                    out[i] = Some(Event::Forward(Payload::MergedFeatures(MergedFeatures {
-                        decisions,
-                        merged,
-                    })));
-                }
-            }
+                Ok(())
+            })();
+            fail_group(&mut out, &g, r);
         }
         take_all(out, StageKind::SelectorMerger)
     }
@@ -357,30 +387,34 @@ impl ImageStage for Box<dyn QuantizerStage> {
                 m.decisions.size()[1..].to_vec(),
             )
         }) {
-            let merged: Vec<&Tensor> = g.iter().map(|&i| &inputs[i].merged).collect();
-            let decisions: Vec<&Tensor> = g.iter().map(|&i| &inputs[i].decisions).collect();
-            let (m, rows) = cat_rows(&merged, device);
-            let (d, _) = cat_rows(&decisions, device);
-            let mut ids = self.quantize(&m, &d)?.into_iter();
-            for (&i, &n) in g.iter().zip(&rows) {
-                let mine: Vec<Vec<i64>> = ids.by_ref().take(n as usize).collect();
-                if mine.len() != n as usize {
-                    return Err(StageError::failed(
-                        StageKind::Quantizer,
-                        "the codebook returned ids for too few images",
-                    ));
-                }
-                out[i] = Some(match tasks[i] {
-                    Task::Select => Event::Reply(Output::Selection {
-                        ids: mine,
-                        keep: keep_masks(&inputs[i].decisions)?,
-                    }),
-                    t if t.next_after(StageKind::Quantizer).is_some() => {
-                        Event::Forward(Payload::GeneratedIds(GeneratedIds { ids: mine }))
+            let r = (|| -> StageResult<()> {
+                let merged: Vec<&Tensor> = g.iter().map(|&i| &inputs[i].merged).collect();
+                let decisions: Vec<&Tensor> = g.iter().map(|&i| &inputs[i].decisions).collect();
+                let (m, rows) = cat_rows(&merged, device);
+                let (d, _) = cat_rows(&decisions, device);
+                let mut ids = self.quantize(&m, &d)?.into_iter();
+                for (&i, &n) in g.iter().zip(&rows) {
+                    let mine: Vec<Vec<i64>> = ids.by_ref().take(n as usize).collect();
+                    if mine.len() != n as usize {
+                        return Err(StageError::failed(
+                            StageKind::Quantizer,
+                            "the codebook returned ids for too few images",
+                        ));
                     }
-                    _ => Event::Reply(Output::VisualIds(mine)),
-                });
-            }
+                    out[i] = Some(match tasks[i] {
+                        Task::Select { .. } => Event::Reply(Output::Selection {
+                            ids: mine,
+                            keep: keep_masks(&inputs[i].decisions)?,
+                        }),
+                        t if t.next_after(StageKind::Quantizer).is_some() => {
+                            Event::Forward(Payload::GeneratedIds(GeneratedIds { ids: mine }))
+                        }
+                        _ => Event::Reply(Output::VisualIds(mine)),
+                    });
+                }
+                Ok(())
+            })();
+            fail_group(&mut out, &g, r);
         }
         take_all(out, StageKind::Quantizer)
     }

@@ -54,6 +54,10 @@ pub fn load_file(path: &Path) -> Result<StateDict> {
 
 /// Largest safetensors header accepted (the `safetensors` crate enforces its own cap too).
 const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
+/// Most tensors in one safetensors file (a LaVIT part holds < 2,000; SDXL's U-Net 1,680).
+/// Counted in the raw header before anything is built from it: 1.36 M empty tensors in a
+/// 100 MB header otherwise cost 1.5 GiB of tensor objects before any key check.
+pub const MAX_SAFETENSORS_TENSORS: usize = 1 << 17;
 
 /// Every tensor of a safetensors file, without copying the data: the file is mapped once
 /// (copy-on-write, through libtorch's own file mapping, which lives as long as any tensor
@@ -76,6 +80,19 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict> {
                 path,
                 format!(
                     "safetensors header of {n} bytes is over the {MAX_SAFETENSORS_HEADER}-byte cap"
+                ),
+            ));
+        }
+        // Each tensor's entry has one "data_offsets" key: their count bounds the tensors
+        // (a name holding the word only makes the count larger).
+        let header = map.get(8..8 + n as usize).unwrap_or(&[]);
+        let tensors = count_occurrences(header, b"\"data_offsets\"");
+        if tensors > MAX_SAFETENSORS_TENSORS {
+            return Err(Error::ckpt(
+                path,
+                format!(
+                    "the safetensors header lists {tensors} tensors, over the \
+                     {MAX_SAFETENSORS_TENSORS}-tensor cap for one file"
                 ),
             ));
         }
@@ -106,6 +123,25 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict> {
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// How many times `needle` occurs in `hay` (non-overlapping).
+fn count_occurrences(hay: &[u8], needle: &[u8]) -> usize {
+    let Some((&first, _)) = needle.split_first() else {
+        return 0;
+    };
+    let mut n = 0;
+    let mut i = 0;
+    while let Some(off) = hay[i..].iter().position(|&b| b == first) {
+        i += off;
+        if hay[i..].starts_with(needle) {
+            n += 1;
+            i += needle.len();
+        } else {
+            i += 1;
+        }
+    }
+    n
 }
 
 /// The whole file as one uint8 tensor over libtorch's private file mapping, or None where

@@ -43,13 +43,18 @@ function stripDataUrl(u) {
   return u.startsWith("data:") && i >= 0 ? u.slice(i + 1) : u;
 }
 
+// "argmax" or "gumbel, seed N": how a tokenize reply's decisions were taken.
+function selectionText(s) {
+  return s.selection === "gumbel" ? `gumbel, seed ${s.seed}` : s.selection;
+}
+
 // One card of the token view: the image with its patch grid, dropped patches dimmed.
-function tokenCard(label, dataUrl, ids, keep, grid) {
+function tokenCard(label, dataUrl, ids, keep, grid, selection) {
   const canvas = el("canvas", { width: 400, height: 400 });
   const kept = keep.reduce((a, k) => a + k, 0);
   const card = el("div", { class: "token-card" }, [
     canvas,
-    el("p", { class: "count", text: `${ids.length} tokens · ${kept} of ${keep.length} patches kept` }),
+    el("p", { class: "count", text: `${ids.length} tokens · ${kept} of ${keep.length} patches kept · ${selectionText(selection)}` }),
     el("p", { class: "label", text: label, title: label }),
     el("details", {}, [el("summary", { text: "visual ids" }), el("code", { text: ids.join(" ") })]),
   ]);
@@ -76,12 +81,16 @@ function tokenCard(label, dataUrl, ids, keep, grid) {
   return card;
 }
 
-// Tokenize images (data URLs) with their keep masks and add them to the token view.
+// Tokenize images (data URLs) with their keep masks and add them to the token view. The
+// selection and seed are the checkpoint's unless chosen above the view.
 async function showTokens(labels, dataUrls) {
-  const r = await api("/v1/tokenize", { images: dataUrls.map(stripDataUrl), keep_mask: true });
+  const body = { images: dataUrls.map(stripDataUrl), keep_mask: true };
+  if ($("tok-selection").value) body.selection = $("tok-selection").value;
+  if ($("tok-seed").value !== "") body.seed = Number($("tok-seed").value);
+  const r = await api("/v1/tokenize", body);
   const view = $("token-view");
   r.tokens.forEach((ids, i) => {
-    view.prepend(tokenCard(labels[i], dataUrls[i], ids, r.keep[i], r.grid));
+    view.prepend(tokenCard(labels[i], dataUrls[i], ids, r.keep[i], r.grid, r.selection));
   });
 }
 
@@ -155,6 +164,10 @@ async function init() {
     $("key-box").hidden = !info.api_key_required;
     $("n").max = info.max_n;
     $("steps").max = info.max_steps;
+    if (info.selection) {
+      $("tok-default").textContent = `checkpoint default (${selectionText(info.selection)})`;
+      $("tok-note").textContent = info.selection_note || "";
+    }
     if (!info.generate) {
       $("gen-btn").disabled = true;
       status("gen-status", "This server runs the tokenizer only.");
