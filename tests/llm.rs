@@ -1234,6 +1234,21 @@ fn a_request_gets_the_same_alone_or_batched_with_15_others() {
     );
 }
 
+/// The same on a trained checkpoint folder named by `LAVIT_EQUIVALENCE_CHECKPOINT` (the full
+/// demo's, say; the quick demo's is checked in `demo::quick_demo_learns_and_its_checkpoint_is_served`).
+/// By hand: `LAVIT_EQUIVALENCE_CHECKPOINT=DIR cargo test --test main -- --ignored
+/// llm::a_request_gets_the_same_on_a_named_checkpoint --nocapture`.
+#[test]
+#[ignore = "needs a checkpoint folder in LAVIT_EQUIVALENCE_CHECKPOINT"]
+fn a_request_gets_the_same_on_a_named_checkpoint() {
+    let dir = std::env::var_os("LAVIT_EQUIVALENCE_CHECKPOINT")
+        .expect("LAVIT_EQUIVALENCE_CHECKPOINT names a checkpoint folder");
+    let llm = lavit_llm::LlmStageModel::load(std::path::Path::new(&dir), Device::Cpu, Kind::Float)
+        .unwrap();
+    let eq = batched_against_alone(&llm, 24);
+    assert!(eq.max_score_diff < 1e-4, "{eq:?}");
+}
+
 /// The KV pool is a budget: a request that could never fit is refused with the key to
 /// change; requests beyond what is free wait (and run once blocks are freed), never more
 /// blocks reserved than the pool has.
