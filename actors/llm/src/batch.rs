@@ -648,7 +648,7 @@ impl Engine {
             .ok_or_else(|| Error::invalid("the engine has no biases"))?
             .shallow_clone();
         let mut rows = PickRows::default();
-        let mut penalties: Vec<(Vec<i64>, f64, Vec<Vec<i64>>)> = Vec::new(); // rows, p, seen
+        let mut penalties: Vec<Penalty> = Vec::new();
         let (beams, plain): (Vec<u64>, Vec<u64>) = ready
             .iter()
             .partition(|k| self.groups.get(k).is_some_and(|g| g.beams() > 1));
@@ -1023,11 +1023,7 @@ impl PickRows {
 
     /// Scores (guidance, repetition penalty, the allowed ids) and one pick per row, read to
     /// the host; and the scores before the allowed-ids bias.
-    fn pick(
-        &self,
-        biases: &Tensor,
-        penalties: &[(Vec<i64>, f64, Vec<Vec<i64>>)],
-    ) -> Result<(Vec<i64>, Option<Tensor>)> {
+    fn pick(&self, biases: &Tensor, penalties: &[Penalty]) -> Result<(Vec<i64>, Option<Tensor>)> {
         if self.owners.is_empty() {
             return Ok((Vec::new(), None));
         }
@@ -1060,3 +1056,7 @@ impl PickRows {
         Ok((ids, Some(scores)))
     }
 }
+
+/// A repetition penalty over some pick rows: (the rows, the penalty, per row the ids it has
+/// seen).
+type Penalty = (Vec<i64>, f64, Vec<Vec<i64>>);

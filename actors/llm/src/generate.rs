@@ -453,6 +453,10 @@ pub fn generate_image_tokens_with(
         .collect())
 }
 
+/// What [`run_groups`] calls after each step: the engine and the requests that finished in
+/// it; `false` stops the run.
+type AfterStep<'a> = dyn FnMut(&Engine, &[(u64, Finished)]) -> bool + 'a;
+
 /// Run `groups` as the requests of one engine to their end, calling `should_stop` once per
 /// step (`Cancelled` when it answers `true`) and `after_step` with the engine after each step
 /// (`false`: stop with `Cancelled`). Their results, in order.
@@ -461,7 +465,7 @@ fn run_groups(
     vocab: &UnifiedVocab,
     groups: Vec<Group>,
     should_stop: ShouldStop,
-    after_step: &mut dyn FnMut(&Engine, &[(u64, Finished)]) -> bool,
+    after_step: &mut AfterStep,
 ) -> Result<Vec<Finished>> {
     let unbounded = EngineLimits::unbounded();
     let limits = EngineLimits {
