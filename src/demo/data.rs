@@ -39,6 +39,136 @@ pub const TEMPLATES: [&str; 4] = [
     "a small photo of {}",
 ];
 
+/// How users name each class besides [`CLASS_NAMES`]: the plural, then Fashion-MNIST's own
+/// label name (its `classes` list: "T-shirt/top", "Trouser", … "Ankle boot").
+pub const CLASS_FORMS: [[&str; 2]; 10] = [
+    ["t-shirts", "t-shirt/top"],
+    ["trousers", "trouser"],
+    ["pullovers", "pullover"],
+    ["dresses", "dress"],
+    ["coats", "coat"],
+    ["sandals", "sandal"],
+    ["shirts", "shirt"],
+    ["sneakers", "sneaker"],
+    ["bags", "bag"],
+    ["ankle boots", "ankle boot"],
+];
+
+/// Text → image prompt templates stage 2 trains on (`{}` is the class as the phrasing names
+/// it); [`HELD_OUT_TEMPLATES`] are never trained on and measure how far the text side
+/// generalises.
+pub const PROMPT_TEMPLATES: [&str; 8] = [
+    "a photo of {}",
+    "a black and white picture of {}",
+    "an image of {}",
+    "a small photo of {}",
+    "{}",
+    "a picture of {}",
+    "photo of {}",
+    "a black and white photo of {}",
+];
+
+/// Prompt templates the evaluation uses and training never sees (their words are the
+/// training templates' words, in new combinations).
+pub const HELD_OUT_TEMPLATES: [&str; 4] = [
+    "a small picture of {}",
+    "a black and white image of {}",
+    "picture of {}",
+    "an image of black and white {}",
+];
+
+/// A prompt as users write it, drawn by `variant` (any number: the draw is a hash of it):
+/// `template` is filled with the class in one of its forms — singular with its article (one
+/// time in six the wrong one: "a ankle boot"), plural, the data set's label name (with or
+/// without an article) — in lower case, Capitalised, Title Case or UPPER CASE.
+pub fn phrasing(label: usize, template: &str, variant: u64) -> String {
+    // splitmix64: consecutive variants draw independent choices
+    let mut z = variant.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let form = match z % 12 {
+        0..=4 => 0,
+        f => f - 4,
+    };
+    let case = match (z >> 8) % 8 {
+        0..=3 => 0,
+        4 | 5 => 1,
+        6 => 2,
+        _ => 3,
+    };
+    phrase(label, template, form, case, (z >> 16) % 4 == 0)
+}
+
+/// Number of class forms and letter cases [`phrase`] knows.
+pub const PHRASE_FORMS: u64 = 8;
+pub const PHRASE_CASES: u64 = 4;
+
+/// `template` filled with class `label` in `form` (0: singular with its article, 1: the
+/// wrong article, 2–4: plural, 5: the label name, 6: the label name with its article, 7:
+/// "the" singular) and letter `case` (0: as is, 1: Capitalised, 2: Title Case, 3: UPPER),
+/// the sentence's first letter capitalised when `capital`.
+pub fn phrase(label: usize, template: &str, form: u64, case: u64, capital: bool) -> String {
+    let name = CLASS_NAMES[label % CLASS_NAMES.len()];
+    let [plural, label_name] = CLASS_FORMS[label % CLASS_FORMS.len()];
+    let thing = match form {
+        0 => with_article(name),
+        1 => {
+            let right = with_article(name);
+            if right.starts_with("an ") {
+                format!("a {name}")
+            } else {
+                format!("an {name}")
+            }
+        }
+        2..=4 => plural.to_string(),
+        5 => label_name.to_string(),
+        6 => with_article(label_name),
+        _ => format!("the {name}"),
+    };
+    let thing = match case {
+        0 => thing,
+        1 => capitalise(&thing),
+        2 => thing
+            .split(' ')
+            .map(capitalise)
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => thing.to_uppercase(),
+    };
+    let text = template.replace("{}", &thing);
+    if capital {
+        capitalise(&text)
+    } else {
+        text
+    }
+}
+
+/// A training prompt for class `label`: [`phrasing`] over [`PROMPT_TEMPLATES`].
+pub fn training_prompt(label: usize, variant: u64) -> String {
+    let t = PROMPT_TEMPLATES[(variant % PROMPT_TEMPLATES.len() as u64) as usize];
+    phrasing(label, t, variant / PROMPT_TEMPLATES.len() as u64)
+}
+
+/// A held-out prompt for class `label`: [`phrasing`] over [`HELD_OUT_TEMPLATES`].
+pub fn held_out_prompt(label: usize, variant: u64) -> String {
+    let t = HELD_OUT_TEMPLATES[(variant % HELD_OUT_TEMPLATES.len() as u64) as usize];
+    // an offset keeps the held-out draws apart from the training draws of the same number
+    phrasing(
+        label,
+        t,
+        (variant / HELD_OUT_TEMPLATES.len() as u64) ^ 0x5eed_0f_4e1d,
+    )
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
 /// Errors reading the data set.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -68,17 +198,20 @@ pub fn caption(label: usize, template: usize) -> String {
     TEMPLATES[template % TEMPLATES.len()].replace("{}", &with_article(CLASS_NAMES[label]))
 }
 
-/// The class a caption names, if exactly one class name occurs in it ("shirt" inside
-/// "t-shirt" does not count).
+/// The class a caption names, if exactly one class name (singular or plural, any case)
+/// occurs in it ("shirt" inside "t-shirt" does not count).
 pub fn class_of_caption(text: &str) -> Option<usize> {
     let text = text.to_lowercase();
     let mut found = None;
     for (c, name) in CLASS_NAMES.iter().enumerate() {
-        let hit = text.match_indices(name).any(|(i, _)| {
-            let before = text[..i].chars().next_back();
-            let after = text[i + name.len()..].chars().next();
-            !matches!(before, Some(ch) if ch.is_alphanumeric() || ch == '-')
-                && !matches!(after, Some(ch) if ch.is_alphanumeric() || ch == '-')
+        let [plural, _] = CLASS_FORMS[c];
+        let hit = [plural, name].iter().any(|name| {
+            text.match_indices(name).any(|(i, _)| {
+                let before = text[..i].chars().next_back();
+                let after = text[i + name.len()..].chars().next();
+                !matches!(before, Some(ch) if ch.is_alphanumeric() || ch == '-')
+                    && !matches!(after, Some(ch) if ch.is_alphanumeric() || ch == '-')
+            })
         });
         if hit {
             if found.is_some() {
@@ -399,6 +532,49 @@ mod tests {
         assert_eq!(caption(9, 1), "a black and white picture of an ankle boot");
         assert_eq!(class_of_caption("a shirt or a dress"), None);
         assert_eq!(class_of_caption("a thing"), None);
+    }
+
+    #[test]
+    fn prompts_vary_as_users_write_them_and_name_their_class() {
+        let mut seen = std::collections::BTreeSet::new();
+        for c in 0..10 {
+            for v in 0..400u64 {
+                for p in [training_prompt(c, v), held_out_prompt(c, v)] {
+                    // every phrasing names its class, plural or not, in any case
+                    assert_eq!(class_of_caption(&p), Some(c), "{p}");
+                    seen.insert(p);
+                }
+            }
+        }
+        // plurals, the label names, capitals, upper case and wrong articles all occur
+        for p in [
+            "sneakers",
+            "T-shirt/top",
+            "Ankle Boots",
+            "A SANDAL",
+            "a ankle boot",
+            "an sandal",
+        ] {
+            assert!(
+                seen.iter()
+                    .any(|s| s.to_lowercase().contains(&p.to_lowercase())
+                        && (p.chars().all(|ch| !ch.is_uppercase()) || s.contains(p))),
+                "{p} never drawn"
+            );
+        }
+        // the held-out templates are no training template
+        for t in HELD_OUT_TEMPLATES {
+            assert!(!PROMPT_TEMPLATES.contains(&t), "{t}");
+        }
+        assert_eq!(
+            phrase(9, "a photo of {}", 1, 0, false),
+            "a photo of a ankle boot"
+        );
+        assert_eq!(phrase(0, "{}", 5, 2, false), "T-shirt/top");
+        assert_eq!(
+            phrase(3, "an image of {}", 2, 3, true),
+            "An image of DRESSES"
+        );
     }
 
     #[test]

@@ -536,11 +536,13 @@ pub fn run_stage2(
                 features: feats,
                 text: sp.encode(&caption(label, t)),
             });
-            // one generation sample in ten has no prompt: the unconditional stream of CFG
+            // one generation sample in ten has no prompt: the unconditional stream of CFG;
+            // the others are prompts as users write them (plurals, label names, capitals,
+            // article mistakes) over the training templates
             let text = if t % 10 == 9 {
                 Vec::new()
             } else {
-                sp.encode(&caption(label, t / 2))
+                sp.encode(&data::training_prompt(label, t as u64))
             };
             samples.push(Sample::TextImage {
                 text,
@@ -553,6 +555,11 @@ pub fn run_stage2(
     let corpus: Vec<Sample> = (0..10)
         .flat_map(|c| (0..TEMPLATES.len()).map(move |t| (c, t)))
         .map(|(c, t)| Sample::Text(sp.encode(&caption(c, t))))
+        .chain(
+            (0..10)
+                .flat_map(|c| (0..16u64).map(move |v| (c, v)))
+                .map(|(c, v)| Sample::Text(sp.encode(&data::training_prompt(c, v)))),
+        )
         .collect();
 
     // The model is built (and trained) on the Llm stage actor's thread and device.
@@ -704,9 +711,18 @@ pub struct EvalResult {
     pub caption_examples: Vec<(usize, String)>,
     /// Generated images (after reranking) the judge labels as the prompted class.
     pub t2i_accuracy: f64,
-    /// The same over every candidate, before reranking.
+    /// The same over every candidate, before reranking: `lavit generate` with the
+    /// checkpoint's defaults.
     #[serde(default)]
     pub t2i_accuracy_unranked: f64,
+    /// Text → image with prompts phrased as training never phrased them (held-out
+    /// templates; plurals, label names, capitals, article mistakes), `lavit generate`'s
+    /// defaults, no reranking: judged right.
+    #[serde(default)]
+    pub t2i_held_out_accuracy: f64,
+    /// (prompt, class, images judged right, images) of the held-out phrasings.
+    #[serde(default)]
+    pub t2i_held_out_prompts: Vec<(String, usize, usize, usize)>,
     /// Reconstructions of held-out images (image → tokens → pixel decoder) the judge labels as
     /// the original's class: what the decoder can draw from the tokens at best.
     pub reconstruction_accuracy: f64,
@@ -965,6 +981,35 @@ pub fn evaluate(
         bar.tick(format!("{prompt}: {hits}/{}", best_v.len()));
     }
     bar.finish();
+    // Held-out phrasings: two per class, `lavit generate`'s defaults, every image judged.
+    let plain = GenerateOptions {
+        n: cfg.images_per_class.max(1) as usize,
+        ..gen.clone()
+    };
+    let bar = super::progress::Progress::new("eval held-out phrasings", 20);
+    let (mut held_ok, mut held_n) = (0usize, 0usize);
+    for c in 0..10 {
+        for v in 0..2u64 {
+            let prompt = data::held_out_prompt(c, 2 * c as u64 + v);
+            let task = Task::Generate {
+                opts: plain.clone(),
+            };
+            let images = pixels_of(run(task, Input::Prompt(prompt.clone()))?)?;
+            let unit = data::from_pixel_space(&images.mean_dim(1, true, Kind::Float), size);
+            let pred = judge.predict(&unit)?;
+            let hits = pred.iter().filter(|&&p| p == c).count();
+            held_ok += hits;
+            held_n += pred.len();
+            bar.tick(format!("{prompt}: {hits}/{}", pred.len()));
+            res.t2i_held_out_prompts.push((prompt, c, hits, pred.len()));
+        }
+    }
+    bar.finish();
+    res.t2i_held_out_accuracy = held_ok as f64 / held_n.max(1) as f64;
+    tracing::info!(
+        "text → image with held-out phrasings (lavit generate's defaults): {:.1} %",
+        res.t2i_held_out_accuracy * 100.0
+    );
     res.t2i_accuracy = t2i_ok as f64 / (10 * cfg.images_per_class).max(1) as f64;
     res.t2i_accuracy_unranked = unranked_ok as f64 / (10 * cfg.images_per_class * k).max(1) as f64;
     let grid = Tensor::cat(&grids, 0);

@@ -14,19 +14,33 @@
 
 use std::collections::BTreeSet;
 
-use super::data::{caption, CLASS_NAMES, TEMPLATES};
+use super::data::{
+    caption, phrase, CLASS_NAMES, HELD_OUT_TEMPLATES, PHRASE_CASES, PHRASE_FORMS, PROMPT_TEMPLATES,
+    TEMPLATES,
+};
 
 const SPACE: char = '\u{2581}';
 
 /// piece, score, type (1 normal, 2 unknown, 3 control).
 pub type PieceRow = (String, f32, u64);
 
-/// Every word of every caption the demo can produce.
+/// Every word of every caption the demo can produce and of every prompt phrasing it trains
+/// or evaluates on (plurals, label names, letter cases: each a piece of its own).
 pub fn caption_words() -> BTreeSet<String> {
     let mut words = BTreeSet::new();
     for c in 0..CLASS_NAMES.len() {
         for t in 0..TEMPLATES.len() {
             words.extend(caption(c, t).split_whitespace().map(str::to_string));
+        }
+        for t in PROMPT_TEMPLATES.iter().chain(&HELD_OUT_TEMPLATES) {
+            for form in 0..PHRASE_FORMS {
+                for case in 0..PHRASE_CASES {
+                    for capital in [false, true] {
+                        let p = phrase(c, t, form, case, capital);
+                        words.extend(p.split_whitespace().map(str::to_string));
+                    }
+                }
+            }
         }
     }
     words
