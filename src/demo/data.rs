@@ -97,7 +97,7 @@ pub fn phrasing(label: usize, template: &str, variant: u64) -> String {
         6 => 2,
         _ => 3,
     };
-    phrase(label, template, form, case, (z >> 16) % 4 == 0)
+    phrase(label, template, form, case, (z >> 16).is_multiple_of(4))
 }
 
 /// Number of class forms and letter cases [`phrase`] knows.
@@ -157,7 +157,7 @@ pub fn held_out_prompt(label: usize, variant: u64) -> String {
     phrasing(
         label,
         t,
-        (variant / HELD_OUT_TEMPLATES.len() as u64) ^ 0x5eed_0f_4e1d,
+        (variant / HELD_OUT_TEMPLATES.len() as u64) ^ 0x005e_ed0f_4e1d,
     )
 }
 
