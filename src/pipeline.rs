@@ -120,6 +120,10 @@ pub struct PipelineConfig {
     /// `bf16`, `f16` (the VAE and the tokenizer stay f32, as the official code runs them).
     #[serde(default = "d_auto")]
     pub dtype: String,
+    /// How the stages batch concurrent requests (`[pipeline.batching]`: batch sizes, the
+    /// tokenizer stages' wait, the Llm's KV cache budget).
+    #[serde(default)]
+    pub batching: lavit_runtime::stage::Batching,
     /// Plugin libraries and the backbone / codebook the tokenizer stages take from them
     /// (the same section as `lavit train tokenizer`'s `[plugins]`; the file's top-level
     /// `[plugins]` table is read into it).
@@ -128,10 +132,10 @@ pub struct PipelineConfig {
 }
 
 fn d_in_flight() -> usize {
-    4
+    32
 }
 fn d_queue() -> usize {
-    16
+    64
 }
 fn d_panics() -> u64 {
     3
@@ -158,6 +162,7 @@ impl Default for PipelineConfig {
             selection: d_manifest(),
             selection_seed: None,
             dtype: d_auto(),
+            batching: Default::default(),
             plugins: Default::default(),
         }
     }
@@ -253,6 +258,7 @@ impl PipelineConfig {
                 format!("{} is above 65536", self.mock_work),
             ));
         }
+        self.batching.validate(origin)?;
         self.placement.validate(origin)
     }
 
@@ -310,6 +316,7 @@ impl PipelineConfig {
             max_in_flight: self.max_in_flight,
             max_queue: self.max_queue,
             max_consecutive_panics: self.max_consecutive_panics,
+            batching: self.batching.clone(),
         }
     }
 }

@@ -633,6 +633,9 @@ fn trainers(pg: std::sync::Arc<ProcessGroup>, out: &Path) {
     cfg.kmeans_batches = 2;
     cfg.save_every = STEPS as i64;
     cfg.grad_clip = 0.5;
+    // The ratio term per image: the batch form (ρ − mean M)² over each rank's half is not
+    // that over the whole batch, so only the per-image form is equal for 1 and 2 ranks.
+    cfg.ratio_scope = lavit::train::tokenizer::RatioScope::Image;
     lavit::train::tokenizer::train_in_group(&cfg, &pg).expect("stage 1");
     // Stage 2: the tiny LLM on the structured caption set.
     use crate::llm::stage2::{caption_set, cfg as llm_cfg, copied, from_weights};

@@ -12,7 +12,8 @@ use lavit::pipeline::{Fault, Pipeline, PipelineConfig, StageKind};
 use lavit::serve::{self, Limits, RunningServer};
 use lavit_runtime::actors::Input;
 use lavit_runtime::messages::{
-    train_keys, CaptionOptions, GenerateOptions, Output, Task, TrainBatch,
+    train_keys, CaptionOptions, DecodeRequest, GenerateOptions, LlmEvent, LlmOutput, LlmRequest,
+    Output, PromptPart, Task, TrainBatch,
 };
 use lavit_runtime::mock::{self, Gate, MockConfig};
 use lavit_runtime::stage::*;
@@ -52,6 +53,55 @@ pub(crate) fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
     cond()
+}
+
+/// A caption of `prefix` by an Llm stage alone (a direct call: the request runs through the
+/// stage's batch by itself).
+fn caption_alone(
+    llm: &mut dyn LlmStage,
+    prefix: &Tensor,
+    prompt: &str,
+    opts: &CaptionOptions,
+) -> Vec<i64> {
+    let mut parts = vec![PromptPart::ImageEmbeds(prefix.shallow_clone())];
+    if !prompt.is_empty() {
+        parts.push(PromptPart::Text(prompt.into()));
+    }
+    let req = LlmRequest::Text {
+        prompts: vec![parts],
+        opts: opts.clone(),
+        stream: false,
+    };
+    match run_alone(llm, req, &|| false).unwrap().pop() {
+        Some(LlmEvent::Done(LlmOutput::Text(mut a))) => a.swap_remove(0).ids,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Image tokens of `prompt` by an Llm stage alone.
+fn image_tokens_alone(
+    llm: &mut dyn LlmStage,
+    prompt: &str,
+    opts: &GenerateOptions,
+) -> Vec<Vec<i64>> {
+    let req = LlmRequest::ImageTokens {
+        prompt: vec![PromptPart::Text(prompt.into())],
+        uncond: Vec::new(),
+        opts: opts.clone(),
+    };
+    match run_alone(llm, req, &|| false).unwrap().pop() {
+        Some(LlmEvent::Done(LlmOutput::ImageTokens(ids))) => ids,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Pixels of `ids` by a Decoder stage alone.
+fn decode_alone(dec: &mut dyn DecoderStage, ids: &[Vec<i64>], opts: &GenerateOptions) -> Tensor {
+    let req = DecodeRequest {
+        ids: ids.to_vec(),
+        opts: opts.clone(),
+    };
+    run_alone(dec, req, &|| false).unwrap().pop().unwrap()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -124,9 +174,7 @@ fn actors_equal_direct_calls_bit_for_bit() {
     };
     let x0 = x.narrow(0, 0, 1);
     let und = sm.understanding(&enc.encode(&x0).unwrap()).unwrap();
-    let direct_caption = llm
-        .caption(&und[0], "what?", &copts, &mut |_, _| true)
-        .unwrap();
+    let direct_caption = caption_alone(&mut llm, &und[0], "what?", &copts);
     let task = Task::Caption {
         prompt: "what?".into(),
         opts: copts,
@@ -145,8 +193,8 @@ fn actors_equal_direct_calls_bit_for_bit() {
         seed: 3,
         ..Default::default()
     };
-    let toks = llm.image_tokens("a cat", &gopts, &|| false).unwrap();
-    let px_direct = dec.decode(&toks, &gopts, &|| false).unwrap();
+    let toks = image_tokens_alone(&mut llm, "a cat", &gopts);
+    let px_direct = decode_alone(&mut dec, &toks, &gopts);
     let out = rt
         .block_on(pipe.graph().run(
             Task::Generate {
@@ -165,7 +213,7 @@ fn actors_equal_direct_calls_bit_for_bit() {
     );
 
     // Reconstruct: quantizer ids straight into the decoder.
-    let rec_direct = dec.decode(&direct_ids[..1], &gopts, &|| false).unwrap();
+    let rec_direct = decode_alone(&mut dec, &direct_ids[..1], &gopts);
     let out = rt
         .block_on(pipe.graph().run(
             Task::Reconstruct { opts: gopts },
@@ -228,17 +276,30 @@ fn requests_overlap_across_stages() {
         overlaps > 0,
         "no two stages ever worked at the same time: {recs:?}"
     );
-    // Each stage handles one request at a time (its own thread).
+    // The encoder batched the images of concurrent requests: some step took more than one.
+    let enc = &pipe.graph().shared().metrics[StageKind::Encoder.index()].batch_size;
+    let steps = enc.count(lavit_runtime::inflight::BATCH_BUCKETS.len());
+    assert!(
+        enc.count(0) < steps,
+        "every encoder step took one request ({steps} steps)"
+    );
+    // Each stage runs one step at a time (its own thread): the requests of one step (a batch)
+    // share its interval, and two steps never overlap.
     for k in [
         StageKind::Encoder,
         StageKind::SelectorMerger,
         StageKind::Quantizer,
     ] {
-        let mut rs: Vec<_> = recs.iter().filter(|r| r.stage == k).collect();
-        rs.sort_by_key(|r| r.start);
+        let mut steps: Vec<_> = recs
+            .iter()
+            .filter(|r| r.stage == k)
+            .map(|r| (r.start, r.end))
+            .collect();
+        steps.sort();
+        steps.dedup();
         assert!(
-            rs.windows(2).all(|w| w[0].end <= w[1].start),
-            "{k} ran two requests at once"
+            steps.windows(2).all(|w| w[0].1 <= w[1].0),
+            "{k} ran two steps at once: {steps:?}"
         );
     }
 }
@@ -277,6 +338,151 @@ fn cancellation_stops_the_diffusion_loop_within_one_step() {
         assert!(p1 <= p0 + 1, "ran {} steps after the cancel", p1 - p0);
         assert_eq!(g.admission().admitted(), 0, "the slot was not freed");
     });
+}
+
+/// Control messages overtake the data queued in a stage's mailbox: with the Llm's step held
+/// at a closed gate and requests queued behind it, `stats` is answered at once (the held
+/// step gives way), and the requests finish, batched, once the gate opens.
+#[test]
+fn control_messages_overtake_queued_requests() {
+    let gate = Gate::closed();
+    // Mailboxes deep enough for the six requests (the held one and five queued).
+    let mut cfg = pcfg(8, 0);
+    cfg.placement.mailbox = 8;
+    let pipe = Pipeline::mock(&MockConfig::default(), Some(gate.clone()), &cfg).unwrap();
+    let rt = rt();
+    let g = pipe.graph();
+    let gen = |i: u64| Task::Generate {
+        opts: GenerateOptions {
+            steps: 2,
+            seed: i,
+            ..Default::default()
+        },
+    };
+    rt.block_on(async {
+        let t0 = Instant::now();
+        let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what}: stages {:?}",
+                g.in_flight()
+                    .iter()
+                    .map(|e| e.current_stage())
+                    .collect::<Vec<_>>()
+            );
+            !ok()
+        };
+        // The first reaches the Llm, whose step waits at the gate (it has ticked once)...
+        let mut handles = vec![g
+            .start(g.admit().unwrap(), gen(0), Input::Prompt("p0".into()))
+            .await
+            .unwrap()];
+        let stepping = || {
+            g.in_flight().iter().any(|e| {
+                e.current_stage() == Some(StageKind::Llm)
+                    && e.progress.load(std::sync::atomic::Ordering::SeqCst) > 0
+            })
+        };
+        while wait_for("the first request never reached the Llm's step", &stepping) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // ... and the others queue behind that step in its mailbox.
+        for i in 1..6 {
+            handles.push(
+                g.start(g.admit().unwrap(), gen(i), Input::Prompt(format!("p{i}")))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let llm_slots = &g.shared().slots[StageKind::Llm.index()];
+        while wait_for("nothing queued at the Llm", &|| llm_slots.depth() >= 1) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let s = tokio::time::timeout(Duration::from_secs(5), g.stats(StageKind::Llm))
+            .await
+            .expect("stats waited behind the held step")
+            .unwrap();
+        assert!(s.held >= 1 && s.queued >= 1, "{s:?}");
+        gate.open();
+        for mut h in handles {
+            let out = tokio::time::timeout(Duration::from_secs(20), h.wait())
+                .await
+                .expect("a request hung")
+                .unwrap();
+            assert!(matches!(out, Output::Pixels { .. }));
+        }
+        // They advanced together: some Llm step held several of them.
+        let llm = &g.shared().metrics[StageKind::Llm.index()].batch_size;
+        assert!(llm.count(0) < llm.count(lavit_runtime::inflight::BATCH_BUCKETS.len()));
+    });
+}
+
+/// The Decoder denoises the images of concurrent requests in shared U-Net calls (different
+/// seeds, step counts and guidance; one joining later), and each gets the pixels it gets
+/// alone (the fixture's highres decoder, float32).
+#[test]
+fn decoder_batches_denoising_steps_and_each_request_gets_what_it_gets_alone() {
+    let dir = crate::common::fixture_dir();
+    let cfg = PipelineConfig {
+        checkpoint: Some(dir.clone()),
+        ..Default::default()
+    };
+    let (b, info) = lavit::pipeline::builders(&cfg).unwrap();
+    let mut dec = (b.decoder)(Device::Cpu).unwrap();
+    let m = lavit_runtime::manifest::LavitManifest::for_checkpoint(&dir).unwrap();
+    let (off, k) = (m.llm.visual_token_offset, m.tokenizer.n_code);
+    let (w, h) = info.default_size;
+    let req = |i: i64| {
+        let ids: Vec<Vec<i64>> = (0..1 + i % 2)
+            .map(|s| {
+                (0..5 + 3 * i + s)
+                    .map(|j| off + (j * 7 + i * 31 + s) % k)
+                    .collect()
+            })
+            .collect();
+        DecodeRequest {
+            ids,
+            opts: GenerateOptions {
+                seed: 10 + i as u64,
+                steps: [3, 5, 3, 4][i as usize],
+                guidance: [2.0, 1.0, 7.0, 2.0][i as usize],
+                width: w,
+                height: h,
+                ..Default::default()
+            },
+        }
+    };
+    let alone: Vec<Tensor> = (0..4)
+        .map(|i| {
+            run_alone(&mut *dec, req(i), &|| false)
+                .unwrap()
+                .pop()
+                .unwrap()
+        })
+        .collect();
+    let mut got: Vec<Option<Tensor>> = (0..4).map(|_| None).collect();
+    dec.join(0, req(0)).unwrap();
+    dec.join(1, req(1)).unwrap();
+    let mut most = 0;
+    let mut steps = 0;
+    while dec.held() > 0 {
+        if steps == 1 {
+            dec.join(2, req(2)).unwrap();
+            dec.join(3, req(3)).unwrap();
+        }
+        most = most.max(dec.plan().len());
+        dec.step(&|| false, &mut |key, px| got[key as usize] = Some(px))
+            .unwrap();
+        steps += 1;
+        assert!(steps < 100);
+    }
+    assert_eq!(most, 4, "the four requests never shared a step");
+    for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
+        let b = b.as_ref().unwrap();
+        assert_eq!(a.size(), b.size());
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d < 1e-4, "request {i}: batched differs from alone by {d}");
+    }
 }
 
 #[test]
@@ -404,16 +610,22 @@ impl Trainable for TrainDec {
         Ok(())
     }
 }
-impl DecoderStage for TrainDec {
-    fn decode(
-        &mut self,
-        _: &[Vec<i64>],
-        _: &GenerateOptions,
-        _: ShouldStop,
-    ) -> StageResult<Tensor> {
+impl Iterative<DecodeRequest, Tensor> for TrainDec {
+    fn join(&mut self, _: u64, _: DecodeRequest) -> StageResult<()> {
         Err(StageError::Invalid("training-only stage".into()))
     }
+    fn held(&self) -> usize {
+        0
+    }
+    fn plan(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
+    fn step(&mut self, _: ShouldStop, _: &mut dyn FnMut(u64, Tensor)) -> StageResult<()> {
+        Ok(())
+    }
+    fn leave(&mut self, _: u64) {}
 }
+impl DecoderStage for TrainDec {}
 
 #[test]
 fn training_steps_through_the_actor_graph_lower_the_loss() {
@@ -643,6 +855,16 @@ fn http_endpoints_work_and_streaming_matches() {
     );
     assert!(m.contains("lavit_http_responses_total{class=\"2xx\"}"));
     assert!(m.contains("lavit_queue_depth 0"));
+    // Continuous batching: per-stage batch size, queue wait and step time, KV blocks.
+    for family in [
+        "lavit_stage_batch_size_bucket{stage=\"encoder\",le=\"1\"}",
+        "lavit_stage_queue_wait_seconds_bucket{stage=\"llm\",le=\"+Inf\"}",
+        "lavit_stage_step_seconds_sum{stage=\"decoder\"}",
+        "lavit_kv_blocks_in_use 0",
+        "lavit_kv_blocks_total",
+    ] {
+        assert!(m.contains(family), "{family}: {m}");
+    }
     s.stop();
 }
 
@@ -1225,23 +1447,39 @@ fn api_key_is_required_when_configured() {
 
 /// A decoder stage that returns the visual ids it received as a (n, 1, 1, L) float tensor, so
 /// the LLM stage's output can be compared exactly through the actor graph.
-struct IdsOut;
+#[derive(Default)]
+struct IdsOut(std::collections::BTreeMap<u64, Vec<Vec<i64>>>);
 impl Trainable for IdsOut {}
-impl DecoderStage for IdsOut {
-    fn decode(
-        &mut self,
-        ids: &[Vec<i64>],
-        _: &GenerateOptions,
-        _: ShouldStop,
-    ) -> StageResult<Tensor> {
-        let l = ids.iter().map(Vec::len).max().unwrap_or(0);
-        let flat: Vec<f32> = ids
-            .iter()
-            .flat_map(|s| (0..l).map(move |j| s.get(j).map_or(-1.0, |&v| v as f32)))
-            .collect();
-        Ok(Tensor::from_slice(&flat).reshape([ids.len() as i64, 1, 1, l as i64]))
+impl Iterative<DecodeRequest, Tensor> for IdsOut {
+    fn join(&mut self, key: u64, req: DecodeRequest) -> StageResult<()> {
+        self.0.insert(key, req.ids);
+        Ok(())
+    }
+    fn held(&self) -> usize {
+        self.0.len()
+    }
+    fn plan(&mut self) -> Vec<u64> {
+        self.0.keys().copied().collect()
+    }
+    fn step(&mut self, _: ShouldStop, emit: &mut dyn FnMut(u64, Tensor)) -> StageResult<()> {
+        for (key, ids) in std::mem::take(&mut self.0) {
+            let l = ids.iter().map(Vec::len).max().unwrap_or(0);
+            let flat: Vec<f32> = ids
+                .iter()
+                .flat_map(|s| (0..l).map(move |j| s.get(j).map_or(-1.0, |&v| v as f32)))
+                .collect();
+            emit(
+                key,
+                Tensor::from_slice(&flat).reshape([ids.len() as i64, 1, 1, l as i64]),
+            );
+        }
+        Ok(())
+    }
+    fn leave(&mut self, key: u64) {
+        self.0.remove(&key);
     }
 }
+impl DecoderStage for IdsOut {}
 
 #[test]
 fn real_llm_stage_through_actors_equals_direct_calls() {
@@ -1256,7 +1494,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
     b.llm = Box::new(move |dev| {
         Ok(Box::new(LlmStageModel::load(&d2, dev, tch::Kind::Float)?) as Box<dyn LlmStage>)
     });
-    b.decoder = Box::new(|_| Ok(Box::new(IdsOut) as Box<dyn DecoderStage>));
+    b.decoder = Box::new(|_| Ok(Box::new(IdsOut::default()) as Box<dyn DecoderStage>));
     let info = lavit::pipeline::ModelInfo {
         image_size: 28,
         default_size: (16, 16),
@@ -1618,51 +1856,58 @@ struct HeldLlm {
     hold: HoldAt,
 }
 impl Trainable for HeldLlm {}
-impl LlmStage for HeldLlm {
-    fn caption(
-        &mut self,
-        prefix: &Tensor,
-        prompt: &str,
-        opts: &CaptionOptions,
-        on_token: &mut dyn FnMut(i64, &str) -> bool,
-    ) -> StageResult<Vec<i64>> {
-        let hold = self.hold.clone();
-        self.inner.caption(prefix, prompt, opts, &mut |id, piece| {
-            // on_token answers "go on": a stop is its negation
-            !hold.check(|| !on_token(id, piece))
-        })
+impl Iterative<LlmRequest, LlmEvent> for HeldLlm {
+    fn join(&mut self, key: u64, req: LlmRequest) -> StageResult<()> {
+        self.inner.join(key, req)
     }
-    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
-        self.inner.decode_text(ids)
+    fn held(&self) -> usize {
+        self.inner.held()
     }
-    fn image_tokens(
+    fn plan(&mut self) -> Vec<u64> {
+        self.inner.plan()
+    }
+    fn step(
         &mut self,
-        prompt: &str,
-        opts: &GenerateOptions,
         should_stop: ShouldStop,
-    ) -> StageResult<Vec<Vec<i64>>> {
+        emit: &mut dyn FnMut(u64, LlmEvent),
+    ) -> StageResult<()> {
         let hold = self.hold.clone();
-        self.inner
-            .image_tokens(prompt, opts, &|| hold.check(should_stop))
+        self.inner.step(&|| hold.check(should_stop), emit)
+    }
+    fn leave(&mut self, key: u64) {
+        self.inner.leave(key)
     }
 }
+impl LlmStage for HeldLlm {}
 
 struct HeldDecoder {
     inner: Box<dyn DecoderStage>,
     hold: HoldAt,
 }
 impl Trainable for HeldDecoder {}
-impl DecoderStage for HeldDecoder {
-    fn decode(
+impl Iterative<DecodeRequest, Tensor> for HeldDecoder {
+    fn join(&mut self, key: u64, req: DecodeRequest) -> StageResult<()> {
+        self.inner.join(key, req)
+    }
+    fn held(&self) -> usize {
+        self.inner.held()
+    }
+    fn plan(&mut self) -> Vec<u64> {
+        self.inner.plan()
+    }
+    fn step(
         &mut self,
-        ids: &[Vec<i64>],
-        opts: &GenerateOptions,
         should_stop: ShouldStop,
-    ) -> StageResult<Tensor> {
+        emit: &mut dyn FnMut(u64, Tensor),
+    ) -> StageResult<()> {
         let hold = self.hold.clone();
-        self.inner.decode(ids, opts, &|| hold.check(should_stop))
+        self.inner.step(&|| hold.check(should_stop), emit)
+    }
+    fn leave(&mut self, key: u64) {
+        self.inner.leave(key)
     }
 }
+impl DecoderStage for HeldDecoder {}
 
 /// The fixture's real stages, with the LLM and decoder loops holdable.
 fn held_fixture_pipeline(in_flight: usize) -> (Pipeline, HoldAt, HoldAt) {
@@ -1865,9 +2110,12 @@ fn seeded_requests_are_reproducible_with_others_in_flight() {
             o => panic!("{o:?}"),
         })
         .collect();
+    // Batched with the others, its rows go through larger matrix products: the same picture
+    // up to float rounding (continuous batching; bit-for-bit only alone).
+    let diff = (&px[1] - &alone).abs().max().double_value(&[]);
     assert!(
-        px[1].equal(&alone),
-        "seed 7 gave another picture with other requests in flight"
+        diff < 1e-4,
+        "seed 7 gave another picture with other requests in flight (max diff {diff})"
     );
     assert!(!px[0].equal(&alone), "seeds 1 and 7 gave the same picture");
 }

@@ -11,21 +11,20 @@ use dashmap::DashMap;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::kinds::{StageError, StageKind};
-use crate::messages::{Output, Reply, Task, TokenEvent};
+use crate::messages::{Output, Payload, Reply, Task, TokenEvent};
 
 // ---------------------------------------------------------------------------------------------
 // Envelopes.
 
 /// A body in flight with its request metadata and the mailbox slot it holds (released when the
-/// receiving stage has finished with it: that is the backpressure).
-pub struct Envelope<B> {
+/// receiving stage takes it out of its mailbox into its own batch: a full mailbox makes the
+/// sender wait, that is the backpressure).
+pub struct Envelope {
     pub meta: RequestMeta,
-    pub body: B,
+    pub body: Payload,
     pub(crate) slot: Option<SlotPermit>,
-}
-
-impl<B: Send + 'static> actix::Message for Envelope<B> {
-    type Result = ();
+    /// When it was sent (its queue wait starts).
+    pub(crate) sent: Instant,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -282,7 +281,7 @@ impl MailboxSlots {
             sem: Arc::new(Semaphore::new(capacity)),
         }
     }
-    /// Messages queued or being processed.
+    /// Messages queued (a message frees its slot when the stage takes it into its batch).
     pub fn depth(&self) -> usize {
         self.capacity - self.sem.available_permits()
     }
@@ -298,41 +297,86 @@ impl MailboxSlots {
     pub fn acquire_blocking(&self, cancel: &CancelToken) -> Result<SlotPermit, StageError> {
         futures::executor::block_on(self.acquire(cancel))
     }
+    /// Wake every waiter with an error and refuse later waits (the stage is gone).
+    pub fn close(&self) {
+        self.sem.close();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Metrics and records.
 
-/// Upper bounds (seconds) of the latency histogram buckets.
+/// Upper bounds (seconds) of the latency histogram buckets (stage latency, queue wait, step
+/// time).
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Upper bounds of the batch-size histogram buckets (requests per step).
+pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// A Prometheus-style histogram in atomics: cumulative counts per upper bound (the bounds
+/// are given where it is observed and read: [`LATENCY_BUCKETS`], [`BATCH_BUCKETS`]), then
+/// +Inf, and the sum of the observed values in millionths.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 16],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Count `v` in every bucket of `bounds` (at most 15) that holds it, and in +Inf.
+    pub fn observe(&self, bounds: &[f64], v: f64) {
+        let n = bounds.len().min(self.buckets.len() - 1);
+        for (i, b) in bounds.iter().take(n).enumerate() {
+            if v <= *b {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.buckets[n].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+    /// Cumulative count of bucket `i` of the bounds it is observed with (`bounds.len()`:
+    /// +Inf, the number of observations).
+    pub fn count(&self, i: usize) -> u64 {
+        self.buckets.get(i).map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+    /// The sum of the observed values.
+    pub fn sum(&self) -> f64 {
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
 /// Counters of one stage.
 #[derive(Default)]
 pub struct StageMetrics {
+    /// Requests the stage holds (waiting for a step or in its running batch).
     pub in_flight: AtomicI64,
     pub processed: AtomicU64,
     pub failures: AtomicU64,
     pub panics: AtomicU64,
     pub cancelled: AtomicU64,
-    /// Cumulative counts per bucket of [`LATENCY_BUCKETS`], then +Inf.
-    pub buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    /// Sum of latencies in microseconds.
-    pub sum_us: AtomicU64,
+    /// Seconds from a request joining the stage to leaving it ([`LATENCY_BUCKETS`]).
+    pub latency: Histogram,
+    /// Seconds from a request being sent to the stage to its first step
+    /// ([`LATENCY_BUCKETS`]).
+    pub queue_wait: Histogram,
+    /// Seconds per step ([`LATENCY_BUCKETS`]).
+    pub step_time: Histogram,
+    /// Requests per step ([`BATCH_BUCKETS`]).
+    pub batch_size: Histogram,
+    /// KV cache blocks reserved by running requests, and in the pool (the Llm).
+    pub kv_blocks_used: AtomicU64,
+    pub kv_blocks_total: AtomicU64,
+    /// Tokens generated (the Llm: every sample, caption and beam).
+    pub tokens: AtomicU64,
 }
 
 impl StageMetrics {
+    /// One request's time in the stage.
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.buckets[LATENCY_BUCKETS.len()].fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.latency.observe(&LATENCY_BUCKETS, d.as_secs_f64());
     }
 }
 

@@ -55,9 +55,82 @@ pub struct VisualIds {
     pub ids: Vec<Vec<i64>>,
 }
 
-/// Into the Llm (text → image). The prompt text; options are in the request's task.
+/// Into the Llm (→ image). The prompt as its parts in order (text, and for a multimodal
+/// prompt images as their visual ids); options are in the request's task.
 pub struct GeneratePrompt {
-    pub prompt: String,
+    pub prompt: Vec<PromptPart>,
+}
+
+/// One part of a prompt the Llm reads, in order. The stage turns a prompt into its input
+/// embeddings: text through its tokenizer, ids as they are, images between [IMG] and [/IMG].
+#[derive(Debug)]
+pub enum PromptPart {
+    /// Text (tokenized by the Llm stage, without special tokens).
+    Text(String),
+    /// Ids of the unified vocabulary as they are (text ids, visual ids, special tokens).
+    Ids(Vec<i64>),
+    /// An image as its discrete visual ids (with the vocabulary offset), between [IMG] and
+    /// [/IMG].
+    ImageIds(Vec<i64>),
+    /// An image as continuous embeddings (T, hidden) (understanding), between the [IMG] and
+    /// [/IMG] embeddings.
+    ImageEmbeds(Tensor),
+}
+
+/// What the Llm stage is asked for (one request; its sequences run in the stage's batch).
+pub enum LlmRequest {
+    /// Image tokens, sampled with classifier-free guidance (eq. 7).
+    ImageTokens {
+        /// The conditional prompt, without the trailing [IMG] (the stage appends it).
+        prompt: Vec<PromptPart>,
+        /// The unconditional prompt of guidance, without the trailing [IMG]: empty for the
+        /// official text → image rule ([IMG] alone).
+        uncond: Vec<PromptPart>,
+        opts: GenerateOptions,
+    },
+    /// Text: one answer per prompt (caption / VQA), greedy, sampled or beam search.
+    Text {
+        prompts: Vec<Vec<PromptPart>>,
+        opts: CaptionOptions,
+        /// Emit each new piece of prompt 0's answer as it is generated ([`LlmEvent::Token`];
+        /// with beams the text comes in one piece at the end).
+        stream: bool,
+    },
+}
+
+/// What an Llm step gives a request.
+#[derive(Debug)]
+pub enum LlmEvent {
+    /// A streamed piece of the answer.
+    Token(TokenEvent),
+    /// The result (the request has left the stage).
+    Done(LlmOutput),
+}
+
+/// The result of an [`LlmRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum LlmOutput {
+    /// `opts.n` sequences of visual ids (offset into the vocabulary; [IMG]/[/IMG] dropped).
+    ImageTokens(Vec<Vec<i64>>),
+    /// One answer per prompt, in order.
+    Text(Vec<TextAnswer>),
+}
+
+/// One generated text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextAnswer {
+    /// Generated ids, without the EOS.
+    pub ids: Vec<i64>,
+    pub text: String,
+    /// Positions the LLM read before generating (visual embeddings, question, special
+    /// tokens): the prompt side of a reply's token usage.
+    pub prompt_tokens: usize,
+}
+
+/// What the Decoder stage is asked for: one image per id sequence.
+pub struct DecodeRequest {
+    pub ids: Vec<Vec<i64>>,
+    pub opts: GenerateOptions,
 }
 
 /// Hop 4: Llm → Decoder. `opts.n` sequences of generated visual ids. Plain data: no device.
@@ -68,6 +141,31 @@ pub struct GeneratedIds {
 /// Hop 5: Decoder → reply. `images`: (n, 3, H, W) float32 in [0, 1] on the CPU.
 pub struct Pixels {
     pub images: Tensor,
+}
+
+/// A message body on its way into a stage: one of the hops above. The generic stage actor
+/// ([`crate::actors`]) carries any of them; each stage takes the ones its trait reads.
+pub enum Payload {
+    Images(Images),
+    PatchFeatures(PatchFeatures),
+    MergedFeatures(MergedFeatures),
+    UnderstandingEmbeds(UnderstandingEmbeds),
+    GeneratePrompt(GeneratePrompt),
+    GeneratedIds(GeneratedIds),
+}
+
+impl Payload {
+    /// The hop's name (for errors).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Payload::Images(_) => "images",
+            Payload::PatchFeatures(_) => "patch features",
+            Payload::MergedFeatures(_) => "merged features",
+            Payload::UnderstandingEmbeds(_) => "understanding embeddings",
+            Payload::GeneratePrompt(_) => "a prompt",
+            Payload::GeneratedIds(_) => "visual ids",
+        }
+    }
 }
 
 /// Options of a caption / VQA request.
@@ -176,6 +274,26 @@ pub enum Task {
 }
 
 impl Task {
+    /// The stages a request of this task visits, in order: the graph's topology is this
+    /// table, not code in the actors. A request enters at the stage its input is for (images:
+    /// the Encoder; a prompt or image embeddings: the Llm) and leaves after the last.
+    pub fn route(&self) -> &'static [StageKind] {
+        use StageKind::*;
+        match self {
+            Task::Tokenize | Task::Select { .. } => &[Encoder, SelectorMerger, Quantizer],
+            Task::Caption { .. } | Task::Captions { .. } => &[Encoder, SelectorMerger, Llm],
+            Task::Generate { .. } => &[Llm, Decoder],
+            Task::Reconstruct { .. } => &[Encoder, SelectorMerger, Quantizer, Decoder],
+        }
+    }
+
+    /// The stage after `kind` on this task's route (`None`: `kind` is the last, it answers).
+    pub fn next_after(&self, kind: StageKind) -> Option<StageKind> {
+        let r = self.route();
+        let i = r.iter().position(|&k| k == kind)?;
+        r.get(i + 1).copied()
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Task::Tokenize => "tokenize",
@@ -198,7 +316,7 @@ pub enum Output {
         ids: Vec<Vec<i64>>,
         keep: Vec<Vec<bool>>,
     },
-    /// `prompt_tokens`: [`crate::stage::LlmStage::caption_prompt_len`].
+    /// `prompt_tokens`: [`TextAnswer::prompt_tokens`].
     Text {
         ids: Vec<i64>,
         text: String,
@@ -439,38 +557,37 @@ pub struct SetTrainState(pub TrainParts);
 /// Switch a stage between training and inference behaviour.
 pub struct SetTrain(pub bool);
 
-impl actix::Message for TrainForward {
-    type Result = ();
-}
-impl actix::Message for Backward {
-    type Result = Result<f64, StageError>;
-}
-impl actix::Message for OptimizerStep {
-    type Result = Result<(), StageError>;
-}
-impl actix::Message for SetTrain {
-    type Result = ();
-}
-impl actix::Message for OptimizerStepWith {
-    type Result = Result<StepReport, StageError>;
-}
-impl actix::Message for GetTrainState {
-    type Result = Result<TrainParts, StageError>;
-}
-impl actix::Message for GetTrainedParams {
-    type Result = Result<Vec<(String, Tensor)>, StageError>;
-}
-impl actix::Message for SetProcessGroup {
-    type Result = Result<(), StageError>;
-}
-impl actix::Message for SetTrainState {
-    type Result = Result<(), StageError>;
+/// The answer channel of a control message.
+pub type Answer<T> = tokio::sync::oneshot::Sender<Result<T, StageError>>;
+
+/// What a stage reports of itself (the `Stats` control message).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StageStats {
+    /// Requests the stage holds (waiting for a step or in the running batch).
+    pub held: usize,
+    /// Messages waiting in its mailbox.
+    pub queued: usize,
+    /// Steps run so far.
+    pub steps: u64,
 }
 
-/// Control: stop taking work (exit status `Quit`); anything still queued fails as closed.
-pub struct Quit;
-impl actix::Message for Quit {
-    type Result = ();
+/// Control messages: they overtake the data queued in a stage's mailbox (the stage's
+/// scheduler loop reads them first, between two steps). Training goes through here too, so
+/// training and serving share one graph of the same actors.
+pub enum Control {
+    /// Stop taking work (exit status `Quit`); what it holds and what is queued fail as closed.
+    Quit,
+    /// Report [`StageStats`].
+    Stats(Answer<StageStats>),
+    SetTrain(SetTrain),
+    TrainForward(TrainForward),
+    Backward(Backward, Answer<f64>),
+    OptimizerStep(OptimizerStep, Answer<()>),
+    OptimizerStepWith(OptimizerStepWith, Answer<StepReport>),
+    GetTrainState(GetTrainState, Answer<TrainParts>),
+    GetTrainedParams(GetTrainedParams, Answer<Vec<(String, Tensor)>>),
+    SetProcessGroup(SetProcessGroup, Answer<()>),
+    SetTrainState(SetTrainState, Answer<()>),
 }
 
 /// Shared, cheap clone of the stages' exit statuses (for health and tests).

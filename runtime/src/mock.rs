@@ -1,8 +1,9 @@
 //! Mock stages: small deterministic tensor computations with the shapes of the real stages, for
 //! testing the actor machinery and the server without model weights (and for stages whose
 //! model has not been wired). Each does real work (matmuls), scaled by `work`, so per-stage
-//! timings are measurable; the LLM and decoder loops call their cancellation callback once per
-//! token / step exactly as the real loops must. A [`Gate`] can hold the LLM and decoder loops
+//! timings are measurable. The LLM and the decoder batch like the real ones: every step
+//! advances all the requests they hold by one token / one step in one computation, and calls
+//! its cancellation callback once as the real steps do. A [`Gate`] can hold their steps
 //! (tests of admission and cancellation use it instead of sleeps).
 
 use std::sync::{Arc, Condvar, Mutex};
@@ -11,7 +12,9 @@ use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 use crate::actors::{Builder, StageBuilders};
-use crate::messages::{CaptionOptions, GenerateOptions};
+use crate::messages::{
+    DecodeRequest, LlmEvent, LlmOutput, LlmRequest, PromptPart, TextAnswer, TokenEvent,
+};
 use crate::stage::*;
 
 /// Sizes and knobs of the mock stages.
@@ -233,11 +236,25 @@ impl QuantizerStage for MockQuantizer {
     }
 }
 
+/// A request in the mock Llm: its state rows and what it has generated.
+struct MockLlmReq {
+    /// Image tokens (else text).
+    image: bool,
+    h: Tensor,
+    steps: usize,
+    max: usize,
+    out: Vec<Vec<i64>>,
+    done: Vec<bool>,
+    prompt_tokens: usize,
+    stream: bool,
+}
+
 pub struct MockLlm {
     cfg: MockConfig,
     w: Tensor,
     out: Tensor,
     pub gate: Option<Gate>,
+    reqs: std::collections::BTreeMap<u64, MockLlmReq>,
 }
 impl MockLlm {
     pub fn new(cfg: &MockConfig, device: Device, gate: Option<Gate>) -> Self {
@@ -247,6 +264,7 @@ impl MockLlm {
             w: weights(cfg, 6, &[d, d], device),
             out: weights(cfg, 7, &[d, cfg.text_vocab + 2 + cfg.n_code], device),
             gate,
+            reqs: Default::default(),
         }
     }
     fn prompt_state(&self, prompt: &str, n: i64, seed: u64) -> Tensor {
@@ -265,76 +283,173 @@ impl MockLlm {
             .reshape([n, d])
             .to_device(self.w.device())
     }
+    /// A prompt's text and its image embeddings (the mock reads them so).
+    fn parts(parts: Vec<PromptPart>) -> (String, Option<Tensor>) {
+        let mut text = String::new();
+        let mut image = None;
+        for p in parts {
+            match p {
+                PromptPart::Text(t) => text.push_str(&t),
+                PromptPart::ImageEmbeds(e) => image = Some(e),
+                PromptPart::Ids(_) | PromptPart::ImageIds(_) => {}
+            }
+        }
+        (text, image)
+    }
 }
 impl Trainable for MockLlm {}
-impl LlmStage for MockLlm {
-    fn caption(
+impl Iterative<LlmRequest, LlmEvent> for MockLlm {
+    fn join(&mut self, key: u64, req: LlmRequest) -> StageResult<()> {
+        let r = match req {
+            LlmRequest::ImageTokens { prompt, opts, .. } => {
+                let (text, _) = Self::parts(prompt);
+                MockLlmReq {
+                    image: true,
+                    h: self.prompt_state(&text, opts.n as i64, opts.seed),
+                    steps: 0,
+                    max: self.cfg.image_tokens,
+                    out: vec![Vec::new(); opts.n],
+                    done: vec![false; opts.n],
+                    prompt_tokens: 0,
+                    stream: false,
+                }
+            }
+            LlmRequest::Text {
+                prompts,
+                opts,
+                stream,
+            } => {
+                let mut hs = Vec::new();
+                let mut prompt_tokens = 0;
+                for p in prompts {
+                    let (text, prefix) = Self::parts(p);
+                    let prefix = prefix
+                        .ok_or_else(|| StageError::Invalid("a caption without an image".into()))?;
+                    prompt_tokens = prefix.size()[0] as usize + text.split_whitespace().count();
+                    hs.push(
+                        prefix.mean_dim(0, true, Kind::Float)
+                            + self.prompt_state(&text, 1, opts.seed),
+                    ); // (1, D)
+                }
+                let n = hs.len();
+                MockLlmReq {
+                    image: false,
+                    h: Tensor::cat(&hs, 0),
+                    steps: 0,
+                    max: opts.max_new_tokens,
+                    out: vec![Vec::new(); n],
+                    done: vec![false; n],
+                    prompt_tokens,
+                    stream: stream && n == 1,
+                }
+            }
+        };
+        self.reqs.insert(key, r);
+        Ok(())
+    }
+    fn held(&self) -> usize {
+        self.reqs.len()
+    }
+    fn plan(&mut self) -> Vec<u64> {
+        self.reqs.keys().copied().collect()
+    }
+    fn step(
         &mut self,
-        prefix: &Tensor,
-        prompt: &str,
-        opts: &CaptionOptions,
-        on_token: &mut dyn FnMut(i64, &str) -> bool,
-    ) -> StageResult<Vec<i64>> {
-        let mut h = prefix.mean_dim(0, true, Kind::Float) + self.prompt_state(prompt, 1, opts.seed); // (1, D)
-        let mut ids = Vec::new();
-        for _ in 0..opts.max_new_tokens {
-            busy(&self.cfg, &self.w);
-            h = (h.matmul(&self.w)).tanh() + 0.5 * &h;
-            let logits = h.matmul(&self.out).narrow(1, 0, self.cfg.text_vocab); // (1, V_text)
-            let id = logits.argmax(-1, false).int64_value(&[0]);
-            ids.push(id);
-            let stop = !on_token(id, &format!(" w{id}"));
-            if let Some(g) = &self.gate {
-                g.pass(&|| stop);
-            }
-            if stop {
-                return Err(StageError::Cancelled);
-            }
-            if id == 2 {
-                break;
-            }
-        }
-        Ok(ids)
-    }
-    fn caption_prompt_len(&mut self, prefix: &Tensor, prompt: &str) -> Option<usize> {
-        // The mock reads the prefix rows and one "token" per word.
-        Some(prefix.size()[0] as usize + prompt.split_whitespace().count())
-    }
-    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
-        Ok(ids
-            .iter()
-            .map(|i| format!("w{i}"))
-            .collect::<Vec<_>>()
-            .join(" "))
-    }
-    fn image_tokens(
-        &mut self,
-        prompt: &str,
-        opts: &GenerateOptions,
         should_stop: ShouldStop,
-    ) -> StageResult<Vec<Vec<i64>>> {
-        let n = opts.n as i64;
-        let mut h = self.prompt_state(prompt, n, opts.seed); // (n, D)
+        emit: &mut dyn FnMut(u64, LlmEvent),
+    ) -> StageResult<()> {
+        if should_stop() || self.reqs.is_empty() {
+            return Ok(());
+        }
+        // One forward over every request's rows.
+        busy(&self.cfg, &self.w);
+        let keys: Vec<u64> = self.reqs.keys().copied().collect();
+        let hs: Vec<Tensor> = self.reqs.values().map(|r| r.h.shallow_clone()).collect();
+        let h = Tensor::cat(&hs, 0);
+        let h: Tensor = (h.matmul(&self.w)).tanh() + 0.5 * &h;
+        let logits = h.matmul(&self.out); // (R, V)
         let v0 = self.cfg.text_vocab + 2;
-        let mut ids = vec![Vec::new(); opts.n];
-        for _ in 0..self.cfg.image_tokens {
-            busy(&self.cfg, &self.w);
-            h = (h.matmul(&self.w)).tanh() + 0.5 * &h;
-            let logits = h.matmul(&self.out).narrow(1, v0, self.cfg.n_code); // (n, K)
-            let t = Vec::<i64>::try_from(&logits.argmax(-1, false))
-                .map_err(|e| StageError::failed(StageKind::Llm, e))?;
-            for (s, id) in t.into_iter().enumerate() {
-                ids[s].push(id + self.cfg.visual_offset);
+        let mut at = 0;
+        let mut finished = Vec::new();
+        for key in keys {
+            let Some(r) = self.reqs.get_mut(&key) else {
+                continue;
+            };
+            let n = r.h.size()[0];
+            r.h = h.narrow(0, at, n);
+            let l = logits.narrow(0, at, n);
+            at += n;
+            let ids = if r.image {
+                l.narrow(1, v0, self.cfg.n_code).argmax(-1, false) + self.cfg.visual_offset
+            } else {
+                l.narrow(1, 0, self.cfg.text_vocab).argmax(-1, false)
+            };
+            let ids =
+                Vec::<i64>::try_from(&ids).map_err(|e| StageError::failed(StageKind::Llm, e))?;
+            r.steps += 1;
+            for (s, id) in ids.into_iter().enumerate() {
+                if r.done[s] {
+                    continue;
+                }
+                r.out[s].push(id);
+                if r.stream {
+                    emit(
+                        key,
+                        LlmEvent::Token(TokenEvent {
+                            id,
+                            text: format!(" w{id}"),
+                        }),
+                    );
+                }
+                if !r.image && id == 2 {
+                    r.done[s] = true;
+                }
             }
-            if let Some(g) = &self.gate {
-                g.pass(should_stop);
-            }
-            if should_stop() {
-                return Err(StageError::Cancelled);
+            if r.steps >= r.max || r.done.iter().all(|&d| d) {
+                finished.push(key);
             }
         }
-        Ok(ids)
+        if let Some(g) = &self.gate {
+            g.pass(should_stop);
+        }
+        for key in finished {
+            let Some(r) = self.reqs.remove(&key) else {
+                continue;
+            };
+            let out = if r.image {
+                LlmOutput::ImageTokens(r.out)
+            } else {
+                LlmOutput::Text(
+                    r.out
+                        .into_iter()
+                        .map(|ids| TextAnswer {
+                            text: ids
+                                .iter()
+                                .map(|i| format!("w{i}"))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            ids,
+                            prompt_tokens: r.prompt_tokens,
+                        })
+                        .collect(),
+                )
+            };
+            emit(key, LlmEvent::Done(out));
+        }
+        Ok(())
     }
+    fn leave(&mut self, key: u64) {
+        self.reqs.remove(&key);
+    }
+}
+impl LlmStage for MockLlm {}
+
+/// A request in the mock Decoder.
+struct MockDecodeReq {
+    cond: Tensor,
+    x: Tensor,
+    steps: usize,
+    done: usize,
 }
 
 pub struct MockDecoder {
@@ -343,6 +458,7 @@ pub struct MockDecoder {
     w: Tensor,
     to_px: Tensor,
     pub gate: Option<Gate>,
+    reqs: std::collections::BTreeMap<u64, MockDecodeReq>,
 }
 impl MockDecoder {
     pub fn new(cfg: &MockConfig, device: Device, gate: Option<Gate>) -> Self {
@@ -354,19 +470,16 @@ impl MockDecoder {
             w: weights(cfg, 9, &[d, d], device),
             to_px: weights(cfg, 10, &[d, 3 * s * s], device),
             gate,
+            reqs: Default::default(),
         }
     }
 }
 impl Trainable for MockDecoder {}
-impl DecoderStage for MockDecoder {
-    fn decode(
-        &mut self,
-        ids: &[Vec<i64>],
-        opts: &GenerateOptions,
-        should_stop: ShouldStop,
-    ) -> StageResult<Tensor> {
+impl Iterative<DecodeRequest, Tensor> for MockDecoder {
+    fn join(&mut self, key: u64, req: DecodeRequest) -> StageResult<()> {
         let dev = self.w.device();
-        let conds = ids
+        let conds = req
+            .ids
             .iter()
             .map(|seq| {
                 let raw: Vec<i64> = seq
@@ -382,22 +495,87 @@ impl DecoderStage for MockDecoder {
                     .mean_dim(0, true, Kind::Float)) // (1, D)
             })
             .collect::<StageResult<Vec<_>>>()?;
+        if conds.is_empty() {
+            return Err(StageError::Invalid("no images to decode".into()));
+        }
         let cond = Tensor::cat(&conds, 0); // (n, D)
-        let mut x = noise(opts.seed ^ 0xDEC0DE, &cond.size(), dev);
-        for _ in 0..opts.steps {
+        let x = noise(req.opts.seed ^ 0xDEC0DE, &cond.size(), dev);
+        self.reqs.insert(
+            key,
+            MockDecodeReq {
+                cond,
+                x,
+                steps: req.opts.steps,
+                done: 0,
+            },
+        );
+        Ok(())
+    }
+    fn held(&self) -> usize {
+        self.reqs.len()
+    }
+    fn plan(&mut self) -> Vec<u64> {
+        self.reqs.keys().copied().collect()
+    }
+    fn step(
+        &mut self,
+        should_stop: ShouldStop,
+        emit: &mut dyn FnMut(u64, Tensor),
+    ) -> StageResult<()> {
+        if should_stop() || self.reqs.is_empty() {
+            return Ok(());
+        }
+        // One denoising step of every running image.
+        let running: Vec<u64> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.done < r.steps)
+            .map(|(&k, _)| k)
+            .collect();
+        if !running.is_empty() {
             busy(&self.cfg, &self.w);
-            x = (x.matmul(&self.w) + &cond).tanh();
+            let xs: Vec<Tensor> = running
+                .iter()
+                .map(|k| self.reqs[k].x.shallow_clone())
+                .collect();
+            let cs: Vec<Tensor> = running
+                .iter()
+                .map(|k| self.reqs[k].cond.shallow_clone())
+                .collect();
+            let x = (Tensor::cat(&xs, 0).matmul(&self.w) + Tensor::cat(&cs, 0)).tanh();
+            let mut at = 0;
+            for k in &running {
+                if let Some(r) = self.reqs.get_mut(k) {
+                    let n = r.x.size()[0];
+                    r.x = x.narrow(0, at, n);
+                    at += n;
+                    r.done += 1;
+                }
+            }
             if let Some(g) = &self.gate {
                 g.pass(should_stop);
             }
-            if should_stop() {
-                return Err(StageError::Cancelled);
+        }
+        let finished: Vec<u64> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.done >= r.steps)
+            .map(|(&k, _)| k)
+            .collect();
+        let s = self.cfg.pixel_size;
+        for k in finished {
+            if let Some(r) = self.reqs.remove(&k) {
+                emit(k, r.x.matmul(&self.to_px).sigmoid().reshape([-1, 3, s, s]));
+                // (n, 3, S, S)
             }
         }
-        let s = self.cfg.pixel_size;
-        Ok(x.matmul(&self.to_px).sigmoid().reshape([-1, 3, s, s])) // (n, 3, S, S)
+        Ok(())
+    }
+    fn leave(&mut self, key: u64) {
+        self.reqs.remove(&key);
     }
 }
+impl DecoderStage for MockDecoder {}
 
 /// Builders of the five mock stages (gates on the LLM and decoder, if given).
 pub fn builders(cfg: &MockConfig, gate: Option<Gate>) -> StageBuilders {

@@ -6,9 +6,14 @@
 //! Every call receives tensors already moved to the stage's device (the receiving actor does the
 //! move) and returns tensors on that device; the next actor moves them again.
 //!
-//! Cancellation: long loops (LLM decoding, the diffusion loop) receive a [`ShouldStop`] callback
-//! and call it once per token or step; when it returns `true` they stop and return
-//! [`StageError::Cancelled`] (or any error: the actor reports the request as cancelled anyway).
+//! The Llm and the Decoder are [`Iterative`]: they hold a running batch and advance every
+//! request in it by one step (a token, a denoising step) per call, so requests join and leave
+//! between steps (continuous batching); the tokenizer stages take one batch of images per call
+//! and the actor concatenates the images of several requests into it.
+//!
+//! Cancellation: a step receives a [`ShouldStop`] callback; a step that can wait (a test's
+//! gate) calls it and gives up when it answers `true`. The actor takes a cancelled request out
+//! of the batch before the next step, so it stops within one token or one denoising step.
 
 use std::path::Path;
 
@@ -17,12 +22,13 @@ use tch::{Device, Tensor};
 
 pub use crate::manifest::SelectionChoice;
 use crate::messages::{
-    CaptionOptions, GenerateOptions, StepControl, StepReport, TrainBatch, TrainParts,
+    DecodeRequest, LlmEvent, LlmRequest, StepControl, StepReport, TrainBatch, TrainParts,
 };
 
-/// The callback a model's decode loop or diffusion loop calls once per token / step. It returns
-/// `true` when the loop must stop now (the request was cancelled or its client went away).
-/// It also counts the call as one unit of progress for the request (`/metrics`, tests).
+/// The callback a step (or a library decode loop) calls once per token / denoising step. It
+/// returns `true` when the loop must stop now (a request was cancelled, its client went away,
+/// or the stage must answer a control message). It also counts the call as one unit of
+/// progress for every request of the step (`/metrics`, tests).
 pub type ShouldStop<'a> = &'a dyn Fn() -> bool;
 
 pub use crate::kinds::{ExitStatus, FailureKind, StageError, StageKind, StageResult};
@@ -120,38 +126,23 @@ impl QuantizerStage for Unused {
         self.refuse()
     }
 }
-impl LlmStage for Unused {
-    fn caption(
-        &mut self,
-        _: &Tensor,
-        _: &str,
-        _: &CaptionOptions,
-        _: &mut dyn FnMut(i64, &str) -> bool,
-    ) -> StageResult<Vec<i64>> {
+impl<R, E> Iterative<R, E> for Unused {
+    fn join(&mut self, _: u64, _: R) -> StageResult<()> {
         self.refuse()
     }
-    fn decode_text(&mut self, _: &[i64]) -> StageResult<String> {
-        self.refuse()
+    fn held(&self) -> usize {
+        0
     }
-    fn image_tokens(
-        &mut self,
-        _: &str,
-        _: &GenerateOptions,
-        _: ShouldStop,
-    ) -> StageResult<Vec<Vec<i64>>> {
-        self.refuse()
+    fn plan(&mut self) -> Vec<u64> {
+        Vec::new()
     }
+    fn step(&mut self, _: ShouldStop, _: &mut dyn FnMut(u64, E)) -> StageResult<()> {
+        Ok(())
+    }
+    fn leave(&mut self, _: u64) {}
 }
-impl DecoderStage for Unused {
-    fn decode(
-        &mut self,
-        _: &[Vec<i64>],
-        _: &GenerateOptions,
-        _: ShouldStop,
-    ) -> StageResult<Tensor> {
-        self.refuse()
-    }
-}
+impl LlmStage for Unused {}
+impl DecoderStage for Unused {}
 
 /// EVA ViT: images → patch features.
 pub trait EncoderStage: Trainable + Send {
@@ -182,64 +173,166 @@ pub trait QuantizerStage: Trainable + Send {
     fn quantize(&mut self, merged: &Tensor, decisions: &Tensor) -> StageResult<Vec<Vec<i64>>>;
 }
 
-/// The LLM.
-pub trait LlmStage: Trainable + Send {
-    /// Caption / VQA: `prefix` (T, D) continuous visual embeddings, then the question `prompt`.
-    /// Calls `on_token(id, text_piece)` once per generated text id; a `false` answer stops the
-    /// loop (cancel).
-    fn caption(
-        &mut self,
-        prefix: &Tensor,
-        prompt: &str,
-        opts: &CaptionOptions,
-        on_token: &mut dyn FnMut(i64, &str) -> bool,
-    ) -> StageResult<Vec<i64>>;
-    /// [`LlmStage::caption`] for several images with one question, not streamed: one id list
-    /// per prefix, in order. The default captions them one by one; a stage that can decode
-    /// them as one batch overrides it. `should_stop` is asked once per token.
-    fn captions(
-        &mut self,
-        prefixes: &[Tensor],
-        prompt: &str,
-        opts: &CaptionOptions,
-        should_stop: ShouldStop,
-    ) -> StageResult<Vec<Vec<i64>>> {
-        let mut out = Vec::with_capacity(prefixes.len());
-        for p in prefixes {
-            out.push(self.caption(p, prompt, opts, &mut |_, _| !should_stop())?);
-            if should_stop() {
-                return Err(StageError::Cancelled);
-            }
-        }
-        Ok(out)
+/// A stage that holds a running batch and advances every request in it by one step per
+/// call (the Llm: one token of every sequence; the Decoder: one denoising step of every
+/// image) — continuous batching. The generic actor drives it: a request [`join`]s between two
+/// steps (checked then, cheaply), [`plan`] admits waiting requests into the running batch as
+/// the stage's budget allows and names the next step's members, [`step`] runs one forward
+/// over them and emits what finished (a finished request has left the stage), and a
+/// cancelled or failed request [`leave`]s at once.
+///
+/// [`join`]: Iterative::join
+/// [`plan`]: Iterative::plan
+/// [`step`]: Iterative::step
+/// [`leave`]: Iterative::leave
+pub trait Iterative<Req, Ev>: Send {
+    /// Take a request (`key`: unique among the requests held). A request that is invalid,
+    /// or could never fit the stage's budget, is refused here, before any forward pass.
+    fn join(&mut self, key: u64, req: Req) -> StageResult<()>;
+    /// Requests held (waiting to be admitted, or running).
+    fn held(&self) -> usize;
+    /// Whether more requests may join now (else they wait in the stage's mailbox).
+    fn has_room(&self) -> bool {
+        true
     }
-    /// Text ids → text.
-    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String>;
-    /// How many positions the LLM reads before generating a caption of `prefix` and `prompt`
-    /// (visual embeddings, question tokens and the special tokens around them): the prompt
-    /// side of a reply's token usage. `None`: this stage does not say.
-    fn caption_prompt_len(&mut self, _prefix: &Tensor, _prompt: &str) -> Option<usize> {
-        None
-    }
-    /// Text → `opts.n` sequences of visual ids (between [IMG] and [/IMG], offset removed or not
-    /// as the decoder expects), classifier-free guidance batched.
-    fn image_tokens(
-        &mut self,
-        prompt: &str,
-        opts: &GenerateOptions,
-        should_stop: ShouldStop,
-    ) -> StageResult<Vec<Vec<i64>>>;
+    /// Admit waiting requests as the budget allows; the keys of the next step's members.
+    fn plan(&mut self) -> Vec<u64>;
+    /// One forward over the planned members. `emit(key, event)` takes what the step gives
+    /// a request (a streamed piece, its result); a request whose result is emitted has left.
+    /// `should_stop`: see [`ShouldStop`].
+    fn step(&mut self, should_stop: ShouldStop, emit: &mut dyn FnMut(u64, Ev)) -> StageResult<()>;
+    /// Forget a request (cancelled, or failed with its step), freeing what it holds.
+    fn leave(&mut self, key: u64);
 }
 
-/// Feature decoder + U-Net + VAE.
-pub trait DecoderStage: Trainable + Send {
-    /// Visual ids (one sequence per image) → pixels (n, 3, H, W) float in [0, 1].
-    fn decode(
-        &mut self,
-        ids: &[Vec<i64>],
-        opts: &GenerateOptions,
-        should_stop: ShouldStop,
-    ) -> StageResult<Tensor>;
+/// Run one request alone through an [`Iterative`] stage to its end (direct calls, tests):
+/// every event it emits, in order. `should_stop` is asked once per step.
+pub fn run_alone<R, E, S: Iterative<R, E> + ?Sized>(
+    stage: &mut S,
+    req: R,
+    should_stop: ShouldStop,
+) -> StageResult<Vec<E>> {
+    const KEY: u64 = u64::MAX;
+    stage.join(KEY, req)?;
+    let mut events = Vec::new();
+    while stage.held() > 0 {
+        if stage.plan().is_empty() {
+            stage.leave(KEY);
+            return Err(StageError::Invalid(
+                "the stage cannot admit the request alone".into(),
+            ));
+        }
+        if should_stop() {
+            stage.leave(KEY);
+            return Err(StageError::Cancelled);
+        }
+        let r = stage.step(&|| false, &mut |_, e| events.push(e));
+        if let Err(e) = r {
+            stage.leave(KEY);
+            return Err(e);
+        }
+    }
+    Ok(events)
+}
+
+/// The LLM: image tokens for a prompt, text for image(s) + question, in one running batch.
+pub trait LlmStage: Trainable + Iterative<LlmRequest, LlmEvent> {
+    /// KV blocks reserved and in the pool (`/metrics`); `None`: this stage has no pool.
+    fn kv_blocks(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Tokens generated so far, over every request (`/metrics`).
+    fn tokens_generated(&self) -> u64 {
+        0
+    }
+}
+
+/// Feature decoder + U-Net + VAE: visual ids → pixels, the denoising steps of every
+/// running image in one U-Net call per latent shape.
+pub trait DecoderStage: Trainable + Iterative<DecodeRequest, Tensor> {}
+
+/// How the stages batch the work of concurrent requests (`[pipeline.batching]`): every stage
+/// advances all the requests it holds by one step per forward pass (see [`crate::actors`]).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Batching {
+    /// Images per step of the Encoder, SelectorMerger and Quantizer (a request with more runs
+    /// alone).
+    pub max_batch: usize,
+    /// Milliseconds a tokenizer stage waits for more images before a step that is not full,
+    /// and only while other requests are admitted (a lone request never waits); 0 = never.
+    pub max_wait_ms: f64,
+    /// Sequences in the Llm's running batch (a request of n images with guidance is 2n, a
+    /// caption with k beams k).
+    pub llm_max_seqs: usize,
+    /// Prompt positions the Llm prefills per step; a longer prompt is prefilled in chunks
+    /// over several steps, next to the running decodes.
+    pub llm_max_prefill_tokens: usize,
+    /// The Llm's KV cache in MiB: a pool of blocks allocated by its first step. A request
+    /// reserves the blocks of its prompt and its longest answer when it joins the running
+    /// batch; while the pool is full it waits, and one that could never fit is refused —
+    /// never an out-of-memory.
+    pub kv_cache_mib: usize,
+    /// Positions per KV block.
+    pub kv_block_size: usize,
+    /// Images per U-Net call of the Decoder (their guidance rows come on top; a request with
+    /// more runs alone).
+    pub decoder_max_batch: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            max_batch: 16,
+            max_wait_ms: 2.0,
+            llm_max_seqs: 64,
+            llm_max_prefill_tokens: 1024,
+            kv_cache_mib: 2048,
+            kv_block_size: 16,
+            decoder_max_batch: 16,
+        }
+    }
+}
+
+impl Batching {
+    /// Range checks, naming `origin` and the key.
+    pub fn validate(&self, origin: &str) -> crate::Result<()> {
+        let range = |key: &str, v: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(crate::Error::config(
+                    origin,
+                    format!("pipeline.batching.{key}"),
+                    format!("{v} is out of range {lo}..={hi}"),
+                ))
+            }
+        };
+        range("max_batch", self.max_batch, 1, 4096)?;
+        range("llm_max_seqs", self.llm_max_seqs, 1, 4096)?;
+        range(
+            "llm_max_prefill_tokens",
+            self.llm_max_prefill_tokens,
+            1,
+            1 << 20,
+        )?;
+        range("kv_cache_mib", self.kv_cache_mib, 1, 1 << 20)?;
+        range("kv_block_size", self.kv_block_size, 1, 1024)?;
+        range("decoder_max_batch", self.decoder_max_batch, 1, 4096)?;
+        if !(self.max_wait_ms.is_finite() && (0.0..=1000.0).contains(&self.max_wait_ms)) {
+            return Err(crate::Error::config(
+                origin,
+                "pipeline.batching.max_wait_ms",
+                format!("{} is out of range 0..=1000", self.max_wait_ms),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Batching::max_wait_ms`] as a duration.
+    pub fn max_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.max_wait_ms.max(0.0) / 1000.0)
+    }
 }
 
 /// Which device each stage runs on, and how deep each stage's mailbox is.

@@ -778,7 +778,8 @@ pub fn evaluate(
         }
     };
     // ids and keep masks, as `/v1/tokenize` with `keep_mask` answers
-    let select = |x: Tensor| -> anyhow::Result<(Vec<Vec<i64>>, Vec<Vec<u8>>)> {
+    type IdsAndMasks = (Vec<Vec<i64>>, Vec<Vec<u8>>);
+    let select = |x: Tensor| -> anyhow::Result<IdsAndMasks> {
         match run(Task::Select { selection: None }, Input::Images(x))? {
             Output::Selection { ids, keep } => Ok((
                 ids,

@@ -164,19 +164,21 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
         });
     }
     if set.has(StageKind::Llm) {
-        let (d4, dt) = (d.clone(), dtype.clone());
+        let (d4, dt, batching) = (d.clone(), dtype.clone(), cfg.batching.clone());
         b.llm = Box::new(move |dev| {
             let kind = kind_for(&dt, dev)?;
-            Ok(Box::new(LlmStageModel::load(&d4, dev, kind)?) as Box<dyn LlmStage>)
+            let st = LlmStageModel::load(&d4, dev, kind)?.with_batching(&batching);
+            Ok(Box::new(st) as Box<dyn LlmStage>)
         });
     }
     if let (true, Some(s)) = (set.has(StageKind::Decoder), enc_state) {
-        let (d5, m5, p5) = (d, m, plugins);
+        let (d5, m5, p5, batching) = (d, m, plugins, cfg.batching.clone());
         b.decoder = Box::new(move |dev| {
             let sd = s.get();
             let codebook = load_codebook(&d5, &m5, dev, &p5, &sd, &s.source)?;
             let kind = kind_for(&dtype, dev)?;
-            let st = DecoderStageModel::load(&d5, dev, codebook, resolution, kind)?;
+            let st = DecoderStageModel::load(&d5, dev, codebook, resolution, kind)?
+                .with_batching(&batching);
             Ok(Box::new(st) as Box<dyn DecoderStage>)
         });
     }

@@ -1,6 +1,6 @@
 //! `/metrics` in the Prometheus text format, written by the `prometheus` crate: admission
-//! (queue depth, in flight, refusals), per-stage gauges, counters and latency histograms, HTTP
-//! responses by class.
+//! (queue depth, in flight, refusals), per-stage gauges, counters and histograms (latency,
+//! queue wait, step time, batch size), the Llm's KV blocks in use, HTTP responses by class.
 //!
 //! The HTTP counters are the crate's own counters; the pipeline's numbers live in the runtime's
 //! atomics (`lavit_runtime::inflight`) and are read at scrape time into metric families, the way
@@ -8,12 +8,10 @@
 
 use std::sync::atomic::Ordering;
 
-use prometheus::proto::{
-    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
-};
+use prometheus::proto::{Bucket, Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 
-use lavit_runtime::inflight::{StageMetrics, LATENCY_BUCKETS};
+use lavit_runtime::inflight::{Histogram, StageMetrics, BATCH_BUCKETS, LATENCY_BUCKETS};
 use lavit_runtime::stage::StageKind;
 
 use super::AppState;
@@ -229,7 +227,7 @@ fn pipeline_families(st: &AppState) -> Vec<MetricFamily> {
         (
             "lavit_stage_in_flight",
             MetricType::GAUGE,
-            "Requests a stage is computing now.",
+            "Requests a stage holds (waiting for a step or in its running batch).",
             |m| m.in_flight.load(Ordering::SeqCst).max(0) as u64,
         ),
         (
@@ -283,46 +281,98 @@ fn pipeline_families(st: &AppState) -> Vec<MetricFamily> {
     ));
     out.push(family(
         "lavit_stage_mailbox_depth",
-        "Messages queued for or being processed by a stage.",
+        "Messages queued in a stage's mailbox (not yet in its running batch).",
         MetricType::GAUGE,
         StageKind::ALL
             .iter()
             .map(|k| gauge(sh.slots[k.index()].depth() as f64, &[("stage", k.name())]))
             .collect(),
     ));
-    let histograms = StageKind::ALL
-        .iter()
-        .map(|k| {
-            let m = &sh.metrics[k.index()];
-            let mut h = Histogram::default();
-            // The runtime's bucket counts are already cumulative; the encoder adds +Inf.
-            h.set_bucket(
-                LATENCY_BUCKETS
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &le)| {
-                        let mut b = Bucket::default();
-                        b.set_upper_bound(le);
-                        b.set_cumulative_count(m.buckets[i].load(Ordering::Relaxed));
-                        b
-                    })
-                    .collect(),
-            );
-            h.set_sample_count(m.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed));
-            h.set_sample_sum(m.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-            let mut metric = Metric::default();
-            metric.set_histogram(h);
-            metric.set_label(labels(&[("stage", k.name())]));
-            metric
-        })
-        .collect();
+    type Hist = fn(&StageMetrics) -> &Histogram;
+    let histograms: [(&str, &str, &[f64], Hist); 4] = [
+        (
+            "lavit_stage_latency_seconds",
+            "Time a request spends in a stage (from joining its batch to leaving it).",
+            &LATENCY_BUCKETS,
+            |m| &m.latency,
+        ),
+        (
+            "lavit_stage_queue_wait_seconds",
+            "Time from a request being sent to a stage to its first step there.",
+            &LATENCY_BUCKETS,
+            |m| &m.queue_wait,
+        ),
+        (
+            "lavit_stage_step_seconds",
+            "Time of one step of a stage (one forward over its running batch).",
+            &LATENCY_BUCKETS,
+            |m| &m.step_time,
+        ),
+        (
+            "lavit_stage_batch_size",
+            "Requests in one step of a stage.",
+            &BATCH_BUCKETS,
+            |m| &m.batch_size,
+        ),
+    ];
+    for (name, help, bounds, f) in histograms {
+        let metrics = StageKind::ALL
+            .iter()
+            .map(|k| histogram(f(&sh.metrics[k.index()]), bounds, &[("stage", k.name())]))
+            .collect();
+        out.push(family(name, help, MetricType::HISTOGRAM, metrics));
+    }
+    let llm = &sh.metrics[StageKind::Llm.index()];
+    for (name, help, v) in [
+        (
+            "lavit_kv_blocks_in_use",
+            "KV cache blocks reserved by the Llm's running requests.",
+            llm.kv_blocks_used.load(Ordering::Relaxed),
+        ),
+        (
+            "lavit_kv_blocks_total",
+            "KV cache blocks in the Llm's pool (pipeline.batching.kv_cache_mib).",
+            llm.kv_blocks_total.load(Ordering::Relaxed),
+        ),
+    ] {
+        out.push(family(
+            name,
+            help,
+            MetricType::GAUGE,
+            vec![gauge(v as f64, &[])],
+        ));
+    }
     out.push(family(
-        "lavit_stage_latency_seconds",
-        "Time a stage spends on one request.",
-        MetricType::HISTOGRAM,
-        histograms,
+        "lavit_llm_tokens_total",
+        "Tokens the Llm generated (every sample, caption and beam).",
+        MetricType::COUNTER,
+        vec![counter(llm.tokens.load(Ordering::Relaxed) as f64, &[])],
     ));
     out
+}
+
+/// A runtime histogram (cumulative counts per bound of `bounds`) as a Prometheus one.
+fn histogram(hist: &Histogram, bounds: &[f64], l: &[(&str, &str)]) -> Metric {
+    let mut h = prometheus::proto::Histogram::default();
+    // The runtime's bucket counts are already cumulative; the encoder adds +Inf.
+    h.set_bucket(
+        bounds
+            .iter()
+            .enumerate()
+            .map(|(i, &le)| {
+                let mut b = Bucket::default();
+                b.set_upper_bound(le);
+                b.set_cumulative_count(hist.count(i));
+                b
+            })
+            .collect(),
+    );
+    h.set_sample_count(hist.count(bounds.len()));
+    h.set_sample_sum(hist.sum());
+    let mut metric = Metric::default();
+    metric.set_histogram(h);
+    metric.set_label(labels(l));
+    metric
 }
 
 /// The whole `/metrics` page.

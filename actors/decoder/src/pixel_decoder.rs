@@ -97,6 +97,58 @@ impl Condition {
             Condition::Lowres { hidden } => hidden.size()[0],
         }
     }
+
+    /// Rows `start..start + len` (the images of one request of a batched condition).
+    pub fn narrow(&self, start: i64, len: i64) -> Condition {
+        match self {
+            Condition::Highres {
+                prompt_embeds,
+                pooled_embeds,
+            } => Condition::Highres {
+                prompt_embeds: prompt_embeds.narrow(0, start, len),
+                pooled_embeds: pooled_embeds.narrow(0, start, len),
+            },
+            Condition::Lowres { hidden } => Condition::Lowres {
+                hidden: hidden.narrow(0, start, len),
+            },
+        }
+    }
+}
+
+/// One request's diffusion loop between its steps ([`PixelDecoder::start`],
+/// [`PixelDecoder::denoise`]).
+pub struct Denoising {
+    /// (R, N, C) U-Net encoder hidden states: [negative; positive] (R = 2B) under guidance,
+    /// the positive alone (R = B) at guidance 1.
+    ehs: Tensor,
+    /// Lowres: (R, N) bool encoder attention mask.
+    mask: Option<Tensor>,
+    /// Highres: (R, P) pooled text embeds and (R, 6) time ids.
+    text_embeds: Option<Tensor>,
+    time_ids: Option<Tensor>,
+    /// (B, C, h, w) float32.
+    pub latents: Tensor,
+    scheduler: Box<dyn schedulers::Scheduler>,
+    timesteps: Vec<f64>,
+    /// Steps done.
+    next: usize,
+    guidance: f64,
+    guided: bool,
+}
+
+impl Denoising {
+    /// Every step done.
+    pub fn is_done(&self) -> bool {
+        self.next >= self.timesteps.len()
+    }
+    /// Images.
+    pub fn batch(&self) -> i64 {
+        self.latents.size()[0]
+    }
+    /// U-Net rows of its next step.
+    pub fn rows(&self) -> i64 {
+        self.batch() * if self.guided { 2 } else { 1 }
+    }
 }
 
 /// Settings of one decoding.
@@ -321,7 +373,8 @@ impl PixelDecoder {
     }
 
     /// [`Self::decode_latents`] that calls `should_stop` once per diffusion step (before the
-    /// step's U-Net forward) and stops with [`Error::Cancelled`] when it answers `true`.
+    /// step's U-Net forward) and stops with [`Error::Cancelled`] when it answers `true`. The
+    /// loop is [`Self::start`] and [`Self::denoise`] over a batch of one (the serving path).
     pub fn decode_latents_with(
         &self,
         cond: &Condition,
@@ -330,6 +383,27 @@ impl PixelDecoder {
         opts: &DecodeOptions,
         should_stop: ShouldStop,
     ) -> Result<Tensor> {
+        let mut job = self.start(cond, latents, time_ids, opts)?;
+        while !job.is_done() {
+            if should_stop() {
+                return Err(Error::Cancelled);
+            }
+            self.denoise(&mut [&mut job])?;
+        }
+        Ok(self.vae_decode(&job.latents))
+    }
+
+    /// A diffusion loop ready for its first step: the U-Net rows of `cond` ([negative;
+    /// positive] under guidance, the positive alone at guidance 1, where eq. 7 is the
+    /// positive prediction), the scheduled timesteps, `latents` (B, C, h, w) scaled to the
+    /// initial noise. `time_ids` (B, 6) are the SDXL ones (ignored by the lowres decoder).
+    pub fn start(
+        &self,
+        cond: &Condition,
+        latents: Tensor,
+        time_ids: &Tensor,
+        opts: &DecodeOptions,
+    ) -> Result<Denoising> {
         let _guard = tch::no_grad_guard();
         let b = cond.batch();
         let dev = self.device;
@@ -341,11 +415,24 @@ impl PixelDecoder {
                 self.unet.config.in_channels
             )));
         }
+        if !opts.guidance.is_finite() {
+            return Err(Error::invalid(format!(
+                "guidance must be finite, got {}",
+                opts.guidance
+            )));
+        }
         let mut scheduler =
             schedulers::from_config(&self.scheduler_config, opts.scheduler.as_deref())?;
         scheduler.set_timesteps(opts.steps)?;
-
-        // The CFG batch: [negative; positive].
+        let guided = opts.guidance != 1.0;
+        // [negative; positive] rows, or the positive rows alone.
+        let rows = |neg: Tensor, pos: Tensor| {
+            if guided {
+                Tensor::cat(&[neg, pos], 0)
+            } else {
+                pos
+            }
+        };
         let (ehs, mask, text_embeds, time_ids) = match (cond, self.resolution) {
             (
                 Condition::Highres {
@@ -356,9 +443,6 @@ impl PixelDecoder {
             ) => {
                 let pe = prompt_embeds.to_device(dev).to_kind(kind);
                 let pp = pooled_embeds.to_device(dev).to_kind(kind);
-                // "The negative prompt embeddings shall be forced to always be set to 0"
-                let ehs = Tensor::cat(&[pe.zeros_like(), pe], 0); // (2B, N, C)
-                let te = Tensor::cat(&[pp.zeros_like(), pp], 0); // (2B, P)
                 let tid = time_ids.to_device(dev).to_kind(kind);
                 if tid.size() != [b, 6] {
                     return Err(Error::invalid(format!(
@@ -366,7 +450,10 @@ impl PixelDecoder {
                         tid.size()
                     )));
                 }
-                let tid = Tensor::cat(&[&tid, &tid], 0); // (2B, 6)
+                // "The negative prompt embeddings shall be forced to always be set to 0"
+                let ehs = rows(pe.zeros_like(), pe); // (R, N, C)
+                let te = rows(pp.zeros_like(), pp); // (R, P)
+                let tid = rows(tid.shallow_clone(), tid); // (R, 6)
                 (ehs, None, Some(te), Some(tid))
             }
             (Condition::Lowres { hidden }, Resolution::Lowres) => {
@@ -398,8 +485,8 @@ impl PixelDecoder {
                     // no uncond_embeddings.bin: an all-zero, unmasked negative
                     None => pos_mask.shallow_clone(),
                 };
-                let ehs = Tensor::cat(&[neg, x], 0); // (2B, N, C)
-                let mask = Tensor::cat(&[neg_mask, pos_mask], 0); // (2B, N)
+                let ehs = rows(neg, x); // (R, N, C)
+                let mask = rows(neg_mask, pos_mask); // (R, N)
                 (ehs, Some(mask), None, None)
             }
             _ => {
@@ -413,41 +500,102 @@ impl PixelDecoder {
                 )))
             }
         };
-        if ehs.size()[0] != 2 * b {
+        if ehs.size()[0] != if guided { 2 * b } else { b } {
             return Err(Error::invalid("condition parts disagree on the batch size"));
         }
+        let timesteps = scheduler.timesteps().to_vec();
+        let latents = latents.to_device(dev).to_kind(Kind::Float) * scheduler.init_noise_sigma();
+        Ok(Denoising {
+            ehs,
+            mask,
+            text_embeds,
+            time_ids,
+            latents,
+            scheduler,
+            timesteps,
+            next: 0,
+            guidance: opts.guidance,
+            guided,
+        })
+    }
 
-        // Timesteps as device tensors, made once (no host round-trips inside the loop).
-        let ts: Vec<f64> = scheduler.timesteps().to_vec();
-        let t_dev: Vec<Tensor> = ts
-            .iter()
-            .map(|&t| Tensor::from(t).to_kind(Kind::Float).to_device(dev))
-            .collect();
-        let mut latents =
-            latents.to_device(dev).to_kind(Kind::Float) * scheduler.init_noise_sigma();
-        for (t, t_tensor) in ts.iter().zip(&t_dev) {
-            if should_stop() {
-                return Err(Error::Cancelled);
-            }
-            let x = Tensor::cat(&[&latents, &latents], 0); // (2B, C, h, w)
-            let x = scheduler.scale_model_input(&x, *t).to_kind(kind);
-            let added = match (&text_embeds, &time_ids) {
-                (Some(te), Some(ti)) => Some(AddedCond {
-                    text_embeds: te,
-                    time_ids: ti,
-                }),
-                _ => None,
-            };
-            let out = self
-                .unet
-                .forward(&x, t_tensor, &ehs, mask.as_ref(), added.as_ref())?
-                .to_kind(Kind::Float);
-            let parts = out.chunk(2, 0);
-            let (uncond, text) = (&parts[0], &parts[1]);
-            let noise = uncond + (text - uncond) * opts.guidance;
-            latents = scheduler.step(&noise, *t, &latents)?;
+    /// One denoising step of every loop in `jobs` in ONE U-Net call: their rows are
+    /// concatenated, each with its own timestep, and each loop's scheduler takes its own rows
+    /// (continuous batching of the diffusion loops of concurrent requests). The latents of
+    /// all jobs must have the same size (C, h, w).
+    pub fn denoise(&self, jobs: &mut [&mut Denoising]) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let jobs: Vec<&mut &mut Denoising> = jobs.iter_mut().filter(|j| !j.is_done()).collect();
+        let Some(first) = jobs.first() else {
+            return Ok(());
+        };
+        let shape = first.latents.size()[1..].to_vec();
+        if jobs.iter().any(|j| j.latents.size()[1..] != shape[..]) {
+            return Err(Error::invalid(
+                "one U-Net call over latents of different sizes",
+            ));
         }
-        Ok(self.vae_decode(&latents))
+        let (dev, kind) = (self.device, self.unet_kind());
+        let (mut xs, mut ts, mut ehs, mut masks, mut te, mut tid) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for j in &jobs {
+            let t = j.timesteps[j.next];
+            let x = if j.guided {
+                Tensor::cat(&[&j.latents, &j.latents], 0) // (2B, C, h, w)
+            } else {
+                j.latents.shallow_clone()
+            };
+            let x = j.scheduler.scale_model_input(&x, t).to_kind(kind);
+            ts.extend(std::iter::repeat_n(t as f32, x.size()[0] as usize));
+            xs.push(x);
+            ehs.push(j.ehs.shallow_clone());
+            masks.extend(j.mask.as_ref().map(Tensor::shallow_clone));
+            te.extend(j.text_embeds.as_ref().map(Tensor::shallow_clone));
+            tid.extend(j.time_ids.as_ref().map(Tensor::shallow_clone));
+        }
+        let cat = |v: &[Tensor]| (v.len() == jobs.len()).then(|| Tensor::cat(v, 0));
+        let (mask, te, tid) = (cat(&masks), cat(&te), cat(&tid));
+        let added = match (&te, &tid) {
+            (Some(te), Some(ti)) => Some(AddedCond {
+                text_embeds: te,
+                time_ids: ti,
+            }),
+            _ => None,
+        };
+        let t = Tensor::from_slice(&ts).to_device(dev); // (R,)
+        let out = self
+            .unet
+            .forward(
+                &Tensor::cat(&xs, 0),
+                &t,
+                &Tensor::cat(&ehs, 0),
+                mask.as_ref(),
+                added.as_ref(),
+            )?
+            .to_kind(Kind::Float);
+        let mut at = 0;
+        for j in jobs {
+            let n = j.latents.size()[0] * if j.guided { 2 } else { 1 };
+            let mine = out.narrow(0, at, n);
+            at += n;
+            let noise = if j.guided {
+                let parts = mine.chunk(2, 0);
+                let (uncond, text) = (&parts[0], &parts[1]);
+                uncond + (text - uncond) * j.guidance
+            } else {
+                mine
+            };
+            let t = j.timesteps[j.next];
+            j.latents = j.scheduler.step(&noise, t, &j.latents)?;
+            j.next += 1;
+        }
+        Ok(())
     }
 
     /// VAE decode of scaled latents to RGB images in [0, 1]: `decode(z / scaling_factor)`,

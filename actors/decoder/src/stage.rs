@@ -10,23 +10,26 @@
 //!   mean(1 − cos);
 //! - stage 1b ([`DecoderStageModel::for_training`]): the U-Net, through [`DecoderTrainer`].
 
+use std::collections::VecDeque;
 use std::path::Path;
 
 use lavit_plugin_api::Codebook;
 use lavit_runtime::layout::{files, resolve_file};
 use lavit_runtime::manifest::LavitManifest;
 use lavit_runtime::messages::{
-    train_keys, GenerateOptions, StepControl, StepReport, TrainBatch, TrainParts,
+    train_keys, DecodeRequest, StepControl, StepReport, TrainBatch, TrainParts,
 };
 use lavit_runtime::stage::{
-    DecoderStage, ShouldStop, StageError, StageKind, StageResult, Trainable,
+    DecoderStage, Iterative, ShouldStop, StageError, StageKind, StageResult, Trainable,
 };
 use lavit_runtime::train::{need_train, not_trainable, StageOptim};
 use lavit_runtime::{Error, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::feature_decoder::{FeatureDecoderConfig, HighresVQDecoder, VQDecoder};
-use crate::pixel_decoder::{Condition, DecodeOptions, FeatureDecoders, PixelDecoder, Resolution};
+use crate::pixel_decoder::{
+    add_time_ids, DecodeOptions, Denoising, FeatureDecoders, PixelDecoder, Resolution,
+};
 use crate::train::DecoderTrainer;
 
 const K: StageKind = StageKind::Decoder;
@@ -44,6 +47,11 @@ pub struct DecoderStageModel {
     /// Stage 1: the feature decoder's optimiser.
     stage1: Option<StageOptim>,
     train_mode: bool,
+    /// The running batch: requests waiting for a place, and those being denoised.
+    waiting: VecDeque<DecodeJob>,
+    running: Vec<DecodeJob>,
+    /// Images per U-Net call.
+    max_batch: usize,
 }
 
 fn stage_err(e: Error) -> StageError {
@@ -101,6 +109,9 @@ impl DecoderStageModel {
             train: None,
             stage1: None,
             train_mode: false,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            max_batch: lavit_runtime::stage::Batching::default().decoder_max_batch,
         }
     }
 
@@ -308,35 +319,197 @@ impl Trainable for DecoderStageModel {
     }
 }
 
-impl DecoderStage for DecoderStageModel {
-    fn decode(
-        &mut self,
-        ids: &[Vec<i64>],
-        opts: &GenerateOptions,
-        should_stop: ShouldStop,
-    ) -> StageResult<Tensor> {
-        if ids.iter().any(Vec::is_empty) {
-            return Err(StageError::Invalid("an image without visual tokens".into()));
+/// A request in the Decoder's running batch.
+struct DecodeJob {
+    key: u64,
+    ids: Vec<Vec<i64>>,
+    opts: DecodeOptions,
+    /// `None` until its condition is decoded (the step after it is admitted).
+    loop_: Option<Denoising>,
+}
+
+/// Requests waiting to be admitted beyond which new ones stay in the stage's mailbox.
+const WAITING_ROOM: usize = 8;
+
+impl DecoderStageModel {
+    /// The running batch's limit: images per U-Net call (guidance rows on top).
+    pub fn with_batching(mut self, batching: &lavit_runtime::stage::Batching) -> Self {
+        self.max_batch = batching.decoder_max_batch.max(1);
+        self
+    }
+
+    /// Decode the conditions of the newly admitted requests in one feature-decoder call and
+    /// start their diffusion loops (seeded initial latents, as alone).
+    fn start_new(&mut self) -> Result<()> {
+        let new: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].loop_.is_none())
+            .collect();
+        if new.is_empty() {
+            return Ok(());
         }
-        let pixels = self.pixels()?;
-        let cond: Condition = pixels.condition_for(self, ids).map_err(stage_err)?;
-        if should_stop() {
-            return Err(StageError::Cancelled);
+        let ids: Vec<Vec<i64>> = new
+            .iter()
+            .flat_map(|&i| self.running[i].ids.iter().cloned())
+            .collect();
+        let pixels = self
+            .pixels
+            .as_ref()
+            .ok_or_else(|| Error::invalid("this Decoder stage has no pixel decoder"))?;
+        let cond = pixels.condition_for(self, &ids)?;
+        let mut at = 0;
+        let mut loops = Vec::with_capacity(new.len());
+        for &i in &new {
+            let job = &self.running[i];
+            let n = job.ids.len() as i64;
+            let c = cond.narrow(at, n);
+            at += n;
+            let (nh, nw) = pixels.native_size();
+            let (h, w) = (job.opts.height.unwrap_or(nh), job.opts.width.unwrap_or(nw));
+            pixels.validate_size(h, w)?;
+            let latents = pixels.initial_latents(n, h, w, job.opts.seed);
+            let tid = add_time_ids((h, w), job.opts.crops_coords_top_left, (h, w));
+            let time_ids = Tensor::from_slice(&tid)
+                .view([1, 6])
+                .repeat([n, 1])
+                .to_device(pixels.device);
+            loops.push(pixels.start(&c, latents, &time_ids, &job.opts)?);
         }
-        let dopts = DecodeOptions {
-            steps: opts.steps,
-            guidance: opts.guidance,
-            height: Some(opts.height as i64),
-            width: Some(opts.width as i64),
-            seed: Some(opts.seed as i64),
-            ..DecodeOptions::default()
-        };
-        // One `should_stop` call per diffusion step.
-        pixels
-            .decode_with(&cond, &dopts, should_stop)
-            .map_err(stage_err)
+        for (&i, l) in new.iter().zip(loops) {
+            self.running[i].loop_ = Some(l);
+        }
+        Ok(())
     }
 }
+
+impl Iterative<DecodeRequest, Tensor> for DecoderStageModel {
+    fn join(&mut self, key: u64, req: DecodeRequest) -> StageResult<()> {
+        if req.ids.is_empty() {
+            return Err(StageError::Invalid("no images to decode".into()));
+        }
+        if req.ids.iter().any(Vec::is_empty) {
+            return Err(StageError::Invalid("an image without visual tokens".into()));
+        }
+        // Ids outside the codebook would fail the whole step's feature decoder: refuse now.
+        if let Some(cb) = &self.codebook {
+            let (off, k) = (self.visual_token_offset, cb.num_codes());
+            for (i, v) in req.ids.iter().enumerate() {
+                if let Some(bad) = v.iter().find(|&&id| id < off || id >= off + k) {
+                    return Err(StageError::Invalid(format!(
+                        "image {i}: id {bad} is not a visual id (valid: {off}..{})",
+                        off + k
+                    )));
+                }
+            }
+        }
+        let pixels = self.pixels()?;
+        let opts = DecodeOptions {
+            steps: req.opts.steps,
+            guidance: req.opts.guidance,
+            height: Some(req.opts.height as i64),
+            width: Some(req.opts.width as i64),
+            seed: Some(req.opts.seed as i64),
+            ..DecodeOptions::default()
+        };
+        pixels
+            .validate_size(req.opts.height as i64, req.opts.width as i64)
+            .map_err(stage_err)?;
+        self.waiting.push_back(DecodeJob {
+            key,
+            ids: req.ids,
+            opts,
+            loop_: None,
+        });
+        Ok(())
+    }
+
+    fn held(&self) -> usize {
+        self.waiting.len() + self.running.len()
+    }
+
+    fn has_room(&self) -> bool {
+        self.waiting.len() < WAITING_ROOM
+    }
+
+    fn plan(&mut self) -> Vec<u64> {
+        let mut images: usize = self.running.iter().map(|j| j.ids.len()).sum();
+        while let Some(j) = self.waiting.front() {
+            if !self.running.is_empty() && images + j.ids.len() > self.max_batch {
+                break;
+            }
+            images += j.ids.len();
+            if let Some(j) = self.waiting.pop_front() {
+                self.running.push(j);
+            }
+        }
+        self.running.iter().map(|j| j.key).collect()
+    }
+
+    fn step(
+        &mut self,
+        should_stop: ShouldStop,
+        emit: &mut dyn FnMut(u64, Tensor),
+    ) -> StageResult<()> {
+        if should_stop() {
+            return Ok(());
+        }
+        self.start_new().map_err(stage_err)?;
+        let pixels = self
+            .pixels
+            .as_ref()
+            .ok_or_else(|| StageError::Invalid("this Decoder stage has no pixel decoder".into()))?;
+        // One U-Net call per latent size, over every running request's rows.
+        let mut sizes: Vec<Vec<i64>> = Vec::new();
+        for j in &self.running {
+            if let Some(l) = &j.loop_ {
+                let s = l.latents.size()[1..].to_vec();
+                if !sizes.contains(&s) {
+                    sizes.push(s);
+                }
+            }
+        }
+        for size in sizes {
+            let mut group: Vec<&mut Denoising> = self
+                .running
+                .iter_mut()
+                .filter_map(|j| j.loop_.as_mut())
+                .filter(|l| l.latents.size()[1..] == size[..])
+                .collect();
+            pixels.denoise(&mut group).map_err(stage_err)?;
+        }
+        // Finished requests: one VAE call per latent size, then they leave.
+        let (done, running): (Vec<DecodeJob>, Vec<DecodeJob>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|j| j.loop_.as_ref().is_some_and(Denoising::is_done));
+        self.running = running;
+        let mut done: Vec<(u64, Tensor)> = done
+            .into_iter()
+            .filter_map(|j| j.loop_.map(|l| (j.key, l.latents)))
+            .collect();
+        while !done.is_empty() {
+            let size = done[0].1.size()[1..].to_vec();
+            let (same, rest): (Vec<_>, Vec<_>) = done
+                .into_iter()
+                .partition(|(_, l)| l.size()[1..] == size[..]);
+            done = rest;
+            let lat: Vec<&Tensor> = same.iter().map(|(_, l)| l).collect();
+            let px = pixels.vae_decode(&Tensor::cat(&lat, 0)); // (ΣB, 3, H, W)
+            let mut at = 0;
+            for (key, l) in &same {
+                let n = l.size()[0];
+                emit(*key, px.narrow(0, at, n));
+                at += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, key: u64) {
+        self.waiting.retain(|j| j.key != key);
+        self.running.retain(|j| j.key != key);
+    }
+}
+
+impl DecoderStage for DecoderStageModel {}
 
 /// What the request side needs to know of a checkpoint's pixel decoder, read from its
 /// configs (no weights loaded).

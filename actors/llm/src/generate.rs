@@ -4,13 +4,13 @@
 //!
 //! - text → image tokens: append [IMG], only visual ids and [/IMG] allowed ([/IMG] forbidden
 //!   before the minimum), top-k / top-p / temperature, classifier-free guidance with the
-//!   unconditional stream = [IMG] + generated tokens; conditional and unconditional streams run
-//!   as ONE left-padded batched forward with per-stream positions and KV cache.
+//!   unconditional stream = [IMG] + generated tokens; the conditional and unconditional
+//!   sequences of every request run in one batched forward per step ([`crate::batch`]).
 //! - image → text: greedy, beam search or sampling with repetition penalty; every id ≥
 //!   `text_vocab_size` forbidden; min/max new tokens; stop on EOS.
 //!
-//! Decoding loops stay on the device; the only host read per step is the "all finished?" check
-//! (when streaming, the new ids are read instead, in that same one read).
+//! Both run on the continuous-batching [`Engine`] that serves requests (one path): here the
+//! requests of one call, run to their end. The only host read per step is the picked ids.
 //!
 //! Cancellation: the `*_with` forms take a [`ShouldStop`] callback, called once per generated
 //! token before any work on it (it only reads an atomic flag: no host round-trip); when it
@@ -20,8 +20,9 @@ use lavit_runtime::stage::ShouldStop;
 use lavit_runtime::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::modeling_llama::{ForwardArgs, KvCache, LlamaForCausalLM};
-use crate::vocab::{has_padding, left_pad_embeds, left_pad_ids, UnifiedVocab};
+use crate::batch::{Engine, EngineLimits, Finished, Group, GroupKind};
+use crate::modeling_llama::LlamaForCausalLM;
+use crate::vocab::UnifiedVocab;
 
 /// How the next token is picked from the (processed) logits.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,35 +140,57 @@ impl SampleRng {
 
     /// Mix (seed, step, salt) into 32 bits on the host (splitmix64).
     fn key(&self, salt: u64) -> i64 {
-        let mut z = self
-            .seed
-            .wrapping_add(self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            .wrapping_add(salt.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) & 0xffff_ffff) as i64
+        stream_key(self.seed, self.step, salt)
+    }
+
+    /// The two keys of the noise of step `step` of the stream of `seed`.
+    pub fn keys(seed: u64, step: u64) -> (i64, i64) {
+        (stream_key(seed, step, 1), stream_key(seed, step, 2))
+    }
+
+    /// The stream's seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// Standard Gumbel noise shaped like `like` (B, V), then advance the stream.
     pub fn gumbel(&mut self, like: &Tensor) -> Tensor {
-        // 32-bit integer hash (x ^ x>>16)·0x45d9f3b, twice, in int64 without overflow.
-        let hash = |x: Tensor| {
-            let mask = 0xffff_ffffi64;
-            let x = (x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16)) * 0x45d_9f3b)
-                .bitwise_and(mask);
-            let x = (x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16)) * 0x45d_9f3b)
-                .bitwise_and(mask);
-            x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16))
-        };
         let (k1, k2) = (self.key(1), self.key(2));
         self.step += 1;
         let n = like.numel() as i64;
         let idx = Tensor::arange(n, (Kind::Int64, like.device())).view(like.size().as_slice());
-        let x = hash(hash(idx.bitwise_xor(k1)).bitwise_xor(k2));
-        // u in (0, 1) with 32 bits; gumbel = −log(−log u)
-        let u = (x.to_kind(Kind::Double) + 0.5) / 4_294_967_296.0;
-        u.log().neg().log().neg().to_kind(Kind::Float)
+        gumbel_of(&idx, &Tensor::from(k1), &Tensor::from(k2))
     }
+}
+
+/// splitmix64 of (seed, step, salt), kept to 32 bits.
+fn stream_key(seed: u64, step: u64, salt: u64) -> i64 {
+    let mut z = seed
+        .wrapping_add(step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(salt.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) & 0xffff_ffff) as i64
+}
+
+/// Standard Gumbel noise of the counters `idx` (int64, any shape) under the keys `k1`, `k2`
+/// (broadcast against `idx`): a 32-bit integer hash, (x ^ x>>16)·0x45d9f3b twice, in int64
+/// without overflow, then u in (0, 1) with 32 bits and −log(−log u).
+fn gumbel_of(idx: &Tensor, k1: &Tensor, k2: &Tensor) -> Tensor {
+    let dev = idx.device();
+    let hash = |x: Tensor| {
+        let mask = 0xffff_ffffi64;
+        let x = (x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16)) * 0x45d_9f3b)
+            .bitwise_and(mask);
+        let x = (x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16)) * 0x45d_9f3b)
+            .bitwise_and(mask);
+        x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16))
+    };
+    let x = hash(
+        hash(idx.bitwise_xor_tensor(&k1.to_device(dev))).bitwise_xor_tensor(&k2.to_device(dev)),
+    );
+    let u = (x.to_kind(Kind::Double) + 0.5) / 4_294_967_296.0;
+    u.log().neg().log().neg().to_kind(Kind::Float)
 }
 
 /// Pick next tokens (B,) from logits (B, V) that already carry the suppression (−inf):
@@ -182,8 +205,111 @@ pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut SampleRng) -> Tensor {
     (&l + rng.gumbel(&l)).argmax(-1, false)
 }
 
+/// How one row of [`pick_rows`] is picked: its sampling settings and its place in its random
+/// stream (the row's noise is what [`pick`] draws for row `row` of a batch of the stream of
+/// `seed` at step `step`, whatever else shares the batch).
+#[derive(Debug, Clone)]
+pub struct RowPick {
+    pub sampling: Sampling,
+    pub seed: u64,
+    pub step: u64,
+    pub row: i64,
+}
+
+/// [`pick`] for rows with their own settings and random streams, in one pass: logits
+/// (R, V) → ids (R,). Each row gets what [`pick`] gives it in its own request.
+pub fn pick_rows(logits: &Tensor, rows: &[RowPick]) -> Tensor {
+    let dev = logits.device();
+    let greedy = logits.argmax(-1, false);
+    if rows.iter().all(|r| !r.sampling.do_sample) {
+        return greedy;
+    }
+    let (r, v) = (rows.len() as i64, logits.size()[1]);
+    let col = |x: Vec<f32>| Tensor::from_slice(&x).to_device(dev).view([r, 1]);
+    let temp = col(rows
+        .iter()
+        .map(|p| {
+            if p.sampling.do_sample {
+                p.sampling.temperature as f32
+            } else {
+                1.0
+            }
+        })
+        .collect());
+    let mut l = logits.to_kind(Kind::Float) / temp;
+    // top-k with a k per row: the k-th largest value of each row is the threshold.
+    let ks: Vec<i64> = rows
+        .iter()
+        .map(|p| {
+            let k = p.sampling.top_k;
+            if p.sampling.do_sample && k > 0 && k < v {
+                k
+            } else {
+                0
+            }
+        })
+        .collect();
+    let kmax = ks.iter().copied().max().unwrap_or(0);
+    if kmax > 0 {
+        let (vals, _) = l.topk(kmax, -1, true, true); // (R, kmax)
+        let at: Vec<i64> = ks.iter().map(|&k| (k - 1).max(0)).collect();
+        let at = Tensor::from_slice(&at).to_device(dev).view([r, 1]);
+        let kth = vals.gather(1, &at, false); // (R, 1)
+        let on = Tensor::from_slice(&ks.iter().map(|&k| k > 0).collect::<Vec<_>>())
+            .to_device(dev)
+            .view([r, 1]);
+        l = l.masked_fill(&l.lt_tensor(&kth).logical_and(&on), f64::NEG_INFINITY);
+    }
+    // top-p with a p per row (HF `TopPLogitsWarper`), rows with p = 1 untouched.
+    if rows
+        .iter()
+        .any(|p| p.sampling.do_sample && p.sampling.top_p < 1.0)
+    {
+        let thr = col(rows
+            .iter()
+            .map(|p| (1.0 - p.sampling.top_p) as f32)
+            .collect());
+        let on = Tensor::from_slice(
+            &rows
+                .iter()
+                .map(|p| p.sampling.do_sample && p.sampling.top_p < 1.0)
+                .collect::<Vec<_>>(),
+        )
+        .to_device(dev)
+        .view([r, 1]);
+        let (sorted, idx) = l.sort(-1, false); // ascending
+        let cum = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+        let remove = cum.le_tensor(&thr);
+        let _ = remove.narrow(-1, v - 1, 1).fill_(0); // keep the best token
+        let remove = remove.scatter(-1, &idx, &remove.shallow_clone());
+        l = l.masked_fill(&remove.logical_and(&on), f64::NEG_INFINITY);
+    }
+    // Gumbel noise: row i at counter row·V + column of its own stream's step.
+    let mut k1 = Vec::with_capacity(rows.len());
+    let mut k2 = Vec::with_capacity(rows.len());
+    for p in rows {
+        let (a, b) = SampleRng::keys(p.seed, p.step);
+        k1.push(a);
+        k2.push(b);
+    }
+    let base: Vec<i64> = rows.iter().map(|p| p.row * v).collect();
+    let idx = Tensor::from_slice(&base).to_device(dev).view([r, 1])
+        + Tensor::arange(v, (Kind::Int64, dev)).view([1, v]);
+    let k1 = Tensor::from_slice(&k1).view([r, 1]);
+    let k2 = Tensor::from_slice(&k2).view([r, 1]);
+    let sampled = (&l + gumbel_of(&idx, &k1, &k2)).argmax(-1, false);
+    let sample = Tensor::from_slice(
+        &rows
+            .iter()
+            .map(|p| p.sampling.do_sample)
+            .collect::<Vec<_>>(),
+    )
+    .to_device(dev);
+    sampled.where_self(&sample, &greedy)
+}
+
 /// Additive (V,) bias: 0 where `allowed`, −inf elsewhere.
-fn allow_bias(vocab_size: i64, allowed: impl Fn(i64) -> bool, device: Device) -> Tensor {
+pub(crate) fn allow_bias(vocab_size: i64, allowed: impl Fn(i64) -> bool, device: Device) -> Tensor {
     let v: Vec<f32> = (0..vocab_size)
         .map(|i| if allowed(i) { 0.0 } else { f32::NEG_INFINITY })
         .collect();
@@ -220,6 +346,48 @@ impl Default for ImageTokenConfig {
     }
 }
 
+impl ImageTokenConfig {
+    /// Reject options no generation can run with (NaN, zero or negative counts).
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate()?;
+        if self.num_return_sequences < 1 || self.max_new_tokens < 1 || self.min_new_tokens < 0 {
+            return Err(Error::invalid(format!(
+                "num_return_sequences ({}) and max_new_tokens ({}) must be ≥ 1, min_new_tokens ({}) ≥ 0",
+                self.num_return_sequences, self.max_new_tokens, self.min_new_tokens
+            )));
+        }
+        if !self.cfg_scale.is_finite() {
+            return Err(Error::invalid(format!(
+                "cfg_scale must be finite, got {}",
+                self.cfg_scale
+            )));
+        }
+        Ok(())
+    }
+
+    /// The engine's request for one prompt: `cond` and `uncond` (P, H) embeddings of the
+    /// conditional and unconditional prompts, [IMG] included; the seed drawn when unset.
+    pub fn group(&self, model: &LlamaForCausalLM, cond: &Tensor, uncond: &Tensor) -> Result<Group> {
+        self.validate()?;
+        let longest = cond.size()[0].max(uncond.size()[0]);
+        check_context(model, longest, self.max_new_tokens)?;
+        let n = self.num_return_sequences as usize;
+        let guidance = (self.cfg_scale != 1.0).then_some(self.cfg_scale);
+        let mut seqs: Vec<Tensor> = (0..n).map(|_| cond.shallow_clone()).collect();
+        if guidance.is_some() {
+            seqs.extend((0..n).map(|_| uncond.shallow_clone()));
+        }
+        Ok(Group::new(
+            GroupKind::Image { n, guidance },
+            seqs,
+            self.sampling.clone(),
+            self.seed.unwrap_or_else(|| SampleRng::new(None).seed()),
+            self.min_new_tokens,
+            self.max_new_tokens,
+        ))
+    }
+}
+
 /// Text (or any multimodal prompt of ids: text ids and discrete images) → image tokens.
 ///
 /// `prompts` are id lists WITHOUT the trailing [IMG] (it is appended). Returns, for each
@@ -236,7 +404,8 @@ pub fn generate_image_tokens(
 }
 
 /// [`generate_image_tokens`] that calls `should_stop` once per token and stops with
-/// [`Error::Cancelled`] when it answers `true`.
+/// [`Error::Cancelled`] when it answers `true`. The prompts run as requests of one
+/// [`Engine`] (the serving path), sharing one random stream prompt-major.
 pub fn generate_image_tokens_with(
     model: &LlamaForCausalLM,
     vocab: &UnifiedVocab,
@@ -244,118 +413,92 @@ pub fn generate_image_tokens_with(
     cfg: &ImageTokenConfig,
     should_stop: ShouldStop,
 ) -> Result<Vec<Vec<i64>>> {
-    cfg.sampling.validate()?;
+    cfg.validate()?;
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
-    if cfg.num_return_sequences < 1 || cfg.max_new_tokens < 1 || cfg.min_new_tokens < 0 {
-        return Err(Error::invalid(format!(
-            "num_return_sequences ({}) and max_new_tokens ({}) must be ≥ 1, min_new_tokens ({}) ≥ 0",
-            cfg.num_return_sequences, cfg.max_new_tokens, cfg.min_new_tokens
-        )));
-    }
-    if !cfg.cfg_scale.is_finite() {
-        return Err(Error::invalid(format!(
-            "cfg_scale must be finite, got {}",
-            cfg.cfg_scale
-        )));
-    }
-    for p in prompts {
-        if let Some(bad) = p.iter().find(|&&i| !(0..vocab.vocab_size).contains(&i)) {
+    let _g = tch::no_grad_guard();
+    let dev = model.device();
+    let embed = |ids: &[i64]| -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| !(0..vocab.vocab_size).contains(&i)) {
             return Err(Error::invalid(format!(
                 "prompt id {bad} outside the vocabulary of {}",
                 vocab.vocab_size
             )));
         }
-    }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64 + 1; // + [IMG]
-    check_context(model, longest, cfg.max_new_tokens)?;
-    let mut rng = SampleRng::new(cfg.seed);
-    let _g = tch::no_grad_guard();
-    let dev = model.device();
-    let guided = cfg.cfg_scale != 1.0;
-    // Streams: n conditional (prompt-major × samples), then n unconditional.
-    let mut streams: Vec<Vec<i64>> = Vec::new();
-    for p in prompts {
-        for _ in 0..cfg.num_return_sequences {
-            let mut s = p.clone();
-            s.push(vocab.image_start_id);
-            streams.push(s);
-        }
-    }
-    let n = streams.len() as i64;
-    if guided {
-        for _ in 0..n {
-            streams.push(vec![vocab.image_start_id]);
-        }
-    }
-    let (ids, mask) = left_pad_ids(&streams, 0);
-    let padded = has_padding(&mask);
-    let (ids, mask) = (ids.to_device(dev), mask.to_device(dev));
-    let mut cache = KvCache::new();
-    let args = ForwardArgs {
-        attention_mask: padded.then_some(&mask),
-        ..Default::default()
+        model.f_embed(&Tensor::from_slice(ids).to_device(dev))
     };
-    let mut logits = model.forward_last(&model.embed(&ids), &args, Some(&mut cache)); // (S, V)
-    let visual_or_end = |i: i64| vocab.is_visual(i) || i == vocab.image_end_id;
-    let bias_open = allow_bias(vocab.vocab_size, |i| vocab.is_visual(i), dev);
-    let bias_close = allow_bias(vocab.vocab_size, visual_or_end, dev);
-    let mut out: Vec<Tensor> = Vec::new();
-    let mut done = Tensor::zeros([n], (Kind::Bool, dev));
-    let end = Tensor::from(vocab.image_end_id).to_device(dev);
-    for step in 0..cfg.max_new_tokens {
+    let uncond = embed(&[vocab.image_start_id])?;
+    // One stream for the whole call (prompt-major rows), as one batch draws it.
+    let cfg = ImageTokenConfig {
+        seed: Some(cfg.seed.unwrap_or_else(|| SampleRng::new(None).seed())),
+        ..cfg.clone()
+    };
+    let mut groups = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let mut ids = p.clone();
+        ids.push(vocab.image_start_id);
+        let cond = embed(&ids)?;
+        let mut g = cfg.group(model, &cond, &uncond)?;
+        g.rng_row0 = i as i64 * cfg.num_return_sequences;
+        groups.push(g);
+    }
+    let out = run_groups(model, vocab, groups, should_stop, &mut |_, _| true)?;
+    Ok(out
+        .into_iter()
+        .flat_map(|f| match f {
+            Finished::Image(rows) => rows,
+            Finished::Text { ids, .. } => ids,
+        })
+        .collect())
+}
+
+/// What [`run_groups`] calls after each step: the engine and the requests that finished in
+/// it; `false` stops the run.
+type AfterStep<'a> = dyn FnMut(&Engine, &[(u64, Finished)]) -> bool + 'a;
+
+/// Run `groups` as the requests of one engine to their end, calling `should_stop` once per
+/// step (`Cancelled` when it answers `true`) and `after_step` with the engine after each step
+/// (`false`: stop with `Cancelled`). Their results, in order.
+fn run_groups(
+    model: &LlamaForCausalLM,
+    vocab: &UnifiedVocab,
+    groups: Vec<Group>,
+    should_stop: ShouldStop,
+    after_step: &mut AfterStep,
+) -> Result<Vec<Finished>> {
+    let unbounded = EngineLimits::unbounded();
+    let limits = EngineLimits {
+        max_seqs: groups.iter().map(Group::seqs).sum(),
+        kv_blocks: groups.iter().map(|g| g.blocks_needed(&unbounded)).sum(),
+        ..unbounded
+    };
+    let mut engine = Engine::new(limits);
+    let n = groups.len();
+    for (i, g) in groups.into_iter().enumerate() {
+        engine.add(i as u64, g)?;
+    }
+    let mut out: Vec<Option<Finished>> = vec![None; n];
+    while !engine.is_empty() {
+        if engine.plan().is_empty() {
+            return Err(Error::invalid("the requests do not fit the engine"));
+        }
         if should_stop() {
             return Err(Error::Cancelled);
         }
-        let l = logits.to_kind(Kind::Float);
-        let scores = if guided {
-            // eq. 7: l = lsm(uncond) + α·(lsm(cond) − lsm(uncond))
-            let lsm = l.log_softmax(-1, Kind::Float);
-            let c = lsm.narrow(0, 0, n);
-            let u = lsm.narrow(0, n, n);
-            &u + (&c - &u) * cfg.cfg_scale
-        } else {
-            l
-        };
-        let bias = if step < cfg.min_new_tokens {
-            &bias_open
-        } else {
-            &bias_close
-        };
-        let next = pick(&(scores + bias), &cfg.sampling, &mut rng); // (n,)
-                                                                    // Finished streams keep emitting [/IMG] (dropped below).
-        let next = end.where_self(&done, &next);
-        out.push(next.shallow_clone());
-        done = done.logical_or(&next.eq(vocab.image_end_id));
-        if step + 1 == cfg.max_new_tokens || done.all().int64_value(&[]) != 0 {
-            break;
+        let fin = engine.step(model, vocab, &mut |_, _| {})?;
+        if !after_step(&engine, &fin) {
+            return Err(Error::Cancelled);
         }
-        let feed = if guided {
-            Tensor::cat(&[&next, &next], 0)
-        } else {
-            next
+        for (k, f) in fin {
+            if let Some(slot) = out.get_mut(k as usize) {
+                *slot = Some(f);
+            }
         }
-        .view([-1, 1]);
-        logits = model.forward_last(
-            &model.embed(&feed),
-            &ForwardArgs::default(),
-            Some(&mut cache),
-        );
     }
-    let all = Tensor::stack(&out, 1).to_device(Device::Cpu); // (n, steps)
-    let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&all)
-        .map_err(|e| Error::invalid(format!("reading generated ids: {e}")))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let end = r
-                .iter()
-                .position(|&i| i == vocab.image_end_id)
-                .map_or(r.len(), |p| p + 1);
-            r[..end].to_vec()
-        })
-        .collect())
+    out.into_iter()
+        .map(|f| f.ok_or_else(|| Error::invalid("a request ended without a result")))
+        .collect()
 }
 
 /// Settings of image → text generation.
@@ -391,8 +534,9 @@ impl Default for TextConfig {
 }
 
 /// Image (+ question) → text. `prefixes` are (T_i, H) input embeddings (e.g. from
-/// [`crate::vocab::build_sequence`] with an `ImageEmbeds` segment); they are left-padded into
-/// one batch. Returns the generated text ids of each prefix, without the EOS.
+/// [`crate::vocab::build_sequence`] with an `ImageEmbeds` segment); they run as one request
+/// of an [`Engine`] (the serving path). Returns the generated text ids of each prefix,
+/// without the EOS.
 pub fn generate_text(
     model: &LlamaForCausalLM,
     vocab: &UnifiedVocab,
@@ -406,10 +550,77 @@ pub fn generate_text(
 /// stream (EOS for finished ones); `false` stops the loop with [`Error::Cancelled`].
 pub type OnTokens<'a> = &'a mut dyn FnMut(&[i64]) -> bool;
 
+impl TextConfig {
+    /// Reject options no generation can run with.
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate()?;
+        if self.max_new_tokens < 1
+            || self.num_beams < 1
+            || self.repetition_penalty.is_nan()
+            || self.repetition_penalty <= 0.0
+        {
+            return Err(Error::invalid(format!(
+                "max_new_tokens ({}) and num_beams ({}) must be ≥ 1 and repetition_penalty ({}) > 0",
+                self.max_new_tokens, self.num_beams, self.repetition_penalty
+            )));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(Error::invalid(format!(
+                "length_penalty must be finite, got {}",
+                self.length_penalty
+            )));
+        }
+        Ok(())
+    }
+
+    /// The engine's request for `prefixes` (T_i, H), streamed (prompt 0) when `stream`.
+    pub fn group(
+        &self,
+        model: &LlamaForCausalLM,
+        prefixes: &[Tensor],
+        stream: bool,
+    ) -> Result<Group> {
+        self.validate()?;
+        let longest = prefixes
+            .iter()
+            .map(|p| p.size().first().copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        check_context(model, longest, self.max_new_tokens)?;
+        let k = self.num_beams;
+        // Beams of one prefix are adjacent: sequence b·k + j.
+        let seqs = prefixes
+            .iter()
+            .flat_map(|p| {
+                let p = p.to_device(model.device()).to_kind(model.kind());
+                (0..k).map(move |_| p.shallow_clone())
+            })
+            .collect();
+        let sampling = if k > 1 {
+            Sampling::greedy()
+        } else {
+            self.sampling.clone()
+        };
+        Ok(Group::new(
+            GroupKind::Text {
+                prompts: prefixes.len(),
+                beams: k,
+                repetition_penalty: self.repetition_penalty,
+                length_penalty: self.length_penalty,
+                stream: stream && k == 1,
+            },
+            seqs,
+            sampling,
+            self.seed.unwrap_or_else(|| SampleRng::new(None).seed()),
+            self.min_new_tokens,
+            self.max_new_tokens,
+        ))
+    }
+}
+
 /// [`generate_text`] that calls `should_stop` once per token (stopping with
 /// [`Error::Cancelled`] when it answers `true`) and, when streaming, `on_tokens` with the ids
-/// of each step. Streaming reads the new ids in place of the "all finished?" read, so it costs
-/// no extra host round-trip; it needs `num_beams == 1` (beams reorder).
+/// of each step; streaming needs `num_beams == 1` (beams reorder).
 pub fn generate_text_with(
     model: &LlamaForCausalLM,
     vocab: &UnifiedVocab,
@@ -418,7 +629,7 @@ pub fn generate_text_with(
     should_stop: ShouldStop,
     mut on_tokens: Option<OnTokens>,
 ) -> Result<Vec<Vec<i64>>> {
-    cfg.sampling.validate()?;
+    cfg.validate()?;
     if on_tokens.is_some() && cfg.num_beams != 1 {
         return Err(Error::invalid(format!(
             "streaming needs num_beams = 1, got {}",
@@ -428,136 +639,38 @@ pub fn generate_text_with(
     if prefixes.is_empty() {
         return Ok(Vec::new());
     }
-    if cfg.max_new_tokens < 1
-        || cfg.num_beams < 1
-        || cfg.repetition_penalty.is_nan()
-        || cfg.repetition_penalty <= 0.0
-    {
-        return Err(Error::invalid(format!(
-            "max_new_tokens ({}) and num_beams ({}) must be ≥ 1 and repetition_penalty ({}) > 0",
-            cfg.max_new_tokens, cfg.num_beams, cfg.repetition_penalty
-        )));
-    }
-    let longest = prefixes
-        .iter()
-        .map(|p| p.size().first().copied().unwrap_or(0))
-        .max()
-        .unwrap_or(0);
-    check_context(model, longest, cfg.max_new_tokens)?;
-    let mut rng = SampleRng::new(cfg.seed);
     let _g = tch::no_grad_guard();
-    let dev = model.device();
-    let k = cfg.num_beams;
-    // Beams of one prefix are adjacent: stream b·k + j.
-    let seqs: Vec<Tensor> = prefixes
-        .iter()
-        .flat_map(|p| {
-            let p = p.to_device(dev).to_kind(model.kind());
-            (0..k).map(move |_| p.shallow_clone())
-        })
-        .collect();
-    let (embeds, mask) = left_pad_embeds(&seqs);
-    let padded = has_padding(&mask);
-    let b = prefixes.len() as i64;
-    let s = b * k;
-    let mut cache = KvCache::new();
-    let args = ForwardArgs {
-        attention_mask: padded.then_some(&mask),
-        ..Default::default()
-    };
-    let mut logits = model.forward_last(&embeds, &args, Some(&mut cache)); // (S, V)
-    let v = vocab.vocab_size;
+    let group = cfg.group(model, prefixes, false)?;
     let eos = vocab.eos_id;
-    let text_only = allow_bias(v, |i| vocab.is_text(i), dev);
-    let text_no_eos = allow_bias(v, |i| vocab.is_text(i) && i != eos, dev);
-    let eos_only = allow_bias(v, |i| i == eos, dev);
-    let mut tokens = Tensor::zeros([s, 0], (Kind::Int64, dev));
-    let mut done = Tensor::zeros([s], (Kind::Bool, dev));
-    let mut lens = Tensor::zeros([s], (Kind::Float, dev));
-    // Only the first beam of each prefix is live at the start (the others are copies).
-    let beam_scores = Tensor::zeros([b, k], (Kind::Float, dev));
-    if k > 1 {
-        let _ = beam_scores.narrow(1, 1, k - 1).fill_(-1e9);
-    }
-    let beam_scores_flat = |t: &Tensor| t.view([-1]);
-    let mut beam_scores = beam_scores_flat(&beam_scores);
-    for step in 0..cfg.max_new_tokens {
-        if should_stop() {
-            return Err(Error::Cancelled);
-        }
-        let l = logits.to_kind(Kind::Float);
-        let l = repetition_penalty(&l, &tokens, cfg.repetition_penalty);
-        let bias = if step < cfg.min_new_tokens {
-            &text_no_eos
-        } else {
-            &text_only
+    let mut seen = vec![0usize; prefixes.len()];
+    let mut after = |e: &Engine, fin: &[(u64, Finished)]| -> bool {
+        let Some(f) = on_tokens.as_mut() else {
+            return true;
         };
-        // Finished streams may only repeat EOS.
-        let bias = eos_only
-            .view([1, v])
-            .where_self(&done.view([s, 1]), &bias.view([1, v]));
-        let l = l + bias;
-        let next = if k == 1 {
-            pick(&l, &cfg.sampling, &mut rng)
-        } else {
-            // Beam search on the device: finished beams extend with EOS at no cost.
-            let lp = l.log_softmax(-1, Kind::Float);
-            // A finished beam continues only with EOS, at log-prob 0.
-            let lp = eos_only.view([1, v]).where_self(&done.view([s, 1]), &lp);
-            let cand = (beam_scores.view([s, 1]) + lp).view([b, k * v]);
-            let (top, idx) = cand.topk(k, -1, true, true); // (B, k)
-            let src_beam = idx.divide_scalar_mode(v, "floor"); // (B, k)
-            let tok = idx.remainder(v).view([s]);
-            let src = (src_beam + Tensor::arange(b, (Kind::Int64, dev)).view([b, 1]) * k).view([s]);
-            cache.select(&src);
-            tokens = tokens.index_select(0, &src);
-            done = done.index_select(0, &src);
-            lens = lens.index_select(0, &src);
-            beam_scores = top.view([s]);
-            tok
+        // The new id of every stream this step: its last one, or EOS once it has finished.
+        let now: Vec<Vec<i64>> = match fin.iter().find(|(k, _)| *k == 0) {
+            Some((_, Finished::Text { ids, .. })) => ids.clone(),
+            _ => match e.group(0) {
+                Some(g) => g.generated().to_vec(),
+                None => return true,
+            },
         };
-        let next = Tensor::from(eos).to_device(dev).where_self(&done, &next);
-        lens = &lens + done.logical_not().to_kind(Kind::Float);
-        tokens = Tensor::cat(&[&tokens, &next.view([s, 1])], 1);
-        done = done.logical_or(&next.eq(eos));
-        let all_done = match on_tokens.as_mut() {
-            // One host read: the new ids (a stream is finished once it emitted EOS).
-            Some(f) => {
-                let both = Tensor::cat(&[&next, &done.to_kind(Kind::Int64)], 0); // (2S,)
-                let host = Vec::<i64>::try_from(&both.to_device(Device::Cpu))
-                    .map_err(|e| Error::invalid(format!("reading generated ids: {e}")))?;
-                let (ids, finished) = host.split_at(s as usize);
-                if !f(ids) {
-                    return Err(Error::Cancelled);
-                }
-                finished.iter().all(|&d| d != 0)
-            }
-            None => done.all().int64_value(&[]) != 0,
-        };
-        if step + 1 == cfg.max_new_tokens || all_done {
-            break;
-        }
-        logits = model.forward_last(
-            &model.embed(&next.view([s, 1])),
-            &ForwardArgs::default(),
-            Some(&mut cache),
-        );
-    }
-    // Best beam of each prefix by score / length^length_penalty.
-    let best = if k > 1 {
-        let norm = &beam_scores / lens.clamp_min(1.0).pow_tensor_scalar(cfg.length_penalty);
-        let j = norm.view([b, k]).argmax(-1, false);
-        j + Tensor::arange(b, (Kind::Int64, dev)) * k
-    } else {
-        Tensor::arange(b, (Kind::Int64, dev))
+        let ids: Vec<i64> = now
+            .iter()
+            .zip(seen.iter_mut())
+            .map(|(v, n)| {
+                let id = if v.len() > *n { v[v.len() - 1] } else { eos };
+                *n = v.len();
+                id
+            })
+            .collect();
+        f(&ids)
     };
-    let rows = tokens.index_select(0, &best).to_device(Device::Cpu);
-    let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&rows)
-        .map_err(|e| Error::invalid(format!("reading generated ids: {e}")))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| r.into_iter().take_while(|&i| i != eos).collect())
-        .collect())
+    let mut out = run_groups(model, vocab, vec![group], should_stop, &mut after)?;
+    match out.pop() {
+        Some(Finished::Text { ids, .. }) => Ok(ids),
+        _ => Err(Error::invalid("the text generation ended without a result")),
+    }
 }
 
 /// Refuse a generation whose prompt and new tokens do not fit the model's context

@@ -6,11 +6,13 @@
 //! - [`sentencepiece`]: `tokenizer.model` read in Rust; LLaMA's BPE encode/decode.
 //! - [`hf_tokenizer`]: `tokenizer.json` folders (the `tokenizers` crate) behind the same surface.
 //! - [`vocab`]: the unified vocabulary ([IMG], [/IMG], visual ids) and sequence batching.
+//! - [`batch`]: continuous batching: the running set of sequences, the paged KV pool.
 //! - [`generate`]: image→text and text→image-token generation (CFG, eq. 7).
 //! - [`stage`]: [`LlmStageModel`], the loaded `language_model/` as the pipeline's Llm stage
 //!   (captions, image tokens) — the one loader of the model, with all its checks.
 //! - [`train`]: stage-2 packing, loss and the training state the Llm stage holds.
 
+pub mod batch;
 pub mod config;
 pub mod generate;
 pub mod hf_tokenizer;

@@ -199,6 +199,116 @@ impl LlamaAttention {
     }
 }
 
+impl LlamaAttention {
+    /// [`LlamaAttention::forward`] over a paged KV cache: the new keys/values of `xs`
+    /// (B, T, H) are written into this layer's pool (`pool_k`, `pool_v`, each (S, nkv, hd))
+    /// at `at.write`, then every row attends to its own keys, gathered from the pool in
+    /// position order (`at.read`), under `at.mask`.
+    pub fn forward_paged(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        pool_k: &Tensor,
+        pool_v: &Tensor,
+        at: &PagedArgs,
+    ) -> Result<Tensor> {
+        let [b, t, _] = dims(xs, "hidden states are (B, T, H)");
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(xs).view([b, t, nh, hd]).transpose(1, 2); // (B, nh, T, hd)
+        let k = self
+            .k_proj
+            .forward(xs)
+            .view([b, t, nkv, hd])
+            .transpose(1, 2); // (B, nkv, T, hd)
+        let v = self.v_proj.forward(xs).view([b, t, nkv, hd]); // (B, T, nkv, hd)
+        let q = apply_rotary(&q, cos, sin);
+        let k = apply_rotary(&k, cos, sin).transpose(1, 2); // (B, T, nkv, hd)
+        let _ = pool_k
+            .shallow_clone()
+            .f_index_copy_(0, at.write, &k.reshape([b * t, nkv, hd]))
+            .ctx("writing keys into the KV pool")?;
+        let _ = pool_v
+            .shallow_clone()
+            .f_index_copy_(0, at.write, &v.reshape([b * t, nkv, hd]))
+            .ctx("writing values into the KV pool")?;
+        let gather = |pool: &Tensor| -> Result<Tensor> {
+            Ok(pool
+                .f_index_select(0, at.read)
+                .ctx("reading the KV pool")?
+                .view([b, at.tk, nkv, hd])
+                .transpose(1, 2)) // (B, nkv, Tk, hd)
+        };
+        let (kk, vv) = (gather(pool_k)?, gather(pool_v)?);
+        let n_rep = nh / nkv;
+        let (kk, vv) = if n_rep > 1 {
+            (repeat_kv(&kk, n_rep), repeat_kv(&vv, n_rep)) // (B, nh, Tk, hd)
+        } else {
+            (kk, vv)
+        };
+        let y = Tensor::f_scaled_dot_product_attention(
+            &q, &kk, &vv, at.mask, 0.0, at.causal, None, false,
+        )
+        .ctx("attention over the KV pool")?; // (B, nh, T, hd)
+        let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]); // (B, T, nh·hd)
+        Ok(self.o_proj.forward(&y))
+    }
+}
+
+/// Where a forward over a paged KV cache ([`LlamaForCausalLM::forward_paged`]) writes the new
+/// keys/values and which ones each row reads. Slot 0 of a pool is scratch: padding writes
+/// there and reads it masked.
+pub struct PagedArgs<'a> {
+    /// (B, T) int64 position of each new token (padding: 0).
+    pub positions: &'a Tensor,
+    /// (B·T,) int64 pool slot of each new token (padding: 0).
+    pub write: &'a Tensor,
+    /// (B·Tk,) int64 pool slots of the keys of each row in position order (padding: 0).
+    pub read: &'a Tensor,
+    /// Keys per row in `read`.
+    pub tk: i64,
+    /// (B, 1, T, Tk) bool: query t of row b may attend to key j. `None`: every query
+    /// attends to every key (one decoding position of rows of equal length), or, with
+    /// `causal`, to the keys up to its own (prompts from position 0, no padding).
+    pub mask: Option<&'a Tensor>,
+    pub causal: bool,
+}
+
+/// A paged KV cache: per layer (k, v), each (slots, nkv, hd); a sequence's positions live in
+/// the slots of its blocks (see `crate::batch`).
+#[derive(Debug)]
+pub struct KvPool {
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvPool {
+    /// Slots for `slots` positions of every layer of `cfg`, in `kind` on `device`; an
+    /// allocation that fails is an error, not an abort. Only the scratch slot 0 is zeroed:
+    /// every other slot is written before it is read (and a page of host memory is only
+    /// paid for once written). The scratch slot is read under the mask, so it must hold
+    /// finite values (a masked NaN still poisons the attention's sums).
+    pub fn new(cfg: &LlamaConfig, slots: i64, device: Device, kind: Kind) -> Result<Self> {
+        let shape = [slots.max(1), cfg.kv_heads(), cfg.head_dim()];
+        let make = || -> Result<Tensor> {
+            let t = Tensor::f_empty(shape, (kind, device)).ctx("allocating the KV pool")?;
+            let _ = t.narrow(0, 0, 1).zero_();
+            Ok(t)
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| Ok((make()?, make()?)))
+            .collect::<Result<_>>()?;
+        Ok(KvPool { layers })
+    }
+
+    /// Bytes one position takes in every layer (keys and values) of a `kind` model.
+    pub fn bytes_per_position(cfg: &LlamaConfig, kind: Kind) -> i64 {
+        2 * cfg.num_hidden_layers
+            * cfg.kv_heads()
+            * cfg.head_dim()
+            * kind.elt_size_in_bytes() as i64
+    }
+}
+
 /// HF `repeat_kv`: (B, nkv, T, hd) → (B, nkv·n_rep, T, hd), each kv head repeated n_rep times.
 fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
     let [b, nkv, t, hd] = dims(x, "(B, nkv, T, hd)");
@@ -581,6 +691,48 @@ impl LlamaForCausalLM {
         let h = self.forward_hidden(inputs_embeds, args, cache);
         let t = h.size()[1];
         self.head(&h.select(1, t - 1))
+    }
+}
+
+impl LlamaForCausalLM {
+    /// Final hidden states (B, T, H) of `inputs_embeds` (B, T, H) over a paged KV cache:
+    /// each row's new positions (`at.positions`) attend to its own cached keys and the new
+    /// ones, which this call writes into `pool` (continuous batching: rows of different
+    /// lengths and requests in one forward).
+    pub fn forward_paged(
+        &self,
+        inputs_embeds: &Tensor,
+        pool: &KvPool,
+        at: &PagedArgs,
+    ) -> Result<Tensor> {
+        if pool.layers.len() != self.model.layers.len() {
+            return Err(Error::invalid(format!(
+                "a KV pool of {} layers for a model of {}",
+                pool.layers.len(),
+                self.model.layers.len()
+            )));
+        }
+        let (cos, sin) = self
+            .model
+            .rotary_emb
+            .forward(at.positions, inputs_embeds.kind());
+        let mut h = inputs_embeds.shallow_clone();
+        for (layer, (pk, pv)) in self.model.layers.iter().zip(&pool.layers) {
+            let a = layer.self_attn.forward_paged(
+                &layer.input_layernorm.forward(&h),
+                &cos,
+                &sin,
+                pk,
+                pv,
+                at,
+            )?;
+            h = &h + a;
+            h = &h
+                + layer
+                    .mlp
+                    .forward(&layer.post_attention_layernorm.forward(&h));
+        }
+        Ok(self.model.norm.forward(&h))
     }
 }
 

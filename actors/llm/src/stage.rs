@@ -1,29 +1,36 @@
 //! The LLM as a pipeline stage: a thin adapter from [`LlamaForCausalLM`] and the generation
 //! functions of this crate to [`lavit_runtime::stage::LlmStage`] (the actor that runs it lives
-//! in `lavit_runtime::actors`; this file has no actix), and, when built by the stage-2 trainer,
+//! in `lavit_runtime::actors`; this file knows no actor), and, when built by the stage-2 trainer,
 //! the same model trained on the same thread and device ([`crate::train::LlmTrainer`]).
 //!
 //! [`LlmStageModel::load`] is the one loader of a checkpoint's `language_model/`: strict keys,
 //! the unified vocabulary of the manifest checked against the model and the tokenizer.
 //!
-//! Cancellation: the actor's callbacks go straight into the decode loops
-//! ([`generate_text_with`], [`generate_image_tokens_with`]): one check per token, so a
-//! cancelled request stops within one token.
+//! The stage serves every request from one running batch ([`crate::batch::Engine`]): the
+//! actor takes a cancelled request out of it before the next step, so it stops within one
+//! token. The direct calls ([`LlmStageModel::image_tokens`], [`LlmStageModel::caption`],
+//! [`LlmStageModel::captions`]) run one request alone through the same batch.
 
 use std::path::Path;
 
 use lavit_runtime::manifest::LavitManifest;
+use std::collections::HashMap;
+
 use lavit_runtime::messages::{
-    CaptionOptions, GenerateOptions, StepControl, StepReport, TrainBatch, TrainParts,
+    CaptionOptions, GenerateOptions, LlmEvent, LlmOutput, LlmRequest, PromptPart, StepControl,
+    StepReport, TextAnswer, TokenEvent, TrainBatch, TrainParts,
 };
-use lavit_runtime::stage::{LlmStage, ShouldStop, StageError, StageKind, StageResult, Trainable};
+use lavit_runtime::stage::{
+    run_alone, Batching, Iterative, LlmStage, ShouldStop, StageError, StageKind, StageResult,
+    Trainable,
+};
 use lavit_runtime::Error;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::generate::{
-    generate_image_tokens_with, generate_text_with, ImageTokenConfig, Sampling, TextConfig,
-};
+use crate::batch::{Engine, EngineLimits, Finished};
+use crate::generate::{ImageTokenConfig, Sampling, TextConfig};
 use crate::hf_tokenizer::{load_text_tokenizer, text_tokenizer_file, TextTokenizer};
+use crate::modeling_llama::KvPool;
 use crate::train::LlmTrainer;
 use crate::vocab::{build_sequence, Segment, UnifiedVocab};
 use crate::LlamaForCausalLM;
@@ -41,6 +48,9 @@ pub struct LlmStageModel {
     pub t2i_max_new_tokens: i64,
     /// Stage-2 training state, when the stage was built to train.
     pub train: Option<LlmTrainer>,
+    /// The running batch (continuous batching, [`crate::batch`]).
+    engine: Engine,
+    running: HashMap<u64, Running>,
 }
 
 fn fail(e: impl std::fmt::Display) -> StageError {
@@ -115,32 +125,14 @@ impl LlmStageModel {
             t2i_min_new_tokens: generation.t2i_min_new_tokens,
             t2i_max_new_tokens: generation.t2i_max_new_tokens,
             train: None,
+            engine: Engine::new(EngineLimits::unbounded()),
+            running: HashMap::new(),
         }
+        .with_batching(&Batching::default())
     }
 
     fn trainer(&mut self) -> StageResult<&mut LlmTrainer> {
         self.train.as_mut().ok_or_else(not_training)
-    }
-
-    /// The question's text ids (none for an empty prompt: a plain caption); a text the
-    /// tokenizer cannot split fails this request as invalid input.
-    fn question_ids(&self, prompt: &str) -> StageResult<Option<Vec<i64>>> {
-        if prompt.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(self.tokenizer.try_encode(prompt).map_err(stage_err)?))
-    }
-
-    /// What a caption / VQA request reads before generating: the image's embeddings between
-    /// [IMG] and [/IMG], then the question's ids, as embeddings (T, H).
-    fn caption_sequence(&self, prefix: &Tensor, question: Option<&[i64]>) -> StageResult<Tensor> {
-        let mut segments = vec![Segment::ImageEmbeds(prefix.shallow_clone())];
-        if let Some(q) = question {
-            segments.push(Segment::Text(q.to_vec()));
-        }
-        Ok(build_sequence(&self.model, &self.vocab, &segments)
-            .map_err(fail)?
-            .embeds)
     }
 
     fn text_config(opts: &CaptionOptions) -> TextConfig {
@@ -201,105 +193,52 @@ impl Trainable for LlmStageModel {
     }
 }
 
-impl LlmStage for LlmStageModel {
-    fn caption(
-        &mut self,
-        prefix: &Tensor,
-        prompt: &str,
-        opts: &CaptionOptions,
-        on_token: &mut dyn FnMut(i64, &str) -> bool,
-    ) -> StageResult<Vec<i64>> {
-        let _g = tch::no_grad_guard();
-        let question = self.question_ids(prompt)?;
-        let seq = self.caption_sequence(prefix, question.as_deref())?;
-        let cfg = Self::text_config(opts);
-        // Stream each new id with its text piece as it is generated (one host read per
-        // token, the one the loop makes anyway); `on_token` answering `false` stops the loop.
-        let eos = self.vocab.eos_id;
-        let tok = &self.tokenizer;
-        let mut sofar: Vec<i64> = Vec::new();
-        let mut prev = String::new();
-        let mut stream = |ids: &[i64]| {
-            let id = ids[0];
-            if id == eos {
-                return true;
-            }
-            sofar.push(id);
-            let text = tok.decode(&sofar);
-            let piece = text.get(prev.len()..).unwrap_or("").to_string();
-            prev = text;
-            on_token(id, &piece)
-        };
-        // Beam search cannot stream (a beam may be overtaken): its text is delivered through
-        // the same callback once it is chosen.
-        let beams = cfg.num_beams > 1;
-        let ids = generate_text_with(
-            &self.model,
-            &self.vocab,
-            &[seq],
-            &cfg,
-            &|| false,
-            if beams { None } else { Some(&mut stream) },
-        )
-        .map_err(stage_err)?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
-        if beams {
-            for &id in &ids {
-                if !stream(&[id]) {
-                    break;
+/// What the stage remembers of a running request besides its group in the engine.
+struct Running {
+    /// Image tokens (visual ids kept) or text (decoded).
+    image: bool,
+    /// Streamed text so far: ids and their text (pieces are its new suffixes).
+    stream: Option<(Vec<i64>, String)>,
+    /// Beam search with streaming: the text arrives in one piece at the end.
+    stream_at_end: bool,
+}
+
+impl LlmStageModel {
+    /// The sequence a prompt's parts make, as input embeddings (T, H): text through the
+    /// tokenizer, ids as they are, images between [IMG] and [/IMG]. A text the tokenizer
+    /// cannot split fails this request as invalid input.
+    fn prompt_embeds(&self, parts: Vec<PromptPart>, tail: &[i64]) -> StageResult<Tensor> {
+        let mut segments: Vec<Segment> = Vec::with_capacity(parts.len() + 1);
+        for p in parts {
+            segments.push(match p {
+                PromptPart::Text(t) if t.is_empty() => continue,
+                PromptPart::Text(t) => {
+                    Segment::Text(self.tokenizer.try_encode(&t).map_err(stage_err)?)
                 }
-            }
+                PromptPart::Ids(ids) => Segment::Text(ids),
+                PromptPart::ImageIds(ids) => Segment::ImageIds(ids),
+                PromptPart::ImageEmbeds(e) => Segment::ImageEmbeds(e),
+            });
         }
-        Ok(ids)
+        if !tail.is_empty() {
+            segments.push(Segment::Text(tail.to_vec()));
+        }
+        let ids_ok = segments.iter().all(|s| match s {
+            Segment::Text(ids) => ids.iter().all(|&i| (0..self.vocab.vocab_size).contains(&i)),
+            _ => true,
+        });
+        if !ids_ok {
+            return Err(StageError::Invalid(format!(
+                "a prompt id is outside the vocabulary of {}",
+                self.vocab.vocab_size
+            )));
+        }
+        let built = build_sequence(&self.model, &self.vocab, &segments).map_err(stage_err)?;
+        Ok(built.embeds)
     }
 
-    fn captions(
-        &mut self,
-        prefixes: &[Tensor],
-        prompt: &str,
-        opts: &CaptionOptions,
-        should_stop: ShouldStop,
-    ) -> StageResult<Vec<Vec<i64>>> {
-        let _g = tch::no_grad_guard();
-        let question = self.question_ids(prompt)?;
-        let seqs = prefixes
-            .iter()
-            .map(|p| self.caption_sequence(p, question.as_deref()))
-            .collect::<StageResult<Vec<_>>>()?;
-        // One left-padded batch through the same loop as `caption`.
-        generate_text_with(
-            &self.model,
-            &self.vocab,
-            &seqs,
-            &Self::text_config(opts),
-            should_stop,
-            None,
-        )
-        .map_err(stage_err)
-    }
-
-    fn decode_text(&mut self, ids: &[i64]) -> StageResult<String> {
-        Ok(self.tokenizer.decode(ids))
-    }
-
-    fn caption_prompt_len(&mut self, prefix: &Tensor, prompt: &str) -> Option<usize> {
-        // The same sequence `caption` builds (an embedding lookup, no forward pass).
-        let _g = tch::no_grad_guard();
-        let question = self.question_ids(prompt).ok()?;
-        let seq = self.caption_sequence(prefix, question.as_deref()).ok()?;
-        seq.size().first().map(|&l| l as usize)
-    }
-
-    fn image_tokens(
-        &mut self,
-        prompt: &str,
-        opts: &GenerateOptions,
-        should_stop: ShouldStop,
-    ) -> StageResult<Vec<Vec<i64>>> {
-        let _g = tch::no_grad_guard();
-        let cfg = ImageTokenConfig {
+    fn image_config(&self, opts: &GenerateOptions) -> ImageTokenConfig {
+        ImageTokenConfig {
             cfg_scale: opts.llm_guidance,
             max_new_tokens: opts
                 .max_tokens
@@ -310,15 +249,254 @@ impl LlmStage for LlmStageModel {
             sampling: Self::sampling(opts.temperature, opts.top_k, opts.top_p),
             num_return_sequences: opts.n as i64,
             seed: Some(opts.seed),
+        }
+    }
+
+    /// Text → `opts.n` sequences of visual ids, alone through the stage's batch (direct
+    /// calls; `should_stop` is asked once per token).
+    pub fn image_tokens(
+        &mut self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        let req = LlmRequest::ImageTokens {
+            prompt: vec![PromptPart::Text(prompt.to_string())],
+            uncond: Vec::new(),
+            opts: opts.clone(),
         };
-        let prompt_ids = self.tokenizer.try_encode(prompt).map_err(stage_err)?;
-        let out =
-            generate_image_tokens_with(&self.model, &self.vocab, &[prompt_ids], &cfg, should_stop)
-                .map_err(stage_err)?;
-        // Keep the visual ids ([/IMG] and anything else dropped).
-        Ok(out
-            .into_iter()
-            .map(|s| s.into_iter().filter(|&i| self.vocab.is_visual(i)).collect())
-            .collect())
+        match run_alone(self, req, should_stop)?.pop() {
+            Some(LlmEvent::Done(LlmOutput::ImageTokens(ids))) => Ok(ids),
+            _ => Err(fail("no image tokens")),
+        }
+    }
+
+    /// Caption / VQA of `prefix` (T, D) continuous visual embeddings and the question
+    /// `prompt`, alone through the stage's batch. Calls `on_token(id, text_piece)` once per
+    /// generated text id; a `false` answer stops it (cancel). The ids, without the EOS.
+    pub fn caption(
+        &mut self,
+        prefix: &Tensor,
+        prompt: &str,
+        opts: &CaptionOptions,
+        on_token: &mut dyn FnMut(i64, &str) -> bool,
+    ) -> StageResult<Vec<i64>> {
+        let req = LlmRequest::Text {
+            prompts: vec![caption_parts(prefix, prompt)],
+            opts: opts.clone(),
+            stream: true,
+        };
+        const KEY: u64 = u64::MAX;
+        self.join(KEY, req)?;
+        let mut result = None;
+        let mut stop = false;
+        while self.held() > 0 && !stop {
+            self.plan();
+            let r = self.step(&|| false, &mut |_, ev| match ev {
+                LlmEvent::Token(t) => stop |= !on_token(t.id, &t.text),
+                LlmEvent::Done(out) => result = Some(out),
+            });
+            if let Err(e) = r {
+                self.leave(KEY);
+                return Err(e);
+            }
+        }
+        if stop {
+            self.leave(KEY);
+            return Err(StageError::Cancelled);
+        }
+        match result {
+            Some(LlmOutput::Text(mut a)) if !a.is_empty() => Ok(a.swap_remove(0).ids),
+            _ => Err(fail("no caption")),
+        }
+    }
+
+    /// [`LlmStageModel::caption`] for several images with one question, not streamed, as
+    /// one request: one id list per prefix, in order. `should_stop` is asked once per token.
+    pub fn captions(
+        &mut self,
+        prefixes: &[Tensor],
+        prompt: &str,
+        opts: &CaptionOptions,
+        should_stop: ShouldStop,
+    ) -> StageResult<Vec<Vec<i64>>> {
+        let req = LlmRequest::Text {
+            prompts: prefixes.iter().map(|p| caption_parts(p, prompt)).collect(),
+            opts: opts.clone(),
+            stream: false,
+        };
+        match run_alone(self, req, should_stop)?.pop() {
+            Some(LlmEvent::Done(LlmOutput::Text(a))) => Ok(a.into_iter().map(|a| a.ids).collect()),
+            _ => Err(fail("no captions")),
+        }
+    }
+
+    /// Text ids → text.
+    pub fn decode_text(&self, ids: &[i64]) -> StageResult<String> {
+        Ok(self.tokenizer.decode(ids))
+    }
+
+    /// The stage's running batch within `batching`'s budget (sequences, prefill chunk, KV
+    /// pool of `kv_cache_mib` MiB in blocks of `kv_block_size` positions).
+    pub fn with_batching(mut self, batching: &Batching) -> Self {
+        let per_position = KvPool::bytes_per_position(&self.model.config, self.model.kind());
+        self.engine = Engine::new(EngineLimits::from_batching(batching, per_position));
+        self
+    }
+}
+
+/// An image's embeddings, then the question when there is one.
+fn caption_parts(prefix: &Tensor, prompt: &str) -> Vec<PromptPart> {
+    let mut p = vec![PromptPart::ImageEmbeds(prefix.shallow_clone())];
+    if !prompt.is_empty() {
+        p.push(PromptPart::Text(prompt.to_string()));
+    }
+    p
+}
+
+/// Requests waiting to be admitted beyond which new ones stay in the stage's mailbox.
+const WAITING_ROOM: usize = 8;
+
+impl Iterative<LlmRequest, LlmEvent> for LlmStageModel {
+    fn join(&mut self, key: u64, req: LlmRequest) -> StageResult<()> {
+        let _g = tch::no_grad_guard();
+        let (group, running) = match req {
+            LlmRequest::ImageTokens {
+                prompt,
+                uncond,
+                opts,
+            } => {
+                let cfg = self.image_config(&opts);
+                cfg.validate().map_err(stage_err)?;
+                let img = [self.vocab.image_start_id];
+                let cond = self.prompt_embeds(prompt, &img)?;
+                let uncond = self.prompt_embeds(uncond, &img)?;
+                let g = cfg.group(&self.model, &cond, &uncond).map_err(stage_err)?;
+                let r = Running {
+                    image: true,
+                    stream: None,
+                    stream_at_end: false,
+                };
+                (g, r)
+            }
+            LlmRequest::Text {
+                prompts,
+                opts,
+                stream,
+            } => {
+                if prompts.is_empty() {
+                    return Err(StageError::Invalid("no prompt to answer".into()));
+                }
+                let cfg = Self::text_config(&opts);
+                cfg.validate().map_err(stage_err)?;
+                let seqs = prompts
+                    .into_iter()
+                    .map(|p| self.prompt_embeds(p, &[]))
+                    .collect::<StageResult<Vec<_>>>()?;
+                let stream = stream && seqs.len() == 1;
+                let g = cfg.group(&self.model, &seqs, stream).map_err(stage_err)?;
+                let r = Running {
+                    image: false,
+                    stream: (stream && cfg.num_beams == 1).then(|| (Vec::new(), String::new())),
+                    stream_at_end: stream && cfg.num_beams > 1,
+                };
+                (g, r)
+            }
+        };
+        self.engine.add(key, group).map_err(stage_err)?;
+        self.running.insert(key, running);
+        Ok(())
+    }
+
+    fn held(&self) -> usize {
+        self.engine.len()
+    }
+
+    fn has_room(&self) -> bool {
+        self.engine.waiting() < WAITING_ROOM
+    }
+
+    fn plan(&mut self) -> Vec<u64> {
+        self.engine.plan()
+    }
+
+    fn step(
+        &mut self,
+        should_stop: ShouldStop,
+        emit: &mut dyn FnMut(u64, LlmEvent),
+    ) -> StageResult<()> {
+        if should_stop() {
+            // A member was cancelled (or a control message waits): the actor takes it out
+            // and plans again.
+            return Ok(());
+        }
+        let mut tokens: Vec<(u64, i64)> = Vec::new();
+        let finished = self
+            .engine
+            .step(&self.model, &self.vocab, &mut |k, id| tokens.push((k, id)))
+            .map_err(stage_err)?;
+        // Stream each new id with its text piece (the suffix the id adds to the text).
+        for (key, id) in tokens {
+            if let Some((ids, text)) = self.running.get_mut(&key).and_then(|r| r.stream.as_mut()) {
+                ids.push(id);
+                let now = self.tokenizer.decode(ids);
+                let piece = now.get(text.len()..).unwrap_or("").to_string();
+                *text = now;
+                emit(key, LlmEvent::Token(TokenEvent { id, text: piece }));
+            }
+        }
+        for (key, fin) in finished {
+            let Some(r) = self.running.remove(&key) else {
+                continue;
+            };
+            let out = match fin {
+                Finished::Image(rows) => LlmOutput::ImageTokens(
+                    rows.into_iter()
+                        .map(|s| s.into_iter().filter(|&i| self.vocab.is_visual(i)).collect())
+                        .collect(),
+                ),
+                Finished::Text { ids, prompt_lens } => {
+                    if r.stream_at_end {
+                        // Beam search cannot stream (a beam may be overtaken): its text is
+                        // delivered piece by piece once it is chosen.
+                        let (mut sofar, mut prev) = (Vec::new(), String::new());
+                        for &id in ids.first().map(Vec::as_slice).unwrap_or(&[]) {
+                            sofar.push(id);
+                            let now = self.tokenizer.decode(&sofar);
+                            let piece = now.get(prev.len()..).unwrap_or("").to_string();
+                            prev = now;
+                            emit(key, LlmEvent::Token(TokenEvent { id, text: piece }));
+                        }
+                    }
+                    let _ = r.image;
+                    LlmOutput::Text(
+                        ids.into_iter()
+                            .zip(prompt_lens)
+                            .map(|(ids, n)| TextAnswer {
+                                text: self.tokenizer.decode(&ids),
+                                ids,
+                                prompt_tokens: n,
+                            })
+                            .collect(),
+                    )
+                }
+            };
+            emit(key, LlmEvent::Done(out));
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, key: u64) {
+        self.engine.remove(key);
+        self.running.remove(&key);
+    }
+}
+
+impl LlmStage for LlmStageModel {
+    fn kv_blocks(&self) -> Option<(usize, usize)> {
+        Some(self.engine.kv_blocks())
+    }
+    fn tokens_generated(&self) -> u64 {
+        self.engine.tokens()
     }
 }
