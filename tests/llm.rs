@@ -1249,6 +1249,41 @@ fn a_request_gets_the_same_on_a_named_checkpoint() {
     assert!(eq.max_score_diff < 1e-4, "{eq:?}");
 }
 
+/// The default running batch takes the largest request the front-ends accept: as many images
+/// as `lavit generate --num-images` allows, each with its guidance row (64 used to refuse the
+/// full demo's evaluation of 50 guided images).
+#[test]
+fn default_batching_takes_the_largest_guided_request() {
+    use lavit_llm::batch::{Engine, EngineLimits};
+    use lavit_runtime::stage::{Batching, MAX_IMAGES_PER_REQUEST};
+    let (_vs, m) = tiny_model(21);
+    let v = tiny_vocab();
+    let _g = tch::no_grad_guard();
+    let cfg = ImageTokenConfig {
+        cfg_scale: 2.0,
+        max_new_tokens: 2,
+        min_new_tokens: 2,
+        sampling: Sampling::greedy(),
+        num_return_sequences: MAX_IMAGES_PER_REQUEST as i64,
+        seed: Some(1),
+    };
+    let cond = m.embed(&Tensor::from_slice(&[3i64, 4, 5, v.image_start_id]));
+    let uncond = m.embed(&Tensor::from_slice(&[v.image_start_id]));
+    let mut e = Engine::new(EngineLimits::from_batching(&Batching::default(), 1024));
+    e.add(0, cfg.group(&m, &cond, &uncond).unwrap())
+        .expect("the default batch takes 64 guided images");
+    // one more image is more than the default batch takes
+    let over = ImageTokenConfig {
+        num_return_sequences: MAX_IMAGES_PER_REQUEST as i64 + 1,
+        ..cfg
+    };
+    let err = e
+        .add(1, over.group(&m, &cond, &uncond).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("llm_max_seqs"), "{err}");
+}
+
 /// The KV pool is a budget: a request that could never fit is refused with the key to
 /// change; requests beyond what is free wait (and run once blocks are freed), never more
 /// blocks reserved than the pool has.

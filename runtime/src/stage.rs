@@ -263,8 +263,8 @@ pub struct Batching {
     /// and only while other requests are admitted (a lone request never waits); 0 = never.
     pub max_wait_ms: f64,
     /// Sequences in the Llm's running batch (a request of n images with guidance is 2n, a
-    /// caption with k beams k). A request with more is refused, so the default, 128, takes
-    /// the largest request the front-ends accept (64 images with guidance).
+    /// caption with k beams k). A request with more is refused, so the default takes the
+    /// largest request the front-ends accept ([`MAX_IMAGES_PER_REQUEST`] with guidance).
     pub llm_max_seqs: usize,
     /// Prompt positions the Llm prefills per step; a longer prompt is prefilled in chunks
     /// over several steps, next to the running decodes.
@@ -281,12 +281,16 @@ pub struct Batching {
     pub decoder_max_batch: usize,
 }
 
+/// The most images one request may ask for (`lavit generate --num-images`, `lavit eval
+/// --images-per-prompt`): the Llm's default running batch takes that many with guidance.
+pub const MAX_IMAGES_PER_REQUEST: usize = 64;
+
 impl Default for Batching {
     fn default() -> Self {
         Batching {
             max_batch: 16,
             max_wait_ms: 2.0,
-            llm_max_seqs: 128,
+            llm_max_seqs: 2 * MAX_IMAGES_PER_REQUEST,
             llm_max_prefill_tokens: 1024,
             kv_cache_mib: 2048,
             kv_block_size: 16,

@@ -56,7 +56,7 @@ pub fn one_shot(
 
 /// Most images one prompt may ask for on the command line (`lavit generate --num-images`,
 /// `lavit eval --images-per-prompt`): each is a full diffusion run held in memory.
-pub const MAX_IMAGES_PER_PROMPT: usize = 64;
+pub const MAX_IMAGES_PER_PROMPT: usize = lavit_runtime::stage::MAX_IMAGES_PER_REQUEST;
 
 /// Read and decode an image file for a command through the same checks the server applies:
 /// the capped regular-file reader (never a FIFO or a device), then the one limited decoder
