@@ -797,6 +797,9 @@ pub fn evaluate(
             other => anyhow::bail!("expected images, got {other:?}"),
         }
     };
+    // generated pixels (b, 3, S, S) in [0, 1] as the judge reads them: grey, (b, 1, 28, 28)
+    let judge_input =
+        |images: &Tensor| data::from_pixel_space(&images.mean_dim(1, true, Kind::Float), size);
     let mut res = EvalResult {
         token_counts: vec![Vec::new(); 10],
         per_class: vec![(0.0, 0.0); 10],
@@ -905,8 +908,7 @@ pub fn evaluate(
     }
     bar.finish();
     let rec = Tensor::cat(&rec, 0);
-    let gray = rec.mean_dim(1, true, Kind::Float);
-    let pred = judge.predict(&data::from_pixel_space(&gray, size))?;
+    let pred = judge.predict(&judge_input(&rec))?;
     let hits = kept_pick
         .iter()
         .zip(&pred)
@@ -957,8 +959,7 @@ pub fn evaluate(
         let prompt = caption(c, 0);
         let task = Task::Generate { opts: gen.clone() };
         let images = pixels_of(run(task, Input::Prompt(prompt.clone()))?)?; // (n·k, 3, S, S)
-        let gray = images.mean_dim(1, true, Kind::Float); // (n·k, 1, S, S)
-        let unit = data::from_pixel_space(&gray, size); // (n·k, 1, 28, 28)
+        let unit = judge_input(&images); // (n·k, 1, 28, 28)
         let pred = judge.predict(&unit)?;
         unranked_ok += pred.iter().filter(|&&p| p == c).count();
         // the reranker sees the images as the tokenizer does (its frozen ViT + stage-0 head)
@@ -995,8 +996,7 @@ pub fn evaluate(
                 opts: plain.clone(),
             };
             let images = pixels_of(run(task, Input::Prompt(prompt.clone()))?)?;
-            let unit = data::from_pixel_space(&images.mean_dim(1, true, Kind::Float), size);
-            let pred = judge.predict(&unit)?;
+            let pred = judge.predict(&judge_input(&images))?;
             let hits = pred.iter().filter(|&&p| p == c).count();
             held_ok += hits;
             held_n += pred.len();
