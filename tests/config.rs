@@ -1,10 +1,8 @@
 //! One config mechanism: every command's config through `lavit_runtime::config` with
 //! `LAVIT__SECTION__KEY` overrides, and `lavit serve` on built-in defaults without a file.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use crate::common::fixture_dir;
 use crate::serving::{post, request, wait_until, KillOnDrop};
@@ -24,23 +22,7 @@ fn serve_without_config(env: &[(&str, &str)]) -> (KillOnDrop, SocketAddr) {
         cmd.env(k, v);
     }
     let mut child = KillOnDrop(cmd.spawn().unwrap());
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.strip_prefix("listening on http://") {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("no listening line")
-        .parse()
-        .unwrap();
+    let (addr, _) = super::serving::listening_addr(&mut child);
     (child, addr)
 }
 

@@ -376,7 +376,6 @@ fn rss_mib(pid: u32) -> (f64, f64) {
 
 /// `lavit serve` on the mock stages with `env` overrides; its address once it listens.
 fn serve_process(env: &[(&str, &str)]) -> (KillOnDrop, SocketAddr) {
-    use std::io::BufRead;
     use std::process::{Command, Stdio};
     let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/serve-mock.toml");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lavit"));
@@ -391,23 +390,7 @@ fn serve_process(env: &[(&str, &str)]) -> (KillOnDrop, SocketAddr) {
         cmd.env(k, v);
     }
     let mut child = KillOnDrop(cmd.spawn().unwrap());
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.strip_prefix("listening on http://") {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    let addr: SocketAddr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("no listening line")
-        .parse()
-        .unwrap();
+    let (addr, _) = super::serving::listening_addr(&mut child);
     assert!(wait_until(60, || exchange(
         addr,
         "GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",

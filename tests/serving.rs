@@ -1609,9 +1609,32 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The address a started `lavit serve` (stdout piped) prints as `listening on
+/// http://ADDR`; the thread that read it drains stdout until the process exits.
+pub(crate) fn listening_addr(child: &mut KillOnDrop) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    use std::io::BufRead;
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.strip_prefix("listening on http://") {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("no listening line")
+        .parse()
+        .unwrap();
+    (addr, reader)
+}
+
 #[test]
 fn lavit_serve_binary_drains_on_sigterm() {
-    use std::io::BufRead;
     use std::process::{Command, Stdio};
     let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/serve-mock.toml");
     let mut child = KillOnDrop(
@@ -1627,23 +1650,7 @@ fn lavit_serve_binary_drains_on_sigterm() {
             .unwrap(),
     );
     // The server prints `listening on http://127.0.0.1:PORT` on stdout.
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.strip_prefix("listening on http://") {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    let addr: SocketAddr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("no listening line")
-        .parse()
-        .unwrap();
+    let (addr, reader) = listening_addr(&mut child);
     assert!(wait_until(60, || request(addr, "GET", "/ready", b"", &[])
         .status
         == 200));
