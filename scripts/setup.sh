@@ -23,7 +23,13 @@ apt_install() {
 }
 
 if [ ! -f "$SITE/torch/lib/libtorch.so" ]; then
-  echo "setup: installing libtorch (PyPI torch==$TORCH_VERSION) into .venv (once, ~4.6 GB)" >&2
+  echo "setup: installing libtorch (PyPI torch==$TORCH_VERSION) into .venv (once, ~4 GB)" >&2
+  # The wheels (about 3 GB) and what they unpack to (about 4 GB) are on disk together for a
+  # moment; pip's cache would keep a third copy, so it is off (--no-cache-dir).
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ]; then
+    echo "setup: warning: $((free_kb / 1024)) MiB free in $(pwd); libtorch needs about 8 GiB while it installs and the build about 10 GiB more" >&2
+  fi
   PY=${PYTHON:-}
   if [ -z "$PY" ]; then
     if command -v python3.11 >/dev/null; then PY=python3.11
@@ -38,13 +44,13 @@ if [ ! -f "$SITE/torch/lib/libtorch.so" ]; then
       apt_install python3.11-venv
       "$PY" -m venv .venv
     fi
-    .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+    .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check "torch==$TORCH_VERSION"
   else
     # Another Python: fetch the cp311 wheels for this platform and unpack them where the
     # build looks. libtorch itself does not depend on the Python version.
     "$PY" -m pip --version >/dev/null 2>&1 || apt_install python3-pip
     mkdir -p "$SITE"
-    "$PY" -m pip install --quiet --disable-pip-version-check \
+    "$PY" -m pip install --quiet --no-cache-dir --disable-pip-version-check \
       --target "$SITE" --python-version 3.11 --only-binary=:all: "torch==$TORCH_VERSION"
   fi
   [ -f "$SITE/torch/lib/libtorch.so" ] || { echo "setup: libtorch.so missing after install" >&2; exit 1; }
@@ -108,7 +114,7 @@ sys.exit(not (m.version("openai") == sys.argv[1] and m.version("selenium") == sy
 PYEOF
   then
     echo "setup: installing openai==$OPENAI_VERSION selenium==$SELENIUM_VERSION into $(dirname "$(dirname "$PY")")" >&2
-    "$PY" -m pip install --quiet --disable-pip-version-check \
+    "$PY" -m pip install --quiet --no-cache-dir --disable-pip-version-check \
       "openai==$OPENAI_VERSION" "selenium==$SELENIUM_VERSION"
   fi
 fi
