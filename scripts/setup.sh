@@ -78,7 +78,7 @@ fi
 # ProcessGroupGloo.hpp, which includes them; the wheel ships gloo's code inside
 # libtorch_cpu.so but not its headers). Debian's libgloo-dev is unpacked, not installed,
 # into .gloo/ (gitignored); runtime/build.rs looks there. Headers only: nothing of
-# Debian's gloo is linked (see README, "Scaling out").
+# Debian's gloo is linked (see docs/scaling.md, "Gloo's headers").
 if [ ! -f .gloo/usr/include/gloo/rendezvous/store.h ] && [ ! -f /usr/include/gloo/rendezvous/store.h ]; then
   echo "setup: unpacking gloo headers (Debian libgloo-dev) into .gloo/" >&2
   tmp=$(mktemp -d)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's test command (README "Run the tests"; .ci/run calls exactly this).
+# The project's test command (README "Quick start"; .ci/run calls exactly this).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --data --test-tools

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 19's cross-machine check: `lavit demo --quick` on two CPU cores of this machine with the
-# code-path variables of the README's "Reproducibility" section, so that its numbers can be set
+# code-path variables of the "Reproducibility" section of docs/demo.md, so that its numbers can be set
 # beside another machine's run of the same binary. Pinning to two cores (taskset) makes lavit see
-# two cores, as on the 2-core machines the README's numbers come from: stage 0 and the evaluation
+# two cores, as on the 2-core machines docs/demo.md's numbers come from: stage 0 and the evaluation
 # take both, the side-by-side stages one each.
 #
 #   bash scripts/dev/repro-quick.sh LAVIT_BINARY DATA_DIR OUT
