@@ -136,12 +136,14 @@ fn greedy(m: &LlamaForCausalLM, ids: &Tensor) -> (Tensor, f64) {
     let args = ForwardArgs::default();
     let mut next = m
         .forward_last(&m.embed(ids), &args, Some(&mut cache))
+        .unwrap_or_else(|e| panic!("{e}"))
         .argmax(-1, true);
     let mut toks = vec![next.shallow_clone()];
     let t0 = Instant::now();
     for _ in 1..NEW {
         next = m
             .forward_last(&m.embed(&next), &args, Some(&mut cache))
+            .unwrap_or_else(|e| panic!("{e}"))
             .argmax(-1, true);
         toks.push(next.shallow_clone());
     }
@@ -163,11 +165,17 @@ fn cfg_batched(m: &LlamaForCausalLM, ids: &Tensor) -> f64 {
             .view([1, 1])
             .repeat([2, 1])
     };
-    let mut next = guided(m.forward_last(&m.embed(ids), &args, Some(&mut cache)));
+    let mut next = guided(
+        m.forward_last(&m.embed(ids), &args, Some(&mut cache))
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
     sync(m.device());
     let t0 = Instant::now();
     for _ in 1..NEW {
-        next = guided(m.forward_last(&m.embed(&next), &args, Some(&mut cache)));
+        next = guided(
+            m.forward_last(&m.embed(&next), &args, Some(&mut cache))
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
     }
     sync(m.device());
     t0.elapsed().as_secs_f64() * 1000.0
@@ -180,7 +188,9 @@ fn llm(c: &Ctx) {
         .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
     let io = c.io(&d);
     let ids1 = &io["ids_b1"];
-    let logits = m.forward_last(&m.embed(ids1), &ForwardArgs::default(), None);
+    let logits = m
+        .forward_last(&m.embed(ids1), &ForwardArgs::default(), None)
+        .unwrap_or_else(|e| panic!("{e}"));
     let err = max_err(&logits, &io["prefill_logits"]);
     let tol = c.tolerance(&io["prefill_logits"], c.kind);
     c.agree(
@@ -190,7 +200,9 @@ fn llm(c: &Ctx) {
         c.kind,
     );
     let ms = c.best_ms(|| {
-        let _ = m.forward_ids(ids1, &ForwardArgs::default(), None);
+        let _ = m
+            .forward_ids(ids1, &ForwardArgs::default(), None)
+            .unwrap_or_else(|e| panic!("{e}"));
     });
     line(&format!("llm_prefill_b1_{size}"), ms, torch);
     for b in ["b1", "b2"] {
@@ -268,7 +280,10 @@ fn vae(c: &Ctx) {
     let (_vs, vae) = AutoencoderKL::from_pretrained(&d, c.device)
         .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
     let io = c.io(&d);
-    let err = max_err(&vae.decode(&io["latent"]), &io["out"]);
+    let err = max_err(
+        &vae.decode(&io["latent"]).unwrap_or_else(|e| panic!("{e}")),
+        &io["out"],
+    );
     // float32 in every run: always held to its tolerance
     let tol = c.tolerance(&io["out"], Kind::Float);
     c.agree(&format!("vae_{size} vs diffusers"), err, tol, Kind::Float);

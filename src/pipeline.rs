@@ -29,11 +29,14 @@ use serde::Deserialize;
 use tch::{Kind, Tensor};
 
 mod loader;
+pub mod options;
 pub use loader::builders;
+pub use options::{GenerateBudget, GenerateParams, OptionError};
 
 #[cfg(feature = "testing")]
 pub use lavit_runtime::actors::Fault;
 pub use lavit_runtime::actors::RequestHandle;
+pub use lavit_runtime::inflight::AdmissionTicket;
 pub use lavit_runtime::messages;
 pub use lavit_runtime::stage::{ExitStatus, StageKind};
 
@@ -423,7 +426,8 @@ impl Pipeline {
         let info = ModelInfo {
             image_size: m.image_size,
             default_size: (m.pixel_size as usize, m.pixel_size as usize),
-            size_multiple: 1,
+            // The mock decoder draws any size; sides in multiples of 8, as a real decoder's.
+            size_multiple: 8,
             max_steps: usize::MAX,
             generate_defaults: GenerateOptions {
                 width: m.pixel_size as usize,
@@ -468,10 +472,11 @@ impl Pipeline {
         if images.is_empty() {
             return Err(StageError::Invalid("no images to tokenize".into()));
         }
-        match self
-            .run(Task::Tokenize, Input::Images(self.preprocess(images)))
-            .await?
-        {
+        let pixels = self.preprocess(images);
+        let mut handle = self
+            .start_tokenize(self.admit()?, pixels, None, false)
+            .await?;
+        match handle.wait().await? {
             Output::VisualIds(ids) => Ok(ids),
             other => Err(unexpected(other)),
         }
@@ -484,15 +489,10 @@ impl Pipeline {
         prompt: &str,
         opts: CaptionOptions,
     ) -> PipelineResult<String> {
-        let task = Task::Caption {
-            prompt: prompt.to_string(),
-            opts,
-        };
         match self
-            .run(
-                task,
-                Input::Images(self.preprocess(std::slice::from_ref(image))),
-            )
+            .caption_stream(image, prompt, opts)
+            .await?
+            .wait()
             .await?
         {
             Output::Text { text, .. } => Ok(text),
@@ -551,10 +551,10 @@ impl Pipeline {
         prompt: &str,
         opts: GenerateOptions,
     ) -> PipelineResult<Generated> {
-        let out = self
-            .run(Task::Generate { opts }, Input::Prompt(prompt.to_string()))
+        let mut handle = self
+            .start_generate(self.admit()?, prompt.to_string(), opts)
             .await?;
-        Generated::from_output(out)
+        Generated::from_output(handle.wait().await?)
     }
 
     /// Image → tokens → pixels.
@@ -588,18 +588,60 @@ impl Pipeline {
         prompt: &str,
         opts: CaptionOptions,
     ) -> PipelineResult<RequestHandle> {
-        let ticket = self.graph.admit()?;
-        let task = Task::Caption {
-            prompt: prompt.to_string(),
-            opts,
-        };
-        self.graph
-            .start(
-                ticket,
-                task,
-                Input::Images(self.preprocess(std::slice::from_ref(image))),
-            )
+        let pixels = self.preprocess(std::slice::from_ref(image));
+        self.start_caption(self.admit()?, pixels, prompt.to_string(), opts)
             .await
+    }
+
+    /// Take an admission ticket now, or fail at once (`Busy` when `max_in_flight` +
+    /// `max_queue` requests are held, `Draining`). A front-end admits before it does a
+    /// request's own costly work (decoding its images), then starts it with the ticket.
+    pub fn admit(&self) -> PipelineResult<AdmissionTicket> {
+        self.graph.admit()
+    }
+
+    /// Start an admitted text → image request: `opts.n` images (`Output::Pixels`).
+    pub async fn start_generate(
+        &self,
+        ticket: AdmissionTicket,
+        prompt: String,
+        opts: GenerateOptions,
+    ) -> PipelineResult<RequestHandle> {
+        self.graph
+            .start(ticket, Task::Generate { opts }, Input::Prompt(prompt))
+            .await
+    }
+
+    /// Start an admitted caption / question on one preprocessed image ((1, 3, S, S):
+    /// [`Pipeline::preprocess`]): its tokens stream on `handle.tokens` as they are decoded,
+    /// and the result is `Output::Text`.
+    pub async fn start_caption(
+        &self,
+        ticket: AdmissionTicket,
+        pixels: Tensor,
+        prompt: String,
+        opts: CaptionOptions,
+    ) -> PipelineResult<RequestHandle> {
+        let task = Task::Caption { prompt, opts };
+        self.graph.start(ticket, task, Input::Images(pixels)).await
+    }
+
+    /// Start an admitted tokenize request on preprocessed images: `Output::VisualIds`, or,
+    /// with `keep_mask` or an explicit `selection`, `Output::Selection` (ids and the
+    /// selector's keep decisions, taken with that selection instead of the served default).
+    pub async fn start_tokenize(
+        &self,
+        ticket: AdmissionTicket,
+        pixels: Tensor,
+        selection: Option<SelectionChoice>,
+        keep_mask: bool,
+    ) -> PipelineResult<RequestHandle> {
+        let task = if keep_mask || selection.is_some() {
+            Task::Select { selection }
+        } else {
+            Task::Tokenize
+        };
+        self.graph.start(ticket, task, Input::Images(pixels)).await
     }
 }
 

@@ -286,7 +286,7 @@ impl VisualTokenizer {
     }
 
     /// Selector on patch features: (log-probs [B, N, 2], decisions [B, N]).
-    pub fn select(&self, features: &Tensor, mode: SelectionMode) -> (Tensor, Tensor) {
+    pub fn select(&self, features: &Tensor, mode: SelectionMode) -> Result<(Tensor, Tensor)> {
         self.selector.select(features, mode)
     }
 
@@ -294,8 +294,8 @@ impl VisualTokenizer {
     pub fn trace(&self, images: &Tensor, mode: SelectionMode) -> Result<TokenizerTrace> {
         let features = self.encoder_features(images)?;
         let x = features.to_kind(self.kind);
-        let (log_probs, decisions) = self.select(&x, mode);
-        let merged = self.selector.merge(&x, &decisions);
+        let (log_probs, decisions) = self.select(&x, mode)?;
+        let merged = self.selector.merge(&x, &decisions)?;
         Ok(TokenizerTrace {
             features,
             log_probs,
@@ -357,8 +357,8 @@ impl VisualTokenizer {
     ) -> Result<(Tensor, Vec<i64>)> {
         let _g = tch::no_grad_guard();
         let x = self.encoder_features(images)?.to_kind(self.kind);
-        let (_, decisions) = self.select(&x, mode);
-        let per_image = self.selector.understanding_embeds(&x, &decisions);
+        let (_, decisions) = self.select(&x, mode)?;
+        let per_image = self.selector.understanding_embeds(&x, &decisions)?;
         let counts = per_image.iter().map(|t| t.size()[0]).collect();
         Ok((Tensor::cat(&per_image, 0), counts))
     }

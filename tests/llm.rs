@@ -163,24 +163,32 @@ fn kv_cache_decoding_equals_full_recomputation() {
     let (_vs, m) = tiny_model(1);
     let _g = tch::no_grad_guard();
     let ids = Tensor::from_slice(&[3i64, 7, 20, 25, 30, 21, 5, 9, 11, 4]).view([1, 10]);
-    let full = m.forward_ids(&ids, &ForwardArgs::default(), None);
+    let full = m.forward_ids(&ids, &ForwardArgs::default(), None).unwrap();
     let mut cache = KvCache::new();
-    let mut parts = vec![m.forward_ids(
-        &ids.narrow(1, 0, 6),
-        &ForwardArgs::default(),
-        Some(&mut cache),
-    )];
-    parts.push(m.forward_ids(
-        &ids.narrow(1, 6, 2),
-        &ForwardArgs::default(),
-        Some(&mut cache),
-    ));
-    for t in 8..10 {
-        parts.push(m.forward_ids(
-            &ids.narrow(1, t, 1),
+    let mut parts = vec![m
+        .forward_ids(
+            &ids.narrow(1, 0, 6),
             &ForwardArgs::default(),
             Some(&mut cache),
-        ));
+        )
+        .unwrap()];
+    parts.push(
+        m.forward_ids(
+            &ids.narrow(1, 6, 2),
+            &ForwardArgs::default(),
+            Some(&mut cache),
+        )
+        .unwrap(),
+    );
+    for t in 8..10 {
+        parts.push(
+            m.forward_ids(
+                &ids.narrow(1, t, 1),
+                &ForwardArgs::default(),
+                Some(&mut cache),
+            )
+            .unwrap(),
+        );
     }
     let inc = Tensor::cat(&parts, 1);
     assert!(max_diff(&full, &inc) < 1e-4, "{}", max_diff(&full, &inc));
@@ -198,20 +206,24 @@ fn left_padded_batch_equals_single_streams() {
         attention_mask: Some(&mask),
         ..Default::default()
     };
-    let batched = m.forward_ids(&ids, &args, Some(&mut cache));
-    let step = m.forward_ids(
-        &Tensor::from_slice(&[6i64, 8]).view([2, 1]),
-        &ForwardArgs::default(),
-        Some(&mut cache),
-    );
+    let batched = m.forward_ids(&ids, &args, Some(&mut cache)).unwrap();
+    let step = m
+        .forward_ids(
+            &Tensor::from_slice(&[6i64, 8]).view([2, 1]),
+            &ForwardArgs::default(),
+            Some(&mut cache),
+        )
+        .unwrap();
     for (b, s) in seqs.iter().enumerate() {
         let mut s2 = s.clone();
         s2.push([6, 8][b]);
-        let single = m.forward_ids(
-            &Tensor::from_slice(&s2).view([1, -1]),
-            &ForwardArgs::default(),
-            None,
-        );
+        let single = m
+            .forward_ids(
+                &Tensor::from_slice(&s2).view([1, -1]),
+                &ForwardArgs::default(),
+                None,
+            )
+            .unwrap();
         let n = s.len() as i64;
         let real = batched.get(b as i64).narrow(0, 5 - n, n);
         assert!(max_diff(&real, &single.get(0).narrow(0, 0, n)) < 1e-4);
@@ -241,11 +253,13 @@ fn cfg_reference(
     let mut out = Vec::new();
     for step in 0..max {
         let last = |s: &[i64]| {
-            let l = m.forward_ids(
-                &Tensor::from_slice(s).view([1, -1]),
-                &ForwardArgs::default(),
-                None,
-            );
+            let l = m
+                .forward_ids(
+                    &Tensor::from_slice(s).view([1, -1]),
+                    &ForwardArgs::default(),
+                    None,
+                )
+                .unwrap();
             l.get(0)
                 .get(s.len() as i64 - 1)
                 .log_softmax(-1, Kind::Float)
@@ -450,9 +464,10 @@ fn fixture_model_loads_strictly_and_bad_ids_are_errors() {
     let (_vs16, m16) =
         LlamaForCausalLM::from_pretrained(&dir, Device::Cpu, Kind::BFloat16).unwrap();
     let ids = Tensor::from_slice(&[3i64, 174, 29, 3, 133]).view([1, 5]);
-    let a = m.forward_ids(&ids, &ForwardArgs::default(), None);
+    let a = m.forward_ids(&ids, &ForwardArgs::default(), None).unwrap();
     let b = m16
         .forward_ids(&ids, &ForwardArgs::default(), None)
+        .unwrap()
         .to_kind(Kind::Float);
     assert!(max_diff(&a, &b) < 0.1 * a.abs().max().double_value(&[]).max(1.0));
 }
@@ -474,13 +489,13 @@ pub(crate) mod stage2 {
         let (p, used) = pack(samples, &tiny_vocab(), 64, 1);
         assert_eq!(used, samples.len());
         let e = packed_embeds(m, &p);
-        let mask = packed_mask(&p.segments);
+        let mask = packed_mask(&p.segments).unwrap();
         let args = ForwardArgs {
             position_ids: Some(&p.position_ids),
             mask_4d: Some(&mask),
             ..Default::default()
         };
-        (m.forward_embeds(&e, &args, None), p)
+        (m.forward_embeds(&e, &args, None).unwrap(), p)
     }
 
     #[test]

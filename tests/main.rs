@@ -18,6 +18,7 @@ mod hostile;
 mod hostile_http;
 mod hostile_inputs;
 mod llm;
+mod options;
 mod pixel;
 mod plugins;
 mod serving;

@@ -321,7 +321,7 @@ fn lowres_decoding_equals_two_forward_loop() {
         let eps = &u + (c - &u) * 5.0;
         x = s.step(&eps, t, &x).unwrap();
     }
-    let want = dec.vae_decode(&x);
+    let want = dec.vae_decode(&x).unwrap();
     assert!(max_diff(&ours, &want) < 1e-5, "{}", max_diff(&ours, &want));
 }
 
@@ -743,7 +743,7 @@ mod cli {
                     "--width".into(),
                     "15".into(),
                 ],
-                "multiples",
+                "multiple of",
             ),
             (
                 vec![

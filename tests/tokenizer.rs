@@ -111,10 +111,12 @@ fn parity_rows_pass_on_a_fixture_with_exact_ties() {
     // ours: the same exact ties, and every row as torch computed it
     let tok = VisualTokenizer::from_checkpoint(tmp.path(), Device::Cpu, LoadParts::tokenize_only())
         .unwrap();
-    let (ours, _) = tok.select(
-        &tok.encoder_features(&expected["images"]).unwrap(),
-        SelectionMode::Argmax,
-    );
+    let (ours, _) = tok
+        .select(
+            &tok.encoder_features(&expected["images"]).unwrap(),
+            SelectionMode::Argmax,
+        )
+        .unwrap();
     let ours_ties = ours.select(-1, 0).eq_tensor(&ours.select(-1, 1));
     assert!(
         ours_ties.equal(&ties),
@@ -375,13 +377,15 @@ fn gradients_reach_the_selector_through_straight_through_decisions() {
     let tok = VisualTokenizer::new_random(&m, Device::Cpu).unwrap();
     let images = reference_images();
     let feats = tok.encoder_features(&images).unwrap().detach();
-    let (lp, dec) = tok.select(&feats, SelectionMode::Gumbel { seed: 1, tau: 1.0 });
+    let (lp, dec) = tok
+        .select(&feats, SelectionMode::Gumbel { seed: 1, tau: 1.0 })
+        .unwrap();
     assert!(dec.requires_grad());
     let vals: Vec<f32> = Vec::try_from(dec.detach().flatten(0, -1)).unwrap();
     assert!(vals
         .iter()
         .all(|v| (*v - 0.0).abs() < 1e-6 || (*v - 1.0).abs() < 1e-6));
-    let merged = tok.selector.causal_encoder.forward(&feats, &dec);
+    let merged = tok.selector.causal_encoder.forward(&feats, &dec).unwrap();
     let loss = merged.square().mean(Kind::Float) + (dec.mean(Kind::Float) - 0.3).square();
     let _ = lp;
     loss.backward();
@@ -390,6 +394,35 @@ fn gradients_reach_the_selector_through_straight_through_decisions() {
         assert!(g.defined());
         assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
+}
+
+#[test]
+fn a_tensor_of_the_wrong_rank_is_an_error_naming_the_contract_not_a_panic() {
+    let m = LavitManifest::for_checkpoint(&fixture_dir()).unwrap();
+    let tok = VisualTokenizer::new_random(&m, Device::Cpu).unwrap();
+    let feats = tok.encoder_features(&reference_images()).unwrap();
+    let flat = feats.flatten(0, 1); // (B·N, C): rank 2 where (B, N, C) is expected
+    let e = tok
+        .select(&flat, SelectionMode::Argmax)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank 3"), "{e}");
+    let (_, dec) = tok.select(&feats, SelectionMode::Argmax).unwrap();
+    let e = tok
+        .selector
+        .causal_encoder
+        .forward(&flat, &dec)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[B, N, C]") && e.contains("rank 3"), "{e}");
+    // Decisions of the wrong rank reach the causal attention's policy check.
+    let e = tok
+        .selector
+        .causal_encoder
+        .forward(&feats, &dec.unsqueeze(-1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("policy [B, N]"), "{e}");
 }
 
 #[test]

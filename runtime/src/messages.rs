@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tch::Tensor;
 
 use crate::kinds::{ExitStatus, StageError, StageKind};
-use crate::manifest::SelectionChoice;
+use crate::manifest::{GenerationManifest, SelectionChoice};
 
 // ---------------------------------------------------------------------------------------------
 // Inference, in pipeline order.
@@ -228,22 +228,39 @@ pub struct GenerateOptions {
     pub min_tokens: Option<usize>,
 }
 
-impl Default for GenerateOptions {
-    fn default() -> Self {
+impl GenerateOptions {
+    /// A checkpoint's recommended settings: its manifest's `generation` section, for the
+    /// highres decoder (`ddim_steps`, `decoder_guidance`) or the lowres one
+    /// (`lowres_ddim_steps`, `lowres_decoder_guidance`), drawing at `native` px; one image,
+    /// seed 0, no top-p, the manifest's token limits.
+    pub fn recommended(g: &GenerationManifest, lowres: bool, native: usize) -> Self {
+        let (steps, guidance) = if lowres {
+            (g.lowres_ddim_steps, g.lowres_decoder_guidance)
+        } else {
+            (g.ddim_steps, g.decoder_guidance)
+        };
         GenerateOptions {
             n: 1,
             seed: 0,
-            llm_guidance: 4.0,
-            guidance: 7.0,
-            steps: 25,
-            width: 1024,
-            height: 1024,
-            top_k: 50,
+            llm_guidance: g.llm_guidance,
+            guidance,
+            steps: steps.max(1) as usize,
+            width: native,
+            height: native,
+            top_k: g.top_k.max(0) as usize,
             temperature: 1.0,
             top_p: 1.0,
             max_tokens: None,
             min_tokens: None,
         }
+    }
+}
+
+/// The official LaVIT-7B-v2 settings ([`GenerationManifest::default`]) at its highres
+/// decoder's 1024 px.
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self::recommended(&GenerationManifest::default(), false, 1024)
     }
 }
 

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use lavit::eval::{self, Embedding, EvalOptions};
-use lavit::pipeline::messages::{CaptionOptions, GenerateOptions};
-use lavit::pipeline::{Pipeline, PipelineConfig};
+use lavit::pipeline::messages::CaptionOptions;
+use lavit::pipeline::{GenerateBudget, GenerateParams, Pipeline, PipelineConfig};
 use lavit_runtime::manifest::LavitManifest;
 
 /// Arguments of `lavit eval`.
@@ -160,10 +160,24 @@ pub fn run(a: Args) -> Result<()> {
     }
     let pipe = Pipeline::build(&cfg)
         .with_context(|| format!("building the pipeline on {}", a.checkpoint.display()))?;
-    let (width, height) = pipe.info().default_size;
-    // The checkpoint's recommended settings (manifest `generation`), then the flags: the
-    // defaults `lavit generate` and the server use.
-    let d = pipe.info().generate_defaults.clone();
+    // The checkpoint's recommended settings (manifest `generation`), then the flags, through
+    // the options builder `lavit generate` and the server use.
+    let generate = pipe
+        .info()
+        .generate_options(
+            &GenerateParams {
+                n: Some(a.images_per_prompt as u64),
+                seed: Some(a.seed),
+                llm_guidance: a.llm_guidance,
+                guidance: a.guidance,
+                steps: a.steps.map(|s| s as u64),
+                top_k: a.top_k,
+                temperature: Some(a.temperature),
+                ..GenerateParams::default()
+            },
+            &GenerateBudget::default(),
+        )
+        .context("generation options")?;
     let opts = EvalOptions {
         checkpoint: a.checkpoint.clone(),
         captions,
@@ -181,18 +195,7 @@ pub fn run(a: Args) -> Result<()> {
                 .unwrap_or(g.caption_max_new_tokens.max(1) as usize),
             ..CaptionOptions::default()
         },
-        generate: GenerateOptions {
-            n: a.images_per_prompt,
-            seed: a.seed,
-            llm_guidance: a.llm_guidance.unwrap_or(d.llm_guidance),
-            guidance: a.guidance.unwrap_or(d.guidance),
-            steps: a.steps.unwrap_or(d.steps),
-            width,
-            height,
-            top_k: a.top_k.unwrap_or(d.top_k),
-            temperature: a.temperature,
-            ..Default::default()
-        },
+        generate,
         concurrency: a.concurrency,
     };
     let rt = tokio::runtime::Builder::new_current_thread()

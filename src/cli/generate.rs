@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use lavit::pipeline::StageSet;
-use lavit_runtime::messages::GenerateOptions;
+use lavit::pipeline::{GenerateBudget, GenerateParams};
 
 /// Arguments of `lavit generate`.
 #[derive(clap::Args, Debug)]
@@ -88,6 +88,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.top_k.is_some_and(|k| k < 0) {
         bail!("--top-k must be at least 0");
     }
+    if a.max_tokens.is_some_and(|n| n < 1) || a.min_tokens.is_some_and(|n| n < 0) {
+        bail!("--max-tokens must be at least 1 and --min-tokens at least 0");
+    }
     let (pixel_decoding, dtype) = (a.pixel_decoding.clone(), a.dtype.clone());
     let (pipe, rt) = super::one_shot(
         &a.checkpoint,
@@ -116,28 +119,31 @@ pub fn run(a: Args) -> Result<()> {
             a.width.unwrap_or(info.default_size.0 as i64),
         ),
     };
-    let m = info.size_multiple as i64;
-    if height <= 0 || width <= 0 || height % m != 0 || width % m != 0 {
-        bail!("image size {height}×{width}: height and width must be positive multiples of {m}");
+    if height <= 0 || width <= 0 {
+        bail!("image size {height}×{width}: height and width must be positive");
     }
-    // The checkpoint's recommended settings (manifest `generation`), then the flags.
-    let d = info.generate_defaults.clone();
-    let opts = GenerateOptions {
-        n: a.num_images as usize,
-        seed: a
-            .seed
-            .unwrap_or_else(lavit_decoder::pixel_decoder::random_seed),
-        llm_guidance: a.llm_guidance.unwrap_or(d.llm_guidance),
-        guidance: a.guidance.unwrap_or(d.guidance),
-        steps: a.steps.unwrap_or(d.steps),
-        width: width as usize,
-        height: height as usize,
-        top_k: a.top_k.map_or(d.top_k, |k| k.max(0) as usize),
-        temperature: a.temperature,
-        top_p: a.top_p,
+    // The checkpoint's recommended settings (manifest `generation`), then the flags, through
+    // the options builder the server and `lavit eval` use (the same checks and budget as a
+    // `[server]` with its default limits).
+    let params = GenerateParams {
+        n: Some(a.num_images as u64),
+        seed: Some(
+            a.seed
+                .unwrap_or_else(lavit_decoder::pixel_decoder::random_seed),
+        ),
+        size: Some((width as usize, height as usize)),
+        guidance: a.guidance,
+        llm_guidance: a.llm_guidance,
+        steps: a.steps.map(|s| s as u64),
+        top_k: a.top_k.map(|k| k.max(0) as usize),
+        temperature: Some(a.temperature),
+        top_p: Some(a.top_p),
         max_tokens: a.max_tokens.map(|n| n.max(0) as usize),
         min_tokens: a.min_tokens.map(|n| n.max(0) as usize),
     };
+    let opts = info
+        .generate_options(&params, &GenerateBudget::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let out = rt.block_on(pipe.generate_with_ids(&a.prompt, opts))?;
     let paths = lavit::generate::save_rgb_pngs(&out.images, &a.output)?;
     for (p, ids) in paths.iter().zip(&out.ids) {

@@ -4,9 +4,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use lavit::pipeline::StageSet;
-use lavit_runtime::messages::GenerateOptions;
+use anyhow::Result;
+use lavit::pipeline::{GenerateBudget, GenerateParams, StageSet};
 
 /// Arguments of `lavit reconstruct`.
 #[derive(clap::Args, Debug)]
@@ -66,21 +65,22 @@ pub fn run(a: Args) -> Result<()> {
         a.height.unwrap_or(info.default_size.1),
         a.width.unwrap_or(info.default_size.0),
     );
-    let m = info.size_multiple;
-    if height == 0 || width == 0 || height % m != 0 || width % m != 0 {
-        bail!("image size {height}×{width}: height and width must be positive multiples of {m}");
-    }
-    let opts = GenerateOptions {
-        n: 1,
-        seed: a
-            .seed
-            .unwrap_or_else(lavit_decoder::pixel_decoder::random_seed),
-        guidance: a.guidance,
-        steps: a.steps,
-        width,
-        height,
-        ..GenerateOptions::default()
-    };
+    // The one options builder (the same size rule and bounds as `lavit generate`).
+    let opts = info
+        .generate_options(
+            &GenerateParams {
+                seed: Some(
+                    a.seed
+                        .unwrap_or_else(lavit_decoder::pixel_decoder::random_seed),
+                ),
+                size: Some((width, height)),
+                guidance: Some(a.guidance),
+                steps: Some(a.steps as u64),
+                ..GenerateParams::default()
+            },
+            &GenerateBudget::default(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut outs = Vec::new();
     let mut counts = Vec::new();
     for img in &images {

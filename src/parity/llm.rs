@@ -66,14 +66,14 @@ pub fn rows(dir: &Path, expected: &StateDict) -> Result<Vec<ParityRow>> {
     let (_vs, model) = LlamaForCausalLM::from_pretrained(&lm_dir, Device::Cpu, Kind::Float)?;
 
     if let (Some(seq), Some(r)) = (expected.get("mixed_sequence"), expected.get("mixed_logits")) {
-        let logits = model.forward_ids(&seq.unsqueeze(0), &ForwardArgs::default(), None);
+        let logits = model.forward_ids(&seq.unsqueeze(0), &ForwardArgs::default(), None)?;
         rows.push(compare("mixed_logits", &logits.squeeze_dim(0), r));
     }
     if let (Some(e), Some(r)) = (
         expected.get("understanding_inputs_embeds"),
         expected.get("understanding_logits"),
     ) {
-        let logits = model.forward_embeds(&e.unsqueeze(0), &ForwardArgs::default(), None);
+        let logits = model.forward_embeds(&e.unsqueeze(0), &ForwardArgs::default(), None)?;
         rows.push(compare("understanding_logits", &logits.squeeze_dim(0), r));
     }
 

@@ -84,7 +84,7 @@ pub fn rows(dir: &Path, expected: &StateDict) -> Result<Vec<ParityRow>> {
     });
     row("vae_decoded", &|| {
         let (_vs, vae) = AutoencoderKL::from_pretrained(&highres_dir.join("vae"), dev)?;
-        Ok(vae.decode(&(get("initial_latents")? / vae.config.scaling_factor)))
+        Ok(vae.decode(&(get("initial_latents")? / vae.config.scaling_factor))?)
     });
     let ddim = || -> Result<DDIMScheduler> {
         let p = lowres_dir.join("scheduler/scheduler_config.json");

@@ -110,24 +110,7 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
         default_size: (native, native),
         size_multiple: geometry.multiple as usize,
         max_steps: usize::try_from(geometry.max_steps).unwrap_or(usize::MAX),
-        generate_defaults: GenerateOptions {
-            llm_guidance: g.llm_guidance,
-            top_k: g.top_k.max(0) as usize,
-            guidance: if lowres {
-                g.lowres_decoder_guidance
-            } else {
-                g.decoder_guidance
-            },
-            steps: if lowres {
-                g.lowres_ddim_steps
-            } else {
-                g.ddim_steps
-            }
-            .max(1) as usize,
-            width: native,
-            height: native,
-            ..GenerateOptions::default()
-        },
+        generate_defaults: GenerateOptions::recommended(g, lowres, native),
         selection: cfg.selection_for(&m.tokenizer),
         selection_note: m.tokenizer.selection_note.clone(),
     };

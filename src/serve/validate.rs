@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{ApiError, Limits};
+pub use crate::pipeline::options::{generation_cost, GenerateParams, OptionError, SizeRule};
 use crate::pipeline::ModelInfo;
 use lavit_runtime::image_input::DecodeErrorKind;
 use lavit_runtime::manifest::{Selection, SelectionChoice};
@@ -151,110 +152,37 @@ fn check_prompt_inner(name: &str, p: &str, lim: &Limits) -> Result<(), ApiError>
     Ok(())
 }
 
-/// The sides a generated image may have: multiples of `multiple` (8 and the decoder's own
-/// multiple) from `multiple` to `max` (the smaller of `server.max_image_side` and twice the
-/// decoder's native side: the decoder is trained at its native size, and the official aspect
-/// ratios stay within 1.32× of it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SizeRule {
-    pub multiple: usize,
-    pub max: usize,
-    /// The decoder's native side (the cost unit's image).
-    pub native: usize,
-}
-
-impl SizeRule {
-    pub fn new(lim: &Limits, info: &ModelInfo) -> Self {
-        let native = info.default_size.0.max(info.default_size.1).max(1);
-        let m = info.size_multiple.max(1);
-        let multiple = m / gcd(m, 8) * 8; // lcm(m, 8)
-        let max = lim.max_image_side.min(native.saturating_mul(2));
-        SizeRule {
-            multiple,
-            max: max - max % multiple,
-            native,
-        }
-    }
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
-/// "WxH" with both sides allowed by `rule`.
-pub fn parse_size(s: &str, rule: SizeRule) -> Result<(usize, usize), ApiError> {
-    parse_size_inner(s, rule).map_err(|e| e.with_param("size"))
-}
-
-fn parse_size_inner(s: &str, rule: SizeRule) -> Result<(usize, usize), ApiError> {
-    let bad = || ApiError::bad(format!("`size` = {s:?}: expected \"WIDTHxHEIGHT\""));
+/// "WxH", syntax only (the sides are checked by the options builder,
+/// [`ModelInfo::generate_options`]).
+pub fn parse_size(s: &str) -> Result<(usize, usize), ApiError> {
+    let bad =
+        || ApiError::bad(format!("`size` = {s:?}: expected \"WIDTHxHEIGHT\"")).with_param("size");
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
     let w: usize = w.trim().parse().map_err(|_| bad())?;
     let h: usize = h.trim().parse().map_err(|_| bad())?;
-    let m = rule.multiple;
-    for (name, v) in [("width", w), ("height", h)] {
-        if v < m || v > rule.max || v % m != 0 {
-            return Err(ApiError::bad(format!(
-                "`size` {name} {v} must be a multiple of {m} in [{m}, {}] (this model's \
-                 native side is {}; at most twice that, and at most server.max_image_side)",
-                rule.max, rule.native
-            )));
-        }
-    }
     Ok((w, h))
 }
 
-/// The cost of a generation request in native-image diffusion steps:
-/// `n × steps × (width × height) / native²`. The diffusion loop dominates a generation (the
-/// LLM part, `n` sequences of at most the manifest's `t2i_max_new_tokens`, is bounded by
-/// `max_n` and the model); `server.max_request_cost` caps this number per request.
-pub fn generation_cost(opts: &GenerateOptions, native: usize) -> f64 {
-    let area = (opts.width as f64 * opts.height as f64) / (native as f64 * native as f64);
-    opts.n as f64 * opts.steps as f64 * area
+impl From<OptionError> for ApiError {
+    fn from(e: OptionError) -> Self {
+        let a = ApiError::bad(e.message);
+        match e.param {
+            Some(p) => a.with_param(p),
+            None => a,
+        }
+    }
 }
 
 /// A generation request checked and turned into options, before admission and before any
-/// model work: prompt, `n`, `size` (against the model's geometry), guidance, `steps`, the
-/// response format, then the per-request cost budget.
+/// model work: the prompt and the response format here, everything else by the one options
+/// builder ([`ModelInfo::generate_options`]: `n`, `size` against the model's geometry,
+/// guidance, `steps`, then the per-request cost budget).
 pub fn generation_options(
     r: &GenerationRequest,
     lim: &Limits,
     info: &ModelInfo,
 ) -> Result<GenerateOptions, ApiError> {
     check_prompt("prompt", &r.prompt, lim)?;
-    // The checkpoint's recommended settings (manifest `generation`), then the request's.
-    let mut opts = GenerateOptions {
-        n: check_int("n", r.n, 1, lim.max_n)?,
-        ..info.generate_defaults.clone()
-    };
-    let rule = SizeRule::new(lim, info);
-    (opts.width, opts.height) = match &r.size {
-        Some(s) => parse_size(s, rule)?,
-        None => info.default_size,
-    };
-    if let Some(s) = r.seed {
-        opts.seed = s;
-    }
-    if let Some(g) = r.guidance {
-        opts.guidance = check_range("guidance", g, 0.0, lim.max_guidance)?;
-    }
-    if let Some(g) = r.llm_guidance {
-        opts.llm_guidance = check_range("llm_guidance", g, 0.0, lim.max_guidance)?;
-    }
-    if let Some(s) = r.steps {
-        if s > info.max_steps as u64 {
-            return Err(ApiError::bad(format!(
-                "`steps` = {s}: this model's scheduler takes at most {} steps",
-                info.max_steps
-            ))
-            .with_param("steps"));
-        }
-        opts.steps = check_int("steps", s, 1, lim.max_steps)?;
-    }
     if let Some(f) = &r.response_format {
         if f != "b64_json" {
             return Err(ApiError::bad(format!(
@@ -263,16 +191,16 @@ pub fn generation_options(
             .with_param("response_format"));
         }
     }
-    let cost = generation_cost(&opts, rule.native);
-    if cost > lim.max_request_cost {
-        return Err(ApiError::bad(format!(
-            "this request costs {cost:.1} (n × steps × width×height / native² = {} × {} × \
-             {}x{} / {}²), over the per-request budget server.max_request_cost = {}; ask for \
-             fewer images, fewer steps or a smaller size",
-            opts.n, opts.steps, opts.width, opts.height, rule.native, lim.max_request_cost
-        )));
-    }
-    Ok(opts)
+    let params = GenerateParams {
+        n: Some(r.n),
+        seed: r.seed,
+        size: r.size.as_deref().map(parse_size).transpose()?,
+        guidance: r.guidance,
+        llm_guidance: r.llm_guidance,
+        steps: r.steps,
+        ..GenerateParams::default()
+    };
+    Ok(info.generate_options(&params, &lim.budget())?)
 }
 
 /// A chat request checked: the question, the one image (base64, decoded later off the async

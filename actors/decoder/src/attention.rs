@@ -6,6 +6,7 @@
 
 use lavit_runtime::layers;
 use lavit_runtime::shape::dims;
+use lavit_runtime::Result;
 use tch::{nn, nn::Module, Tensor};
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v`, `to_out.0`.
@@ -49,10 +50,15 @@ impl Attention {
     /// `xs` (B, Lq, query_dim); `context` (B, Lk, kv_dim) or `None` for self-attention;
     /// `bias` an additive attention bias broadcastable to (B, heads, Lq, Lk), e.g. the
     /// (B, 1, 1, Lk) bias made from an encoder attention mask.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, bias: Option<&Tensor>) -> Tensor {
-        let [b, lq, _] = dims(xs, "attention input (B, L, C)");
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let [b, lq, _] = dims(xs, "attention input (B, L, C)")?;
         let ctx = context.unwrap_or(xs);
-        let lk = ctx.size()[1];
+        let [_, lk, _] = dims(ctx, "attention context (B, Lk, C)")?;
         let split = |t: Tensor, l: i64| t.view([b, l, self.heads, self.dim_head]).transpose(1, 2); // (B, nh, L, hd)
         let q = split(self.to_q.forward(xs), lq);
         let k = split(self.to_k.forward(ctx), lk);
@@ -61,7 +67,7 @@ impl Attention {
         let y = y
             .transpose(1, 2)
             .reshape([b, lq, self.heads * self.dim_head]); // (B, Lq, inner)
-        self.to_out.forward(&y)
+        Ok(self.to_out.forward(&y))
     }
 }
 
@@ -146,12 +152,17 @@ impl BasicTransformerBlock {
     }
 
     /// `xs` (B, L, dim), `context` (B, Lk, cross_dim), `context_bias` (B, 1, 1, Lk).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, context_bias: Option<&Tensor>) -> Tensor {
-        let xs = self.attn1.forward(&self.norm1.forward(xs), None, None) + xs;
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        context_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let xs = self.attn1.forward(&self.norm1.forward(xs), None, None)? + xs;
         let xs = self
             .attn2
-            .forward(&self.norm2.forward(&xs), Some(context), context_bias)
+            .forward(&self.norm2.forward(&xs), Some(context), context_bias)?
             + xs;
-        self.ff.forward(&self.norm3.forward(&xs)) + xs
+        Ok(self.ff.forward(&self.norm3.forward(&xs)) + xs)
     }
 }

@@ -296,7 +296,7 @@ impl DecoderTrunk {
         let x_pad = x_pad + self.pos_embed.narrow(1, 0, l);
         let mut q = self.query_embed.expand([b, -1, -1], false);
         for blk in &self.blocks {
-            q = blk.forward(&q, &x_pad, mask);
+            q = blk.forward(&q, &x_pad, mask)?;
         }
         let q = self.norm.forward(&q);
         Ok(self

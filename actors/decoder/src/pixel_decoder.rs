@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use crate::schedulers::{self, SchedulerConfig};
 use crate::{AddedCond, AutoencoderKL, UNet2DConditionModel};
+use lavit_runtime::shape::dims;
 use lavit_runtime::stage::ShouldStop;
 use lavit_runtime::train::splitmix64;
 use lavit_runtime::{checkpoint, Error, Result, TchContext};
@@ -172,11 +173,13 @@ pub struct DecodeOptions {
     pub scheduler: Option<String>,
 }
 
+/// The official highres settings ([`GenerationManifest::default`]: 25 steps, guidance 7).
 impl Default for DecodeOptions {
     fn default() -> Self {
+        let g = lavit_runtime::manifest::GenerationManifest::default();
         Self {
-            steps: 25,
-            guidance: 7.0,
+            steps: g.ddim_steps.max(1) as usize,
+            guidance: g.decoder_guidance,
             height: None,
             width: None,
             original_size: None,
@@ -390,7 +393,7 @@ impl PixelDecoder {
             }
             self.denoise(&mut [&mut job])?;
         }
-        Ok(self.vae_decode(&job.latents))
+        self.vae_decode(&job.latents)
     }
 
     /// A diffusion loop ready for its first step: the U-Net rows of `cond` ([negative;
@@ -601,21 +604,22 @@ impl PixelDecoder {
     /// VAE decode of scaled latents to RGB images in [0, 1]: `decode(z / scaling_factor)`,
     /// then `(x / 2 + 0.5).clamp(0, 1)`. A pixel-space decoder skips the VAE; one-channel
     /// images are repeated to RGB.
-    pub fn vae_decode(&self, latents: &Tensor) -> Tensor {
+    pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let img = match &self.vae {
             Some((_, vae)) => {
                 let sf = vae.config.scaling_factor;
-                vae.decode(&(latents.to_kind(Kind::Float) / sf))
+                vae.decode(&(latents.to_kind(Kind::Float) / sf))?
             }
             None => latents.to_kind(Kind::Float),
         };
         let img = (img / 2.0 + 0.5).clamp(0.0, 1.0);
-        if img.size()[1] == 1 {
+        let [_, c, _, _] = dims(&img, "decoded images (B, C, H, W)")?;
+        Ok(if c == 1 {
             img.repeat([1, 3, 1, 1])
         } else {
             img
-        }
+        })
     }
 }
 

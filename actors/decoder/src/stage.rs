@@ -492,7 +492,7 @@ impl Iterative<DecodeRequest, Tensor> for DecoderStageModel {
                 .partition(|(_, l)| l.size()[1..] == size[..]);
             done = rest;
             let lat: Vec<&Tensor> = same.iter().map(|(_, l)| l).collect();
-            let px = pixels.vae_decode(&Tensor::cat(&lat, 0)); // (ΣB, 3, H, W)
+            let px = pixels.vae_decode(&Tensor::cat(&lat, 0))?; // (ΣB, 3, H, W)
             let mut at = 0;
             for (key, l) in &same {
                 let n = l.size()[0];

@@ -187,10 +187,13 @@ impl DecoderTrainer {
 
     /// Images (B, C, H, W) in [-1, 1] → the diffusion target space (VAE latents · scaling
     /// factor, or the pixels themselves).
-    fn to_x0(pixels: &PixelDecoder, img: &Tensor) -> Tensor {
+    fn to_x0(pixels: &PixelDecoder, img: &Tensor) -> StageResult<Tensor> {
         match &pixels.vae {
-            Some((_, v)) => tch::no_grad(|| v.encode(img).sample() * v.config.scaling_factor),
-            None => img.shallow_clone(),
+            Some((_, v)) => {
+                let _g = tch::no_grad_guard();
+                Ok(v.encode(img).map_err(stage_fail)?.sample() * v.config.scaling_factor)
+            }
+            None => Ok(img.shallow_clone()),
         }
     }
 
@@ -211,7 +214,7 @@ impl DecoderTrainer {
         if let Some(img) = get(keys::IMAGES) {
             let cond = need(keys::COND)?;
             let n = img.size()[0];
-            let x0 = Self::to_x0(pixels, &img);
+            let x0 = Self::to_x0(pixels, &img)?;
             // Per-row randomness for the step's global batch (data parallel: this rank keeps
             // its rows), in the order one rank with the whole batch draws it.
             let (off, global) = b.rows(n, StageKind::Decoder)?;
@@ -242,7 +245,7 @@ impl DecoderTrainer {
             let _g = tch::no_grad_guard();
             let cond = need(keys::COND)?;
             tch::manual_seed(need(keys::EVAL_SEED)?.int64_value(&[]));
-            let x0 = Self::to_x0(pixels, &img);
+            let x0 = Self::to_x0(pixels, &img)?;
             let noise = x0.randn_like();
             let ts = Tensor::randint(
                 self.num_train_timesteps,
@@ -298,7 +301,9 @@ impl DecoderTrainer {
             x = s.step(&eps, ts, &x).map_err(stage_fail)?;
         }
         Ok(match &pixels.vae {
-            Some((_, v)) => v.decode(&(x / v.config.scaling_factor)),
+            Some((_, v)) => v
+                .decode(&(x / v.config.scaling_factor))
+                .map_err(stage_fail)?,
             None => x,
         })
     }

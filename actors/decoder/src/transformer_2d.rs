@@ -4,6 +4,7 @@
 
 use lavit_runtime::layers;
 use lavit_runtime::shape::dims;
+use lavit_runtime::Result;
 use tch::{nn, nn::Module, Tensor};
 
 use crate::attention::BasicTransformerBlock;
@@ -87,8 +88,13 @@ impl Transformer2DModel {
     }
 
     /// `xs` (B, C, H, W), `context` (B, Lk, cross_dim), `context_bias` (B, 1, 1, Lk).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, context_bias: Option<&Tensor>) -> Tensor {
-        let [b, c, h, w] = dims(xs, "transformer input (B, C, H, W)");
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        context_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let [b, c, h, w] = dims(xs, "transformer input (B, C, H, W)")?;
         let normed = self.norm.forward(xs);
         let mut hs = match &self.proj_in {
             Proj::Conv(conv) => {
@@ -102,7 +108,7 @@ impl Transformer2DModel {
             }
         };
         for block in &self.transformer_blocks {
-            hs = block.forward(&hs, context, context_bias);
+            hs = block.forward(&hs, context, context_bias)?;
         }
         let inner = hs.size()[2];
         let out = match &self.proj_out {
@@ -112,6 +118,6 @@ impl Transformer2DModel {
             }
             Proj::Linear(lin) => lin.forward(&hs).reshape([b, h, w, c]).permute([0, 3, 1, 2]), // (B, C, H, W)
         };
-        out + xs
+        Ok(out + xs)
     }
 }

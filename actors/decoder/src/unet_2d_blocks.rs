@@ -97,13 +97,18 @@ impl DownBlock {
     }
 
     /// Returns the block output and the skip states it contributes.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Context<'_>) -> (Tensor, Vec<Tensor>) {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Context<'_>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = xs.shallow_clone();
         let mut states = Vec::new();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, Some(temb));
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, ctx.hidden_states, ctx.bias);
+                h = attn.forward(&h, ctx.hidden_states, ctx.bias)?;
             }
             states.push(h.shallow_clone());
         }
@@ -111,7 +116,7 @@ impl DownBlock {
             h = down.forward(&h);
             states.push(h.shallow_clone());
         }
-        (h, states)
+        Ok((h, states))
     }
 }
 
@@ -151,13 +156,13 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Context<'_>) -> Tensor {
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Context<'_>) -> Result<Tensor> {
         let mut h = self.resnets[0].forward(xs, Some(temb));
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attn.forward(&h, ctx.hidden_states, ctx.bias);
+            h = attn.forward(&h, ctx.hidden_states, ctx.bias)?;
             h = resnet.forward(&h, Some(temb));
         }
-        h
+        Ok(h)
     }
 }
 
@@ -228,19 +233,19 @@ impl UpBlock {
         temb: &Tensor,
         ctx: &Context<'_>,
         upsample_size: Option<(i64, i64)>,
-    ) -> Tensor {
+    ) -> Result<Tensor> {
         let mut h = xs.shallow_clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = &skips[skips.len() - 1 - i];
             h = Tensor::cat(&[&h, skip], 1); // (B, C + C_skip, H, W)
             h = resnet.forward(&h, Some(temb));
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, ctx.hidden_states, ctx.bias);
+                h = attn.forward(&h, ctx.hidden_states, ctx.bias)?;
             }
         }
-        match &self.upsampler {
+        Ok(match &self.upsampler {
             Some(up) => up.forward(&h, upsample_size),
             None => h,
-        }
+        })
     }
 }

@@ -899,13 +899,13 @@ impl UNet2DConditionModel {
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
-            let (out, states) = block.forward(&h, &emb, &ctx);
+            let (out, states) = block.forward(&h, &emb, &ctx)?;
             h = out;
             skips.extend(states);
         }
         // 4. mid
         if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &emb, &ctx);
+            h = mid.forward(&h, &emb, &ctx)?;
         }
         // 5. up
         for block in &self.up_blocks {
@@ -916,7 +916,7 @@ impl UNet2DConditionModel {
                 let s = s.size();
                 (s[2], s[3])
             });
-            h = block.forward(&h, &own, &emb, &ctx, upsample_size);
+            h = block.forward(&h, &own, &emb, &ctx, upsample_size)?;
         }
         // 6. post-process
         let h = self.conv_norm_out.forward(&h).silu();

@@ -275,15 +275,15 @@ impl VaeMidBlock {
         Self { resnets, attention }
     }
 
-    fn forward(&self, xs: &Tensor) -> Tensor {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut h = self.resnets[0].forward(xs, None);
         if let Some((norm, attn)) = &self.attention {
-            let [b, c, hh, ww] = dims(&h, "(B, C, H, W)");
+            let [b, c, hh, ww] = dims(&h, "(B, C, H, W)")?;
             let seq = norm.forward(&h).view([b, c, hh * ww]).transpose(1, 2); // (B, HW, C)
-            let out = attn.forward(&seq, None, None);
+            let out = attn.forward(&seq, None, None)?;
             h = out.transpose(1, 2).reshape([b, c, hh, ww]) + h; // (B, C, H, W)
         }
-        self.resnets[1].forward(&h, None)
+        Ok(self.resnets[1].forward(&h, None))
     }
 }
 
@@ -369,7 +369,7 @@ impl Encoder {
         })
     }
 
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(xs);
         for (resnets, down) in &self.down_blocks {
             for r in resnets {
@@ -379,9 +379,10 @@ impl Encoder {
                 h = d.forward(&h);
             }
         }
-        let h = self.mid_block.forward(&h);
-        self.conv_out
-            .forward(&crate::resnet::silu_fresh(self.conv_norm_out.forward(&h)))
+        let h = self.mid_block.forward(&h)?;
+        Ok(self
+            .conv_out
+            .forward(&crate::resnet::silu_fresh(self.conv_norm_out.forward(&h))))
     }
 }
 
@@ -443,9 +444,9 @@ impl Decoder {
         })
     }
 
-    pub fn forward(&self, z: &Tensor) -> Tensor {
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let h = self.conv_in.forward(z);
-        let mut h = self.mid_block.forward(&h);
+        let mut h = self.mid_block.forward(&h)?;
         for (resnets, up) in &self.up_blocks {
             for r in resnets {
                 h = r.forward(&h, None);
@@ -454,8 +455,9 @@ impl Decoder {
                 h = u.forward(&h, None);
             }
         }
-        self.conv_out
-            .forward(&crate::resnet::silu_fresh(self.conv_norm_out.forward(&h)))
+        Ok(self
+            .conv_out
+            .forward(&crate::resnet::silu_fresh(self.conv_norm_out.forward(&h))))
     }
 }
 
@@ -522,21 +524,21 @@ impl AutoencoderKL {
     }
 
     /// Image (B, 3, H, W) in [-1, 1] → latent distribution (unscaled).
-    pub fn encode(&self, xs: &Tensor) -> DiagonalGaussian {
-        let h = self.encoder.forward(xs);
+    pub fn encode(&self, xs: &Tensor) -> Result<DiagonalGaussian> {
+        let h = self.encoder.forward(xs)?;
         let moments = match &self.quant_conv {
             Some(q) => q.forward(&h),
             None => h,
         };
         let mv = moments.chunk(2, 1);
-        DiagonalGaussian {
+        Ok(DiagonalGaussian {
             mean: mv[0].shallow_clone(),
             logvar: mv[1].clamp(-30.0, 20.0),
-        }
+        })
     }
 
     /// Latents (unscaled, i.e. already divided by `scaling_factor`) → image in about [-1, 1].
-    pub fn decode(&self, z: &Tensor) -> Tensor {
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z),
             None => z.shallow_clone(),

@@ -140,8 +140,8 @@ impl Attention {
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let [b, n, _] = dims(x, "attention input [B, N, C]");
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let [b, n, _] = dims(x, "attention input [B, N, C]")?;
         // qkv_bias = cat(q_bias, zeros_like(v_bias), v_bias)
         let qkv_bias = Tensor::cat(&[&self.q_bias, &self.v_bias.zeros_like(), &self.v_bias], 0);
         let qkv = x.linear(&self.qkv.ws, Some(&qkv_bias));
@@ -161,7 +161,7 @@ impl Attention {
             false,
         ); // (B, nh, N, hs)
         let y = y.transpose(1, 2).reshape([b, n, -1]); // (B, N, C)
-        self.proj.forward(&y)
+        Ok(self.proj.forward(&y))
     }
 }
 
@@ -185,9 +185,9 @@ impl Block {
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.attn.forward(&self.norm1.forward(x));
-        &x + self.mlp.forward(&self.norm2.forward(&x))
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x + self.attn.forward(&self.norm1.forward(x))?;
+        Ok(&x + self.mlp.forward(&self.norm2.forward(&x)))
     }
 }
 
@@ -244,7 +244,7 @@ impl EVAVisionTransformer {
         let cls = self.cls_token.expand([b, -1, -1], false);
         let mut x = Tensor::cat(&[&cls, &x], 1) + &self.pos_embed; // (B, 1+N, C)
         for blk in &self.blocks {
-            x = blk.forward(&x);
+            x = blk.forward(&x)?;
         }
         Ok(x)
     }

@@ -333,12 +333,14 @@ pub struct ImageTokenConfig {
 }
 
 impl Default for ImageTokenConfig {
-    /// The official LaVIT-7B-v2 settings (guidance 4, top-k 50, 20..300 tokens).
+    /// The official LaVIT-7B-v2 settings ([`GenerationManifest::default`]: guidance 4,
+    /// top-k 50, 20..300 tokens).
     fn default() -> Self {
+        let g = lavit_runtime::manifest::GenerationManifest::default();
         Self {
-            cfg_scale: 4.0,
-            max_new_tokens: 300,
-            min_new_tokens: 20,
+            cfg_scale: g.llm_guidance,
+            max_new_tokens: g.t2i_max_new_tokens,
+            min_new_tokens: g.t2i_min_new_tokens,
             sampling: Sampling::default(),
             num_return_sequences: 1,
             seed: None,

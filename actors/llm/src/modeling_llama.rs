@@ -160,8 +160,8 @@ impl LlamaAttention {
         sin: &Tensor,
         past: Option<&(Tensor, Tensor)>,
         mask: Option<&Tensor>,
-    ) -> (Tensor, (Tensor, Tensor)) {
-        let [b, t, _] = dims(xs, "hidden states are (B, T, H)");
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let [b, t, _] = dims(xs, "hidden states are (B, T, H)")?;
         let q = self
             .q_proj
             .forward(xs)
@@ -185,7 +185,7 @@ impl LlamaAttention {
         };
         let n_rep = self.num_heads / self.num_kv_heads;
         let (kr, vr) = if n_rep > 1 {
-            (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep)) // (B, nh, Tk, hd)
+            (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?) // (B, nh, Tk, hd)
         } else {
             (k.shallow_clone(), v.shallow_clone())
         };
@@ -195,7 +195,7 @@ impl LlamaAttention {
             .transpose(1, 2)
             .contiguous()
             .view([b, t, self.num_heads * self.head_dim]); // (B, T, nh·hd)
-        (self.o_proj.forward(&y), (k, v))
+        Ok((self.o_proj.forward(&y), (k, v)))
     }
 }
 
@@ -213,7 +213,7 @@ impl LlamaAttention {
         pool_v: &Tensor,
         at: &PagedArgs,
     ) -> Result<Tensor> {
-        let [b, t, _] = dims(xs, "hidden states are (B, T, H)");
+        let [b, t, _] = dims(xs, "hidden states are (B, T, H)")?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(xs).view([b, t, nh, hd]).transpose(1, 2); // (B, nh, T, hd)
         let k = self
@@ -242,7 +242,7 @@ impl LlamaAttention {
         let (kk, vv) = (gather(pool_k)?, gather(pool_v)?);
         let n_rep = nh / nkv;
         let (kk, vv) = if n_rep > 1 {
-            (repeat_kv(&kk, n_rep), repeat_kv(&vv, n_rep)) // (B, nh, Tk, hd)
+            (repeat_kv(&kk, n_rep)?, repeat_kv(&vv, n_rep)?) // (B, nh, Tk, hd)
         } else {
             (kk, vv)
         };
@@ -310,11 +310,11 @@ impl KvPool {
 }
 
 /// HF `repeat_kv`: (B, nkv, T, hd) → (B, nkv·n_rep, T, hd), each kv head repeated n_rep times.
-fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
-    let [b, nkv, t, hd] = dims(x, "(B, nkv, T, hd)");
-    x.unsqueeze(2)
+fn repeat_kv(x: &Tensor, n_rep: i64) -> Result<Tensor> {
+    let [b, nkv, t, hd] = dims(x, "(B, nkv, T, hd)")?;
+    Ok(x.unsqueeze(2)
         .expand([b, nkv, n_rep, t, hd], false)
-        .reshape([b, nkv * n_rep, t, hd])
+        .reshape([b, nkv * n_rep, t, hd]))
 }
 
 /// `LlamaMLP`: down(silu(gate(x)) · up(x)).
@@ -416,8 +416,8 @@ pub fn positions_from_mask(key_mask: &Tensor, t: i64) -> Tensor {
 /// The "may attend" mask (B, 1, T, Tk) for `t` new queries against `key_mask` (B, Tk):
 /// causal by cache index, real keys only; each query may always see itself (so rows of
 /// padding never become all-masked, which would make NaNs).
-pub fn causal_padding_mask(key_mask: &Tensor, t: i64) -> Tensor {
-    let [b, tk] = dims(key_mask, "key mask is (B, Tk)");
+pub fn causal_padding_mask(key_mask: &Tensor, t: i64) -> Result<Tensor> {
+    let [b, tk] = dims(key_mask, "key mask is (B, Tk)")?;
     let dev = key_mask.device();
     let past = tk - t;
     let qi = Tensor::arange(t, (Kind::Int64, dev)).view([t, 1]) + past; // (T, 1)
@@ -427,7 +427,7 @@ pub fn causal_padding_mask(key_mask: &Tensor, t: i64) -> Tensor {
     let m = causal
         .unsqueeze(0)
         .logical_and(&key_mask.to_kind(Kind::Bool).view([b, 1, tk])); // (B, T, Tk)
-    m.logical_or(&diag.unsqueeze(0)).unsqueeze(1) // (B, 1, T, Tk)
+    Ok(m.logical_or(&diag.unsqueeze(0)).unsqueeze(1)) // (B, 1, T, Tk)
 }
 
 /// `LlamaModel`: embeddings, decoder layers, final norm.
@@ -603,8 +603,8 @@ impl LlamaForCausalLM {
         inputs_embeds: &Tensor,
         args: &ForwardArgs,
         cache: Option<&mut KvCache>,
-    ) -> Tensor {
-        let [b, t, _] = dims(inputs_embeds, "inputs_embeds are (B, T, H)");
+    ) -> Result<Tensor> {
+        let [b, t, _] = dims(inputs_embeds, "inputs_embeds are (B, T, H)")?;
         let dev = inputs_embeds.device();
         let new_mask = match args.attention_mask {
             Some(m) => m.to_kind(Kind::Bool),
@@ -625,7 +625,7 @@ impl LlamaForCausalLM {
         let mask = if let Some(m) = args.mask_4d {
             Some(m.shallow_clone())
         } else if has_padding || (past_len > 0 && t > 1) {
-            Some(causal_padding_mask(&key_mask, t))
+            Some(causal_padding_mask(&key_mask, t)?)
         } else {
             None
         };
@@ -644,7 +644,7 @@ impl LlamaForCausalLM {
                 &sin,
                 past,
                 mask.as_ref(),
-            );
+            )?;
             h = &h + a;
             h = &h
                 + layer
@@ -657,7 +657,7 @@ impl LlamaForCausalLM {
             c.key_mask = Some(key_mask);
             c.padded = has_padding;
         }
-        self.model.norm.forward(&h)
+        Ok(self.model.norm.forward(&h))
     }
 
     /// Logits (B, T, V) of `inputs_embeds` (B, T, H).
@@ -666,8 +666,8 @@ impl LlamaForCausalLM {
         inputs_embeds: &Tensor,
         args: &ForwardArgs,
         cache: Option<&mut KvCache>,
-    ) -> Tensor {
-        self.head(&self.forward_hidden(inputs_embeds, args, cache))
+    ) -> Result<Tensor> {
+        Ok(self.head(&self.forward_hidden(inputs_embeds, args, cache)?))
     }
 
     /// Logits (B, T, V) of token ids (B, T).
@@ -676,7 +676,7 @@ impl LlamaForCausalLM {
         ids: &Tensor,
         args: &ForwardArgs,
         cache: Option<&mut KvCache>,
-    ) -> Tensor {
+    ) -> Result<Tensor> {
         self.forward_embeds(&self.embed(ids), args, cache)
     }
 
@@ -687,10 +687,10 @@ impl LlamaForCausalLM {
         inputs_embeds: &Tensor,
         args: &ForwardArgs,
         cache: Option<&mut KvCache>,
-    ) -> Tensor {
-        let h = self.forward_hidden(inputs_embeds, args, cache);
-        let t = h.size()[1];
-        self.head(&h.select(1, t - 1))
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden(inputs_embeds, args, cache)?;
+        let [_, t, _] = dims(&h, "hidden states are (B, T, H)")?;
+        Ok(self.head(&h.select(1, t - 1)))
     }
 }
 

@@ -395,18 +395,19 @@ pub fn pack(samples: &[&Sample], v: &UnifiedVocab, max_len: usize, rows: usize) 
 
 /// Block-diagonal causal "may attend" mask (B, 1, L, L) from segment ids (B, L): a position
 /// sees earlier positions of its own sample only; padding sees itself.
-pub fn packed_mask(segments: &Tensor) -> Tensor {
-    let [_, l] = dims(segments, "segments are (B, L)");
+pub fn packed_mask(segments: &Tensor) -> lavit_runtime::Result<Tensor> {
+    let [_, l] = dims(segments, "segments are (B, L)")?;
     let dev = segments.device();
     let same = segments.unsqueeze(2).eq_tensor(&segments.unsqueeze(1)); // (B, L, L)
     let i = Tensor::arange(l, (Kind::Int64, dev));
     let causal = i.view([1, l]).le_tensor(&i.view([l, 1])); // (L, L): j ≤ i
     let real = segments.ge(0).unsqueeze(2); // (B, L, 1)
     let diag = Tensor::eye(l, (Kind::Bool, dev));
-    same.logical_and(&causal)
+    Ok(same
+        .logical_and(&causal)
         .logical_and(&real)
         .logical_or(&diag)
-        .unsqueeze(1)
+        .unsqueeze(1))
 }
 
 /// Input embeddings of a packed batch: token embeddings with the continuous blocks (already
@@ -439,19 +440,19 @@ pub fn packed_loss(
     model: &LlamaForCausalLM,
     vocab: &UnifiedVocab,
     p: &Packed,
-) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+) -> lavit_runtime::Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
     let dev = model.device();
     let embeds = packed_embeds(model, p);
     let seg = p.segments.to_device(dev);
     let pos = p.position_ids.to_device(dev);
-    let mask = packed_mask(&seg);
+    let mask = packed_mask(&seg)?;
     let args = ForwardArgs {
         position_ids: Some(&pos),
         mask_4d: Some(&mask),
         ..Default::default()
     };
     let logits = model
-        .forward_embeds(&embeds, &args, None)
+        .forward_embeds(&embeds, &args, None)?
         .to_kind(Kind::Float); // (B, L, V)
     let v = logits.size()[2];
     let labels = p.labels.to_device(dev).view([-1]);
@@ -473,7 +474,7 @@ pub fn packed_loss(
     };
     let (ts, tn) = split(&text);
     let (vs, vn) = split(&vis);
-    (ce.sum(Kind::Float), ts, tn, vs, vn)
+    Ok((ce.sum(Kind::Float), ts, tn, vs, vn))
 }
 
 /// The stage-2 training state the Llm stage holds: the optimiser over its trained variables
@@ -542,7 +543,7 @@ impl LlmTrainer {
             tch::autocast(true, run)
         } else {
             run()
-        };
+        }?;
         let loss = sum / targets.to_device(llm.model.device());
         b.losses.push((keys::LOSS, loss));
         for (k, v) in [

@@ -11,6 +11,7 @@
 //! a collapsing image is pulled back) and the confidence term.
 
 use lavit_runtime::layers;
+use lavit_runtime::shape::dims;
 use std::path::Path;
 
 use lavit_runtime::checkpoint::{self, StateDict};
@@ -260,10 +261,10 @@ impl SelectorMergerStageModel {
     /// Selector on patch features at inference: (log-probs [B, N, 2], decisions [B, N]),
     /// each image's decisions a function of its own features (and the Gumbel seed) only
     /// ([`SelectionMode::decide`]).
-    pub fn select(&self, features: &Tensor, mode: SelectionMode) -> (Tensor, Tensor) {
-        let log_probs = self.log_probs(features);
+    pub fn select(&self, features: &Tensor, mode: SelectionMode) -> Result<(Tensor, Tensor)> {
+        let log_probs = self.log_probs(features)?;
         let decisions = mode.decide(&log_probs);
-        (log_probs, decisions)
+        Ok((log_probs, decisions))
     }
 
     /// Stage-1 training: the selector on rows `row0..` of a larger batch, Gumbel noise as
@@ -273,15 +274,15 @@ impl SelectorMergerStageModel {
         features: &Tensor,
         mode: SelectionMode,
         row0: i64,
-    ) -> (Tensor, Tensor) {
-        let log_probs = self.log_probs(features);
+    ) -> Result<(Tensor, Tensor)> {
+        let log_probs = self.log_probs(features)?;
         let decisions = mode.decide_from_row(&log_probs, row0);
-        (log_probs, decisions)
+        Ok((log_probs, decisions))
     }
 
     /// `token_predictor(features, ones)`: log-probs [B, N, 2] (index 0 = keep).
-    fn log_probs(&self, features: &Tensor) -> Tensor {
-        let (b, n) = (features.size()[0], features.size()[1]);
+    fn log_probs(&self, features: &Tensor) -> Result<Tensor> {
+        let [b, n, _] = dims(features, "patch features [B, N, C]")?;
         let features = features.to_kind(self.kind());
         let policy = Tensor::ones([b, n, 1], (features.kind(), features.device()));
         self.token_predictor.forward(&features, &policy)
@@ -289,23 +290,28 @@ impl SelectorMergerStageModel {
 
     /// The merger on patch features and decisions: merged features [B, N, C], float32
     /// whatever the weights' kind.
-    pub fn merge(&self, features: &Tensor, decisions: &Tensor) -> Tensor {
-        self.causal_encoder
-            .forward(&features.to_kind(self.kind()), decisions)
-            .to_kind(Kind::Float)
+    pub fn merge(&self, features: &Tensor, decisions: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .causal_encoder
+            .forward(&features.to_kind(self.kind()), decisions)?
+            .to_kind(Kind::Float))
     }
 
     /// The understanding path: kept merged features through the projector → one
     /// (T_i, llm_hidden) tensor per image (the `visual_weight` merger and projector when
     /// loaded, else this stage's own), float32 whatever the weights' kind.
-    pub fn understanding_embeds(&self, features: &Tensor, decisions: &Tensor) -> Vec<Tensor> {
+    pub fn understanding_embeds(
+        &self,
+        features: &Tensor,
+        decisions: &Tensor,
+    ) -> Result<Vec<Tensor>> {
         let features = features.to_kind(self.kind());
         let (merger, proj) = match &self.understanding {
             Some(u) => (&u.causal_encoder, &u.vit_proj),
             None => (&self.causal_encoder, &self.vit_proj),
         };
         let updated = proj
-            .forward(&merger.forward(&features, decisions))
+            .forward(&merger.forward(&features, decisions)?)
             .to_kind(Kind::Float); // (B, N, H)
         let (kept, counts) = gather_kept(&updated, decisions); // (T, H)
         let mut out = Vec::with_capacity(counts.len());
@@ -314,7 +320,7 @@ impl SelectorMergerStageModel {
             out.push(kept.narrow(0, pos, n)); // (T_i, H)
             pos += n;
         }
-        out
+        Ok(out)
     }
 }
 
@@ -337,8 +343,8 @@ impl Trainable for SelectorMergerStageModel {
         // Data parallel: the Gumbel noise of this rank's rows of the global batch.
         let (row0, _) = batch.rows(feats.size()[0], K)?;
         let mode = SelectionMode::Gumbel { seed, tau };
-        let (log_probs, dec) = self.select_from_row(&feats, mode, row0);
-        let merged = self.causal_encoder.forward(&feats, &dec); // (B, N, C)
+        let (log_probs, dec) = self.select_from_row(&feats, mode, row0)?;
+        let merged = self.causal_encoder.forward(&feats, &dec)?; // (B, N, C)
         let (_, loss) = self.training.as_ref().ok_or_else(|| not_trainable(K))?;
         let (ratio, confidence) = selector_loss(&log_probs, &dec, loss);
         batch.losses.push((train_keys::LOSS_RATIO, ratio));
@@ -384,16 +390,16 @@ impl SelectorMergerStage for SelectorMergerStageModel {
         let _g = tch::no_grad_guard();
         let x = features.to_kind(self.kind());
         let mode = selection.map_or(self.selection, SelectionMode::from);
-        let (_, decisions) = self.select(&x, mode);
-        let merged = self.merge(&x, &decisions);
+        let (_, decisions) = self.select(&x, mode)?;
+        let merged = self.merge(&x, &decisions)?;
         Ok((decisions, merged))
     }
     fn understanding(&mut self, features: &Tensor) -> StageResult<Vec<Tensor>> {
         check_features(features, self.token_predictor_width())?;
         let _g = tch::no_grad_guard();
         let x = features.to_kind(self.kind());
-        let (_, decisions) = self.select(&x, self.selection);
-        Ok(self.understanding_embeds(&x, &decisions))
+        let (_, decisions) = self.select(&x, self.selection)?;
+        Ok(self.understanding_embeds(&x, &decisions)?)
     }
 }
 

@@ -10,6 +10,7 @@
 
 use lavit_encoder::layers::{linear, mlp_hidden, LayerNorm, Mlp};
 use lavit_runtime::shape::dims;
+use lavit_runtime::Result;
 use tch::{nn, nn::Module, Kind, Tensor};
 
 /// Hyper-parameters of `TokenMerger` (defaults: LaVIT-7B-v2).
@@ -86,20 +87,20 @@ impl TokenCausalAttention {
     }
 
     /// `softmax_with_policy`: keys = kept tokens plus the query itself, causal.
-    pub fn softmax_with_policy(attn: &Tensor, policy: &Tensor) -> Tensor {
-        let [b, n] = dims(policy, "policy [B, N]");
+    pub fn softmax_with_policy(attn: &Tensor, policy: &Tensor) -> Result<Tensor> {
+        let [b, n] = dims(policy, "policy [B, N]")?;
         let attn_policy = policy.reshape([b, 1, 1, n]);
         let eye = Tensor::eye(n, (attn_policy.kind(), attn_policy.device())).view([1, 1, n, n]);
         let attn_policy: Tensor = &attn_policy + (attn_policy.neg() + 1.0) * eye; // (B, 1, N, N)
         let causal = Tensor::ones([n, n], (attn_policy.kind(), attn_policy.device()))
             .tril(0)
             .view([1, 1, n, n]);
-        masked_softmax(attn, &(attn_policy * causal))
+        Ok(masked_softmax(attn, &(attn_policy * causal)))
     }
 
     /// x [B, N, C], decisions [B, N] (None: plain softmax).
-    pub fn forward(&self, x: &Tensor, decisions: Option<&Tensor>) -> Tensor {
-        let [b, n, c] = dims(x, "[B, N, C]");
+    pub fn forward(&self, x: &Tensor, decisions: Option<&Tensor>) -> Result<Tensor> {
+        let [b, n, c] = dims(x, "[B, N, C]")?;
         let qkv = self
             .qkv
             .forward(x)
@@ -109,10 +110,10 @@ impl TokenCausalAttention {
         let attn = q.matmul(&k.transpose(-2, -1)) * self.scale; // (B, nh, N, N)
         let attn = match decisions {
             None => attn.softmax(-1, attn.kind()),
-            Some(d) => Self::softmax_with_policy(&attn, d),
+            Some(d) => Self::softmax_with_policy(&attn, d)?,
         };
         let y = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]); // (B, N, C)
-        self.proj.forward(&y)
+        Ok(self.proj.forward(&y))
     }
 }
 
@@ -140,24 +141,24 @@ impl TokenCrossAttention {
     }
 
     /// `softmax_with_policy`: keys = dropped tokens (1 − policy).
-    pub fn softmax_with_policy(attn: &Tensor, policy: &Tensor) -> Tensor {
-        let [b, n] = dims(policy, "policy [B, N]");
+    pub fn softmax_with_policy(attn: &Tensor, policy: &Tensor) -> Result<Tensor> {
+        let [b, n] = dims(policy, "policy [B, N]")?;
         let attn_policy = (policy.neg() + 1.0).reshape([b, 1, 1, n]); // (B, 1, 1, N)
-        masked_softmax(attn, &attn_policy)
+        Ok(masked_softmax(attn, &attn_policy))
     }
 
     /// x [B, N, C] queries, x_origin [B, N, C] keys/values, decisions [B, N].
-    pub fn forward(&self, x: &Tensor, x_origin: &Tensor, decisions: &Tensor) -> Tensor {
-        let [b, n, c] = dims(x, "[B, N, C]");
+    pub fn forward(&self, x: &Tensor, x_origin: &Tensor, decisions: &Tensor) -> Result<Tensor> {
+        let [b, n, c] = dims(x, "[B, N, C]")?;
         let h = self.num_heads;
         let heads = |t: Tensor| t.reshape([b, n, h, c / h]).permute([0, 2, 1, 3]); // (B, nh, N, hs)
         let q = heads(self.query.forward(x));
         let k = heads(self.key.forward(x_origin));
         let v = heads(self.value.forward(x_origin));
         let attn = q.matmul(&k.transpose(-2, -1)) * self.scale;
-        let attn = Self::softmax_with_policy(&attn, decisions);
+        let attn = Self::softmax_with_policy(&attn, decisions)?;
         let y = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]); // (B, N, C)
-        self.proj.forward(&y)
+        Ok(self.proj.forward(&y))
     }
 }
 
@@ -195,15 +196,15 @@ impl CausalFuserBlock {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, x_origin: &Tensor, decisions: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, x_origin: &Tensor, decisions: &Tensor) -> Result<Tensor> {
         let x = x + self
             .token_causal_attn
-            .forward(&self.norm0.forward(x), Some(decisions));
+            .forward(&self.norm0.forward(x), Some(decisions))?;
         let x = &x
             + self
                 .token_cross_attn
-                .forward(&self.norm1.forward(&x), x_origin, decisions);
-        &x + self.mlp.forward(&self.norm2.forward(&x))
+                .forward(&self.norm1.forward(&x), x_origin, decisions)?;
+        Ok(&x + self.mlp.forward(&self.norm2.forward(&x)))
     }
 }
 
@@ -228,12 +229,12 @@ impl TokenMerger {
 
     /// x [B, N, C] patch features, decisions [B, N] (1 = keep) → [B, N, C] for every
     /// position (the caller keeps the kept ones).
-    pub fn forward(&self, x: &Tensor, decisions: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, decisions: &Tensor) -> Result<Tensor> {
         let x_origin = self.ln_vision.forward(x);
         let mut x = x.shallow_clone();
         for blk in &self.blocks {
-            x = blk.forward(&x, &x_origin, decisions);
+            x = blk.forward(&x, &x_origin, decisions)?;
         }
-        self.norm.forward(&x)
+        Ok(self.norm.forward(&x))
     }
 }

@@ -8,6 +8,7 @@
 
 use lavit_encoder::layers::{gelu, linear, LayerNorm};
 use lavit_runtime::shape::dims;
+use lavit_runtime::Result;
 use tch::{nn, nn::Module, Kind, Tensor};
 
 #[derive(Debug)]
@@ -37,15 +38,15 @@ impl TokenPredictor {
     }
 
     /// x [B, N, C] (float32), policy [B, N, 1] → log-probs [B, N, 2] (0 = keep).
-    pub fn forward(&self, x: &Tensor, policy: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, policy: &Tensor) -> Result<Tensor> {
         let x = gelu(&self.in_conv_linear.forward(&self.in_conv_norm.forward(x)));
-        let [b, n, c] = dims(&x, "token predictor input [B, N, C]");
+        let [b, n, c] = dims(&x, "token predictor input [B, N, C]")?;
         let local_x = x.narrow(2, 0, c / 2); // (B, N, C/2)
         let global_x = (x.narrow(2, c / 2, c - c / 2) * policy).sum_dim_intlist(1, true, None)
             / policy.sum_dim_intlist(1, true, None); // (B, 1, C/2)
         let x = Tensor::cat(&[local_x, global_x.expand([b, n, c - c / 2], false)], -1);
         let x = gelu(&self.out_conv[0].forward(&x));
         let x = gelu(&self.out_conv[1].forward(&x));
-        self.out_conv[2].forward(&x).log_softmax(-1, Kind::Float)
+        Ok(self.out_conv[2].forward(&x).log_softmax(-1, Kind::Float))
     }
 }

@@ -4,6 +4,7 @@
 
 pub use lavit_encoder::layers::{linear, LayerNorm, Mlp};
 use lavit_runtime::shape::dims;
+use lavit_runtime::Result;
 use tch::{nn, nn::Module, Tensor};
 
 /// `SelfAttention` over the learned queries.
@@ -25,8 +26,8 @@ impl SelfAttention {
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let [b, n, c] = dims(x, "[B, N, C]");
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let [b, n, c] = dims(x, "[B, N, C]")?;
         let qkv = self
             .qkv
             .forward(x)
@@ -35,7 +36,7 @@ impl SelfAttention {
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let attn = (q.matmul(&k.transpose(-2, -1)) * self.scale).softmax(-1, q.kind());
         let y = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]); // (B, N, C)
-        self.proj.forward(&y)
+        Ok(self.proj.forward(&y))
     }
 }
 
@@ -64,9 +65,14 @@ impl CrossAttention {
     }
 
     /// x [B, Nx, C], codebook_embeds [B, N, C], codebook_mask [B, N] (1 = real).
-    pub fn forward(&self, x: &Tensor, codebook_embeds: &Tensor, codebook_mask: &Tensor) -> Tensor {
-        let [b, n, c] = dims(codebook_embeds, "[B, N, C]");
-        let nx = x.size()[1];
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        codebook_embeds: &Tensor,
+        codebook_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let [b, n, c] = dims(codebook_embeds, "codebook embeddings [B, N, C]")?;
+        let [_, nx, _] = dims(x, "queries [B, Nx, C]")?;
         let h = self.num_heads;
         let q = self
             .query
@@ -87,7 +93,7 @@ impl CrossAttention {
         let extended = (codebook_mask.unsqueeze(1).unsqueeze(1).neg() + 1.0) * -10000.0;
         let attn = (attn + extended).softmax(-1, q.kind());
         let y = attn.matmul(&v).transpose(1, 2).reshape([b, nx, c]); // (B, Nx, C)
-        self.proj.forward(&y)
+        Ok(self.proj.forward(&y))
     }
 }
 
@@ -114,12 +120,12 @@ impl Block {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, codebook_embeds: &Tensor, mask: &Tensor) -> Tensor {
-        let x = x + self.self_attn.forward(&self.norm0.forward(x));
+    pub fn forward(&self, x: &Tensor, codebook_embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = x + self.self_attn.forward(&self.norm0.forward(x))?;
         let x = &x
             + self
                 .cross_attn
-                .forward(&self.norm1.forward(&x), codebook_embeds, mask);
-        &x + self.mlp.forward(&self.norm2.forward(&x))
+                .forward(&self.norm1.forward(&x), codebook_embeds, mask)?;
+        Ok(&x + self.mlp.forward(&self.norm2.forward(&x)))
     }
 }
