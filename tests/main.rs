@@ -21,4 +21,5 @@ mod llm;
 mod pixel;
 mod plugins;
 mod serving;
+mod synthesis;
 mod tokenizer;

@@ -649,6 +649,7 @@ fn training_steps_through_the_actor_graph_lower_the_loss() {
         generate_defaults: Default::default(),
         selection: Default::default(),
         selection_note: None,
+        synthesis: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
     let g = pipe.graph();
@@ -1503,6 +1504,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
         generate_defaults: Default::default(),
         selection: Default::default(),
         selection_note: None,
+        synthesis: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
     let mut direct = LlmStageModel::load(&dir, Device::Cpu, tch::Kind::Float).unwrap();
@@ -2419,6 +2421,7 @@ fn generation_options_follow_the_decoder_geometry() {
         generate_defaults: Default::default(),
         selection: Default::default(),
         selection_note: None,
+        synthesis: Default::default(),
     };
     let lim = Limits::default();
     let check = |body: serde_json::Value| {

@@ -1,6 +1,7 @@
 //! The HTTP server of `lavit serve` (actix-web) over a [`Pipeline`].
 //!
-//! Endpoints: `POST /v1/images/generations`, `POST /v1/chat/completions` (image parts,
+//! Endpoints: `POST /v1/images/generations`, `POST /v1/images/edits` (image and text parts →
+//! image, multipart, [`images_edits`]), `POST /v1/chat/completions` (image parts,
 //! optional SSE streaming), `GET /v1/models` and `/v1/models/{id}`, `POST /v1/tokenize`,
 //! `GET /health`, `GET /ready`, `GET /metrics`, and the web playground at `/`
 //! ([`playground`]).
@@ -36,8 +37,10 @@
 //! - API key: when `api_key` is set, or the environment variable named by `api_key_env` (which
 //!   overrides it), `/v1/*` requires `Authorization: Bearer <key>` (401 otherwise).
 
+pub mod images_edits;
 pub mod intake;
 pub mod metrics;
+pub mod multipart;
 pub mod playground;
 pub mod validate;
 
@@ -128,7 +131,7 @@ pub struct Limits {
     /// Largest encoded input image in bytes.
     #[serde(default = "d_image_bytes")]
     pub max_image_bytes: usize,
-    /// Most images per tokenize request.
+    /// Most images per tokenize or image-edit request.
     #[serde(default = "d_images")]
     pub max_images: usize,
     /// Seconds a drain waits for admitted requests.
@@ -623,6 +626,12 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
         .start(ticket, Task::Generate { opts }, Input::Prompt(r.prompt))
         .await?;
     let out = wait_watching(&req, &mut handle).await?;
+    images_reply(&st, out).await
+}
+
+/// The answer of an image request (generations, edits): `{"created", "data": [{"b64_json"}]}`
+/// from the pipeline's pixels, PNG-encoded off the async workers.
+async fn images_reply(st: &web::Data<AppState>, out: Output) -> Reply {
     let Output::Pixels { images: px, .. } = out else {
         return Err(ApiError::internal(
             "stage",
@@ -630,7 +639,7 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
         ));
     };
     // Pixels → PNG → base64 is CPU work: off the async workers.
-    let data = off_worker(&st, "png_encode", move || {
+    let data = off_worker(st, "png_encode", move || {
         let images = crate::pipeline::to_images(&px)
             .map_err(|e| ApiError::internal("output", format!("generated pixels: {e}")))?;
         images
@@ -1114,6 +1123,7 @@ pub fn spawn(pipe: Arc<Pipeline>, limits: Limits) -> anyhow::Result<RunningServe
                             }
                         })
                         .route("/v1/images/generations", web::post().to(generations))
+                        .route("/v1/images/edits", web::post().to(images_edits::edits))
                         .route("/v1/chat/completions", web::post().to(chat))
                         .route("/v1/models", web::get().to(models))
                         .route("/v1/models/{id}", web::get().to(model))

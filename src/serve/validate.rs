@@ -227,9 +227,21 @@ pub fn generation_options(
 ) -> Result<GenerateOptions, ApiError> {
     check_prompt("prompt", &r.prompt, lim)?;
     // The checkpoint's recommended settings (manifest `generation`), then the request's.
+    request_options(r, lim, info, info.generate_defaults.clone())
+}
+
+/// The options of a generation request (`n`, `size`, guidance, `steps`, `response_format`,
+/// then the per-request cost budget) over `defaults`, the prompt aside (text → image and
+/// image edits check theirs each).
+pub fn request_options(
+    r: &GenerationRequest,
+    lim: &Limits,
+    info: &ModelInfo,
+    defaults: GenerateOptions,
+) -> Result<GenerateOptions, ApiError> {
     let mut opts = GenerateOptions {
         n: check_int("n", r.n, 1, lim.max_n)?,
-        ..info.generate_defaults.clone()
+        ..defaults
     };
     let rule = SizeRule::new(lim, info);
     (opts.width, opts.height) = match &r.size {
@@ -414,8 +426,35 @@ fn decode_image_inner(name: &str, b64: &str, lim: &Limits) -> Result<DynamicImag
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| ApiError::bad(format!("`{name}`: bad base64: {e}")))?;
+    decode_image_inner_bytes(name, &bytes, lim)
+}
+
+/// An image sent as its encoded bytes (a multipart file field): the byte count, then the one
+/// limited decoder as [`decode_image`]. 413 over `max_image_bytes`, 415 for another format,
+/// else 400; the error names the field.
+pub fn decode_image_bytes(
+    name: &str,
+    bytes: &[u8],
+    lim: &Limits,
+) -> Result<DynamicImage, ApiError> {
+    if bytes.len() > lim.max_image_bytes {
+        return Err(ApiError::too_large(format!(
+            "`{name}`: the image has {} bytes, more than server.max_image_bytes = {}",
+            bytes.len(),
+            lim.max_image_bytes
+        ))
+        .with_param(name));
+    }
+    decode_image_inner_bytes(name, bytes, lim).map_err(|e| e.with_param(name))
+}
+
+fn decode_image_inner_bytes(
+    name: &str,
+    bytes: &[u8],
+    lim: &Limits,
+) -> Result<DynamicImage, ApiError> {
     // The one limited decoder: the caps are in force before the header is read.
-    lavit_runtime::image_input::decode(&bytes, &lim.image_limits()).map_err(|e| {
+    lavit_runtime::image_input::decode(bytes, &lim.image_limits()).map_err(|e| {
         let msg = format!("`{name}`: {e}");
         match e.kind {
             DecodeErrorKind::TooLarge => ApiError::too_large(msg),
