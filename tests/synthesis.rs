@@ -160,7 +160,7 @@ fn library_parts_keep_their_order_and_prompts_are_bounded() {
         .block_on(pipe.synthesize(&[Part::Text("  ".into())], opts.clone()))
         .is_err());
     // Two image parts, one image.
-    let x = pipe.preprocess(&[a.clone()]);
+    let x = pipe.preprocess(std::slice::from_ref(&a));
     let task = Task::Synthesize {
         parts: vec![SynthesisPart::Image, SynthesisPart::Image],
         opts: opts.clone(),
@@ -287,6 +287,9 @@ fn pngs_of(r: &Resp) -> Vec<Vec<u8>> {
 
 const FORM: &str = "multipart/form-data; boundary=lavitBOUNDARY";
 
+/// A form field: name, file name (file fields), bytes.
+type FormField = (String, Option<String>, Vec<u8>);
+
 /// The OpenAI-shaped edits endpoint on the mock stages: one or several images (`image`,
 /// `image[]`), with or without text, `n`; the same request gives the same pictures, another
 /// image order other ones; bad input is a 4xx naming the field, before any model work.
@@ -304,7 +307,7 @@ fn images_edits_endpoint_draws_from_images_and_text_and_refuses_bad_forms() {
     rt().block_on(serve::mark_ready(&s)).unwrap();
     let (a, b) = (png(&test_image(3)), png(&test_image(11)));
     let field = |n: &str, v: &str| (n.to_string(), None::<String>, v.as_bytes().to_vec());
-    let send = |fields: Vec<(String, Option<String>, Vec<u8>)>| {
+    let send = |fields: Vec<FormField>| {
         let f: Vec<(&str, Option<&str>, Vec<u8>)> = fields
             .iter()
             .map(|(n, f, d)| (n.as_str(), f.as_deref(), d.clone()))
@@ -356,7 +359,7 @@ fn images_edits_endpoint_draws_from_images_and_text_and_refuses_bad_forms() {
     );
 
     // Bad input: 4xx naming the field.
-    let cases: Vec<(Vec<(String, Option<String>, Vec<u8>)>, u16, &str)> = vec![
+    let cases: Vec<(Vec<FormField>, u16, &str)> = vec![
         (vec![field("prompt", "no image")], 400, "image"),
         (
             vec![

@@ -1043,6 +1043,7 @@ pub fn evaluate(
             judge,
             cfg.synthesis_with_text,
             seed,
+            None,
             report_dir,
         )?;
     }

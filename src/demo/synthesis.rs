@@ -68,6 +68,8 @@ fn draw(
 /// checkpoint's defaults (`lavit generate --image`'s): every photo alone as the prompt, and
 /// the first `image_text` photos followed by "a photo of a <another class>". Writes
 /// `synthesis.png` (photo, drawing pairs) and `synthesis_text.png` into `report_dir`.
+/// `llm_guidance` replaces the checkpoint's synthesis guidance when given.
+#[allow(clippy::too_many_arguments)]
 pub fn measure(
     pipe: &Pipeline,
     rt: &tokio::runtime::Runtime,
@@ -76,6 +78,7 @@ pub fn measure(
     judge: &Judge,
     image_text: usize,
     seed: u64,
+    llm_guidance: Option<f64>,
     report_dir: &Path,
 ) -> anyhow::Result<SynthesisFigures> {
     let _g = tch::no_grad_guard();
@@ -84,7 +87,7 @@ pub fn measure(
     let opts = GenerateOptions {
         n: 1,
         seed,
-        llm_guidance: info.synthesis.llm_guidance,
+        llm_guidance: llm_guidance.unwrap_or(info.synthesis.llm_guidance),
         ..info.generate_defaults.clone()
     };
     let x = data::to_model_input(photos, size); // (B, 3, S, S), CLIP-normalised
