@@ -418,3 +418,59 @@ fn images_edits_endpoint_draws_from_images_and_text_and_refuses_bad_forms() {
     assert_eq!(post(s.addr, FORM, b"--lavitBOUNDARY\r\nbroken").status, 400);
     s.stop();
 }
+
+/// `lavit generate --image`: the parts follow the command line's order (an image before the
+/// text and after it draw different pictures, the same order the same one), an image-only
+/// prompt works, and a missing or excess image is refused before any model is loaded.
+#[test]
+fn cli_generate_takes_image_parts_in_command_line_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = dir.path().join("photo.png");
+    std::fs::write(&photo, png(&test_image(7))).unwrap();
+    let fixture = fixture_dir();
+    let run = |args: &[&str], out: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lavit"))
+            .arg("generate")
+            .arg("--checkpoint")
+            .arg(&fixture)
+            .args(["--steps", "1", "--seed", "1", "-o"])
+            .arg(dir.path().join(out))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let p = photo.to_str().unwrap();
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let (ok, out, err) = run(&["--image", p, "It is running in the snow"], "a.png");
+    assert!(ok && out.contains("image tokens"), "{out}{err}");
+    let (ok, _, err) = run(&["It is running in the snow", "--image", p], "b.png");
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["--image", p, "It is running in the snow"], "c.png");
+    assert!(ok, "{err}");
+    assert_ne!(
+        read("a.png"),
+        read("b.png"),
+        "[image, text] and [text, image] differ"
+    );
+    assert_eq!(
+        read("a.png"),
+        read("c.png"),
+        "the same order draws the same"
+    );
+    let (ok, _, err) = run(&["--image", p], "d.png");
+    assert!(ok, "image-only: {err}");
+    let (ok, _, err) = run(&["--image", "/nonexistent/x.png", "text"], "e.png");
+    assert!(!ok && err.contains("--image /nonexistent/x.png"), "{err}");
+    let mut many = Vec::new();
+    for _ in 0..9 {
+        many.extend(["--image", p]);
+    }
+    let (ok, _, err) = run(&many, "f.png");
+    assert!(!ok && err.contains("at most 8"), "{err}");
+    assert!(!err.contains("loading"), "refused before loading: {err}");
+}
