@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         generate_defaults: Default::default(),
         selection: Default::default(),
         selection_note: None,
+        synthesis: Default::default(),
     };
     let pipe = Pipeline::from_builders(
         builders,

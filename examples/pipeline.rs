@@ -1,5 +1,6 @@
 //! Embedding LaVIT in your own tokio application: build the pipeline (five stage actors, each
-//! on its own thread and device), then tokenize, caption and generate concurrently.
+//! on its own thread and device), then tokenize, caption, generate and synthesize (image + text
+//! → image) concurrently.
 //!
 //! ```text
 //! cargo run --example pipeline                                   # mock stages, no weights
@@ -9,7 +10,7 @@
 use std::sync::Arc;
 
 use lavit::pipeline::messages::{CaptionOptions, GenerateOptions};
-use lavit::pipeline::{Pipeline, PipelineConfig, StageSet};
+use lavit::pipeline::{Part, Pipeline, PipelineConfig, StageSet};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -55,6 +56,28 @@ async fn main() -> anyhow::Result<()> {
         p3.generate("a photo of a cat", opts).await
     });
 
+    // Image + text → image (LaVIT's multimodal synthesis, the official inference example's
+    // [photo, "It is running in the snow"]): the photo is tokenized by the tokenizer stages,
+    // its visual ids and the text make the LLM's prompt, in the order of the parts.
+    let p4 = pipe.clone();
+    let img3 = photo.clone();
+    let synthesis = tokio::spawn(async move {
+        let (width, height) = p4.info().default_size;
+        let opts = GenerateOptions {
+            steps: 4,
+            width,
+            height,
+            // The checkpoint's guidance for synthesis (official 5.0).
+            llm_guidance: p4.info().synthesis.llm_guidance,
+            ..GenerateOptions::default()
+        };
+        let parts = [
+            Part::Image(img3),
+            Part::Text("It is running in the snow".into()),
+        ];
+        p4.synthesize(&parts, opts).await
+    });
+
     let ids = tokens.await??;
     println!("tokenize: {} visual tokens: {:?}", ids[0].len(), ids[0]);
     println!("caption:  {}", caption.await??);
@@ -65,6 +88,15 @@ async fn main() -> anyhow::Result<()> {
         "generate: {}x{} → {}",
         images[0].width(),
         images[0].height(),
+        out.display()
+    );
+
+    let drawn = synthesis.await??;
+    let out = std::env::temp_dir().join("lavit-example-synthesis.png");
+    drawn.images[0].save(&out)?;
+    println!(
+        "synthesize: [image, text] → {} image tokens → {}",
+        drawn.ids[0].len(),
         out.display()
     );
 

@@ -3,7 +3,8 @@
 by selenium through `chromium-driver`; nothing is downloaded).
 
 Starts `lavit serve` on 127.0.0.1 with the tiny LaVIT fixture, loads `/`, submits a prompt and
-waits for the generated <img>s, uploads an image and waits for its caption, and checks the
+waits for the generated <img>s, uploads an image and waits for its caption, draws from that
+image and a text (the image + text box, /v1/images/edits), and checks the
 token view: one card per image (generated and uploaded) whose text gives its token count and
 kept patches, and whose canvas is drawn. Fails on any browser console error. Saves a
 screenshot (default target/browser-check.png).
@@ -155,6 +156,20 @@ def run(lavit, fixture, screenshot):
         check(len(caption) > 0, f"a caption appears: {caption!r}")
         check("tokens generated after reading" in d.find_element(By.ID, "cap-status").text,
               "the caption's usage is shown")
+
+        # Image + text → image: the uploaded file and a text through /v1/images/edits.
+        d.find_element(By.ID, "edit-files").send_keys(path)
+        d.find_element(By.ID, "edit-prompt").send_keys("It is running in the snow")
+        d.find_element(By.ID, "edit-btn").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#edit-results img")) == 1)
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#edit-results img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"))
+        size = d.execute_script(
+            "const i = document.querySelector('#edit-results img');"
+            "return [i.naturalWidth, i.naturalHeight]")
+        check(size == list(info["default_size"]), f"the image + text prompt draws {size}")
+        check("image(s) in" in d.find_element(By.ID, "edit-status").text, "edit status")
 
         # Token view: a card per image, counts that match the keep mask, canvases drawn.
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".token-card")) == 3)

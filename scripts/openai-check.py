@@ -3,7 +3,9 @@
 
 Two servers are started from the built binary, each on a free port:
   - the tiny LaVIT fixture (real stages; ../shared/fixtures/tiny-lavit): models.list/retrieve,
-    images.generate (b64_json, n, size, the `seed` extension), chat.completions with an
+    images.generate (b64_json, n, size, the `seed` extension), images.edit (multipart: one
+    image or several, with and without text; too many images, a mask, a broken image, a
+    `url` format and another model refused), chat.completions with an
     image_url data URL, non-streamed `usage`, stream=True with stream_options.include_usage,
     the API key from the config overridden by the environment, the token view's keep mask;
   - the mock stages with one request slot, no queue and fault injection on: RateLimitError
@@ -212,6 +214,41 @@ max_queue = 4
                param="response_format")
         expect(openai.NotFoundError, 404,
                lambda: c.images.generate(prompt="x", model="dall-e-3"), param="model")
+
+        # images.edit: multimodal synthesis (the images, then the prompt text → image) as
+        # multipart/form-data; one image or several (sent as image[]), the `seed`/`steps`
+        # extensions as extra form fields.
+        photo, other_photo = png(side, side, seed=1), png(side, side, seed=2)
+        r = c.images.edit(image=("dog.png", photo, "image/png"),
+                          prompt="It is running in the snow", n=1, size=f"{w}x{h}",
+                          response_format="b64_json", extra_body={"seed": 3, "steps": 2})
+        check(len(r.data) == 1, "images.edit gives 1 image")
+        edit = base64.b64decode(r.data[0].b64_json)
+        check(png_size(edit) == (w, h), f"images.edit image is {w}x{h}")
+        again = c.images.edit(image=("dog.png", photo, "image/png"),
+                              prompt="It is running in the snow", n=1, size=f"{w}x{h}",
+                              response_format="b64_json", extra_body={"seed": 3, "steps": 2})
+        check(base64.b64decode(again.data[0].b64_json) == edit,
+              "images.edit: the same seed gives the same image")
+        r = c.images.edit(image=[("a.png", photo, "image/png"),
+                                 ("b.png", other_photo, "image/png")],
+                          prompt="", n=2, response_format="b64_json",
+                          extra_body={"seed": 3, "steps": 2})
+        check(len(r.data) == 2 and all(png_size(base64.b64decode(d.b64_json)) == (w, h)
+                                       for d in r.data),
+              "images.edit with two images and no text gives n=2 images")
+        expect(openai.BadRequestError, 400, lambda: c.images.edit(
+            image=[("a.png", photo, "image/png")] * 9, prompt="x"), param="image")
+        expect(openai.BadRequestError, 400, lambda: c.images.edit(
+            image=("a.png", photo, "image/png"), mask=("m.png", photo, "image/png"),
+            prompt="x"), param="mask")
+        expect(openai.BadRequestError, 400, lambda: c.images.edit(
+            image=("a.png", photo[:60], "image/png"), prompt="x"), param="image[0]")
+        expect(openai.BadRequestError, 400, lambda: c.images.edit(
+            image=("a.png", photo, "image/png"), prompt="x", response_format="url"),
+            param="response_format")
+        expect(openai.NotFoundError, 404, lambda: c.images.edit(
+            image=("a.png", photo, "image/png"), prompt="x", model="dall-e-2"), param="model")
 
         # chat.completions with an image_url data URL.
         url = "data:image/png;base64," + base64.b64encode(png(side, side)).decode()

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod cli;
 
@@ -29,7 +29,7 @@ enum Command {
     Tokenize(cli::tokenize::Args),
     /// Image (+ question) → text.
     Caption(cli::caption::Args),
-    /// Text → image tokens → pixels (PNG).
+    /// Text (and image parts, `--image`) → image tokens → pixels (PNG).
     Generate(cli::generate::Args),
     /// Image → tokens → pixels (PNG).
     Reconstruct(cli::reconstruct::Args),
@@ -56,14 +56,16 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    // The matches too: `lavit generate` orders its prompt parts by their positions.
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match args.command {
         Command::Inspect { path } => cli::inspect::inspect(&path),
         Command::Convert { src, dst } => cli::inspect::convert(&src, &dst),
         Command::Parity(a) => cli::parity::run(a),
         Command::Tokenize(a) => cli::tokenize::run(a),
         Command::Caption(a) => cli::caption::run(a),
-        Command::Generate(a) => cli::generate::run(a),
+        Command::Generate(a) => cli::generate::run(a, matches.subcommand_matches("generate")),
         Command::Reconstruct(a) => cli::reconstruct::run(a),
         Command::Train(c) => cli::train::run(c),
         Command::Serve(a) => cli::serve::run(a),

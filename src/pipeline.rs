@@ -344,6 +344,80 @@ pub struct ModelInfo {
     /// ([`PipelineConfig::selection_for`]), and the manifest's `selection_note`.
     pub selection: SelectionChoice,
     pub selection_note: Option<String>,
+    /// What bounds and sets up a multimodal synthesis ([`Pipeline::synthesize`]).
+    pub synthesis: SynthesisInfo,
+}
+
+/// What the request side knows of multimodal synthesis (image and text parts → image).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SynthesisInfo {
+    /// Default LLM guidance of a synthesis (manifest `generation.synthesis_llm_guidance`;
+    /// official `multimodal_synthesis`: 5.0).
+    pub llm_guidance: f64,
+    /// Most visual ids one image part gives: the encoder's patches (`(img_size /
+    /// patch_size)²`).
+    pub tokens_per_image: usize,
+    /// The language model's context (`max_position_embeddings`) when the pipeline runs it.
+    pub context: Option<usize>,
+    /// Most image tokens generated when a request names none (manifest
+    /// `generation.t2i_max_new_tokens`).
+    pub max_new_tokens: usize,
+}
+
+impl Default for SynthesisInfo {
+    fn default() -> Self {
+        SynthesisInfo {
+            llm_guidance: 5.0,
+            tokens_per_image: 256,
+            context: None,
+            max_new_tokens: 300,
+        }
+    }
+}
+
+/// A synthesis request checked and preprocessed ([`Pipeline::synthesis_request`]), to be
+/// started with an admission ticket ([`Pipeline::start_synthesis`]).
+pub struct SynthesisRequest {
+    task: Task,
+    input: Input,
+}
+
+/// One part of a prompt to draw from, in order (the official `multimodal_synthesis` takes
+/// `(image_path, 'image')` and `(text, 'text')` parts).
+#[derive(Clone, Debug)]
+pub enum Part {
+    Text(String),
+    Image(DynamicImage),
+}
+
+impl SynthesisInfo {
+    /// The most positions a prompt of `images` image parts and the texts `texts` can take in
+    /// the language model (each image its encoder's patches, each text one token per UTF-8
+    /// byte plus one, [IMG]) plus the image tokens it may generate; an error naming the
+    /// numbers when that exceeds the context. Checked before any model work.
+    pub fn check_prompt(
+        &self,
+        images: usize,
+        texts: &[&str],
+        opts: &GenerateOptions,
+    ) -> Result<usize, String> {
+        let text: usize = texts.iter().map(|t| t.len() + 1).sum();
+        let prompt = images
+            .saturating_mul(self.tokens_per_image)
+            .saturating_add(text)
+            .saturating_add(1);
+        let new = opts.max_tokens.unwrap_or(self.max_new_tokens);
+        match self.context {
+            Some(c) if prompt.saturating_add(new) > c => Err(format!(
+                "the prompt may take up to {prompt} positions ({images} images × \
+                 {} visual tokens, {text} for the text, 1 for [IMG]) and {new} image tokens \
+                 follow: more than the language model's context of {c} positions; give fewer \
+                 images or less text",
+                self.tokens_per_image
+            )),
+            _ => Ok(prompt),
+        }
+    }
 }
 
 impl ModelInfo {
@@ -436,6 +510,10 @@ impl Pipeline {
             },
             selection: SelectionChoice::default(),
             selection_note: None,
+            synthesis: SynthesisInfo {
+                tokens_per_image: (m.image_size / m.patch.max(1)).pow(2) as usize,
+                ..SynthesisInfo::default()
+            },
         };
         Self::from_builders(
             mock::builders(m, gate),
@@ -555,6 +633,87 @@ impl Pipeline {
             .start_generate(self.admit()?, prompt.to_string(), opts)
             .await?;
         Generated::from_output(handle.wait().await?)
+    }
+
+    /// A prompt of text and image parts, in order → `opts.n` images with the visual ids each
+    /// was drawn from, as the official `multimodal_synthesis`: each image becomes its visual
+    /// ids in the tokenizer stages (batched with other work) and is placed in the prompt
+    /// without [IMG]/[/IMG]; each text is tokenized on its own; the Llm generates after
+    /// [IMG] with classifier-free guidance against [IMG] alone (`opts.llm_guidance`; the
+    /// checkpoint's default is [`SynthesisInfo::llm_guidance`]). A prompt of text parts
+    /// only runs as text → image.
+    pub async fn synthesize(
+        &self,
+        parts: &[Part],
+        opts: GenerateOptions,
+    ) -> PipelineResult<Generated> {
+        let request = self.synthesis_request(parts, opts)?;
+        let mut handle = self.start_synthesis(self.admit()?, request).await?;
+        Generated::from_output(handle.wait().await?)
+    }
+
+    /// Start an admitted synthesis request ([`Pipeline::synthesis_request`]): `opts.n`
+    /// images (`Output::Pixels`).
+    pub async fn start_synthesis(
+        &self,
+        ticket: AdmissionTicket,
+        request: SynthesisRequest,
+    ) -> PipelineResult<RequestHandle> {
+        self.graph.start(ticket, request.task, request.input).await
+    }
+
+    /// A synthesis request ready to start ([`Pipeline::start_synthesis`], for callers that
+    /// admit it themselves), after the prompt's bounds ([`SynthesisInfo::check_prompt`]);
+    /// preprocesses the images (CPU work: a server runs it off its async workers).
+    pub fn synthesis_request(
+        &self,
+        parts: &[Part],
+        opts: GenerateOptions,
+    ) -> PipelineResult<SynthesisRequest> {
+        let texts: Vec<&str> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Text(t) => Some(t.as_str()),
+                Part::Image(_) => None,
+            })
+            .collect();
+        let images: Vec<DynamicImage> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Image(im) => Some(im.clone()),
+                Part::Text(_) => None,
+            })
+            .collect();
+        if images.is_empty() && texts.iter().all(|t| t.trim().is_empty()) {
+            return Err(StageError::Invalid(
+                "the prompt has neither an image nor any text".into(),
+            ));
+        }
+        self.info
+            .synthesis
+            .check_prompt(images.len(), &texts, &opts)
+            .map_err(StageError::Invalid)?;
+        if images.is_empty() {
+            let prompt = texts
+                .into_iter()
+                .map(|t| messages::PromptPart::Text(t.to_string()))
+                .collect();
+            return Ok(SynthesisRequest {
+                task: Task::Generate { opts },
+                input: Input::Parts(prompt),
+            });
+        }
+        let parts = parts
+            .iter()
+            .map(|p| match p {
+                Part::Text(t) => messages::SynthesisPart::Text(t.clone()),
+                Part::Image(_) => messages::SynthesisPart::Image,
+            })
+            .collect();
+        Ok(SynthesisRequest {
+            task: Task::Synthesize { parts, opts },
+            input: Input::Images(self.preprocess(&images)),
+        })
     }
 
     /// Image → tokens → pixels.

@@ -500,3 +500,71 @@ fn selection_keeps_at_least_one_token_per_image() {
         vec![0.0, 1.0, 1.0, 1.0, 0.0, 1.0]
     );
 }
+
+/// Multimodal synthesis on a demo run's output folder named by `LAVIT_SYNTHESIS_DEMO` (its
+/// `checkpoint/` and `eval-data/`: the held-out photos, their captions' classes and the judge):
+/// the first `LAVIT_SYNTHESIS_PHOTOS` (default 100) photos as image-only prompts with the
+/// checkpoint's defaults, judged, as the demo's evaluation measures it
+/// ([`demo::synthesis::measure`]); the grids go to `LAVIT_SYNTHESIS_OUT` (default a temp
+/// folder); `LAVIT_SYNTHESIS_GUIDANCE` replaces the checkpoint's LLM guidance. By hand: `LAVIT_SYNTHESIS_DEMO=demo-out cargo test --test main -- --ignored
+/// demo::synthesis_on_a_named_demo_output --nocapture`.
+#[test]
+#[ignore = "needs a demo output folder in LAVIT_SYNTHESIS_DEMO"]
+fn synthesis_on_a_named_demo_output() {
+    use lavit::pipeline::{Pipeline, PipelineConfig, StageSet};
+    let out =
+        PathBuf::from(std::env::var_os("LAVIT_SYNTHESIS_DEMO").expect("a demo output folder"));
+    let n: usize = std::env::var("LAVIT_SYNTHESIS_PHOTOS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let data = out.join("eval-data");
+    let lines = std::fs::read_to_string(data.join("captions.jsonl")).unwrap();
+    let (mut photos, mut labels) = (Vec::new(), Vec::new());
+    for line in lines.lines().take(n) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let class = data::class_of_caption(v["captions"][0].as_str().unwrap()).unwrap();
+        let img = image::open(data.join(v["image"].as_str().unwrap()))
+            .unwrap()
+            .to_luma8();
+        let px: Vec<f32> = img.as_raw().iter().map(|&b| b as f32 / 255.0).collect();
+        photos.push(Tensor::from_slice(&px).view([1, 1, img.height() as i64, img.width() as i64]));
+        labels.push(class);
+    }
+    let judge = demo::judge::Judge::load_file(&data.join("judge.safetensors")).unwrap();
+    let pipe = Pipeline::build(&PipelineConfig {
+        checkpoint: Some(out.join("checkpoint")),
+        stages: StageSet::Checkpoint,
+        pixel_decoding: "lowres".into(),
+        ..PipelineConfig::default()
+    })
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = std::env::var_os("LAVIT_SYNTHESIS_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("lavit-synthesis"));
+    std::fs::create_dir_all(&report).unwrap();
+    let t0 = std::time::Instant::now();
+    let guidance = std::env::var("LAVIT_SYNTHESIS_GUIDANCE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let photos = Tensor::cat(&photos, 0);
+    let f = demo::synthesis::measure(
+        &pipe, &rt, &photos, &labels, &judge, 10, 0, guidance, &report,
+    )
+    .unwrap();
+    println!(
+        "synthesis: {} photos, llm_guidance {}: image-only judged the photo's class {:.1} %; \
+         image + other class's text (photo, text class, judged): {:?}; {:.0} s; grids in {}",
+        f.photos,
+        f.llm_guidance,
+        f.image_only_accuracy * 100.0,
+        f.image_text,
+        t0.elapsed().as_secs_f64(),
+        report.display()
+    );
+    assert_eq!(f.photos, labels.len());
+}

@@ -351,6 +351,7 @@ pub fn http_target(data: &[u8]) -> bool {
             generate_defaults: Default::default(),
             selection: Default::default(),
             selection_note: None,
+            synthesis: Default::default(),
         };
         (http_limits(), info)
     });
@@ -371,6 +372,15 @@ pub fn http_target(data: &[u8]) -> bool {
     if let Ok(r) = parse_json::<ChatRequest>(data) {
         if let Ok(plan) = chat_plan(r, lim) {
             ok |= decode_image("image", &plan.image, lim).is_ok();
+        }
+    }
+    // multipart/form-data (POST /v1/images/edits): the fields, the edit plan, its images.
+    if let Ok(fields) = lavit::serve::multipart::parse(data, "lavitBOUNDARY") {
+        if let Ok(plan) = lavit::serve::images_edits::edit_plan(&fields, lim, info) {
+            assert!(!plan.images.is_empty() && plan.images.len() <= lim.max_images);
+            for (i, b) in plan.images.iter().enumerate() {
+                ok |= decode_image_bytes(&format!("image[{i}]"), b, lim).is_ok();
+            }
         }
     }
     if let Ok(r) = parse_json::<TokenizeRequest>(data) {
@@ -627,7 +637,32 @@ pub fn http_seeds() -> Vec<Vec<u8>> {
     ]
     .iter()
     .map(|v| v.to_string().into_bytes())
+    .chain([edit_seed(&imgs[0], &imgs[3])])
     .collect()
+}
+
+/// A multipart/form-data body of POST /v1/images/edits (boundary `lavitBOUNDARY`): two
+/// images and the other fields.
+fn edit_seed(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut field = |name: &str, file: Option<&str>, data: &[u8]| {
+        out.extend_from_slice(b"--lavitBOUNDARY\r\n");
+        let disp = match file {
+            Some(f) => format!("form-data; name=\"{name}\"; filename=\"{f}\""),
+            None => format!("form-data; name=\"{name}\""),
+        };
+        out.extend_from_slice(format!("Content-Disposition: {disp}\r\n\r\n").as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    };
+    field("image[]", Some("a.png"), a);
+    field("image[]", Some("b.gif"), b);
+    field("prompt", None, b"It is running in the snow");
+    field("n", None, b"2");
+    field("size", None, b"64x64");
+    field("response_format", None, b"b64_json");
+    out.extend_from_slice(b"--lavitBOUNDARY--\r\n");
+    out
 }
 
 // ------------------------------------------------------------------------- tests

@@ -123,8 +123,9 @@ fn body(rng: &mut Rng, seeds: &[Vec<u8>]) -> (Vec<u8>, &'static str) {
     }
 }
 
-const ROUTES: [&str; 7] = [
+const ROUTES: [&str; 8] = [
     "/v1/images/generations",
+    "/v1/images/edits",
     "/v1/chat/completions",
     "/v1/tokenize",
     "/v1/models",

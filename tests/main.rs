@@ -22,4 +22,5 @@ mod options;
 mod pixel;
 mod plugins;
 mod serving;
+mod synthesis;
 mod tokenizer;

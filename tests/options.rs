@@ -17,6 +17,7 @@ fn info(g: &GenerationManifest) -> ModelInfo {
         generate_defaults: GenerateOptions::recommended(g, false, 64),
         selection: Default::default(),
         selection_note: None,
+        synthesis: Default::default(),
     }
 }
 

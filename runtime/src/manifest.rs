@@ -208,6 +208,9 @@ pub struct GenerationManifest {
     /// lavit-rs: recommended DDIM steps of the lowres pixel decoder (official: 50; the
     /// highres one uses `ddim_steps`).
     pub lowres_ddim_steps: i64,
+    /// lavit-rs: the LLM guidance of multimodal synthesis (image and text parts → image;
+    /// official `multimodal_synthesis`: 5.0).
+    pub synthesis_llm_guidance: f64,
 }
 
 impl Default for GenerationManifest {
@@ -227,6 +230,7 @@ impl Default for GenerationManifest {
             llm_guidance: 4.0,
             top_k: 50,
             lowres_ddim_steps: 50,
+            synthesis_llm_guidance: 5.0,
         }
     }
 }

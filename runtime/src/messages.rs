@@ -4,6 +4,8 @@
 //! Images ─► Encoder ─PatchFeatures─► SelectorMerger ─MergedFeatures─► Quantizer ─VisualIds─► reply / Decoder
 //!                                          └──────UnderstandingEmbeds──► Llm ─text─► reply
 //!                               GeneratePrompt ─► Llm ─GeneratedIds─► Decoder ─Pixels─► reply
+//! Images ─► Encoder ─► SelectorMerger ─► Quantizer ─GeneratedIds─► Llm (synthesis: the ids are
+//!                                                   prompt parts) ─GeneratedIds─► Decoder
 //! ```
 //!
 //! A message travels in an `inflight::Envelope`: the body, the request's `RequestMeta` (id, tracing span,
@@ -168,6 +170,17 @@ impl Payload {
     }
 }
 
+/// One part of a multimodal synthesis prompt (the official `multimodal_synthesis`: a list of
+/// `(image, 'image')` and `(text, 'text')` parts), in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SynthesisPart {
+    /// Text, tokenized by the Llm stage without special tokens.
+    Text(String),
+    /// The request's next image (its images are taken in order): its visual ids, as the
+    /// tokenizer stages give them, without [IMG]/[/IMG] around them.
+    Image,
+}
+
 /// Options of a caption / VQA request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CaptionOptions {
@@ -286,6 +299,15 @@ pub enum Task {
     },
     /// Text → image tokens → pixels (Llm → Decoder).
     Generate { opts: GenerateOptions },
+    /// Image and text parts → image tokens → pixels (Encoder → SelectorMerger → Quantizer →
+    /// Llm → Decoder), as the official `multimodal_synthesis`: the images (the request's
+    /// input, one per [`SynthesisPart::Image`], in order) become visual ids in the tokenizer
+    /// stages, batched with other work; the Llm reads the parts' ids concatenated, then
+    /// [IMG], and guides with [IMG] alone as the unconditional prompt.
+    Synthesize {
+        parts: Vec<SynthesisPart>,
+        opts: GenerateOptions,
+    },
     /// Image → tokens → pixels (Encoder → SelectorMerger → Quantizer → Decoder).
     Reconstruct { opts: GenerateOptions },
 }
@@ -300,6 +322,7 @@ impl Task {
             Task::Tokenize | Task::Select { .. } => &[Encoder, SelectorMerger, Quantizer],
             Task::Caption { .. } | Task::Captions { .. } => &[Encoder, SelectorMerger, Llm],
             Task::Generate { .. } => &[Llm, Decoder],
+            Task::Synthesize { .. } => &[Encoder, SelectorMerger, Quantizer, Llm, Decoder],
             Task::Reconstruct { .. } => &[Encoder, SelectorMerger, Quantizer, Decoder],
         }
     }
@@ -318,6 +341,7 @@ impl Task {
             Task::Caption { .. } => "caption",
             Task::Captions { .. } => "captions",
             Task::Generate { .. } => "generate",
+            Task::Synthesize { .. } => "synthesize",
             Task::Reconstruct { .. } => "reconstruct",
         }
     }

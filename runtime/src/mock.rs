@@ -283,7 +283,8 @@ impl MockLlm {
             .reshape([n, d])
             .to_device(self.w.device())
     }
-    /// A prompt's text and its image embeddings (the mock reads them so).
+    /// A prompt's text (ids written out as text, so a synthesis prompt's images change the
+    /// answer) and its image embeddings (the mock reads them so).
     fn parts(parts: Vec<PromptPart>) -> (String, Option<Tensor>) {
         let mut text = String::new();
         let mut image = None;
@@ -291,7 +292,11 @@ impl MockLlm {
             match p {
                 PromptPart::Text(t) => text.push_str(&t),
                 PromptPart::ImageEmbeds(e) => image = Some(e),
-                PromptPart::Ids(_) | PromptPart::ImageIds(_) => {}
+                PromptPart::Ids(ids) | PromptPart::ImageIds(ids) => {
+                    for i in ids {
+                        text.push_str(&format!("<{i}>"));
+                    }
+                }
             }
         }
         (text, image)

@@ -1,12 +1,18 @@
 //! `lavit generate`: text → image tokens (LLM with classifier-free guidance) → feature
 //! decoder → diffusion U-Net → VAE → PNG, as the official `LaVITforGeneration.generate_image`,
-//! through the pipeline's Llm and Decoder stages.
+//! through the pipeline's Llm and Decoder stages; with `--image PATH` (repeatable) the prompt
+//! is image and text parts, as the official `multimodal_synthesis` (the images tokenized by
+//! the tokenizer stages first).
+//!
+//! The order of the parts is the command line's: an `--image` named before the prompt text
+//! comes before it, one named after it follows it. `lavit generate --image dog.jpg "It is
+//! running in the snow"` is the official example's [image, text]; `lavit generate --image
+//! a.jpg --image b.jpg` (no text) is [image, image].
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use lavit::pipeline::StageSet;
-use lavit::pipeline::{GenerateBudget, GenerateParams};
+use lavit::pipeline::{GenerateBudget, GenerateParams, Part, StageSet};
 
 /// Arguments of `lavit generate`.
 #[derive(clap::Args, Debug)]
@@ -14,8 +20,14 @@ pub struct Args {
     /// LaVIT checkpoint folder (official layout).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// The prompt.
-    pub prompt: String,
+    /// The prompt text (optional with `--image`).
+    #[arg(required_unless_present = "image")]
+    pub prompt: Option<String>,
+    /// An image part of the prompt (repeatable; placed before or after the prompt text as
+    /// it is named before or after it on the command line). At most
+    /// [`MAX_PROMPT_IMAGES`]; each read under the server's image caps.
+    #[arg(long, value_name = "PATH")]
+    pub image: Vec<PathBuf>,
     /// Output PNG (with several images: `NAME-0.png`, `NAME-1.png`, …).
     #[arg(short, long, default_value = "out.png")]
     pub output: PathBuf,
@@ -28,7 +40,8 @@ pub struct Args {
     #[arg(long)]
     pub guidance: Option<f64>,
     /// LLM classifier-free guidance scale (paper eq. 7; default: the manifest's
-    /// `generation.llm_guidance`, official v2 4.0).
+    /// `generation.llm_guidance`, official v2 4.0; with `--image` its
+    /// `generation.synthesis_llm_guidance`, official 5.0).
     #[arg(long)]
     pub llm_guidance: Option<f64>,
     /// Seed of the image tokens and the initial latents.
@@ -78,7 +91,69 @@ pub struct Args {
     pub config: Option<PathBuf>,
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// Most image parts one prompt of `lavit generate` takes (as the server's
+/// `max_images` default).
+pub const MAX_PROMPT_IMAGES: usize = 8;
+
+/// Where each part of the prompt comes from, in the prompt's order.
+#[derive(Debug, PartialEq)]
+enum Source {
+    Text,
+    Image(usize),
+}
+
+/// The prompt's parts in command-line order: `images` are the positions of the `--image`
+/// values, `prompt` the prompt text's (both as clap's `indices_of` gives them).
+fn order(images: &[usize], prompt: Option<usize>) -> Vec<Source> {
+    let mut v: Vec<(usize, Source)> = images
+        .iter()
+        .enumerate()
+        .map(|(i, &at)| (at, Source::Image(i)))
+        .collect();
+    if let Some(at) = prompt {
+        v.push((at, Source::Text));
+    }
+    v.sort_by_key(|(at, _)| *at);
+    v.into_iter().map(|(_, s)| s).collect()
+}
+
+pub fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<()> {
+    if a.image.len() > MAX_PROMPT_IMAGES {
+        bail!(
+            "{} --image parts: a prompt takes at most {MAX_PROMPT_IMAGES}",
+            a.image.len()
+        );
+    }
+    // Decoded (under the image caps) before any model is loaded.
+    let images = a
+        .image
+        .iter()
+        .map(|p| super::read_image(p).with_context(|| format!("--image {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let parts = if images.is_empty() {
+        Vec::new()
+    } else {
+        let at: Vec<usize> = m
+            .and_then(|m| m.indices_of("image"))
+            .map(|i| i.collect())
+            .unwrap_or_else(|| (0..images.len()).collect());
+        let text_at = a
+            .prompt
+            .as_ref()
+            .map(|_| m.and_then(|m| m.index_of("prompt")).unwrap_or(usize::MAX));
+        let mut images = images.into_iter().map(Some).collect::<Vec<_>>();
+        order(&at, text_at)
+            .into_iter()
+            .map(|s| match s {
+                Source::Text => Ok(Part::Text(a.prompt.clone().unwrap_or_default())),
+                Source::Image(i) => images
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .map(Part::Image)
+                    .context("an --image was counted twice"),
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
     if a.num_images < 1 || a.num_images > super::MAX_IMAGES_PER_PROMPT as i64 {
         bail!(
             "--num-images must be in 1..={}",
@@ -96,7 +171,11 @@ pub fn run(a: Args) -> Result<()> {
         &a.checkpoint,
         a.config.as_deref(),
         a.device.as_deref(),
-        StageSet::Generation,
+        if parts.is_empty() {
+            StageSet::Generation
+        } else {
+            StageSet::Checkpoint
+        },
         |c| {
             c.pixel_decoding = pixel_decoding;
             c.dtype = dtype;
@@ -133,7 +212,10 @@ pub fn run(a: Args) -> Result<()> {
         ),
         size: Some((width as usize, height as usize)),
         guidance: a.guidance,
-        llm_guidance: a.llm_guidance,
+        // Synthesis (image parts) defaults to its own guidance (official 5.0).
+        llm_guidance: a
+            .llm_guidance
+            .or_else(|| (!parts.is_empty()).then_some(info.synthesis.llm_guidance)),
         steps: a.steps.map(|s| s as u64),
         top_k: a.top_k.map(|k| k.max(0) as usize),
         temperature: Some(a.temperature),
@@ -144,10 +226,31 @@ pub fn run(a: Args) -> Result<()> {
     let opts = info
         .generate_options(&params, &GenerateBudget::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let out = rt.block_on(pipe.generate_with_ids(&a.prompt, opts))?;
+    let out = if parts.is_empty() {
+        let prompt = a.prompt.as_deref().unwrap_or_default();
+        rt.block_on(pipe.generate_with_ids(prompt, opts))?
+    } else {
+        rt.block_on(pipe.synthesize(&parts, opts))?
+    };
     let paths = lavit::generate::save_rgb_pngs(&out.images, &a.output)?;
     for (p, ids) in paths.iter().zip(&out.ids) {
         println!("{} ({} image tokens)", p.display(), ids.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_follow_the_command_line_order() {
+        use Source::*;
+        // --image a (1) "text" (3) --image b (4)
+        assert_eq!(order(&[1, 4], Some(3)), vec![Image(0), Text, Image(1)]);
+        // "text" (0) --image a (2)
+        assert_eq!(order(&[2], Some(0)), vec![Text, Image(0)]);
+        // images only
+        assert_eq!(order(&[1, 3], None), vec![Image(0), Image(1)]);
+    }
 }

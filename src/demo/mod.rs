@@ -15,6 +15,7 @@ pub mod report;
 pub mod selection;
 pub mod stage0;
 pub mod stages;
+pub mod synthesis;
 pub mod vocab;
 
 use std::path::{Path, PathBuf};
@@ -138,6 +139,11 @@ pub struct DemoSummary {
     /// Reconstructions of held-out images the judge labels as the original's class.
     #[serde(default)]
     pub reconstruction_accuracy: f64,
+    /// Multimodal synthesis: held-out photos as image-only prompts (the checkpoint's
+    /// defaults) whose drawing the judge labels as the photo's class, and the
+    /// [photo, other class's text] examples.
+    #[serde(default)]
+    pub synthesis: synthesis::SynthesisFigures,
     /// Kept tokens / patches on held-out images.
     pub mean_kept_ratio: f64,
     /// Mean kept-token count per class.
@@ -544,6 +550,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoSummary> {
         t2i_accuracy_unranked: ev.t2i_accuracy_unranked,
         t2i_held_out_accuracy: ev.t2i_held_out_accuracy,
         reconstruction_accuracy: ev.reconstruction_accuracy,
+        synthesis: ev.synthesis.clone(),
         mean_kept_ratio: ev.mean_kept_ratio,
         selection: ev.selection.clone(),
         selection_modes: s1.selection.clone(),
@@ -635,6 +642,14 @@ fn write_report(
             "reconstructions judged as the original's class (held-out)".into(),
             pct(summary.reconstruction_accuracy),
             String::new(),
+        ],
+        vec![
+            format!(
+                "image → image: held-out photos as image-only prompts (multimodal synthesis, the checkpoint's defaults; {} photos) judged as the photo's class",
+                summary.synthesis.photos
+            ),
+            pct(summary.synthesis.image_only_accuracy),
+            "≥ 80 %".into(),
         ],
         vec![
             "judge accuracy on real held-out images".into(),
@@ -731,6 +746,36 @@ fn write_report(
         ]
     }));
     html.table(&rows);
+    if ev.synthesis.photos > 0 {
+        let sy = &ev.synthesis;
+        html.h2("Image → image (multimodal synthesis)");
+        html.p(&format!(
+            "Each held-out photo alone is the prompt (LaVIT's multimodal synthesis: its visual \
+             tokens, then [IMG]; the checkpoint's defaults, LLM guidance {}): {} of {} \
+             drawings are judged the photo's class. Pairs: photo, then its drawing.",
+            sy.llm_guidance,
+            (sy.image_only_accuracy * sy.photos as f64).round(),
+            sy.photos
+        ));
+        html.img("synthesis.png", "drawings from image-only prompts");
+        if !sy.image_text.is_empty() {
+            html.p("[photo, \"a photo of a <another class>\"]: what the text does to the drawing (pairs: photo, drawing; no target).");
+            html.img("synthesis_text.png", "drawings from image + text prompts");
+            let mut rows = vec![vec![
+                "photo".to_string(),
+                "text".into(),
+                "drawing judged".into(),
+            ]];
+            rows.extend(sy.image_text.iter().map(|&(p, t, j)| {
+                vec![
+                    data::CLASS_NAMES[p].to_string(),
+                    data::caption(t, 0),
+                    data::CLASS_NAMES[j.min(9)].to_string(),
+                ]
+            }));
+            html.table(&rows);
+        }
+    }
     html.h2("Captions (held-out examples)");
     let mut rows = vec![vec!["true class".to_string(), "caption".into()]];
     rows.extend(

@@ -191,6 +191,12 @@ pub struct EvalConfig {
     /// DDIM steps and decoder guidance of the pixel decoder.
     pub ddim_steps: usize,
     pub decoder_guidance: f64,
+    /// Held-out photos drawn from as image-only prompts (multimodal synthesis with the
+    /// checkpoint's defaults) and judged.
+    pub synthesis_photos: usize,
+    /// Of those, the first this many are also drawn from as [photo, "a photo of a <another
+    /// class>"] (shown, no target).
+    pub synthesis_with_text: usize,
 }
 
 impl Default for EvalConfig {
@@ -204,6 +210,8 @@ impl Default for EvalConfig {
             temperature: 1.0,
             ddim_steps: 20,
             decoder_guidance: 1.0,
+            synthesis_photos: 100,
+            synthesis_with_text: 10,
         }
     }
 }
@@ -735,6 +743,9 @@ pub struct EvalResult {
     /// default selection, through the pipeline.
     #[serde(default)]
     pub selection: super::selection::SelectionFigures,
+    /// Multimodal synthesis from held-out photos ([`super::synthesis::measure`]).
+    #[serde(default)]
+    pub synthesis: super::synthesis::SynthesisFigures,
 }
 
 /// Evaluates the assembled checkpoint through the one inference path, a [`Pipeline`] of its
@@ -1019,5 +1030,22 @@ pub fn evaluate(
         cfg.images_per_class as usize,
         3,
     )?;
+    // Image → image: held-out photos as prompts (multimodal synthesis), the checkpoint's
+    // defaults, judged.
+    if cfg.synthesis_photos > 0 {
+        let idx: Vec<usize> = (0..eval.len().min(cfg.synthesis_photos)).collect();
+        let labels: Vec<usize> = idx.iter().map(|&i| eval.labels[i] as usize).collect();
+        res.synthesis = super::synthesis::measure(
+            &pipe,
+            &rt,
+            &eval.batch_unit(&idx),
+            &labels,
+            judge,
+            cfg.synthesis_with_text,
+            seed,
+            None,
+            report_dir,
+        )?;
+    }
     Ok(res)
 }

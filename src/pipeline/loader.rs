@@ -113,6 +113,19 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
         generate_defaults: GenerateOptions::recommended(g, lowres, native),
         selection: cfg.selection_for(&m.tokenizer),
         selection_note: m.tokenizer.selection_note.clone(),
+        synthesis: super::SynthesisInfo {
+            llm_guidance: g.synthesis_llm_guidance,
+            tokens_per_image: m.tokenizer.num_patches().max(0) as usize,
+            context: if set.has(StageKind::Llm) {
+                let c = lavit_llm::config::LlamaConfig::from_json_file(
+                    &dir.join("language_model").join("config.json"),
+                )?;
+                Some(c.max_position_embeddings.max(0) as usize)
+            } else {
+                None
+            },
+            max_new_tokens: g.t2i_max_new_tokens.max(0) as usize,
+        },
     };
     let d: PathBuf = dir.to_path_buf();
     let dtype = cfg.dtype.clone();

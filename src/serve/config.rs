@@ -74,7 +74,7 @@ pub struct Limits {
     /// Largest encoded input image in bytes.
     #[serde(default = "d_image_bytes")]
     pub max_image_bytes: usize,
-    /// Most images per tokenize request.
+    /// Most images per tokenize or image-edit request.
     #[serde(default = "d_images")]
     pub max_images: usize,
     /// Seconds a drain waits for admitted requests.

@@ -1,6 +1,7 @@
 //! The HTTP server of `lavit serve` (actix-web) over a [`Pipeline`].
 //!
-//! Endpoints: `POST /v1/images/generations`, `POST /v1/chat/completions` (image parts,
+//! Endpoints: `POST /v1/images/generations`, `POST /v1/images/edits` (image and text parts →
+//! image, multipart), `POST /v1/chat/completions` (image parts,
 //! optional SSE streaming), `GET /v1/models` and `/v1/models/{id}`, `POST /v1/tokenize`,
 //! `GET /health`, `GET /ready`, `GET /metrics`, and the web playground at `/`
 //! ([`playground`]).
@@ -40,6 +41,7 @@ pub mod config;
 pub mod error;
 pub mod intake;
 pub mod metrics;
+pub mod multipart;
 pub mod playground;
 mod routes;
 pub mod state;
@@ -56,6 +58,7 @@ use actix_web::{web, App, HttpRequest, HttpServer};
 
 pub use config::{Limits, ServeConfig};
 pub use error::{ApiError, InternalFailure};
+pub use routes::images_edits;
 pub use state::AppState;
 
 use crate::pipeline::Pipeline;

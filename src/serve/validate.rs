@@ -183,6 +183,13 @@ pub fn generation_options(
     info: &ModelInfo,
 ) -> Result<GenerateOptions, ApiError> {
     check_prompt("prompt", &r.prompt, lim)?;
+    Ok(info.generate_options(&request_params(r)?, &lim.budget())?)
+}
+
+/// The options a generation or image-edit request asks for (the prompt aside: each endpoint
+/// checks its own), for the one options builder: `response_format` and the `size` syntax are
+/// checked here, the values by the builder.
+pub fn request_params(r: &GenerationRequest) -> Result<GenerateParams, ApiError> {
     if let Some(f) = &r.response_format {
         if f != "b64_json" {
             return Err(ApiError::bad(format!(
@@ -191,7 +198,7 @@ pub fn generation_options(
             .with_param("response_format"));
         }
     }
-    let params = GenerateParams {
+    Ok(GenerateParams {
         n: Some(r.n),
         seed: r.seed,
         size: r.size.as_deref().map(parse_size).transpose()?,
@@ -199,8 +206,7 @@ pub fn generation_options(
         llm_guidance: r.llm_guidance,
         steps: r.steps,
         ..GenerateParams::default()
-    };
-    Ok(info.generate_options(&params, &lim.budget())?)
+    })
 }
 
 /// A chat request checked: the question, the one image (base64, decoded later off the async
@@ -342,8 +348,35 @@ fn decode_image_inner(name: &str, b64: &str, lim: &Limits) -> Result<DynamicImag
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| ApiError::bad(format!("`{name}`: bad base64: {e}")))?;
+    decode_image_inner_bytes(name, &bytes, lim)
+}
+
+/// An image sent as its encoded bytes (a multipart file field): the byte count, then the one
+/// limited decoder as [`decode_image`]. 413 over `max_image_bytes`, 415 for another format,
+/// else 400; the error names the field.
+pub fn decode_image_bytes(
+    name: &str,
+    bytes: &[u8],
+    lim: &Limits,
+) -> Result<DynamicImage, ApiError> {
+    if bytes.len() > lim.max_image_bytes {
+        return Err(ApiError::too_large(format!(
+            "`{name}`: the image has {} bytes, more than server.max_image_bytes = {}",
+            bytes.len(),
+            lim.max_image_bytes
+        ))
+        .with_param(name));
+    }
+    decode_image_inner_bytes(name, bytes, lim).map_err(|e| e.with_param(name))
+}
+
+fn decode_image_inner_bytes(
+    name: &str,
+    bytes: &[u8],
+    lim: &Limits,
+) -> Result<DynamicImage, ApiError> {
     // The one limited decoder: the caps are in force before the header is read.
-    lavit_runtime::image_input::decode(&bytes, &lim.image_limits()).map_err(|e| {
+    lavit_runtime::image_input::decode(bytes, &lim.image_limits()).map_err(|e| {
         let msg = format!("`{name}`: {e}");
         match e.kind {
             DecodeErrorKind::TooLarge => ApiError::too_large(msg),

@@ -545,6 +545,7 @@ fn training_steps_through_the_actor_graph_lower_the_loss() {
         generate_defaults: Default::default(),
         selection: Default::default(),
         selection_note: None,
+        synthesis: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
     let g = pipe.graph();

@@ -287,6 +287,7 @@ fn generation_options_follow_the_decoder_geometry() {
         generate_defaults: Default::default(),
         selection: Default::default(),
         selection_note: None,
+        synthesis: Default::default(),
     };
     let lim = Limits::default();
     let check = |body: serde_json::Value| {

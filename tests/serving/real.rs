@@ -61,6 +61,7 @@ fn real_llm_stage_through_actors_equals_direct_calls() {
         generate_defaults: Default::default(),
         selection: Default::default(),
         selection_note: None,
+        synthesis: Default::default(),
     };
     let pipe = Pipeline::from_builders(b, info, &Placement::default(), Default::default()).unwrap();
     let mut direct = LlmStageModel::load(&dir, Device::Cpu, tch::Kind::Float).unwrap();

@@ -161,6 +161,9 @@ pub enum Input {
     Images(Tensor),
     /// A text prompt (generate).
     Prompt(String),
+    /// A prompt as its parts in order (generate: text parts, each tokenized on its own, as
+    /// the official `multimodal_synthesis` tokenizes its text parts).
+    Parts(Vec<PromptPart>),
     /// Continuous image embeddings computed elsewhere, one (T_i, hidden) tensor per image
     /// (caption: straight into the Llm stage; the first image is captioned).
     Embeds(Vec<Tensor>),
@@ -424,6 +427,27 @@ impl StageGraph {
                     prompt: vec![PromptPart::Text(prompt)],
                 }),
             )),
+            (Task::Generate { .. }, Input::Parts(prompt)) => Ok((
+                StageKind::Llm,
+                Payload::GeneratePrompt(GeneratePrompt { prompt }),
+            )),
+            (Task::Synthesize { parts, .. }, Input::Images(pixels)) => {
+                let want = parts
+                    .iter()
+                    .filter(|p| matches!(p, SynthesisPart::Image))
+                    .count();
+                let got = pixels.size().first().copied().unwrap_or(0);
+                if pixels.dim() != 4 || got != want as i64 {
+                    Err(StageError::Invalid(format!(
+                        "a synthesis prompt with {want} image parts needs {want} images \
+                         (B, 3, H, W), got a tensor of shape {:?}",
+                        pixels.size()
+                    )))
+                } else {
+                    Ok((StageKind::Encoder, Payload::Images(Images { pixels })))
+                }
+            }
+            (Task::Synthesize { .. }, _) => invalid("a synthesis takes its images as its input"),
             (Task::Caption { .. } | Task::Captions { .. }, Input::Embeds(embeds)) => Ok((
                 StageKind::Llm,
                 Payload::UnderstandingEmbeds(UnderstandingEmbeds { embeds }),
@@ -433,7 +457,7 @@ impl StageGraph {
                 Ok((StageKind::Encoder, Payload::Images(Images { pixels })))
             }
             (_, Input::Embeds(_)) => invalid("only a caption takes image embeddings"),
-            (_, Input::Prompt(_)) => invalid("this task takes images"),
+            (_, Input::Prompt(_) | Input::Parts(_)) => invalid("this task takes images"),
         };
         match entry {
             Ok((stage, body)) => self.enter(meta, stage, body).await,

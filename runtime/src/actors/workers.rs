@@ -477,6 +477,30 @@ fn caption_prompt(embeds: Tensor, question: &str) -> Vec<PromptPart> {
     p
 }
 
+/// The Llm's prompt of a synthesis: text parts as text, each image part as the next image's
+/// visual ids as they are (the official `tokenize_image(…, add_special=False)`: no [IMG] /
+/// [/IMG] around them).
+fn synthesis_prompt(parts: &[SynthesisPart], ids: Vec<Vec<i64>>) -> StageResult<Vec<PromptPart>> {
+    let images = parts
+        .iter()
+        .filter(|p| matches!(p, SynthesisPart::Image))
+        .count();
+    if images != ids.len() {
+        return Err(StageError::Invalid(format!(
+            "a synthesis prompt with {images} image parts got visual ids of {} images",
+            ids.len()
+        )));
+    }
+    let mut ids = ids.into_iter();
+    Ok(parts
+        .iter()
+        .map(|p| match p {
+            SynthesisPart::Text(t) => PromptPart::Text(t.clone()),
+            SynthesisPart::Image => PromptPart::Ids(ids.next().unwrap_or_default()),
+        })
+        .collect())
+}
+
 impl Worker for LlmWorker {
     fn join(&mut self, key: u64, task: &Task, body: Payload) -> StageResult<()> {
         let dev = self.device;
@@ -484,6 +508,14 @@ impl Worker for LlmWorker {
             (Task::Generate { opts }, Payload::GeneratePrompt(p)) => (
                 LlmRequest::ImageTokens {
                     prompt: p.prompt,
+                    uncond: Vec::new(),
+                    opts: opts.clone(),
+                },
+                LlmShape::ImageTokens,
+            ),
+            (Task::Synthesize { parts, opts }, Payload::GeneratedIds(g)) => (
+                LlmRequest::ImageTokens {
+                    prompt: synthesis_prompt(parts, g.ids)?,
                     uncond: Vec::new(),
                     opts: opts.clone(),
                 },
@@ -599,7 +631,12 @@ impl DecoderWorker {
 impl Worker for DecoderWorker {
     fn join(&mut self, key: u64, task: &Task, body: Payload) -> StageResult<()> {
         match (task, body) {
-            (Task::Generate { opts } | Task::Reconstruct { opts }, Payload::GeneratedIds(g)) => {
+            (
+                Task::Generate { opts }
+                | Task::Reconstruct { opts }
+                | Task::Synthesize { opts, .. },
+                Payload::GeneratedIds(g),
+            ) => {
                 let req = DecodeRequest {
                     ids: g.ids.clone(),
                     opts: opts.clone(),

@@ -1,4 +1,5 @@
-//! `POST /v1/images/generations`: text → images (b64_json PNGs), as the OpenAI API.
+//! `POST /v1/images/generations`: text → images (b64_json PNGs), as the OpenAI API; the
+//! image reply `/v1/images/edits` shares.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
@@ -27,6 +28,12 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
     let ticket = st.pipe.admit()?;
     let mut handle = st.pipe.start_generate(ticket, r.prompt, opts).await?;
     let out = wait_watching(&req, &mut handle).await?;
+    images_reply(&st, out).await
+}
+
+/// The answer of an image request (generations, edits): `{"created", "data": [{"b64_json"}]}`
+/// from the pipeline's pixels, PNG-encoded off the async workers.
+pub(crate) async fn images_reply(st: &web::Data<AppState>, out: Output) -> Reply {
     let Output::Pixels { images: px, .. } = out else {
         return Err(ApiError::internal(
             "stage",
@@ -34,7 +41,7 @@ async fn generations_inner(req: HttpRequest, body: web::Bytes, st: web::Data<App
         ));
     };
     // Pixels → PNG → base64 is CPU work: off the async workers.
-    let data = off_worker(&st, "png_encode", move || {
+    let data = off_worker(st, "png_encode", move || {
         let images = crate::pipeline::to_images(&px)
             .map_err(|e| ApiError::internal("output", format!("generated pixels: {e}")))?;
         images

@@ -5,6 +5,7 @@ mod admin;
 mod chat;
 mod health;
 mod images;
+pub mod images_edits;
 mod models;
 mod tokenize;
 
@@ -16,6 +17,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, fault_injection: bool) {
         "/v1/images/generations",
         web::post().to(images::generations),
     )
+    .route("/v1/images/edits", web::post().to(images_edits::edits))
     .route("/v1/chat/completions", web::post().to(chat::chat))
     .route("/v1/models", web::get().to(models::models))
     .route("/v1/models/{id}", web::get().to(models::model))

@@ -120,6 +120,42 @@ async function generate(ev) {
   }
 }
 
+// Image + text → image: the chosen files and the text as multipart/form-data to
+// /v1/images/edits (the browser writes the boundary).
+async function edit(ev) {
+  ev.preventDefault();
+  const files = Array.from($("edit-files").files);
+  if (!files.length) { status("edit-status", "Choose at least one image first.", true); return; }
+  const form = new FormData();
+  files.forEach((f) => form.append("image[]", f, f.name));
+  form.append("prompt", $("edit-prompt").value.trim());
+  form.append("n", $("edit-n").value);
+  form.append("seed", $("edit-seed").value);
+  form.append("model", info.model);
+  form.append("response_format", "b64_json");
+  const h = {};
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  $("edit-btn").disabled = true;
+  status("edit-status", "Drawing…");
+  const t0 = performance.now();
+  try {
+    const r = await fetch("/v1/images/edits", { method: "POST", headers: h, body: form });
+    let data = null;
+    try { data = await r.json(); } catch (_) { /* not JSON */ }
+    if (!r.ok) throw new Error(data && data.error ? data.error.message : r.status + " " + r.statusText);
+    const out = $("edit-results");
+    out.replaceChildren();
+    const urls = data.data.map((d) => "data:image/png;base64," + d.b64_json);
+    urls.forEach((u, i) => out.appendChild(el("img", { class: "generated edited", src: u, alt: `edit #${i + 1}` })));
+    status("edit-status", `${urls.length} image(s) in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  } catch (e) {
+    status("edit-status", e.message, true);
+  } finally {
+    $("edit-btn").disabled = false;
+  }
+}
+
 function readAsDataUrl(file) {
   return new Promise((resolve, reject) => {
     const fr = new FileReader();
@@ -157,6 +193,10 @@ async function caption() {
 async function init() {
   $("gen-form").addEventListener("submit", generate);
   $("file").addEventListener("change", caption);
+  $("edit-form").addEventListener("submit", edit);
+  $("edit-files").addEventListener("change", () => {
+    $("edit-chosen").textContent = Array.from($("edit-files").files).map((f) => f.name).join(", ");
+  });
   try {
     const r = await fetch("/playground/info");
     info = await r.json();
@@ -170,6 +210,7 @@ async function init() {
     }
     if (!info.generate) {
       $("gen-btn").disabled = true;
+      $("edit-btn").disabled = true;
       status("gen-status", "This server runs the tokenizer only.");
     }
   } catch (e) {
