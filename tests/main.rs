@@ -20,5 +20,6 @@ mod hostile_inputs;
 mod llm;
 mod pixel;
 mod plugins;
+mod quant;
 mod serving;
 mod tokenizer;
