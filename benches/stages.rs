@@ -16,7 +16,8 @@
 //! Cases: `tokenizer_b1` / `tokenizer_b8` (ViT → selector/merger → quantizer, arg-max
 //! selection, 1 and 8 images, 64 at the official size; counts must be equal in float32),
 //! `llm_prefill_b1` (a 64-token prompt), `llm_decode_b1` / `llm_decode_b2` (ms per new
-//! token, greedy with the KV cache, 1 and 2 streams), `llm_cfg_token` (ms per image token
+//! token, greedy with the KV cache, 1 and 2 streams), `llm_decode_b1_SIZE_int8` / `_int4`
+//! (the linear layers quantised, against PyTorch's float decoding), `llm_cfg_token` (ms per image token
 //! with classifier-free guidance: lavit's one batch of 2 against PyTorch's two batch-1
 //! forwards, as the official code runs it), `unet_cfg_step` (CFG batch of 2), `vae_decode`
 //! (one latent, float32), `generate` (text → image end to end through `Pipeline::generate`
@@ -36,6 +37,7 @@ use lavit_decoder::{AddedCond, AutoencoderKL, UNet2DConditionModel};
 use lavit_llm::modeling_llama::{ForwardArgs, KvCache};
 use lavit_llm::LlamaForCausalLM;
 use lavit_runtime::checkpoint::{self, StateDict};
+use lavit_runtime::manifest::QuantMode;
 use tch::{Device, Kind, Tensor};
 
 /// Where and in what one run measures, and what it compares against.
@@ -230,6 +232,66 @@ fn llm(c: &Ctx) {
         &format!("llm_cfg_token_{size}"),
         best / (NEW - 1) as f64,
         torch,
+    );
+    llm_quantized(c, &d, ids1);
+}
+
+/// Batch-1 decoding with the linear layers quantised (int8; int4 where the shapes allow a
+/// group size), against PyTorch eager decoding of the float model (`llm_decode_b1_SIZE`):
+/// `bench llm_decode_b1_SIZE_int8 lavit_ms torch_ms ratio`, and a check line with the share
+/// of greedy tokens equal to the float model's.
+fn llm_quantized(c: &Ctx, d: &Path, ids1: &Tensor) {
+    let size = c.size;
+    let (vs, float) = LlamaForCausalLM::from_pretrained(d, c.device, c.kind).unwrap();
+    let (want, _) = greedy(&float, ids1);
+    drop((vs, float));
+    let cfg = lavit_llm::LlamaConfig::from_json_file(&d.join("config.json")).unwrap();
+    let group = [128, 64, 32].into_iter().find(|g| {
+        let ok = |n: i64, k: i64| {
+            lavit_llm::quantize::unsupported(QuantMode::Int4 { group_size: *g }, n, k).is_none()
+        };
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q, kv) = (
+            cfg.num_attention_heads * cfg.head_dim(),
+            cfg.kv_heads() * cfg.head_dim(),
+        );
+        ok(q, h) && ok(kv, h) && ok(h, q) && ok(i, h) && ok(h, i)
+    });
+    let mut modes = vec![("int8", QuantMode::Int8)];
+    if let Some(g) = group {
+        modes.push(("int4", QuantMode::Int4 { group_size: g }));
+    }
+    for (name, mode) in modes {
+        // A kernel this device lacks ends this line, not the run (the U-Net and VAE follow).
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode_quantized(c, d, ids1, &want, name, mode)
+        }));
+        if run.is_err() {
+            println!("check llm_{size} b1 {mode}: failed on {:?}", c.device);
+        }
+    }
+}
+
+fn decode_quantized(c: &Ctx, d: &Path, ids1: &Tensor, want: &Tensor, name: &str, mode: QuantMode) {
+    let size = c.size;
+    let (vs, mut m) = LlamaForCausalLM::from_pretrained(d, c.device, c.kind).unwrap();
+    m.quantize(&vs, mode).unwrap();
+    let (toks, _) = greedy(&m, ids1);
+    let agree = toks.eq_tensor(want).to_kind(Kind::Float).mean(Kind::Float);
+    println!(
+        "check llm_{size} b1 {mode}: greedy tokens agree with float {:.0} %",
+        100.0 * agree.double_value(&[])
+    );
+    let best = (0..5)
+        .map(|_| greedy(&m, ids1).1)
+        .fold(f64::INFINITY, f64::min);
+    let ours = best / (NEW - 1) as f64;
+    let theirs = c.torch[format!("llm_decode_b1_{size}")]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    println!(
+        "bench llm_decode_b1_{size}_{name} {ours:.3} {theirs:.3} {:.2}",
+        ours / theirs
     );
 }
 

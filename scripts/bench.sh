@@ -7,7 +7,8 @@
 # (benches/stages.rs) loads the same folders, checks its outputs against theirs and times the
 # same calls. One line per measurement:
 #   bench NAME lavit_ms torch_ms ratio
-#   bash scripts/bench.sh [OUT] [THREADS]      (OUT: target/stage-bench, THREADS: 2; ROUNDS=2)
+#   bash scripts/bench.sh [OUT] [THREADS]      (OUT: target/stage-bench, THREADS: 2; ROUNDS=2;
+#                                               ONLY=llm: one stage, both sides)
 # Needs the venv's torch plus transformers, diffusers and sentencepiece (installed here if
 # missing). On a GPU at the official sizes: scripts/gpu-bench.sh.
 set -euo pipefail
@@ -24,8 +25,10 @@ cargo bench --quiet --bench stages --no-run
 ROUNDS=${ROUNDS:-2}
 rm -f "$OUT"/lavit.round-*.txt
 for r in $(seq "$ROUNDS"); do
-  PYTHONWARNINGS=ignore "$PY" scripts/dev/bench_reference.py "$OUT" --threads "$THREADS" >/dev/null
-  cargo bench --quiet --bench stages -- "$OUT" --threads "$THREADS" >"$OUT/lavit.round-$r.txt"
+  PYTHONWARNINGS=ignore "$PY" scripts/dev/bench_reference.py "$OUT" --threads "$THREADS" \
+    ${ONLY:+--stages "$ONLY"} >/dev/null
+  cargo bench --quiet --bench stages -- "$OUT" --threads "$THREADS" ${ONLY:+--only "$ONLY"} \
+    >"$OUT/lavit.round-$r.txt"
 done
 grep -h '^check' "$OUT/lavit.round-1.txt"
 # bench NAME lavit_ms torch_ms ratio, over the rounds' lines

@@ -6,7 +6,10 @@
 # one CFG step each; SDXL's VAE decoding 1024 px in float32, as the official pipeline
 # upcasts it; EVA-CLIP-G + the merger + the quantizer on 1 and 64 images), the same files,
 # inputs and outputs for both sides. Prints the `bench NAME lavit_ms torch_ms ratio` lines of
-# scripts/bench.sh.
+# scripts/bench.sh, with weight-only int8 and int4 (group 128) decoding at batch 1
+# (`llm_decode_b1_official_int8` / `_int4`: lavit's quantised LLM against PyTorch's bf16
+# decoding, and a `check` line with the share of greedy tokens equal to the bf16 model's; a
+# kernel the device lacks prints `check ... failed` and the run goes on).
 #
 # Two steps, because the GPU machine has no cargo and no network:
 #   here:   bash scripts/gpu-bench.sh --prepare
@@ -14,9 +17,10 @@
 #           shared library) and downloads the diffusers wheel (absent there) into .gpu/whl
 #   there:  bash scripts/gpu-bench.sh [OUT]          (OUT: /tmp/gpu-bench)
 #           with the device tool: run(command="bash scripts/gpu-bench.sh", carry=[".gpu"],
-#           timeout_s=480); the PyTorch side writes the folders to OUT and times itself
+#           timeout_s=580); the PyTorch side writes the folders to OUT and times itself
 #           (at most 5 min), then lavit's side loads them, checks its outputs against
-#           PyTorch's and times the same calls (at most 3 min).
+#           PyTorch's and times the same calls (at most 4 min; the LLM is loaded three more
+#           times for the int8 and int4 lines).
 # Settings: DEVICE (cuda), DTYPE (bf16), SIZE (official), PYTHON (python3). With DEVICE=cpu
 # SIZE=tiny it runs on any machine (a check of the script itself).
 # Serving under load at the official size: `bash scripts/gpu-bench.sh --load [DIR]` (below;
@@ -114,5 +118,5 @@ THREADS=$(nproc)
 rm -rf "$OUT"
 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore timeout 300 "$PY" scripts/dev/bench_reference.py "$OUT" \
   --only "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --threads "$THREADS" 2>&1 | grep -v 'it/s\]'
-timeout 180 .gpu/stages "$OUT" --device "$DEVICE" --dtype "$DTYPE" --threads "$THREADS" |
+timeout 240 .gpu/stages "$OUT" --device "$DEVICE" --dtype "$DTYPE" --threads "$THREADS" |
   tee "$OUT/lavit.txt"

@@ -23,6 +23,8 @@ enum Command {
     Inspect { path: PathBuf },
     /// Write a checkpoint (file, folder or shard index) as one safetensors file, keys unchanged.
     Convert { src: PathBuf, dst: PathBuf },
+    /// Write a copy of a checkpoint folder with the LLM's linear layers quantised (int8 or int4).
+    Quantize(cli::quantize::Args),
     /// Recompute the reference tensors of a checkpoint folder and compare.
     Parity(cli::parity::Args),
     /// Image(s) → dynamic visual token ids (JSON lines).
@@ -62,6 +64,7 @@ fn main() -> std::process::ExitCode {
     let result = match args.command {
         Command::Inspect { path } => cli::inspect::inspect(&path),
         Command::Convert { src, dst } => cli::inspect::convert(&src, &dst),
+        Command::Quantize(a) => cli::quantize::run(a),
         Command::Parity(a) => cli::parity::run(a),
         Command::Tokenize(a) => cli::tokenize::run(a),
         Command::Caption(a) => cli::caption::run(a),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use image::DynamicImage;
 use lavit_runtime::actors::{GraphOptions, Input, StageBuilders, StageGraph};
-use lavit_runtime::manifest::{Selection, SelectionChoice, TokenizerManifest};
+use lavit_runtime::manifest::{QuantMode, Selection, SelectionChoice, TokenizerManifest};
 use lavit_runtime::messages::{CaptionOptions, GenerateOptions, Output, Task, TokenEvent};
 #[cfg(feature = "testing")]
 use lavit_runtime::mock::{self, MockConfig};
@@ -123,6 +123,14 @@ pub struct PipelineConfig {
     /// `bf16`, `f16` (the VAE and the tokenizer stay f32, as the official code runs them).
     #[serde(default = "d_auto")]
     pub dtype: String,
+    /// Weight-only quantisation of the LLM's linear layers at load: `none`, `int8` (one
+    /// scale per output channel) or `int4` (a scale and a zero per `quantize_group_size`
+    /// input features). A folder written by `lavit quantize` loads as stored.
+    #[serde(default = "d_none")]
+    pub quantize: String,
+    /// Input features per int4 group: 32, 64 or 128.
+    #[serde(default = "d_group")]
+    pub quantize_group_size: i64,
     /// How the stages batch concurrent requests (`[pipeline.batching]`: batch sizes, the
     /// tokenizer stages' wait, the Llm's KV cache budget).
     #[serde(default)]
@@ -149,6 +157,12 @@ fn d_auto() -> String {
 fn d_manifest() -> String {
     "manifest".into()
 }
+fn d_none() -> String {
+    "none".into()
+}
+fn d_group() -> i64 {
+    128
+}
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -165,6 +179,8 @@ impl Default for PipelineConfig {
             selection: d_manifest(),
             selection_seed: None,
             dtype: d_auto(),
+            quantize: d_none(),
+            quantize_group_size: d_group(),
             batching: Default::default(),
             plugins: Default::default(),
         }
@@ -251,6 +267,15 @@ impl PipelineConfig {
             lavit_runtime::device::parse_dtype(&self.dtype)
                 .map_err(|e| Error::config(origin, "pipeline.dtype", e.to_string()))?;
         }
+        if let Err((group, msg)) = QuantMode::parse(&self.quantize, Some(self.quantize_group_size))
+        {
+            let key = if group {
+                "pipeline.quantize_group_size"
+            } else {
+                "pipeline.quantize"
+            };
+            return Err(Error::config(origin, key, msg));
+        }
         if self.stages == StageSet::Mock && !cfg!(feature = "testing") {
             return Err(mock_unavailable(origin));
         }
@@ -312,6 +337,12 @@ impl PipelineConfig {
             selection: Selection::parse(&self.selection).unwrap_or(m.selection),
             seed: self.selection_seed.unwrap_or(m.seed),
         }
+    }
+
+    /// The `quantize` setting (none when it does not parse: [`PipelineConfig::validate`]
+    /// refuses that first).
+    pub fn quant_mode(&self) -> QuantMode {
+        QuantMode::parse(&self.quantize, Some(self.quantize_group_size)).unwrap_or_default()
     }
 
     fn graph_options(&self) -> GraphOptions {

@@ -21,6 +21,7 @@ mod llm;
 mod options;
 mod pixel;
 mod plugins;
+mod quant;
 mod serving;
 mod synthesis;
 mod tokenizer;

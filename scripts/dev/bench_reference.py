@@ -26,6 +26,7 @@ same computation lavit's bench (benches/stages.rs) times on the same files:
 
     .venv/bin/python scripts/dev/bench_reference.py OUT [--threads 2] [--only tiny|mid|official]
                                                         [--device cpu|cuda] [--dtype f32|bf16]
+                                                        [--stages llm,unet,vae,tokenizer,generate]
 
 `official` is LaVIT-7B-v2's sizes (LLaMA-7B with the 48,386-row vocabulary, SDXL's U-Net at
 1024 px and SD-1.5's at 512 px, SDXL's VAE at 1024 px, EVA-CLIP-G + the 12-block merger on 1 and
@@ -454,11 +455,14 @@ def main():
     DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16}[opt("--dtype", "f32")]
     torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
+    stages = opt("--stages", "llm,unet,vae,tokenizer,generate").split(",")
     res = {}
     for size in sizes:
         for stage in (llm, unet, vae, tokenizer):
-            stage(out, size, res)
-        if size in GENERATE and DEVICE == "cpu" and DTYPE == torch.float32:
+            if stage.__name__ in stages:
+                stage(out, size, res)
+        if ("generate" in stages and size in GENERATE and DEVICE == "cpu"
+                and DTYPE == torch.float32):
             with torch.no_grad():
                 generate(out, size, res)
     for k, v in res.items():

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod parity;
+pub mod quantize;
 pub mod reconstruct;
 pub mod serve;
 pub mod tokenize;

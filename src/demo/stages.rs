@@ -235,6 +235,7 @@ pub fn demo_manifest(
         vocab_size: v + 2 + tokenizer.n_code,
         bos_id: 1,
         eos_id: 2,
+        quantization: None,
     };
     m.generation.t2i_prompt = caption(7, 0);
     m.generation.t2i_min_new_tokens = 4;

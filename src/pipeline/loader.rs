@@ -161,9 +161,11 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
     }
     if set.has(StageKind::Llm) {
         let (d4, dt, batching) = (d.clone(), dtype.clone(), cfg.batching.clone());
+        let quantize = cfg.quant_mode();
         b.llm = Box::new(move |dev| {
             let kind = kind_for(&dt, dev)?;
-            let st = LlmStageModel::load(&d4, dev, kind)?.with_batching(&batching);
+            let st =
+                LlmStageModel::load_quantized(&d4, dev, kind, quantize)?.with_batching(&batching);
             Ok(Box::new(st) as Box<dyn LlmStage>)
         });
     }

@@ -5,6 +5,7 @@
 //! - [`modeling_llama`]: HF `LlamaForCausalLM` in tch, with a batched KV cache.
 //! - [`sentencepiece`]: `tokenizer.model` read in Rust; LLaMA's BPE encode/decode.
 //! - [`hf_tokenizer`]: `tokenizer.json` folders (the `tokenizers` crate) behind the same surface.
+//! - [`quantize`]: weight-only int8 / group-wise int4 linear layers (libtorch's packed kernels).
 //! - [`vocab`]: the unified vocabulary ([IMG], [/IMG], visual ids) and sequence batching.
 //! - [`batch`]: continuous batching: the running set of sequences, the paged KV pool.
 //! - [`generate`]: image→text and text→image-token generation (CFG, eq. 7).
@@ -17,6 +18,7 @@ pub mod config;
 pub mod generate;
 pub mod hf_tokenizer;
 pub mod modeling_llama;
+pub mod quantize;
 pub mod regex_guard;
 pub mod sentencepiece;
 pub mod stage;

@@ -9,13 +9,14 @@
 use lavit_runtime::layers;
 use std::path::Path;
 
-use lavit_runtime::checkpoint::{self, LoadOptions};
+use lavit_runtime::checkpoint::{self, LoadOptions, StateDict};
 use lavit_runtime::shape::dims;
 use lavit_runtime::{Error, Result, TchContext};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::LlamaConfig;
+use crate::quantize::{self, Linear, QLinear, QuantMode};
 
 /// `LlamaRMSNorm`: x / sqrt(mean(x²) + eps) · weight, computed in float32.
 #[derive(Debug)]
@@ -94,6 +95,29 @@ fn linear(vs: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
     layers::linear(vs, i, o, c)
 }
 
+/// A quantisable layer: a float variable, or (`mode` not None) an empty placeholder that
+/// [`LlamaForCausalLM::from_pretrained_quantized`] fills from the stored tensors (no float
+/// variable is created for it, so a quantised model never holds a float copy).
+fn qlinear(vs: nn::Path, i: i64, o: i64, bias: bool, mode: QuantMode) -> Linear {
+    if mode.is_none() {
+        Linear::Float(linear(vs, i, o, bias))
+    } else {
+        Linear::Quant(QLinear::placeholder(mode, i, o))
+    }
+}
+
+/// Remove variables from `vs` (a layer that was quantised no longer owns float weights).
+fn drop_vars(vs: &nn::VarStore, names: &[String]) {
+    let mut v = vs.variables_.lock().unwrap_or_else(|e| e.into_inner());
+    for n in names {
+        if let Some(t) = v.named_variables.remove(n) {
+            let ptr = t.data_ptr();
+            v.trainable_variables
+                .retain(|var| var.tensor.data_ptr() != ptr);
+        }
+    }
+}
+
 /// `embed_tokens`: the (vocab, hidden) table looked up by token id.
 #[derive(Debug)]
 pub struct Embedding {
@@ -121,17 +145,17 @@ impl Module for Embedding {
 /// `LlamaAttention`: grouped-query attention with RoPE.
 #[derive(Debug)]
 pub struct LlamaAttention {
-    pub q_proj: nn::Linear,
-    pub k_proj: nn::Linear,
-    pub v_proj: nn::Linear,
-    pub o_proj: nn::Linear,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
 }
 
 impl LlamaAttention {
-    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig, mode: QuantMode) -> Self {
         let (h, hd, nh, nkv) = (
             cfg.hidden_size,
             cfg.head_dim(),
@@ -140,10 +164,10 @@ impl LlamaAttention {
         );
         let b = cfg.attention_bias;
         Self {
-            q_proj: linear(&vs / "q_proj", h, nh * hd, b),
-            k_proj: linear(&vs / "k_proj", h, nkv * hd, b),
-            v_proj: linear(&vs / "v_proj", h, nkv * hd, b),
-            o_proj: linear(&vs / "o_proj", nh * hd, h, b),
+            q_proj: qlinear(&vs / "q_proj", h, nh * hd, b, mode),
+            k_proj: qlinear(&vs / "k_proj", h, nkv * hd, b, mode),
+            v_proj: qlinear(&vs / "v_proj", h, nkv * hd, b, mode),
+            o_proj: qlinear(&vs / "o_proj", nh * hd, h, b, mode),
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
@@ -320,18 +344,18 @@ fn repeat_kv(x: &Tensor, n_rep: i64) -> Result<Tensor> {
 /// `LlamaMLP`: down(silu(gate(x)) · up(x)).
 #[derive(Debug)]
 pub struct LlamaMLP {
-    pub gate_proj: nn::Linear,
-    pub up_proj: nn::Linear,
-    pub down_proj: nn::Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
 }
 
 impl LlamaMLP {
-    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig, mode: QuantMode) -> Self {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Self {
-            gate_proj: linear(&vs / "gate_proj", h, i, b),
-            up_proj: linear(&vs / "up_proj", h, i, b),
-            down_proj: linear(&vs / "down_proj", i, h, b),
+            gate_proj: qlinear(&vs / "gate_proj", h, i, b, mode),
+            up_proj: qlinear(&vs / "up_proj", h, i, b, mode),
+            down_proj: qlinear(&vs / "down_proj", i, h, b, mode),
         }
     }
 }
@@ -353,10 +377,10 @@ pub struct LlamaDecoderLayer {
 }
 
 impl LlamaDecoderLayer {
-    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig, mode: QuantMode) -> Self {
         Self {
-            self_attn: LlamaAttention::new(&vs / "self_attn", cfg),
-            mlp: LlamaMLP::new(&vs / "mlp", cfg),
+            self_attn: LlamaAttention::new(&vs / "self_attn", cfg, mode),
+            mlp: LlamaMLP::new(&vs / "mlp", cfg, mode),
             input_layernorm: LlamaRMSNorm::new(
                 &vs / "input_layernorm",
                 cfg.hidden_size,
@@ -440,12 +464,12 @@ pub struct LlamaModel {
 }
 
 impl LlamaModel {
-    pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &LlamaConfig, mode: QuantMode) -> Self {
         let layers_vs = &vs / "layers";
         Self {
             embed_tokens: Embedding::new(&vs / "embed_tokens", cfg),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| LlamaDecoderLayer::new(&layers_vs / i, cfg))
+                .map(|i| LlamaDecoderLayer::new(&layers_vs / i, cfg, mode))
                 .collect(),
             norm: LlamaRMSNorm::new(&vs / "norm", cfg.hidden_size, cfg.rms_norm_eps),
             rotary_emb: LlamaRotaryEmbedding::new(cfg, vs.device()),
@@ -477,8 +501,16 @@ pub struct LlamaForCausalLM {
 }
 
 impl LlamaForCausalLM {
+    /// A float model with variables in `vs`.
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
-        let model = LlamaModel::new(&vs / "model", cfg);
+        Self::new_with(vs, cfg, QuantMode::None)
+    }
+
+    /// A model whose linear layers are stored in `mode`: float variables for `None`, else
+    /// placeholders (filled by the loader) and float variables only for the embeddings, the
+    /// norms and the head.
+    fn new_with(vs: nn::Path, cfg: &LlamaConfig, mode: QuantMode) -> Self {
+        let model = LlamaModel::new(&vs / "model", cfg, mode);
         let lm_head = (!cfg.tie_word_embeddings)
             .then(|| linear(&vs / "lm_head", cfg.hidden_size, cfg.vocab_size, false));
         Self {
@@ -533,18 +565,62 @@ impl LlamaForCausalLM {
     /// Load a HF folder (`config.json` + sharded safetensors or .bin) strictly into a new
     /// VarStore on `device` in `kind` (Float, BFloat16 or Half).
     pub fn from_pretrained(dir: &Path, device: Device, kind: Kind) -> Result<(nn::VarStore, Self)> {
-        let cfg_path = dir.join("config.json");
-        let cfg = LlamaConfig::from_json_file(&cfg_path)?;
-        let sd = checkpoint::load_path(dir)?;
-        // The shapes the config implies must be the checkpoint's before anything is
-        // allocated from the config (a hostile `vocab_size` never reaches the VarStore).
-        check_shapes(&Self::param_shapes(&cfg), &sd, &cfg_path, dir)?;
+        Self::from_pretrained_quantized(dir, device, kind, QuantMode::None, QuantMode::None)
+    }
+
+    /// [`LlamaForCausalLM::from_pretrained`] of a folder whose linear layers are stored in
+    /// `stored` (a `lavit quantize` folder: the manifest's `llm.quantization`), loaded as
+    /// `target` (the pipeline's `quantize`): a float folder is quantised at load (each float
+    /// weight leaves the VarStore as its layer is quantised); a quantised folder loads as
+    /// stored, its layers built straight from the stored tensors (no float copy of them ever
+    /// exists); asking another quantisation of a quantised folder is refused.
+    pub fn from_pretrained_quantized(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        stored: QuantMode,
+        target: QuantMode,
+    ) -> Result<(nn::VarStore, Self)> {
+        if !stored.is_none() && !target.is_none() && stored != target {
+            return Err(Error::ckpt(
+                dir,
+                format!(
+                    "the folder stores {stored} weights (manifest llm.quantization); `quantize` {target} is refused (quantise the float checkpoint instead, or leave `quantize` none)"
+                ),
+            ));
+        }
+        let (cfg, mut sd) = Self::read_folder(dir, stored)?;
+        if !target.is_none() {
+            // Refused before anything is loaded: a layer the packed kernels cannot take.
+            for (k, shape) in Self::param_shapes(&cfg) {
+                if let (true, [n, i]) = (quantize::is_quantizable(&k), shape.as_slice()) {
+                    if let Some(why) = quantize::unsupported(target, *n, *i) {
+                        return Err(Error::ckpt(
+                            dir,
+                            format!("`{k}` {shape:?} cannot be quantised to {target}: {why}"),
+                        ));
+                    }
+                }
+            }
+        }
         // Variables are created in `kind` (an empty store's `set_kind` only sets the kind of
         // new variables): a bf16 model never exists in float32 first.
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(kind);
         // Uninitialised, not random draws: the strict load below replaces every variable.
-        let model = layers::uninit(|| Self::new(vs.root(), &cfg));
+        let mut model = layers::uninit(|| Self::new_with(vs.root(), &cfg, stored));
+        if !stored.is_none() {
+            for (name, lin) in model.linears_mut() {
+                let (wk, sk) = quantize::stored_keys(stored, &name);
+                let (Some(w), Some(s)) = (sd.remove(&wk), sd.remove(&sk)) else {
+                    return Err(Error::ckpt(dir, format!("no `{wk}` and `{sk}`")));
+                };
+                let b = sd.remove(&format!("{name}.bias"));
+                let q = QLinear::from_stored(stored, &w, &s, b.as_ref(), device, kind)
+                    .map_err(|e| Error::ckpt(dir, format!("`{wk}`: {e}")))?;
+                *lin = Linear::Quant(q);
+            }
+        }
         let opts = LoadOptions {
             allow_unexpected: if cfg.tie_word_embeddings {
                 vec!["lm_head.weight".into()]
@@ -556,8 +632,102 @@ impl LlamaForCausalLM {
         // The model takes the checkpoint's tensors where their dtype is `kind` (safetensors:
         // views of the mapped file, so the weights are never in memory twice).
         let report = checkpoint::load_into_owned(&vs, "", sd, &dir.display().to_string(), &opts)?;
-        tracing::info!(tensors = report.loaded, dir = %dir.display(), "loaded LLaMA");
+        if stored.is_none() && !target.is_none() {
+            model
+                .quantize(&vs, target)
+                .map_err(|e| Error::ckpt(dir, e.to_string()))?;
+        }
+        tracing::info!(tensors = report.loaded, dir = %dir.display(), quantize = %model.quant_mode(), "loaded LLaMA");
         Ok((vs, model))
+    }
+
+    /// The config and the tensors of a HF folder whose linear layers are stored in `stored`,
+    /// every shape the config implies checked against the tensors (before anything is
+    /// allocated from the config: a hostile `vocab_size` never reaches a VarStore).
+    pub fn read_folder(dir: &Path, stored: QuantMode) -> Result<(LlamaConfig, StateDict)> {
+        let cfg_path = dir.join("config.json");
+        let cfg = LlamaConfig::from_json_file(&cfg_path)?;
+        let sd = checkpoint::load_path(dir)?;
+        check_shapes(&Self::stored_shapes(&cfg, stored), &sd, &cfg_path, dir)?;
+        Ok((cfg, sd))
+    }
+
+    /// [`LlamaForCausalLM::param_shapes`] as a folder stored in `mode` holds them.
+    pub fn stored_shapes(
+        cfg: &LlamaConfig,
+        mode: QuantMode,
+    ) -> std::collections::BTreeMap<String, Vec<i64>> {
+        let float = Self::param_shapes(cfg);
+        if mode.is_none() {
+            return float;
+        }
+        let mut m = std::collections::BTreeMap::new();
+        for (k, shape) in float {
+            match (quantize::is_quantizable(&k), shape.as_slice()) {
+                (true, [n, i]) => {
+                    let prefix = k.trim_end_matches(".weight");
+                    let (wk, sk) = quantize::stored_keys(mode, prefix);
+                    let (ws, ss) = quantize::stored_shapes(mode, *n, *i);
+                    m.insert(wk, ws);
+                    m.insert(sk, ss);
+                }
+                _ => {
+                    m.insert(k, shape);
+                }
+            }
+        }
+        m
+    }
+
+    /// Every quantisable layer (q/k/v/o, gate/up/down) with its checkpoint prefix.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut v = Vec::with_capacity(7 * self.model.layers.len());
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            v.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            v.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            v.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            v.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            v.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            v.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            v.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        v
+    }
+
+    /// How the linear layers hold their weights (None: float).
+    pub fn quant_mode(&self) -> QuantMode {
+        self.model
+            .layers
+            .first()
+            .and_then(|l| l.self_attn.q_proj.quantized())
+            .map_or(QuantMode::None, |q| q.mode)
+    }
+
+    /// Quantise the float linear layers (q/k/v/o, gate/up/down) to `mode` in place; each
+    /// one's float weight leaves `vs` as it is replaced. The embeddings, the norms and the
+    /// head stay float. Errors name the layer.
+    pub fn quantize(&mut self, vs: &nn::VarStore, mode: QuantMode) -> Result<()> {
+        if mode.is_none() {
+            return Ok(());
+        }
+        let kind = self.kind();
+        for (name, lin) in self.linears_mut() {
+            let q = match lin {
+                Linear::Float(f) => QLinear::quantize(mode, &f.ws, f.bs.as_ref(), kind)
+                    .map_err(|e| Error::invalid(format!("`{name}.weight`: {e}")))?,
+                Linear::Quant(q) => {
+                    return Err(Error::invalid(format!(
+                        "`{name}` holds {} weights already",
+                        q.mode
+                    )))
+                }
+            };
+            *lin = Linear::Quant(q);
+            drop_vars(vs, &[format!("{name}.weight"), format!("{name}.bias")]);
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> Device {

@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use lavit_runtime::manifest::LavitManifest;
+use lavit_runtime::manifest::{LavitManifest, QuantMode};
 use std::collections::HashMap;
 
 use lavit_runtime::messages::{
@@ -68,9 +68,24 @@ impl LlmStageModel {
     /// vocabulary layout (official values when absent), strictly, on `device` in `kind`; the
     /// model's rows must equal the unified vocabulary and the tokenizer must fit its text part.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> lavit_runtime::Result<Self> {
+        Self::load_quantized(dir, device, kind, QuantMode::None)
+    }
+
+    /// [`LlmStageModel::load`] with the LLM's linear layers quantised to `quantize` (the
+    /// pipeline's `quantize` setting): a float folder is quantised at load; a folder that
+    /// `lavit quantize` wrote (manifest `llm.quantization`) loads as stored whatever
+    /// `quantize` is, unless it names another quantisation (refused).
+    pub fn load_quantized(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        quantize: QuantMode,
+    ) -> lavit_runtime::Result<Self> {
         let manifest = LavitManifest::for_checkpoint(dir)?;
         let lm = dir.join("language_model");
-        let (vs, model) = LlamaForCausalLM::from_pretrained(&lm, device, kind)?;
+        let stored = manifest.llm.quant_mode();
+        let (vs, model) =
+            LlamaForCausalLM::from_pretrained_quantized(&lm, device, kind, stored, quantize)?;
         manifest.check_context(
             &dir.join("manifest.json").display().to_string(),
             model.config.max_position_embeddings,
