@@ -12,8 +12,9 @@ use crate::{PluginResult, Registrar};
 /// Bump it on any change a plugin built against the old crate could observe.
 ///
 /// History: 1 — first version; 2 — `Codebook::load_state_dict` and
-/// `Codebook::init_from_samples` (resumable stage-1 training with a plugin codebook).
-pub const API_VERSION: u32 = 2;
+/// `Codebook::init_from_samples` (resumable stage-1 training with a plugin codebook);
+/// 3 — the `Denoiser` kind (`Registrar::denoiser`), the pixel decoder's noise predictor.
+pub const API_VERSION: u32 = 3;
 
 /// `rustc -V` of the compiler that built this crate (captured by build.rs). The host's copy
 /// and a plugin's copy differ exactly when they were built by different compilers.
