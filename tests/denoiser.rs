@@ -19,12 +19,8 @@ use crate::plugins::dylib;
 fn write_images(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..16u32 {
-        let colour = [
-            [200, 30, 30],
-            [30, 160, 40],
-            [40, 60, 210],
-            [220, 190, 20],
-        ][(i % 4) as usize];
+        let colour =
+            [[200, 30, 30], [30, 160, 40], [40, 60, 210], [220, 190, 20]][(i % 4) as usize];
         let (x0, y0) = ((i / 4) % 2 * 8, (i / 8) * 8);
         let img = image::RgbImage::from_fn(16, 16, |x, y| {
             if (x0..x0 + 8).contains(&x) && (y0..y0 + 8).contains(&y) {
@@ -64,8 +60,11 @@ fn checkpoint_with_pixel_folder(root: &Path, pixel: &Path) -> PathBuf {
     let dir = root.join("ckpt");
     std::fs::create_dir_all(&dir).unwrap();
     for part in ["manifest.json", "language_model", "visual_tokenizer"] {
-        std::os::unix::fs::symlink(fixture_dir().join(part).canonicalize().unwrap(), dir.join(part))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            fixture_dir().join(part).canonicalize().unwrap(),
+            dir.join(part),
+        )
+        .unwrap();
     }
     std::os::unix::fs::symlink(pixel, dir.join("pixel_decoding")).unwrap();
     dir
@@ -130,11 +129,19 @@ fn conv_denoiser_plugin_trains_saves_loads_and_generates() {
 
     // Saved: the export names the plugin and its geometry; checkpoints hold model/ema/optimizer.
     let weights = run.join("denoiser.safetensors");
-    assert_eq!(summary["exported_unet"].as_str().unwrap(), weights.to_str().unwrap());
+    assert_eq!(
+        summary["exported_unet"].as_str().unwrap(),
+        weights.to_str().unwrap()
+    );
     let m = DenoiserManifest::read(&run).unwrap().unwrap();
     assert_eq!(m.plugin, "conv-denoiser");
     assert_eq!(
-        (m.in_channels, m.cross_attention_dim, m.sample_size, m.size_multiple),
+        (
+            m.in_channels,
+            m.cross_attention_dim,
+            m.sample_size,
+            m.size_multiple
+        ),
         (3, dim, 16, 1)
     );
     assert!(run.join("scheduler/scheduler_config.json").is_file());
@@ -174,7 +181,10 @@ fn conv_denoiser_plugin_trains_saves_loads_and_generates() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("conv-denoiser") && e.contains("[plugins.denoiser]"), "{e}");
+    assert!(
+        e.contains("conv-denoiser") && e.contains("[plugins.denoiser]"),
+        "{e}"
+    );
     let pipe = Pipeline::build(&pcfg(plugins(serde_json::json!({})))).unwrap();
     assert_eq!(pipe.info().default_size, (16, 16));
     let opts = GenerateOptions {
@@ -238,5 +248,8 @@ fn a_denoiser_folder_of_another_plugin_is_refused() {
     )
     .unwrap();
     let e = DenoiserManifest::read(tmp.path()).unwrap_err().to_string();
-    assert!(e.contains("in_channels") && e.contains("denoiser.json"), "{e}");
+    assert!(
+        e.contains("in_channels") && e.contains("denoiser.json"),
+        "{e}"
+    );
 }

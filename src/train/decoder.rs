@@ -158,7 +158,9 @@ impl DecoderTrainConfig {
     /// the file (or variable) and the key.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let mut cfg: Self = lavit_runtime::config::load_config(path)?;
-        cfg.plugins = cfg.plugins.resolved(path.parent().unwrap_or(Path::new(".")));
+        cfg.plugins = cfg
+            .plugins
+            .resolved(path.parent().unwrap_or(Path::new(".")));
         cfg.validate()
             .with_context(|| format!("config {}", path.display()))?;
         Ok(cfg)
@@ -453,7 +455,10 @@ pub fn train_placed(
             );
         }
     } else if images.dim() != 4 {
-        bail!("training images must be (N, C, H, W), got {:?}", images.size());
+        bail!(
+            "training images must be (N, C, H, W), got {:?}",
+            images.size()
+        );
     }
     let plugins = TokenizerPlugins::load(&cfg.plugins)?;
 
@@ -469,35 +474,37 @@ pub fn train_placed(
                 None => None,
             };
             tch::manual_seed(c2.train.seed as i64);
-            let (model, ema): (Box<dyn Denoiser>, Box<dyn Denoiser>) = match (&u2, &c2.plugins.denoiser) {
-                (Some(u2), _) => {
-                    let unet = UNetDenoiser::new(u2.clone(), dev)?;
-                    if let Some(dir) = &c2.unet_from {
-                        let sd = checkpoint::load_path(dir)?;
-                        checkpoint::load_into(
-                            &unet.vs,
-                            "",
-                            &sd,
-                            &dir.display().to_string(),
-                            &Default::default(),
-                        )?;
+            let (model, ema): (Box<dyn Denoiser>, Box<dyn Denoiser>) =
+                match (&u2, &c2.plugins.denoiser) {
+                    (Some(u2), _) => {
+                        let unet = UNetDenoiser::new(u2.clone(), dev)?;
+                        if let Some(dir) = &c2.unet_from {
+                            let sd = checkpoint::load_path(dir)?;
+                            checkpoint::load_into(
+                                &unet.vs,
+                                "",
+                                &sd,
+                                &dir.display().to_string(),
+                                &Default::default(),
+                            )?;
+                        }
+                        let ema = UNetDenoiser::new(u2.clone(), dev)?;
+                        (Box::new(unet), Box::new(ema))
                     }
-                    let ema = UNetDenoiser::new(u2.clone(), dev)?;
-                    (Box::new(unet), Box::new(ema))
-                }
-                (None, Some(component)) => {
-                    let build = || -> Result<Box<dyn Denoiser>> {
-                        plugins
-                            .denoiser(None, dev)?
-                            .context("[plugins.denoiser] built no denoiser")
-                    };
-                    let (model, ema) = (build()?, build()?);
-                    let want_c = match &vae {
-                        Some((_, v)) => v.config.latent_channels,
-                        None => image_c,
-                    };
-                    if model.in_channels() != want_c || model.cross_attention_dim() != cond_dim {
-                        bail!(
+                    (None, Some(component)) => {
+                        let build = || -> Result<Box<dyn Denoiser>> {
+                            plugins
+                                .denoiser(None, dev)?
+                                .context("[plugins.denoiser] built no denoiser")
+                        };
+                        let (model, ema) = (build()?, build()?);
+                        let want_c = match &vae {
+                            Some((_, v)) => v.config.latent_channels,
+                            None => image_c,
+                        };
+                        if model.in_channels() != want_c || model.cross_attention_dim() != cond_dim
+                        {
+                            bail!(
                             "denoiser `{}` takes {} channels and condition width {}; the training \
                              data gives {want_c} channels ({}) and condition width {cond_dim}",
                             model.name(),
@@ -505,13 +512,15 @@ pub fn train_placed(
                             model.cross_attention_dim(),
                             if vae.is_some() { "VAE latents" } else { "image channels" }
                         );
+                        }
+                        *d2.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(DenoiserManifest::describe(component, model.as_ref()));
+                        (model, ema)
                     }
-                    *d2.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(DenoiserManifest::describe(component, model.as_ref()));
-                    (model, ema)
-                }
-                (None, None) => bail!("no denoiser to train: give [unet], unet_from or [plugins.denoiser]"),
-            };
+                    (None, None) => {
+                        bail!("no denoiser to train: give [unet], unet_from or [plugins.denoiser]")
+                    }
+                };
             let pixels = PixelDecoder::new(
                 Resolution::Lowres,
                 model,

@@ -291,8 +291,7 @@ impl PixelDecoder {
             Some(d) => d,
             None => {
                 let unet = UNetDenoiser::from_pretrained(&dir.join("unet"), device, unet_kind)?;
-                if resolution == Resolution::Highres
-                    && unet.config().addition_embed_type.is_none()
+                if resolution == Resolution::Highres && unet.config().addition_embed_type.is_none()
                 {
                     return Err(Error::invalid(format!(
                         "{}: the highres decoder needs a text_time U-Net (addition_embed_type)",

@@ -160,9 +160,8 @@ fn load_state(d: &mut dyn Denoiser, sd: &StateDict, what: &str) -> lavit_runtime
         .iter()
         .map(|(k, t)| (k.clone(), t.shallow_clone()))
         .collect();
-    d.load_state_dict(&v).map_err(|e| {
-        lavit_runtime::Error::invalid(format!("{what}: denoiser `{}`: {e}", d.name()))
-    })
+    d.load_state_dict(&v)
+        .map_err(|e| lavit_runtime::Error::invalid(format!("{what}: denoiser `{}`: {e}", d.name())))
 }
 
 impl DecoderTrainer {

@@ -8,9 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tch::Tensor;
 
-use crate::{
-    Backbone, Codebook, Denoiser, DenoiserInput, PluginError, PluginResult, QuantizeOut,
-};
+use crate::{Backbone, Codebook, Denoiser, DenoiserInput, PluginError, PluginResult, QuantizeOut};
 
 /// Runs `f`, turning a panic into `PluginError("<what> panicked: <message>")`.
 pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> PluginResult<T>) -> PluginResult<T> {

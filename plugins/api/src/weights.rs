@@ -21,13 +21,19 @@ pub fn load_var_store(vs: &VarStore, path: &Path) -> PluginResult<()> {
 
 /// Copies named tensors (e.g. what `state_dict` returned, for `load_state_dict`) into `vs`'s
 /// variables, strictly as [`load_var_store`] does; errors name `origin`.
-pub fn load_state_into(vs: &VarStore, state: &[(String, Tensor)], origin: &str) -> PluginResult<()> {
+pub fn load_state_into(
+    vs: &VarStore,
+    state: &[(String, Tensor)],
+    origin: &str,
+) -> PluginResult<()> {
     let named: BTreeMap<String, Tensor> = state
         .iter()
         .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
     if named.len() != state.len() {
-        return Err(PluginError(format!("{origin}: a tensor name is given twice")));
+        return Err(PluginError(format!(
+            "{origin}: a tensor name is given twice"
+        )));
     }
     load_named(vs, &named, origin)
 }

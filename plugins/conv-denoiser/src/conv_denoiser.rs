@@ -85,7 +85,11 @@ impl Block {
     /// h [R, W, h, w], emb [R, W] → [R, W, h, w].
     fn forward(&self, h: &Tensor, emb: &Tensor) -> PluginResult<Tensor> {
         let x = self.conv1.forward(&self.norm1.forward(h).f_silu()?);
-        let e = self.emb_proj.forward(emb).f_unsqueeze(-1)?.f_unsqueeze(-1)?;
+        let e = self
+            .emb_proj
+            .forward(emb)
+            .f_unsqueeze(-1)?
+            .f_unsqueeze(-1)?;
         let x = self
             .conv2
             .forward(&self.norm2.forward(&x.f_add(&e)?).f_silu()?);
@@ -121,9 +125,14 @@ impl ConvDenoiser {
             && cfg.depth >= 0
             && cfg.norm_num_groups >= 1
             && cfg.width % cfg.norm_num_groups == 0
-            && [cfg.in_channels, cfg.cross_attention_dim, cfg.width, cfg.sample_size]
-                .iter()
-                .all(|&v| v <= 1 << 14)
+            && [
+                cfg.in_channels,
+                cfg.cross_attention_dim,
+                cfg.width,
+                cfg.sample_size,
+            ]
+            .iter()
+            .all(|&v| v <= 1 << 14)
             && cfg.depth <= 256;
         if !ok {
             return Err(PluginError(format!(
@@ -151,7 +160,12 @@ impl ConvDenoiser {
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(&root / "blocks" / i, w, cfg.norm_num_groups))
             .collect();
-        let norm_out = nn::group_norm(&root / "norm_out", cfg.norm_num_groups, w, Default::default());
+        let norm_out = nn::group_norm(
+            &root / "norm_out",
+            cfg.norm_num_groups,
+            w,
+            Default::default(),
+        );
         let conv_out = conv3(&root / "conv_out", w, cfg.in_channels);
         if let Some(path) = weights {
             load_var_store(&vs, path)?;
@@ -195,7 +209,9 @@ impl ConvDenoiser {
             None => Ok(cond.f_mean_dim(1, false, Kind::Float)?),
             Some(m) => {
                 let m = m.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?; // (R, L, 1)
-                let n = m.f_sum_dim_intlist(1, false, Kind::Float)?.f_clamp_min(1.0)?;
+                let n = m
+                    .f_sum_dim_intlist(1, false, Kind::Float)?
+                    .f_clamp_min(1.0)?;
                 Ok(cond
                     .f_mul(&m)?
                     .f_sum_dim_intlist(1, false, Kind::Float)?
@@ -258,7 +274,11 @@ impl Denoiser for ConvDenoiser {
             .time_mlp
             .1
             .forward(&self.time_mlp.0.forward(&t).f_silu()?)
-            .f_add(&self.cond_pool.forward(&Self::pooled(&cond, x.encoder_attention_mask)?))?;
+            .f_add(
+                &self
+                    .cond_pool
+                    .forward(&Self::pooled(&cond, x.encoder_attention_mask)?),
+            )?;
         let mut hid = self.conv_in.forward(&x.sample.f_to_kind(Kind::Float)?);
         // The spatial condition map, when the tokens form a g × g grid that fits the sample.
         let g = (e[1] as f64).sqrt().round() as i64;
@@ -330,17 +350,16 @@ mod tests {
         assert_eq!(y.size(), [2, 3, 8, 8]);
         let t2 = Tensor::from_slice(&[11f32, 500.0]);
         let y2 = net.forward(&input(&x, &t2, &c)).unwrap();
-        let diff = |a: &Tensor, b: &Tensor, i: i64| {
-            (a.get(i) - b.get(i)).abs().max().double_value(&[])
-        };
+        let diff =
+            |a: &Tensor, b: &Tensor, i: i64| (a.get(i) - b.get(i)).abs().max().double_value(&[]);
         // rows are independent: changing row 0's timestep changes row 0 only
         assert!(diff(&y, &y2, 0) > 0.0);
         assert_eq!(diff(&y, &y2, 1), 0.0);
         let y3 = net.forward(&input(&x, &t, &c.zeros_like())).unwrap();
         assert!(diff(&y, &y3, 0) > 0.0, "the condition must matter");
         // a mask hiding everything but the first token changes the pooled condition
-        let mask = Tensor::from_slice(&[true, false, false, false, true, true, true, true])
-            .view([2, 4]);
+        let mask =
+            Tensor::from_slice(&[true, false, false, false, true, true, true, true]).view([2, 4]);
         let masked = DenoiserInput {
             encoder_attention_mask: Some(&mask),
             ..input(&x, &t, &c)
@@ -353,7 +372,11 @@ mod tests {
         let e = net.forward(&input(&bad, &t, &c)).err().unwrap();
         assert!(e.0.contains("[R, 3, h, w]"), "{e}");
         let e = net
-            .forward(&input(&x, &t, &Tensor::zeros([2, 4, 5], (Kind::Float, Device::Cpu))))
+            .forward(&input(
+                &x,
+                &t,
+                &Tensor::zeros([2, 4, 5], (Kind::Float, Device::Cpu)),
+            ))
             .err()
             .unwrap();
         assert!(e.0.contains("encoder_hidden_states"), "{e}");
@@ -371,7 +394,10 @@ mod tests {
         assert!(!ya.allclose(&b.forward(&input(&x, &t, &c)).unwrap(), 1e-6, 1e-6, false));
         b.load_state_dict(&a.state_dict().unwrap()).unwrap();
         assert!(ya.equal(&b.forward(&input(&x, &t, &c)).unwrap()));
-        assert_eq!(a.trainable_parameters().len(), a.state_dict().unwrap().len());
+        assert_eq!(
+            a.trainable_parameters().len(),
+            a.state_dict().unwrap().len()
+        );
         let mut sd = a.state_dict().unwrap();
         sd.pop();
         let e = b.load_state_dict(&sd).err().unwrap();
