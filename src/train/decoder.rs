@@ -536,7 +536,7 @@ pub fn train_placed(
     });
     let graph = StageGraph::spawn(builders, placement, GraphOptions::default())?;
     let export = match unet_cfg {
-        Some(u) => Export::UNet(u),
+        Some(u) => Export::UNet(Box::new(u)),
         None => Export::Plugin(
             described
                 .lock()
@@ -556,7 +556,7 @@ pub fn train_placed(
 /// What the run exports: the U-Net as a diffusers folder, or a plugin denoiser's weights and
 /// `denoiser.json`.
 enum Export {
-    UNet(UNet2DConditionModelConfig),
+    UNet(Box<UNet2DConditionModelConfig>),
     Plugin(DenoiserManifest),
 }
 
