@@ -231,14 +231,14 @@ mod tests {
             msg.contains(&API_VERSION.to_string()) && msg.contains(&(API_VERSION + 7).to_string())
         );
 
-        // A plugin built against the previous API (1: no `Codebook::load_state_dict`) is
-        // refused, not called with a vtable it does not have.
+        // A plugin built against the previous API (2: no `Denoiser` kind, a `Registrar`
+        // without denoisers) is refused, not handed a registrar of another layout.
         let mut old = PluginDeclaration::new("t", "0", noop);
-        old.api_version = 1;
+        old.api_version = 2;
         let e = unsafe { old.check() }.unwrap_err();
         assert_eq!(
             (e.what, e.host.as_str(), e.plugin.as_str()),
-            ("plugin API version", "2", "1")
+            ("plugin API version", "3", "2")
         );
 
         type Corrupt = fn(&mut PluginDeclaration);
