@@ -10,6 +10,7 @@ mod checkpoint;
 mod cli;
 mod config;
 mod demo;
+mod denoiser;
 mod dist;
 mod eval;
 mod fuzz;

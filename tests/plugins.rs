@@ -16,7 +16,7 @@ use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 /// The dylib of workspace crate `krate` (its lib name: dashes → underscores), next to this
 /// test binary: cargo builds it in target/<profile>/deps because the root crate dev-depends
 /// on the plugin crates (`cargo build -p <crate>` also puts it in target/<profile>/).
-fn dylib(krate: &str) -> PathBuf {
+pub(crate) fn dylib(krate: &str) -> PathBuf {
     let file = format!(
         "{}{}{}",
         std::env::consts::DLL_PREFIX,

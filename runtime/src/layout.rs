@@ -21,6 +21,9 @@ pub mod files {
     /// A plugin codebook's weights (`Codebook::state_dict`, safetensors), written in place
     /// of `quantize.*` in `tokenizer_encoder`.
     pub const PLUGIN_CODEBOOK: &str = "visual_tokenizer/codebook";
+    /// A plugin denoiser's weights (`Denoiser::state_dict`, safetensors), in a pixel-decoding
+    /// folder beside `denoiser.json` (written by `lavit train decoder`).
+    pub const PLUGIN_DENOISER: &str = "denoiser";
 }
 
 /// `dir/<name>.bin`, else `dir/<name>.safetensors`; an error naming both if neither exists.

@@ -1,5 +1,5 @@
 //! The plugin host: loads plugin dylibs named in the config at start-up and builds the
-//! codebooks and backbones they register.
+//! codebooks, backbones and denoisers they register.
 //!
 //! **A plugin is native code loaded into the process**, trusted like any shared library the
 //! binary links: its initialisers and factories run with the server's or trainer's
@@ -24,10 +24,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lavit_plugin_api::guard::{catch_panic, GuardedBackbone, GuardedCodebook};
+use lavit_plugin_api::guard::{catch_panic, GuardedBackbone, GuardedCodebook, GuardedDenoiser};
 use lavit_plugin_api::{
-    Backbone, BackboneFactory, Codebook, CodebookFactory, PluginArgs, PluginDeclaration,
-    PluginError, PluginResult, Registrar, VersionMismatch, DECLARATION_SYMBOL,
+    Backbone, BackboneFactory, Codebook, CodebookFactory, Denoiser, DenoiserFactory, PluginArgs,
+    PluginDeclaration, PluginError, PluginResult, Registered as RegisteredParts, Registrar,
+    VersionMismatch, DECLARATION_SYMBOL,
 };
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,8 @@ use serde::{Deserialize, Serialize};
 /// config = { levels = 2, codes_per_level = 16, code_dim = 16 }
 /// [plugins.backbone]          # the Encoder stage's backbone (none: EVA-CLIP)
 /// plugin = "convnext"
+/// [plugins.denoiser]          # the pixel decoder's denoiser (none: the diffusers U-Net)
+/// plugin = "conv-denoiser"
 /// ```
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +60,10 @@ pub struct PluginsConfig {
     /// The codebook to take from a plugin instead of the built-in l2 VQ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codebook: Option<PluginComponent>,
+    /// The pixel decoder's denoiser to take from a plugin instead of the built-in
+    /// `UNet2DConditionModel` (the Decoder stage and `lavit train decoder`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoiser: Option<PluginComponent>,
 }
 
 /// A part of a stage taken from a plugin, e.g. the config's `[plugins.codebook]`.
@@ -81,12 +88,16 @@ impl PluginsConfig {
             load: self.load.iter().map(|p| base.join(p)).collect(),
             backbone: self.backbone.as_ref().map(|c| c.resolved(base)),
             codebook: self.codebook.as_ref().map(|c| c.resolved(base)),
+            denoiser: self.denoiser.as_ref().map(|c| c.resolved(base)),
         }
     }
 
     /// No plugin to load and no part taken from one.
     pub fn is_empty(&self) -> bool {
-        self.load.is_empty() && self.backbone.is_none() && self.codebook.is_none()
+        self.load.is_empty()
+            && self.backbone.is_none()
+            && self.codebook.is_none()
+            && self.denoiser.is_none()
     }
 }
 
@@ -164,9 +175,10 @@ pub struct LoadedPlugin {
     pub version: String,
     /// The dylib (None for a statically linked plugin).
     pub path: Option<PathBuf>,
-    /// Names of the codebooks and backbones it registered.
+    /// Names of the codebooks, backbones and denoisers it registered.
     pub codebooks: Vec<String>,
     pub backbones: Vec<String>,
+    pub denoisers: Vec<String>,
 }
 
 struct Registered<F> {
@@ -180,6 +192,7 @@ pub struct PluginHost {
     plugins: Vec<LoadedPlugin>,
     codebooks: BTreeMap<String, Registered<CodebookFactory>>,
     backbones: BTreeMap<String, Registered<BackboneFactory>>,
+    denoisers: BTreeMap<String, Registered<DenoiserFactory>>,
 }
 
 impl PluginHost {
@@ -286,7 +299,11 @@ impl PluginHost {
                 error,
             }
         })?;
-        let (codebooks, backbones) = registrar.into_parts();
+        let RegisteredParts {
+            codebooks,
+            backbones,
+            denoisers,
+        } = registrar.into_parts();
         // Check every name before inserting any, so a refused plugin leaves no trace.
         let duplicate = |kind, n: &String, first: &String| PluginHostError::Duplicate {
             kind,
@@ -304,12 +321,18 @@ impl PluginHost {
                 return Err(duplicate("backbone", n, &r.plugin));
             }
         }
+        for (n, _) in &denoisers {
+            if let Some(r) = self.denoisers.get(n) {
+                return Err(duplicate("denoiser", n, &r.plugin));
+            }
+        }
         let info = LoadedPlugin {
             name: name.clone(),
             version,
             path,
             codebooks: codebooks.iter().map(|c| c.0.clone()).collect(),
             backbones: backbones.iter().map(|b| b.0.clone()).collect(),
+            denoisers: denoisers.iter().map(|d| d.0.clone()).collect(),
         };
         for (n, factory) in codebooks {
             let plugin = name.clone();
@@ -319,12 +342,17 @@ impl PluginHost {
             let plugin = name.clone();
             self.backbones.insert(n, Registered { plugin, factory });
         }
+        for (n, factory) in denoisers {
+            let plugin = name.clone();
+            self.denoisers.insert(n, Registered { plugin, factory });
+        }
         tracing::info!(
             plugin = %info.name,
             version = %info.version,
             path = %info.path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "(static)".into()),
             codebooks = ?info.codebooks,
             backbones = ?info.backbones,
+            denoisers = ?info.denoisers,
             "loaded plugin"
         );
         let index = self.plugins.len();
@@ -386,6 +414,32 @@ impl PluginHost {
                 error,
             })?;
         tracing::info!(plugin = %entry.plugin, backbone = %built.name(), image_size = built.image_size(), patch_size = built.patch_size(), width = built.width(), ?device, "built plugin backbone");
+        Ok(Box::new(built))
+    }
+
+    /// Builds the denoiser `component.plugin` on `device` (weights loaded by the plugin).
+    pub fn denoiser(
+        &self,
+        component: &PluginComponent,
+        device: tch::Device,
+    ) -> Result<Box<dyn Denoiser>, PluginHostError> {
+        let entry =
+            self.denoisers
+                .get(&component.plugin)
+                .ok_or_else(|| PluginHostError::Unknown {
+                    kind: "denoiser",
+                    name: component.plugin.clone(),
+                    available: names(self.denoisers.keys()),
+                })?;
+        let built = build(&entry.factory, component, device)
+            .and_then(GuardedDenoiser::new)
+            .map_err(|error| PluginHostError::Build {
+                plugin: entry.plugin.clone(),
+                kind: "denoiser",
+                name: component.plugin.clone(),
+                error,
+            })?;
+        tracing::info!(plugin = %entry.plugin, denoiser = %built.name(), in_channels = built.in_channels(), cross_attention_dim = built.cross_attention_dim(), sample_size = built.sample_size(), ?device, "built plugin denoiser");
         Ok(Box::new(built))
     }
 }
@@ -573,10 +627,11 @@ mod tests {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The tokenizer parts a config takes from plugins.
+// The tokenizer and pixel-decoder parts a config takes from plugins.
 
-/// Where the tokenizer's backbone and codebook come from: the built-in EVA-CLIP and l2 VQ,
-/// or the components of a config's `[plugins]` section. Cheap to clone (the loaded plugin
+/// Where the tokenizer's backbone and codebook and the pixel decoder's denoiser come from:
+/// the built-in EVA-CLIP, l2 VQ and `UNet2DConditionModel`, or the components of a config's
+/// `[plugins]` section. Cheap to clone (the loaded plugin
 /// host is shared), so each stage thread builds its part on its own device.
 ///
 /// A plugin component without `weights` loads the checkpoint folder's
@@ -605,7 +660,12 @@ impl TokenizerPlugins {
     /// Loads the plugins `cfg` names (start-up) and remembers which parts they replace.
     pub fn load(cfg: &PluginsConfig) -> crate::Result<Self> {
         if cfg.load.is_empty() {
-            if let Some(c) = cfg.backbone.as_ref().or(cfg.codebook.as_ref()) {
+            if let Some(c) = cfg
+                .backbone
+                .as_ref()
+                .or(cfg.codebook.as_ref())
+                .or(cfg.denoiser.as_ref())
+            {
                 return Err(crate::Error::invalid(format!(
                     "[plugins] takes part `{}` from a plugin but `plugins.load` names no plugin library",
                     c.plugin
@@ -665,6 +725,115 @@ impl TokenizerPlugins {
         };
         let c = Self::component(c, checkpoint, crate::layout::files::PLUGIN_CODEBOOK);
         Ok(Some(self.host()?.codebook(&c, device)?))
+    }
+
+    /// The plugin denoiser on `device` (None: the config keeps the built-in U-Net).
+    /// `pixel_folder` is the pixel-decoding folder (e.g. `checkpoint/pixel_decoding`): its
+    /// `denoiser.safetensors` are the weights when the component names none, and its
+    /// `denoiser.json` (written by `lavit train decoder`) must name the same plugin; its
+    /// `config` is used when the component gives none.
+    pub fn denoiser(
+        &self,
+        pixel_folder: Option<&Path>,
+        device: tch::Device,
+    ) -> crate::Result<Option<Box<dyn Denoiser>>> {
+        let manifest = match pixel_folder {
+            Some(dir) => DenoiserManifest::read(dir)?,
+            None => None,
+        };
+        let Some(c) = &self.cfg.denoiser else {
+            if let (Some(m), Some(dir)) = (&manifest, pixel_folder) {
+                return Err(crate::Error::invalid(format!(
+                    "{}: this pixel decoder's denoiser is the plugin `{}` ({}); name it in \
+                     [plugins.denoiser] and load its library in [plugins] load",
+                    dir.display(),
+                    m.plugin,
+                    DENOISER_MANIFEST
+                )));
+            }
+            return Ok(None);
+        };
+        let mut c = Self::component(c, pixel_folder, crate::layout::files::PLUGIN_DENOISER);
+        if let (Some(m), Some(dir)) = (&manifest, pixel_folder) {
+            if m.plugin != c.plugin {
+                return Err(crate::Error::invalid(format!(
+                    "[plugins.denoiser] names `{}`, but {} names `{}`",
+                    c.plugin,
+                    dir.join(DENOISER_MANIFEST).display(),
+                    m.plugin
+                )));
+            }
+            if c.config.as_object().is_some_and(|o| o.is_empty()) {
+                c.config = m.config.clone();
+            }
+        }
+        Ok(Some(self.host()?.denoiser(&c, device)?))
+    }
+}
+
+/// The file beside a plugin denoiser's weights that names it (in a pixel-decoding folder).
+pub const DENOISER_MANIFEST: &str = "denoiser.json";
+
+/// `denoiser.json`: which plugin denoiser a pixel-decoding folder holds, the config it was
+/// built with, and its geometry (what the request side checks sizes against without
+/// loading it). Written by `lavit train decoder` beside `denoiser.safetensors`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenoiserManifest {
+    /// The name the plugin registered the denoiser under.
+    pub plugin: String,
+    /// The component's `config`, as built.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+    /// [`Denoiser::in_channels`].
+    pub in_channels: i64,
+    /// [`Denoiser::cross_attention_dim`].
+    pub cross_attention_dim: i64,
+    /// [`Denoiser::sample_size`].
+    pub sample_size: i64,
+    /// [`Denoiser::size_multiple`].
+    pub size_multiple: i64,
+}
+
+impl DenoiserManifest {
+    /// What `denoiser` built from `component` is.
+    pub fn describe(component: &PluginComponent, denoiser: &dyn Denoiser) -> Self {
+        DenoiserManifest {
+            plugin: component.plugin.clone(),
+            config: component.config.clone(),
+            in_channels: denoiser.in_channels(),
+            cross_attention_dim: denoiser.cross_attention_dim(),
+            sample_size: denoiser.sample_size(),
+            size_multiple: denoiser.size_multiple(),
+        }
+    }
+
+    /// `dir/denoiser.json`, or `None` when the folder has none (a built-in U-Net folder).
+    /// Sizes out of range are refused naming the file and key.
+    pub fn read(dir: &Path) -> crate::Result<Option<Self>> {
+        let path = dir.join(DENOISER_MANIFEST);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let origin = path.display().to_string();
+        let text = crate::fsread::read_config(&path)?;
+        let m: Self = serde_json::from_str(&text)
+            .map_err(|e| crate::Error::config(&origin, "(json)", e.to_string()))?;
+        for (key, v) in [
+            ("in_channels", m.in_channels),
+            ("cross_attention_dim", m.cross_attention_dim),
+            ("sample_size", m.sample_size),
+            ("size_multiple", m.size_multiple),
+        ] {
+            if !(1..=1 << 14).contains(&v) {
+                return Err(crate::Error::config(
+                    &origin,
+                    key,
+                    format!("must be in 1..=16384, got {v}"),
+                ));
+            }
+        }
+        Ok(Some(m))
     }
 }
 

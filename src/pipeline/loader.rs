@@ -6,7 +6,8 @@
 //! `tokenizer_encoder` (selector/merger/projector, task layer, codebook) is read from disk
 //! once per pipeline and shared by the stage builders, each of which copies its own keys onto
 //! its device; every key of the file must belong to a stage. The backbone and the codebook
-//! are the built-in ones or plugins ([`TokenizerPlugins`]).
+//! are the built-in ones or plugins ([`TokenizerPlugins`]), and so is the pixel decoder's
+//! denoiser (the folder's U-Net, or `[plugins.denoiser]`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -175,7 +176,8 @@ pub fn builders(cfg: &PipelineConfig) -> crate::Result<(StageBuilders, ModelInfo
             let sd = s.get();
             let codebook = load_codebook(&d5, &m5, dev, &p5, &sd, &s.source)?;
             let kind = kind_for(&dtype, dev)?;
-            let st = DecoderStageModel::load(&d5, dev, codebook, resolution, kind)?
+            let denoiser = p5.denoiser(Some(&d5.join(resolution.folder())), dev)?;
+            let st = DecoderStageModel::load(&d5, dev, codebook, denoiser, resolution, kind)?
                 .with_batching(&batching);
             Ok(Box::new(st) as Box<dyn DecoderStage>)
         });

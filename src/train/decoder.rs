@@ -13,6 +13,11 @@
 //! `loss.png`, a progress bar. The EMA U-Net is exported as a diffusers folder
 //! (`unet/config.json` + `unet/diffusion_pytorch_model.safetensors`, `scheduler/`).
 //!
+//! The network trained is the pixel decoder's denoiser: the built-in U-Net (`[unet]` /
+//! `unet_from`) or, with `[plugins.denoiser]`, a plugin's (`lavit_plugin_api::Denoiser`),
+//! exported as `denoiser.safetensors` + `denoiser.json` beside `scheduler/`. Either way
+//! `out_dir` is a pixel-decoding folder the pipeline loads.
+//!
 //! The U-Net (with its EMA copy, optimiser and the frozen VAE) lives in the pipeline's Decoder
 //! stage actor (`lavit_decoder::stage::DecoderStageModel`, on the device
 //! `placement.decoder` names) and trains there: each step is `TrainForward` (images +
@@ -27,14 +32,18 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use lavit_decoder::schedulers::SchedulerConfig;
-use lavit_decoder::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
-use lavit_decoder::AutoencoderKL;
+use lavit_decoder::unet_2d_condition::UNet2DConditionModelConfig;
+use lavit_decoder::{AutoencoderKL, UNetDenoiser};
+use lavit_plugin_api::Denoiser;
 use lavit_runtime::actors::{GraphOptions, StageBuilders, StageGraph};
 use lavit_runtime::checkpoint::{self, StateDict};
 use lavit_runtime::dist::ProcessGroup;
 use lavit_runtime::fsread;
 use lavit_runtime::image_input::{self, ImageLimits};
 use lavit_runtime::messages::{TrainBatch, TrainKey};
+use lavit_runtime::plugin_host::{
+    DenoiserManifest, PluginsConfig, TokenizerPlugins, DENOISER_MANIFEST,
+};
 use lavit_runtime::stage::{DecoderStage, Placement, StageKind};
 use lavit_runtime::train::driver::checkpoint_dir;
 use lavit_runtime::train::{drive, DriverConfig, LrSchedule, Metrics, Step, TrainJob, TrainState};
@@ -45,7 +54,7 @@ pub use lavit_decoder::train::{
     ema_decay_at, ema_update, keys, target_for, DecoderTrainer, TrainConfig,
 };
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Where the training images come from (for the CLI; the library takes a tensor).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +121,10 @@ pub struct DecoderTrainConfig {
     pub data: DataConfig,
     pub condition: ConditionConfig,
     pub train: TrainConfig,
+    /// Plugins (the `[plugins]` section of every config): with `[plugins.denoiser]` the
+    /// plugin's denoiser trains instead of `[unet]` (relative paths: against the config
+    /// file's folder).
+    pub plugins: PluginsConfig,
 }
 
 impl Default for DecoderTrainConfig {
@@ -132,6 +145,7 @@ impl Default for DecoderTrainConfig {
             data: DataConfig::default(),
             condition: ConditionConfig::default(),
             train: TrainConfig::default(),
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -143,7 +157,10 @@ impl DecoderTrainConfig {
     /// ([`lavit_runtime::config::load_config`]: `LAVIT__SECTION__KEY` overrides); errors name
     /// the file (or variable) and the key.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let cfg: Self = lavit_runtime::config::load_config(path)?;
+        let mut cfg: Self = lavit_runtime::config::load_config(path)?;
+        cfg.plugins = cfg
+            .plugins
+            .resolved(path.parent().unwrap_or(Path::new(".")));
         cfg.validate()
             .with_context(|| format!("config {}", path.display()))?;
         Ok(cfg)
@@ -191,7 +208,10 @@ impl DecoderTrainConfig {
                 self.condition.dim
             );
         }
-        if self.unet_from.is_none() {
+        if self.plugins.denoiser.is_some() && self.unet_from.is_some() {
+            bail!("give either [plugins.denoiser] or unet_from, not both");
+        }
+        if self.unet_from.is_none() && self.plugins.denoiser.is_none() {
             self.unet.validate("[unet]")?;
             if self.unet.cross_attention_dim != self.condition.dim {
                 bail!(
@@ -358,7 +378,8 @@ pub struct TrainSummary {
     /// Mean training loss over the first and the last `log_every` steps of this run.
     pub train_loss_first: f64,
     pub train_loss_last: f64,
-    /// Files written: the last checkpoint folder, the exported U-Net, the grids.
+    /// Files written: the last checkpoint folder, the exported U-Net folder (`out_dir/unet`)
+    /// or plugin denoiser weights (`out_dir/denoiser.safetensors`), the grids.
     pub checkpoint: PathBuf,
     pub exported_unet: PathBuf,
     pub sample_grids: Vec<PathBuf>,
@@ -409,33 +430,43 @@ pub fn train_placed(
     placement.device(StageKind::Decoder)?;
     std::fs::create_dir_all(&cfg.out_dir)
         .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
-    let unet_cfg = match &cfg.unet_from {
-        Some(dir) => UNet2DConditionModelConfig::from_json_file(&dir.join("config.json"))?,
-        None => cfg.unet.clone(),
+    // The built-in U-Net's config (None: a plugin denoiser, described by its stage below).
+    let unet_cfg = match (&cfg.plugins.denoiser, &cfg.unet_from) {
+        (Some(_), _) => None,
+        (None, Some(dir)) => Some(UNet2DConditionModelConfig::from_json_file(
+            &dir.join("config.json"),
+        )?),
+        (None, None) => Some(cfg.unet.clone()),
     };
-    if unet_cfg.cross_attention_dim != conditioner.dim() {
-        bail!(
-            "the U-Net cross-attends to width {}, the conditioner gives {}",
-            unet_cfg.cross_attention_dim,
-            conditioner.dim()
-        );
-    }
     let images = images.to_kind(Kind::Float);
-    let want_c = if cfg.vae.is_some() {
-        3
-    } else {
-        unet_cfg.in_channels
-    };
-    if images.dim() != 4 || images.size()[1] != want_c {
+    if let Some(u) = &unet_cfg {
+        if u.cross_attention_dim != conditioner.dim() {
+            bail!(
+                "the U-Net cross-attends to width {}, the conditioner gives {}",
+                u.cross_attention_dim,
+                conditioner.dim()
+            );
+        }
+        let want_c = if cfg.vae.is_some() { 3 } else { u.in_channels };
+        if images.dim() != 4 || images.size()[1] != want_c {
+            bail!(
+                "training images must be (N, {want_c}, H, W), got {:?}",
+                images.size()
+            );
+        }
+    } else if images.dim() != 4 {
         bail!(
-            "training images must be (N, {want_c}, H, W), got {:?}",
+            "training images must be (N, C, H, W), got {:?}",
             images.size()
         );
     }
+    let plugins = TokenizerPlugins::load(&cfg.plugins)?;
 
-    // The Decoder stage builds the U-Net (+ EMA, optimiser, frozen VAE) on its own device.
+    // The Decoder stage builds the denoiser (+ EMA, optimiser, frozen VAE) on its own device.
     let mut builders = StageBuilders::unused();
-    let (c2, u2) = (cfg.clone(), unet_cfg.clone());
+    let described = Arc::new(std::sync::Mutex::new(None::<DenoiserManifest>));
+    let (c2, u2, d2) = (cfg.clone(), unet_cfg.clone(), described.clone());
+    let (cond_dim, image_c) = (conditioner.dim(), images.size()[1]);
     builders.decoder = Box::new(move |dev| {
         let build = || -> Result<Box<dyn DecoderStage>> {
             let vae = match &c2.vae {
@@ -443,39 +474,90 @@ pub fn train_placed(
                 None => None,
             };
             tch::manual_seed(c2.train.seed as i64);
-            let vs = nn::VarStore::new(dev);
-            let unet = UNet2DConditionModel::new(vs.root(), u2)?;
-            if let Some(dir) = &c2.unet_from {
-                let sd = checkpoint::load_path(dir)?;
-                checkpoint::load_into(
-                    &vs,
-                    "",
-                    &sd,
-                    &dir.display().to_string(),
-                    &Default::default(),
-                )?;
-            }
-            let pixels = PixelDecoder {
-                resolution: Resolution::Lowres,
-                unet,
-                unet_vs: vs,
+            let (model, ema): (Box<dyn Denoiser>, Box<dyn Denoiser>) =
+                match (&u2, &c2.plugins.denoiser) {
+                    (Some(u2), _) => {
+                        let unet = UNetDenoiser::new(u2.clone(), dev)?;
+                        if let Some(dir) = &c2.unet_from {
+                            let sd = checkpoint::load_path(dir)?;
+                            checkpoint::load_into(
+                                &unet.vs,
+                                "",
+                                &sd,
+                                &dir.display().to_string(),
+                                &Default::default(),
+                            )?;
+                        }
+                        let ema = UNetDenoiser::new(u2.clone(), dev)?;
+                        (Box::new(unet), Box::new(ema))
+                    }
+                    (None, Some(component)) => {
+                        let build = || -> Result<Box<dyn Denoiser>> {
+                            plugins
+                                .denoiser(None, dev)?
+                                .context("[plugins.denoiser] built no denoiser")
+                        };
+                        let (model, ema) = (build()?, build()?);
+                        let want_c = match &vae {
+                            Some((_, v)) => v.config.latent_channels,
+                            None => image_c,
+                        };
+                        if model.in_channels() != want_c || model.cross_attention_dim() != cond_dim
+                        {
+                            bail!(
+                            "denoiser `{}` takes {} channels and condition width {}; the training \
+                             data gives {want_c} channels ({}) and condition width {cond_dim}",
+                            model.name(),
+                            model.in_channels(),
+                            model.cross_attention_dim(),
+                            if vae.is_some() { "VAE latents" } else { "image channels" }
+                        );
+                        }
+                        *d2.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(DenoiserManifest::describe(component, model.as_ref()));
+                        (model, ema)
+                    }
+                    (None, None) => {
+                        bail!("no denoiser to train: give [unet], unet_from or [plugins.denoiser]")
+                    }
+                };
+            let pixels = PixelDecoder::new(
+                Resolution::Lowres,
+                model,
                 vae,
-                scheduler_config: c2.scheduler.clone(),
-                uncond_embeddings: None,
-                device: dev,
-            };
-            let train = DecoderTrainer::new(&pixels, &c2.train, &c2.scheduler)?;
+                c2.scheduler.clone(),
+                None,
+                dev,
+            )?;
+            let train = DecoderTrainer::new(&pixels, ema, &c2.train, &c2.scheduler)?;
             Ok(Box::new(DecoderStageModel::for_training(pixels, train)))
         };
         build().map_err(|e| lavit_runtime::Error::invalid(format!("{e:#}")))
     });
     let graph = StageGraph::spawn(builders, placement, GraphOptions::default())?;
+    let export = match unet_cfg {
+        Some(u) => Export::UNet(Box::new(u)),
+        None => Export::Plugin(
+            described
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .context("the Decoder stage did not describe its plugin denoiser")?,
+        ),
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let r = rt.block_on(run_job(&graph, pg, cfg, &unet_cfg, &images, conditioner));
+    let r = rt.block_on(run_job(&graph, pg, cfg, &export, &images, conditioner));
     drop(graph);
     r
+}
+
+/// What the run exports: the U-Net as a diffusers folder, or a plugin denoiser's weights and
+/// `denoiser.json`.
+enum Export {
+    UNet(Box<UNet2DConditionModelConfig>),
+    Plugin(DenoiserManifest),
 }
 
 const DEC: StageKind = StageKind::Decoder;
@@ -571,7 +653,7 @@ async fn run_job(
     g: &StageGraph,
     pg: &Arc<ProcessGroup>,
     cfg: &DecoderTrainConfig,
-    unet_cfg: &UNet2DConditionModelConfig,
+    export: &Export,
     images: &Tensor,
     conditioner: &dyn Conditioner,
 ) -> Result<TrainSummary> {
@@ -634,7 +716,7 @@ async fn run_job(
             .find(|(k, _)| k == "ema")
             .map(|(_, sd)| sd)
             .context("the Decoder stage has no EMA weights")?;
-        let exported = export_diffusers(cfg, &ema, unet_cfg)?;
+        let exported = export_denoiser(cfg, &ema, export)?;
         grids.push(sample_grid(g, cfg, images, conditioner, done).await?);
         let ck = match outcome.checkpoint.clone() {
             Some(p) => p,
@@ -675,24 +757,43 @@ async fn run_job(
     );
     Ok(summary)
 }
-/// Export the EMA weights as diffusers folders `out_dir/unet` and `out_dir/scheduler`.
-fn export_diffusers(
-    cfg: &DecoderTrainConfig,
-    ema: &StateDict,
-    unet_cfg: &UNet2DConditionModelConfig,
-) -> Result<PathBuf> {
-    let dir = cfg.out_dir.join("unet");
-    std::fs::create_dir_all(&dir)?;
-    let mut json = serde_json::to_value(unet_cfg)?;
-    if let Some(o) = json.as_object_mut() {
-        o.insert("_class_name".into(), "UNet2DConditionModel".into());
-    }
-    checkpoint::atomic_write(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&json)?.as_bytes(),
-    )?;
+/// Export the EMA weights: the U-Net as the diffusers folder `out_dir/unet`, a plugin
+/// denoiser as `out_dir/denoiser.safetensors` + `out_dir/denoiser.json`; and
+/// `out_dir/scheduler`. Returns the U-Net folder or the plugin's weights file.
+fn export_denoiser(cfg: &DecoderTrainConfig, ema: &StateDict, export: &Export) -> Result<PathBuf> {
     let sd: StateDict = ema.iter().map(|(k, v)| (k.clone(), v.detach())).collect();
-    checkpoint::save_safetensors(&dir.join("diffusion_pytorch_model.safetensors"), &sd, None)?;
+    let exported = match export {
+        Export::UNet(unet_cfg) => {
+            let dir = cfg.out_dir.join("unet");
+            std::fs::create_dir_all(&dir)?;
+            let mut json = serde_json::to_value(unet_cfg)?;
+            if let Some(o) = json.as_object_mut() {
+                o.insert("_class_name".into(), "UNet2DConditionModel".into());
+            }
+            checkpoint::atomic_write(
+                &dir.join("config.json"),
+                serde_json::to_string_pretty(&json)?.as_bytes(),
+            )?;
+            checkpoint::save_safetensors(
+                &dir.join("diffusion_pytorch_model.safetensors"),
+                &sd,
+                None,
+            )?;
+            dir
+        }
+        Export::Plugin(manifest) => {
+            let weights = cfg.out_dir.join(format!(
+                "{}.safetensors",
+                lavit_runtime::layout::files::PLUGIN_DENOISER
+            ));
+            checkpoint::save_safetensors(&weights, &sd, None)?;
+            checkpoint::atomic_write(
+                &cfg.out_dir.join(DENOISER_MANIFEST),
+                serde_json::to_string_pretty(manifest)?.as_bytes(),
+            )?;
+            weights
+        }
+    };
     let sdir = cfg.out_dir.join("scheduler");
     std::fs::create_dir_all(&sdir)?;
     let mut sj = serde_json::to_value(&cfg.scheduler)?;
@@ -703,7 +804,7 @@ fn export_diffusers(
         &sdir.join("scheduler_config.json"),
         serde_json::to_string_pretty(&sj)?.as_bytes(),
     )?;
-    Ok(dir)
+    Ok(exported)
 }
 
 /// Sample with the EMA U-Net on the Decoder stage (DDIM, decoder guidance with zero negative
@@ -766,7 +867,9 @@ fn to01_one<'a>(f: &'a dyn Fn(&Tensor) -> Tensor) -> impl Fn(&Tensor) -> Tensor 
 /// Arguments of `lavit train decoder`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// TOML config (sections: out_dir, unet / unet_from, vae, scheduler, data, condition, train).
+    /// TOML config (sections: out_dir, unet / unet_from, vae, scheduler, data, condition, train,
+    /// plugins). `[plugins]` loads plugin libraries: native code run in this process, trusted
+    /// like a linked library; `[plugins.denoiser]` trains a plugin's denoiser instead of `[unet]`.
     #[arg(long)]
     pub config: PathBuf,
     /// Override `train.steps`.
@@ -793,8 +896,8 @@ pub fn run(args: Args) -> Result<()> {
         cfg.data.images.display()
     );
     lavit_runtime::device::resolve_device(&cfg.train.device).context("train.device")?;
-    let channels = if cfg.vae.is_some() {
-        3
+    let channels = if cfg.vae.is_some() || cfg.plugins.denoiser.is_some() {
+        3 // a plugin denoiser's channels are checked by the stage that builds it
     } else {
         cfg.unet.in_channels
     };

@@ -213,7 +213,15 @@ fn lowres_decoding_equals_two_forward_loop() {
     let _g = tch::no_grad_guard();
     let dec = fixture_decoder(Resolution::Lowres);
     tch::manual_seed(5);
-    let (b, n, c) = (2, 7, dec.unet.config.cross_attention_dim);
+    // The hand-written loop below runs the fixture's U-Net itself, loaded on its own.
+    let (_vs, unet) = UNet2DConditionModel::from_pretrained(
+        &fixture_dir().join("pixel_decoding/unet"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let (b, n, c) = (2, 7, dec.denoiser.cross_attention_dim());
+    assert_eq!(c, unet.config.cross_attention_dim);
     let hidden = Tensor::randn([b, n, c], (Kind::Float, Device::Cpu));
     let latents = Tensor::randn([b, 4, 8, 8], (Kind::Float, Device::Cpu));
     let opts = DecodeOptions {
@@ -252,12 +260,8 @@ fn lowres_decoding_equals_two_forward_loop() {
     let mut x = latents;
     for t in s.timesteps().to_vec() {
         let tt = Tensor::from(t);
-        let u = dec
-            .unet
-            .forward(&x, &tt, &neg, Some(&neg_mask), None)
-            .unwrap();
-        let c = dec
-            .unet
+        let u = unet.forward(&x, &tt, &neg, Some(&neg_mask), None).unwrap();
+        let c = unet
             .forward(&x, &tt, &hidden, Some(&pos_mask), None)
             .unwrap();
         let eps = &u + (c - &u) * 5.0;

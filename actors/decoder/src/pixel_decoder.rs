@@ -11,6 +11,10 @@
 //!   output; the negative condition is zeros with `uncond_embeddings.bin` written into its
 //!   first positions; encoder attention masks mark the real positions.
 //!
+//! The noise predictor is a [`Denoiser`]: the diffusers `UNet2DConditionModel` of the folder's
+//! `unet/` (built in, [`UNetDenoiser`]) or a plugin's (`[plugins.denoiser]`, its weights in
+//! `denoiser.safetensors`).
+//!
 //! A pixel-decoding folder without `vae/` is a pixel-space decoder (what `lavit train decoder`
 //! trains for tiny configs): the U-Net denoises pixels directly. Without
 //! `uncond_embeddings.bin` the lowres negative condition is all zeros (unmasked), the
@@ -29,8 +33,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::denoiser::UNetDenoiser;
 use crate::schedulers::{self, SchedulerConfig};
-use crate::{AddedCond, AutoencoderKL, UNet2DConditionModel};
+use crate::AutoencoderKL;
+use lavit_plugin_api::{Denoiser, DenoiserInput};
 use lavit_runtime::shape::dims;
 use lavit_runtime::stage::ShouldStop;
 use lavit_runtime::train::splitmix64;
@@ -195,13 +201,14 @@ pub fn add_time_ids(original: (i64, i64), crop: (i64, i64), target: (i64, i64)) 
     [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f64)
 }
 
-/// One pixel decoder of a LaVIT checkpoint: U-Net + VAE + scheduler config (+ the lowres
-/// unconditional embeddings).
-#[derive(Debug)]
+/// One pixel decoder of a LaVIT checkpoint: denoiser (the U-Net) + VAE + scheduler config
+/// (+ the lowres unconditional embeddings).
 pub struct PixelDecoder {
     pub resolution: Resolution,
-    pub unet: UNet2DConditionModel,
-    pub unet_vs: nn::VarStore,
+    /// The noise predictor: the built-in [`UNetDenoiser`] or a plugin's.
+    pub denoiser: Box<dyn Denoiser>,
+    /// The denoiser's dtype (of its first weight; inputs are cast to it).
+    kind: Kind,
     /// `None`: a pixel-space decoder (no `vae/` folder).
     pub vae: Option<(nn::VarStore, AutoencoderKL)>,
     pub scheduler_config: SchedulerConfig,
@@ -210,7 +217,46 @@ pub struct PixelDecoder {
     pub device: Device,
 }
 
+impl std::fmt::Debug for PixelDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PixelDecoder")
+            .field("resolution", &self.resolution)
+            .field("denoiser", &self.denoiser.name())
+            .field("kind", &self.kind)
+            .field("vae", &self.vae.is_some())
+            .field("scheduler_config", &self.scheduler_config)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
 impl PixelDecoder {
+    /// Assemble a pixel decoder from its parts (`lavit train decoder` builds one this way).
+    /// The denoiser's dtype is that of its first weight (float32 when it has none).
+    pub fn new(
+        resolution: Resolution,
+        denoiser: Box<dyn Denoiser>,
+        vae: Option<(nn::VarStore, AutoencoderKL)>,
+        scheduler_config: SchedulerConfig,
+        uncond_embeddings: Option<Tensor>,
+        device: Device,
+    ) -> Result<Self> {
+        let kind = denoiser
+            .state_dict()
+            .map_err(|e| Error::invalid(format!("denoiser `{}`: {e}", denoiser.name())))?
+            .first()
+            .map_or(Kind::Float, |(_, t)| t.kind());
+        Ok(Self {
+            resolution,
+            denoiser,
+            kind,
+            vae,
+            scheduler_config,
+            uncond_embeddings,
+            device,
+        })
+    }
+
     /// Load `checkpoint_dir/{highres_,}pixel_decoding/{unet,vae,scheduler}` (and
     /// `uncond_embeddings.bin` for lowres) onto `device`, strictly, the U-Net in `unet_kind`
     /// (e.g. bf16 on a GPU; the VAE stays float32 as the official code upcasts it).
@@ -231,8 +277,33 @@ impl PixelDecoder {
         device: Device,
         unet_kind: Kind,
     ) -> Result<Self> {
-        let (unet_vs, unet) =
-            UNet2DConditionModel::from_pretrained(&dir.join("unet"), device, unet_kind)?;
+        Self::load_folder_with(dir, resolution, device, unet_kind, None)
+    }
+
+    /// [`Self::load_folder`] around `denoiser` (a plugin's, already on `device`) instead of
+    /// the folder's `unet/` when it is given; the VAE, scheduler and unconditional
+    /// embeddings come from the folder either way.
+    pub fn load_folder_with(
+        dir: &Path,
+        resolution: Resolution,
+        device: Device,
+        unet_kind: Kind,
+        denoiser: Option<Box<dyn Denoiser>>,
+    ) -> Result<Self> {
+        let denoiser = match denoiser {
+            Some(d) => d,
+            None => {
+                let unet = UNetDenoiser::from_pretrained(&dir.join("unet"), device, unet_kind)?;
+                if resolution == Resolution::Highres && unet.config().addition_embed_type.is_none()
+                {
+                    return Err(Error::invalid(format!(
+                        "{}: the highres decoder needs a text_time U-Net (addition_embed_type)",
+                        dir.display()
+                    )));
+                }
+                Box::new(unet)
+            }
+        };
         let vae = if dir.join("vae").is_dir() {
             Some(AutoencoderKL::from_pretrained(&dir.join("vae"), device)?)
         } else {
@@ -245,36 +316,24 @@ impl PixelDecoder {
             Resolution::Lowres => {
                 let p = dir.join("uncond_embeddings.bin");
                 if p.is_file() {
-                    Some(load_uncond(&p, &unet, device)?)
+                    Some(load_uncond(&p, denoiser.cross_attention_dim(), device)?)
                 } else {
                     None
                 }
             }
         };
-        if resolution == Resolution::Highres && unet.config.addition_embed_type.is_none() {
-            return Err(Error::invalid(format!(
-                "{}: the highres decoder needs a text_time U-Net (addition_embed_type)",
-                dir.display()
-            )));
-        }
-        Ok(Self {
+        Self::new(
             resolution,
-            unet,
-            unet_vs,
+            denoiser,
             vae,
             scheduler_config,
             uncond_embeddings,
             device,
-        })
+        )
     }
 
     fn unet_kind(&self) -> Kind {
-        self.unet_vs
-            .variables()
-            .into_values()
-            .next()
-            .map(|t| t.kind())
-            .unwrap_or(Kind::Float)
+        self.kind
     }
 
     /// Pixels per latent cell (8 for SD).
@@ -282,14 +341,15 @@ impl PixelDecoder {
         self.vae.as_ref().map_or(1, |(_, v)| v.config.downscale())
     }
 
-    /// Output sizes must be multiples of this (VAE scale × U-Net downsampling).
+    /// Output sizes must be multiples of this (VAE scale × the denoiser's multiple, e.g. the
+    /// U-Net's downsampling).
     pub fn size_multiple(&self) -> i64 {
-        self.vae_scale() << (self.unet.config.block_out_channels.len() - 1)
+        self.vae_scale() * self.denoiser.size_multiple().max(1)
     }
 
-    /// The decoder's native (height, width): U-Net `sample_size` × VAE scale.
+    /// The decoder's native (height, width): the denoiser's `sample_size` × VAE scale.
     pub fn native_size(&self) -> (i64, i64) {
-        let s = self.unet.config.sample_size.unwrap_or(64) * self.vae_scale();
+        let s = self.denoiser.sample_size() * self.vae_scale();
         (s, s)
     }
 
@@ -329,7 +389,7 @@ impl PixelDecoder {
         let s = self.vae_scale();
         seeded_gaussian(
             seed,
-            &[batch, self.unet.config.in_channels, height / s, width / s],
+            &[batch, self.denoiser.in_channels(), height / s, width / s],
         )
         .to_device(self.device)
     }
@@ -412,10 +472,10 @@ impl PixelDecoder {
         let dev = self.device;
         let kind = self.unet_kind();
         let lsize = latents.size();
-        if lsize.len() != 4 || lsize[0] != b || lsize[1] != self.unet.config.in_channels {
+        let channels = self.denoiser.in_channels();
+        if lsize.len() != 4 || lsize[0] != b || lsize[1] != channels {
             return Err(Error::invalid(format!(
-                "initial latents {lsize:?} do not fit batch {b} × {} channels",
-                self.unet.config.in_channels
+                "initial latents {lsize:?} do not fit batch {b} × {channels} channels"
             )));
         }
         if !opts.guidance.is_finite() {
@@ -564,24 +624,34 @@ impl PixelDecoder {
         }
         let cat = |v: &[Tensor]| (v.len() == jobs.len()).then(|| Tensor::cat(v, 0));
         let (mask, te, tid) = (cat(&masks), cat(&te), cat(&tid));
-        let added = match (&te, &tid) {
-            (Some(te), Some(ti)) => Some(AddedCond {
-                text_embeds: te,
-                time_ids: ti,
-            }),
-            _ => None,
+        let (text_embeds, time_ids) = match (&te, &tid) {
+            (Some(te), Some(ti)) => (Some(te), Some(ti)),
+            _ => (None, None),
         };
         let t = Tensor::from_slice(&ts).to_device(dev); // (R,)
+        let sample = Tensor::cat(&xs, 0); // (R, C, h, w)
+        let ehs = Tensor::cat(&ehs, 0); // (R, N, C)
+        let input = DenoiserInput {
+            sample: &sample,
+            timestep: &t,
+            encoder_hidden_states: &ehs,
+            encoder_attention_mask: mask.as_ref(),
+            text_embeds,
+            time_ids,
+        };
         let out = self
-            .unet
-            .forward(
-                &Tensor::cat(&xs, 0),
-                &t,
-                &Tensor::cat(&ehs, 0),
-                mask.as_ref(),
-                added.as_ref(),
-            )?
-            .to_kind(Kind::Float);
+            .denoiser
+            .forward(&input)
+            .map_err(|e| Error::invalid(format!("denoiser `{}`: {e}", self.denoiser.name())))?;
+        if out.size() != sample.size() {
+            return Err(Error::invalid(format!(
+                "denoiser `{}` returned {:?} for a sample {:?}",
+                self.denoiser.name(),
+                out.size(),
+                sample.size()
+            )));
+        }
+        let out = out.to_kind(Kind::Float);
         let mut at = 0;
         for j in jobs {
             let n = j.latents.size()[0] * if j.guided { 2 } else { 1 };
@@ -654,7 +724,7 @@ pub fn seeded_gaussian(seed: u64, shape: &[i64]) -> Tensor {
     Tensor::from_slice(&v).view(shape)
 }
 
-fn load_uncond(path: &Path, unet: &UNet2DConditionModel, device: Device) -> Result<Tensor> {
+fn load_uncond(path: &Path, cross_attention_dim: i64, device: Device) -> Result<Tensor> {
     let sd = checkpoint::load_file(path)?;
     let t = sd
         .get("")
@@ -667,7 +737,7 @@ fn load_uncond(path: &Path, unet: &UNet2DConditionModel, device: Device) -> Resu
         })
         .ok_or_else(|| Error::ckpt(path, "expected one tensor [1, L, C]"))?;
     let s = t.size();
-    let c = unet.config.cross_attention_dim;
+    let c = cross_attention_dim;
     if s.len() != 3 || s[0] != 1 || s[2] != c {
         return Err(Error::ckpt(
             path,

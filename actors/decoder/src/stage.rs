@@ -8,12 +8,13 @@
 //! - stage 1 ([`DecoderStageModel::for_stage1`]): the lowres feature decoder reconstructs
 //!   the patch features from the Quantizer stage's codes; loss term `reconstruction` =
 //!   mean(1 − cos);
-//! - stage 1b ([`DecoderStageModel::for_training`]): the U-Net, through [`DecoderTrainer`].
+//! - stage 1b ([`DecoderStageModel::for_training`]): the pixel decoder's denoiser (the U-Net
+//!   or a plugin's), through [`DecoderTrainer`].
 
 use std::collections::VecDeque;
 use std::path::Path;
 
-use lavit_plugin_api::Codebook;
+use lavit_plugin_api::{Codebook, Denoiser};
 use lavit_runtime::layout::{files, resolve_file};
 use lavit_runtime::manifest::LavitManifest;
 use lavit_runtime::messages::{
@@ -61,11 +62,13 @@ fn stage_err(e: Error) -> StageError {
 impl DecoderStageModel {
     /// The checkpoint's decoder for `resolution`: its feature decoder (frozen) and pixel
     /// decoder, their weights in `kind` but the VAE's (float32, as the official code
-    /// upcasts it), around `codebook` (the checkpoint's, see `lavit_quantizer::load_codebook`).
+    /// upcasts it), around `codebook` (the checkpoint's, see `lavit_quantizer::load_codebook`)
+    /// and `denoiser` (a plugin's, on `device`; `None`: the folder's built-in U-Net).
     pub fn load(
         dir: &Path,
         device: Device,
         codebook: Box<dyn Codebook>,
+        denoiser: Option<Box<dyn Denoiser>>,
         resolution: Resolution,
         kind: Kind,
     ) -> Result<Self> {
@@ -95,7 +98,13 @@ impl DecoderStageModel {
                 me.highres = Some((vs, m));
             }
         }
-        me.pixels = Some(PixelDecoder::load(dir, resolution, device, kind)?);
+        me.pixels = Some(PixelDecoder::load_folder_with(
+            &dir.join(resolution.folder()),
+            resolution,
+            device,
+            kind,
+            denoiser,
+        )?);
         Ok(me)
     }
 
@@ -115,7 +124,7 @@ impl DecoderStageModel {
         }
     }
 
-    /// A Decoder stage that trains `pixels` (its U-Net) with `train` (stage 1b).
+    /// A Decoder stage that trains `pixels` (its denoiser) with `train` (stage 1b).
     pub fn for_training(pixels: PixelDecoder, train: DecoderTrainer) -> Self {
         let mut me = Self::empty(0);
         me.pixels = Some(pixels);
@@ -278,7 +287,7 @@ impl Trainable for DecoderStageModel {
         Ok(self.train.as_ref().ok_or_else(not_training)?.params())
     }
     /// Stage 1: `decoder` (the lowres feature decoder's variables) and its optimiser's
-    /// state; stage 1b: `model`, `optimizer`, `ema` of the U-Net.
+    /// state; stage 1b: `model`, `optimizer`, `ema` of the denoiser.
     fn train_state(&mut self) -> StageResult<TrainParts> {
         if let Some(o) = self.stage1.as_ref() {
             return o.parts(K, STAGE1_PART, &self.stage1_vars()?);
@@ -296,7 +305,7 @@ impl Trainable for DecoderStageModel {
                 ))),
             };
         }
-        let pixels = self.pixels.as_ref().ok_or_else(not_training)?;
+        let pixels = self.pixels.as_mut().ok_or_else(not_training)?;
         self.train
             .as_mut()
             .ok_or_else(not_training)?
@@ -308,9 +317,8 @@ impl Trainable for DecoderStageModel {
         &mut self,
         pg: std::sync::Arc<lavit_runtime::dist::ProcessGroup>,
     ) -> StageResult<()> {
-        if let Some(t) = self.train.as_ref() {
-            lavit_runtime::dist::broadcast_named(&pg, &t.ema_tensors())
-                .map_err(|e| StageError::failed(K, e))?;
+        if let Some(t) = self.train.as_mut() {
+            t.broadcast_ema(&pg)?;
         }
         Ok(())
     }
@@ -525,7 +533,8 @@ pub struct DecoderGeometry {
 }
 
 impl DecoderGeometry {
-    /// Read `dir/<resolution folder>/{unet,vae}/config.json` and `scheduler/scheduler_config.json`.
+    /// Read `dir/<resolution folder>/{unet,vae}/config.json` and `scheduler/scheduler_config.json`
+    /// (a plugin denoiser's folder: `denoiser.json` instead of `unet/config.json`).
     pub fn read(dir: &Path, resolution: Resolution) -> Result<Self> {
         let folder = dir.join(resolution.folder());
         let read = |p: std::path::PathBuf| -> Result<serde_json::Value> {
@@ -534,23 +543,35 @@ impl DecoderGeometry {
                 .map_err(|e| Error::config(p.display().to_string(), "-", e.to_string()))
         };
         let unet_path = folder.join("unet/config.json");
-        let unet = read(unet_path.clone())?;
-        let sample = match &unet["sample_size"] {
-            serde_json::Value::Array(a) => a.first().and_then(|v| v.as_u64()),
-            v => v.as_u64(),
-        }
-        .filter(|&s| (1..=1 << 14).contains(&s))
-        .ok_or_else(|| {
-            Error::config(
-                unet_path.display().to_string(),
-                "sample_size",
-                "missing or out of range 1..=16384",
-            )
-        })? as i64;
-        let levels = unet["block_out_channels"]
-            .as_array()
-            .map_or(1, Vec::len)
-            .clamp(1, 8) as i64;
+        let plugin = if unet_path.exists() {
+            None
+        } else {
+            lavit_runtime::plugin_host::DenoiserManifest::read(&folder)?
+        };
+        // (sample side, the denoiser's size multiple)
+        let (sample, denoiser_multiple) = match plugin {
+            Some(m) => (m.sample_size, m.size_multiple),
+            None => {
+                let unet = read(unet_path.clone())?;
+                let sample = match &unet["sample_size"] {
+                    serde_json::Value::Array(a) => a.first().and_then(|v| v.as_u64()),
+                    v => v.as_u64(),
+                }
+                .filter(|&s| (1..=1 << 14).contains(&s))
+                .ok_or_else(|| {
+                    Error::config(
+                        unet_path.display().to_string(),
+                        "sample_size",
+                        "missing or out of range 1..=16384",
+                    )
+                })? as i64;
+                let levels = unet["block_out_channels"]
+                    .as_array()
+                    .map_or(1, Vec::len)
+                    .clamp(1, 8) as i64;
+                (sample, 1i64 << (levels - 1))
+            }
+        };
         let vae = folder.join("vae/config.json");
         let scale = if vae.exists() {
             let n = read(vae)?["block_out_channels"]
@@ -569,7 +590,7 @@ impl DecoderGeometry {
         };
         Ok(DecoderGeometry {
             native: sample * scale,
-            multiple: scale << (levels - 1),
+            multiple: scale * denoiser_multiple,
             max_steps,
         })
     }

@@ -1,23 +1,24 @@
 //! Stage-1b training state of the Decoder stage (LaVIT, ICLR 2024): the diffusion pixel
 //! decoder learns ε-prediction (or v, or x0) on VAE latents — or directly on pixels for tiny
 //! configs without a VAE — conditioned on the frozen tokenizer's reconstructed features.
+//! The network trained is the pixel decoder's [`Denoiser`] (the built-in U-Net or a plugin's),
+//! through its named `trainable_parameters`, `state_dict` and `load_state_dict`.
 //! The official repository ships no training code; this follows the diffusers
 //! `train_text_to_image.py` recipe: uniform timesteps, MSE on the target, condition dropout
 //! (zeros, the negative condition used at sampling), AdamW, EMA weights. The shared driver
 //! (`lavit::train::decoder`) sends the stage `TrainForward` → `Backward` →
 //! `OptimizerStepWith` messages; this holds what the stage needs between them.
 
-use lavit_runtime::checkpoint;
+use lavit_plugin_api::{Denoiser, DenoiserInput};
+use lavit_runtime::checkpoint::StateDict;
 use lavit_runtime::messages::{StepControl, StepReport, TrainBatch, TrainKey, TrainParts};
 use lavit_runtime::stage::{StageError, StageKind, StageResult};
-use lavit_runtime::train::{is_no_decay, var_store_state_dict, AdamW, AdamWConfig};
-use lavit_runtime::TchContext;
+use lavit_runtime::train::{is_no_decay, AdamW, AdamWConfig};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::pixel_decoder::PixelDecoder;
 use crate::schedulers::{DDIMScheduler, Scheduler, SchedulerConfig};
-use crate::unet_2d_condition::UNet2DConditionModel;
 
 /// Names of the tensors a stage-1b [`TrainBatch`] carries to and from the Decoder stage.
 pub mod keys {
@@ -126,12 +127,11 @@ impl Default for TrainConfig {
 }
 
 /// The stage-1b training state the Decoder stage holds beside its [`PixelDecoder`] (whose
-/// U-Net trains and whose VAE, if any, encodes the images): the optimiser, the EMA U-Net, the
-/// noise schedule and the step's knobs.
+/// denoiser trains and whose VAE, if any, encodes the images): the optimiser, the EMA copy of
+/// the denoiser, the noise schedule and the step's knobs.
 pub struct DecoderTrainer {
     opt: AdamW,
-    ema_vs: nn::VarStore,
-    ema_unet: UNet2DConditionModel,
+    ema: Box<dyn Denoiser>,
     scheduler: DDIMScheduler,
     num_train_timesteps: i64,
     cond_dropout: f64,
@@ -146,22 +146,45 @@ fn stage_fail(e: impl std::fmt::Display) -> StageError {
     StageError::failed(StageKind::Decoder, e)
 }
 
+/// A denoiser's state dict as the checkpoints store it.
+fn state_of(d: &dyn Denoiser) -> lavit_runtime::Result<StateDict> {
+    Ok(d.state_dict()
+        .map_err(|e| lavit_runtime::Error::invalid(format!("denoiser `{}`: {e}", d.name())))?
+        .into_iter()
+        .collect())
+}
+
+/// Restore a saved state into a denoiser (`what` names it in errors).
+fn load_state(d: &mut dyn Denoiser, sd: &StateDict, what: &str) -> lavit_runtime::Result<()> {
+    let v: Vec<(String, Tensor)> = sd
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    d.load_state_dict(&v)
+        .map_err(|e| lavit_runtime::Error::invalid(format!("{what}: denoiser `{}`: {e}", d.name())))
+}
+
 impl DecoderTrainer {
-    /// The optimiser over `pixels`' U-Net and an EMA copy of it.
+    /// The optimiser over `pixels`' denoiser (its named `trainable_parameters`) and `ema`, a
+    /// second denoiser of the same architecture that becomes its EMA copy (its weights are
+    /// overwritten with the denoiser's here).
     pub fn new(
         pixels: &PixelDecoder,
+        mut ema: Box<dyn Denoiser>,
         t: &TrainConfig,
         scheduler: &SchedulerConfig,
     ) -> lavit_runtime::Result<Self> {
-        let mut ema_vs = nn::VarStore::new(pixels.device);
-        let ema_unet = UNet2DConditionModel::new(ema_vs.root(), pixels.unet.config.clone())?;
-        ema_vs
-            .copy(&pixels.unet_vs)
-            .ctx("copying the U-Net into its EMA")?;
-        ema_vs.freeze();
-        let opt = AdamW::from_var_store(
-            &pixels.unet_vs,
-            |_| true,
+        let model = pixels.denoiser.as_ref();
+        load_state(ema.as_mut(), &state_of(model)?, "the EMA copy")?;
+        let params = model.trainable_parameters();
+        if params.is_empty() {
+            return Err(lavit_runtime::Error::invalid(format!(
+                "denoiser `{}` has no trainable parameters",
+                model.name()
+            )));
+        }
+        let opt = AdamW::new(
+            params,
             AdamWConfig {
                 beta1: t.beta1,
                 beta2: t.beta2,
@@ -172,8 +195,7 @@ impl DecoderTrainer {
         .no_decay(is_no_decay);
         Ok(Self {
             opt,
-            ema_vs,
-            ema_unet,
+            ema,
             scheduler: DDIMScheduler::new(scheduler.clone())?,
             num_train_timesteps: scheduler.num_train_timesteps,
             cond_dropout: t.cond_dropout,
@@ -210,7 +232,7 @@ impl DecoderTrainer {
             get(k).ok_or_else(|| StageError::Invalid(format!("training batch has no `{k}`")))
         };
         let dev = pixels.device;
-        let unet = &pixels.unet;
+        let model = pixels.denoiser.as_ref();
         if let Some(img) = get(keys::IMAGES) {
             let cond = need(keys::COND)?;
             let n = img.size()[0];
@@ -236,9 +258,7 @@ impl DecoderTrainer {
             let cond = cond * keep; // dropped conditions become zeros (the sampling negative)
             let xt = self.scheduler.add_noise(&x0, &noise, &ts);
             let target = target_for(&self.scheduler, &x0, &noise, &ts);
-            let pred = unet
-                .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
-                .map_err(stage_fail)?;
+            let pred = predict(model, &xt, &ts, &cond)?;
             b.losses
                 .push((keys::LOSS, pred.mse_loss(&target, tch::Reduction::Mean)));
         } else if let Some(img) = get(keys::EVAL_IMAGES) {
@@ -254,9 +274,7 @@ impl DecoderTrainer {
             );
             let xt = self.scheduler.add_noise(&x0, &noise, &ts);
             let target = target_for(&self.scheduler, &x0, &noise, &ts);
-            let pred = unet
-                .forward(&xt, &ts.to_kind(Kind::Float), &cond, None, None)
-                .map_err(stage_fail)?;
+            let pred = predict(model, &xt, &ts, &cond)?;
             b.tensors.insert(
                 keys::EVAL_LOSS,
                 pred.mse_loss(&target, tch::Reduction::Mean),
@@ -286,16 +304,13 @@ impl DecoderTrainer {
                 let k = v.config.downscale();
                 (v.config.latent_channels, h / k, w / k)
             }
-            None => (self.ema_unet.config.in_channels, h, w),
+            None => (self.ema.in_channels(), h, w),
         };
         let mut x = Tensor::randn([n, c, h, w], (Kind::Float, dev));
         let ehs = Tensor::cat(&[cond.zeros_like(), cond.shallow_clone()], 0);
         for ts in s.timesteps().to_vec() {
-            let tt = Tensor::from(ts).to_kind(Kind::Float).to_device(dev);
-            let out = self
-                .ema_unet
-                .forward(&Tensor::cat(&[&x, &x], 0), &tt, &ehs, None, None)
-                .map_err(stage_fail)?;
+            let tt = Tensor::full([2 * n], ts, (Kind::Float, dev)); // (2n,)
+            let out = predict(self.ema.as_ref(), &Tensor::cat(&[&x, &x], 0), &tt, &ehs)?;
             let p = out.chunk(2, 0);
             let eps = &p[0] + (&p[1] - &p[0]) * self.sample_guidance;
             x = s.step(&eps, ts, &x).map_err(stage_fail)?;
@@ -322,52 +337,63 @@ impl DecoderTrainer {
             report.grad_norm = Some(norm);
             self.opt.step(ctl.lr).map_err(stage_fail)?;
             ema_update(
-                &self.ema_vs,
-                &pixels.unet_vs,
+                self.ema.as_mut(),
+                pixels.denoiser.as_ref(),
                 ema_decay_at(self.ema_decay, ctl.step.max(0) as usize),
-            );
+            )
+            .map_err(stage_fail)?;
         }
         self.opt.zero_grad();
         Ok(report)
     }
 
-    /// The U-Net's parameters the optimiser updates (shallow).
+    /// The denoiser's parameters the optimiser updates (shallow).
     pub fn params(&self) -> Vec<(String, Tensor)> {
         self.opt.params()
     }
 
-    /// The EMA copy's weights (shallow): buffers of data-parallel training, broadcast from
-    /// rank 0 before the first step.
-    pub fn ema_tensors(&self) -> Vec<(String, Tensor)> {
-        self.ema_vs.variables().into_iter().collect()
+    /// Data-parallel training: the EMA copy starts from rank 0's (it is not a trained
+    /// parameter, so the driver's broadcast of those does not reach it).
+    pub fn broadcast_ema(&mut self, pg: &lavit_runtime::dist::ProcessGroup) -> StageResult<()> {
+        let sd: Vec<(String, Tensor)> = state_of(self.ema.as_ref())
+            .map_err(stage_fail)?
+            .into_iter()
+            .collect();
+        lavit_runtime::dist::broadcast_named(pg, &sd).map_err(stage_fail)?;
+        let sd: StateDict = sd.into_iter().collect();
+        load_state(self.ema.as_mut(), &sd, "broadcast EMA").map_err(stage_fail)
+    }
+
+    /// The EMA copy's weights (what `lavit train decoder` exports).
+    pub fn ema_state(&self) -> StageResult<StateDict> {
+        state_of(self.ema.as_ref()).map_err(stage_fail)
     }
 
     /// `model`, `optimizer` and `ema`, as the checkpoints store them.
     pub fn state(&self, pixels: &PixelDecoder) -> StageResult<TrainParts> {
         Ok(vec![
-            ("model".into(), var_store_state_dict(&pixels.unet_vs)),
+            (
+                "model".into(),
+                state_of(pixels.denoiser.as_ref()).map_err(stage_fail)?,
+            ),
             (
                 "optimizer".into(),
                 self.opt.state_dict().map_err(stage_fail)?,
             ),
-            ("ema".into(), var_store_state_dict(&self.ema_vs)),
+            ("ema".into(), self.ema_state()?),
         ])
     }
 
     /// Load a saved state strictly (exact resume).
-    pub fn load(&mut self, pixels: &PixelDecoder, parts: TrainParts) -> StageResult<()> {
+    pub fn load(&mut self, pixels: &mut PixelDecoder, parts: TrainParts) -> StageResult<()> {
         for (name, sd) in parts {
             let src = format!("checkpoint {name}");
             match name.as_str() {
                 "model" => {
-                    checkpoint::load_into(&pixels.unet_vs, "", &sd, &src, &Default::default())
-                        .map_err(stage_fail)?;
+                    load_state(pixels.denoiser.as_mut(), &sd, &src).map_err(stage_fail)?;
                 }
                 "optimizer" => self.opt.load_state_dict(&sd, &src).map_err(stage_fail)?,
-                "ema" => {
-                    checkpoint::load_into(&self.ema_vs, "", &sd, &src, &Default::default())
-                        .map_err(stage_fail)?;
-                }
+                "ema" => load_state(self.ema.as_mut(), &sd, &src).map_err(stage_fail)?,
                 other => {
                     return Err(StageError::Invalid(format!(
                         "the Decoder stage has no training part `{other}`"
@@ -391,13 +417,50 @@ pub fn ema_decay_at(decay: f64, step: usize) -> f64 {
     decay.min((1.0 + step as f64) / (10.0 + step as f64))
 }
 
-pub fn ema_update(ema: &nn::VarStore, vs: &nn::VarStore, decay: f64) {
+/// `ema ← decay · ema + (1 − decay) · model`, tensor by tensor of their state dicts (a
+/// tensor the model lacks keeps its value), written back through `load_state_dict`.
+pub fn ema_update(
+    ema: &mut dyn Denoiser,
+    model: &dyn Denoiser,
+    decay: f64,
+) -> lavit_runtime::Result<()> {
     let _g = tch::no_grad_guard();
-    let src = vs.variables();
-    for (n, mut e) in ema.variables() {
-        if let Some(p) = src.get(&n) {
-            let new = &e * decay + p * (1.0 - decay);
-            e.copy_(&new);
-        }
+    let src = state_of(model)?;
+    let new: StateDict = state_of(ema)?
+        .into_iter()
+        .map(|(n, e)| {
+            let v = match src.get(&n) {
+                Some(p) => &e * decay + p * (1.0 - decay),
+                None => e,
+            };
+            (n, v)
+        })
+        .collect();
+    load_state(ema, &new, "the EMA update")
+}
+
+/// The denoiser's prediction for noisy `xt` (B, C, h, w) at integer timesteps `ts` (B,) (or
+/// one 0-d float timestep), conditioned on `cond` (B, L, D) (no mask, no added conditions:
+/// training conditions by the feature tokens only).
+fn predict(d: &dyn Denoiser, xt: &Tensor, ts: &Tensor, cond: &Tensor) -> StageResult<Tensor> {
+    let t = ts.to_kind(Kind::Float);
+    let out = d
+        .forward(&DenoiserInput {
+            sample: xt,
+            timestep: &t,
+            encoder_hidden_states: cond,
+            encoder_attention_mask: None,
+            text_embeds: None,
+            time_ids: None,
+        })
+        .map_err(|e| stage_fail(format!("denoiser `{}`: {e}", d.name())))?;
+    if out.size() != xt.size() {
+        return Err(stage_fail(format!(
+            "denoiser `{}` returned {:?} for a sample {:?}",
+            d.name(),
+            out.size(),
+            xt.size()
+        )));
     }
+    Ok(out)
 }

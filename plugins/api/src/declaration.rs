@@ -12,8 +12,9 @@ use crate::{PluginResult, Registrar};
 /// Bump it on any change a plugin built against the old crate could observe.
 ///
 /// History: 1 — first version; 2 — `Codebook::load_state_dict` and
-/// `Codebook::init_from_samples` (resumable stage-1 training with a plugin codebook).
-pub const API_VERSION: u32 = 2;
+/// `Codebook::init_from_samples` (resumable stage-1 training with a plugin codebook);
+/// 3 — the `Denoiser` kind (`Registrar::denoiser`), the pixel decoder's noise predictor.
+pub const API_VERSION: u32 = 3;
 
 /// `rustc -V` of the compiler that built this crate (captured by build.rs). The host's copy
 /// and a plugin's copy differ exactly when they were built by different compilers.
@@ -230,14 +231,14 @@ mod tests {
             msg.contains(&API_VERSION.to_string()) && msg.contains(&(API_VERSION + 7).to_string())
         );
 
-        // A plugin built against the previous API (1: no `Codebook::load_state_dict`) is
-        // refused, not called with a vtable it does not have.
+        // A plugin built against the previous API (2: no `Denoiser` kind, a `Registrar`
+        // without denoisers) is refused, not handed a registrar of another layout.
         let mut old = PluginDeclaration::new("t", "0", noop);
-        old.api_version = 1;
+        old.api_version = 2;
         let e = unsafe { old.check() }.unwrap_err();
         assert_eq!(
             (e.what, e.host.as_str(), e.plugin.as_str()),
-            ("plugin API version", "2", "1")
+            ("plugin API version", "3", "2")
         );
 
         type Corrupt = fn(&mut PluginDeclaration);

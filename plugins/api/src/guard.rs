@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tch::Tensor;
 
-use crate::{Backbone, Codebook, PluginError, PluginResult, QuantizeOut};
+use crate::{Backbone, Codebook, Denoiser, DenoiserInput, PluginError, PluginResult, QuantizeOut};
 
 /// Runs `f`, turning a panic into `PluginError("<what> panicked: <message>")`.
 pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> PluginResult<T>) -> PluginResult<T> {
@@ -185,6 +185,92 @@ impl<B: Backbone> Backbone for GuardedBackbone<B> {
 }
 
 impl<B: Backbone> Drop for GuardedBackbone<B> {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is dropped exactly once, here.
+        let _ = catch_panic("drop", || {
+            unsafe { ManuallyDrop::drop(&mut self.inner) };
+            Ok(())
+        });
+    }
+}
+
+/// Wraps a denoiser like [`GuardedCodebook`] wraps a codebook.
+pub struct GuardedDenoiser<D: Denoiser> {
+    inner: ManuallyDrop<D>,
+    name: String,
+    in_channels: i64,
+    cross_attention_dim: i64,
+    sample_size: i64,
+    size_multiple: i64,
+    params: Vec<(String, Tensor)>,
+}
+
+impl<D: Denoiser> GuardedDenoiser<D> {
+    pub fn new(inner: D) -> PluginResult<Self> {
+        let (name, in_channels, cross_attention_dim, sample_size, size_multiple, params) =
+            catch_panic("denoiser description", || {
+                Ok((
+                    inner.name(),
+                    inner.in_channels(),
+                    inner.cross_attention_dim(),
+                    inner.sample_size(),
+                    inner.size_multiple(),
+                    inner.trainable_parameters(),
+                ))
+            })?;
+        Ok(GuardedDenoiser {
+            inner: ManuallyDrop::new(inner),
+            name,
+            in_channels,
+            cross_attention_dim,
+            sample_size,
+            size_multiple,
+            params,
+        })
+    }
+
+    fn what(&self, method: &str) -> String {
+        format!("denoiser `{}`: {method}", self.name)
+    }
+}
+
+impl<D: Denoiser> Denoiser for GuardedDenoiser<D> {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn in_channels(&self) -> i64 {
+        self.in_channels
+    }
+    fn cross_attention_dim(&self) -> i64 {
+        self.cross_attention_dim
+    }
+    fn sample_size(&self) -> i64 {
+        self.sample_size
+    }
+    fn size_multiple(&self) -> i64 {
+        self.size_multiple
+    }
+    fn forward(&self, input: &DenoiserInput<'_>) -> PluginResult<Tensor> {
+        catch_panic(&self.what("forward"), || self.inner.forward(input))
+    }
+    fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        catch_panic("", || Ok(self.inner.trainable_parameters())).unwrap_or_else(|_| {
+            self.params
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect()
+        })
+    }
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        catch_panic(&self.what("state_dict"), || self.inner.state_dict())
+    }
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> PluginResult<()> {
+        let what = self.what("load_state_dict");
+        catch_panic(&what, || self.inner.load_state_dict(state))
+    }
+}
+
+impl<D: Denoiser> Drop for GuardedDenoiser<D> {
     fn drop(&mut self) {
         // SAFETY: `inner` is dropped exactly once, here.
         let _ = catch_panic("drop", || {

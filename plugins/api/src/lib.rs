@@ -8,7 +8,7 @@
 //! the rustc version and the tch/libtorch versions the plugin was built with; the host
 //! (`lavit_runtime::plugin_host`) reads and checks them before it touches anything else.
 //! Only then does it call the declaration's `register` function, which hands the host
-//! factories for codebooks and backbones ([`Registrar`]).
+//! factories for codebooks, backbones and denoisers ([`Registrar`]).
 //!
 //! Trait objects (`Box<dyn Codebook>`) cross the dylib boundary with the Rust ABI. That is
 //! sound only because the host and every plugin are compiled by the same pinned toolchain
@@ -29,7 +29,9 @@ pub use declaration::{
     RUSTC_VERSION, TCH_VERSION, TORCH_VERSION,
 };
 pub use guard::catch_panic;
-pub use registrar::{BackboneFactory, CodebookFactory, PluginArgs, Registrar};
+pub use registrar::{
+    BackboneFactory, CodebookFactory, DenoiserFactory, PluginArgs, Registered, Registrar,
+};
 
 use tch::Tensor;
 
@@ -77,6 +79,110 @@ pub trait Backbone: Send {
     /// The default (no weights to save) is empty.
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
         Ok(Vec::new())
+    }
+}
+
+/// What a [`Denoiser`] is given for one forward: the pixel decoder's noisy sample, the
+/// diffusion timesteps and the condition decoded from the visual tokens. `R` rows: under
+/// classifier-free guidance the pixel decoder stacks [negative; positive] rows of every
+/// running request into one call, so `R` is any batch size; the rows are independent.
+pub struct DenoiserInput<'a> {
+    /// Noisy sample `[R, C, h, w]` (`C = in_channels`; VAE latents, or pixels in [-1, 1]
+    /// for a pixel-space decoder), in the denoiser's dtype, on its device.
+    pub sample: &'a Tensor,
+    /// Timesteps `[R]` (float32, in `0..num_train_timesteps` of the scheduler, not
+    /// necessarily integers), one per row.
+    pub timestep: &'a Tensor,
+    /// Condition tokens `[R, L, D]` (`D = cross_attention_dim`): the feature decoder's
+    /// output (`VQDecoder` for the lowres decoder, `HighresVQDecoder` prompt embeds for the
+    /// highres one), or the training conditioner's. A dropped condition (the negative rows
+    /// of guidance, condition dropout in training) is all zeros.
+    pub encoder_hidden_states: &'a Tensor,
+    /// Lowres decoder: `[R, L]` bool, true at the condition positions to attend to (the
+    /// negative rows mark only the unconditional embeddings). `None`: attend to all.
+    pub encoder_attention_mask: Option<&'a Tensor>,
+    /// Highres decoder (SDXL `text_time` conditioning): pooled embeds `[R, P]` ...
+    pub text_embeds: Option<&'a Tensor>,
+    /// ... and the six time ids `[R, 6]` (original h, w; crop top, left; target h, w).
+    pub time_ids: Option<&'a Tensor>,
+}
+
+/// The noise-prediction network of the diffusion pixel decoder (the role the diffusers
+/// `UNet2DConditionModel` plays): given a noisy sample, its timesteps and the condition,
+/// predict what the scheduler's `prediction_type` names — the noise ε (`epsilon`, the
+/// default), the velocity (`v_prediction`) or the clean sample (`sample`). The pixel
+/// decoder's scheduler, classifier-free guidance, VAE and `lavit train decoder` are the
+/// host's; a denoiser is only this network.
+pub trait Denoiser: Send {
+    /// A short name for logs and errors.
+    fn name(&self) -> String;
+    /// Channels C of the sample it denoises (and of its prediction): the VAE's latent
+    /// channels, or 3 for a pixel-space decoder.
+    fn in_channels(&self) -> i64;
+    /// Width D of the condition tokens it reads.
+    fn cross_attention_dim(&self) -> i64;
+    /// Side of the square sample it was built for, in sample cells (latent cells, or
+    /// pixels without a VAE): the decoder's native output is this × the VAE's scale.
+    fn sample_size(&self) -> i64;
+    /// Sample sides must be multiples of this (2^downsamplings of a U-Net, the patch
+    /// size of a DiT). The default is 1.
+    fn size_multiple(&self) -> i64 {
+        1
+    }
+    /// The prediction `[R, C, h, w]` for [`DenoiserInput`] (same shape as `sample`).
+    fn forward(&self, input: &DenoiserInput<'_>) -> PluginResult<Tensor>;
+    /// The parameters `lavit train decoder` optimises, by name (the names of
+    /// [`Denoiser::state_dict`]): they key the optimiser state in checkpoints, the
+    /// no-weight-decay rule (`bias`, norms) and the data-parallel gradient averaging.
+    /// Empty for a frozen denoiser (it cannot be trained).
+    fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+    /// The weights by name, in the layout its loader reads back (`weights = ...`): saved in
+    /// training checkpoints (`model`, and the EMA copy `ema`) and exported as
+    /// `denoiser.safetensors`.
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>>;
+    /// Restores what [`Denoiser::state_dict`] returned, onto the denoiser's own device and
+    /// dtype: training resumes with it and the EMA copy is updated through it. The default
+    /// refuses (such a denoiser can serve but not train).
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> PluginResult<()> {
+        Err(PluginError(format!(
+            "denoiser `{}` does not implement load_state_dict, so its state ({} tensors) cannot be \
+             restored (it cannot be trained)",
+            self.name(),
+            state.len()
+        )))
+    }
+}
+
+/// A boxed denoiser is a denoiser.
+impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn in_channels(&self) -> i64 {
+        (**self).in_channels()
+    }
+    fn cross_attention_dim(&self) -> i64 {
+        (**self).cross_attention_dim()
+    }
+    fn sample_size(&self) -> i64 {
+        (**self).sample_size()
+    }
+    fn size_multiple(&self) -> i64 {
+        (**self).size_multiple()
+    }
+    fn forward(&self, input: &DenoiserInput<'_>) -> PluginResult<Tensor> {
+        (**self).forward(input)
+    }
+    fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        (**self).trainable_parameters()
+    }
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        (**self).state_dict()
+    }
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> PluginResult<()> {
+        (**self).load_state_dict(state)
     }
 }
 

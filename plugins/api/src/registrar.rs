@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::guard::{catch_panic, GuardedBackbone, GuardedCodebook};
-use crate::{Backbone, Codebook, PluginResult};
+use crate::guard::{catch_panic, GuardedBackbone, GuardedCodebook, GuardedDenoiser};
+use crate::{Backbone, Codebook, Denoiser, PluginResult};
 
 /// What a factory gets from the host config's component entry.
 #[derive(Debug, Clone)]
@@ -24,12 +24,25 @@ pub type CodebookFactory =
 pub type BackboneFactory =
     Box<dyn Fn(&PluginArgs) -> PluginResult<Box<dyn Backbone>> + Send + Sync>;
 
+/// Builds a denoiser from the host's arguments.
+pub type DenoiserFactory =
+    Box<dyn Fn(&PluginArgs) -> PluginResult<Box<dyn Denoiser>> + Send + Sync>;
+
+/// The factories a plugin registered, by kind, in registration order.
+#[derive(Default)]
+pub struct Registered {
+    pub codebooks: Vec<(String, CodebookFactory)>,
+    pub backbones: Vec<(String, BackboneFactory)>,
+    pub denoisers: Vec<(String, DenoiserFactory)>,
+}
+
 /// Collects the factories a plugin's register function declares. The host creates it,
 /// passes it to the plugin, and takes the factories back with [`Registrar::into_parts`].
 #[derive(Default)]
 pub struct Registrar {
     codebooks: Vec<(String, CodebookFactory)>,
     backbones: Vec<(String, BackboneFactory)>,
+    denoisers: Vec<(String, DenoiserFactory)>,
 }
 
 impl Registrar {
@@ -67,14 +80,27 @@ impl Registrar {
         self.backbones.push((name.to_string(), Box::new(guarded)));
     }
 
-    /// The registered factories: (codebooks, backbones), in registration order.
-    #[allow(clippy::type_complexity)]
-    pub fn into_parts(
-        self,
-    ) -> (
-        Vec<(String, CodebookFactory)>,
-        Vec<(String, BackboneFactory)>,
-    ) {
-        (self.codebooks, self.backbones)
+    /// Registers a pixel-decoder denoiser constructor under `name` (see
+    /// [`Registrar::codebook`]).
+    pub fn denoiser<D, F>(&mut self, name: &str, factory: F)
+    where
+        D: Denoiser + 'static,
+        F: Fn(&PluginArgs) -> PluginResult<D> + Send + Sync + 'static,
+    {
+        let what = format!("denoiser factory `{name}`");
+        let guarded = move |args: &PluginArgs| -> PluginResult<Box<dyn Denoiser>> {
+            let denoiser = catch_panic(&what, || factory(args))?;
+            Ok(Box::new(GuardedDenoiser::new(denoiser)?))
+        };
+        self.denoisers.push((name.to_string(), Box::new(guarded)));
+    }
+
+    /// The registered factories by kind, in registration order.
+    pub fn into_parts(self) -> Registered {
+        Registered {
+            codebooks: self.codebooks,
+            backbones: self.backbones,
+            denoisers: self.denoisers,
+        }
     }
 }

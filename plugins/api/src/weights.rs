@@ -16,6 +16,29 @@ pub fn load_var_store(vs: &VarStore, path: &Path) -> PluginResult<()> {
         .map_err(|e| PluginError(format!("{}: {e}", path.display())))?
         .into_iter()
         .collect();
+    load_named(vs, &file, &path.display().to_string())
+}
+
+/// Copies named tensors (e.g. what `state_dict` returned, for `load_state_dict`) into `vs`'s
+/// variables, strictly as [`load_var_store`] does; errors name `origin`.
+pub fn load_state_into(
+    vs: &VarStore,
+    state: &[(String, Tensor)],
+    origin: &str,
+) -> PluginResult<()> {
+    let named: BTreeMap<String, Tensor> = state
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    if named.len() != state.len() {
+        return Err(PluginError(format!(
+            "{origin}: a tensor name is given twice"
+        )));
+    }
+    load_named(vs, &named, origin)
+}
+
+fn load_named(vs: &VarStore, file: &BTreeMap<String, Tensor>, origin: &str) -> PluginResult<()> {
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let mut problems = Vec::new();
     for (name, var) in &vars {
@@ -29,15 +52,14 @@ pub fn load_var_store(vs: &VarStore, path: &Path) -> PluginResult<()> {
             Some(_) => {}
         }
     }
-    for (name, t) in &file {
+    for (name, t) in file {
         if !vars.contains_key(name) {
             problems.push(format!("unexpected `{name}` {:?}", t.size()));
         }
     }
     if !problems.is_empty() {
         return Err(PluginError(format!(
-            "{}: weights do not fit: {}",
-            path.display(),
+            "{origin}: weights do not fit: {}",
             problems.join("; ")
         )));
     }
