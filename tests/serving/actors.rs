@@ -129,7 +129,18 @@ fn requests_overlap_across_stages() {
         work: 30,
         ..Default::default()
     };
-    let pipe = Arc::new(Pipeline::mock(&m, None, &pcfg(6, 0)).unwrap());
+    // Two requests (4 images) per tokenizer step: the 6 requests take at least 3 encoder
+    // steps whenever they arrive, so the SelectorMerger works on one step's requests while
+    // the Encoder runs the next (with unbounded batches a loaded machine could deliver all six
+    // to one step of each stage, and nothing would overlap).
+    let cfg = PipelineConfig {
+        batching: lavit_runtime::stage::Batching {
+            max_batch: 4,
+            ..Default::default()
+        },
+        ..pcfg(6, 0)
+    };
+    let pipe = Arc::new(Pipeline::mock(&m, None, &cfg).unwrap());
     let rt = rt();
     let n = 6;
     let results = rt.block_on(async {
