@@ -28,9 +28,9 @@ use lavit_runtime::stage::{Placement, StageError};
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
+mod config;
 mod loader;
 pub mod options;
-mod config;
 pub use config::{PipelineConfig, StageSet};
 pub use loader::builders;
 pub use options::{GenerateBudget, GenerateParams, OptionError};

@@ -308,7 +308,7 @@ impl PipelineConfig {
         QuantMode::parse(&self.quantize, Some(self.quantize_group_size)).unwrap_or_default()
     }
 
-    fn graph_options(&self) -> GraphOptions {
+    pub(super) fn graph_options(&self) -> GraphOptions {
         GraphOptions {
             max_in_flight: self.max_in_flight,
             max_queue: self.max_queue,

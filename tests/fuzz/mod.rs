@@ -11,10 +11,10 @@
 //! files are then moved to `tests/data/fuzz/<target>/`, which [`fuzz_regressions_replay`]
 //! replays forever. The `fuzz/` folder holds the same targets for `cargo fuzz` (long runs).
 
+use crate::common::fixture_dir;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use crate::common::fixture_dir;
 
 mod loops;
 

@@ -35,10 +35,10 @@ pub struct EvalResult {
     /// What the selector keeps on the held-out photos, and where, with the checkpoint's
     /// default selection, through the pipeline.
     #[serde(default)]
-    pub selection: super::selection::SelectionFigures,
-    /// Multimodal synthesis from held-out photos ([`super::synthesis::measure`]).
+    pub selection: crate::demo::selection::SelectionFigures,
+    /// Multimodal synthesis from held-out photos ([`crate::demo::synthesis::measure`]).
     #[serde(default)]
-    pub synthesis: super::synthesis::SynthesisFigures,
+    pub synthesis: crate::demo::synthesis::SynthesisFigures,
 }
 
 /// Evaluates the assembled checkpoint through the one inference path, a [`Pipeline`] of its
@@ -49,8 +49,8 @@ pub fn evaluate(
     ckpt: &Path,
     cfg: &EvalConfig,
     eval: &Split,
-    judge: &super::judge::Judge,
-    reranker: &super::stage0::Heads,
+    judge: &crate::demo::judge::Judge,
+    reranker: &crate::demo::stage0::Heads,
     seed: u64,
     report_dir: &Path,
 ) -> anyhow::Result<EvalResult> {
@@ -119,7 +119,7 @@ pub fn evaluate(
     let all: Vec<usize> = (0..eval.len()).collect();
     let mut ok = [0usize; 10];
     let n_class = eval.class_counts();
-    let bar = super::progress::Progress::new("eval caption", eval.len().div_ceil(64) as u64);
+    let bar = crate::demo::progress::Progress::new("eval caption", eval.len().div_ceil(64) as u64);
     let mut kept_total = 0i64;
     let mut masks = Vec::with_capacity(eval.len());
     for chunk in all.chunks(64) {
@@ -154,9 +154,9 @@ pub fn evaluate(
     res.mean_kept_ratio =
         kept_total as f64 / (eval.len() as f64 * m.tokenizer.num_patches() as f64);
     res.caption_accuracy = ok.iter().sum::<usize>() as f64 / eval.len().max(1) as f64;
-    let garment = super::selection::split_garment(eval, m.tokenizer.patch_size as usize);
-    res.selection = super::selection::figures(&masks, &garment);
-    super::selection::write_kept_grid(
+    let garment = crate::demo::selection::split_garment(eval, m.tokenizer.patch_size as usize);
+    res.selection = crate::demo::selection::figures(&masks, &garment);
+    crate::demo::selection::write_kept_grid(
         &report_dir.join("selection.png"),
         eval,
         &masks,
@@ -200,8 +200,10 @@ pub fn evaluate(
         ..GenerateOptions::default()
     };
     let mut rec = Vec::new();
-    let bar =
-        super::progress::Progress::new("eval reconstruct", kept_pick.len().div_ceil(50) as u64);
+    let bar = crate::demo::progress::Progress::new(
+        "eval reconstruct",
+        kept_pick.len().div_ceil(50) as u64,
+    );
     for chunk in kept_pick.chunks(50) {
         let x = to_model_input(&eval.batch_unit(chunk), size);
         let task = Task::Reconstruct {
@@ -240,7 +242,7 @@ pub fn evaluate(
     let orig = to_pixel_space(&eval.batch_unit(&shown), size).repeat([1, 3, 1, 1]);
     let rec_shown = rec.index_select(0, &Tensor::from_slice(&grid_rows));
     let both = Tensor::stack(&[orig, rec_shown], 1).flatten(0, 1); // (2B, 3, S, S)
-    super::report::write_grid(&report_dir.join("reconstructions.png"), &both, 8, 3)?;
+    crate::demo::report::write_grid(&report_dir.join("reconstructions.png"), &both, 8, 3)?;
 
     // Text → image: per class prompt, LLM tokens with CFG → feature decoder → U-Net; k
     // candidates per image reranked by stage 0's class head on the frozen ViT; judged.
@@ -258,7 +260,7 @@ pub fn evaluate(
     };
     let mut grids = Vec::new();
     let (mut t2i_ok, mut unranked_ok) = (0usize, 0usize);
-    let bar = super::progress::Progress::new("eval generate", 10);
+    let bar = crate::demo::progress::Progress::new("eval generate", 10);
     for c in 0..10 {
         let prompt = caption(c, 0);
         let task = Task::Generate { opts: gen.clone() };
@@ -291,7 +293,7 @@ pub fn evaluate(
         n: cfg.images_per_class.max(1) as usize,
         ..gen.clone()
     };
-    let bar = super::progress::Progress::new("eval held-out phrasings", 20);
+    let bar = crate::demo::progress::Progress::new("eval held-out phrasings", 20);
     let (mut held_ok, mut held_n) = (0usize, 0usize);
     for c in 0..10 {
         for v in 0..2u64 {
@@ -317,7 +319,7 @@ pub fn evaluate(
     res.t2i_accuracy = t2i_ok as f64 / (10 * cfg.images_per_class).max(1) as f64;
     res.t2i_accuracy_unranked = unranked_ok as f64 / (10 * cfg.images_per_class * k).max(1) as f64;
     let grid = Tensor::cat(&grids, 0);
-    super::report::write_grid(
+    crate::demo::report::write_grid(
         &report_dir.join("generated.png"),
         &grid,
         cfg.images_per_class as usize,
@@ -328,7 +330,7 @@ pub fn evaluate(
     if cfg.synthesis_photos > 0 {
         let idx: Vec<usize> = (0..eval.len().min(cfg.synthesis_photos)).collect();
         let labels: Vec<usize> = idx.iter().map(|&i| eval.labels[i] as usize).collect();
-        res.synthesis = super::synthesis::measure(
+        res.synthesis = crate::demo::synthesis::measure(
             &pipe,
             &rt,
             &eval.batch_unit(&idx),
