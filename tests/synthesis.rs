@@ -3,10 +3,8 @@
 //! (tests/data/synthesis-references.json, scripts/dev/synthesis_reference.py), the library
 //! API's parts and bounds, and `POST /v1/images/edits`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine;
 use lavit::pipeline::{Part, Pipeline, PipelineConfig, StageSet, SynthesisInfo};
@@ -223,46 +221,16 @@ fn form(fields: &[(&str, Option<&str>, Vec<u8>)]) -> Vec<u8> {
 }
 
 fn post(addr: SocketAddr, content_type: &str, body: &[u8]) -> Resp {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let head = format!(
-        "POST /v1/images/edits HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+    let r = crate::serving::request(
+        addr,
+        "POST",
+        "/v1/images/edits",
+        body,
+        &[("Content-Type", content_type)],
     );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (h, b) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let b = if h
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        // One chunk or several: keep the JSON between the chunk sizes.
-        let mut out = String::new();
-        let mut rest = b;
-        while let Some((size, r)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 || r.len() < n {
-                break;
-            }
-            out.push_str(&r[..n]);
-            rest = r[n..].trim_start_matches("\r\n");
-        }
-        out
-    } else {
-        b.to_string()
-    };
     Resp {
-        status,
-        body: serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+        status: r.status,
+        body: serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null),
     }
 }
 
