@@ -697,8 +697,18 @@ mod images;
 use images::load_uncond;
 pub use images::{
     aspect_ratio_sizes, random_seed, save_pngs, save_rgb_pngs, seeded_gaussian, to_rgb8,
-    visual_ids_only, FeatureDecoders,
+    visual_ids_only,
 };
+
+/// The feature-decoder half of the visual tokenizer, as the pixel decoders need it
+/// (the official `generate_image_embeds`): visual ids (with the LLM offset) of each image →
+/// the U-Net condition. The assembled `VisualTokenizer` implements it.
+pub trait FeatureDecoders {
+    /// `VQDecoder`: → (B, N, lowres_unet_proj).
+    fn decode_lowres(&self, ids: &[Vec<i64>]) -> Result<Tensor>;
+    /// `HighresVQDecoder`: → (prompt embeds (B, N, C), pooled embeds (B, P)).
+    fn decode_highres(&self, ids: &[Vec<i64>]) -> Result<(Tensor, Tensor)>;
+}
 
 impl PixelDecoder {
     /// The condition of this decoder for the visual ids of each image.

@@ -1,5 +1,5 @@
-//! Seeds and initial noise, the unconditional embedding file, aspect-ratio sizes, the
-//! decoded pixels as 8-bit images and PNG files, and the feature decoders a condition needs.
+//! Seeds and initial noise, the unconditional embedding file, aspect-ratio sizes, and the
+//! decoded pixels as 8-bit images and PNG files.
 
 use super::*;
 
@@ -117,16 +117,6 @@ pub fn save_rgb_pngs(imgs: &[image::RgbImage], path: &Path) -> Result<Vec<PathBu
         out.push(p);
     }
     Ok(out)
-}
-
-/// The feature-decoder half of the visual tokenizer, as the pixel decoders need it
-/// (the official `generate_image_embeds`): visual ids (with the LLM offset) of each image →
-/// the U-Net condition. The assembled `VisualTokenizer` implements it.
-pub trait FeatureDecoders {
-    /// `VQDecoder`: → (B, N, lowres_unet_proj).
-    fn decode_lowres(&self, ids: &[Vec<i64>]) -> Result<Tensor>;
-    /// `HighresVQDecoder`: → (prompt embeds (B, N, C), pooled embeds (B, P)).
-    fn decode_highres(&self, ids: &[Vec<i64>]) -> Result<(Tensor, Tensor)>;
 }
 
 /// Keep the visual ids of a generated sequence, as the official code does
