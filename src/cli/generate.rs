@@ -212,10 +212,7 @@ pub fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<()> {
         ),
         size: Some((width as usize, height as usize)),
         guidance: a.guidance,
-        // Synthesis (image parts) defaults to its own guidance (official 5.0).
-        llm_guidance: a
-            .llm_guidance
-            .or_else(|| (!parts.is_empty()).then_some(info.synthesis.llm_guidance)),
+        llm_guidance: a.llm_guidance,
         steps: a.steps.map(|s| s as u64),
         top_k: a.top_k.map(|k| k.max(0) as usize),
         temperature: Some(a.temperature),
@@ -223,9 +220,13 @@ pub fn run(a: Args, m: Option<&clap::ArgMatches>) -> Result<()> {
         max_tokens: a.max_tokens.map(|n| n.max(0) as usize),
         min_tokens: a.min_tokens.map(|n| n.max(0) as usize),
     };
-    let opts = info
-        .generate_options(&params, &GenerateBudget::default())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let budget = GenerateBudget::default();
+    let opts = if parts.is_empty() {
+        info.generate_options(&params, &budget)
+    } else {
+        info.synthesis_options(&params, &budget)
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let out = if parts.is_empty() {
         let prompt = a.prompt.as_deref().unwrap_or_default();
         rt.block_on(pipe.generate_with_ids(prompt, opts))?

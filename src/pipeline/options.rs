@@ -208,6 +208,23 @@ impl ModelInfo {
     }
 }
 
+impl ModelInfo {
+    /// [`ModelInfo::generate_options`] for a synthesis request (image parts in the prompt):
+    /// its LLM guidance defaults to the checkpoint's synthesis guidance
+    /// ([`super::SynthesisInfo::llm_guidance`], official 5.0) instead of text → image's.
+    pub fn synthesis_options(
+        &self,
+        params: &GenerateParams,
+        budget: &GenerateBudget,
+    ) -> Result<GenerateOptions, OptionError> {
+        let params = GenerateParams {
+            llm_guidance: params.llm_guidance.or(Some(self.synthesis.llm_guidance)),
+            ..params.clone()
+        };
+        self.generate_options(&params, budget)
+    }
+}
+
 /// The cost of a generation request in native-image diffusion steps:
 /// `n × steps × (width × height) / native²`. The diffusion loop dominates a generation (the
 /// LLM part, `n` sequences of at most the manifest's `t2i_max_new_tokens`, is bounded by

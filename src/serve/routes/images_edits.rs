@@ -142,10 +142,7 @@ pub fn edit_plan<'a>(
     if !r.prompt.is_empty() {
         check_prompt("prompt", &r.prompt, lim)?;
     }
-    // The one options builder; synthesis guides with its own default (official 5.0).
-    let mut params = request_params(&r)?;
-    params.llm_guidance = params.llm_guidance.or(Some(info.synthesis.llm_guidance));
-    let opts = info.generate_options(&params, &lim.budget())?;
+    let opts = info.synthesis_options(&request_params(&r)?, &lim.budget())?;
     info.synthesis
         .check_prompt(images.len(), &[r.prompt.as_str()], &opts)
         .map_err(|m| ApiError::bad(m).with_param("image"))?;
